@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tests.helpers import make_colour_dataset, make_tiny_backbone  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TLCLI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    return make_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture
+def train_args(tiny_backbone):
+    """Fast settings for the tiny backbone, as keyword arguments of tlcli.train."""
+    return dict(backbone=str(tiny_backbone), image_size=32, epochs=60, batch_size=8,
+                learning_rate=0.05, patience=8, tensorboard=None)

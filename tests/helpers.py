@@ -1,0 +1,61 @@
+"""Builders for tiny, offline test assets: a hub-format feature-vector SavedModel and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4, features: int = 8) -> Path:
+    """A TF2 hub-format SavedModel: float32 [b, h, w, 3] in [0, 1] -> [b, 3 + features].
+
+    Features are each channel's mean plus relu(conv) means, so solid colours are separable; the
+    conv kernel is trainable so fine-tuning has something to change.
+    """
+    import tensorflow as tf
+
+    root = tf.train.Checkpoint()
+    kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, features], seed=[1, 2]) * 0.5, name="kernel")
+    bias = tf.Variable(tf.zeros([features]), name="bias")
+    root.kernel, root.bias = kernel, bias
+    root.variables = [kernel, bias]
+    root.trainable_variables = [kernel, bias]
+
+    if input_rank == 4:
+        spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def call(images):
+            conv = tf.nn.relu(tf.nn.conv2d(images * 2.0 - 1.0, kernel, 1, "SAME") + bias)
+            feats = tf.concat([tf.reduce_mean(images, [1, 2]), tf.reduce_mean(conv, [1, 2])], axis=-1)
+            if output_rank == 4:
+                return conv
+            return feats
+    else:
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+        def call(images):
+            return tf.matmul(images, tf.ones([3, features])) + bias
+
+    root.__call__ = call
+    tf.saved_model.save(root, str(path))
+    return path
+
+
+def solid_image(colour, size=(24, 24), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour, np.float32) + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def make_colour_dataset(root: Path, per_class: int = 8, colours=COLOURS, start: int = 0) -> Path:
+    for name, colour in colours.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            ext = "png" if i % 2 else "jpg"
+            solid_image(colour, seed=hash((name, i)) % 2**32).save(d / f"{name}_{i}.{ext}")
+    return root

@@ -1,0 +1,131 @@
+"""Backbones: resolve a preset / TF Hub or Kaggle handle / local SavedModel, load, validate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlcli._tf import hub, tf
+from tlcli.errors import BackboneError
+from tlcli.presets import PRESETS
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where a backbone comes from. ``image_size`` is None when only the model can tell."""
+
+    handle: str
+    image_size: int | None
+    preset: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return not self.handle.startswith(("http://", "https://", "gs://"))
+
+    def cache_key(self) -> str:
+        """Identifies the weights: the handle, or for a local model its path and file times."""
+        parts = [self.handle]
+        if self.is_local:
+            root = Path(self.handle)
+            for f in sorted([root / "saved_model.pb", *root.glob("variables/*")]):
+                if f.exists():
+                    st = f.stat()
+                    parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=10).hexdigest()
+
+
+def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
+    """Turn ``--backbone`` into a spec. Raises ``BackboneError`` for a value that is none of
+    a preset name, an http(s) handle or an existing SavedModel directory."""
+    if backbone in PRESETS:
+        p = PRESETS[backbone]
+        return BackboneSpec(p.handle, image_size or p.image_size, p.name)
+    if backbone.startswith(("http://", "https://", "gs://")):
+        known = next((p for p in PRESETS.values() if p.handle == backbone.rstrip("/")), None)
+        return BackboneSpec(backbone, image_size or (known.image_size if known else None),
+                            known.name if known else None)
+    path = Path(backbone).expanduser()
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists():
+            raise BackboneError(f"--backbone {backbone}: directory has no saved_model.pb; give a TF2 "
+                                "SavedModel directory, a preset name or a TF Hub handle")
+        return BackboneSpec(str(path.absolute()), image_size)
+    raise BackboneError(f"--backbone {backbone}: not a preset ({', '.join(PRESETS)}), an https:// "
+                        "TF Hub or Kaggle handle, or an existing SavedModel directory")
+
+
+def fetch(spec: BackboneSpec) -> str:
+    """Local path of the backbone, downloading into the TF Hub cache (TFHUB_CACHE_DIR) if needed."""
+    if spec.is_local:
+        return spec.handle
+    try:
+        return hub().resolve(spec.handle)
+    except Exception as exc:  # urllib, HTTP and tarfile errors all mean "could not fetch"
+        cache = os.environ.get("TFHUB_CACHE_DIR", "the default TF Hub cache")
+        raise BackboneError(
+            f"--backbone {spec.handle}: could not fetch it ({type(exc).__name__}: {str(exc)[:120]}). "
+            f"To work offline, pass a local SavedModel directory with --backbone PATH, or point "
+            f"TFHUB_CACHE_DIR at a cache that already holds this model (looked in {cache})") from None
+
+
+@dataclass
+class LoadedBackbone:
+    layer: object  # hub.KerasLayer
+    image_size: int
+    feature_dim: int
+    path: str
+
+
+def _declared_size(obj) -> int | None:
+    fn = getattr(obj, "__call__", None)
+    for cf in getattr(fn, "concrete_functions", []) or []:
+        args = cf.structured_input_signature[0]
+        if args and hasattr(args[0], "shape") and args[0].shape.rank == 4:
+            h, w = args[0].shape[1], args[0].shape[2]
+            if h and w and h == w:
+                return int(h)
+    return None
+
+
+def _declared_input_rank(obj) -> int | None:
+    fn = getattr(obj, "__call__", None)
+    for cf in getattr(fn, "concrete_functions", []) or []:
+        args = cf.structured_input_signature[0]
+        if args and hasattr(args[0], "shape") and args[0].shape.rank is not None:
+            return args[0].shape.rank
+    return None
+
+
+def load(spec: BackboneSpec, *, trainable: bool = False) -> LoadedBackbone:
+    """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
+    output [batch, features]. Raises ``BackboneError`` otherwise."""
+    path = fetch(spec)
+    t = tf()
+    try:
+        obj = hub().load(path)
+    except Exception as exc:
+        raise BackboneError(f"--backbone {spec.handle}: cannot load the SavedModel at {path} "
+                            f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not callable(obj):
+        raise BackboneError(f"--backbone {spec.handle}: the SavedModel has no __call__; an image feature "
+                            "vector in TF2 hub format is needed")
+    rank = _declared_input_rank(obj)
+    if rank is not None and rank != 4:
+        raise BackboneError(f"--backbone {spec.handle}: takes rank-{rank} input, not images "
+                            "[batch, height, width, 3]; choose an image feature vector model")
+    size = spec.image_size or _declared_size(obj)
+    if size is None:
+        raise BackboneError(f"--backbone {spec.handle}: declares no input size; set --image-size")
+    layer = hub().KerasLayer(obj, trainable=trainable, name="backbone")
+    try:
+        out = layer(t.zeros([1, size, size, 3], t.float32), training=False)
+    except Exception as exc:
+        raise BackboneError(f"--backbone {spec.handle}: failed on a [1, {size}, {size}, 3] float image "
+                            f"batch ({type(exc).__name__}); choose an image feature vector model") from None
+    if isinstance(out, dict) or out.shape.rank != 2:
+        shape = {k: v.shape for k, v in out.items()} if isinstance(out, dict) else out.shape
+        raise BackboneError(f"--backbone {spec.handle}: returns {shape}, not a feature vector "
+                            "[batch, features]; choose an image feature vector model")
+    return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(out.shape[-1]), path=path)

@@ -1,0 +1,141 @@
+"""The model bundle: a self-describing directory, written atomically.
+
+Layout of ``<out>/``::
+
+    saved_model.pb, variables/   SavedModel; signature ``serving_default``: images -> probabilities
+    labels.txt                   one label per line, index = output unit
+    tlcli.json                   config, labels, backbone, image size, metrics, versions, skipped files
+    splits.json                  the training and validation files (for export calibration / parity)
+    model.tflite                 after ``tlcli export --tflite``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcli import __version__
+from tlcli.errors import BundleError, OutputExistsError, TlcliError
+
+FORMAT_VERSION = 1
+META_FILE = "tlcli.json"
+LABELS_FILE = "labels.txt"
+SPLITS_FILE = "splits.json"
+TFLITE_FILE = "model.tflite"
+
+
+@dataclass
+class Bundle:
+    """What predict, export and evaluate need to know about a trained model."""
+
+    path: Path
+    labels: list[str]
+    image_size: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tflite_path(self) -> Path:
+        return self.path / TFLITE_FILE
+
+    def splits(self) -> dict:
+        """{"train": [[path, label_index], ...], "val": [...]} as recorded at training time."""
+        p = self.path / SPLITS_FILE
+        if not p.exists():
+            return {"train": [], "val": []}
+        return json.loads(p.read_text())
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load(model_dir: str | os.PathLike) -> Bundle:
+    """Read a bundle's metadata. Raises ``BundleError`` naming the directory and the fix."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise BundleError(f"--model {path}: no such directory; train one with 'tlcli train DIR --out {path}'")
+    if not path.is_dir():
+        raise BundleError(f"--model {path}: not a directory; give the model directory that 'tlcli train' wrote")
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise BundleError(f"--model {path}: not a tlcli model ({META_FILE} is missing); "
+                          "give the directory that 'tlcli train' wrote")
+    try:
+        meta = json.loads(meta_path.read_text())
+        labels = list(meta["labels"])
+        image_size = int(meta["image_size"])
+        version = int(meta.get("format_version", 0))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{meta_path}: corrupt bundle metadata ({exc}); retrain or restore the file") from None
+    if version > FORMAT_VERSION:
+        raise BundleError(f"--model {path}: made by a newer tlcli ({meta.get('tlcli_version')}, format "
+                          f"{version}); upgrade with 'pip install -U tlcli'")
+    return Bundle(path=path, labels=labels, image_size=image_size, meta=meta)
+
+
+def check_output(out: str | os.PathLike, *, force: bool, need_bytes: int = 0) -> Path:
+    """Fail fast, before training, if ``out`` cannot receive a bundle."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"--out {out}: already exists; pass --force to replace it, "
+                                "or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise TlcliError(f"--out {out}: is a file, not a model directory; choose another --out")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise TlcliError(f"--out {out}: parent directory {parent} does not exist; create it first")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".tlcli-probe-")
+        probe.close()
+    except OSError as exc:
+        raise TlcliError(f"--out {out}: cannot write in {parent} ({exc.strerror}); choose another --out") from None
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise TlcliError(f"--out {out}: only {free / 1e6:.0f} MB free in {parent}, about "
+                         f"{need_bytes / 1e6:.0f} MB needed; free some space or choose another --out")
+    return out
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh hidden directory next to ``out``, to be renamed into place by ``commit``."""
+    out = Path(out).absolute()
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(staging: Path, out: str | os.PathLike, *, force: bool) -> Path:
+    """Atomically move a finished staging directory to ``out`` (replacing it only if ``force``)."""
+    out = Path(out).absolute()
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"--out {out}: already exists; pass --force to replace it")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+    return out
+
+
+def base_meta() -> dict:
+    import platform
+
+    return {"format_version": FORMAT_VERSION, "tlcli_version": __version__,
+            "python_version": platform.python_version()}

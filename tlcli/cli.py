@@ -1,0 +1,268 @@
+"""The command line: parse options, call the library, render with Rich. Nothing else lives here.
+
+Exit codes: 0 success; 1 a user error (one line on stderr) or, for predict/evaluate, at least one
+input file that could not be used; 2 a bad option; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tlcli import __version__
+from tlcli.config import DEFAULT_MODEL_DIR, DEFAULTS, STRATEGIES
+from tlcli.errors import TlcliError
+from tlcli.presets import DEFAULT_PRESET, PRESETS
+
+app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(exc: TlcliError):
+    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"tlcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                         help="Print the version and exit.")] = None):
+    """tlcli: train an image classifier on a folder of photos, predict, and export for serving or phones."""
+
+
+class Progress:
+    """Renders library progress events as Rich progress bars and lines on stderr."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.console, self.quiet = console, quiet
+        self.bar = RichProgress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console, disable=quiet, transient=False)
+        self.tasks: dict[str, int] = {}
+        self.counts = None
+        self.skipped: list[dict] = []
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, e) -> None:
+        if e.kind == "start":
+            if e.task in self.tasks:
+                self.bar.reset(self.tasks[e.task], total=e.total, completed=e.completed)
+            else:
+                self.tasks[e.task] = self.bar.add_task(e.task, total=e.total, completed=e.completed, info="")
+        elif e.kind in ("advance", "end", "epoch") and e.task in self.tasks:
+            info = ""
+            if e.kind == "epoch":
+                info = "  ".join(f"{k} {v:.4f}" for k, v in e.logs.items() if k in
+                                 ("loss", "accuracy", "val_loss", "val_accuracy"))
+            fields = {"info": info} if info else {}
+            self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
+        elif e.kind == "info" and not self.quiet:
+            self.bar.console.print(f"[dim]{e.message}[/]", highlight=False)
+        elif e.kind == "warning":
+            self.bar.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
+        elif e.kind == "counts" and not self.quiet:
+            t = Table(title="Images per class", title_justify="left")
+            t.add_column("class")
+            t.add_column("train", justify="right")
+            t.add_column("val", justify="right")
+            for label, n in e.logs["train"].items():
+                t.add_row(label, str(n), str(e.logs["val"].get(label, 0)))
+            self.bar.console.print(t)
+        elif e.kind == "skipped":
+            self.skipped = e.logs["skipped"]
+            self.bar.console.print(skipped_table(self.skipped))
+
+
+def skipped_table(skipped: list[dict]) -> Table:
+    t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
+    t.add_column("file", overflow="fold")
+    t.add_column("reason")
+    for s in skipped:
+        t.add_row(s["path"], s["reason"] + (f" ({s['detail']})" if s.get("detail") else ""))
+    return t
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one subfolder of images per class.",
+                                             show_default=False)] = None,
+    backbone: Annotated[str, typer.Option(help=f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https "
+                                               "handle, or local SavedModel directory.")] = DEFAULT_PRESET,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the preset's or the "
+                                                           "backbone's declared size.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model bundle.")] = Path(DEFAULT_MODEL_DIR),
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    epochs: Annotated[int, typer.Option(help="Cap on head epochs (early stopping picks the count).")] = DEFAULTS.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size per replica.")] = DEFAULTS.batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Head learning rate (Adam).")] = DEFAULTS.learning_rate,
+    seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and initialisation.")] = DEFAULTS.seed,
+    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = DEFAULTS.val_split,
+    val_dir: Annotated[Optional[Path], typer.Option(help="Explicit validation folder (overrides --val-split).")] = None,
+    fine_tune: Annotated[bool, typer.Option(help="After the head, fine-tune the whole backbone.")] = DEFAULTS.fine_tune,
+    fine_tune_epochs: Annotated[int, typer.Option(help="Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
+    fine_tune_learning_rate: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = DEFAULTS.fine_tune_learning_rate,
+    class_weights: Annotated[bool, typer.Option(help="Weight classes by inverse frequency.")] = DEFAULTS.class_weights,
+    strategy: Annotated[str, typer.Option(help=f"Distribution strategy: {', '.join(STRATEGIES)}.")] = DEFAULTS.strategy,
+    strict: Annotated[bool, typer.Option(help="Fail on any unusable file instead of skipping it.")] = DEFAULTS.strict,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default $TLCLI_CACHE_DIR or "
+                                                           "~/.cache/tlcli).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into --out.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+):
+    """Train a classifier on DIR (one subfolder per class) and write a model bundle."""
+    from tlcli.config import TrainConfig
+
+    if data_dir is None and not resume:
+        err.print("[bold red]error:[/] DIR: give the image folder to train on (one subfolder per class)")
+        raise typer.Exit(2)
+    cfg = TrainConfig(
+        data_dir=str(data_dir) if data_dir else "", backbone=backbone, image_size=image_size, out=str(out_dir),
+        force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
+        fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
+        class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
+        cache_dir=str(cache_dir) if cache_dir else None, resume=resume)
+    from tlcli.training import train as run_train
+
+    try:
+        with Progress(err) as progress:
+            result = run_train(config=cfg, progress=progress)
+    except TlcliError as exc:
+        fail(exc)
+    if json_out:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    t = Table(title="Training summary", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("train accuracy", _pct(result.train_accuracy))
+    t.add_row("val accuracy", _pct(result.val_accuracy))
+    t.add_row("epochs", f"head {result.head_epochs}" + (f", fine-tune {result.fine_tune_epochs}"
+                                                         if result.fine_tune_epochs else ""))
+    t.add_row("features", f"{result.extracted} extracted, {result.cached} cached")
+    t.add_row("skipped files", str(len(result.skipped)))
+    t.add_row("strategy", result.strategy)
+    t.add_row("time", f"{result.seconds:.1f} s")
+    t.add_row("model", result.model_dir)
+    out.print(t)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
+):
+    """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
+    import time
+
+    from tlcli import bundle as bundles
+    from tlcli import inference
+
+    try:
+        if top_k < 1:
+            raise inference.UsageError(f"--top-k {top_k}: must be >= 1")
+        b = bundles.load(model)
+        eng = inference.open_engine(b, engine)
+        files = inference.expand(paths)
+    except TlcliError as exc:
+        fail(exc)
+    start = time.perf_counter()
+    failed = 0
+    table = Table(title=f"Predictions ({eng.name})", title_justify="left")
+    table.add_column("file", overflow="fold")
+    for i in range(top_k):
+        table.add_column(f"#{i + 1}")
+    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k):
+        failed += p.error is not None
+        if json_out:
+            sys.stdout.write(json.dumps(p.to_dict()) + "\n")
+            sys.stdout.flush()
+        elif p.error:
+            table.add_row(p.path, f"[red]{p.error}[/]")
+        else:
+            table.add_row(p.path, *[f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions])
+    seconds = time.perf_counter() - start
+    if not json_out:
+        out.print(table)
+        if len(files) > 1:
+            err.print(f"[dim]{len(files)} images in {seconds:.2f} s ({len(files) / max(seconds, 1e-9):.1f} "
+                      f"images/s, engine {eng.name})[/]", highlight=False)
+    if failed:
+        err.print(f"[yellow]{failed} of {len(files)} input(s) failed[/]", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
+    output: Annotated[Optional[Path], typer.Option(help="Output .tflite file (default: model.tflite in "
+                                                        "the bundle).")] = None,
+    quantize: Annotated[str, typer.Option(help="none, float16, dynamic or int8.")] = "none",
+    io_type: Annotated[str, typer.Option(help="With int8: float32, int8 or uint8 input/output.")] = "float32",
+    data: Annotated[Optional[Path], typer.Option(help="Labelled folder for calibration and parity "
+                                                      "(default: the bundle's recorded images).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+):
+    """Export the bundle to TFLite and check it agrees with the SavedModel."""
+    from tlcli.export import export_tflite
+
+    if not tflite:
+        err.print("[bold red]error:[/] export: choose a format; --tflite is the one available")
+        raise typer.Exit(2)
+    try:
+        with Progress(err, quiet=json_out) as progress:
+            r = export_tflite(model, output=output, quantize=quantize, io_type=io_type,
+                              data_dir=str(data) if data else None, progress=progress)
+    except TlcliError as exc:
+        fail(exc)
+    if json_out:
+        out.print_json(json.dumps(r.to_dict()))
+        return
+    t = Table(title="TFLite export", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", r.path)
+    t.add_row("labels", r.labels_path)
+    t.add_row("quantize", r.quantize)
+    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB")
+    if r.agreement is not None:
+        t.add_row("top-1 agreement", f"{_pct(r.agreement)} on {r.parity_images} images")
+        t.add_row("accuracy", f"SavedModel {_pct(r.saved_model_accuracy)}, TFLite {_pct(r.tflite_accuracy)}")
+    else:
+        t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
+    out.print(t)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,245 @@
+"""Datasets: scan class folders with a fast pre-pass, split, and build tf.data pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tlcli import images
+from tlcli.config import DEFAULT_MAX_PIXELS
+from tlcli.errors import DatasetError
+
+FEW_IMAGES = 5  # a class with fewer usable images than this gets a warning
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    digest: str  # content hash of the file, keys the feature cache
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class ImageFolder:
+    """A scanned dataset. ``labels`` are the sorted class folder names (index = output unit)."""
+
+    root: str
+    labels: list[str]
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        n = {label: 0 for label in self.labels}
+        for s in self.samples:
+            n[self.labels[s.label]] += 1
+        return n
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+def _list_files(class_dir: Path) -> list[Path]:
+    """All non-hidden files under ``class_dir``, following symlinks without loops."""
+    seen: set[str] = set()
+    out: list[Path] = []
+
+    def walk(d: Path):
+        real = os.path.realpath(d)
+        if real in seen:
+            return  # a symlink cycle, or a directory reached twice
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            raise DatasetError(f"{d}: cannot read directory ({exc.strerror}); fix its permissions") from None
+        for e in entries:
+            if _hidden(e.name):
+                continue
+            p = Path(e.path)
+            if e.is_dir(follow_symlinks=True):
+                walk(p)
+            elif e.is_file(follow_symlinks=True) or e.is_symlink():
+                out.append(p)
+
+    walk(class_dir)
+    return out
+
+
+def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
+         max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
+         progress: Callable[[int, int], None] | None = None, option: str = "DIR") -> ImageFolder:
+    """Scan ``root/<class>/...`` and check every file before any expensive work.
+
+    ``labels`` fixes the label list (for evaluation or a validation folder); folders must match.
+    Unusable files are skipped (and listed), or with ``strict`` all named in one DatasetError.
+    """
+    root_p = Path(root)
+    if not root_p.exists():
+        raise DatasetError(f"{option} {root}: no such directory")
+    if not root_p.is_dir():
+        raise DatasetError(f"{option} {root}: not a directory; give a folder with one subfolder per class")
+    try:
+        entries = sorted((e for e in os.scandir(root_p) if not _hidden(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"{option} {root}: cannot read directory ({exc.strerror}); fix its permissions") from None
+    class_dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=True)]
+    loose = [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=True)]
+    if not class_dirs:
+        if loose:
+            raise DatasetError(f"{option} {root}: images sit directly in the folder; move them into one "
+                               f"subfolder per class ({root}/cats/..., {root}/dogs/...)")
+        raise DatasetError(f"{option} {root}: no class folders; put images in one subfolder per class")
+    found = [d.name for d in class_dirs]
+    if labels is None:
+        labels = found
+        if len(labels) < 2:
+            raise DatasetError(f"{option} {root}: only one class folder ({labels[0]}); a classifier needs "
+                               "at least two, one subfolder per class")
+    else:
+        extra = sorted(set(found) - set(labels))
+        if extra:
+            raise DatasetError(f"{option} {root}: class folder(s) {', '.join(extra)} are not labels of the "
+                               f"model ({', '.join(labels)}); rename or remove them")
+    index = {name: i for i, name in enumerate(labels)}
+
+    candidates: list[tuple[Path, int]] = []
+    for d in class_dirs:
+        candidates += [(p, index[d.name]) for p in _list_files(d)]
+    skipped = [Skipped(str(p), "not in a class folder") for p in loose]
+
+    def check(item):
+        path, _ = item
+        if not path.exists():
+            return None, images.ImageError(path, "broken link")
+        return images.check(path, size=image_size, max_pixels=max_pixels)
+
+    samples: list[Sample] = []
+    done = 0
+    workers = min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for (path, label), (data, err) in zip(candidates, pool.map(check, candidates)):
+            done += 1
+            if progress:
+                progress(done, len(candidates))
+            if err is not None:
+                skipped.append(Skipped(str(path), err.reason, err.detail))
+            else:
+                samples.append(Sample(str(path), label, hashlib.blake2b(data, digest_size=16).hexdigest()))
+    folder = ImageFolder(str(root), list(labels), samples, skipped)
+    bad = [s for s in skipped if s.reason != "not in a class folder"] if strict else []
+    if bad:
+        lines = "; ".join(f"{s.path} ({s.reason})" for s in bad)
+        raise DatasetError(f"{option} {root}: {len(bad)} unusable file(s) and --strict is set: {lines}. "
+                           "Remove or fix them, or drop --strict to skip them")
+    for label, n in folder.counts().items():
+        if n == 0 and label in found:
+            raise DatasetError(f"{option} {root}/{label}: no usable image in this class folder; "
+                               "add images or remove the folder")
+        if n == 0:
+            folder.warnings.append(f"label '{label}' has no folder in {root}")
+        elif n < FEW_IMAGES:
+            folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
+    return folder
+
+
+def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class stratified split: (rest, held_out). Each class keeps >= 1 image in
+    ``rest``; a class with >= 2 images gives >= 1 to ``held_out`` when fraction > 0."""
+    if fraction <= 0:
+        return list(samples), []
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.path):
+        by_class.setdefault(s.label, []).append(s)
+    rest, held = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        random.Random(f"{seed}:{label}").shuffle(items)
+        n = len(items)
+        k = min(n - 1, max(1, round(n * fraction))) if n >= 2 else 0
+        held += items[:k]
+        rest += items[k:]
+    return rest, held
+
+
+def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
+    """Balanced weights n / (k * n_c): each class contributes equally to the loss."""
+    n = len(labels)
+    counts = [labels.count(c) for c in range(num_classes)]
+    return {c: (n / (num_classes * counts[c]) if counts[c] else 0.0) for c in range(num_classes)}
+
+
+# ---- tf.data -------------------------------------------------------------------------------
+
+def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = None,
+                  batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  shuffle_seed: int | None = None, augment_seed: int | None = None):
+    """tf.data of float32 [batch, size, size, 3] in [0, 1] (and int labels), decoded by the project
+    decoder in parallel and prefetched. A file that became unreadable after the scan yields a grey
+    image rather than crashing the epoch."""
+    import numpy as np
+
+    from tlcli._tf import tf
+
+    t = tf()
+
+    def load(p):
+        try:
+            return images.load_for_model(p.decode(), size, max_pixels=max_pixels)
+        except images.ImageError:
+            return np.full((size, size, 3), 0.5, np.float32)
+
+    ds = t.data.Dataset.from_tensor_slices(list(paths))
+    if labels is not None:
+        ds = t.data.Dataset.zip((ds, t.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64))))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def decode(p, *rest):
+        img = t.numpy_function(load, [p], t.float32, stateful=False)
+        img.set_shape([size, size, 3])
+        return (img, *rest)
+
+    ds = ds.map(decode, num_parallel_calls=t.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size)
+    if augment_seed is not None:
+        aug = augmenter(augment_seed)
+        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest), num_parallel_calls=t.data.AUTOTUNE)
+    return ds.prefetch(t.data.AUTOTUNE)
+
+
+def augmenter(seed: int):
+    """Random flip, zoom/crop, small rotation, brightness and contrast; output stays in [0, 1]."""
+    from tlcli._tf import keras, tf
+
+    L = keras().layers
+    t = tf()
+    layers = [
+        L.RandomFlip("horizontal", seed=seed),
+        L.RandomRotation(0.04, fill_mode="reflect", seed=seed + 1),
+        L.RandomZoom((-0.2, 0.0), fill_mode="reflect", seed=seed + 2),
+        L.RandomBrightness(0.15, value_range=(0.0, 1.0), seed=seed + 3),
+        L.RandomContrast(0.15, seed=seed + 4),
+    ]
+    model = keras().Sequential(layers, name="augment")
+
+    def apply(x, training=True):
+        return t.clip_by_value(model(x, training=training), 0.0, 1.0)
+
+    return apply

@@ -1,0 +1,156 @@
+"""Prediction from a bundle, with TensorFlow (SavedModel) or LiteRT (model.tflite).
+
+The LiteRT path never imports TensorFlow: decoding is the project's Pillow decoder and the
+preprocessing is the same numpy code the training pipeline uses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from tlcli import bundle as bundles
+from tlcli import images
+from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from tlcli.errors import BundleError, ImageError, UsageError
+
+ENGINES = ("auto", "tf", "tflite")
+
+
+@dataclass
+class Prediction:
+    """``predictions`` is a list of {"label", "probability"}, best first; ``error`` is None or a
+    message (the file could not be used)."""
+
+    path: str
+    predictions: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files as given, folders expanded recursively (sorted, hidden entries skipped). A missing
+    path is kept so that it gets its own per-file error."""
+    out: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
+        else:
+            out.append(str(p))
+    return out
+
+
+class TFEngine:
+    name = "tf"
+
+    def __init__(self, bundle: bundles.Bundle):
+        from tlcli._tf import tf
+
+        t = tf()
+        try:
+            loaded = t.saved_model.load(str(bundle.path))
+            self.fn = loaded.signatures["serving_default"]
+        except Exception as exc:
+            raise BundleError(f"--model {bundle.path}: the SavedModel cannot be loaded ({type(exc).__name__}); "
+                              "the bundle is corrupt; retrain it") from None
+        self._keep = loaded
+        self.t = t
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.fn(images=self.t.constant(batch))["probabilities"].numpy()
+
+
+class TFLiteEngine:
+    name = "tflite"
+
+    def __init__(self, bundle: bundles.Bundle, path: Path | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = path or bundle.tflite_path
+        if not path.exists():
+            raise BundleError(f"--model {bundle.path}: no {path.name}; run 'tlcli export --tflite --model "
+                              f"{bundle.path}' first, or use --engine tf")
+        try:
+            self.interp = Interpreter(model_path=str(path), num_threads=os.cpu_count())
+            self.interp.allocate_tensors()
+        except Exception as exc:
+            raise BundleError(f"{path}: cannot load the TFLite model ({exc}); re-export it") from None
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        self.batch = None
+
+    def _quantize(self, x, detail):
+        scale, zero = detail["quantization"]
+        if detail["dtype"] in (np.int8, np.uint8) and scale:
+            info = np.iinfo(detail["dtype"])
+            return np.clip(np.rint(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+        return x.astype(detail["dtype"])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.batch != len(batch):
+            self.interp.resize_tensor_input(self.inp["index"], [len(batch), *batch.shape[1:]])
+            self.interp.allocate_tensors()
+            self.batch = len(batch)
+        self.interp.set_tensor(self.inp["index"], self._quantize(batch, self.inp))
+        self.interp.invoke()
+        y = self.interp.get_tensor(self.out["index"])
+        scale, zero = self.out["quantization"]
+        if self.out["dtype"] in (np.int8, np.uint8) and scale:
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+
+def open_engine(bundle: bundles.Bundle, engine: str = "auto", *, tflite_path: Path | None = None):
+    """``auto`` picks LiteRT when the bundle has a model.tflite, else TensorFlow."""
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(ENGINES)}")
+    if engine == "tflite" or (engine == "auto" and (tflite_path or bundle.tflite_path).exists()):
+        return TFLiteEngine(bundle, tflite_path)
+    return TFEngine(bundle)
+
+
+def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = 3,
+                 batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+    """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``."""
+    size = bundle.image_size
+    k = max(1, min(top_k, len(bundle.labels)))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        arrays, errors = [], []
+        for p in chunk:
+            try:
+                arrays.append(images.load_for_model(p, size, max_pixels=max_pixels))
+                errors.append(None)
+            except ImageError as exc:
+                errors.append(str(exc) if Path(p).exists() or exc.reason != images.UNREADABLE
+                              else f"{p}: no such file")
+        probs = engine(np.stack(arrays)) if arrays else np.zeros((0, len(bundle.labels)))
+        it = iter(probs)
+        for p, err in zip(chunk, errors):
+            if err is not None:
+                yield Prediction(p, [], err), None
+                continue
+            row = next(it)
+            order = np.argsort(-row, kind="stable")[:k]
+            yield Prediction(p, [{"label": bundle.labels[i], "probability": float(row[i])} for i in order]), row
+
+
+def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
+            top_k: int = 3, engine: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+    """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
+    raises ``BundleError`` / ``UsageError`` for a bad model or option."""
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    b = bundles.load(model_dir)
+    eng = open_engine(b, engine)
+    files = expand(paths)
+    return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)]

@@ -1,0 +1,94 @@
+"""Classification metrics, computed in one place for ``evaluate`` and the end of ``train``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class ClassMetrics:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class Mistake:
+    path: str
+    true_label: str
+    predicted_label: str
+    probability: float
+
+
+@dataclass
+class Report:
+    """Metrics of predictions ``probs`` [n, k] against integer labels ``y`` [n]."""
+
+    labels: list[str]
+    count: int
+    accuracy: float
+    top_k: int
+    top_k_accuracy: float
+    loss: float
+    per_class: list[ClassMetrics]
+    macro: dict
+    weighted: dict
+    confusion: list[list[int]]  # rows: true label, columns: predicted label
+    mistakes: list[Mistake]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        d = dict(d)
+        d["per_class"] = [ClassMetrics(**c) for c in d["per_class"]]
+        d["mistakes"] = [Mistake(**m) for m in d["mistakes"]]
+        return cls(**d)
+
+
+def compute(y, probs, labels: list[str], *, paths: list[str] | None = None, top_k: int = 5,
+            max_mistakes: int = 10) -> Report:
+    """Accuracy, top-k accuracy, cross-entropy, per-class P/R/F1, confusion matrix and the most
+    confident mistakes. ``y`` int [n]; ``probs`` float [n, len(labels)]."""
+    y = np.asarray(y, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(y), len(labels))
+    k = len(labels)
+    n = len(y)
+    pred = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    top_k = max(1, min(top_k, k))
+    topk_idx = np.argsort(-probs, axis=1)[:, :top_k] if n else np.zeros((0, top_k), np.int64)
+    top_k_acc = float(np.mean([y[i] in topk_idx[i] for i in range(n)])) if n else 0.0
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], 1e-12, 1.0)))) if n else 0.0
+    per_class = []
+    for c in range(k):
+        tp = int(confusion[c, c])
+        predicted = int(confusion[:, c].sum())
+        support = int(confusion[c, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append(ClassMetrics(labels[c], precision, recall, f1, support))
+    supports = np.array([c.support for c in per_class], dtype=np.float64)
+
+    def avg(weights):
+        w = weights / weights.sum() if weights.sum() else weights
+        return {m: float(sum(getattr(c, m) * wi for c, wi in zip(per_class, w)))
+                for m in ("precision", "recall", "f1")}
+
+    mistakes = []
+    if paths is not None:
+        wrong = np.nonzero(pred != y)[0]
+        order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_mistakes]
+        mistakes = [Mistake(paths[i], labels[y[i]], labels[pred[i]], float(probs[i, pred[i]]))
+                    for i in order]
+    return Report(labels=list(labels), count=n, accuracy=float(np.mean(pred == y)) if n else 0.0,
+                  top_k=top_k, top_k_accuracy=top_k_acc, loss=loss, per_class=per_class,
+                  macro=avg(np.ones(k)), weighted=avg(supports), confusion=confusion.tolist(),
+                  mistakes=mistakes)

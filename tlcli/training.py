@@ -1,0 +1,445 @@
+"""The training recipe.
+
+1. Scan and check every file (fast pre-pass), split train/val (stratified, seeded).
+2. Head phase: the frozen backbone runs once per image (features cached on disk); a softmax
+   head trains on the stored vectors with Adam, label smoothing, dropout, L2 and balanced class
+   weights. Early stopping on a stratified holdout carved from the *training* images picks the
+   epoch count; the head is then refit on all training images for that many epochs.
+3. Optional fine-tune phase: the whole backbone is unfrozen (BatchNorm stays in inference mode),
+   trained with a 100x lower learning rate on augmented images, stopping early on the holdout.
+4. Metrics on the validation images, then the bundle is written atomically.
+
+Every epoch is checkpointed in ``.<out>.partial/`` so ``--resume`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import bundle, data, metrics
+from tlcli.backbone import resolve_spec
+from tlcli.config import STRATEGIES, TrainConfig
+from tlcli.errors import Interrupted, UsageError
+from tlcli.progress import Callback, Event, silent
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    labels: list[str]
+    train_counts: dict[str, int]
+    val_counts: dict[str, int]
+    train_accuracy: float
+    val_accuracy: float | None
+    val_loss: float | None
+    head_epochs: int
+    fine_tune_epochs: int
+    extracted: int
+    cached: int
+    strategy: str
+    replicas: int
+    global_batch_size: int
+    seconds: float
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    history: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject option values that cannot work, naming the option."""
+    checks = [
+        (0.0 <= cfg.val_split < 1.0, "--val-split", "must be in [0, 1)"),
+        (cfg.epochs >= 1, "--epochs", "must be >= 1"),
+        (cfg.batch_size >= 1, "--batch-size", "must be >= 1"),
+        (cfg.learning_rate > 0, "--learning-rate", "must be > 0"),
+        (cfg.fine_tune_epochs >= 1, "--fine-tune-epochs", "must be >= 1"),
+        (cfg.fine_tune_learning_rate > 0, "--fine-tune-learning-rate", "must be > 0"),
+        (cfg.image_size is None or 8 <= cfg.image_size <= 1024, "--image-size", "must be in [8, 1024]"),
+        (cfg.max_pixels >= 1, "--max-pixels", "must be >= 1"),
+        (0.0 <= cfg.dropout < 1.0, "--dropout", "must be in [0, 1)"),
+        (0.0 <= cfg.label_smoothing < 1.0, "--label-smoothing", "must be in [0, 1)"),
+        (cfg.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}"),
+    ]
+    for ok, option, why in checks:
+        if not ok:
+            raise UsageError(f"{option} {getattr(cfg, option[2:].replace('-', '_'), '')}: {why}")
+
+
+def _partial_dir(out: str) -> Path:
+    p = Path(out).absolute()
+    return p.parent / f".{p.name}.partial"
+
+
+def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
+          progress: Callback = silent, **options) -> TrainResult:
+    """Train a classifier on ``data_dir/<class>/*`` and write the bundle to ``config.out``.
+
+    Options are ``TrainConfig`` fields (``out=``, ``epochs=``, ``fine_tune=`` ...). Raises a
+    ``TlcliError`` subclass for every user error, and ``Interrupted`` on Ctrl-C (the previous
+    bundle is left intact and progress is kept for ``resume=True``).
+    """
+    cfg = (config or TrainConfig()).replace(**options)
+    if data_dir is not None:
+        cfg = cfg.replace(data_dir=str(data_dir))
+    partial = _partial_dir(cfg.out)
+    state: dict = {}
+    if cfg.resume:
+        state_file = partial / "state.json"
+        if not state_file.exists():
+            raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out}; "
+                             "run without --resume")
+        state = json.loads(state_file.read_text())
+        saved = TrainConfig.from_dict(state["config"])
+        cfg = saved.replace(resume=True, force=cfg.force or saved.force)
+        progress(Event("info", message=f"resuming the interrupted run into {cfg.out}"))
+    if not cfg.data_dir:
+        raise UsageError("DIR: give the image folder to train on")
+    validate(cfg)
+    spec = resolve_spec(cfg.backbone, cfg.image_size)
+    bundle.check_output(cfg.out, force=cfg.force, need_bytes=200_000_000)
+    return _Run(cfg, spec, partial, state, progress).run()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, spec, partial: Path, state: dict, progress: Callback):
+        self.cfg, self.spec, self.partial, self.state, self.progress = cfg, spec, partial, state, progress
+        self.history: dict[str, list] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def save_state(self) -> None:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.state["config"] = self.cfg.to_dict()
+        bundle.write_json(self.partial / "state.json", self.state)
+
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        cfg = self.cfg
+        if not cfg.resume and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        staging = None
+        try:
+            self.scan()
+            from tlcli import strategy as strategies
+            from tlcli._tf import keras
+
+            keras().utils.set_random_seed(cfg.seed)
+            self.chosen = strategies.choose(cfg.strategy)
+            self.global_batch = cfg.batch_size * self.chosen.replicas
+            self.progress(Event("info", message=f"strategy: {self.chosen.description}; global batch "
+                                f"{self.global_batch} ({cfg.batch_size} per replica)"))
+            with self.chosen.strategy.scope():
+                self.load_backbone()
+                self.head_phase()
+                if cfg.fine_tune:
+                    self.fine_tune_phase()
+                self.evaluate()
+            self.progress(Event("start", "save", total=1))
+            staging = bundle.staging_dir(cfg.out)
+            self.write_bundle(staging, seconds=time.perf_counter() - start)
+            out = bundle.commit(staging, cfg.out, force=cfg.force)
+            staging = None
+            self.progress(Event("end", "save", total=1, completed=1))
+            shutil.rmtree(self.partial, ignore_errors=True)
+        except KeyboardInterrupt:
+            kept = "; progress kept: run the same command with --resume to continue" \
+                if (self.partial / "state.json").exists() else ""
+            raise Interrupted(f"interrupted: the previous model at {cfg.out} is untouched{kept}") from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return TrainResult(
+            model_dir=str(out), labels=self.labels, train_counts=self.count(self.train),
+            val_counts=self.count(self.val), train_accuracy=self.train_report.accuracy,
+            val_accuracy=self.val_report.accuracy if self.val_report else None,
+            val_loss=self.val_report.loss if self.val_report else None,
+            head_epochs=self.state.get("head_epochs", 0),
+            fine_tune_epochs=self.state.get("fine_tune", {}).get("epochs_run", 0),
+            extracted=self.extracted, cached=self.cached, strategy=self.chosen.description,
+            replicas=self.chosen.replicas, global_batch_size=self.global_batch,
+            seconds=time.perf_counter() - start, skipped=[s.to_dict() for s in self.skipped],
+            warnings=self.warnings, history=self.history)
+
+    def count(self, samples) -> dict[str, int]:
+        n = {label: 0 for label in self.labels}
+        for s in samples:
+            n[self.labels[s.label]] += 1
+        return n
+
+    # -- data ----------------------------------------------------------------------------------
+    def scan(self) -> None:
+        cfg = self.cfg
+        size = self.spec.image_size or 224
+
+        def report(task):
+            def cb(done, total):
+                if done == 1:
+                    self.progress(Event("start", task, total=total))
+                self.progress(Event("advance", task, completed=done, total=total))
+                if done == total:
+                    self.progress(Event("end", task, completed=done, total=total))
+            return cb
+
+        train = data.scan(cfg.data_dir, image_size=size, max_pixels=cfg.max_pixels, strict=cfg.strict,
+                          progress=report("scan"))
+        self.labels = train.labels
+        self.skipped = list(train.skipped)
+        self.warnings = list(train.warnings)
+        if cfg.val_dir:
+            val = data.scan(cfg.val_dir, image_size=size, labels=train.labels, max_pixels=cfg.max_pixels,
+                            strict=cfg.strict, progress=report("scan val"), option="--val-dir")
+            self.skipped += val.skipped
+            self.warnings += val.warnings
+            self.train, self.val = train.samples, val.samples
+        else:
+            self.train, self.val = data.split(train.samples, cfg.val_split, cfg.seed)
+        self.fit_rest, self.holdout = data.split(self.train, cfg.holdout, cfg.seed + 1)
+        for w in self.warnings:
+            self.progress(Event("warning", message=w))
+        if self.skipped:
+            self.progress(Event("skipped", logs={"skipped": [s.to_dict() for s in self.skipped]}))
+        self.progress(Event("counts", logs={"train": self.count(self.train), "val": self.count(self.val)}))
+
+    def load_backbone(self) -> None:
+        from tlcli import backbone
+
+        self.backbone = backbone.load(self.spec, trainable=self.cfg.fine_tune)
+        self.size = self.backbone.image_size
+
+    # -- phases --------------------------------------------------------------------------------
+    def features(self):
+        from tlcli import features, model
+
+        cache = features.FeatureCache(self.cfg.cache_dir, f"{self.spec.cache_key()}-{self.size}")
+        extractor = model.build_extractor(self.backbone.layer, self.size)
+        everything = self.train + self.val
+        feats, self.extracted = features.extract(
+            everything, extractor=extractor, cache=cache, image_size=self.size,
+            batch_size=self.global_batch, max_pixels=self.cfg.max_pixels, progress=self.progress)
+        self.cached = len(everything) - self.extracted
+        self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
+        by_path = {s.path: i for i, s in enumerate(everything)}
+        return feats, by_path
+
+    def _onehot(self, samples):
+        return np.eye(len(self.labels), dtype=np.float32)[[s.label for s in samples]]
+
+    def _class_weight(self, samples):
+        if not self.cfg.class_weights:
+            return None
+        return data.class_weights([s.label for s in samples], len(self.labels))
+
+    def _compile(self, m, lr):
+        k = _keras()
+        m.compile(optimizer=k.optimizers.Adam(lr),
+                  loss=k.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing),
+                  metrics=["accuracy"])
+
+    def head_phase(self) -> None:
+        from tlcli import model
+
+        cfg = self.cfg
+        feats, by_path = self.features()
+        x = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        self.feats_of = x
+        self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
+                                     l2=cfg.l2, seed=cfg.seed)
+        self._compile(self.head, cfg.learning_rate)
+        if self.holdout:
+            st = self.state.setdefault("head_select", {})
+            self.fit(self.head, "head", (x(self.fit_rest), self._onehot(self.fit_rest)), cfg.epochs,
+                     validation=(x(self.holdout), self._onehot(self.holdout)), st=st,
+                     class_weight=self._class_weight(self.fit_rest), patience=cfg.patience)
+            best = st["best_epoch"] + 1
+            self.head_select_weights = self.head.get_weights()
+        else:
+            best = cfg.epochs
+            self.head_select_weights = None
+        self.state["head_epochs"] = best
+        if not cfg.fine_tune or self.head_select_weights is None:
+            # Refit on every training image for the chosen number of epochs.
+            _keras().utils.set_random_seed(cfg.seed)
+            self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
+                                         l2=cfg.l2, seed=cfg.seed)
+            self._compile(self.head, cfg.learning_rate)
+            self.fit(self.head, "head refit", (x(self.train), self._onehot(self.train)), best,
+                     validation=None, st={}, class_weight=self._class_weight(self.train), patience=None)
+        self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
+
+    def fine_tune_phase(self) -> None:
+        cfg = self.cfg
+        st = self.state.setdefault("fine_tune", {})
+        self._compile(self.classifier, cfg.fine_tune_learning_rate)
+        ds = data.image_dataset([s.path for s in self.fit_rest], self.size,
+                                labels=[s.label for s in self.fit_rest], batch_size=self.global_batch,
+                                max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed)
+        val = data.image_dataset([s.path for s in self.holdout], self.size,
+                                 labels=[s.label for s in self.holdout], batch_size=self.global_batch,
+                                 max_pixels=cfg.max_pixels)
+        t = _tf()
+        k = len(self.labels)
+        onehot = lambda img, y: (img, t.one_hot(y, k))  # noqa: E731
+        self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val.map(onehot),
+                 st=st, class_weight=self._class_weight(self.fit_rest), patience=cfg.fine_tune_patience,
+                 steps=math.ceil(len(self.fit_rest) / self.global_batch))
+
+    def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience, steps=None):
+        """Keras fit with a checkpoint per epoch, resumable early stopping and progress events."""
+        ckpt_dir = self.partial / phase.replace(" ", "-")
+        cb = _PhaseCallback(self, m, phase, epochs, ckpt_dir, st, patience, validation is not None)
+        initial = cb.restore()
+        kwargs = dict(epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[cb],
+                      class_weight=class_weight, validation_data=validation)
+        if isinstance(train, tuple):
+            kwargs.update(x=train[0], y=train[1], batch_size=self.global_batch, shuffle=True)
+        else:
+            kwargs.update(x=train)
+        if initial < epochs and not st.get("stopped"):
+            self.progress(Event("start", phase, total=epochs, completed=initial))
+            m.fit(**kwargs)
+            self.progress(Event("end", phase, total=epochs, completed=st.get("epochs_run", epochs)))
+        cb.finish()
+
+    # -- results -------------------------------------------------------------------------------
+    def predict_probs(self, samples) -> np.ndarray:
+        if not samples:
+            return np.zeros((0, len(self.labels)), np.float32)
+        if not self.cfg.fine_tune:
+            return self.head.predict(self.feats_of(samples), batch_size=256, verbose=0)
+        ds = data.image_dataset([s.path for s in samples], self.size, batch_size=self.global_batch,
+                                max_pixels=self.cfg.max_pixels)
+        self.progress(Event("info", message=f"scoring {len(samples)} images with the fine-tuned model"))
+        return self.classifier.predict(ds, verbose=0)
+
+    def evaluate(self) -> None:
+        y = lambda ss: [s.label for s in ss]  # noqa: E731
+        self.train_report = metrics.compute(y(self.train), self.predict_probs(self.train), self.labels)
+        self.val_report = None
+        if self.val:
+            self.val_report = metrics.compute(y(self.val), self.predict_probs(self.val), self.labels,
+                                              paths=[s.path for s in self.val])
+
+    def write_bundle(self, staging: Path, *, seconds: float) -> None:
+        from tlcli import __version__, model
+
+        t = _tf()
+        cfg = self.cfg
+        module, signatures = model.serving_module(self.classifier, self.size, self.labels)
+        t.saved_model.save(module, str(staging), signatures=signatures)
+        (staging / bundle.LABELS_FILE).write_text("".join(f"{label}\n" for label in self.labels))
+        meta = bundle.base_meta() | {
+            "tensorflow_version": t.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "labels": self.labels,
+            "image_size": self.size,
+            "input": {"dtype": "float32", "shape": [None, self.size, self.size, 3], "range": [0.0, 1.0],
+                      "color": "RGB", "resize": "bilinear, antialiased, aspect ratio not kept"},
+            "signatures": {"serving_default": "images -> probabilities",
+                           "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"},
+            "backbone": {"handle": self.spec.handle, "preset": self.spec.preset,
+                         "feature_dim": self.backbone.feature_dim},
+            "config": cfg.to_dict(),
+            "data": {"train_dir": str(Path(cfg.data_dir).absolute()),
+                     "val_dir": str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
+                     "train_counts": self.count(self.train), "val_counts": self.count(self.val)},
+            "metrics": {
+                "train_accuracy": self.train_report.accuracy,
+                "val_accuracy": self.val_report.accuracy if self.val_report else None,
+                "val_loss": self.val_report.loss if self.val_report else None,
+                "val": self.val_report.to_dict() if self.val_report else None,
+            },
+            "training": {"strategy": self.chosen.description, "replicas": self.chosen.replicas,
+                         "global_batch_size": self.global_batch,
+                         "head_epochs": self.state.get("head_epochs", 0),
+                         "fine_tune_epochs": self.state.get("fine_tune", {}).get("epochs_run", 0),
+                         "seconds": round(seconds, 2), "history": self.history},
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+        meta["tlcli_version"] = __version__
+        bundle.write_json(staging / bundle.META_FILE, meta)
+        absolute = lambda ss: [[str(Path(s.path).absolute()), s.label] for s in ss]  # noqa: E731
+        bundle.write_json(staging / bundle.SPLITS_FILE, {"train": absolute(self.train), "val": absolute(self.val)})
+
+
+def _tf():
+    from tlcli._tf import tf
+
+    return tf()
+
+
+def _keras():
+    from tlcli._tf import keras
+
+    return keras()
+
+
+def _make_callback_class():
+    k = _keras()
+
+    class PhaseCallback(k.callbacks.Callback):
+        """Per-epoch checkpoint (weights + optimizer), early stopping whose state survives a
+        restart, best-weight restore, and progress events."""
+
+        def __init__(self, run, model, phase, epochs, ckpt_dir, st, patience, monitor):
+            super().__init__()
+            self.run, self.m, self.phase, self.epochs = run, model, phase, epochs
+            self.ckpt_dir, self.st, self.patience, self.monitor = ckpt_dir, st, patience, monitor
+            self.best_weights = None
+
+        def _checkpoint(self):
+            t = _tf()
+            return t.train.Checkpoint(model=self.m, optimizer=self.m.optimizer)
+
+        def restore(self) -> int:
+            last = self.st.get("last_checkpoint")
+            if not last or not self.run.cfg.resume:
+                self.st.clear()
+                return 0
+            self._checkpoint().read(last).expect_partial()
+            if self.st.get("best_checkpoint"):
+                current = self.m.get_weights()
+                self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
+                self.best_weights = self.m.get_weights()
+                self.m.set_weights(current)
+            return int(self.st.get("epochs_run", 0))
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            self.run.history.setdefault(self.phase, []).append({"epoch": epoch + 1, **logs})
+            st = self.st
+            st["epochs_run"] = epoch + 1
+            if self.monitor:
+                loss = logs.get("val_loss", math.inf)
+                if loss < st.get("best", math.inf):
+                    st.update(best=loss, best_epoch=epoch, wait=0)
+                    self.best_weights = self.m.get_weights()
+                    st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best"))
+                else:
+                    st["wait"] = st.get("wait", 0) + 1
+                    if self.patience is not None and st["wait"] >= self.patience:
+                        st["stopped"] = True
+                        self.model.stop_training = True
+            st["last_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "last"))
+            self.run.save_state()
+            self.run.progress(Event("epoch", self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
+
+        def finish(self):
+            if self.monitor and self.best_weights is not None:
+                self.m.set_weights(self.best_weights)
+            self.st.setdefault("best_epoch", self.st.get("epochs_run", 1) - 1)
+
+    return PhaseCallback
+
+
+def _PhaseCallback(*args):
+    return _make_callback_class()(*args)
