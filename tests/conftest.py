@@ -28,3 +28,25 @@ def train_args(tiny_backbone):
     """Fast settings for the tiny backbone, as keyword arguments of tlcli.train."""
     return dict(backbone=str(tiny_backbone), image_size=32, epochs=60, batch_size=8,
                 learning_rate=0.05, patience=8, tensorboard=None)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, tiny_backbone, colour_data):
+    """One head-only bundle trained on the colour data, shared read-only by many tests.
+    Tests that modify a bundle copy it first (``bundle_copy``)."""
+    import tlcli
+
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    cache = tmp_path_factory.mktemp("bundle-cache")
+    tlcli.train(colour_data, out=str(out), backbone=str(tiny_backbone), image_size=32, epochs=60,
+                batch_size=8, learning_rate=0.05, patience=8, tensorboard=None, cache_dir=str(cache))
+    return out
+
+
+@pytest.fixture
+def bundle_copy(trained_bundle, tmp_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(trained_bundle, dst)
+    return dst

@@ -98,6 +98,18 @@ def _declared_input_rank(obj) -> int | None:
     return None
 
 
+def _declared_output_shape(obj):
+    """The output shape the SavedModel declares for __call__ (a list, or a dict of them), or None."""
+    fn = getattr(obj, "__call__", None)
+    for cf in getattr(fn, "concrete_functions", []) or []:
+        outs = cf.structured_outputs
+        if isinstance(outs, dict):
+            return {k: v.shape.as_list() if v.shape.rank is not None else None for k, v in outs.items()}
+        if hasattr(outs, "shape") and outs.shape.rank is not None:
+            return outs.shape.as_list()
+    return None
+
+
 def load(spec: BackboneSpec, *, trainable: bool = False) -> LoadedBackbone:
     """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
     output [batch, features]. Raises ``BackboneError`` otherwise."""
@@ -119,13 +131,18 @@ def load(spec: BackboneSpec, *, trainable: bool = False) -> LoadedBackbone:
     if size is None:
         raise BackboneError(f"--backbone {spec.handle}: declares no input size; set --image-size")
     layer = hub().KerasLayer(obj, trainable=trainable, name="backbone")
-    try:
-        out = layer(t.zeros([1, size, size, 3], t.float32), training=False)
-    except Exception as exc:
-        raise BackboneError(f"--backbone {spec.handle}: failed on a [1, {size}, {size}, 3] float image "
-                            f"batch ({type(exc).__name__}); choose an image feature vector model") from None
-    if isinstance(out, dict) or out.shape.rank != 2:
-        shape = {k: v.shape for k, v in out.items()} if isinstance(out, dict) else out.shape
+    shape = _declared_output_shape(obj)
+    if shape is None or shape[-1] is None:
+        # Nothing declared: run one image through it. (Only valid outside a distribution
+        # strategy's scope: restored functions cannot be called eagerly in a cross-replica context.)
+        try:
+            out = layer(t.zeros([1, size, size, 3], t.float32), training=False)
+        except Exception as exc:
+            raise BackboneError(f"--backbone {spec.handle}: failed on a [1, {size}, {size}, 3] float image "
+                                f"batch ({type(exc).__name__}); choose an image feature vector model") from None
+        shape = {k: v.shape for k, v in out.items()} if isinstance(out, dict) else out.shape.as_list()
+    if isinstance(shape, dict) or len(shape) != 2:
         raise BackboneError(f"--backbone {spec.handle}: returns {shape}, not a feature vector "
                             "[batch, features]; choose an image feature vector model")
-    return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(out.shape[-1]), path=path)
+    out_dim = shape[-1]
+    return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(out_dim), path=path)

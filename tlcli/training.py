@@ -108,6 +108,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     validate(cfg)
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     bundle.check_output(cfg.out, force=cfg.force, need_bytes=200_000_000)
+    from tlcli.backbone import fetch
+
+    fetch(spec)  # fail fast (offline, bad handle) before scanning anything
     return _Run(cfg, spec, partial, state, progress).run()
 
 

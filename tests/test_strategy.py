@@ -1,0 +1,47 @@
+"""Distribution strategies, exercised on CPU with logical devices in a fresh process."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, tiny_backbone, colour_data):
+    out = tmp_path / "model"
+    code = textwrap.dedent(f"""
+        import json, os
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import tlcli
+        r = tlcli.train({str(colour_data)!r}, out={str(out)!r}, backbone={str(tiny_backbone)!r}, image_size=32,
+                        epochs=40, batch_size=4, learning_rate=0.05, strategy="mirrored", fine_tune=True,
+                        fine_tune_epochs=1, cache_dir={str(tmp_path / "cache")!r}, tensorboard=None)
+        print(json.dumps(dict(replicas=r.replicas, batch=r.global_batch_size, strategy=r.strategy,
+                              val=r.val_accuracy)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["replicas"] == 2
+    assert r["batch"] == 8  # 4 per replica x 2 replicas
+    assert "MirroredStrategy" in r["strategy"] and "CPU:1" in r["strategy"]
+    assert r["val"] >= 0.8
+    assert (out / "saved_model.pb").exists()
+
+
+def test_auto_picks_default_strategy_on_a_single_cpu():
+    from tlcli import strategy
+
+    chosen = strategy.choose("auto")
+    assert chosen.name == "default" and chosen.replicas == 1
+
+
+def test_unknown_strategy_is_a_usage_error():
+    import pytest
+
+    from tlcli import strategy
+    from tlcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--strategy"):
+        strategy.choose("warp")
