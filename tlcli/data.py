@@ -51,35 +51,71 @@ class ImageFolder:
         return n
 
 
+NOT_IN_CLASS_FOLDER = "not in a class folder"
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
-def _list_files(class_dir: Path) -> list[Path]:
-    """All non-hidden files under ``class_dir``, following symlinks without loops."""
-    seen: set[str] = set()
-    out: list[Path] = []
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    def walk(d: Path):
+
+class _Walker:
+    """Lists the files of class folders, following symlinks safely.
+
+    A symlinked directory is followed only when it leads outside the dataset: one that points
+    back into it, or to a folder above it, would loop or list images twice (possibly under
+    another class), so it is ignored. Every directory is listed at most once. A file reached
+    twice (a symlink to a file already in the dataset) counts once, at its real location when
+    that is in the dataset. Sockets, FIFOs and devices are ignored (reading them would block)."""
+
+    def __init__(self, root: Path):
+        self.root = os.path.realpath(root)
+        self.seen_dirs: set[str] = set()
+
+    def files(self, class_dir: Path) -> list[tuple[Path, bool]]:
+        """(path, reached through a symlink) for every non-hidden file under ``class_dir``."""
+        out: list[tuple[Path, bool]] = []
+        self._walk(class_dir, out, linked=class_dir.is_symlink())
+        return out
+
+    def _walk(self, d: Path, out: list, linked: bool) -> None:
         real = os.path.realpath(d)
-        if real in seen:
-            return  # a symlink cycle, or a directory reached twice
-        seen.add(real)
+        if real in self.seen_dirs:
+            return
+        self.seen_dirs.add(real)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as exc:
-            raise DatasetError(f"{d}: cannot read directory ({exc.strerror}); fix its permissions") from None
+            raise DatasetError(f"{d}: cannot read this folder ({exc.strerror}); fix its permissions "
+                               "or move it out of the dataset") from None
         for e in entries:
             if _hidden(e.name):
                 continue
             p = Path(e.path)
+            link = e.is_symlink()
             if e.is_dir(follow_symlinks=True):
-                walk(p)
-            elif e.is_file(follow_symlinks=True) or e.is_symlink():
-                out.append(p)
+                if link:
+                    target = os.path.realpath(p)
+                    if _inside(target, self.root) or _inside(self.root, target):
+                        continue  # a loop, or a second route to images already in the dataset
+                self._walk(p, out, linked or link)
+            elif e.is_file(follow_symlinks=True):
+                out.append((p, linked or link))
+            elif link and not os.path.exists(p):
+                out.append((p, True))  # broken: listed, so that it is reported
 
-    walk(class_dir)
-    return out
+
+def _dedupe(found: list[tuple[Path, int, bool]]) -> list[tuple[Path, int]]:
+    """One entry per real file: the one at its real location if any, else the first route."""
+    best: dict[str, tuple[int, Path, int, bool]] = {}
+    for order, (path, label, linked) in enumerate(found):
+        key = os.path.realpath(path) if os.path.exists(path) else str(path)
+        if key not in best or (best[key][3] and not linked):
+            best[key] = (order, path, label, linked)
+    return [(path, label) for _, path, label, _ in sorted(best.values(), key=lambda v: v[0])]
 
 
 def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
@@ -87,31 +123,41 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
          progress: Callable[[int, int], None] | None = None, option: str = "DIR") -> ImageFolder:
     """Scan ``root/<class>/...`` and check every file before any expensive work.
 
+    Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
+    file is found here and never in the middle of an epoch. Hidden files and folders are ignored.
     ``labels`` fixes the label list (for evaluation or a validation folder); folders must match.
-    Unusable files are skipped (and listed), or with ``strict`` all named in one DatasetError.
+    Unusable files are skipped (and listed in ``skipped`` with the reason), or with ``strict`` all
+    named in one DatasetError. Raises DatasetError, naming the folder and the fix, for a missing
+    or unreadable folder, no class folders, images directly in ``root``, a single class, or a
+    class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
+    warning in ``warnings``.
     """
     root_p = Path(root)
     if not root_p.exists():
-        raise DatasetError(f"{option} {root}: no such directory")
+        raise DatasetError(f"{option} {root}: no such directory; give the folder that holds one subfolder "
+                           "of images per class")
     if not root_p.is_dir():
         raise DatasetError(f"{option} {root}: not a directory; give a folder with one subfolder per class")
     try:
         entries = sorted((e for e in os.scandir(root_p) if not _hidden(e.name)), key=lambda e: e.name)
     except OSError as exc:
-        raise DatasetError(f"{option} {root}: cannot read directory ({exc.strerror}); fix its permissions") from None
+        raise DatasetError(f"{option} {root}: cannot read this folder ({exc.strerror}); fix its "
+                           "permissions") from None
     class_dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=True)]
     loose = [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=True)]
     if not class_dirs:
         if loose:
-            raise DatasetError(f"{option} {root}: images sit directly in the folder; move them into one "
-                               f"subfolder per class ({root}/cats/..., {root}/dogs/...)")
-        raise DatasetError(f"{option} {root}: no class folders; put images in one subfolder per class")
+            raise DatasetError(f"{option} {root}: {len(loose)} file(s) sit directly in this folder and "
+                               f"there are no class folders; move the images into one subfolder per "
+                               f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
+        raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
+                           f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
     found = [d.name for d in class_dirs]
     if labels is None:
         labels = found
         if len(labels) < 2:
             raise DatasetError(f"{option} {root}: only one class folder ({labels[0]}); a classifier needs "
-                               "at least two, one subfolder per class")
+                               "at least two: add a subfolder of images for each other class")
     else:
         extra = sorted(set(found) - set(labels))
         if extra:
@@ -119,38 +165,43 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
                                f"model ({', '.join(labels)}); rename or remove them")
     index = {name: i for i, name in enumerate(labels)}
 
-    candidates: list[tuple[Path, int]] = []
+    walker = _Walker(root_p)
+    listed: list[tuple[Path, int, bool]] = []
     for d in class_dirs:
-        candidates += [(p, index[d.name]) for p in _list_files(d)]
-    skipped = [Skipped(str(p), "not in a class folder") for p in loose]
+        listed += [(p, index[d.name], linked) for p, linked in walker.files(d)]
+    candidates = _dedupe(listed)
+    skipped = [Skipped(str(p), NOT_IN_CLASS_FOLDER) for p in loose]
 
     def check(item):
         path, _ = item
-        if not path.exists():
-            return None, images.ImageError(path, "broken link")
-        return images.check(path, size=image_size, max_pixels=max_pixels)
+        if path.is_symlink() and not path.exists():
+            return None, images.ImageError(path, images.BROKEN_SYMLINK, f"points to {os.readlink(path)}")
+        data, err = images.check(path, size=image_size, max_pixels=max_pixels)
+        # Hash here, in the worker, so that finished files' bytes are not held waiting in order.
+        return (None, err) if err else (hashlib.blake2b(data, digest_size=16).hexdigest(), None)
 
     samples: list[Sample] = []
-    done = 0
+    bad_in: dict[int, int] = {}
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        for (path, label), (data, err) in zip(candidates, pool.map(check, candidates)):
-            done += 1
+        for done, ((path, label), (digest, err)) in enumerate(zip(candidates, pool.map(check, candidates)), 1):
             if progress:
                 progress(done, len(candidates))
             if err is not None:
                 skipped.append(Skipped(str(path), err.reason, err.detail))
+                bad_in[label] = bad_in.get(label, 0) + 1
             else:
-                samples.append(Sample(str(path), label, hashlib.blake2b(data, digest_size=16).hexdigest()))
+                samples.append(Sample(str(path), label, digest))
     folder = ImageFolder(str(root), list(labels), samples, skipped)
-    bad = [s for s in skipped if s.reason != "not in a class folder"] if strict else []
+    bad = [s for s in skipped if s.reason != NOT_IN_CLASS_FOLDER] if strict else []
     if bad:
         lines = "; ".join(f"{s.path} ({s.reason})" for s in bad)
         raise DatasetError(f"{option} {root}: {len(bad)} unusable file(s) and --strict is set: {lines}. "
                            "Remove or fix them, or drop --strict to skip them")
-    for label, n in folder.counts().items():
+    for i, (label, n) in enumerate(folder.counts().items()):
         if n == 0 and label in found:
-            raise DatasetError(f"{option} {root}/{label}: no usable image in this class folder; "
+            why = f"{bad_in[i]} unusable file(s), see the skipped list" if bad_in.get(i) else "it is empty"
+            raise DatasetError(f"{option} {root_p / label}: no usable image in this class folder ({why}); "
                                "add images or remove the folder")
         if n == 0:
             folder.warnings.append(f"label '{label}' has no folder in {root}")
@@ -214,13 +265,14 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
     def decode(p, *rest):
         img = t.numpy_function(load, [p], t.float32, stateful=False)
         img.set_shape([size, size, 3])
-        return (img, *rest)
+        return (img, *rest) if rest else img
 
     ds = ds.map(decode, num_parallel_calls=t.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment_seed is not None:
         aug = augmenter(augment_seed)
-        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest), num_parallel_calls=t.data.AUTOTUNE)
+        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest) if rest else aug(x, training=True),
+                    num_parallel_calls=t.data.AUTOTUNE)
     return ds.prefetch(t.data.AUTOTUNE)
 
 
