@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcli import bundle, data, metrics
+from tlcli import bundle, data, metrics, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import STRATEGIES, TrainConfig
 from tlcli.errors import Interrupted, UsageError
@@ -118,6 +118,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, spec, partial: Path, state: dict, progress: Callback):
         self.cfg, self.spec, self.partial, self.state, self.progress = cfg, spec, partial, state, progress
         self.history: dict[str, list] = {}
+        self.scalars = summaries.ScalarLog(cfg.tensorboard, partial=partial, out=cfg.out)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -369,6 +370,10 @@ class _Run:
             "skipped": [s.to_dict() for s in self.skipped],
         }
         meta["tlcli_version"] = __version__
+        meta["training"]["tensorboard"] = self.scalars.finish(staging)
+        from tlcli import plots
+
+        plots.training_curves(self.history, staging / "training_curves.png")
         bundle.write_json(staging / bundle.META_FILE, meta)
         absolute = lambda ss: [[str(Path(s.path).absolute()), s.label] for s in ss]  # noqa: E731
         bundle.write_json(staging / bundle.SPLITS_FILE, {"train": absolute(self.train), "val": absolute(self.val)})
@@ -419,6 +424,7 @@ def _make_callback_class():
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             self.run.history.setdefault(self.phase, []).append({"epoch": epoch + 1, **logs})
+            self.run.scalars.write(self.phase, epoch + 1, logs)
             st = self.st
             st["epochs_run"] = epoch + 1
             if self.monitor:

@@ -1,0 +1,97 @@
+"""TensorBoard scalars of a training run: loss and accuracy, train and validation, per phase and epoch.
+
+Tags are ``<phase>/<metric>`` with the phase name slugged: ``head/loss``, ``head/val_accuracy``,
+``head-refit/loss``, ``fine-tune/val_loss``; the step is the epoch within the phase (from 1).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tlcli.errors import UsageError
+
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+_RUN_FILE = "tensorboard-run.txt"
+
+
+def tag(phase: str, metric: str) -> str:
+    return f"{phase.replace(' ', '-')}/{metric}"
+
+
+class ScalarLog:
+    """Writes the epoch logs of a run as TensorBoard scalars, flushed after every epoch so that a
+    running training can be watched with ``tensorboard --logdir``.
+
+    ``target`` None turns logging off. A relative ``target`` is a folder inside the model bundle;
+    the bundle only exists once training has finished, so meanwhile the events go to
+    ``<partial>/tensorboard/<target>`` (``partial`` is the run's resumable work directory) and
+    ``finish`` copies them into the bundle. An absolute ``target`` is shared between runs, so each
+    run writes to its own subfolder ``<target>/<bundle name>-<time>``, kept across ``--resume``.
+    Raises ``UsageError`` for a relative target that leaves the bundle.
+    """
+
+    def __init__(self, target: str | os.PathLike | None, *, partial: Path, out: str | os.PathLike):
+        self.target = None if target is None else Path(target)
+        if self.target is not None and not self.target.is_absolute() and ".." in self.target.parts:
+            raise UsageError(f"--tensorboard {target}: a relative folder must stay inside the model bundle; "
+                             "give a plain relative name (logs) or an absolute path")
+        self.partial = Path(partial)
+        self.out_name = Path(out).absolute().name
+        self.dir: Path | None = None
+        self._writer = None
+
+    def _open(self):
+        from tlcli._tf import tf
+
+        if self.target.is_absolute():
+            marker = self.partial / _RUN_FILE  # the partial directory only survives for --resume
+            if marker.exists():
+                self.dir = Path(marker.read_text().strip())
+            else:
+                self.dir = self.target / f"{self.out_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.partial.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(self.dir))
+        else:
+            self.dir = self.partial / "tensorboard" / self.target
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--tensorboard {self.target}: cannot create {self.dir} ({exc.strerror}); "
+                             "choose another folder or pass --tensorboard none") from None
+        self._writer = tf().summary.create_file_writer(str(self.dir))
+
+    def write(self, phase: str, epoch: int, logs: dict) -> None:
+        """Log the loss/accuracy entries of Keras ``logs`` for ``epoch`` (1-based) of ``phase``."""
+        if self.target is None:
+            return
+        if self._writer is None:
+            self._open()
+        from tlcli._tf import tf
+
+        t = tf()
+        with self._writer.as_default():
+            for name in METRICS:
+                if logs.get(name) is not None:
+                    t.summary.scalar(tag(phase, name), float(logs[name]), step=int(epoch))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def finish(self, bundle_dir: Path) -> str | None:
+        """Close the writer; for a relative target copy the events into ``bundle_dir``. Returns the
+        folder that holds the events (inside ``bundle_dir`` for a relative target), or None."""
+        self.close()
+        if self.target is None:
+            return None
+        if self.target.is_absolute():
+            return str(self.dir) if self.dir else None
+        dest = Path(bundle_dir) / self.target
+        if self.dir is not None and self.dir.exists():
+            shutil.copytree(self.dir, dest, dirs_exist_ok=True)
+        return str(self.target)
