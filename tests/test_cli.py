@@ -28,9 +28,10 @@ def test_help_and_version_do_not_import_tensorflow():
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom tlcli.cli import app\n"
             "r = CliRunner()\n"
             "for args in (['--help'], ['--version'], ['train', '--help'], ['predict', '--help'], "
-            "['export', '--help']):\n"
+            "['export', '--help'], ['evaluate', '--help']):\n"
             "    res = r.invoke(app, args)\n    assert res.exit_code == 0, (args, res.output)\n"
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nprint('ok')\n")
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+            "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"

@@ -27,7 +27,10 @@ err = Console(stderr=True)
 
 
 def fail(exc: TlcliError):
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Messages name files and folders, whose names may hold Rich markup such as "[old]".
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -96,11 +99,13 @@ class Progress:
 
 
 def skipped_table(skipped: list[dict]) -> Table:
+    from rich.text import Text
+
     t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
     t.add_column("file", overflow="fold")
     t.add_column("reason")
     for s in skipped:
-        t.add_row(s["path"], s["reason"] + (f" ({s['detail']})" if s.get("detail") else ""))
+        t.add_row(Text(s["path"]), Text(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
     return t
 
 
@@ -134,6 +139,9 @@ def train(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default $TLCLI_CACHE_DIR or "
                                                            "~/.cache/tlcli).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into --out.")] = False,
+    tensorboard: Annotated[str, typer.Option(help="TensorBoard log folder: relative = inside the bundle, "
+                                                  "absolute = a run subfolder there; 'none' turns logging "
+                                                  "off.")] = DEFAULTS.tensorboard or "none",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ):
     """Train a classifier on DIR (one subfolder per class) and write a model bundle."""
@@ -148,7 +156,8 @@ def train(
         val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
         fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
         class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
-        cache_dir=str(cache_dir) if cache_dir else None, resume=resume)
+        cache_dir=str(cache_dir) if cache_dir else None, resume=resume,
+        tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train
 
     try:
@@ -171,6 +180,9 @@ def train(
     t.add_row("strategy", result.strategy)
     t.add_row("time", f"{result.seconds:.1f} s")
     t.add_row("model", result.model_dir)
+    t.add_row("curves", str(Path(result.model_dir) / "training_curves.png"))
+    if cfg.tensorboard:
+        t.add_row("tensorboard", f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}")
     out.print(t)
 
 
@@ -180,10 +192,15 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = "auto",
+    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
+                                                           "the limit the model was trained with.",
+                                                      show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
+
+    from rich.text import Text
 
     from tlcli import bundle as bundles
     from tlcli import inference
@@ -191,7 +208,10 @@ def predict(
     try:
         if top_k < 1:
             raise inference.UsageError(f"--top-k {top_k}: must be >= 1")
+        if max_pixels is not None and max_pixels < 1:
+            raise inference.UsageError(f"--max-pixels {max_pixels}: must be >= 1")
         b = bundles.load(model)
+        limit = max_pixels or b.meta.get("config", {}).get("max_pixels") or DEFAULTS.max_pixels
         eng = inference.open_engine(b, engine)
         files = inference.expand(paths)
     except TlcliError as exc:
@@ -202,21 +222,23 @@ def predict(
     table.add_column("file", overflow="fold")
     for i in range(top_k):
         table.add_column(f"#{i + 1}")
-    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k):
+    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=limit):
         failed += p.error is not None
         if json_out:
             sys.stdout.write(json.dumps(p.to_dict()) + "\n")
             sys.stdout.flush()
         elif p.error:
-            table.add_row(p.path, f"[red]{p.error}[/]")
+            table.add_row(Text(p.path), Text(p.error, style="red"))
         else:
-            table.add_row(p.path, *[f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions])
+            table.add_row(Text(p.path), *[Text(f"{q['label']} {100 * q['probability']:.1f}%")
+                                          for q in p.predictions])
     seconds = time.perf_counter() - start
     if not json_out:
         out.print(table)
-        if len(files) > 1:
-            err.print(f"[dim]{len(files)} images in {seconds:.2f} s ({len(files) / max(seconds, 1e-9):.1f} "
-                      f"images/s, engine {eng.name})[/]", highlight=False)
+    if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
+        done = len(files) - failed
+        err.print(f"[dim]{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
+                  f"images/s, engine {eng.name})[/]", highlight=False)
     if failed:
         err.print(f"[yellow]{failed} of {len(files)} input(s) failed[/]", highlight=False)
         raise typer.Exit(1)
@@ -228,8 +250,10 @@ def export(
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
     output: Annotated[Optional[Path], typer.Option(help="Output .tflite file (default: model.tflite in "
                                                         "the bundle).")] = None,
-    quantize: Annotated[str, typer.Option(help="none, float16, dynamic or int8.")] = "none",
-    io_type: Annotated[str, typer.Option(help="With int8: float32, int8 or uint8 input/output.")] = "float32",
+    quantize: Annotated[str, typer.Option(help="none, float16 (half size), dynamic (int8 weights) or int8 "
+                                               "(full integer, calibrated on training images).")] = "none",
+    io_type: Annotated[str, typer.Option(help="With --quantize int8: float32, int8 or uint8 input and "
+                                              "output tensors.")] = "float32",
     data: Annotated[Optional[Path], typer.Option(help="Labelled folder for calibration and parity "
                                                       "(default: the bundle's recorded images).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -253,15 +277,103 @@ def export(
     t.add_column(style="bold")
     t.add_column()
     t.add_row("file", r.path)
-    t.add_row("labels", r.labels_path)
-    t.add_row("quantize", r.quantize)
-    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB")
+    t.add_row("labels", r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else ""))
+    t.add_row("quantize", r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else ""))
+    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:
-        t.add_row("top-1 agreement", f"{_pct(r.agreement)} on {r.parity_images} images")
+        t.add_row("top-1 agreement", f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}")
         t.add_row("accuracy", f"SavedModel {_pct(r.saved_model_accuracy)}, TFLite {_pct(r.tflite_accuracy)}")
     else:
         t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
     out.print(t)
+
+
+def _num(x) -> str:
+    return f"{x:.3f}"
+
+
+@app.command()
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(help="Labelled folder: one subfolder per class, named like "
+                                                  "the model's labels.", show_default=False)],
+    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
+    engine: Annotated[str, typer.Option(help="tf (the SavedModel), tflite (the bundle's model.tflite) "
+                                             "or auto.")] = "tf",
+    top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = 5,
+    mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = 10,
+    report: Annotated[Optional[Path], typer.Option(help="Folder to write confusion_matrix.png and "
+                                                        "mistakes.csv (every mistake) into.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
+                                                          "stdout.")] = False,
+):
+    """Evaluate a trained bundle on a labelled folder: accuracy, per-class metrics, confusion matrix
+    and the most confident mistakes. Exit code 1 if any file had to be skipped."""
+    from rich.markup import escape
+
+    from tlcli.evaluation import evaluate as run_evaluate
+
+    try:
+        with Progress(err, quiet=json_out) as progress:
+            r = run_evaluate(data_dir, model_dir=model, engine=engine, top_k=top_k, report_dir=report,
+                             max_mistakes=mistakes, progress=progress)
+    except TlcliError as exc:
+        fail(exc)
+    if json_out:
+        out.print_json(json.dumps(r.to_dict()))
+    else:
+        rep = r.report
+        t = Table(title="Evaluation", title_justify="left", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("model", escape(f"{r.model_dir} (engine {r.engine})"))
+        t.add_row("images", escape(f"{rep.count} in {r.data_dir}"))
+        t.add_row("accuracy", _pct(rep.accuracy))
+        t.add_row(f"top-{rep.top_k} accuracy", _pct(rep.top_k_accuracy))
+        t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
+        out.print(t)
+
+        pc = Table(title="Per class", title_justify="left")
+        pc.add_column("class")
+        for name in ("precision", "recall", "F1", "support"):
+            pc.add_column(name, justify="right")
+        for c in rep.per_class:
+            pc.add_row(escape(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
+                       style="dim" if c.support == 0 else None)
+        pc.add_section()
+        for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
+            pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
+                       style="bold")
+        out.print(pc)
+
+        k = len(rep.labels)
+        numbered = k > 8
+        cm = Table(title="Confusion matrix", title_justify="left",
+                   caption="columns numbered as the rows" if numbered else None, caption_justify="left")
+        cm.add_column("true \\ predicted")
+        for j, label in enumerate(rep.labels):
+            cm.add_column(str(j) if numbered else escape(label), justify="right")
+        for i, label in enumerate(rep.labels):
+            cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
+                     for j, n in enumerate(rep.confusion[i])]
+            cm.add_row(escape(f"{i} {label}" if numbered else label), *cells)
+        out.print(cm)
+
+        if rep.mistakes:
+            mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
+            mt.add_column("file", overflow="fold")
+            mt.add_column("true")
+            mt.add_column("predicted")
+            mt.add_column("probability", justify="right")
+            for m in rep.mistakes:
+                mt.add_row(escape(m.path), escape(m.true_label), escape(m.predicted_label), _pct(m.probability))
+            out.print(mt)
+        else:
+            out.print("No mistakes.")
+        for path in r.files.values():
+            out.print(f"wrote {path}", highlight=False, markup=False)
+    if r.skipped:
+        err.print(f"[yellow]{len(r.skipped)} file(s) skipped[/]", highlight=False)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

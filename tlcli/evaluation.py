@@ -1,0 +1,160 @@
+"""Evaluate a bundle on a labelled folder: the same ``metrics.compute`` as the end of training,
+plus an optional report folder with ``confusion_matrix.png`` and ``mistakes.csv``."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import bundle as bundles
+from tlcli import data, inference, metrics
+from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from tlcli.errors import DatasetError, UsageError
+from tlcli.progress import Callback, Event, silent
+
+CONFUSION_PNG = "confusion_matrix.png"
+MISTAKES_CSV = "mistakes.csv"
+MISTAKES_COLUMNS = ("path", "true_label", "predicted_label", "probability")
+
+
+@dataclass
+class EvaluateResult:
+    """``report`` holds the metrics (``report.mistakes``: the ``max_mistakes`` most confident);
+    ``skipped`` the files that could not be used ({"path", "reason", "detail"}); ``warnings``
+    e.g. model labels without a folder; ``files`` the report files written, by name."""
+
+    model_dir: str
+    data_dir: str
+    engine: str
+    report: metrics.Report
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _prepare_report_dir(report_dir) -> Path | None:
+    if report_dir is None:
+        return None
+    p = Path(report_dir)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--report {p}: is a file; give a folder for {CONFUSION_PNG} and {MISTAKES_CSV}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {p}: cannot create the folder ({exc.strerror}); choose another") from None
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"--report {p}: not writable; choose another folder")
+    return p
+
+
+def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:
+    """CSV with a header ``path,true_label,predicted_label,probability``, most confident first."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(MISTAKES_COLUMNS)
+        for m in mistakes:
+            w.writerow([m.path, m.true_label, m.predicted_label, f"{m.probability:.6f}"])
+    return path
+
+
+def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
+             engine: str = "tf", top_k: int = 5, report_dir: str | os.PathLike | None = None,
+             max_mistakes: int = 10, batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+             progress: Callback = silent) -> EvaluateResult:
+    """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
+    with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
+
+    ``engine``: tf (the SavedModel), tflite (the bundle's model.tflite, e.g. to check a quantized
+    export) or auto. ``report_dir``: also write ``confusion_matrix.png`` and ``mistakes.csv`` (all
+    mistakes, most confident first) there.
+
+    Folders are matched to the bundle's labels by name: a folder that is not a label raises
+    ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
+    named in ``warnings``: its support is 0, so it counts as 0 in the macro averages. Unusable
+    files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
+    missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
+    """
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    if max_mistakes < 0:
+        raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    if engine not in inference.ENGINES:
+        raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(inference.ENGINES)}")
+    start = time.perf_counter()
+    b = bundles.load(model_dir)
+    out_dir = _prepare_report_dir(report_dir)
+    eng = None
+    if engine != "tf":  # cheap to open, and a missing model.tflite should fail before the scan
+        eng = inference.open_engine(b, engine)
+
+    def scanned(done, total):
+        if done == 1:
+            progress(Event("start", "scan", total=total))
+        progress(Event("advance", "scan", completed=done, total=total))
+        if done == total:
+            progress(Event("end", "scan", completed=done, total=total))
+
+    folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
+                       progress=scanned)
+    skipped = [s.to_dict() for s in folder.skipped]
+    counts = folder.counts()
+    missing = [label for label, n in counts.items() if n == 0]
+    warnings = []
+    if missing:
+        warnings.append(f"{len(missing)} of the model's {len(b.labels)} labels have no folder in {data_dir}: "
+                        f"{', '.join(missing)}; they have support 0 and count as 0 in the macro averages "
+                        "(the weighted averages are unaffected)")
+    warnings += [f"class '{label}' has only {n} image(s) in {data_dir}; its metrics are noisy"
+                 for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
+    for w in warnings:
+        progress(Event("warning", message=w))
+    if eng is None:
+        eng = inference.open_engine(b, engine)
+
+    samples = folder.samples
+    paths, ys, rows = [], [], []
+    progress(Event("start", "evaluate", total=len(samples)))
+    for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
+                                                           top_k=1, batch_size=batch_size,
+                                                           max_pixels=max_pixels)):
+        if row is None:  # the file changed after the scan
+            skipped.append({"path": pred.path, "reason": "unreadable at prediction", "detail": pred.error})
+        else:
+            paths.append(pred.path)
+            ys.append(samples[i].label)
+            rows.append(row)
+        progress(Event("advance", "evaluate", completed=i + 1, total=len(samples)))
+    progress(Event("end", "evaluate", completed=len(samples), total=len(samples)))
+    if not rows:
+        raise DatasetError(f"DIR {data_dir}: no usable image to evaluate")
+    if skipped:
+        progress(Event("skipped", logs={"skipped": skipped}))
+
+    probs = np.stack(rows)
+    # All mistakes for mistakes.csv; the report keeps the most confident max_mistakes, which is
+    # what compute(max_mistakes=...) returns, since the order is the same.
+    report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))
+    every_mistake = report.mistakes
+    report = dataclasses.replace(report, mistakes=every_mistake[:max_mistakes])
+    files = {}
+    if out_dir is not None:
+        from tlcli import plots
+
+        files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
+        files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))
+    return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
+                          skipped=skipped, warnings=warnings, files=files,
+                          seconds=time.perf_counter() - start)
