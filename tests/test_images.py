@@ -212,6 +212,15 @@ def test_multipage_tiff_uses_its_first_page(tmp_path):
     assert out.shape == (10, 20, 3) and (out == RED).all()
 
 
+def test_mpo_uses_its_first_image_and_draft_mode(tmp_path):
+    left, right = Image.new("RGB", (640, 480), RED), Image.new("RGB", (640, 480), BLUE)
+    left.save(tmp_path / "stereo.mpo", save_all=True, append_images=[right])
+    assert Image.open(tmp_path / "stereo.mpo").format == "MPO"
+    out = rgb(tmp_path / "stereo.mpo", min_size=64)
+    assert out.shape == (120, 160, 3)  # decoded at 1/4 scale
+    assert np.abs(out.astype(int) - RED).max() <= 2
+
+
 def test_lossless_webp_decodes_exactly(tmp_path):
     src = random_rgb(12, 7)
     src.save(tmp_path / "photo.webp", lossless=True)

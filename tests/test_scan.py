@@ -271,6 +271,9 @@ def messy_copy(colour_data, dst):
     bad = add_bad_files(dst / "red")
     (dst / "green" / "report.jpg").write_bytes(b"PK\x03\x04" + bytes(100))  # a renamed .docx
     bad[str(dst / "green" / "report.jpg")] = images.NOT_AN_IMAGE
+    (dst / "blue" / "[raw]").mkdir()  # brackets: Rich markup must not eat them in messages
+    (dst / "blue" / "[raw]" / "IMG_1.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    bad[str(dst / "blue" / "[raw]" / "IMG_1.jpg")] = images.TRUNCATED
     (dst / ".DS_Store").write_bytes(b"Bud1")
     return bad
 
@@ -308,3 +311,17 @@ def test_train_strict_fails_before_training_naming_every_bad_file(tmp_path, colo
         assert f"{path} ({reason})" in text
     assert not out.exists()
     assert not list(tmp_path.glob(".model*")), "training work files were created"
+
+
+def test_skipped_table_shows_paths_and_reasons_literally():
+    from rich.console import Console
+
+    from tlcli.cli import skipped_table
+
+    console = Console(record=True, width=200)
+    console.print(skipped_table([{"path": "ds/[raw]/a.jpg", "reason": "truncated", "detail": "ends early"},
+                                 {"path": "ds/cats/b.jpg", "reason": "zero bytes", "detail": ""}]))
+    text = console.export_text()
+    assert "Skipped 2 unusable file(s)" in text
+    assert "ds/[raw]/a.jpg" in text and "truncated (ends early)" in text
+    assert "ds/cats/b.jpg" in text and "zero bytes" in text and "zero bytes (" not in text

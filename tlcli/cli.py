@@ -228,7 +228,7 @@ def predict(
             sys.stdout.write(json.dumps(p.to_dict()) + "\n")
             sys.stdout.flush()
         elif p.error:
-            table.add_row(Text(p.path), Text(p.error, style="red"))
+            table.add_row(Text(p.path), Text(p.error.removeprefix(f"{p.path}: "), style="red"))
         else:
             table.add_row(Text(p.path), *[Text(f"{q['label']} {100 * q['probability']:.1f}%")
                                           for q in p.predictions])
