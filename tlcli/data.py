@@ -110,6 +110,8 @@ class _Walker:
 
 def _dedupe(found: list[tuple[Path, int, bool]]) -> list[tuple[Path, int]]:
     """One entry per real file: the one at its real location if any, else the first route."""
+    if not any(linked for _, _, linked in found):
+        return [(path, label) for path, label, _ in found]  # no symlinks: every path is distinct
     best: dict[str, tuple[int, Path, int, bool]] = {}
     for order, (path, label, linked) in enumerate(found):
         key = os.path.realpath(path) if os.path.exists(path) else str(path)
