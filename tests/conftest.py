@@ -26,8 +26,7 @@ def colour_data(tmp_path_factory):
 @pytest.fixture
 def train_args(tiny_backbone):
     """Fast settings for the tiny backbone, as keyword arguments of tlcli.train."""
-    return dict(backbone=str(tiny_backbone), image_size=32, epochs=60, batch_size=8,
-                learning_rate=0.05, patience=8, tensorboard=None)
+    return dict(backbone=str(tiny_backbone), image_size=32, epochs=60, batch_size=8, tensorboard=None)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +38,7 @@ def trained_bundle(tmp_path_factory, tiny_backbone, colour_data):
     out = tmp_path_factory.mktemp("bundle") / "model"
     cache = tmp_path_factory.mktemp("bundle-cache")
     tlcli.train(colour_data, out=str(out), backbone=str(tiny_backbone), image_size=32, epochs=60,
-                batch_size=8, learning_rate=0.05, patience=8, tensorboard=None, cache_dir=str(cache))
+                batch_size=8, tensorboard=None, cache_dir=str(cache))
     return out
 
 

@@ -25,18 +25,20 @@ class TrainConfig:
     val_split: float = 0.2
     val_dir: str | None = None
     seed: int = 0
-    # Head phase (on cached features). Epochs is a cap: early stopping picks the count on a
-    # holdout carved from the training images, then the head is refit on all of them.
-    epochs: int = 100
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    patience: int = 10
-    holdout: float = 0.15
-    dropout: float = 0.2
-    l2: float = 1e-4
+    # Head phase, on cached features (tlcli/head.py): an epoch is one full-batch step, so the cap
+    # is cheap. Early stopping on held-out folds of the training images picks the epoch count,
+    # cross-validation picks the L2 strength (None = auto), then the head is refit on all of them.
+    epochs: int = 300
+    batch_size: int = 32              # per replica: feature extraction and fine-tuning
+    learning_rate: float | None = None  # head step size; None = 1/L, the largest provably stable step
+    patience: int = 20
+    l2: float | None = None
     label_smoothing: float = 0.1
     class_weights: bool = True
-    # Optional fine-tuning phase.
+    # Optional fine-tuning phase: the head is first fit on all but a stratified holdout, which
+    # then drives early stopping of the fine-tuning.
+    holdout: float = 0.15
+    dropout: float = 0.2              # in front of the head while fine-tuning
     fine_tune: bool = False
     fine_tune_epochs: int = 5
     fine_tune_learning_rate: float = 1e-5

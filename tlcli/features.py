@@ -15,7 +15,7 @@ import numpy as np
 
 from tlcli.progress import Callback, Event, silent
 
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
 
 
 def default_cache_dir() -> Path:

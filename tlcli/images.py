@@ -259,11 +259,27 @@ def load_rgb(path: str | os.PathLike, *, min_size: int | None = None,
     return decode(read_bytes(path), path=str(path), min_size=min_size, max_pixels=max_pixels)
 
 
+# The backbones' own ImageNet evaluation protocol: keep the central 87.5% of each side.
+CENTRAL_FRACTION = 0.875
+
+
+def central_box(width: int, height: int, fraction: float = CENTRAL_FRACTION) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central crop, with tf.image.central_crop's integer math."""
+    top = int((height - height * fraction) / 2)
+    left = int((width - width * fraction) / 2)
+    return left, top, width - left, height - top
+
+
 def to_model_input(img: Image.Image, size: int) -> np.ndarray:
-    """Resize an RGB image to float32 [size, size, 3] in [0, 1]."""
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    """Central crop (CENTRAL_FRACTION of each side), then bilinear resize (antialiased) to
+    float32 [size, size, 3] in [0, 1]. The aspect ratio is not kept."""
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=central_box(*img.size))
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def decode_size(size: int) -> int:
+    """Smallest decode size (JPEG draft) that still leaves >= ``size`` pixels after the crop."""
+    return int(np.ceil(size / CENTRAL_FRACTION))
 
 
 def load_for_model(path: str | os.PathLike, size: int, *,
@@ -272,7 +288,7 @@ def load_for_model(path: str | os.PathLike, size: int, *,
 
     Training (``data.image_dataset``), prediction and export calibration all call this, so every
     path preprocesses identically."""
-    return to_model_input(load_rgb(path, min_size=size, max_pixels=max_pixels), size)
+    return to_model_input(load_rgb(path, min_size=decode_size(size), max_pixels=max_pixels), size)
 
 
 def check(path: str | os.PathLike, *, size: int,
@@ -281,7 +297,7 @@ def check(path: str | os.PathLike, *, size: int,
     (None, the error)."""
     try:
         data = read_bytes(path)
-        decode(data, path=str(path), min_size=size, max_pixels=max_pixels)
+        decode(data, path=str(path), min_size=decode_size(size), max_pixels=max_pixels)
     except ImageError as exc:
         return None, exc
     return data, None

@@ -1,15 +1,17 @@
 """The training recipe.
 
 1. Scan and check every file (fast pre-pass), split train/val (stratified, seeded).
-2. Head phase: the frozen backbone runs once per image (features cached on disk); a softmax
-   head trains on the stored vectors with Adam, label smoothing, dropout, L2 and balanced class
-   weights. Early stopping on a stratified holdout carved from the *training* images picks the
-   epoch count; the head is then refit on all training images for that many epochs.
+2. Head phase: the frozen backbone runs once per image (features cached on disk, streamed);
+   a softmax head is fit on the stored vectors (tlcli/head.py) with label smoothing, balanced
+   class weights and L2, where cross-validation on the *training* images picks the L2 strength
+   and early stopping on the held-out folds picks the epoch count; then it is refit on all.
 3. Optional fine-tune phase: the whole backbone is unfrozen (BatchNorm stays in inference mode),
-   trained with a 100x lower learning rate on augmented images, stopping early on the holdout.
+   trained with Adam at a low learning rate on augmented images, stopping early on a stratified
+   holdout of the training images (the head was fit without it).
 4. Metrics on the validation images, then the bundle is written atomically.
 
-Every epoch is checkpointed in ``.<out>.partial/`` so ``--resume`` continues an interrupted run.
+State is kept in ``.<out>.partial/`` (the head after its phase, and a checkpoint at every
+fine-tuning epoch) so ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.val_split < 1.0, "--val-split", "must be in [0, 1)"),
         (cfg.epochs >= 1, "--epochs", "must be >= 1"),
         (cfg.batch_size >= 1, "--batch-size", "must be >= 1"),
-        (cfg.learning_rate > 0, "--learning-rate", "must be > 0"),
+        (cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate", "must be > 0"),
+        (cfg.l2 is None or cfg.l2 >= 0, "--l2", "must be >= 0"),
         (cfg.fine_tune_epochs >= 1, "--fine-tune-epochs", "must be >= 1"),
         (cfg.fine_tune_learning_rate > 0, "--fine-tune-learning-rate", "must be > 0"),
         (cfg.image_size is None or 8 <= cfg.image_size <= 1024, "--image-size", "must be in [8, 1024]"),
@@ -250,35 +253,29 @@ class _Run:
                   metrics=["accuracy"])
 
     def head_phase(self) -> None:
-        from tlcli import model
+        """Fit the head on cached features (tlcli/head.py). With --fine-tune it is fit on all but
+        the holdout, which stays unseen to drive early stopping of the fine-tuning."""
+        from tlcli import head, model
 
         cfg = self.cfg
         feats, by_path = self.features()
-        x = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
-        self.feats_of = x
+        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        fit_on = self.fit_rest if cfg.fine_tune and self.holdout else self.train
+        self.progress(Event("start", "head", total=cfg.epochs))
+        fit = head.fit_head(self.feats_of(fit_on), [s.label for s in fit_on], len(self.labels),
+                            class_weight=self._class_weight(fit_on), epochs=cfg.epochs,
+                            learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                            patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
+        self.progress(Event("end", "head", total=cfg.epochs, completed=fit.epochs,
+                            logs={k: v for k, v in fit.history[fit.epochs - 1].items() if k != "epoch"}))
+        self.history["head"] = fit.history
+        self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
+                          head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
-                                     l2=cfg.l2, seed=cfg.seed)
-        self._compile(self.head, cfg.learning_rate)
-        if self.holdout:
-            st = self.state.setdefault("head_select", {})
-            self.fit(self.head, "head", (x(self.fit_rest), self._onehot(self.fit_rest)), cfg.epochs,
-                     validation=(x(self.holdout), self._onehot(self.holdout)), st=st,
-                     class_weight=self._class_weight(self.fit_rest), patience=cfg.patience)
-            best = st["best_epoch"] + 1
-            self.head_select_weights = self.head.get_weights()
-        else:
-            best = cfg.epochs
-            self.head_select_weights = None
-        self.state["head_epochs"] = best
-        if not cfg.fine_tune or self.head_select_weights is None:
-            # Refit on every training image for the chosen number of epochs.
-            _keras().utils.set_random_seed(cfg.seed)
-            self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
-                                         l2=cfg.l2, seed=cfg.seed)
-            self._compile(self.head, cfg.learning_rate)
-            self.fit(self.head, "head refit", (x(self.train), self._onehot(self.train)), best,
-                     validation=None, st={}, class_weight=self._class_weight(self.train), patience=None)
+                                     l2=fit.l2, seed=cfg.seed)
+        self.head.layers[-1].set_weights([fit.kernel, fit.bias])
         self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
+        self.save_state()
 
     def fine_tune_phase(self) -> None:
         cfg = self.cfg
@@ -287,17 +284,19 @@ class _Run:
         ds = data.image_dataset([s.path for s in self.fit_rest], self.size,
                                 labels=[s.label for s in self.fit_rest], batch_size=self.global_batch,
                                 max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed)
-        val = data.image_dataset([s.path for s in self.holdout], self.size,
-                                 labels=[s.label for s in self.holdout], batch_size=self.global_batch,
-                                 max_pixels=cfg.max_pixels)
         t = _tf()
         k = len(self.labels)
         onehot = lambda img, y: (img, t.one_hot(y, k))  # noqa: E731
-        self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val.map(onehot),
-                 st=st, class_weight=self._class_weight(self.fit_rest), patience=cfg.fine_tune_patience,
-                 steps=math.ceil(len(self.fit_rest) / self.global_batch))
+        val = None
+        if self.holdout:
+            val = data.image_dataset([s.path for s in self.holdout], self.size,
+                                     labels=[s.label for s in self.holdout], batch_size=self.global_batch,
+                                     max_pixels=cfg.max_pixels).map(onehot)
+        self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
+                 st=st, class_weight=self._class_weight(self.fit_rest),
+                 patience=cfg.fine_tune_patience if val is not None else None)
 
-    def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience, steps=None):
+    def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience):
         """Keras fit with a checkpoint per epoch, resumable early stopping and progress events."""
         ckpt_dir = self.partial / phase.replace(" ", "-")
         cb = _PhaseCallback(self, m, phase, epochs, ckpt_dir, st, patience, validation is not None)

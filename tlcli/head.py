@@ -1,0 +1,182 @@
+"""Training the softmax head on cached feature vectors, fast enough to cross-validate.
+
+With features cached, an epoch is one full-batch Adam step over every training vector, so many
+epochs cost milliseconds. The head is Dropout + Dense(softmax) with L2 on the kernel, label
+smoothing and per-class weights in the loss. Two settings are chosen from the training images
+alone, by stratified k-fold cross-validation: the L2 strength (from a log grid) and the number of
+epochs (early stopping on each held-out fold's loss, best weights restored; the epoch count
+is where the mean held-out loss is lowest). The head is then refit on every training image.
+
+All folds and L2 values train at once as one batched numpy computation in the row space of the
+features (exact for an L2-regularised linear model, and much smaller when images < features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+FOLDS = 5
+CV_MAX_IMAGES = 1000  # cross-validate on a stratified sample of at most this many vectors
+
+
+@dataclass
+class HeadFit:
+    kernel: np.ndarray  # [features, classes]
+    bias: np.ndarray    # [classes]
+    l2: float
+    epochs: int
+    cv_loss: dict = field(default_factory=dict)      # l2 -> best mean held-out loss
+    # Per epoch: loss/accuracy of the refit on all images (up to ``epochs``), and val_loss /
+    # val_accuracy, the mean over held-out folds for the chosen L2 (until early stopping).
+    history: list = field(default_factory=list)
+
+
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None):
+    """Batched full-batch Nesterov gradient descent, one step per epoch, step size 1/L from the
+    loss's Lipschitz bound (so it converges whatever the feature scale). Z [n, r]; Y [n, k] soft
+    targets; weights [g, n] per-fit sample weights (0 = not in this fit's training part); l2 [g].
+    Returns W [g, r, k], b [g, k] (the best epoch's when val_mask [g, n] is given), per-epoch
+    held-out losses and accuracies [epochs, g], and the first fit's per-epoch training
+    (loss, accuracy)."""
+    g, n = weights.shape
+    r, k = Z.shape[1], Y.shape[1]
+    wn = (weights / weights.sum(axis=1, keepdims=True)).T[:, :, None]   # [n, g, 1], columns sum to 1
+    # Softmax cross-entropy has curvature <= 1/2 along any logit direction.
+    Zb = np.hstack([Z, np.ones((n, 1))])
+    L = 0.5 * np.array([np.linalg.eigvalsh((Zb * wn[:, i]).T @ Zb)[-1] for i in range(g)]) + 2 * l2
+    lr = (np.full(g, step) if step else 1.0 / L)[None, :, None]
+    decay = 2.0 * l2[None, :, None] * np.r_[np.ones(r), 0.0][:, None, None]  # no L2 on the bias row
+    W = np.zeros((r + 1, g, k))
+    prev = W.copy()
+    labels = Y.argmax(axis=1)
+    best, best_W = np.full(g, np.inf), W.copy()
+    wait, stopped, losses, accs, train_log = np.zeros(g, int), np.zeros(g, bool), [], [], []
+    vm = val_mask.T / val_mask.sum(axis=1) if val_mask is not None else None  # [n, g]
+
+    def probs(M):  # [n, g, k], one matmul for every fit
+        return _softmax((Zb @ M.reshape(r + 1, g * k)).reshape(n, g, k))
+
+    for epoch in range(1, epochs + 1):
+        look = W + (epoch - 1) / (epoch + 2) * (W - prev)
+        P = probs(look)
+        G = (P - Y[:, None, :]) * wn
+        # Training loss / accuracy of the first fit, at the point the gradient was taken.
+        p0 = P[np.arange(n), 0, labels]
+        train_log.append((float(-(np.log(np.clip(p0, 1e-12, 1.0)) * wn[:, 0, 0]).sum()),
+                          float(((P[:, 0].argmax(axis=1) == labels) * wn[:, 0, 0]).sum())))
+        new = look - lr * ((Zb.T @ G.reshape(n, g * k)).reshape(r + 1, g, k) + decay * look)
+        active = ~stopped
+        prev[:, active], W[:, active] = W[:, active], new[:, active]
+        if vm is not None:
+            Pv = probs(W)
+            nll = -np.log(np.clip(Pv[np.arange(n), :, labels], 1e-12, 1.0))  # [n, g]
+            val = (nll * vm).sum(axis=0)
+            losses.append(val)
+            accs.append(((Pv.argmax(axis=2) == labels[:, None]) * vm).sum(axis=0))
+            improved = (val < best) & active
+            best[improved], wait[improved] = val[improved], 0
+            best_W[:, improved] = W[:, improved]
+            wait[~improved & active] += 1
+            if patience is not None:
+                stopped |= wait >= patience
+                if stopped.all():
+                    break
+    out = best_W if vm is not None else W
+    return out[:-1].transpose(1, 0, 2), out[-1], np.array(losses), np.array(accs), train_log
+
+
+def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Stratified fold index per sample (deterministic)."""
+    fold = np.zeros(len(y), int)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(y):
+        idx = np.nonzero(y == c)[0]
+        rng.shuffle(idx)
+        fold[idx] = np.arange(len(idx)) % k
+    return fold
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: dict | None = None,
+             epochs: int = 300, learning_rate: float | None = None, label_smoothing: float = 0.1,
+             patience: int = 20, seed: int = 0, l2: float | None = None) -> HeadFit:
+    """Fit the head on features X [n, d] with integer labels y [n] -> kernel [d, k], bias [k].
+
+    ``l2=None`` picks it by cross-validation from ``L2_GRID``; the epoch count (<= ``epochs``) is
+    picked by cross-validation when every class has >= 2 images, else ``epochs`` is used.
+    ``learning_rate=None`` uses 1/L, the largest step that provably converges.
+    """
+    X = np.asarray(X, np.float64)
+    y = np.asarray(y, int)
+    n, d = X.shape
+    k = num_classes
+    Y = np.eye(k)[y] * (1.0 - label_smoothing) + label_smoothing / k
+    cw = np.array([class_weight.get(c, 1.0) for c in range(k)]) if class_weight else np.ones(k)
+    sw = cw[y]
+    rng = np.random.default_rng(seed)
+    grid = L2_GRID if l2 is None else (l2,)
+    cv_loss: dict = {}
+    # Cross-validate on (a random sample of at most CV_MAX_IMAGES of) the images, in their row space.
+    sample = np.arange(n)
+    if n > CV_MAX_IMAGES:
+        sample = np.sort(rng.choice(n, CV_MAX_IMAGES, replace=False))
+    counts = np.bincount(y[sample], minlength=k)
+    folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
+    if folds >= 2:
+        Xs, ys = X[sample], y[sample]
+        Zs = _row_space(Xs)
+        fold = _folds(ys, folds, seed)
+        g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
+        g_fold = np.tile(np.arange(folds), len(grid))
+        train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
+        weights = train_mask * sw[sample][None, :]
+        _, _, losses, accs, _ = _train(Zs, Y[sample], weights, g_l2, epochs=epochs, step=learning_rate,
+                                       val_mask=1.0 - train_mask, patience=patience)
+        # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
+        # restored by early stopping); a fold that stopped keeps its best loss.
+        shape = (len(losses), len(grid), folds)
+        best_so_far = np.minimum.accumulate(losses.reshape(shape), axis=0).mean(axis=2)
+        raw = losses.reshape(shape).mean(axis=2)
+        raw_acc = accs.reshape(shape).mean(axis=2)
+        for i, lam in enumerate(grid):
+            cv_loss[lam] = float(best_so_far[:, i].min())
+        best_i = int(np.argmin([cv_loss[lam] for lam in grid]))
+        chosen_l2 = grid[best_i]
+        best_epochs = int(np.argmin(raw[:, best_i])) + 1
+        val_curve = [(float(raw[e, best_i]), float(raw_acc[e, best_i])) for e in range(len(raw))]
+    else:
+        chosen_l2, best_epochs, val_curve = (grid[len(grid) // 2] if l2 is None else l2), epochs, []
+    # Refit on every image, in the row space of all of them; map the kernel back to features.
+    Z, V = _row_space(X, return_basis=True)
+    W, b, _, _, train_log = _train(Z, Y, sw[None, :], np.array([chosen_l2]), epochs=best_epochs,
+                                   step=learning_rate)
+    history = []
+    for e in range(max(best_epochs, len(val_curve))):
+        row = {"epoch": e + 1}
+        if e < len(train_log):
+            row["loss"], row["accuracy"] = train_log[e]
+        if e < len(val_curve):
+            row["val_loss"], row["val_accuracy"] = val_curve[e]
+        history.append(row)
+    return HeadFit((V @ W[0]).astype(np.float32), b[0].astype(np.float32), chosen_l2, best_epochs,
+                   cv_loss, history)
+
+
+def _row_space(X, return_basis=False):
+    """Coordinates of X's rows in an orthonormal basis of their span: Z = X V, V [d, r]."""
+    n, d = X.shape
+    if n >= d:
+        V = np.eye(d)
+    else:
+        _, s, Vt = np.linalg.svd(X, full_matrices=False)
+        V = Vt[s > s.max() * 1e-10].T if s.size else np.zeros((d, 0))
+    Z = X @ V
+    return (Z, V) if return_basis else Z
