@@ -123,9 +123,14 @@ def train(
                                                            "backbone's declared size.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model bundle.")] = Path(DEFAULT_MODEL_DIR),
     force: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
-    epochs: Annotated[int, typer.Option(help="Cap on head epochs (early stopping picks the count).")] = DEFAULTS.epochs,
-    batch_size: Annotated[int, typer.Option(help="Batch size per replica.")] = DEFAULTS.batch_size,
-    learning_rate: Annotated[float, typer.Option(help="Head learning rate (Adam).")] = DEFAULTS.learning_rate,
+    epochs: Annotated[int, typer.Option(help="Cap on head epochs (one full-batch step each on cached "
+                                             "features; early stopping picks the count).")] = DEFAULTS.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size per replica (feature extraction, "
+                                                 "fine-tuning).")] = DEFAULTS.batch_size,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Head step size; default: automatic "
+                                                               "(1/L, the largest stable step).")] = DEFAULTS.learning_rate,
+    l2: Annotated[Optional[float], typer.Option(help="Head L2 strength; default: chosen by "
+                                                     "cross-validation on the training images.")] = DEFAULTS.l2,
     seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and initialisation.")] = DEFAULTS.seed,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = DEFAULTS.val_split,
     val_dir: Annotated[Optional[Path], typer.Option(help="Explicit validation folder (overrides --val-split).")] = None,
@@ -152,7 +157,7 @@ def train(
         raise typer.Exit(2)
     cfg = TrainConfig(
         data_dir=str(data_dir) if data_dir else "", backbone=backbone, image_size=image_size, out=str(out_dir),
-        force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed,
         val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
         fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
         class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
