@@ -1,11 +1,25 @@
-"""TFLite export with quantization and a measured parity check against the SavedModel."""
+"""TFLite export with quantization and a measured parity check against the SavedModel.
+
+Quantization modes (``--quantize``):
+
+* ``none``: float32 weights and activations.
+* ``float16``: float16 weights (about half the size), float32 compute on most CPUs.
+* ``dynamic``: int8 weights of large tensors (about a quarter), float activations.
+* ``int8``: full integer weights and activations, calibrated on up to 100 training images;
+  ``io_type`` int8 / uint8 makes the input and output tensors integer too (for integer-only
+  accelerators); float32 keeps float input and output around the integer graph.
+
+Labels travel with the file twice: ``labels.txt`` beside it (the bundle's own when the file is
+the bundle's ``model.tflite``, else ``<name>.labels.txt``), and a ``labels`` entry in the
+flatbuffer's metadata, written with TensorFlow's own flatbuffer tools (see ``tflite_labels``).
+"""
 
 from __future__ import annotations
 
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +29,7 @@ from tlcli import bundle as bundles
 from tlcli import data, images
 from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
 from tlcli.errors import TlcliError, UsageError
+from tlcli.inference import LABELS_METADATA
 from tlcli.progress import Callback, Event, silent
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
@@ -25,12 +40,18 @@ PARITY_IMAGES = 500
 
 @dataclass
 class ExportResult:
+    """What was written and how it compares with the SavedModel. The parity fields are None when
+    no labelled images were available (``parity_images`` 0)."""
+
     path: str
     labels_path: str
+    labels_embedded: bool          # labels also stored in the .tflite metadata
     quantize: str
+    io_type: str
     size_bytes: int
+    parity_data: str | None        # which images the parity was measured on
     parity_images: int
-    agreement: float | None        # top-1 agreement with the SavedModel
+    agreement: float | None        # fraction of images with the same top-1 class as the SavedModel
     saved_model_accuracy: float | None
     tflite_accuracy: float | None
     max_abs_diff: float | None     # largest probability difference
@@ -39,19 +60,31 @@ class ExportResult:
         return asdict(self)
 
 
+def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle) -> Path:
+    """Where the labels of an exported file go: the bundle's labels.txt for its model.tflite,
+    ``<name>.labels.txt`` beside any other file."""
+    p = Path(tflite_path)
+    if p.absolute() == b.tflite_path.absolute():
+        return b.path / bundles.LABELS_FILE
+    return p.with_name(p.stem + ".labels.txt")
+
+
 def _labelled(b: bundles.Bundle, data_dir: str | None, which: str, limit: int, seed: int,
-              max_pixels: int) -> list[tuple[str, int]]:
+              max_pixels: int) -> tuple[list[tuple[str, int]], str]:
+    """Up to ``limit`` (path, label) pairs, sampled with ``seed``, and where they came from."""
     if data_dir:
         folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
                            option="--data")
-        items = [(s.path, s.label) for s in folder.samples]
+        items, source = [(s.path, s.label) for s in folder.samples], f"images in {data_dir}"
     else:
         splits = b.splits()
-        items = [(p, int(y)) for p, y in splits.get(which) or splits.get("train") or [] if Path(p).exists()]
-    rng = random.Random(seed)
+        exists = lambda key: [(p, int(y)) for p, y in splits.get(key) or [] if Path(p).exists()]  # noqa: E731
+        items, source = exists(which), ("validation" if which == "val" else "training") + " images"
+        if not items and which != "train":
+            items, source = exists("train"), "training images (the bundle has no validation images)"
     if len(items) > limit:
-        items = rng.sample(items, limit)
-    return items
+        items = random.Random(seed).sample(items, limit)
+    return items, source
 
 
 def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -67,15 +100,86 @@ def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys)
 
 
+def _embed_labels(flat: bytes, labels: list[str]) -> bytes | None:
+    """``flat`` with a ``labels`` metadata entry (UTF-8, one label per line), or None when this
+    TensorFlow lacks the flatbuffer tools. TFLite Support's metadata schema would need the
+    unmaintained tflite-support package, so this is a plain entry of the TFLite schema."""
+    try:
+        from tensorflow.lite.python import schema_py_generated as schema
+        from tensorflow.lite.tools import flatbuffer_utils
+    except ImportError:
+        return None
+    model = flatbuffer_utils.convert_bytearray_to_object(flat)
+    if any(m.name == b"buffer_location" for m in model.metadata or []):
+        return None  # over-2 GB layout: buffers live outside the flatbuffer
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer("".join(f"{label}\n" for label in labels).encode("utf-8"), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = LABELS_METADATA
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in model.metadata or [] if m.name != LABELS_METADATA.encode()] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _write(path: Path, payload: bytes) -> None:
+    """Atomically (temp file beside it, then rename), with the umask's permissions."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TlcliError(f"--output {path}: cannot write ({exc.strerror}); choose another --output") from None
+
+
+def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
+    try:
+        converter = t.lite.TFLiteConverter.from_saved_model(str(b.path), signature_keys=["serving_default"])
+    except Exception as exc:
+        raise TlcliError(f"--model {b.path}: the SavedModel cannot be converted ({type(exc).__name__}); "
+                         "the bundle may be corrupt; retrain it") from None
+    if quantize != "none":
+        converter.optimizations = [t.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [t.float16]
+    if quantize == "int8":
+        # The input's quantization range is the calibration images' observed range; one pure
+        # black and one pure white pixel pin it to [0, 1], so the input scale is exactly 1/255:
+        # uint8 input is then the raw 8-bit RGB pixels, and no bright pixel is ever clipped.
+        pinned = calibration[:1].copy()
+        pinned[0, 0, 0], pinned[0, 0, -1] = 0.0, 1.0
+
+        def representative():
+            yield [pinned]
+            for i in range(len(calibration)):
+                yield [calibration[i:i + 1]]
+
+        converter.representative_dataset = representative
+        # Builtins only: conversion fails rather than silently leaving float ops in the graph.
+        converter.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io_type != "float32":
+            converter.inference_input_type = getattr(t, io_type)
+            converter.inference_output_type = getattr(t, io_type)
+    try:
+        return converter.convert()
+    except Exception as exc:
+        raise TlcliError(f"TFLite conversion failed for {b.path} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from None
+
+
 def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: str | os.PathLike | None = None,
                   quantize: str = "none", io_type: str = "float32", data_dir: str | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: Callback = silent) -> ExportResult:
-    """Convert the bundle's SavedModel to TFLite (``model.tflite`` in the bundle, or ``output``)
-    with labels written beside it, and measure top-1 agreement and accuracy against the SavedModel
-    on the bundle's validation images (or ``data_dir``).
+    """Convert the bundle's SavedModel (``serving_default``) to TFLite, write it to the bundle's
+    ``model.tflite`` or ``output`` with its labels (see module docstring), and measure top-1
+    agreement and both accuracies against the SavedModel on up to 500 of the bundle's validation
+    images (or of ``data_dir``, a labelled folder that then also provides int8 calibration).
+    The result is also recorded under ``exports`` in the bundle's tlcli.json.
 
-    ``quantize``: none | float16 | dynamic (int8 weights) | int8 (full integer, calibrated on up
-    to 100 training images; ``io_type`` int8/uint8 makes input and output integer too).
+    Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
+    output directory, no calibration images), ``BundleError`` for a bad bundle, ``TlcliError``
+    when conversion fails.
     """
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
@@ -88,52 +192,29 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
     if not out.absolute().parent.is_dir():
-        raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist")
+        raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist; create it first")
+    calibration = None
+    if quantize == "int8":
+        calib, _ = _labelled(b, data_dir, "train", CALIBRATION_IMAGES, 0, max_pixels)
+        calibration, _ = _load_batch(calib, b.image_size, max_pixels)
+        if not len(calibration):
+            raise UsageError(f"--quantize int8: no calibration images (the training images recorded in "
+                             f"{b.path / bundles.SPLITS_FILE} are gone); pass --data DIR")
     from tlcli._tf import tf
 
     t = tf()
     progress(Event("start", "convert", total=1))
-    try:
-        converter = t.lite.TFLiteConverter.from_saved_model(str(b.path), signature_keys=["serving_default"])
-    except Exception as exc:
-        raise TlcliError(f"--model {b.path}: the SavedModel cannot be converted ({type(exc).__name__}); "
-                         "the bundle may be corrupt; retrain it") from None
-    if quantize in ("float16", "dynamic", "int8"):
-        converter.optimizations = [t.lite.Optimize.DEFAULT]
-    if quantize == "float16":
-        converter.target_spec.supported_types = [t.float16]
-    if quantize == "int8":
-        calib = _labelled(b, data_dir, "train", CALIBRATION_IMAGES, 0, max_pixels)
-        if not calib:
-            raise UsageError(f"--quantize int8: no calibration images (the training images recorded in "
-                             f"{b.path / bundles.SPLITS_FILE} are gone); pass --data DIR")
-        x_cal, _ = _load_batch(calib, b.image_size, max_pixels)
-
-        def representative():
-            for i in range(len(x_cal)):
-                yield [x_cal[i:i + 1]]
-
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if io_type != "float32":
-            converter.inference_input_type = getattr(t, io_type)
-            converter.inference_output_type = getattr(t, io_type)
-    try:
-        flat = converter.convert()
-    except Exception as exc:
-        raise TlcliError(f"TFLite conversion failed for {b.path} ({type(exc).__name__}: {str(exc)[:200]})") from None
-    fd, tmp = tempfile.mkstemp(dir=out.absolute().parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(flat)
-    os.replace(tmp, out)
-    labels_path = out.with_name(out.stem + ".labels.txt") if out.name != bundles.TFLITE_FILE else \
-        out.with_name(bundles.LABELS_FILE)
+    flat = _convert(t, b, quantize, io_type, calibration)
+    with_labels = _embed_labels(flat, b.labels)
+    _write(out, with_labels or flat)
+    labels_path = labels_path_for(out, b)
     if labels_path.absolute() != (b.path / bundles.LABELS_FILE).absolute():
         shutil.copyfile(b.path / bundles.LABELS_FILE, labels_path)
     progress(Event("end", "convert", total=1, completed=1))
 
-    result = ExportResult(str(out), str(labels_path), quantize, out.stat().st_size, 0, None, None, None, None)
-    items = _labelled(b, data_dir, "val", PARITY_IMAGES, 1, max_pixels)
+    result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
+                          out.stat().st_size, None, 0, None, None, None, None)
+    items, source = _labelled(b, data_dir, "val", PARITY_IMAGES, 1, max_pixels)
     if items:
         from tlcli.inference import TFEngine, TFLiteEngine
 
@@ -143,6 +224,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
         p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
         progress(Event("end", "parity", total=len(items), completed=len(items)))
+        result.parity_data = source
         result.parity_images = len(x)
         result.agreement = float(np.mean(p_ref.argmax(1) == p_lite.argmax(1)))
         result.saved_model_accuracy = float(np.mean(p_ref.argmax(1) == y))

@@ -6,7 +6,9 @@ preprocessing is the same numpy code the training pipeline uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -69,31 +71,73 @@ class TFEngine:
         return self.fn(images=self.t.constant(batch))["probabilities"].numpy()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Discard what native code writes to file descriptor 2 inside the block.
+
+    LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the first
+    ``allocate_tensors`` of a process, and no setting turns it off; it would precede every
+    prediction. Errors still reach the caller as exceptions."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to silence
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class TFLiteEngine:
+    """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
+    TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
+    uint8) get their inputs quantized and their outputs dequantized with the file's own scale and
+    zero point. Raises ``BundleError`` for a missing, unreadable or mismatched file."""
+
     name = "tflite"
 
     def __init__(self, bundle: bundles.Bundle, path: Path | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        path = path or bundle.tflite_path
+        path = Path(path) if path else bundle.tflite_path
         if not path.exists():
             raise BundleError(f"--model {bundle.path}: no {path.name}; run 'tlcli export --tflite --model "
                               f"{bundle.path}' first, or use --engine tf")
         try:
             self.interp = Interpreter(model_path=str(path), num_threads=os.cpu_count())
-            self.interp.allocate_tensors()
+            with _native_stderr_silenced():
+                self.interp.allocate_tensors()
         except Exception as exc:
             raise BundleError(f"{path}: cannot load the TFLite model ({exc}); re-export it") from None
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
-        self.batch = None
+        size, classes = tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1])
+        if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
+            raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
+                              f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); "
+                              f"re-export it with 'tlcli export --tflite --model {bundle.path}'")
+        self.batch = int(self.inp["shape"][0])
 
-    def _quantize(self, x, detail):
+    @staticmethod
+    def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
         scale, zero = detail["quantization"]
         if detail["dtype"] in (np.int8, np.uint8) and scale:
             info = np.iinfo(detail["dtype"])
             return np.clip(np.rint(x / scale + zero), info.min, info.max).astype(detail["dtype"])
         return x.astype(detail["dtype"])
+
+    @staticmethod
+    def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+        scale, zero = detail["quantization"]
+        if detail["dtype"] in (np.int8, np.uint8) and scale:
+            return (y.astype(np.float32) - zero) * np.float32(scale)
+        return y.astype(np.float32)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.batch != len(batch):
@@ -102,11 +146,25 @@ class TFLiteEngine:
             self.batch = len(batch)
         self.interp.set_tensor(self.inp["index"], self._quantize(batch, self.inp))
         self.interp.invoke()
-        y = self.interp.get_tensor(self.out["index"])
-        scale, zero = self.out["quantization"]
-        if self.out["dtype"] in (np.int8, np.uint8) and scale:
-            y = (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
+        return self._dequantize(self.interp.get_tensor(self.out["index"]), self.out)
+
+
+LABELS_METADATA = "labels"  # the .tflite metadata entry that export writes (labels.txt's bytes)
+
+
+def tflite_labels(path: str | os.PathLike) -> list[str] | None:
+    """The labels embedded in a .tflite written by ``tlcli export`` (its ``labels`` metadata
+    entry), or None when the file has none. Reads the flatbuffer without TensorFlow."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buf = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(buf, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == LABELS_METADATA.encode():
+            data = model.Buffers(entry.Buffer()).DataAsNumpy()
+            return data.tobytes().decode("utf-8").splitlines() if not isinstance(data, int) else []
+    return None
 
 
 def open_engine(bundle: bundles.Bundle, engine: str = "auto", *, tflite_path: Path | None = None):
