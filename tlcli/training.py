@@ -120,13 +120,14 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
 class _Run:
     def __init__(self, cfg: TrainConfig, spec, partial: Path, state: dict, progress: Callback):
         self.cfg, self.spec, self.partial, self.state, self.progress = cfg, spec, partial, state, progress
-        self.history: dict[str, list] = {}
+        self.history: dict[str, list] = state.get("history", {}) if cfg.resume else {}
         self.scalars = summaries.ScalarLog(cfg.tensorboard, partial=partial, out=cfg.out)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def save_state(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
         self.state["config"] = self.cfg.to_dict()
+        self.state["history"] = self.history
         bundle.write_json(self.partial / "state.json", self.state)
 
     def run(self) -> TrainResult:
@@ -269,6 +270,8 @@ class _Run:
         self.progress(Event("end", "head", total=cfg.epochs, completed=fit.epochs,
                             logs={k: v for k, v in fit.history[fit.epochs - 1].items() if k != "epoch"}))
         self.history["head"] = fit.history
+        for row in fit.history:
+            self.scalars.write("head", row["epoch"], row)
         self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
                           head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
@@ -412,12 +415,10 @@ def _make_callback_class():
             if not last or not self.run.cfg.resume:
                 self.st.clear()
                 return 0
-            self._checkpoint().read(last).expect_partial()
             if self.st.get("best_checkpoint"):
-                current = self.m.get_weights()
                 self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
                 self.best_weights = self.m.get_weights()
-                self.m.set_weights(current)
+            self._checkpoint().read(last).expect_partial()  # last: weights and optimizer state
             return int(self.st.get("epochs_run", 0))
 
         def on_epoch_end(self, epoch, logs=None):

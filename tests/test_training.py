@@ -1,0 +1,165 @@
+"""The training recipe: feature cache, class weights, early stopping, fine-tuning, seeds, resume."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import tlcli
+from tlcli import data, head
+from tlcli.errors import Interrupted
+from tests.helpers import COLOURS, make_colour_dataset, solid_image
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_colour_dataset(tmp_path / "images", per_class=6)
+
+
+def test_second_run_extracts_nothing_and_a_changed_image_is_extracted_again(tmp_path, dataset, train_args):
+    cache = tmp_path / "cache"
+    first = tlcli.train(dataset, out=str(tmp_path / "a"), cache_dir=str(cache), **train_args)
+    assert (first.extracted, first.cached) == (18, 0)
+    # New head settings reuse the cache too.
+    second = tlcli.train(dataset, out=str(tmp_path / "b"), cache_dir=str(cache), l2=0.01, **train_args)
+    assert (second.extracted, second.cached) == (0, 18)
+    solid_image((250, 250, 0), seed=99).save(dataset / "red" / "red_0.jpg")
+    third = tlcli.train(dataset, out=str(tmp_path / "c"), cache_dir=str(cache), **train_args)
+    assert (third.extracted, third.cached) == (1, 17)
+
+
+def test_class_weights_are_balanced_inverse_frequencies():
+    weights = data.class_weights([0] * 6 + [1] * 3 + [2] * 1, 3)
+    assert weights == pytest.approx({0: 10 / 18, 1: 10 / 9, 2: 10 / 3})
+    # Weighted counts are equal: every class contributes the same total to the loss.
+    assert 6 * weights[0] == pytest.approx(3 * weights[1]) == pytest.approx(1 * weights[2])
+
+
+def test_class_weights_reach_the_head_loss():
+    rng = np.random.default_rng(0)
+    # Two overlapping classes, 40 vs 4 samples: unweighted, the minority is mostly ignored.
+    X = np.vstack([rng.normal(0, 1, (40, 5)), rng.normal(0.8, 1, (4, 5))])
+    y = np.array([0] * 40 + [1] * 4)
+    plain = head.fit_head(X, y, 2, epochs=200, l2=1e-3)
+    weighted = head.fit_head(X, y, 2, epochs=200, l2=1e-3, class_weight=data.class_weights(list(y), 2))
+    share = lambda fit: float(np.mean((X @ fit.kernel + fit.bias).argmax(1) == 1))  # noqa: E731
+    assert share(weighted) > share(plain)
+
+
+def test_head_early_stopping_picks_the_epoch_with_the_lowest_held_out_loss():
+    rng = np.random.default_rng(1)
+    X = rng.normal(0, 1, (60, 40))
+    y = rng.integers(0, 2, 60)  # pure noise: held-out loss rises once the head starts to memorise
+    fit = head.fit_head(X, y, 2, epochs=300, patience=15, l2=1e-4)
+    val = [row["val_loss"] for row in fit.history if "val_loss" in row]
+    assert fit.epochs == int(np.argmin(val)) + 1
+    assert len(val) > fit.epochs, "training should have gone on past the best epoch, then stopped"
+    assert len(val) < 300, "every fold should have stopped early, long before the epoch cap"
+    train_rows = [row for row in fit.history if "loss" in row]
+    assert len(train_rows) == fit.epochs  # the refit runs exactly the chosen number of epochs
+
+
+def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
+    """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
+    from tlcli import training
+    from tlcli._tf import keras
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    model = k.Sequential([k.layers.InputLayer(input_shape=(4,)), k.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=k.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    x = np.eye(4, dtype=np.float32)
+    y_train = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)
+    y_val = 1 - y_train  # the better it fits train, the worse val gets (after the first steps)
+    seen = []
+
+    class Record(k.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((logs["val_loss"], [w.copy() for w in self.model.get_weights()]))
+
+    run = type("Run", (), {})()
+    run.cfg = tlcli.TrainConfig(**{k_: v for k_, v in train_args.items() if k_ != "backbone"})
+    run.history, run.progress, run.save_state = {}, lambda e: None, lambda: None
+    run.scalars = type("S", (), {"write": lambda *a: None})()
+    st = {}
+    cb = training._PhaseCallback(run, model, "fine-tune", 8, tmp_path / "ckpt", st, 3, True)
+    model.fit(x, y_train, validation_data=(x, y_val), epochs=8, verbose=0, callbacks=[Record(), cb],
+              shuffle=False)
+    cb.finish()
+    best = min(range(len(seen)), key=lambda i: seen[i][0])
+    assert best < len(seen) - 1, "val loss should have got worse after its best epoch"
+    for got, want in zip(model.get_weights(), seen[best][1]):
+        np.testing.assert_array_equal(got, want)
+    assert st["best_epoch"] == best
+
+
+def _backbone_kernel(path):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    variables = loaded.variables if hasattr(loaded, "variables") else loaded.weights
+    return next(v.numpy() for v in variables if tuple(v.shape) == (3, 3, 3, 8))
+
+
+def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset, train_args, tiny_backbone):
+    original = _backbone_kernel(tiny_backbone)
+    tlcli.train(dataset, out=str(tmp_path / "head"), **train_args)
+    np.testing.assert_array_equal(_backbone_kernel(tmp_path / "head"), original)
+    result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
+                         fine_tune_learning_rate=0.05, **train_args)
+    assert result.fine_tune_epochs >= 1
+    assert np.abs(_backbone_kernel(tmp_path / "ft") - original).max() > 1e-4
+
+
+def test_same_seed_gives_identical_split_and_metrics(tmp_path, dataset, train_args):
+    runs = []
+    for name in ("a", "b"):
+        r = tlcli.train(dataset, out=str(tmp_path / name), seed=3, fine_tune=True, fine_tune_epochs=2,
+                        cache_dir=str(tmp_path / f"cache-{name}"), **train_args)
+        meta = json.loads((tmp_path / name / "tlcli.json").read_text())
+        runs.append((json.loads((tmp_path / name / "splits.json").read_text()), meta["metrics"], r.history))
+    (split_a, metrics_a, hist_a), (split_b, metrics_b, hist_b) = runs
+    assert split_a == split_b
+    assert metrics_a == metrics_b
+    assert hist_a == hist_b
+    other = tlcli.train(dataset, out=str(tmp_path / "c"), seed=4, **train_args)
+    split_c = json.loads((tmp_path / "c" / "splits.json").read_text())
+    assert split_c["val"] != split_a["val"]
+    assert other.val_counts == {"blue": 1, "green": 1, "red": 1}  # stratified: 1 of 6 per class
+
+
+def test_interrupted_run_keeps_the_old_bundle_and_resume_finishes_it(tmp_path, dataset, train_args,
+                                                                    trained_bundle):
+    out = tmp_path / "model"
+    shutil.copytree(trained_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    epochs_seen = []
+
+    def ctrl_c_at_second_epoch(event):
+        if event.kind == "epoch" and event.task == "fine-tune":
+            epochs_seen.append(event.completed)
+            if event.completed == 2:
+                raise KeyboardInterrupt
+
+    options = dict(train_args, fine_tune=True, fine_tune_epochs=4, fine_tune_patience=10)
+    with pytest.raises(Interrupted, match="--resume"):
+        tlcli.train(dataset, out=str(out), force=True, progress=ctrl_c_at_second_epoch, **options)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model"))
+    assert leftovers == [".model.partial"], leftovers  # no staging directory, only the resume state
+
+    resumed_epochs = []
+    result = tlcli.train(out=str(out), resume=True,
+                         progress=lambda e: e.kind == "epoch" and resumed_epochs.append(e.completed))
+    assert resumed_epochs == [3, 4]  # continued after the checkpoint of epoch 2
+    assert result.fine_tune_epochs == 4
+    assert [row["epoch"] for row in result.history["fine-tune"]] == [1, 2, 3, 4]
+    meta = json.loads((out / "tlcli.json").read_text())
+    assert meta["config"]["fine_tune"] is True and meta["training"]["fine_tune_epochs"] == 4
+    assert not (tmp_path / ".model.partial").exists()
+
+
+def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
+    with pytest.raises(tlcli.TlcliError, match="no interrupted run"):
+        tlcli.train(out=str(tmp_path / "model"), resume=True)
