@@ -255,8 +255,9 @@ def test_training_curves_png_from_a_history_with_all_phases(tmp_path):
 
     row = lambda e, val=True: {"epoch": e, "loss": 1 / e, "accuracy": 1 - 0.5 / e,  # noqa: E731
                                **({"val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e} if val else {})}
-    history = {"head": [row(e) for e in range(1, 13)], "head refit": [row(e, False) for e in range(1, 8)],
-               "fine-tune": [row(e) for e in range(1, 4)]}
+    # As training records it: the head's validation curve runs on past the chosen epoch (7).
+    head_rows = [row(e) if e <= 7 else {"epoch": e, "val_loss": 1.2 / e, "val_accuracy": 0.9} for e in range(1, 13)]
+    history = {"head": head_rows, "fine-tune": [row(e) for e in range(1, 4)]}
     img = Image.open(plots.training_curves(history, tmp_path / "curves.png"))
     img.load()
     assert img.format == "PNG" and (img.width, img.height) == (1200, 460)
@@ -269,17 +270,16 @@ def test_training_curves_png_from_a_history_with_all_phases(tmp_path):
 def test_training_writes_tensorboard_scalars_and_curves_into_the_bundle(twin_bundle):
     meta = json.loads((twin_bundle / "tlcli.json").read_text())
     history = meta["training"]["history"]
-    assert list(history) == ["head", "head refit"]
+    assert list(history) == ["head"]
     assert meta["training"]["tensorboard"] == "logs"
     scalars = _read_events(twin_bundle / "logs")
-    assert set(scalars) == {"head/loss", "head/accuracy", "head/val_loss", "head/val_accuracy",
-                            "head-refit/loss", "head-refit/accuracy"}
-    for phase, slug in (("head", "head"), ("head refit", "head-refit")):
-        for metric in ("loss", "accuracy"):
-            logged = scalars[f"{slug}/{metric}"]
-            assert [step for step, _ in logged] == [r["epoch"] for r in history[phase]]
-            assert [v for _, v in logged] == pytest.approx([r[metric] for r in history[phase]], rel=1e-6)
-    assert len(scalars["head/val_loss"]) == len(history["head"])
+    assert set(scalars) == {"head/loss", "head/accuracy", "head/val_loss", "head/val_accuracy"}
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        rows = [r for r in history["head"] if metric in r]
+        logged = scalars[f"head/{metric}"]
+        assert rows and [step for step, _ in logged] == [r["epoch"] for r in rows]
+        assert [v for _, v in logged] == pytest.approx([r[metric] for r in rows], rel=1e-6)
+    assert len(scalars["head/loss"]) == meta["training"]["head_epochs"]
     img = Image.open(twin_bundle / "training_curves.png")
     img.load()
     assert img.format == "PNG" and img.width >= 800 and img.height >= 300
@@ -297,7 +297,6 @@ def test_tensorboard_absolute_dir_gets_a_run_folder_with_fine_tune_scalars(tmp_p
     assert not (tmp_path / "model" / "logs").exists()
     scalars = _read_events(runs[0])
     assert {"head/loss", "head/val_accuracy", "fine-tune/loss", "fine-tune/val_loss"} <= set(scalars)
-    assert "head-refit/loss" not in scalars  # fine-tuning starts from the selected head, no refit
     assert [s for s, _ in scalars["fine-tune/val_accuracy"]] == \
         [r["epoch"] for r in meta["training"]["history"]["fine-tune"]]
     assert (tmp_path / "model" / "training_curves.png").exists()

@@ -13,7 +13,6 @@ from pathlib import Path
 from tlcli.metrics import Report
 
 # Phases that retrain from scratch over the same epochs as another phase are drawn on top of it.
-_OVERLAYS = {"head refit": "head"}
 _MAX_LABEL = 22
 
 
@@ -73,10 +72,9 @@ def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, 
     per phase, each phase's span shaded and named.
 
     ``history`` is ``{phase: [{"epoch": 1, "loss": .., "accuracy": .., "val_loss": ..,
-    "val_accuracy": ..}, ...]}`` in training order, as recorded in ``tlcli.json``. Phases follow
-    one another on the epoch axis, except "head refit", which retrains the head from scratch for
-    the chosen number of epochs and is drawn over the "head" span. The validation numbers of the
-    phases are on the holdout carved from the training images."""
+    "val_accuracy": ..}, ...]}`` in training order, as recorded in ``tlcli.json``; phases follow
+    one another on the epoch axis. Validation numbers come from the training images only: the
+    head's are the mean over cross-validation folds, fine-tuning's are on the holdout."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -88,15 +86,12 @@ def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, 
         if not rows:
             continue
         epochs = [int(r["epoch"]) for r in rows]
-        start = spans[_OVERLAYS[phase]][0] if _OVERLAYS.get(phase) in spans else end
-        spans[phase] = (start, start + max(epochs))
-        if phase not in _OVERLAYS:
-            end = start + max(epochs)
+        spans[phase] = (end, end + max(epochs))
+        end += max(epochs)
     colours = {phase: f"C{i}" for i, phase in enumerate(spans)}
     shades = ["#f2f2f2", "#e3ecf7"]
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        main = [p for p in spans if p not in _OVERLAYS]
-        for i, phase in enumerate(main):
+        for i, phase in enumerate(spans):
             a, b = spans[phase]
             ax.axvspan(a + 0.5, b + 0.5, color=shades[i % 2], zorder=0)
             ax.text((a + b + 1) / 2, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
@@ -107,7 +102,7 @@ def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, 
             if phase not in spans:
                 continue
             offset = spans[phase][0]
-            for key, style, name in ((metric, "-", "train"), (f"val_{metric}", "--", "val (holdout)")):
+            for key, style, name in ((metric, "-", "train"), (f"val_{metric}", "--", "val (held out)")):
                 points = [(offset + int(r["epoch"]), r[key]) for r in rows if r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points)

@@ -1,7 +1,7 @@
 """TensorBoard scalars of a training run: loss and accuracy, train and validation, per phase and epoch.
 
 Tags are ``<phase>/<metric>`` with the phase name slugged: ``head/loss``, ``head/val_accuracy``,
-``head-refit/loss``, ``fine-tune/val_loss``; the step is the epoch within the phase (from 1).
+``fine-tune/val_loss``; the step is the epoch within the phase (from 1).
 """
 
 from __future__ import annotations
