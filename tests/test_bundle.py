@@ -118,3 +118,21 @@ def test_tflite_engine_without_tflite_file_is_reported(bundle_copy, colour_data)
 
     with pytest.raises(BundleError, match="tlcli export --tflite"):
         tlcli.predict([colour_data / "red" / "red_0.jpg"], model_dir=bundle_copy, engine="tflite")
+
+
+def test_output_checks_run_before_training(tmp_path, monkeypatch, colour_data, train_args):
+    import shutil as sh
+    from collections import namedtuple
+
+    import tlcli
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(tlcli.TlcliError, match=r"--out .*MB free.*free some space"):
+        tlcli.train(colour_data, out=str(tmp_path / "model"), **train_args)
+    monkeypatch.undo()
+    with pytest.raises(tlcli.TlcliError, match=r"--out .*parent directory .* does not exist"):
+        tlcli.train(colour_data, out=str(tmp_path / "missing" / "model"), **train_args)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(tlcli.TlcliError, match="is a file"):
+        tlcli.train(colour_data, out=str(tmp_path / "file"), force=True, **train_args)

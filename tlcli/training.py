@@ -262,16 +262,18 @@ class _Run:
         feats, by_path = self.features()
         self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
         fit_on = self.fit_rest if cfg.fine_tune and self.holdout else self.train
-        self.progress(Event("start", "head", total=cfg.epochs))
+        self.progress(Event("start", "head", total=None))
         fit = head.fit_head(self.feats_of(fit_on), [s.label for s in fit_on], len(self.labels),
                             class_weight=self._class_weight(fit_on), epochs=cfg.epochs,
                             learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
                             patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
-        self.progress(Event("end", "head", total=cfg.epochs, completed=fit.epochs,
-                            logs={k: v for k, v in fit.history[fit.epochs - 1].items() if k != "epoch"}))
         self.history["head"] = fit.history
         for row in fit.history:
             self.scalars.write("head", row["epoch"], row)
+            if row["epoch"] <= fit.epochs:
+                logs = {k: v for k, v in row.items() if k != "epoch"}
+                self.progress(Event("epoch", "head", total=fit.epochs, completed=row["epoch"], logs=logs))
+        self.progress(Event("end", "head", total=fit.epochs, completed=fit.epochs))
         self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
                           head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,

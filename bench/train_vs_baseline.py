@@ -1,0 +1,201 @@
+"""tlcli's training recipe against a make_image_classifier-recipe baseline, on the same data.
+
+    .venv/bin/python bench/train_vs_baseline.py [--train DIR] [--val DIR] [--backbone PATH]
+    .venv/bin/python bench/train_vs_baseline.py --memory [--images 3000]
+
+Default data: ../shared/data/hymenoptera_data (train -> val) with
+../shared/models/mobilenet_v2_100_224_feature_vector. Every system runs as its own fresh Python
+process, one after the other, so each wall time includes importing TensorFlow and loading the
+backbone, as a user's run does:
+
+* floor: import TF, load the backbone, one forward pass over every train + val image (same
+  decoder and tf.data pipeline), nothing else. No system can do less.
+* baseline: TF Hub make_image_classifier's recipe, rewritten here: frozen feature vector, Dropout
+  0.2, softmax head with L2 1e-4, SGD lr 0.005 momentum 0.9, label smoothing 0.1, batch 32, 5
+  epochs, no augmentation, the backbone run on every image in every epoch, then a SavedModel. It
+  gets tlcli's fast decode pipeline and validates once at the end (not after every epoch), so it
+  is faster than the original and the ratios are conservative.
+* tlcli head-only (cold feature cache), a re-run (warm cache), and --fine-tune (cold cache), each
+  as `tlcli train DIR --val-dir VAL --force`.
+
+Prints one line per system (val accuracy, wall seconds, differences and ratios to the baseline),
+the floor with its parts, and each process's peak RSS.
+
+--memory trains tlcli (head-only, cold cache) on N images made by repeating the training images
+under other names, and reports its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
+
+# Runs a script or module in a fresh interpreter and reports its peak RSS on stderr.
+RSS_WRAPPER = (
+    "import resource, runpy, sys\n"
+    "mode, target = sys.argv[1], sys.argv[2]\n"
+    "sys.argv = [target] + sys.argv[3:]\n"
+    "try:\n"
+    "    runpy.run_module(target, run_name='__main__') if mode == 'module' else runpy.run_path(target, run_name='__main__')\n"
+    "finally:\n"
+    "    print(f'PEAK_RSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}', file=sys.stderr)\n"
+)
+
+
+def run_process(mode: str, target: str, *args: str) -> tuple[float, str, float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, mode, target, *args], capture_output=True,
+                          text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"FAILED: {target} {' '.join(args)}\n{proc.stderr[-3000:]}")
+    peak = next((float(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_MB")), 0.0)
+    return wall, proc.stdout, peak, proc
+
+
+# ---- the child processes -------------------------------------------------------------------
+
+def child_floor(args):
+    t0 = time.perf_counter()
+    from tlcli._tf import hub, keras
+
+    hub()
+    t1 = time.perf_counter()
+    from tlcli import data
+
+    paths = [str(p) for d in (args.train, args.val) for p in sorted(Path(d).rglob("*")) if p.is_file()]
+    layer = hub().KerasLayer(args.backbone, trainable=False)
+    inp = keras().Input((args.size, args.size, 3))
+    extractor = keras().Model(inp, layer(inp, training=False))
+    t2 = time.perf_counter()
+    n = len(extractor.predict(data.image_dataset(paths, args.size, batch_size=32), verbose=0))
+    t3 = time.perf_counter()
+    print(json.dumps({"images": n, "import": t1 - t0, "load": t2 - t1, "pass": t3 - t2}))
+
+
+def child_baseline(args):
+    from tlcli import data
+    from tlcli._tf import hub, keras, tf
+
+    k, t = keras(), tf()
+    k.utils.set_random_seed(0)
+    tr = data.scan(args.train, image_size=args.size)
+    va = data.scan(args.val, image_size=args.size, labels=tr.labels)
+    layer = hub().KerasLayer(args.backbone, trainable=False)
+    model = k.Sequential([
+        k.layers.InputLayer(input_shape=(args.size, args.size, 3)), layer, k.layers.Dropout(0.2),
+        k.layers.Dense(len(tr.labels), activation="softmax", kernel_regularizer=k.regularizers.l2(1e-4))])
+    model.compile(optimizer=k.optimizers.SGD(0.005, momentum=0.9),
+                  loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    ds = data.image_dataset([s.path for s in tr.samples], args.size, labels=[s.label for s in tr.samples],
+                            batch_size=32, shuffle_seed=0)
+    model.fit(ds.map(lambda x, y: (x, t.one_hot(y, len(tr.labels)))), epochs=5, verbose=0)
+    probs = model.predict(data.image_dataset([s.path for s in va.samples], args.size, batch_size=32), verbose=0)
+    acc = float((probs.argmax(1) == [s.label for s in va.samples]).mean())
+    t.saved_model.save(model, args.out)
+    print(json.dumps({"val_accuracy": acc}))
+
+
+# ---- the parent ----------------------------------------------------------------------------
+
+def tlcli_train(args, out: Path, cache: Path, *extra: str) -> tuple[float, dict, float]:
+    wall, stdout, peak, _ = run_process(
+        "module", "tlcli.cli", "train", args.train, "--val-dir", args.val, "--backbone", args.backbone,
+        "--image-size", str(args.size), "--out", str(out), "--cache-dir", str(cache), "--force", "--json", *extra)
+    return wall, json.loads(stdout), peak
+
+
+def memory(args):
+    src = Path(args.train)
+    tmp = Path(tempfile.mkdtemp(prefix="tlcli-mem-"))
+    try:
+        files = {c.name: sorted(p for p in c.iterdir() if p.is_file()) for c in sorted(src.iterdir()) if c.is_dir()}
+        per_class = args.images // len(files)
+        for name, paths in files.items():
+            (tmp / "data" / name).mkdir(parents=True)
+            for i in range(per_class):
+                p = paths[i % len(paths)]
+                shutil.copyfile(p, tmp / "data" / name / f"{i:05d}_{p.name}")
+        total = per_class * len(files)
+        print(f"memory: {total} images ({per_class} per class) repeated from {src}")
+        wall, stdout, peak, _ = run_process(
+            "module", "tlcli.cli", "train", str(tmp / "data"), "--backbone", args.backbone, "--image-size",
+            str(args.size), "--out", str(tmp / "model"), "--cache-dir", str(tmp / "cache"), "--json")
+        r = json.loads(stdout)
+        print(f"memory: tlcli train (head-only, cold cache) on {total} images at {args.size}: peak RSS "
+              f"{peak:.0f} MB, wall {wall:.1f} s, {r['extracted']} images through the backbone, "
+              f"val accuracy {r['val_accuracy']:.4f}")
+        print(f"memory: target <= 2500 MB: {'MET' if peak <= 2500 else 'NOT MET'}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", default=str(HYMENOPTERA / "train"))
+    ap.add_argument("--val", default=str(HYMENOPTERA / "val"))
+    ap.add_argument("--backbone", default=str(MOBILENET_V2))
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--memory", action="store_true", help="only the peak-RSS run on --images images")
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--skip", default="", help="comma list of: baseline, finetune")
+    ap.add_argument("--child", choices=["floor", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "floor":
+        return child_floor(args)
+    if args.child == "baseline":
+        return child_baseline(args)
+    require(Path(args.train), Path(args.val), Path(args.backbone))
+    if args.memory:
+        return memory(args)
+    skip = set(args.skip.split(","))
+    me = str(Path(__file__).resolve())
+    common = ["--train", args.train, "--val", args.val, "--backbone", args.backbone, "--size", str(args.size)]
+    work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))
+    rows = []
+    try:
+        floor_s, out, floor_rss, _ = run_process("path", me, "--child", "floor", *common)
+        parts = json.loads(out)
+        print(f"floor: {floor_s:.2f} s for {parts['images']} images = TF import {parts['import']:.2f} + backbone "
+              f"load {parts['load']:.2f} + one forward pass {parts['pass']:.2f} + interpreter start/exit; "
+              f"peak RSS {floor_rss:.0f} MB")
+        base_acc = base_s = None
+        if "baseline" not in skip:
+            base_s, out, rss, _ = run_process("path", me, "--child", "baseline", *common, "--out", str(work / "baseline"))
+            base_acc = json.loads(out)["val_accuracy"]
+            rows.append(("baseline (make_image_classifier recipe)", base_acc, base_s, rss))
+        head_s, r, rss = tlcli_train(args, work / "head", work / "cache-head")
+        rows.append((f"tlcli head-only, cold cache ({r['extracted']} extracted, {r['head_epochs']} epochs)",
+                     r["val_accuracy"], head_s, rss))
+        s, r2, rss = tlcli_train(args, work / "head2", work / "cache-head")
+        rows.append((f"tlcli head-only re-run, warm cache ({r2['extracted']} extracted)", r2["val_accuracy"], s, rss))
+        if "finetune" not in skip:
+            s, r3, rss = tlcli_train(args, work / "ft", work / "cache-ft", "--fine-tune")
+            rows.append((f"tlcli --fine-tune, cold cache ({r3['fine_tune_epochs']} fine-tune epochs)",
+                         r3["val_accuracy"], s, rss))
+        print()
+        print(f"{'system':<62} {'val acc':>8} {'wall s':>7} {'acc - base':>10} {'time / base':>11} {'peak RSS':>9}")
+        for name, acc, sec, rss in rows:
+            d_acc = f"{100 * (acc - base_acc):+.1f} pt" if base_acc is not None else "-"
+            ratio = f"{sec / base_s:.2f}x" if base_s else "-"
+            print(f"{name:<62} {acc:8.4f} {sec:7.2f} {d_acc:>10} {ratio:>11} {rss:>6.0f} MB")
+        print()
+        print(f"head-only wall / floor: {head_s / floor_s:.2f}x (target <= 1.3)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
