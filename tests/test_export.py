@@ -222,3 +222,12 @@ print(json.dumps({{
     assert len(out["cli"]) == 24 and all(truth == label for truth, label in out["cli"])
     assert out["library"] == ["green"] * 8
     assert "XNNPACK" not in proc.stderr
+
+
+def test_predict_table_shows_at_most_one_column_per_class(bundle_copy, exported, colour_data):
+    shutil.copyfile(exported[1][("none", "float32")].path, bundle_copy / "model.tflite")
+    result = run("predict", colour_data / "red", "--model", bundle_copy, "--top-k", 5)
+    assert result.exit_code == 0, result.output
+    assert "Predictions (tflite)" in result.output
+    assert "#3" in result.output and "#4" not in result.output
+    assert "8 images classified" in result.stderr and "images/s, engine tflite" in result.stderr

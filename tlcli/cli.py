@@ -225,7 +225,7 @@ def predict(
     failed = 0
     table = Table(title=f"Predictions ({eng.name})", title_justify="left")
     table.add_column("file", overflow="fold")
-    for i in range(top_k):
+    for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
         table.add_column(f"#{i + 1}")
     for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=limit):
         failed += p.error is not None
