@@ -106,10 +106,22 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
     original = _backbone_kernel(tiny_backbone)
     tlcli.train(dataset, out=str(tmp_path / "head"), **train_args)
     np.testing.assert_array_equal(_backbone_kernel(tmp_path / "head"), original)
-    result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
+    # Without a holdout nothing can veto the fine-tuning: its weights are what gets saved.
+    result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2, holdout=0.0,
                          fine_tune_learning_rate=0.05, **train_args)
-    assert result.fine_tune_epochs >= 1
+    assert result.fine_tune_epochs == 2
     assert np.abs(_backbone_kernel(tmp_path / "ft") - original).max() > 1e-4
+    assert set(result.history) == {"head", "fine-tune", "head refit"}
+
+
+def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone):
+    original = _backbone_kernel(tiny_backbone)
+    result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
+                         fine_tune_learning_rate=50.0, **train_args)  # a step size that wrecks the model
+    history = result.history["fine-tune"]
+    assert len(history) == 2
+    np.testing.assert_array_equal(_backbone_kernel(tmp_path / "ft"), original)
+    assert result.val_accuracy == 1.0
 
 
 def test_same_seed_gives_identical_split_and_metrics(tmp_path, dataset, train_args):
@@ -151,7 +163,8 @@ def test_interrupted_run_keeps_the_old_bundle_and_resume_finishes_it(tmp_path, d
 
     resumed_epochs = []
     result = tlcli.train(out=str(out), resume=True,
-                         progress=lambda e: e.kind == "epoch" and resumed_epochs.append(e.completed))
+                         progress=lambda e: e.kind == "epoch" and e.task == "fine-tune"
+                         and resumed_epochs.append(e.completed))
     assert resumed_epochs == [3, 4]  # continued after the checkpoint of epoch 2
     assert result.fine_tune_epochs == 4
     assert [row["epoch"] for row in result.history["fine-tune"]] == [1, 2, 3, 4]

@@ -273,8 +273,9 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
     ds = ds.batch(batch_size)
     if augment_seed is not None:
         aug = augmenter(augment_seed)
-        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest) if rest else aug(x, training=True),
-                    num_parallel_calls=t.data.AUTOTUNE)
+        # Sequential on purpose: the augmentation layers draw from stateful generators, and
+        # parallel calls would hand the random numbers to batches in a varying order.
+        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest) if rest else aug(x, training=True))
     return ds.prefetch(t.data.AUTOTUNE)
 
 

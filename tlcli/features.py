@@ -54,8 +54,18 @@ class FeatureCache:
             pass  # the cache is an optimisation; a read-only disk must not stop training
 
 
-def extract(samples, *, extractor, cache: FeatureCache, image_size: int, batch_size: int,
-            max_pixels: int, progress: Callback = silent) -> tuple[np.ndarray, int]:
+class NoCache:
+    """For features that must not be cached (a backbone being fine-tuned)."""
+
+    def get(self, digest: str):
+        return None
+
+    def put(self, digest: str, vec) -> None:
+        pass
+
+
+def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
+            max_pixels: int, progress: Callback = silent, task: str = "extract") -> tuple[np.ndarray, int]:
     """Features [n, d] for ``samples`` (objects with .path and .digest), running the backbone only
     on files missing from the cache, in one streamed tf.data pass. Returns (features, extracted)."""
     from tlcli._tf import keras
@@ -66,20 +76,20 @@ def extract(samples, *, extractor, cache: FeatureCache, image_size: int, batch_s
     if todo:
         ds = image_dataset([samples[i].path for i in todo], image_size, batch_size=batch_size,
                            max_pixels=max_pixels)
-        progress(Event("start", "extract", total=len(todo)))
+        progress(Event("start", task, total=len(todo)))
         done = [0]
 
         class Report(keras().callbacks.Callback):
             def on_predict_batch_end(self, batch, logs=None):
                 step = min(batch_size, len(todo) - done[0])
                 done[0] += step
-                progress(Event("advance", "extract", completed=done[0], total=len(todo)))
+                progress(Event("advance", task, completed=done[0], total=len(todo)))
 
         out = extractor.predict(ds, verbose=0, callbacks=[Report()])
         for i, vec in zip(todo, out):
             found[i] = vec
             cache.put(samples[i].digest, vec)
-        progress(Event("end", "extract", total=len(todo), completed=len(todo)))
+        progress(Event("end", task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
     return np.stack(found).astype(np.float32), len(todo)

@@ -254,35 +254,49 @@ class _Run:
                   metrics=["accuracy"])
 
     def head_phase(self) -> None:
-        """Fit the head on cached features (tlcli/head.py). With --fine-tune it is fit on all but
-        the holdout, which stays unseen to drive early stopping of the fine-tuning."""
-        from tlcli import head, model
+        """Fit the head on cached features of the frozen backbone. With --fine-tune it is fit on
+        all but the holdout, which stays unseen to drive early stopping of the fine-tuning."""
+        from tlcli import model
 
         cfg = self.cfg
         feats, by_path = self.features()
         self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
-        fit_on = self.fit_rest if cfg.fine_tune and self.holdout else self.train
-        self.progress(Event("start", "head", total=None))
-        fit = head.fit_head(self.feats_of(fit_on), [s.label for s in fit_on], len(self.labels),
-                            class_weight=self._class_weight(fit_on), epochs=cfg.epochs,
-                            learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                            patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
-        self.history["head"] = fit.history
-        for row in fit.history:
-            self.scalars.write("head", row["epoch"], row)
-            if row["epoch"] <= fit.epochs:
-                logs = {k: v for k, v in row.items() if k != "epoch"}
-                self.progress(Event("epoch", "head", total=fit.epochs, completed=row["epoch"], logs=logs))
-        self.progress(Event("end", "head", total=fit.epochs, completed=fit.epochs))
-        self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
-                          head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
-                                     l2=fit.l2, seed=cfg.seed)
-        self.head.layers[-1].set_weights([fit.kernel, fit.bias])
+                                     l2=cfg.l2 or 0.0, seed=cfg.seed)
+        self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
         self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
         self.save_state()
 
+    def fit_head(self, samples, phase: str) -> None:
+        """Fit the head's Dense layer on ``self.feats_of(samples)`` (tlcli/head.py)."""
+        from tlcli import head
+
+        cfg = self.cfg
+        self.progress(Event("start", phase, total=None))
+        fit = head.fit_head(self.feats_of(samples), [s.label for s in samples], len(self.labels),
+                            class_weight=self._class_weight(samples), epochs=cfg.epochs,
+                            learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                            patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
+        self.history[phase] = fit.history
+        for row in fit.history:
+            self.scalars.write(phase, row["epoch"], row)
+            if row["epoch"] <= fit.epochs:
+                logs = {k: v for k, v in row.items() if k != "epoch"}
+                self.progress(Event("epoch", phase, total=fit.epochs, completed=row["epoch"], logs=logs))
+        self.progress(Event("end", phase, total=fit.epochs, completed=fit.epochs))
+        self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
+                          head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
+        dense = self.head.layers[-1]
+        dense.set_weights([fit.kernel, fit.bias])
+        if dense.kernel_regularizer is not None:  # keep fine-tuning's penalty the one CV chose
+            dense.kernel_regularizer.l2 = np.float32(fit.l2)
+
     def fine_tune_phase(self) -> None:
+        """Adapt the backbone on augmented images (holdout-monitored, never ending worse than it
+        started), then refit the head on every training image's features from the adapted
+        backbone, as in the head phase."""
+        from tlcli import features, model
+
         cfg = self.cfg
         st = self.state.setdefault("fine_tune", {})
         self._compile(self.classifier, cfg.fine_tune_learning_rate)
@@ -300,12 +314,20 @@ class _Run:
         self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
                  st=st, class_weight=self._class_weight(self.fit_rest),
                  patience=cfg.fine_tune_patience if val is not None else None)
+        everything = self.train + self.val
+        extractor = model.build_extractor(self.backbone.layer, self.size)
+        feats, _ = features.extract(everything, extractor=extractor, cache=features.NoCache(),
+                                    image_size=self.size, batch_size=self.global_batch,
+                                    max_pixels=cfg.max_pixels, progress=self.progress, task="re-extract")
+        by_path = {s.path: i for i, s in enumerate(everything)}
+        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        self.fit_head(self.train, "head refit")
 
     def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience):
         """Keras fit with a checkpoint per epoch, resumable early stopping and progress events."""
         ckpt_dir = self.partial / phase.replace(" ", "-")
         cb = _PhaseCallback(self, m, phase, epochs, ckpt_dir, st, patience, validation is not None)
-        initial = cb.restore()
+        initial = cb.restore(validation)
         kwargs = dict(epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[cb],
                       class_weight=class_weight, validation_data=validation)
         if isinstance(train, tuple):
@@ -322,12 +344,7 @@ class _Run:
     def predict_probs(self, samples) -> np.ndarray:
         if not samples:
             return np.zeros((0, len(self.labels)), np.float32)
-        if not self.cfg.fine_tune:
-            return self.head.predict(self.feats_of(samples), batch_size=256, verbose=0)
-        ds = data.image_dataset([s.path for s in samples], self.size, batch_size=self.global_batch,
-                                max_pixels=self.cfg.max_pixels)
-        self.progress(Event("info", message=f"scoring {len(samples)} images with the fine-tuned model"))
-        return self.classifier.predict(ds, verbose=0)
+        return self.head.predict(self.feats_of(samples), batch_size=256, verbose=0)
 
     def evaluate(self) -> None:
         y = lambda ss: [s.label for s in ss]  # noqa: E731
@@ -412,10 +429,16 @@ def _make_callback_class():
             t = _tf()
             return t.train.Checkpoint(model=self.m, optimizer=self.m.optimizer)
 
-        def restore(self) -> int:
+        def restore(self, validation=None) -> int:
+            """Continue from the checkpoint (with --resume), else start fresh. A fresh monitored
+            phase first scores the starting weights, so it can never end worse than it began."""
             last = self.st.get("last_checkpoint")
             if not last or not self.run.cfg.resume:
                 self.st.clear()
+                if self.monitor and validation is not None:
+                    self.st.update(best=float(self.m.evaluate(validation, verbose=0)[0]), best_epoch=-1, wait=0)
+                    self.best_weights = self.m.get_weights()
+                    self.st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best"))
                 return 0
             if self.st.get("best_checkpoint"):
                 self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
