@@ -148,12 +148,18 @@ class _Run:
                                 f"{self.global_batch} ({cfg.batch_size} per replica)"))
             with self.chosen.strategy.scope():
                 self.load_backbone()
+                self.build_classifier()
+            # The SavedModel's graph does not depend on the weights: trace and write it in the
+            # background while the backbone extracts features; only the variables wait till the end.
+            staging = bundle.staging_dir(cfg.out)
+            self.export = _GraphExport(self.classifier, self.size, self.labels, staging)
+            with self.chosen.strategy.scope():
                 self.head_phase()
                 if cfg.fine_tune:
+                    self.export.wait()  # fine-tuning must not run while the graph is being traced
                     self.fine_tune_phase()
                 self.evaluate()
             self.progress(Event("start", "save", total=1))
-            staging = bundle.staging_dir(cfg.out)
             self.write_bundle(staging, seconds=time.perf_counter() - start)
             out = bundle.commit(staging, cfg.out, force=cfg.force)
             staging = None
@@ -165,6 +171,8 @@ class _Run:
             raise Interrupted(f"interrupted: the previous model at {cfg.out} is untouched{kept}") from None
         finally:
             if staging is not None:
+                if getattr(self, "export", None) is not None:
+                    self.export.wait(raise_error=False)
                 shutil.rmtree(staging, ignore_errors=True)
         return TrainResult(
             model_dir=str(out), labels=self.labels, train_counts=self.count(self.train),
@@ -256,16 +264,19 @@ class _Run:
     def head_phase(self) -> None:
         """Fit the head on cached features of the frozen backbone. With --fine-tune it is fit on
         all but the holdout, which stays unseen to drive early stopping of the fine-tuning."""
-        from tlcli import model
-
         cfg = self.cfg
         feats, by_path = self.features()
         self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
+        self.save_state()
+
+    def build_classifier(self) -> None:
+        from tlcli import model
+
+        cfg = self.cfg
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
                                      l2=cfg.l2 or 0.0, seed=cfg.seed)
-        self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
         self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
-        self.save_state()
 
     def fit_head(self, samples, phase: str) -> None:
         """Fit the head's Dense layer on ``self.feats_of(samples)`` (tlcli/head.py)."""
@@ -355,12 +366,12 @@ class _Run:
                                               paths=[s.path for s in self.val])
 
     def write_bundle(self, staging: Path, *, seconds: float) -> None:
-        from tlcli import __version__, model
+        from tlcli import plots
 
         t = _tf()
         cfg = self.cfg
-        module, signatures = model.serving_module(self.classifier, self.size, self.labels)
-        t.saved_model.save(module, str(staging), signatures=signatures)
+        self.export.wait()
+        self.export.write_variables()
         (staging / bundle.LABELS_FILE).write_text("".join(f"{label}\n" for label in self.labels))
         meta = bundle.base_meta() | {
             "tensorflow_version": t.__version__,
@@ -390,10 +401,7 @@ class _Run:
                          "seconds": round(seconds, 2), "history": self.history},
             "skipped": [s.to_dict() for s in self.skipped],
         }
-        meta["tlcli_version"] = __version__
         meta["training"]["tensorboard"] = self.scalars.finish(staging)
-        from tlcli import plots
-
         plots.training_curves(self.history, staging / "training_curves.png")
         bundle.write_json(staging / bundle.META_FILE, meta)
         absolute = lambda ss: [[str(Path(s.path).absolute()), s.label] for s in ss]  # noqa: E731
@@ -404,6 +412,39 @@ def _tf():
     from tlcli._tf import tf
 
     return tf()
+
+
+class _GraphExport:
+    """Writes the classifier's SavedModel (graph and signatures) on a background thread; then
+    ``write_variables`` stores the final weights under the same object graph."""
+
+    def __init__(self, classifier, image_size: int, labels: list[str], path: Path):
+        import threading
+
+        from tlcli import model
+
+        self.path = path
+        self.module, self.signatures = model.serving_module(classifier, image_size, labels)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tlcli-export", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            _tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
+        except BaseException as exc:  # re-raised on the main thread by wait()
+            self.error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        self.thread.join()
+        if self.error is not None and raise_error:
+            raise self.error
+
+    def write_variables(self) -> None:
+        from tensorflow.python.saved_model import fingerprinting_utils
+
+        _tf().train.Checkpoint(root=self.module).write(str(self.path / "variables" / "variables"))
+        fingerprinting_utils.write_fingerprint(str(self.path))  # it hashes the variables too
 
 
 def _keras():
