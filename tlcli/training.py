@@ -137,17 +137,19 @@ class _Run:
             shutil.rmtree(self.partial, ignore_errors=True)
         staging = None
         try:
-            self.scan()
+            # The file check (Pillow, threads) and the backbone load (TensorFlow) overlap.
+            scan = _Background(self.scan)
             from tlcli import strategy as strategies
             from tlcli._tf import keras
 
             keras().utils.set_random_seed(cfg.seed)
             self.chosen = strategies.choose(cfg.strategy)
             self.global_batch = cfg.batch_size * self.chosen.replicas
-            self.progress(Event("info", message=f"strategy: {self.chosen.description}; global batch "
-                                f"{self.global_batch} ({cfg.batch_size} per replica)"))
             with self.chosen.strategy.scope():
                 self.load_backbone()
+                scan.wait()
+                self.progress(Event("info", message=f"strategy: {self.chosen.description}; global batch "
+                                    f"{self.global_batch} ({cfg.batch_size} per replica)"))
                 self.build_classifier()
             # The SavedModel's graph does not depend on the weights: trace and write it in the
             # background while the backbone extracts features; only the variables wait till the end.
@@ -170,6 +172,8 @@ class _Run:
                 if (self.partial / "state.json").exists() else ""
             raise Interrupted(f"interrupted: the previous model at {cfg.out} is untouched{kept}") from None
         finally:
+            if "scan" in locals():
+                scan.wait(raise_error=False)
             if staging is not None:
                 if getattr(self, "export", None) is not None:
                     self.export.wait(raise_error=False)
@@ -355,7 +359,10 @@ class _Run:
     def predict_probs(self, samples) -> np.ndarray:
         if not samples:
             return np.zeros((0, len(self.labels)), np.float32)
-        return self.head.predict(self.feats_of(samples), batch_size=256, verbose=0)
+        kernel, bias = self.head.layers[-1].get_weights()  # Dense(softmax); dropout is off at inference
+        logits = self.feats_of(samples) @ kernel + bias
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
     def evaluate(self) -> None:
         y = lambda ss: [s.label for s in ss]  # noqa: E731
@@ -414,24 +421,19 @@ def _tf():
     return tf()
 
 
-class _GraphExport:
-    """Writes the classifier's SavedModel (graph and signatures) on a background thread; then
-    ``write_variables`` stores the final weights under the same object graph."""
+class _Background:
+    """Run ``fn`` on a thread; ``wait`` joins it and re-raises what it raised."""
 
-    def __init__(self, classifier, image_size: int, labels: list[str], path: Path):
+    def __init__(self, fn, *args):
         import threading
 
-        from tlcli import model
-
-        self.path = path
-        self.module, self.signatures = model.serving_module(classifier, image_size, labels)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="tlcli-export", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="tlcli-background", daemon=True)
         self.thread.start()
 
-    def _run(self):
+    def _run(self, fn, *args):
         try:
-            _tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
+            fn(*args)
         except BaseException as exc:  # re-raised on the main thread by wait()
             self.error = exc
 
@@ -439,6 +441,25 @@ class _GraphExport:
         self.thread.join()
         if self.error is not None and raise_error:
             raise self.error
+
+
+class _GraphExport:
+    """Writes the classifier's SavedModel (graph and signatures) on a background thread; then
+    ``write_variables`` stores the final weights under the same object graph."""
+
+    def __init__(self, classifier, image_size: int, labels: list[str], path: Path):
+        from tlcli import model
+
+        self.path = path
+        self.module, self.signatures = model.serving_module(classifier, image_size, labels)
+        self.job = _Background(self._run)
+
+    def _run(self):
+        _tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
+        import matplotlib.figure  # noqa: F401  warm the import for the training curves, off the main path
+
+    def wait(self, raise_error: bool = True) -> None:
+        self.job.wait(raise_error)
 
     def write_variables(self) -> None:
         from tensorflow.python.saved_model import fingerprinting_utils
