@@ -4,11 +4,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# Offline machines: use a pre-filled TF Hub cache when one sits beside the project.
+# Offline machines: use the pre-filled TF Hub cache in ../shared when there is one. Its module
+# entries may arrive as small files holding a relative path (a symlink flattened by copying), so
+# a local copy of the cache with real symlinks is made in .cache/tfhub.
 SHARED_CACHE = $(wildcard ../shared/tfhub_cache)
-DEMO_ENV = $(if $(TFHUB_CACHE_DIR),,$(if $(SHARED_CACHE),TFHUB_CACHE_DIR=$(abspath $(SHARED_CACHE)),))
+HUB_CACHE = .cache/tfhub
+DEMO_ENV = $(if $(TFHUB_CACHE_DIR),,$(if $(SHARED_CACHE),TFHUB_CACHE_DIR=$(abspath $(HUB_CACHE)),))
 
-.PHONY: install demo test test-heavy bench clean
+.PHONY: install demo test test-heavy bench clean hub-cache
 
 $(BIN)/tlcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +21,20 @@ $(BIN)/tlcli: pyproject.toml
 
 install: $(BIN)/tlcli
 
-demo: install
+hub-cache:
+ifneq ($(SHARED_CACHE),)
+	@mkdir -p $(HUB_CACHE)
+	@for f in $(SHARED_CACHE)/*; do \
+	  n=$$(basename "$$f"); \
+	  case "$$n" in \
+	    *.descriptor.txt) cp -f "$$f" "$(HUB_CACHE)/$$n" ;; \
+	    *) if [ -d "$$f" ]; then target="$$f"; else target="$(SHARED_CACHE)/$$(cat "$$f")"; fi; \
+	       ln -sfn "$$(cd "$$target" && pwd)" "$(HUB_CACHE)/$$n" ;; \
+	  esac; \
+	done
+endif
+
+demo: install hub-cache
 	$(DEMO_ENV) $(BIN)/tlcli train sample_data/images --out demo-model --force
 	$(BIN)/tlcli predict sample_data/images/red_discs/red_discs_00.jpg --model demo-model --engine tf
 	$(BIN)/tlcli export --tflite --model demo-model
@@ -27,8 +43,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-test-heavy: install
+test-heavy: install hub-cache
 	$(DEMO_ENV) $(BIN)/python -m pytest -q -m heavy
 
 clean:
-	rm -rf demo-model .pytest_cache
+	rm -rf demo-model .pytest_cache .cache

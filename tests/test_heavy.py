@@ -1,0 +1,58 @@
+"""Real pretrained weights from ../shared (opt-in: `make test-heavy`, i.e. pytest -m heavy).
+
+They skip with a message when ../shared is absent.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import tlcli
+
+pytestmark = pytest.mark.heavy
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+HUB_CACHE = SHARED / "tfhub_cache"
+MOBILENET_V2 = SHARED / "models" / "mobilenet_v2_100_224_feature_vector"
+HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
+
+
+def need(*paths):
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A TF Hub cache with real symlinks to the shared one's modules (whose entries may be files
+    holding a relative path, as after a copy that flattens symlinks)."""
+    need(HUB_CACHE)
+    cache = tmp_path / "tfhub"
+    cache.mkdir()
+    for entry in HUB_CACHE.iterdir():
+        if entry.name.endswith(".descriptor.txt"):
+            (cache / entry.name).write_bytes(entry.read_bytes())
+        else:
+            target = entry if entry.is_dir() else (HUB_CACHE / entry.read_text().strip())
+            os.symlink(target.resolve(), cache / entry.name)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    return cache
+
+
+def test_default_preset_resolves_offline_and_learns_the_sample_data(tmp_path, hub_cache):
+    out = tmp_path / "model"
+    result = tlcli.train(REPO / "sample_data" / "images", out=str(out), tensorboard=None)
+    assert result.val_accuracy == 1.0 and result.train_accuracy == 1.0
+    preds = tlcli.predict([REPO / "sample_data" / "images" / "red_discs"], model_dir=out, engine="tf")
+    assert {p.predictions[0]["label"] for p in preds} == {"red_discs"}
+
+
+def test_hymenoptera_head_only_reaches_95_percent(tmp_path):
+    need(MOBILENET_V2, HYMENOPTERA)
+    result = tlcli.train(HYMENOPTERA / "train", val_dir=str(HYMENOPTERA / "val"), backbone=str(MOBILENET_V2),
+                         image_size=224, out=str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"),
+                         tensorboard=None)
+    assert result.val_accuracy >= 0.95
