@@ -381,5 +381,28 @@ def evaluate(
         raise typer.Exit(1)
 
 
+def run() -> None:
+    """The ``tlcli`` console script: the Typer app, then a fast exit.
+
+    Once a command has finished (bundle renamed into place, files closed, output flushed), the
+    interpreter's teardown of TensorFlow still takes over a second; a process that imported it
+    skips that with ``os._exit``. Tests call ``app`` directly and are not affected.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        code = exc.code or 0
+    if "tensorflow" in sys.modules:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -6,9 +6,7 @@ preprocessing is the same numpy code the training pipeline uses.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,6 +15,7 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import images
+from tlcli.quiet import native_stderr_silenced
 from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
 from tlcli.errors import BundleError, ImageError, UsageError
 
@@ -71,29 +70,6 @@ class TFEngine:
         return self.fn(images=self.t.constant(batch))["probabilities"].numpy()
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Discard what native code writes to file descriptor 2 inside the block.
-
-    LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the first
-    ``allocate_tensors`` of a process, and no setting turns it off; it would precede every
-    prediction. Errors still reach the caller as exceptions."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to silence
-        yield
-        return
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class TFLiteEngine:
     """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
     TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
@@ -111,7 +87,7 @@ class TFLiteEngine:
                               f"{bundle.path}' first, or use --engine tf")
         try:
             self.interp = Interpreter(model_path=str(path), num_threads=os.cpu_count())
-            with _native_stderr_silenced():
+            with native_stderr_silenced():
                 self.interp.allocate_tensors()
         except Exception as exc:
             raise BundleError(f"{path}: cannot load the TFLite model ({exc}); re-export it") from None
