@@ -132,7 +132,7 @@ def load(spec: BackboneSpec, *, trainable: bool = False) -> LoadedBackbone:
         raise BackboneError(f"--backbone {spec.handle}: declares no input size; set --image-size")
     layer = hub().KerasLayer(obj, trainable=trainable, name="backbone")
     shape = _declared_output_shape(obj)
-    if shape is None or shape[-1] is None:
+    if shape is None or (not isinstance(shape, dict) and shape[-1] is None):
         # Nothing declared: run one image through it. (Only valid outside a distribution
         # strategy's scope: restored functions cannot be called eagerly in a cross-replica context.)
         try:

@@ -47,17 +47,24 @@ class Bundle:
         p = self.path / SPLITS_FILE
         if not p.exists():
             return {"train": [], "val": []}
-        return json.loads(p.read_text())
+        try:
+            splits = json.loads(p.read_text())
+            return {"train": list(splits.get("train", [])), "val": list(splits.get("val", []))}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{p}: unreadable or corrupt ({exc}); pass --data DIR instead, or retrain") from None
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
+    """Write JSON atomically (temp file in the same directory, then rename), with the umask's
+    permissions like every other bundle file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TlcliError(f"{path}: cannot write ({exc.strerror}); check the folder's permissions") from None
 
 
 def load(model_dir: str | os.PathLike) -> Bundle:
@@ -76,6 +83,8 @@ def load(model_dir: str | os.PathLike) -> Bundle:
         labels = list(meta["labels"])
         image_size = int(meta["image_size"])
         version = int(meta.get("format_version", 0))
+    except OSError as exc:
+        raise BundleError(f"{meta_path}: cannot read it ({exc.strerror}); check its permissions") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{meta_path}: corrupt bundle metadata ({exc}); retrain or restore the file") from None
     if version > FORMAT_VERSION:

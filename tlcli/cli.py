@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tlcli import __version__
 from tlcli.config import DEFAULT_MODEL_DIR, DEFAULTS, STRATEGIES
@@ -32,6 +33,22 @@ def fail(exc: TlcliError):
     # Messages name files and folders, whose names may hold Rich markup such as "[old]".
     err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
+
+
+def interruptible(command):
+    """Ctrl-C anywhere in a command (even inside the TensorFlow import) ends it with one line and
+    exit code 130; the library has already left every bundle intact."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def _version(value: bool):
@@ -53,13 +70,11 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
-        self.console, self.quiet = console, quiet
+        self.quiet = quiet
         self.bar = RichProgress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                 console=console, disable=quiet, transient=False)
         self.tasks: dict[str, int] = {}
-        self.counts = None
-        self.skipped: list[dict] = []
 
     def __enter__(self):
         self.bar.__enter__()
@@ -82,20 +97,19 @@ class Progress:
             fields = {"info": info} if info else {}
             self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
         elif e.kind == "info" and not self.quiet:
-            self.bar.console.print(f"[dim]{e.message}[/]", highlight=False)
+            self.bar.console.print(Text(e.message, style="dim"))
         elif e.kind == "warning":
-            self.bar.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
+            self.bar.console.print(Text.assemble(("warning: ", "yellow"), e.message))
         elif e.kind == "counts" and not self.quiet:
             t = Table(title="Images per class", title_justify="left")
             t.add_column("class")
             t.add_column("train", justify="right")
             t.add_column("val", justify="right")
             for label, n in e.logs["train"].items():
-                t.add_row(label, str(n), str(e.logs["val"].get(label, 0)))
+                t.add_row(Text(label), str(n), str(e.logs["val"].get(label, 0)))
             self.bar.console.print(t)
         elif e.kind == "skipped":
-            self.skipped = e.logs["skipped"]
-            self.bar.console.print(skipped_table(self.skipped))
+            self.bar.console.print(skipped_table(e.logs["skipped"]))
 
 
 def skipped_table(skipped: list[dict]) -> Table:
@@ -109,11 +123,20 @@ def skipped_table(skipped: list[dict]) -> Table:
     return t
 
 
+def _kv_table(title: str) -> Table:
+    """A two-column summary table; add values as ``Text`` so paths are never read as markup."""
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    return t
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
 @app.command()
+@interruptible
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one subfolder of images per class.",
                                              show_default=False)] = None,
@@ -173,25 +196,24 @@ def train(
     if json_out:
         out.print_json(json.dumps(result.to_dict()))
         return
-    t = Table(title="Training summary", title_justify="left", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t = _kv_table("Training summary")
     t.add_row("train accuracy", _pct(result.train_accuracy))
     t.add_row("val accuracy", _pct(result.val_accuracy))
     t.add_row("epochs", f"head {result.head_epochs}" + (f", fine-tune {result.fine_tune_epochs}"
                                                          if result.fine_tune_epochs else ""))
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached")
     t.add_row("skipped files", str(len(result.skipped)))
-    t.add_row("strategy", result.strategy)
+    t.add_row("strategy", Text(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
-    t.add_row("model", result.model_dir)
-    t.add_row("curves", str(Path(result.model_dir) / "training_curves.png"))
+    t.add_row("model", Text(result.model_dir))
+    t.add_row("curves", Text(str(Path(result.model_dir) / "training_curves.png")))
     if cfg.tensorboard:
-        t.add_row("tensorboard", f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}")
+        t.add_row("tensorboard", Text(f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}"))
     out.print(t)
 
 
 @app.command()
+@interruptible
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
@@ -250,6 +272,7 @@ def predict(
 
 
 @app.command()
+@interruptible
 def export(
     tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
@@ -278,15 +301,13 @@ def export(
     if json_out:
         out.print_json(json.dumps(r.to_dict()))
         return
-    t = Table(title="TFLite export", title_justify="left", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("file", r.path)
-    t.add_row("labels", r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else ""))
+    t = _kv_table("TFLite export")
+    t.add_row("file", Text(r.path))
+    t.add_row("labels", Text(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
     t.add_row("quantize", r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else ""))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:
-        t.add_row("top-1 agreement", f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}")
+        t.add_row("top-1 agreement", Text(f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
         t.add_row("accuracy", f"SavedModel {_pct(r.saved_model_accuracy)}, TFLite {_pct(r.tflite_accuracy)}")
     else:
         t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
@@ -298,6 +319,7 @@ def _num(x) -> str:
 
 
 @app.command()
+@interruptible
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Labelled folder: one subfolder per class, named like "
                                                   "the model's labels.", show_default=False)],

@@ -186,14 +186,18 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     bad_in: dict[int, int] = {}
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        for done, ((path, label), (digest, err)) in enumerate(zip(candidates, pool.map(check, candidates)), 1):
-            if progress:
-                progress(done, len(candidates))
-            if err is not None:
-                skipped.append(Skipped(str(path), err.reason, err.detail))
-                bad_in[label] = bad_in.get(label, 0) + 1
-            else:
-                samples.append(Sample(str(path), label, digest))
+        try:
+            for done, ((path, label), (digest, err)) in enumerate(zip(candidates, pool.map(check, candidates)), 1):
+                if progress:
+                    progress(done, len(candidates))  # may raise to abandon the scan
+                if err is not None:
+                    skipped.append(Skipped(str(path), err.reason, err.detail))
+                    bad_in[label] = bad_in.get(label, 0) + 1
+                else:
+                    samples.append(Sample(str(path), label, digest))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # don't check the rest first
+            raise
     folder = ImageFolder(str(root), list(labels), samples, skipped)
     bad = [s for s in skipped if s.reason != NOT_IN_CLASS_FOLDER] if strict else []
     if bad:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,17 +208,17 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     _write(out, with_labels or flat)
     labels_path = labels_path_for(out, b)
     if labels_path.absolute() != (b.path / bundles.LABELS_FILE).absolute():
-        shutil.copyfile(b.path / bundles.LABELS_FILE, labels_path)
+        _write(labels_path, (b.path / bundles.LABELS_FILE).read_bytes())
     progress(Event("end", "convert", total=1, completed=1))
 
     result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
                           out.stat().st_size, None, 0, None, None, None, None)
     items, source = _labelled(b, data_dir, "val", PARITY_IMAGES, 1, max_pixels)
-    if items:
+    x, y = _load_batch(items, b.image_size, max_pixels) if items else (np.zeros(0), np.zeros(0))
+    if len(x):
         from tlcli.inference import TFEngine, TFLiteEngine
 
         progress(Event("start", "parity", total=len(items)))
-        x, y = _load_batch(items, b.image_size, max_pixels)
         ref, lite = TFEngine(b), TFLiteEngine(b, out)
         p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
         p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
@@ -233,5 +232,8 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     meta = dict(b.meta)
     exports = meta.setdefault("exports", {})
     exports[out.name if out.absolute().parent == b.path.absolute() else str(out.absolute())] = result.to_dict()
-    bundles.write_json(b.path / bundles.META_FILE, meta)
+    try:
+        bundles.write_json(b.path / bundles.META_FILE, meta)
+    except TlcliError:
+        pass  # a read-only bundle exported elsewhere: the result is still returned and printed
     return result

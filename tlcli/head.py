@@ -34,7 +34,7 @@ class HeadFit:
     history: list = field(default_factory=list)
 
 
-def _softmax(z):
+def softmax(z):
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -63,7 +63,7 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     vm = val_mask.T / val_mask.sum(axis=1) if val_mask is not None else None  # [n, g]
 
     def probs(M):  # [n, g, k], one matmul for every fit
-        return _softmax((Zb @ M.reshape(r + 1, g * k)).reshape(n, g, k))
+        return softmax((Zb @ M.reshape(r + 1, g * k)).reshape(n, g, k))
 
     for epoch in range(1, epochs + 1):
         look = W + (epoch - 1) / (epoch + 2) * (W - prev)

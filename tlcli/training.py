@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class _Run:
         self.cfg, self.spec, self.partial, self.state, self.progress = cfg, spec, partial, state, progress
         self.history: dict[str, list] = state.get("history", {}) if cfg.resume else {}
         self.scalars = summaries.ScalarLog(cfg.tensorboard, partial=partial, out=cfg.out)
+        self.stopping = threading.Event()  # tells background work to give up (Ctrl-C, an error)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -135,12 +137,14 @@ class _Run:
         cfg = self.cfg
         if not cfg.resume and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
-        staging = None
+        staging = scan = None
         try:
-            # The file check (Pillow, threads) and the backbone load (TensorFlow) overlap.
-            scan = _Background(self.scan)
             from tlcli import strategy as strategies
             from tlcli._tf import keras
+
+            keras()  # import first: the import silences native stderr, which would hide the scan's output
+            # The file check (Pillow, threads) and the backbone load (TensorFlow) overlap.
+            scan = _Background(self.scan)
 
             keras().utils.set_random_seed(cfg.seed)
             self.chosen = strategies.choose(cfg.strategy)
@@ -172,7 +176,8 @@ class _Run:
                 if (self.partial / "state.json").exists() else ""
             raise Interrupted(f"interrupted: the previous model at {cfg.out} is untouched{kept}") from None
         finally:
-            if "scan" in locals():
+            if scan is not None:
+                self.stopping.set()
                 scan.wait(raise_error=False)
             if staging is not None:
                 if getattr(self, "export", None) is not None:
@@ -203,6 +208,8 @@ class _Run:
 
         def report(task):
             def cb(done, total):
+                if self.stopping.is_set():
+                    raise Interrupted("the file check was abandoned")
                 if done == 1:
                     self.progress(Event("start", task, total=total))
                 self.progress(Event("advance", task, completed=done, total=total))
@@ -250,9 +257,6 @@ class _Run:
         self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
         by_path = {s.path: i for i, s in enumerate(everything)}
         return feats, by_path
-
-    def _onehot(self, samples):
-        return np.eye(len(self.labels), dtype=np.float32)[[s.label for s in samples]]
 
     def _class_weight(self, samples):
         if not self.cfg.class_weights:
@@ -345,10 +349,7 @@ class _Run:
         initial = cb.restore(validation)
         kwargs = dict(epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[cb],
                       class_weight=class_weight, validation_data=validation)
-        if isinstance(train, tuple):
-            kwargs.update(x=train[0], y=train[1], batch_size=self.global_batch, shuffle=True)
-        else:
-            kwargs.update(x=train)
+        kwargs.update(x=train)
         if initial < epochs and not st.get("stopped"):
             self.progress(Event("start", phase, total=epochs, completed=initial))
             m.fit(**kwargs)
@@ -359,10 +360,10 @@ class _Run:
     def predict_probs(self, samples) -> np.ndarray:
         if not samples:
             return np.zeros((0, len(self.labels)), np.float32)
+        from tlcli import head
+
         kernel, bias = self.head.layers[-1].get_weights()  # Dense(softmax); dropout is off at inference
-        logits = self.feats_of(samples) @ kernel + bias
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return head.softmax(self.feats_of(samples) @ kernel + bias)
 
     def evaluate(self) -> None:
         y = lambda ss: [s.label for s in ss]  # noqa: E731
@@ -456,7 +457,10 @@ class _GraphExport:
 
     def _run(self):
         _tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
-        import matplotlib.figure  # noqa: F401  warm the import for the training curves, off the main path
+        try:
+            import matplotlib.figure  # noqa: F401  warm the import for the training curves, off the main path
+        except ImportError:
+            pass  # plotting reports its own error later
 
     def wait(self, raise_error: bool = True) -> None:
         self.job.wait(raise_error)
