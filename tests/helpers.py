@@ -10,7 +10,8 @@ from PIL import Image
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
-def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4, features: int = 8) -> Path:
+def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4, features: int = 8,
+                       dict_output: bool = False) -> Path:
     """A TF2 hub-format SavedModel: float32 [b, h, w, 3] in [0, 1] -> [b, 3 + features].
 
     Features are each channel's mean plus relu(conv) means, so solid colours are separable; the
@@ -34,7 +35,7 @@ def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4,
             feats = tf.concat([tf.reduce_mean(images, [1, 2]), tf.reduce_mean(conv, [1, 2])], axis=-1)
             if output_rank == 4:
                 return conv
-            return feats
+            return {"default": feats, "pooled": feats} if dict_output else feats
     else:
         @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
         def call(images):

@@ -1,6 +1,7 @@
 """The model bundle: contents, metadata round trip, atomic writes and load errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -136,3 +137,18 @@ def test_output_checks_run_before_training(tmp_path, monkeypatch, colour_data, t
     (tmp_path / "file").write_text("x")
     with pytest.raises(tlcli.TlcliError, match="is a file"):
         tlcli.train(colour_data, out=str(tmp_path / "file"), force=True, **train_args)
+
+
+def test_bundle_files_get_normal_permissions(trained_bundle):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("tlcli.json", "splits.json", "labels.txt"):
+        assert (trained_bundle / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_corrupt_splits_file_is_a_one_line_error(bundle_copy):
+    from tlcli.export import export_tflite
+
+    (bundle_copy / "splits.json").write_text("{oops")
+    with pytest.raises(BundleError, match=r"splits.json: unreadable or corrupt.*--data DIR"):
+        export_tflite(bundle_copy, quantize="int8")

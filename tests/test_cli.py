@@ -96,6 +96,11 @@ def test_existing_bundle_is_not_replaced_without_force(tmp_path, tiny_backbone, 
 
 def test_offline_handle_gives_one_line_error(tmp_path, colour_data, monkeypatch):
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty-cache"))
+    # Offline even where a network exists: the real download code meets a closed proxy port.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
     handle = "https://tfhub.dev/google/imagenet/mobilenet_v3_small_100_224/feature_vector/5"
     result = run("train", colour_data, "--backbone", handle, "--out", tmp_path / "m")
     assert result.exit_code == 1
@@ -105,16 +110,16 @@ def test_offline_handle_gives_one_line_error(tmp_path, colour_data, monkeypatch)
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("kind", ["spatial", "not-images"])
+@pytest.mark.parametrize("kind", ["spatial", "not-images", "dict"])
 def test_backbone_that_is_not_a_feature_vector_is_refused(tmp_path, colour_data, kind):
     from tests.helpers import make_tiny_backbone
 
     bad = make_tiny_backbone(tmp_path / kind, output_rank=4 if kind == "spatial" else 2,
-                             input_rank=4 if kind == "spatial" else 2)
+                             input_rank=2 if kind == "not-images" else 4, dict_output=kind == "dict")
     result = run("train", colour_data, "--backbone", bad, "--image-size", 32, "--out", tmp_path / "m")
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    expected = "not a feature vector" if kind == "spatial" else "not images"
+    expected = "not images" if kind == "not-images" else "not a feature vector"
     assert expected in result.output and str(bad) in result.output
 
 
@@ -129,3 +134,15 @@ def test_predict_with_missing_model_is_one_line(tmp_path, colour_data):
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
     assert "--model" in result.output and "nope" in result.output
+
+
+def test_paths_with_brackets_are_printed_literally(tmp_path, tiny_backbone, colour_data):
+    out = tmp_path / "runs [old]" / "model"
+    out.parent.mkdir()
+    result = run("train", colour_data, "--backbone", tiny_backbone, "--image-size", 32, "--out", out,
+                 "--epochs", 20, "--tensorboard", "none")
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output
+    result = run("export", "--tflite", "--model", out)
+    assert result.exit_code == 0, result.output
+    assert str(out / "model.tflite") in result.output

@@ -11,6 +11,7 @@ Layout of ``<out>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +53,20 @@ class Bundle:
             return {"train": list(splits.get("train", [])), "val": list(splits.get("val", []))}
         except (OSError, ValueError, AttributeError) as exc:
             raise BundleError(f"{p}: unreadable or corrupt ({exc}); pass --data DIR instead, or retrain") from None
+
+
+@contextlib.contextmanager
+def tf_readable(path: str | os.PathLike):
+    """Yield a path TensorFlow can open for ``path``. TF globs SavedModel paths, so a folder
+    named like "runs [old]" is not found; such a path is reached through a plain-named link."""
+    path = Path(path).absolute()
+    if not any(c in str(path) for c in "[]*?"):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tlcli-") as tmp:
+        link = Path(tmp) / "model"
+        os.symlink(path, link, target_is_directory=True)
+        yield link
 
 
 def write_json(path: Path, data) -> None:

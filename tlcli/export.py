@@ -133,8 +133,14 @@ def _write(path: Path, payload: bytes) -> None:
 
 
 def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
+    with bundles.tf_readable(b.path) as source:
+        return _convert_from(t, source, b, quantize, io_type, calibration)
+
+
+def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: str,
+                  calibration: np.ndarray | None) -> bytes:
     try:
-        converter = t.lite.TFLiteConverter.from_saved_model(str(b.path), signature_keys=["serving_default"])
+        converter = t.lite.TFLiteConverter.from_saved_model(str(source), signature_keys=["serving_default"])
     except Exception as exc:
         raise TlcliError(f"--model {b.path}: the SavedModel cannot be converted ({type(exc).__name__}); "
                          "the bundle may be corrupt; retrain it") from None

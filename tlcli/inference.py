@@ -58,7 +58,8 @@ class TFEngine:
 
         t = tf()
         try:
-            loaded = t.saved_model.load(str(bundle.path))
+            with bundles.tf_readable(bundle.path) as path:
+                loaded = t.saved_model.load(str(path))
             self.fn = loaded.signatures["serving_default"]
         except Exception as exc:
             raise BundleError(f"--model {bundle.path}: the SavedModel cannot be loaded ({type(exc).__name__}); "
