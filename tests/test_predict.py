@@ -2,7 +2,6 @@
 is 0 only when every input succeeded. Uses the shared read-only ``trained_bundle``."""
 
 import json
-import os
 
 import numpy as np
 import pytest

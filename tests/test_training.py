@@ -9,7 +9,7 @@ import pytest
 import tlcli
 from tlcli import data, head
 from tlcli.errors import Interrupted
-from tests.helpers import COLOURS, make_colour_dataset, solid_image
+from tests.helpers import make_colour_dataset, solid_image
 
 
 @pytest.fixture

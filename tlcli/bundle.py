@@ -40,6 +40,13 @@ class Bundle:
     meta: dict = field(default_factory=dict)
 
     @property
+    def max_pixels(self) -> int:
+        """The decoded-pixel limit the model was trained with (predict/evaluate/export default)."""
+        from tlcli.config import DEFAULT_MAX_PIXELS
+
+        return int(self.meta.get("config", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
+
+    @property
     def tflite_path(self) -> Path:
         return self.path / TFLITE_FILE
 

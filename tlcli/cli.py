@@ -238,7 +238,6 @@ def predict(
         if max_pixels is not None and max_pixels < 1:
             raise inference.UsageError(f"--max-pixels {max_pixels}: must be >= 1")
         b = bundles.load(model)
-        limit = max_pixels or b.meta.get("config", {}).get("max_pixels") or DEFAULTS.max_pixels
         eng = inference.open_engine(b, engine)
         files = inference.expand(paths)
     except TlcliError as exc:
@@ -249,7 +248,7 @@ def predict(
     table.add_column("file", overflow="fold")
     for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
         table.add_column(f"#{i + 1}")
-    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=limit):
+    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
         failed += p.error is not None
         if json_out:
             sys.stdout.write(json.dumps(p.to_dict()) + "\n")

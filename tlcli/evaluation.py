@@ -14,7 +14,7 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import data, inference, metrics
-from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from tlcli.config import DEFAULT_MODEL_DIR
 from tlcli.errors import DatasetError, UsageError
 from tlcli.progress import Callback, Event, silent
 
@@ -70,7 +70,7 @@ def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> 
 
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = "tf", top_k: int = 5, report_dir: str | os.PathLike | None = None,
-             max_mistakes: int = 10, batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_mistakes: int = 10, batch_size: int = 32, max_pixels: int | None = None,
              progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
@@ -95,6 +95,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(inference.ENGINES)}")
     start = time.perf_counter()
     b = bundles.load(model_dir)
+    max_pixels = max_pixels or b.max_pixels
     out_dir = _prepare_report_dir(report_dir)
     eng = None
     if engine != "tf":  # cheap to open, and a missing model.tflite should fail before the scan

@@ -26,7 +26,7 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import data, images
-from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from tlcli.config import DEFAULT_MODEL_DIR
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import LABELS_METADATA
 from tlcli.progress import Callback, Event, silent
@@ -175,7 +175,7 @@ def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: st
 
 def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: str | os.PathLike | None = None,
                   quantize: str = "none", io_type: str = "float32", data_dir: str | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: Callback = silent) -> ExportResult:
+                  max_pixels: int | None = None, progress: Callback = silent) -> ExportResult:
     """Convert the bundle's SavedModel (``serving_default``) to TFLite, write it to the bundle's
     ``model.tflite`` or ``output`` with its labels (see module docstring), and measure top-1
     agreement and both accuracies against the SavedModel on up to 500 of the bundle's validation
@@ -193,6 +193,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     if io_type != "float32" and quantize != "int8":
         raise UsageError(f"--io-type {io_type}: integer input/output needs --quantize int8")
     b = bundles.load(model_dir)
+    max_pixels = max_pixels or b.max_pixels
     out = Path(output) if output else b.tflite_path
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")

@@ -16,7 +16,7 @@ import numpy as np
 from tlcli import bundle as bundles
 from tlcli import images
 from tlcli.quiet import native_stderr_silenced
-from tlcli.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from tlcli.config import DEFAULT_MODEL_DIR
 from tlcli.errors import BundleError, ImageError, UsageError
 
 ENGINES = ("auto", "tf", "tflite")
@@ -154,9 +154,11 @@ def open_engine(bundle: bundles.Bundle, engine: str = "auto", *, tflite_path: Pa
 
 
 def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = 3,
-                 batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[Prediction, np.ndarray | None]]:
-    """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``."""
+                 batch_size: int = 32, max_pixels: int | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+    """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``.
+    ``max_pixels`` defaults to the limit the model was trained with."""
     size = bundle.image_size
+    max_pixels = max_pixels or bundle.max_pixels
     k = max(1, min(top_k, len(bundle.labels)))
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -180,7 +182,7 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
 
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
-            top_k: int = 3, engine: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+            top_k: int = 3, engine: str = "auto", max_pixels: int | None = None) -> list[Prediction]:
     """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
     raises ``BundleError`` / ``UsageError`` for a bad model or option."""
     if top_k < 1:
