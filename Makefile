@@ -46,5 +46,10 @@ test: install
 test-heavy: install hub-cache
 	$(DEMO_ENV) $(BIN)/python -m pytest -q -m heavy
 
+bench: install
+	$(BIN)/python bench/train_vs_baseline.py
+	$(BIN)/python bench/train_vs_baseline.py --memory
+	$(BIN)/python bench/deploy.py
+
 clean:
 	rm -rf demo-model .pytest_cache .cache

@@ -21,7 +21,7 @@ from tlcli.config import DEFAULT_MODEL_DIR, DEFAULTS, STRATEGIES
 from tlcli.errors import TlcliError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
 
-app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export.",
+app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export, evaluate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console()
 err = Console(stderr=True)

@@ -10,8 +10,9 @@
    holdout of the training images (the head was fit without it).
 4. Metrics on the validation images, then the bundle is written atomically.
 
-State is kept in ``.<out>.partial/`` (the head after its phase, and a checkpoint at every
-fine-tuning epoch) so ``--resume`` continues an interrupted run.
+State is kept in ``.<out>.partial/`` (settings, history, and a checkpoint at every fine-tuning
+epoch) so ``--resume`` continues an interrupted run; the head phase, sub-second on cached
+features, is simply redone.
 """
 
 from __future__ import annotations
