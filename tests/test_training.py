@@ -176,3 +176,24 @@ def test_interrupted_run_keeps_the_old_bundle_and_resume_finishes_it(tmp_path, d
 def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
     with pytest.raises(tlcli.TlcliError, match="no interrupted run"):
         tlcli.train(out=str(tmp_path / "model"), resume=True)
+
+
+def test_a_file_unreadable_after_the_check_is_named_not_cached(tmp_path, dataset, train_args, monkeypatch):
+    from tlcli import images
+
+    victim = str(dataset / "green" / "green_1.png")
+    real = images.load_for_model
+
+    def flaky(path, size, **kw):  # passes the pre-pass check, then fails when extraction decodes it
+        if str(path) == victim:
+            raise images.ImageError(path, images.TRUNCATED)
+        return real(path, size, **kw)
+
+    monkeypatch.setattr(images, "load_for_model", flaky)
+    cache = tmp_path / "cache"
+    with pytest.raises(tlcli.TlcliError, match="green_1.png: became unreadable"):
+        tlcli.train(dataset, out=str(tmp_path / "m"), cache_dir=str(cache), **train_args)
+    assert not (tmp_path / "m").exists()
+    monkeypatch.undo()
+    again = tlcli.train(dataset, out=str(tmp_path / "m"), cache_dir=str(cache), **train_args)
+    assert again.extracted >= 1  # the failed file was not cached as a grey image

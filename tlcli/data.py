@@ -246,10 +246,12 @@ def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
 
 def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = None,
                   batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  shuffle_seed: int | None = None, augment_seed: int | None = None):
+                  shuffle_seed: int | None = None, augment_seed: int | None = None,
+                  unreadable_fill: float = 0.5):
     """tf.data of float32 [batch, size, size, 3] in [0, 1] (and int labels), decoded by the project
-    decoder in parallel and prefetched. A file that became unreadable after the scan yields a grey
-    image rather than crashing the epoch."""
+    decoder in parallel and prefetched. A file that became unreadable after the scan yields an
+    image filled with ``unreadable_fill`` (grey) rather than crashing the epoch; feature
+    extraction passes NaN so that such a file is noticed instead of cached."""
     import numpy as np
 
     from tlcli._tf import tf
@@ -260,7 +262,7 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
         try:
             return images.load_for_model(p.decode(), size, max_pixels=max_pixels)
         except images.ImageError:
-            return np.full((size, size, 3), 0.5, np.float32)
+            return np.full((size, size, 3), unreadable_fill, np.float32)
 
     ds = t.data.Dataset.from_tensor_slices(list(paths))
     if labels is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tlcli.errors import DatasetError
 from tlcli.progress import Callback, Event, silent
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
@@ -75,7 +76,7 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
         ds = image_dataset([samples[i].path for i in todo], image_size, batch_size=batch_size,
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, unreadable_fill=np.nan)
         progress(Event("start", task, total=len(todo)))
         done = [0]
 
@@ -87,6 +88,9 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
 
         out = extractor.predict(ds, verbose=0, callbacks=[Report()])
         for i, vec in zip(todo, out):
+            if not np.isfinite(vec).all():  # the file could not be read any more (see image_dataset)
+                raise DatasetError(f"{samples[i].path}: became unreadable after the file check (changed or "
+                                   "removed during training?); fix or remove it and run again")
             found[i] = vec
             cache.put(samples[i].digest, vec)
         progress(Event("end", task, total=len(todo), completed=len(todo)))

@@ -245,19 +245,17 @@ class _Run:
         self.size = self.backbone.image_size
 
     # -- phases --------------------------------------------------------------------------------
-    def features(self):
-        from tlcli import features, model
+    def extract_features(self, cache, task: str = "extract") -> None:
+        """Backbone features of every train and val image -> ``self.feats_of(samples)``."""
+        from tlcli import features
 
-        cache = features.FeatureCache(self.cfg.cache_dir, f"{self.spec.cache_key()}-{self.size}")
-        extractor = model.build_extractor(self.backbone.layer, self.size)
         everything = self.train + self.val
-        feats, self.extracted = features.extract(
-            everything, extractor=extractor, cache=cache, image_size=self.size,
-            batch_size=self.global_batch, max_pixels=self.cfg.max_pixels, progress=self.progress)
-        self.cached = len(everything) - self.extracted
-        self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
+        feats, extracted = features.extract(
+            everything, extractor=self.extractor, cache=cache, image_size=self.size,
+            batch_size=self.global_batch, max_pixels=self.cfg.max_pixels, progress=self.progress, task=task)
         by_path = {s.path: i for i, s in enumerate(everything)}
-        return feats, by_path
+        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        return extracted
 
     def _class_weight(self, samples):
         if not self.cfg.class_weights:
@@ -273,9 +271,13 @@ class _Run:
     def head_phase(self) -> None:
         """Fit the head on cached features of the frozen backbone. With --fine-tune it is fit on
         all but the holdout, which stays unseen to drive early stopping of the fine-tuning."""
+        from tlcli import features
+
         cfg = self.cfg
-        feats, by_path = self.features()
-        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        cache = features.FeatureCache(cfg.cache_dir, f"{self.spec.cache_key()}-{self.size}")
+        self.extracted = self.extract_features(cache)
+        self.cached = len(self.train) + len(self.val) - self.extracted
+        self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
         self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
         self.save_state()
 
@@ -286,6 +288,8 @@ class _Run:
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
                                      l2=cfg.l2 or 0.0, seed=cfg.seed)
         self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
+        # Built here, before the export thread traces the same backbone layer.
+        self.extractor = model.build_extractor(self.backbone.layer, self.size)
 
     def fit_head(self, samples, phase: str) -> None:
         """Fit the head's Dense layer on ``self.feats_of(samples)`` (tlcli/head.py)."""
@@ -315,7 +319,7 @@ class _Run:
         """Adapt the backbone on augmented images (holdout-monitored, never ending worse than it
         started), then refit the head on every training image's features from the adapted
         backbone, as in the head phase."""
-        from tlcli import features, model
+        from tlcli import features
 
         cfg = self.cfg
         st = self.state.setdefault("fine_tune", {})
@@ -334,13 +338,7 @@ class _Run:
         self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
                  st=st, class_weight=self._class_weight(self.fit_rest),
                  patience=cfg.fine_tune_patience if val is not None else None)
-        everything = self.train + self.val
-        extractor = model.build_extractor(self.backbone.layer, self.size)
-        feats, _ = features.extract(everything, extractor=extractor, cache=features.NoCache(),
-                                    image_size=self.size, batch_size=self.global_batch,
-                                    max_pixels=cfg.max_pixels, progress=self.progress, task="re-extract")
-        by_path = {s.path: i for i, s in enumerate(everything)}
-        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        self.extract_features(features.NoCache(), task="re-extract")
         self.fit_head(self.train, "head refit")
 
     def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience):
