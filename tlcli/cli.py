@@ -123,6 +123,20 @@ def skipped_table(skipped: list[dict]) -> Table:
     return t
 
 
+def _with_progress(fn, *args, quiet: bool = False, **kwargs):
+    """Call a library function with a progress display; a TlcliError becomes one line and its
+    exit code."""
+    try:
+        with Progress(err, quiet=quiet) as progress:
+            return fn(*args, progress=progress, **kwargs)
+    except TlcliError as exc:
+        fail(exc)
+
+
+def _print_json(result) -> None:
+    out.print_json(json.dumps(result.to_dict()))
+
+
 def _kv_table(title: str) -> Table:
     """A two-column summary table; add values as ``Text`` so paths are never read as markup."""
     t = Table(title=title, title_justify="left", show_header=False)
@@ -188,13 +202,9 @@ def train(
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train
 
-    try:
-        with Progress(err) as progress:
-            result = run_train(config=cfg, progress=progress)
-    except TlcliError as exc:
-        fail(exc)
+    result = _with_progress(run_train, config=cfg)
     if json_out:
-        out.print_json(json.dumps(result.to_dict()))
+        _print_json(result)
         return
     t = _kv_table("Training summary")
     t.add_row("train accuracy", _pct(result.train_accuracy))
@@ -291,14 +301,10 @@ def export(
     if not tflite:
         err.print("[bold red]error:[/] export: choose a format; --tflite is the one available")
         raise typer.Exit(2)
-    try:
-        with Progress(err, quiet=json_out) as progress:
-            r = export_tflite(model, output=output, quantize=quantize, io_type=io_type,
-                              data_dir=str(data) if data else None, progress=progress)
-    except TlcliError as exc:
-        fail(exc)
+    r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize, io_type=io_type,
+                       data_dir=str(data) if data else None)
     if json_out:
-        out.print_json(json.dumps(r.to_dict()))
+        _print_json(r)
         return
     t = _kv_table("TFLite export")
     t.add_row("file", Text(r.path))
@@ -338,19 +344,13 @@ def evaluate(
 
     from tlcli.evaluation import evaluate as run_evaluate
 
-    try:
-        with Progress(err, quiet=json_out) as progress:
-            r = run_evaluate(data_dir, model_dir=model, engine=engine, top_k=top_k, report_dir=report,
-                             max_mistakes=mistakes, progress=progress)
-    except TlcliError as exc:
-        fail(exc)
+    r = _with_progress(run_evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine, top_k=top_k,
+                       report_dir=report, max_mistakes=mistakes)
     if json_out:
-        out.print_json(json.dumps(r.to_dict()))
+        _print_json(r)
     else:
         rep = r.report
-        t = Table(title="Evaluation", title_justify="left", show_header=False)
-        t.add_column(style="bold")
-        t.add_column()
+        t = _kv_table("Evaluation")
         t.add_row("model", escape(f"{r.model_dir} (engine {r.engine})"))
         t.add_row("images", escape(f"{rep.count} in {r.data_dir}"))
         t.add_row("accuracy", _pct(rep.accuracy))

@@ -30,6 +30,7 @@ from tlcli.config import DEFAULT_MODEL_DIR
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import LABELS_METADATA
 from tlcli.progress import Callback, Event, silent
+from tlcli.quiet import native_stderr_silenced
 
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 IO_TYPES = ("float32", "int8", "uint8")
@@ -167,7 +168,8 @@ def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: st
             converter.inference_input_type = getattr(t, io_type)
             converter.inference_output_type = getattr(t, io_type)
     try:
-        return converter.convert()
+        with native_stderr_silenced():  # the quantizer prints its settings from C++
+            return converter.convert()
     except Exception as exc:
         raise TlcliError(f"TFLite conversion failed for {b.path} ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]})") from None
