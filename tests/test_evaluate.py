@@ -257,10 +257,17 @@ def test_training_curves_png_from_a_history_with_all_phases(tmp_path):
                                **({"val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e} if val else {})}
     # As training records it: the head's validation curve runs on past the chosen epoch (7).
     head_rows = [row(e) if e <= 7 else {"epoch": e, "val_loss": 1.2 / e, "val_accuracy": 0.9} for e in range(1, 13)]
-    history = {"head": head_rows, "fine-tune": [row(e) for e in range(1, 4)]}
+    history = {"head": head_rows, "fine-tune": [row(e) for e in range(1, 4)],
+               "head refit": [row(e, False) for e in range(1, 6)]}
     img = Image.open(plots.training_curves(history, tmp_path / "curves.png"))
     img.load()
     assert img.format == "PNG" and (img.width, img.height) == (1200, 460)
+    colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50  # curves, shading, labels: not a blank canvas
+    # One colour per phase: C0, C1 and C2 of matplotlib's cycle all appear.
+    rgb = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+    for hex_colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):
+        assert tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)) in rgb, hex_colour
     empty = Image.open(plots.training_curves({}, tmp_path / "empty.png"))
     assert empty.format == "PNG" and empty.width == 1200
 

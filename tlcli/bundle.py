@@ -146,6 +146,22 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold SIGINT until the block ends (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def commit(staging: Path, out: str | os.PathLike, *, force: bool) -> Path:
     """Atomically move a finished staging directory to ``out`` (replacing it only if ``force``)."""
     out = Path(out).absolute()
@@ -153,12 +169,13 @@ def commit(staging: Path, out: str | os.PathLike, *, force: bool) -> Path:
         if not force:
             raise OutputExistsError(f"--out {out}: already exists; pass --force to replace it")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        try:
-            os.rename(staging, out)
-        except OSError:
-            os.rename(old, out)
-            raise
+        with _sigint_deferred():  # a Ctrl-C between the two renames would leave no bundle at out
+            os.rename(out, old)
+            try:
+                os.rename(staging, out)
+            except OSError:
+                os.rename(old, out)
+                raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, out)
