@@ -197,3 +197,11 @@ def test_a_file_unreadable_after_the_check_is_named_not_cached(tmp_path, dataset
     monkeypatch.undo()
     again = tlcli.train(dataset, out=str(tmp_path / "m"), cache_dir=str(cache), **train_args)
     assert again.extracted >= 1  # the failed file was not cached as a grey image
+
+
+def test_resume_with_a_damaged_state_file_is_a_clear_error(tmp_path):
+    partial = tmp_path / ".model.partial"
+    partial.mkdir()
+    (partial / "state.json").write_text("{half")
+    with pytest.raises(tlcli.TlcliError, match=r"--resume: .*state.json is unreadable.*without --resume"):
+        tlcli.train(out=str(tmp_path / "model"), resume=True)

@@ -104,8 +104,12 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         if not state_file.exists():
             raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out}; "
                              "run without --resume")
-        state = json.loads(state_file.read_text())
-        saved = TrainConfig.from_dict(state["config"])
+        try:
+            state = json.loads(state_file.read_text())
+            saved = TrainConfig.from_dict(state["config"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--resume: the interrupted run's state in {state_file} is unreadable ({exc}); "
+                             "run without --resume to start over") from None
         cfg = saved.replace(resume=True, force=cfg.force or saved.force)
         progress(Event("info", message=f"resuming the interrupted run into {cfg.out}"))
     if not cfg.data_dir:
@@ -175,7 +179,9 @@ class _Run:
         except KeyboardInterrupt:
             kept = "; progress kept: run the same command with --resume to continue" \
                 if (self.partial / "state.json").exists() else ""
-            raise Interrupted(f"interrupted: the previous model at {cfg.out} is untouched{kept}") from None
+            where = f"the previous model at {cfg.out} is untouched" if Path(cfg.out).exists() \
+                else f"nothing was written to {cfg.out}"
+            raise Interrupted(f"interrupted: {where}{kept}") from None
         finally:
             if scan is not None:
                 self.stopping.set()
