@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tlcli import __version__
-from tlcli.config import DEFAULT_MODEL_DIR, DEFAULTS, STRATEGIES
+from tlcli.config import (DEFAULT_MODEL_DIR, DEFAULTS, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K,
+                          PREDICT_ENGINE, PREDICT_TOP_K, STRATEGIES)
 from tlcli.errors import TlcliError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
 
@@ -227,8 +228,8 @@ def train(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
-    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
-    engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = "auto",
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
+    engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = PREDICT_ENGINE,
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
@@ -330,9 +331,9 @@ def evaluate(
                                                   "the model's labels.", show_default=False)],
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
     engine: Annotated[str, typer.Option(help="tf (the SavedModel), tflite (the bundle's model.tflite) "
-                                             "or auto.")] = "tf",
-    top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = 5,
-    mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = 10,
+                                             "or auto.")] = EVALUATE_ENGINE,
+    top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
+    mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
     report: Annotated[Optional[Path], typer.Option(help="Folder to write confusion_matrix.png and "
                                                         "mistakes.csv (every mistake) into.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "

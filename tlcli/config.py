@@ -12,6 +12,12 @@ from tlcli.presets import DEFAULT_PRESET
 DEFAULT_MAX_PIXELS = 128_000_000
 DEFAULT_MODEL_DIR = "tlcli-model"
 STRATEGIES = ("auto", "default", "mirrored", "tpu")
+# Defaults of predict and evaluate, shared by the library functions and the CLI.
+PREDICT_TOP_K = 3
+PREDICT_ENGINE = "auto"
+EVALUATE_TOP_K = 5
+EVALUATE_ENGINE = "tf"
+EVALUATE_MISTAKES = 10
 
 
 @dataclass

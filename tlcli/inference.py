@@ -16,7 +16,7 @@ import numpy as np
 from tlcli import bundle as bundles
 from tlcli import images
 from tlcli.quiet import native_stderr_silenced
-from tlcli.config import DEFAULT_MODEL_DIR
+from tlcli.config import DEFAULT_MODEL_DIR, PREDICT_ENGINE, PREDICT_TOP_K
 from tlcli.errors import BundleError, ImageError, UsageError
 
 ENGINES = ("auto", "tf", "tflite")
@@ -144,7 +144,7 @@ def tflite_labels(path: str | os.PathLike) -> list[str] | None:
     return None
 
 
-def open_engine(bundle: bundles.Bundle, engine: str = "auto", *, tflite_path: Path | None = None):
+def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None):
     """``auto`` picks LiteRT when the bundle has a model.tflite, else TensorFlow."""
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(ENGINES)}")
@@ -153,7 +153,7 @@ def open_engine(bundle: bundles.Bundle, engine: str = "auto", *, tflite_path: Pa
     return TFEngine(bundle)
 
 
-def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = 3,
+def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = PREDICT_TOP_K,
                  batch_size: int = 32, max_pixels: int | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
     """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``.
     ``max_pixels`` defaults to the limit the model was trained with."""
@@ -182,7 +182,7 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
 
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
-            top_k: int = 3, engine: str = "auto", max_pixels: int | None = None) -> list[Prediction]:
+            top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE, max_pixels: int | None = None) -> list[Prediction]:
     """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
     raises ``BundleError`` / ``UsageError`` for a bad model or option."""
     if top_k < 1:
