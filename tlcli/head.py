@@ -1,9 +1,10 @@
 """Training the softmax head on cached feature vectors, fast enough to cross-validate.
 
-With features cached, an epoch is one full-batch Adam step over every training vector, so many
-epochs cost milliseconds. The head is Dropout + Dense(softmax) with L2 on the kernel, label
-smoothing and per-class weights in the loss. Two settings are chosen from the training images
-alone, by stratified k-fold cross-validation: the L2 strength (from a log grid) and the number of
+With features cached, an epoch is one full-batch gradient step (Nesterov, step 1/L) over every
+training vector, so many epochs cost milliseconds. This fits the head's Dense(softmax) layer:
+L2 on the kernel, label smoothing and per-class weights in the loss (the head's Dropout only acts
+while fine-tuning). Two settings are chosen from the training images alone, by stratified k-fold
+cross-validation: the L2 strength (from a log grid) and the number of
 epochs (early stopping on each held-out fold's loss, best weights restored; the epoch count
 is where the mean held-out loss is lowest). The head is then refit on every training image.
 
@@ -19,7 +20,7 @@ import numpy as np
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
-CV_MAX_IMAGES = 1000  # cross-validate on a stratified sample of at most this many vectors
+CV_MAX_IMAGES = 1000  # cross-validate on a random sample of at most this many vectors
 
 
 @dataclass
