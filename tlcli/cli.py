@@ -240,17 +240,10 @@ def predict(
 
     from rich.text import Text
 
-    from tlcli import bundle as bundles
     from tlcli import inference
 
     try:
-        if top_k < 1:
-            raise inference.UsageError(f"--top-k {top_k}: must be >= 1")
-        if max_pixels is not None and max_pixels < 1:
-            raise inference.UsageError(f"--max-pixels {max_pixels}: must be >= 1")
-        b = bundles.load(model)
-        eng = inference.open_engine(b, engine)
-        files = inference.expand(paths)
+        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine, max_pixels=max_pixels)
     except TlcliError as exc:
         fail(exc)
     start = time.perf_counter()

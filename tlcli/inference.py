@@ -185,9 +185,17 @@ def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike 
             top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE, max_pixels: int | None = None) -> list[Prediction]:
     """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
     raises ``BundleError`` / ``UsageError`` for a bad model or option."""
+    b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels)
+    return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)]
+
+
+def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike, top_k: int, engine: str,
+            max_pixels: int | None) -> tuple[bundles.Bundle, object, list[str]]:
+    """Check the options, load the bundle and its engine, and expand folders: everything that can
+    fail as a whole before the first image is classified. Returns (bundle, engine, files)."""
     if top_k < 1:
         raise UsageError(f"--top-k {top_k}: must be >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
     b = bundles.load(model_dir)
-    eng = open_engine(b, engine)
-    files = expand(paths)
-    return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)]
+    return b, open_engine(b, engine), expand(paths)
