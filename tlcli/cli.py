@@ -251,7 +251,7 @@ def predict(
     table = Table(title=f"Predictions ({eng.name})", title_justify="left")
     table.add_column("file", overflow="fold")
     for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
-        table.add_column(f"#{i + 1}")
+        table.add_column(f"#{i + 1}", no_wrap=True)
     for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
         failed += p.error is not None
         if json_out:
