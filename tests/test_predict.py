@@ -136,3 +136,14 @@ def test_prediction_sees_exactly_what_training_saw(trained_bundle, colour_data):
     expected = engine(pipeline)
     got = np.stack([row for _, row in inference.iter_predict(paths, bundle=b, engine=engine)])
     assert np.array_equal(got, expected)
+
+
+def test_an_empty_folder_gets_its_own_error(tmp_path, trained_bundle, colour_data):
+    import tlcli
+
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    preds = tlcli.predict([tmp_path / "empty", colour_data / "red" / "red_0.jpg"], model_dir=trained_bundle,
+                          engine="tf")
+    assert [p.path for p in preds] == [str(tmp_path / "empty"), str(colour_data / "red" / "red_0.jpg")]
+    assert preds[0].error == f"{tmp_path / 'empty'}: folder with no files to classify"
+    assert preds[0].predictions == [] and preds[1].error is None

@@ -37,14 +37,16 @@ class Prediction:
 
 def expand(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Files as given, folders expanded recursively (sorted, hidden entries skipped). A missing
-    path is kept so that it gets its own per-file error."""
+    path, or a folder with no files, is kept so that it gets its own error."""
     out: list[str] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
+            found = []
             for root, dirs, files in os.walk(p, followlinks=False):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
+                found += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
+            out += found or [str(p)]
         else:
             out.append(str(p))
     return out
@@ -168,8 +170,12 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
                 arrays.append(images.load_for_model(p, size, max_pixels=max_pixels))
                 errors.append(None)
             except ImageError as exc:
-                errors.append(str(exc) if Path(p).exists() or exc.reason != images.UNREADABLE
-                              else f"{p}: no such file")
+                if Path(p).is_dir():
+                    errors.append(f"{p}: folder with no files to classify")
+                elif not Path(p).exists() and exc.reason == images.UNREADABLE:
+                    errors.append(f"{p}: no such file")
+                else:
+                    errors.append(str(exc))
         probs = engine(np.stack(arrays)) if arrays else np.zeros((0, len(bundle.labels)))
         it = iter(probs)
         for p, err in zip(chunk, errors):
