@@ -78,30 +78,35 @@ class LoadedBackbone:
     path: str
 
 
+def _concrete_calls(obj):
+    """The traced signatures of a loaded SavedModel's ``__call__`` (none for a plain function)."""
+    return getattr(getattr(obj, "__call__", None), "concrete_functions", None) or []
+
+
+def _first_input_shape(cf):
+    args = cf.structured_input_signature[0]
+    return args[0].shape if args and hasattr(args[0], "shape") else None
+
+
 def _declared_size(obj) -> int | None:
-    fn = getattr(obj, "__call__", None)
-    for cf in getattr(fn, "concrete_functions", []) or []:
-        args = cf.structured_input_signature[0]
-        if args and hasattr(args[0], "shape") and args[0].shape.rank == 4:
-            h, w = args[0].shape[1], args[0].shape[2]
-            if h and w and h == w:
-                return int(h)
+    for cf in _concrete_calls(obj):
+        shape = _first_input_shape(cf)
+        if shape is not None and shape.rank == 4 and shape[1] and shape[1] == shape[2]:
+            return int(shape[1])
     return None
 
 
 def _declared_input_rank(obj) -> int | None:
-    fn = getattr(obj, "__call__", None)
-    for cf in getattr(fn, "concrete_functions", []) or []:
-        args = cf.structured_input_signature[0]
-        if args and hasattr(args[0], "shape") and args[0].shape.rank is not None:
-            return args[0].shape.rank
+    for cf in _concrete_calls(obj):
+        shape = _first_input_shape(cf)
+        if shape is not None and shape.rank is not None:
+            return shape.rank
     return None
 
 
 def _declared_output_shape(obj):
     """The output shape the SavedModel declares for __call__ (a list, or a dict of them), or None."""
-    fn = getattr(obj, "__call__", None)
-    for cf in getattr(fn, "concrete_functions", []) or []:
+    for cf in _concrete_calls(obj):
         outs = cf.structured_outputs
         if isinstance(outs, dict):
             return {k: v.shape.as_list() if v.shape.rank is not None else None for k, v in outs.items()}
