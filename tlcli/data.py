@@ -45,10 +45,15 @@ class ImageFolder:
     warnings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        n = {label: 0 for label in self.labels}
-        for s in self.samples:
-            n[self.labels[s.label]] += 1
-        return n
+        return count_by_label(self.samples, self.labels)
+
+
+def count_by_label(samples, labels: list[str]) -> dict[str, int]:
+    """Images per label name (every label present, 0 when it has none), in label order."""
+    n = {label: 0 for label in labels}
+    for s in samples:
+        n[labels[s.label]] += 1
+    return n
 
 
 NOT_IN_CLASS_FOLDER = "not in a class folder"

@@ -16,7 +16,7 @@ from tlcli import bundle as bundles
 from tlcli import data, inference, metrics
 from tlcli.config import DEFAULT_MODEL_DIR, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K
 from tlcli.errors import DatasetError, UsageError
-from tlcli.progress import Callback, Event, silent
+from tlcli.progress import Callback, Event, counter, silent
 
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_CSV = "mistakes.csv"
@@ -101,15 +101,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     if engine != "tf":  # cheap to open, and a missing model.tflite should fail before the scan
         eng = inference.open_engine(b, engine)
 
-    def scanned(done, total):
-        if done == 1:
-            progress(Event("start", "scan", total=total))
-        progress(Event("advance", "scan", completed=done, total=total))
-        if done == total:
-            progress(Event("end", "scan", completed=done, total=total))
-
     folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
-                       progress=scanned)
+                       progress=counter(progress, "scan"))
     skipped = [s.to_dict() for s in folder.skipped]
     counts = folder.counts()
     missing = [label for label, n in counts.items() if n == 0]

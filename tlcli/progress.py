@@ -24,3 +24,18 @@ Callback = Callable[[Event], None]
 
 def silent(event: Event) -> None:
     pass
+
+
+def counter(progress: Callback, task: str, check: Callable[[], None] | None = None) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback that reports ``task`` as start / advance / end events.
+    ``check`` runs first on every call and may raise to abandon the work."""
+    def report(done: int, total: int) -> None:
+        if check is not None:
+            check()
+        if done == 1:
+            progress(Event("start", task, total=total))
+        progress(Event("advance", task, completed=done, total=total))
+        if done == total:
+            progress(Event("end", task, completed=done, total=total))
+
+    return report

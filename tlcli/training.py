@@ -32,7 +32,7 @@ from tlcli import bundle, data, metrics, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import STRATEGIES, TrainConfig
 from tlcli.errors import Interrupted, UsageError
-from tlcli.progress import Callback, Event, silent
+from tlcli.progress import Callback, Event, counter, silent
 
 
 @dataclass
@@ -203,26 +203,19 @@ class _Run:
             warnings=self.warnings, history=self.history)
 
     def count(self, samples) -> dict[str, int]:
-        n = {label: 0 for label in self.labels}
-        for s in samples:
-            n[self.labels[s.label]] += 1
-        return n
+        return data.count_by_label(samples, self.labels)
 
     # -- data ----------------------------------------------------------------------------------
     def scan(self) -> None:
         cfg = self.cfg
         size = self.spec.image_size or 224
 
+        def abandoned():
+            if self.stopping.is_set():
+                raise Interrupted("the file check was abandoned")
+
         def report(task):
-            def cb(done, total):
-                if self.stopping.is_set():
-                    raise Interrupted("the file check was abandoned")
-                if done == 1:
-                    self.progress(Event("start", task, total=total))
-                self.progress(Event("advance", task, completed=done, total=total))
-                if done == total:
-                    self.progress(Event("end", task, completed=done, total=total))
-            return cb
+            return counter(self.progress, task, check=abandoned)
 
         train = data.scan(cfg.data_dir, image_size=size, max_pixels=cfg.max_pixels, strict=cfg.strict,
                           progress=report("scan"))
@@ -251,8 +244,9 @@ class _Run:
         self.size = self.backbone.image_size
 
     # -- phases --------------------------------------------------------------------------------
-    def extract_features(self, cache, task: str = "extract") -> None:
-        """Backbone features of every train and val image -> ``self.feats_of(samples)``."""
+    def extract_features(self, cache, task: str = "extract") -> int:
+        """Backbone features of every train and val image -> ``self.feats_of(samples)``.
+        Returns how many images went through the backbone (the rest came from ``cache``)."""
         from tlcli import features
 
         everything = self.train + self.val
