@@ -60,3 +60,12 @@ def make_colour_dataset(root: Path, per_class: int = 8, colours=COLOURS, start: 
             ext = "png" if i % 2 else "jpg"
             solid_image(colour, seed=hash((name, i)) % 2**32).save(d / f"{name}_{i}.{ext}")
     return root
+
+
+def run_cli(*args, columns: int = 200):
+    """Invoke the tlcli Typer app in-process with a fixed terminal width and no colour."""
+    from typer.testing import CliRunner
+
+    from tlcli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns), "NO_COLOR": "1"})

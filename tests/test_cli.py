@@ -5,16 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
+from tests.helpers import run_cli as run
 from tlcli.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
-
 
 def test_every_command_has_help_text():
     for command in app.registered_commands:

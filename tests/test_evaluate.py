@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from tests.helpers import COLOURS, solid_image
-from tlcli.cli import app
+from tests.helpers import run_cli as run
 from tlcli.metrics import ClassMetrics, Report
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 
 def _twin_folder(root: Path, twins: dict[str, int], reds: int, seed: int) -> Path:

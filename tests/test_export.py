@@ -8,20 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from tlcli.cli import app
+from tests.helpers import run_cli as run
 
-runner = CliRunner()
 
 MODES = [("none", "float32"), ("float16", "float32"), ("dynamic", "float32"),
          ("int8", "float32"), ("int8", "int8"), ("int8", "uint8")]
 # The converter's own record of what it did (tensorflow/lite/python/conversion_metadata.fbs).
 OPTIMIZATION = {"none": set(), "float16": {1001}, "dynamic": {1002}, "int8": {1003}}
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 
 def colour_images(colour_data):

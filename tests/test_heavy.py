@@ -4,7 +4,6 @@ They skip with a message when ../shared is absent.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +11,9 @@ import tlcli
 
 pytestmark = pytest.mark.heavy
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, SHARED
+
 HUB_CACHE = SHARED / "tfhub_cache"
-MOBILENET_V2 = SHARED / "models" / "mobilenet_v2_100_224_feature_vector"
-HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
 
 
 def need(*paths):

@@ -6,16 +6,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
+from tests.helpers import run_cli as run
 from tlcli import images
-from tlcli.cli import app
-
-runner = CliRunner()
-
-
-def run(*args, columns=200):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns), "NO_COLOR": "1"})
 
 
 def json_rows(result) -> list[dict]:
