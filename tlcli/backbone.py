@@ -115,10 +115,11 @@ def _declared_output_shape(obj):
     return None
 
 
-def load(spec: BackboneSpec, *, trainable: bool = False) -> LoadedBackbone:
+def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None) -> LoadedBackbone:
     """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
-    output [batch, features]. Raises ``BackboneError`` otherwise."""
-    path = fetch(spec)
+    output [batch, features]. ``path`` is what ``fetch(spec)`` returned, when already known.
+    Raises ``BackboneError`` otherwise."""
+    path = path or fetch(spec)
     t = tf()
     try:
         obj = hub().load(path)

@@ -119,13 +119,15 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     bundle.check_output(cfg.out, force=cfg.force, need_bytes=200_000_000)
     from tlcli.backbone import fetch
 
-    fetch(spec)  # fail fast (offline, bad handle) before scanning anything
-    return _Run(cfg, spec, partial, state, progress).run()
+    path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
+    return _Run(cfg, spec, partial, state, progress, backbone_path=path).run()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, spec, partial: Path, state: dict, progress: Callback):
+    def __init__(self, cfg: TrainConfig, spec, partial: Path, state: dict, progress: Callback, *,
+                 backbone_path: str | None = None):
         self.cfg, self.spec, self.partial, self.state, self.progress = cfg, spec, partial, state, progress
+        self.backbone_path = backbone_path
         self.history: dict[str, list] = state.get("history", {}) if cfg.resume else {}
         self.scalars = summaries.ScalarLog(cfg.tensorboard, partial=partial, out=cfg.out)
         self.stopping = threading.Event()  # tells background work to give up (Ctrl-C, an error)
@@ -240,7 +242,7 @@ class _Run:
     def load_backbone(self) -> None:
         from tlcli import backbone
 
-        self.backbone = backbone.load(self.spec, trainable=self.cfg.fine_tune)
+        self.backbone = backbone.load(self.spec, trainable=self.cfg.fine_tune, path=self.backbone_path)
         self.size = self.backbone.image_size
 
     # -- phases --------------------------------------------------------------------------------
