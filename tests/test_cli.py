@@ -139,3 +139,12 @@ def test_paths_with_brackets_are_printed_literally(tmp_path, tiny_backbone, colo
     result = run("export", "--tflite", "--model", out)
     assert result.exit_code == 0, result.output
     assert str(out / "model.tflite") in result.output
+
+
+def test_a_missing_dir_is_reported_before_the_backbone_is_fetched(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty-cache"))  # the default handle is not cached
+    result = run("train", tmp_path / "nope", "--out", tmp_path / "m")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: DIR {tmp_path / 'nope'}: no such directory; give the folder that holds one subfolder of "
+        "images per class"]

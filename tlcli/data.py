@@ -139,12 +139,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
     warning in ``warnings``.
     """
-    root_p = Path(root)
-    if not root_p.exists():
-        raise DatasetError(f"{option} {root}: no such directory; give the folder that holds one subfolder "
-                           "of images per class")
-    if not root_p.is_dir():
-        raise DatasetError(f"{option} {root}: not a directory; give a folder with one subfolder per class")
+    root_p = check_folder(root, option)
     try:
         entries = sorted((e for e in os.scandir(root_p) if not _hidden(e.name)), key=lambda e: e.name)
     except OSError as exc:
@@ -219,6 +214,17 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
     return folder
+
+
+def check_folder(root: str | os.PathLike, option: str = "DIR") -> Path:
+    """The dataset folder as a Path; a DatasetError naming ``option`` if it is missing or a file."""
+    root_p = Path(root)
+    if not root_p.exists():
+        raise DatasetError(f"{option} {root}: no such directory; give the folder that holds one subfolder "
+                           "of images per class")
+    if not root_p.is_dir():
+        raise DatasetError(f"{option} {root}: not a directory; give a folder with one subfolder per class")
+    return root_p
 
 
 def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

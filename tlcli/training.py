@@ -115,6 +115,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
+    data.check_folder(cfg.data_dir)  # cheap checks first: a typo in DIR is not a network problem
+    if cfg.val_dir:
+        data.check_folder(cfg.val_dir, "--val-dir")
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     bundle.check_output(cfg.out, force=cfg.force, need_bytes=200_000_000)
     from tlcli.backbone import fetch
