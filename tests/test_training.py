@@ -60,6 +60,21 @@ def test_head_early_stopping_picks_the_epoch_with_the_lowest_held_out_loss():
     assert len(train_rows) == fit.epochs  # the refit runs exactly the chosen number of epochs
 
 
+def test_views_of_one_image_stay_in_one_cross_validation_fold():
+    rng = np.random.default_rng(2)
+    X = rng.normal(0, 1, (60, 40))
+    y = rng.integers(0, 2, 60)  # pure noise, as above: the best held-out epoch is an early one
+    views = np.vstack([X, X + rng.normal(0, 0.01, X.shape)])  # two near-identical views per image
+    labels, groups = np.r_[y, y], np.r_[np.arange(60), np.arange(60)]
+    leaky = head.fit_head(views, labels, 2, epochs=300, patience=15, l2=1e-4)
+    grouped = head.fit_head(views, labels, 2, epochs=300, patience=15, l2=1e-4, groups=groups)
+    # Scored on copies of their own training rows, leaky folds keep "improving" as the head
+    # memorises; grouped folds see only unseen images and stop where the noise fit starts.
+    assert leaky.epochs > 2 * grouped.epochs
+    best = lambda fit: min(row["val_loss"] for row in fit.history if "val_loss" in row)  # noqa: E731
+    assert best(leaky) < best(grouped)
+
+
 def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
     """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
     from tlcli import training

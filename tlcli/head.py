@@ -108,12 +108,15 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: dict | None = None,
              epochs: int = 300, learning_rate: float | None = None, label_smoothing: float = 0.1,
-             patience: int = 20, seed: int = 0, l2: float | None = None) -> HeadFit:
+             patience: int = 20, seed: int = 0, l2: float | None = None,
+             groups: np.ndarray | None = None) -> HeadFit:
     """Fit the head on features X [n, d] with integer labels y [n] -> kernel [d, k], bias [k].
 
     ``l2=None`` picks it by cross-validation from ``L2_GRID``; the epoch count (<= ``epochs``) is
     picked by cross-validation when every class has >= 2 images, else ``epochs`` is used.
     ``learning_rate=None`` uses 1/L, the largest step that provably converges.
+    ``groups`` [n] marks rows that are views of one image (augmented copies): cross-validation
+    keeps each group within one fold, so no image is scored by a fit that saw another view of it.
     """
     X = np.asarray(X, np.float64)
     y = np.asarray(y, int)
@@ -126,15 +129,23 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     grid = L2_GRID if l2 is None else (l2,)
     cv_loss: dict = {}
     # Cross-validate on (a random sample of at most CV_MAX_IMAGES of) the images, in their row space.
-    sample = np.arange(n)
-    if n > CV_MAX_IMAGES:
-        sample = np.sort(rng.choice(n, CV_MAX_IMAGES, replace=False))
-    counts = np.bincount(y[sample], minlength=k)
+    group = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_groups = int(group.max()) + 1 if n else 0
+    first = np.zeros(n_groups, int)
+    first[group[::-1]] = np.arange(n)[::-1]  # a row of each group, for its label
+    chosen = np.arange(n_groups)
+    if n > CV_MAX_IMAGES:  # whole groups, about CV_MAX_IMAGES rows
+        take = max(2, int(CV_MAX_IMAGES * n_groups / n))
+        chosen = np.sort(rng.choice(n_groups, take, replace=False))
+    sample = np.nonzero(np.isin(group, chosen))[0]
+    counts = np.bincount(y[first[chosen]], minlength=k)
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
     if folds >= 2:
         Xs, ys = X[sample], y[sample]
         Zs = _row_space(Xs)
-        fold = _folds(ys, folds, seed)
+        gfold = np.zeros(n_groups, int)
+        gfold[chosen] = _folds(y[first[chosen]], folds, seed)
+        fold = gfold[group[sample]]
         g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
         g_fold = np.tile(np.arange(folds), len(grid))
         train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
