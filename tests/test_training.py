@@ -127,16 +127,31 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
     assert result.fine_tune_epochs == 2
     assert np.abs(_backbone_kernel(tmp_path / "ft") - original).max() > 1e-4
     assert set(result.history) == {"head", "fine-tune", "head refit"}
+    # The head phase read the features cached by the head-only run; with changed weights every
+    # image and its mirror image go through the adapted backbone again.
+    assert result.mirror, "--fine-tune turns mirror averaging on by default"
+    assert (result.extracted, result.cached) == (2 * 18, 18)
 
 
 def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone):
     original = _backbone_kernel(tiny_backbone)
     result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
-                         fine_tune_learning_rate=50.0, **train_args)  # a step size that wrecks the model
+                         fine_tune_learning_rate=50.0, mirror=False, **train_args)  # a step size that wrecks the model
     history = result.history["fine-tune"]
     assert len(history) == 2
     np.testing.assert_array_equal(_backbone_kernel(tmp_path / "ft"), original)
     assert result.val_accuracy == 1.0
+    # The backbone kept its starting weights, so the head refit reads the cached features.
+    assert (result.extracted, result.cached) == (18, 18)
+    assert not result.mirror
+
+
+def test_undone_fine_tune_extracts_only_the_mirror_views(tmp_path, dataset, train_args):
+    result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=1,
+                         fine_tune_learning_rate=50.0, **train_args)
+    assert result.mirror
+    # 18 for the head, then after the undone fine-tuning: 18 cached + 18 mirror views extracted.
+    assert (result.extracted, result.cached) == (36, 18)
 
 
 def test_same_seed_gives_identical_split_and_metrics(tmp_path, dataset, train_args):

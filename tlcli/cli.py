@@ -175,6 +175,11 @@ def train(
     fine_tune: Annotated[bool, typer.Option(help="After the head, fine-tune the whole backbone.")] = DEFAULTS.fine_tune,
     fine_tune_epochs: Annotated[int, typer.Option(help="Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
     fine_tune_learning_rate: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = DEFAULTS.fine_tune_learning_rate,
+    mirror: Annotated[Optional[bool], typer.Option(
+        "--mirror/--no-mirror", help="Learn from each image and its left-right mirror image, and average "
+                                     "both in the model (twice the backbone work per image); default: on "
+                                     "with --fine-tune. Turn it off when mirroring changes the class.",
+        show_default=False)] = DEFAULTS.mirror,
     class_weights: Annotated[bool, typer.Option(help="Weight classes by inverse frequency.")] = DEFAULTS.class_weights,
     strategy: Annotated[str, typer.Option(help=f"Distribution strategy: {', '.join(STRATEGIES)}.")] = DEFAULTS.strategy,
     strict: Annotated[bool, typer.Option(help="Fail on any unusable file instead of skipping it.")] = DEFAULTS.strict,
@@ -197,7 +202,7 @@ def train(
         data_dir=str(data_dir) if data_dir else "", backbone=backbone, image_size=image_size, out=str(out_dir),
         force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed,
         val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
-        fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
+        fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate, mirror=mirror,
         class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
         cache_dir=str(cache_dir) if cache_dir else None, resume=resume,
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
@@ -212,7 +217,8 @@ def train(
     t.add_row("val accuracy", _pct(result.val_accuracy))
     t.add_row("epochs", f"head {result.head_epochs}" + (f", fine-tune {result.fine_tune_epochs}"
                                                          if result.fine_tune_epochs else ""))
-    t.add_row("features", f"{result.extracted} extracted, {result.cached} cached")
+    t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
+              + (" (image and mirror image)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
     t.add_row("strategy", Text(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")

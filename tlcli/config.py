@@ -50,6 +50,10 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     fine_tune_patience: int = 2
     augment: bool = True
+    # Mirror averaging: the head learns from each training image and its left-right mirror
+    # image, and the model averages the features of both (the backbone runs twice per image).
+    # None = on with --fine-tune (the run that trades time for accuracy), off otherwise.
+    mirror: bool | None = None
     # Machinery.
     strategy: str = "auto"
     strict: bool = False

@@ -18,20 +18,33 @@ def build_head(feature_dim: int, num_classes: int, *, dropout: float, l2: float,
     ], name="head")
 
 
-def build_classifier(backbone_layer, head, image_size: int):
+def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False):
     """float32 [batch, size, size, 3] in [0, 1] -> probabilities. The backbone always runs in
-    inference mode (BatchNorm uses its moving statistics), even while fine-tuning."""
+    inference mode (BatchNorm uses its moving statistics), even while fine-tuning. With
+    ``mirror`` the head sees the mean of the features of each image and of its left-right
+    mirror image (the backbone runs twice)."""
     k = keras()
     images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
+    features = _features(backbone_layer, images, mirror=mirror)
+    return k.Model(images, head(features), name="classifier")
+
+
+def build_extractor(backbone_layer, image_size: int, *, flip: bool = False):
+    """Images -> backbone features; of their left-right mirror images when ``flip``."""
+    k = keras()
+    images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
+    return k.Model(images, backbone_layer(_flip(images) if flip else images, training=False), name="extractor")
+
+
+def _flip(images):
+    return tf().reverse(images, axis=[2])  # [batch, height, width, channels]: mirror the width
+
+
+def _features(backbone_layer, images, *, mirror: bool):
     features = backbone_layer(images, training=False)
-    probs = head(features)
-    return k.Model(images, probs, name="classifier")
-
-
-def build_extractor(backbone_layer, image_size: int):
-    k = keras()
-    images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
-    return k.Model(images, backbone_layer(images, training=False), name="extractor")
+    if not mirror:
+        return features
+    return keras().layers.Average(name="mirror_average")([features, backbone_layer(_flip(images), training=False)])
 
 
 # ---- the bytes signature's decoder --------------------------------------------------------------

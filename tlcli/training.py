@@ -52,6 +52,7 @@ class TrainResult:
     replicas: int
     global_batch_size: int
     seconds: float
+    mirror: bool = False
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
@@ -157,6 +158,7 @@ class _Run:
             scan = _Background(self.scan)
 
             keras().utils.set_random_seed(cfg.seed)
+            self.mirror = cfg.fine_tune if cfg.mirror is None else cfg.mirror
             self.chosen = strategies.choose(cfg.strategy)
             self.global_batch = cfg.batch_size * self.chosen.replicas
             with self.chosen.strategy.scope():
@@ -204,7 +206,7 @@ class _Run:
             fine_tune_epochs=self.state.get("fine_tune", {}).get("epochs_run", 0),
             extracted=self.extracted, cached=self.cached, strategy=self.chosen.description,
             replicas=self.chosen.replicas, global_batch_size=self.global_batch,
-            seconds=time.perf_counter() - start, skipped=[s.to_dict() for s in self.skipped],
+            seconds=time.perf_counter() - start, mirror=self.mirror, skipped=[s.to_dict() for s in self.skipped],
             warnings=self.warnings, history=self.history)
 
     def count(self, samples) -> dict[str, int]:
@@ -249,18 +251,32 @@ class _Run:
         self.size = self.backbone.image_size
 
     # -- phases --------------------------------------------------------------------------------
-    def extract_features(self, cache, task: str = "extract") -> int:
-        """Backbone features of every train and val image -> ``self.feats_of(samples)``.
-        Returns how many images went through the backbone (the rest came from ``cache``)."""
+    def extract_features(self, *, frozen: bool, mirror: bool, task: str = "extract") -> tuple[int, int]:
+        """Backbone features of every train and val image -> ``self.feats_of(samples)``, and with
+        ``mirror`` those of their mirror images -> ``self.flip_feats_of(samples)``. A ``frozen``
+        backbone's features go through the feature cache. Returns (images that went through the
+        backbone, images whose features came from the cache), counting each view."""
         from tlcli import features
 
         everything = self.train + self.val
-        feats, extracted = features.extract(
-            everything, extractor=self.extractor, cache=cache, image_size=self.size,
-            batch_size=self.global_batch, max_pixels=self.cfg.max_pixels, progress=self.progress, task=task)
         by_path = {s.path: i for i, s in enumerate(everything)}
-        self.feats_of = lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
-        return extracted
+        key = f"{self.spec.cache_key()}-{self.size}"
+        views = [(self.extractor, key, task)]
+        if mirror:
+            views.append((self.flip_extractor, f"{key}-mirror", f"{task} (mirror)"))
+        extracted = 0
+        found = []
+        for extractor, cache_key, name in views:
+            cache = features.FeatureCache(self.cfg.cache_dir, cache_key) if frozen else features.NoCache()
+            feats, n = features.extract(
+                everything, extractor=extractor, cache=cache, image_size=self.size, batch_size=self.global_batch,
+                max_pixels=self.cfg.max_pixels, progress=self.progress, task=name)
+            found.append(feats)
+            extracted += n
+        rows = lambda feats: lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
+        self.feats_of = rows(found[0])
+        self.flip_feats_of = rows(found[1]) if mirror else None
+        return extracted, len(views) * len(everything) - extracted
 
     def _class_weight(self, samples):
         if not self.cfg.class_weights:
@@ -276,12 +292,9 @@ class _Run:
     def head_phase(self) -> None:
         """Fit the head on cached features of the frozen backbone. With --fine-tune it is fit on
         all but the holdout, which stays unseen to drive early stopping of the fine-tuning."""
-        from tlcli import features
-
         cfg = self.cfg
-        cache = features.FeatureCache(cfg.cache_dir, f"{self.spec.cache_key()}-{self.size}")
-        self.extracted = self.extract_features(cache)
-        self.cached = len(self.train) + len(self.val) - self.extracted
+        # Fine-tuning changes the backbone: its mirror views are extracted after it.
+        self.extracted, self.cached = self.extract_features(frozen=True, mirror=self.mirror and not cfg.fine_tune)
         self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
         self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
         self.save_state()
@@ -292,9 +305,14 @@ class _Run:
         cfg = self.cfg
         self.head = model.build_head(self.backbone.feature_dim, len(self.labels), dropout=cfg.dropout,
                                      l2=cfg.l2 or 0.0, seed=cfg.seed)
-        self.classifier = model.build_classifier(self.backbone.layer, self.head, self.size)
+        layer = self.backbone.layer
+        # Fine-tuning trains one view per image; the served classifier averages both when mirroring.
+        self.train_model = model.build_classifier(layer, self.head, self.size)
+        self.classifier = model.build_classifier(layer, self.head, self.size, mirror=True) if self.mirror \
+            else self.train_model
         # Built here, before the export thread traces the same backbone layer.
-        self.extractor = model.build_extractor(self.backbone.layer, self.size)
+        self.extractor = model.build_extractor(layer, self.size)
+        self.flip_extractor = model.build_extractor(layer, self.size, flip=True) if self.mirror else None
 
     def fit_head(self, samples, phase: str) -> None:
         """Fit the head's Dense layer on ``self.feats_of(samples)`` (tlcli/head.py)."""
@@ -302,10 +320,13 @@ class _Run:
 
         cfg = self.cfg
         self.progress(Event("start", phase, total=None))
-        fit = head.fit_head(self.feats_of(samples), [s.label for s in samples], len(self.labels),
-                            class_weight=self._class_weight(samples), epochs=cfg.epochs,
+        X, y, groups = self.feats_of(samples), [s.label for s in samples], None
+        if self.flip_feats_of is not None:  # both views of each image, kept in one CV fold
+            X = np.vstack([X, self.flip_feats_of(samples)])
+            y, groups = y + y, np.tile(np.arange(len(samples)), 2)
+        fit = head.fit_head(X, y, len(self.labels), class_weight=self._class_weight(samples), epochs=cfg.epochs,
                             learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                            patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
+                            patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, groups=groups)
         self.history[phase] = fit.history
         for row in fit.history:
             self.scalars.write(phase, row["epoch"], row)
@@ -324,11 +345,9 @@ class _Run:
         """Adapt the backbone on augmented images (holdout-monitored, never ending worse than it
         started), then refit the head on every training image's features from the adapted
         backbone, as in the head phase."""
-        from tlcli import features
-
         cfg = self.cfg
         st = self.state.setdefault("fine_tune", {})
-        self._compile(self.classifier, cfg.fine_tune_learning_rate)
+        self._compile(self.train_model, cfg.fine_tune_learning_rate)
         ds = data.image_dataset([s.path for s in self.fit_rest], self.size,
                                 labels=[s.label for s in self.fit_rest], batch_size=self.global_batch,
                                 max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed)
@@ -340,10 +359,15 @@ class _Run:
             val = data.image_dataset([s.path for s in self.holdout], self.size,
                                      labels=[s.label for s in self.holdout], batch_size=self.global_batch,
                                      max_pixels=cfg.max_pixels).map(onehot)
-        self.fit(self.classifier, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
+        self.fit(self.train_model, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
                  st=st, class_weight=self._class_weight(self.fit_rest),
                  patience=cfg.fine_tune_patience if val is not None else None)
-        self.extract_features(features.NoCache(), task="re-extract")
+        # Kept the starting weights (the holdout never improved): the cached features still hold.
+        unchanged = st.get("best_epoch") == -1
+        extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract")
+        self.extracted, self.cached = self.extracted + extracted, self.cached + cached
+        self.progress(Event("info", message=f"features after fine-tuning: {extracted} extracted, {cached} from "
+                            "cache" + (" (the backbone kept its starting weights)" if unchanged else "")))
         self.fit_head(self.train, "head refit")
 
     def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience):
@@ -367,7 +391,10 @@ class _Run:
         from tlcli import head
 
         kernel, bias = self.head.layers[-1].get_weights()  # Dense(softmax); dropout is off at inference
-        return head.softmax(self.feats_of(samples) @ kernel + bias)
+        feats = self.feats_of(samples)
+        if self.flip_feats_of is not None:  # as the classifier does (model.build_classifier)
+            feats = (feats + self.flip_feats_of(samples)) / 2
+        return head.softmax(feats @ kernel + bias)
 
     def evaluate(self) -> None:
         y = lambda ss: [s.label for s in ss]  # noqa: E731
@@ -396,6 +423,8 @@ class _Run:
                            "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"},
             "backbone": {"handle": self.spec.handle, "preset": self.spec.preset,
                          "feature_dim": self.backbone.feature_dim},
+            # The head sees the mean features of the image and its left-right mirror image.
+            "mirror_average": self.mirror,
             "config": cfg.to_dict(),
             "data": {"train_dir": str(Path(cfg.data_dir).absolute()),
                      "val_dir": str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
