@@ -141,8 +141,7 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     counts = np.bincount(y[first[chosen]], minlength=k)
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
     if folds >= 2:
-        Xs, ys = X[sample], y[sample]
-        Zs = _row_space(Xs)
+        Zs = _row_space(X[sample])
         gfold = np.zeros(n_groups, int)
         gfold[chosen] = _folds(y[first[chosen]], folds, seed)
         fold = gfold[group[sample]]
