@@ -48,10 +48,7 @@ def test_mirror_bundle_scores_an_image_and_its_mirror_image_alike(tmp_path, trai
     assert (again.extracted, again.cached) == (0, 2 * 18)
 
 
-def test_mirror_metrics_recorded_by_training_are_those_of_the_saved_model(tmp_path, train_args):
-    data = make_colour_dataset(tmp_path / "images", per_class=6)
-    bundle = tmp_path / "m"
-    tlcli.train(data, out=str(bundle), mirror=True, **train_args)
+def _check_recorded_metrics_match_the_saved_model(bundle, tmp_path):
     meta = json.loads((bundle / "tlcli.json").read_text())
     for path, label in json.loads((bundle / "splits.json").read_text())["val"]:
         dst = tmp_path / "val" / meta["labels"][label]
@@ -62,6 +59,21 @@ def test_mirror_metrics_recorded_by_training_are_those_of_the_saved_model(tmp_pa
     assert rep.count == recorded.count > 0
     assert rep.confusion == recorded.confusion
     assert rep.loss == pytest.approx(recorded.loss, abs=1e-4)
+
+
+def test_mirror_metrics_recorded_by_training_are_those_of_the_saved_model(tmp_path, train_args):
+    data = make_colour_dataset(tmp_path / "images", per_class=6)
+    tlcli.train(data, out=str(tmp_path / "m"), mirror=True, **train_args)
+    _check_recorded_metrics_match_the_saved_model(tmp_path / "m", tmp_path)
+
+
+def test_fine_tuned_mirror_metrics_recorded_by_training_are_those_of_the_saved_model(tmp_path, train_args):
+    data = make_colour_dataset(tmp_path / "images", per_class=6)
+    # No holdout, so the fine-tuned weights are kept and both views are re-extracted from them.
+    result = tlcli.train(data, out=str(tmp_path / "m"), fine_tune=True, fine_tune_epochs=1, holdout=0.0,
+                         fine_tune_learning_rate=0.05, **train_args)
+    assert result.mirror and (result.extracted, result.cached) == (18 + 2 * 18, 0)
+    _check_recorded_metrics_match_the_saved_model(tmp_path / "m", tmp_path)
 
 
 def test_cli_no_mirror_turns_it_off_with_fine_tune(tmp_path, tiny_backbone):

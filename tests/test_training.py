@@ -75,6 +75,12 @@ def test_views_of_one_image_stay_in_one_cross_validation_fold():
     assert best(leaky) < best(grouped)
 
 
+def test_views_of_one_image_must_share_its_label():
+    X = np.random.default_rng(3).normal(0, 1, (8, 4))
+    with pytest.raises(ValueError, match="same label"):
+        head.fit_head(X, [0, 1, 0, 1, 1, 1, 0, 1], 2, groups=[0, 1, 2, 3, 0, 1, 2, 3])
+
+
 def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
     """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
     from tlcli import training

@@ -218,7 +218,7 @@ def train(
     t.add_row("epochs", f"head {result.head_epochs}" + (f", fine-tune {result.fine_tune_epochs}"
                                                          if result.fine_tune_epochs else ""))
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
-              + (" (image and mirror image)" if result.mirror else ""))
+              + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
     t.add_row("strategy", Text(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")

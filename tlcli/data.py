@@ -305,10 +305,12 @@ PREFETCH_BATCHES = 2
 
 
 def _decode_threads() -> int:
+    """One decoder per usable core, at most 16 (each may hold a large image while decoding)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores))
 
 
 def augmenter(seed: int):

@@ -129,13 +129,16 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     grid = L2_GRID if l2 is None else (l2,)
     cv_loss: dict = {}
     # Cross-validate on (a random sample of at most CV_MAX_IMAGES of) the images, in their row space.
-    group = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    n_groups = int(group.max()) + 1 if n else 0
-    first = np.zeros(n_groups, int)
-    first[group[::-1]] = np.arange(n)[::-1]  # a row of each group, for its label
+    if groups is None:
+        group = first = np.arange(n)
+    else:
+        _, first, group = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        if (y[first][group] != y).any():
+            raise ValueError("fit_head: every row of a group must have the same label")
+    n_groups = len(first)  # first: the first row of each group, for its label
     chosen = np.arange(n_groups)
     if n > CV_MAX_IMAGES:  # whole groups, about CV_MAX_IMAGES rows
-        take = max(2, int(CV_MAX_IMAGES * n_groups / n))
+        take = min(n_groups, max(2, int(CV_MAX_IMAGES * n_groups / n)))
         chosen = np.sort(rng.choice(n_groups, take, replace=False))
     sample = np.nonzero(np.isin(group, chosen))[0]
     counts = np.bincount(y[first[chosen]], minlength=k)

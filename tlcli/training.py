@@ -348,6 +348,8 @@ class _Run:
         cfg = self.cfg
         st = self.state.setdefault("fine_tune", {})
         self._compile(self.train_model, cfg.fine_tune_learning_rate)
+        # The weights it starts from (on --resume too: the checkpoint is read inside fit).
+        start = self.backbone.layer.get_weights()
         ds = data.image_dataset([s.path for s in self.fit_rest], self.size,
                                 labels=[s.label for s in self.fit_rest], batch_size=self.global_batch,
                                 max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed)
@@ -363,7 +365,8 @@ class _Run:
                  st=st, class_weight=self._class_weight(self.fit_rest),
                  patience=cfg.fine_tune_patience if val is not None else None)
         # Kept the starting weights (the holdout never improved): the cached features still hold.
-        unchanged = st.get("best_epoch") == -1
+        # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
+        unchanged = all(np.array_equal(a, b) for a, b in zip(start, self.backbone.layer.get_weights()))
         extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract")
         self.extracted, self.cached = self.extracted + extracted, self.cached + cached
         self.progress(Event("info", message=f"features after fine-tuning: {extracted} extracted, {cached} from "
@@ -537,7 +540,7 @@ def _make_callback_class():
                 if self.monitor and validation is not None:
                     self.st.update(best=float(self.m.evaluate(validation, verbose=0)[0]), best_epoch=-1, wait=0)
                     self.best_weights = self.m.get_weights()
-                    self.st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best"))
+                    self.st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best-0"))
                 return 0
             if self.st.get("best_checkpoint"):
                 self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
@@ -556,7 +559,9 @@ def _make_callback_class():
                 if loss < st.get("best", math.inf):
                     st.update(best=loss, best_epoch=epoch, wait=0)
                     self.best_weights = self.m.get_weights()
-                    st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best"))
+                    # One file per epoch: state.json (saved below) never names a file that a later
+                    # epoch overwrote before the state caught up.
+                    st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / f"best-{epoch + 1}"))
                 else:
                     st["wait"] = st.get("wait", 0) + 1
                     if self.patience is not None and st["wait"] >= self.patience:
