@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.helpers import make_colour_dataset
 from tests.helpers import run_cli as run
 from tlcli.cli import app
 
@@ -148,3 +149,12 @@ def test_a_missing_dir_is_reported_before_the_backbone_is_fetched(tmp_path, monk
     assert result.output.strip().splitlines() == [
         f"error: DIR {tmp_path / 'nope'}: no such directory; give the folder that holds one subfolder of "
         "images per class"]
+
+
+def test_train_summary_says_when_fine_tuning_was_undone(tmp_path, tiny_backbone):
+    data = make_colour_dataset(tmp_path / "images", per_class=6)
+    result = run("train", data, "--backbone", tiny_backbone, "--image-size", 32, "--out", tmp_path / "m",
+                 "--epochs", 60, "--batch-size", 8, "--tensorboard", "none", "--fine-tune",
+                 "--fine-tune-epochs", 1, "--fine-tune-learning-rate", 50.0)  # a step that wrecks the model
+    assert result.exit_code == 0, result.output
+    assert "fine-tune 1 (undone: the holdout loss never improved" in " ".join(result.output.split())

@@ -136,6 +136,7 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
     # The head phase read the features cached by the head-only run; with changed weights every
     # image and its mirror image go through the adapted backbone again.
     assert result.mirror, "--fine-tune turns mirror averaging on by default"
+    assert result.fine_tune_improved is True
     assert (result.extracted, result.cached) == (2 * 18, 18)
 
 
@@ -149,6 +150,7 @@ def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, trai
     assert result.val_accuracy == 1.0
     # The backbone kept its starting weights, so the head refit reads the cached features.
     assert (result.extracted, result.cached) == (18, 18)
+    assert result.fine_tune_improved is False
     assert not result.mirror
 
 

@@ -215,8 +215,12 @@ def train(
     t = _kv_table("Training summary")
     t.add_row("train accuracy", _pct(result.train_accuracy))
     t.add_row("val accuracy", _pct(result.val_accuracy))
-    t.add_row("epochs", f"head {result.head_epochs}" + (f", fine-tune {result.fine_tune_epochs}"
-                                                         if result.fine_tune_epochs else ""))
+    epochs = f"head {result.head_epochs}"
+    if result.fine_tune_epochs:
+        epochs += f", fine-tune {result.fine_tune_epochs}"
+        if result.fine_tune_improved is False:
+            epochs += " (undone: the holdout loss never improved, the starting backbone was kept)"
+    t.add_row("epochs", epochs)
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))

@@ -53,6 +53,8 @@ class TrainResult:
     global_batch_size: int
     seconds: float
     mirror: bool = False
+    # With --fine-tune: False when the holdout never improved and the starting backbone was kept.
+    fine_tune_improved: bool | None = None
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
@@ -206,7 +208,9 @@ class _Run:
             fine_tune_epochs=self.state.get("fine_tune", {}).get("epochs_run", 0),
             extracted=self.extracted, cached=self.cached, strategy=self.chosen.description,
             replicas=self.chosen.replicas, global_batch_size=self.global_batch,
-            seconds=time.perf_counter() - start, mirror=self.mirror, skipped=[s.to_dict() for s in self.skipped],
+            seconds=time.perf_counter() - start, mirror=self.mirror,
+            fine_tune_improved=self.state.get("fine_tune", {}).get("improved") if cfg.fine_tune else None,
+            skipped=[s.to_dict() for s in self.skipped],
             warnings=self.warnings, history=self.history)
 
     def count(self, samples) -> dict[str, int]:
@@ -367,6 +371,7 @@ class _Run:
         # Kept the starting weights (the holdout never improved): the cached features still hold.
         # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
         unchanged = all(np.array_equal(a, b) for a, b in zip(start, self.backbone.layer.get_weights()))
+        st["improved"] = not unchanged
         extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract")
         self.extracted, self.cached = self.extracted + extracted, self.cached + cached
         self.progress(Event("info", message=f"features after fine-tuning: {extracted} extracted, {cached} from "
