@@ -243,3 +243,68 @@ def test_resume_with_a_damaged_state_file_is_a_clear_error(tmp_path):
     (partial / "state.json").write_text("{half")
     with pytest.raises(tlcli.TlcliError, match=r"--resume: .*state.json is unreadable.*without --resume"):
         tlcli.train(out=str(tmp_path / "model"), resume=True)
+
+
+def test_micro_batches_make_the_same_update_as_the_whole_batch():
+    import tf_keras as k
+
+    from tlcli import model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
+
+    def make(micro_batch):
+        k.utils.set_random_seed(0)
+        inp = k.Input((5,))
+        hidden = k.layers.Dense(4, activation="relu")(inp)
+        out = k.layers.Dense(3, activation="softmax", kernel_regularizer=k.regularizers.l2(0.01))(hidden)
+        m = model._micro_batch_model()(inp, out, micro_batch=micro_batch) if micro_batch else k.Model(inp, out)
+        m.compile(optimizer=k.optimizers.Adam(0.05), metrics=["accuracy"],
+                  loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1))
+        return m
+
+    runs = []
+    for micro_batch in (None, 3):  # 3 does not divide 8: slices of 3, 3 and 2
+        m = make(micro_batch)
+        start = [w.copy() for w in m.get_weights()]
+        hist = m.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, class_weight={0: 1.0, 1: 2.0, 2: 0.5})
+        runs.append((start, m.get_weights(), hist.history))
+    (start, whole, whole_hist), (_, sliced, sliced_hist) = runs
+    assert max(np.abs(a - b).max() for a, b in zip(start, whole)) > 1e-2  # training moved the weights
+    for a, b in zip(whole, sliced):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(whole_hist["loss"], sliced_hist["loss"], rtol=1e-4)
+    assert whole_hist["accuracy"] == sliced_hist["accuracy"]
+
+
+def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, dataset, train_args, tiny_backbone):
+    from tlcli import model
+
+    kernels = []
+    for micro in (0, 3):  # 0 = whole batches of 8; 3 = slices of 3, 3 and 2
+        out = tmp_path / f"ft{micro}"
+        # No holdout (nothing vetoes the update) and no dropout (no randomness that depends on
+        # how the batch is sliced): both runs must take the same steps.
+        tlcli.train(dataset, out=str(out), fine_tune=True, fine_tune_epochs=2, holdout=0.0, dropout=0.0,
+                    fine_tune_learning_rate=0.05, fine_tune_micro_batch=micro, mirror=False, **train_args)
+        kernels.append(_backbone_kernel(out))
+    assert np.abs(kernels[0] - _backbone_kernel(tiny_backbone)).max() > 1e-4  # fine-tuning moved it
+    np.testing.assert_allclose(kernels[0], kernels[1], rtol=1e-4, atol=1e-5)
+    assert model._MICRO_BATCH_MODEL is not None, "the sliced run used the micro-batch model"
+
+
+def test_micro_batch_is_8_on_the_cpu_and_off_for_small_batches(train_args):
+    from tlcli import training
+    from tlcli.config import TrainConfig
+    from tlcli.strategy import choose
+
+    def micro(**kw):
+        run = training._Run.__new__(training._Run)
+        run.cfg, run.chosen = TrainConfig(fine_tune=True, **kw), choose("default")
+        return run.micro_batch()
+
+    assert micro() == 8              # the default batch of 32, on this CPU-only machine
+    assert micro(batch_size=8) is None  # a slice as large as the batch is the batch
+    assert micro(fine_tune_micro_batch=0) is None
+    assert micro(fine_tune_micro_batch=4) == 4

@@ -175,6 +175,10 @@ def train(
     fine_tune: Annotated[bool, typer.Option(help="After the head, fine-tune the whole backbone.")] = DEFAULTS.fine_tune,
     fine_tune_epochs: Annotated[int, typer.Option(help="Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
     fine_tune_learning_rate: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = DEFAULTS.fine_tune_learning_rate,
+    fine_tune_micro_batch: Annotated[Optional[int], typer.Option(
+        help="Fine-tuning takes each batch's gradient in slices of this many images (same update, less "
+             "memory); default: 8 on the CPU, whole batches on a GPU or TPU; 0 = whole batches.",
+        show_default=False)] = DEFAULTS.fine_tune_micro_batch,
     mirror: Annotated[Optional[bool], typer.Option(
         "--mirror/--no-mirror", help="Learn from each image and its left-right mirror image, and average "
                                      "both in the model (twice the backbone work per image); default: on "
@@ -203,6 +207,7 @@ def train(
         force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed,
         val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
         fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate, mirror=mirror,
+        fine_tune_micro_batch=fine_tune_micro_batch,
         class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
         cache_dir=str(cache_dir) if cache_dir else None, resume=resume,
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)

@@ -49,6 +49,10 @@ class TrainConfig:
     fine_tune_epochs: int = 5
     fine_tune_learning_rate: float = 1e-5
     fine_tune_patience: int = 2
+    # Gradients of each fine-tuning batch are taken in slices of this many images and summed:
+    # the same update, a quarter of the activation memory at the default batch. None = 8 on the
+    # CPU (where memory is the limit), the whole batch on a GPU or TPU; 0 = the whole batch.
+    fine_tune_micro_batch: int | None = None
     augment: bool = True
     # Mirror averaging: the head learns from each training image and its left-right mirror
     # image, and the model averages the features of both (the backbone runs twice per image).

@@ -14,6 +14,7 @@ class Chosen:
     strategy: object
     name: str         # default | mirrored | tpu
     description: str  # what and where, for the user
+    accelerator: bool = False  # GPU or TPU (else the CPU)
 
     @property
     def replicas(self) -> int:
@@ -40,14 +41,15 @@ def choose(name: str = "auto") -> Chosen:
     if name in ("auto", "tpu"):
         tpu = _tpu()
         if tpu is not None:
-            return Chosen(tpu, "tpu", f"TPUStrategy ({tpu.num_replicas_in_sync} cores)")
+            return Chosen(tpu, "tpu", f"TPUStrategy ({tpu.num_replicas_in_sync} cores)", accelerator=True)
         if name == "tpu":
             raise UsageError("--strategy tpu: no TPU found by TPUClusterResolver; use --strategy auto")
     gpus = t.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in t.config.list_logical_devices("CPU")]
         s = t.distribute.MirroredStrategy(devices=devices)
-        return Chosen(s, "mirrored", f"MirroredStrategy over {len(devices)} device(s): {', '.join(devices)}")
+        return Chosen(s, "mirrored", f"MirroredStrategy over {len(devices)} device(s): {', '.join(devices)}",
+                      accelerator=bool(gpus))
     s = t.distribute.get_strategy()
     where = gpus[0].name if gpus else "CPU"
-    return Chosen(s, "default", f"default strategy on {where}")
+    return Chosen(s, "default", f"default strategy on {where}", accelerator=bool(gpus))

@@ -73,6 +73,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.l2 is None or cfg.l2 >= 0, "--l2", "must be >= 0"),
         (cfg.fine_tune_epochs >= 1, "--fine-tune-epochs", "must be >= 1"),
         (cfg.fine_tune_learning_rate > 0, "--fine-tune-learning-rate", "must be > 0"),
+        (cfg.fine_tune_micro_batch is None or cfg.fine_tune_micro_batch >= 0, "--fine-tune-micro-batch",
+         "must be >= 0 (0 = whole batches)"),
         (cfg.image_size is None or 8 <= cfg.image_size <= 1024, "--image-size", "must be in [8, 1024]"),
         (cfg.max_pixels >= 1, "--max-pixels", "must be >= 1"),
         (0.0 <= cfg.dropout < 1.0, "--dropout", "must be in [0, 1)"),
@@ -311,12 +313,22 @@ class _Run:
                                      l2=cfg.l2 or 0.0, seed=cfg.seed)
         layer = self.backbone.layer
         # Fine-tuning trains one view per image; the served classifier averages both when mirroring.
-        self.train_model = model.build_classifier(layer, self.head, self.size)
+        self.train_model = model.build_classifier(layer, self.head, self.size, micro_batch=self.micro_batch())
         self.classifier = model.build_classifier(layer, self.head, self.size, mirror=True) if self.mirror \
             else self.train_model
         # Built here, before the export thread traces the same backbone layer.
         self.extractor = model.build_extractor(layer, self.size)
         self.flip_extractor = model.build_extractor(layer, self.size, flip=True) if self.mirror else None
+
+    def micro_batch(self) -> int | None:
+        """Slice size for fine-tuning's gradients, or None for whole batches."""
+        cfg = self.cfg
+        if not cfg.fine_tune:
+            return None
+        micro = cfg.fine_tune_micro_batch
+        if micro is None:
+            micro = 0 if self.chosen.accelerator else 8
+        return micro if 0 < micro < cfg.batch_size else None
 
     def fit_head(self, samples, phase: str) -> None:
         """Fit the head's Dense layer on ``self.feats_of(samples)`` (tlcli/head.py)."""
