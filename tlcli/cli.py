@@ -19,7 +19,7 @@ from rich.text import Text
 from tlcli import __version__
 from tlcli.config import (DEFAULT_MODEL_DIR, DEFAULTS, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K,
                           PREDICT_ENGINE, PREDICT_TOP_K, STRATEGIES)
-from tlcli.errors import TlcliError
+from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
 
 app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export, evaluate.",
@@ -114,8 +114,6 @@ class Progress:
 
 
 def skipped_table(skipped: list[dict]) -> Table:
-    from rich.text import Text
-
     t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
     t.add_column("file", overflow="fold")
     t.add_column("reason")
@@ -200,8 +198,7 @@ def train(
     from tlcli.config import TrainConfig
 
     if data_dir is None and not resume:
-        err.print("[bold red]error:[/] DIR: give the image folder to train on (one subfolder per class)")
-        raise typer.Exit(2)
+        fail(UsageError("DIR: give the image folder to train on (one subfolder per class)"))
     cfg = TrainConfig(
         data_dir=str(data_dir) if data_dir else "", backbone=backbone, image_size=image_size, out=str(out_dir),
         force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed,
@@ -252,8 +249,6 @@ def predict(
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
-
-    from rich.text import Text
 
     from tlcli import inference
 
@@ -308,8 +303,7 @@ def export(
     from tlcli.export import export_tflite
 
     if not tflite:
-        err.print("[bold red]error:[/] export: choose a format; --tflite is the one available")
-        raise typer.Exit(2)
+        fail(UsageError("export: choose a format; --tflite is the one available"))
     r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize, io_type=io_type,
                        data_dir=str(data) if data else None)
     if json_out:
