@@ -144,7 +144,13 @@ def test_output_inside_the_bundle_under_another_name_gets_its_own_labels(bundle_
     assert "small.tflite" in json.loads((bundle_copy / "tlcli.json").read_text())["exports"]
 
 
-def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle_copy, colour_data):
+def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle_copy, colour_data,
+                                                                        monkeypatch):
+    from tlcli import export
+
+    scans = []
+    real_scan = export.data.scan
+    monkeypatch.setattr(export.data, "scan", lambda *a, **kw: scans.append(a) or real_scan(*a, **kw))
     (bundle_copy / "splits.json").unlink()
     result = run("export", "--tflite", "--model", bundle_copy, "--quantize", "int8")
     assert result.exit_code == 2
@@ -156,6 +162,7 @@ def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle
     r = json.loads(result.stdout)
     assert r["parity_images"] == 24 and r["parity_data"] == f"images in {colour_data}"
     assert r["agreement"] == 1.0 and r["tflite_accuracy"] == 1.0
+    assert len(scans) == 1, "calibration and parity share one scan of --data"
 
 
 @pytest.mark.parametrize("args,named", [

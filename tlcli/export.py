@@ -69,22 +69,38 @@ def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle) -> Path:
     return p.with_name(p.stem + ".labels.txt")
 
 
-def _labelled(b: bundles.Bundle, data_dir: str | None, which: str, limit: int, seed: int,
-              max_pixels: int) -> tuple[list[tuple[str, int]], str]:
-    """Up to ``limit`` (path, label) pairs, sampled with ``seed``, and where they came from."""
-    if data_dir:
-        folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
-                           option="--data")
-        items, source = [(s.path, s.label) for s in folder.samples], f"images in {data_dir}"
-    else:
-        splits = b.splits()
-        exists = lambda key: [(p, int(y)) for p, y in splits.get(key) or [] if Path(p).exists()]  # noqa: E731
-        items, source = exists(which), ("validation" if which == "val" else "training") + " images"
-        if not items and which != "train":
-            items, source = exists("train"), "training images (the bundle has no validation images)"
-    if len(items) > limit:
-        items = random.Random(seed).sample(items, limit)
-    return items, source
+class _Labelled:
+    """Labelled images for calibration and parity: the --data folder, else the bundle's recorded
+    splits. Each source is scanned (or splits.json read and checked) once, when first needed."""
+
+    def __init__(self, b: bundles.Bundle, data_dir: str | None, max_pixels: int):
+        self.b, self.data_dir, self.max_pixels = b, data_dir, max_pixels
+        self._pools: dict[str, list[tuple[str, int]]] = {}
+        self._splits: dict | None = None
+
+    def _pool(self, key: str) -> list[tuple[str, int]]:
+        if key not in self._pools:
+            if self.data_dir:
+                folder = data.scan(self.data_dir, image_size=self.b.image_size, labels=self.b.labels,
+                                   max_pixels=self.max_pixels, option="--data")
+                self._pools[key] = [(s.path, s.label) for s in folder.samples]
+            else:
+                if self._splits is None:
+                    self._splits = self.b.splits()
+                self._pools[key] = [(p, int(y)) for p, y in self._splits.get(key) or [] if Path(p).exists()]
+        return self._pools[key]
+
+    def sample(self, which: str, limit: int, seed: int) -> tuple[list[tuple[str, int]], str]:
+        """Up to ``limit`` (path, label) pairs, sampled with ``seed``, and where they came from."""
+        if self.data_dir:
+            items, source = self._pool("data"), f"images in {self.data_dir}"
+        else:
+            items, source = self._pool(which), ("validation" if which == "val" else "training") + " images"
+            if not items and which != "train":
+                items, source = self._pool("train"), "training images (the bundle has no validation images)"
+        if len(items) > limit:
+            items = random.Random(seed).sample(items, limit)
+        return items, source
 
 
 def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +217,10 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
     if not out.absolute().parent.is_dir():
         raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist; create it first")
+    labelled = _Labelled(b, data_dir, max_pixels)
     calibration = None
     if quantize == "int8":
-        calib, _ = _labelled(b, data_dir, "train", CALIBRATION_IMAGES, 0, max_pixels)
+        calib, _ = labelled.sample("train", CALIBRATION_IMAGES, 0)
         calibration, _ = _load_batch(calib, b.image_size, max_pixels)
         if not len(calibration):
             raise UsageError(f"--quantize int8: no calibration images (the training images recorded in "
@@ -222,8 +239,8 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
 
     result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
                           out.stat().st_size, None, 0, None, None, None, None)
-    items, source = _labelled(b, data_dir, "val", PARITY_IMAGES, 1, max_pixels)
-    x, y = _load_batch(items, b.image_size, max_pixels) if items else (np.zeros(0), np.zeros(0))
+    items, source = labelled.sample("val", PARITY_IMAGES, 1)
+    x, y = _load_batch(items, b.image_size, max_pixels)
     if len(x):
         from tlcli.inference import TFEngine, TFLiteEngine
 
