@@ -140,7 +140,13 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
     assert (result.extracted, result.cached) == (2 * 18, 18)
 
 
-def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone):
+def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone,
+                                                        monkeypatch):
+    from tlcli import features
+
+    reads = []
+    real_get = features.FeatureCache.get
+    monkeypatch.setattr(features.FeatureCache, "get", lambda self, digest: reads.append(digest) or real_get(self, digest))
     original = _backbone_kernel(tiny_backbone)
     result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
                          fine_tune_learning_rate=50.0, mirror=False, **train_args)  # a step size that wrecks the model
@@ -148,8 +154,9 @@ def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, trai
     assert len(history) == 2
     np.testing.assert_array_equal(_backbone_kernel(tmp_path / "ft"), original)
     assert result.val_accuracy == 1.0
-    # The backbone kept its starting weights, so the head refit reads the cached features.
+    # The backbone kept its starting weights, so the head refit keeps the features it has.
     assert (result.extracted, result.cached) == (18, 18)
+    assert len(reads) == 18, "the cache is read by the head phase only, not again after fine-tuning"
     assert result.fine_tune_improved is False
     assert not result.mirror
 

@@ -257,32 +257,33 @@ class _Run:
         self.size = self.backbone.image_size
 
     # -- phases --------------------------------------------------------------------------------
-    def extract_features(self, *, frozen: bool, mirror: bool, task: str = "extract") -> tuple[int, int]:
+    def extract_features(self, *, frozen: bool, mirror: bool, task: str = "extract",
+                         keep_plain: bool = False) -> tuple[int, int]:
         """Backbone features of every train and val image -> ``self.feats_of(samples)``, and with
         ``mirror`` those of their mirror images -> ``self.flip_feats_of(samples)``. A ``frozen``
-        backbone's features go through the feature cache. Returns (images that went through the
-        backbone, images whose features came from the cache), counting each view."""
+        backbone's features go through the feature cache; ``keep_plain`` keeps the plain view's
+        features already held (the backbone has not changed since). Returns (images that went
+        through the backbone, images whose features came from the cache or were kept), counting
+        each view."""
         from tlcli import features
 
         everything = self.train + self.val
         by_path = {s.path: i for i, s in enumerate(everything)}
+        rows = lambda feats: lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
         key = f"{self.spec.cache_key()}-{self.size}"
-        views = [(self.extractor, key, task)]
+        views = [] if keep_plain else [("feats_of", self.extractor, key, task)]
         if mirror:
-            views.append((self.flip_extractor, f"{key}-mirror", f"{task} (mirror)"))
+            views.append(("flip_feats_of", self.flip_extractor, f"{key}-mirror", f"{task} (mirror)"))
+        self.flip_feats_of = None
         extracted = 0
-        found = []
-        for extractor, cache_key, name in views:
+        for attr, extractor, cache_key, name in views:
             cache = features.FeatureCache(self.cfg.cache_dir, cache_key) if frozen else features.NoCache()
             feats, n = features.extract(
                 everything, extractor=extractor, cache=cache, image_size=self.size, batch_size=self.global_batch,
                 max_pixels=self.cfg.max_pixels, progress=self.progress, task=name)
-            found.append(feats)
+            setattr(self, attr, rows(feats))
             extracted += n
-        rows = lambda feats: lambda ss: feats[[by_path[s.path] for s in ss]]  # noqa: E731
-        self.feats_of = rows(found[0])
-        self.flip_feats_of = rows(found[1]) if mirror else None
-        return extracted, len(views) * len(everything) - extracted
+        return extracted, (1 + mirror) * len(everything) - extracted
 
     def _class_weight(self, samples):
         if not self.cfg.class_weights:
@@ -380,14 +381,15 @@ class _Run:
         self.fit(self.train_model, "fine-tune", ds.map(onehot), cfg.fine_tune_epochs, validation=val,
                  st=st, class_weight=self._class_weight(self.fit_rest),
                  patience=cfg.fine_tune_patience if val is not None else None)
-        # Kept the starting weights (the holdout never improved): the cached features still hold.
+        # Kept the starting weights (the holdout never improved): the plain features still hold.
         # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
         unchanged = all(np.array_equal(a, b) for a, b in zip(start, self.backbone.layer.get_weights()))
         st["improved"] = not unchanged
-        extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract")
+        extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract",
+                                                  keep_plain=unchanged)
         self.extracted, self.cached = self.extracted + extracted, self.cached + cached
         self.progress(Event("info", message=f"features after fine-tuning: {extracted} extracted, {cached} from "
-                            "cache" + (" (the backbone kept its starting weights)" if unchanged else "")))
+                            "cache or kept" + (" (the backbone kept its starting weights)" if unchanged else "")))
         self.fit_head(self.train, "head refit")
 
     def fit(self, m, phase, train, epochs, *, validation, st, class_weight, patience):
