@@ -53,8 +53,14 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     wn = (weights / weights.sum(axis=1, keepdims=True)).T[:, :, None]   # [n, g, 1], columns sum to 1
     # Softmax cross-entropy has curvature <= 1/2 along any logit direction.
     Zb = np.hstack([Z, np.ones((n, 1))])
-    L = 0.5 * np.array([np.linalg.eigvalsh((Zb * wn[:, i]).T @ Zb)[-1] for i in range(g)]) + 2 * l2
-    lr = (np.full(g, step) if step else 1.0 / L)[None, :, None]
+    if step:
+        lr = np.full(g, step)
+    else:  # one eigenvalue per distinct weighting (a fold's fits differ only in l2), fanned out
+        distinct, which = np.unique(weights, axis=0, return_inverse=True)
+        dn = distinct / distinct.sum(axis=1, keepdims=True)
+        top = np.array([np.linalg.eigvalsh((Zb * w[:, None]).T @ Zb)[-1] for w in dn])
+        lr = 1.0 / (0.5 * top[np.ravel(which)] + 2 * l2)
+    lr = lr[None, :, None]
     decay = 2.0 * l2[None, :, None] * np.r_[np.ones(r), 0.0][:, None, None]  # no L2 on the bias row
     W = np.zeros((r + 1, g, k))
     prev = W.copy()
@@ -143,8 +149,10 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     sample = np.nonzero(np.isin(group, chosen))[0]
     counts = np.bincount(y[first[chosen]], minlength=k)
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
+    # The row space of all the images: for the refit, and for CV too when it uses every image.
+    Z, V = _row_space(X, return_basis=True)
     if folds >= 2:
-        Zs = _row_space(X[sample])
+        Zs = Z if len(sample) == n else _row_space(X[sample])
         gfold = np.zeros(n_groups, int)
         gfold[chosen] = _folds(y[first[chosen]], folds, seed)
         fold = gfold[group[sample]]
@@ -169,7 +177,6 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     else:
         chosen_l2, best_epochs, val_curve = (grid[len(grid) // 2] if l2 is None else l2), epochs, []
     # Refit on every image, in the row space of all of them; map the kernel back to features.
-    Z, V = _row_space(X, return_basis=True)
     W, b, _, _, train_log = _train(Z, Y, sw[None, :], np.array([chosen_l2]), epochs=best_epochs,
                                    step=learning_rate)
     history = []
