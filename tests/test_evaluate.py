@@ -180,6 +180,18 @@ def test_tflite_engine_without_an_export_says_how_to_make_one(trained_bundle, co
     assert "model.tflite" in result.output and "tlcli export --tflite" in result.output
 
 
+def test_auto_engine_without_an_export_loads_tensorflow_only_after_the_scan(trained_bundle, tmp_path, monkeypatch):
+    import tlcli
+    from tlcli import inference
+    from tlcli.errors import DatasetError
+
+    loaded = []
+    monkeypatch.setattr(inference, "TFEngine", lambda b: loaded.append(b))
+    with pytest.raises(DatasetError):  # the folder check fails first: the SavedModel was never loaded
+        tlcli.evaluate(tmp_path / "missing", model_dir=trained_bundle, engine="auto")
+    assert loaded == []
+
+
 def test_class_folder_unknown_to_the_model_is_a_clear_error(trained_bundle, colour_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(colour_data, data)

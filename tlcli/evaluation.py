@@ -85,21 +85,20 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
     missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
     """
-    if top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    inference.check_top_k(top_k)
     if max_mistakes < 0:
         raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    if engine not in inference.ENGINES:
-        raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(inference.ENGINES)}")
+    inference.check_engine(engine)
     start = time.perf_counter()
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
     out_dir = _prepare_report_dir(report_dir)
+    kind = inference.resolve_engine(b, engine)
     eng = None
-    if engine != "tf":  # cheap to open, and a missing model.tflite should fail before the scan
-        eng = inference.open_engine(b, engine)
+    if kind == "tflite":  # cheap to open, and a missing model.tflite should fail before the scan
+        eng = inference.open_engine(b, kind)
 
     folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
                        progress=counter(progress, "scan"))
@@ -116,7 +115,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     for w in warnings:
         progress(Event("warning", message=w))
     if eng is None:
-        eng = inference.open_engine(b, engine)
+        eng = inference.open_engine(b, kind)
 
     samples = folder.samples
     paths, ys, rows = [], [], []

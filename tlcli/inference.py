@@ -146,11 +146,27 @@ def tflite_labels(path: str | os.PathLike) -> list[str] | None:
     return None
 
 
-def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None):
-    """``auto`` picks LiteRT when the bundle has a model.tflite, else TensorFlow."""
+def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(ENGINES)}")
+
+
+def check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k}: must be >= 1")
+
+
+def resolve_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None) -> str:
+    """"tf" or "tflite": ``auto`` picks LiteRT when the bundle has a model.tflite, else TensorFlow."""
+    check_engine(engine)
     if engine == "tflite" or (engine == "auto" and (tflite_path or bundle.tflite_path).exists()):
+        return "tflite"
+    return "tf"
+
+
+def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None):
+    """The engine ``resolve_engine`` picks, loaded."""
+    if resolve_engine(bundle, engine, tflite_path=tflite_path) == "tflite":
         return TFLiteEngine(bundle, tflite_path)
     return TFEngine(bundle)
 
@@ -199,8 +215,7 @@ def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike,
             max_pixels: int | None) -> tuple[bundles.Bundle, object, list[str]]:
     """Check the options, load the bundle and its engine, and expand folders: everything that can
     fail as a whole before the first image is classified. Returns (bundle, engine, files)."""
-    if top_k < 1:
-        raise UsageError(f"--top-k {top_k}: must be >= 1")
+    check_top_k(top_k)
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
     b = bundles.load(model_dir)
