@@ -16,9 +16,3 @@ def require(*paths: Path) -> None:
     if missing:
         print(f"SKIP: benchmark data not found: {', '.join(missing)}")
         sys.exit(0)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

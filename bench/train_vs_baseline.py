@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
 
-def run_process(mode: str, target: str, *args: str) -> tuple[float, str, float, int]:
+def run_process(mode: str, target: str, *args: str) -> tuple[float, str, float]:
     """Run ``python -m target`` (mode "module") or ``python target`` in a fresh interpreter.
-    Returns (wall seconds, stdout, peak RSS in MB of that process, exit code)."""
+    Exits the benchmark if it fails. Returns (wall seconds, stdout, peak RSS in MB of that process)."""
     cmd = [sys.executable, "-m", target] if mode == "module" else [sys.executable, target]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -64,7 +64,7 @@ def run_process(mode: str, target: str, *args: str) -> tuple[float, str, float, 
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         sys.exit(f"FAILED: {target} {' '.join(args)}\n{stderr[-3000:]}")
-    return wall, stdout, usage.ru_maxrss / 1024, proc.returncode
+    return wall, stdout, usage.ru_maxrss / 1024
 
 
 # ---- the child processes -------------------------------------------------------------------
@@ -87,20 +87,30 @@ def child_floor(args):
     print(json.dumps({"images": n, "import": t1 - t0, "load": t2 - t1, "pass": t3 - t2}))
 
 
+def _recipe_model(args, num_classes: int):
+    """make_image_classifier's model, compiled as it did: frozen feature vector, Dropout 0.2,
+    softmax Dense with L2 1e-4; SGD lr 0.005 momentum 0.9, label smoothing 0.1."""
+    from tlcli._tf import hub, keras
+
+    k = keras()
+    model = k.Sequential([
+        k.layers.InputLayer(input_shape=(args.size, args.size, 3)), hub().KerasLayer(args.backbone, trainable=False),
+        k.layers.Dropout(0.2),
+        k.layers.Dense(num_classes, activation="softmax", kernel_regularizer=k.regularizers.l2(1e-4))])
+    model.compile(optimizer=k.optimizers.SGD(0.005, momentum=0.9),
+                  loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    return model
+
+
 def child_baseline(args):
     from tlcli import data
-    from tlcli._tf import hub, keras, tf
+    from tlcli._tf import keras, tf
 
     k, t = keras(), tf()
     k.utils.set_random_seed(0)
     tr = data.scan(args.train, image_size=args.size)
     va = data.scan(args.val, image_size=args.size, labels=tr.labels)
-    layer = hub().KerasLayer(args.backbone, trainable=False)
-    model = k.Sequential([
-        k.layers.InputLayer(input_shape=(args.size, args.size, 3)), layer, k.layers.Dropout(0.2),
-        k.layers.Dense(len(tr.labels), activation="softmax", kernel_regularizer=k.regularizers.l2(1e-4))])
-    model.compile(optimizer=k.optimizers.SGD(0.005, momentum=0.9),
-                  loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    model = _recipe_model(args, len(tr.labels))
     onehot = lambda x, y: (x, t.one_hot(y, len(tr.labels)))  # noqa: E731
     train = data.image_dataset([s.path for s in tr.samples], args.size, labels=[s.label for s in tr.samples],
                                batch_size=32, shuffle_seed=0).map(onehot).repeat()
@@ -121,7 +131,7 @@ def child_baseline_keras(args):
     """The same recipe with make_image_classifier's own input pipeline, as it shipped
     (make_image_classifier_lib._get_data_with_keras): Keras' ImageDataGenerator(rescale=1/255)
     .flow_from_directory(target_size, batch_size=32, interpolation="bilinear"), no crop."""
-    from tlcli._tf import hub, keras, tf
+    from tlcli._tf import keras, tf
 
     k, t = keras(), tf()
     k.utils.set_random_seed(0)
@@ -129,12 +139,7 @@ def child_baseline_keras(args):
     flow = dict(target_size=(args.size, args.size), batch_size=32, interpolation="bilinear")
     train = gen.flow_from_directory(args.train, shuffle=True, seed=0, **flow)
     val = gen.flow_from_directory(args.val, shuffle=False, **flow)
-    layer = hub().KerasLayer(args.backbone, trainable=False)
-    model = k.Sequential([
-        k.layers.InputLayer(input_shape=(args.size, args.size, 3)), layer, k.layers.Dropout(0.2),
-        k.layers.Dense(train.num_classes, activation="softmax", kernel_regularizer=k.regularizers.l2(1e-4))])
-    model.compile(optimizer=k.optimizers.SGD(0.005, momentum=0.9),
-                  loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
+    model = _recipe_model(args, train.num_classes)
     model.fit(train, epochs=5, steps_per_epoch=train.samples // 32, validation_data=val,
               validation_steps=val.samples // 32, verbose=0)
     t.saved_model.save(model, args.out)
@@ -147,10 +152,13 @@ def child_baseline_keras(args):
 
 # ---- the parent ----------------------------------------------------------------------------
 
-def tlcli_train(args, out: Path, cache: Path, *extra: str) -> tuple[float, dict, float]:
-    wall, stdout, peak, _ = run_process(
-        "module", "tlcli.cli", "train", args.train, "--val-dir", args.val, "--backbone", args.backbone,
-        "--image-size", str(args.size), "--out", str(out), "--cache-dir", str(cache), "--force", "--json", *extra)
+def tlcli_train(args, out: Path, cache: Path, *extra: str, data: Path | None = None) -> tuple[float, dict, float]:
+    """`tlcli train` in a fresh process, on --train -> --val, or on ``data`` with tlcli's own split.
+    Returns (wall seconds, its --json result, peak RSS in MB)."""
+    where = [str(data)] if data else [args.train, "--val-dir", args.val]
+    wall, stdout, peak = run_process(
+        "module", "tlcli.cli", "train", *where, "--backbone", args.backbone, "--image-size", str(args.size),
+        "--out", str(out), "--cache-dir", str(cache), "--force", "--json", *extra)
     return wall, json.loads(stdout), peak
 
 
@@ -205,11 +213,7 @@ def memory(args):
             runs.append((f"--fine-tune, {args.memory_fine_tune_epochs} epoch(s) at most",
                          ["--fine-tune", "--fine-tune-epochs", str(args.memory_fine_tune_epochs)]))
         for i, (what, extra) in enumerate(runs):
-            wall, stdout, peak, _ = run_process(
-                "module", "tlcli.cli", "train", str(tmp / "data"), "--backbone", args.backbone, "--image-size",
-                str(args.size), "--out", str(tmp / f"model{i}"), "--cache-dir", str(tmp / f"cache{i}"), "--json",
-                *extra)
-            r = json.loads(stdout)
+            wall, r, peak = tlcli_train(args, tmp / f"model{i}", tmp / f"cache{i}", *extra, data=tmp / "data")
             print(f"memory: tlcli train ({what}) on {total} images at {args.size}: peak RSS {peak:.0f} MB, "
                   f"wall {wall:.1f} s, {r['extracted']} backbone passes, val accuracy {r['val_accuracy']:.4f}; "
                   f"target <= 2500 MB: {'MET' if peak <= 2500 else 'NOT MET'}")
@@ -245,21 +249,21 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="tlcli-bench-"))
     rows = []
     try:
-        floor_s, out, floor_rss, _ = run_process("path", me, "--child", "floor", *common)
+        floor_s, out, floor_rss = run_process("path", me, "--child", "floor", *common)
         parts = json.loads(out)
         print(f"floor: {floor_s:.2f} s for {parts['images']} images = TF import {parts['import']:.2f} + backbone "
               f"load {parts['load']:.2f} + one forward pass {parts['pass']:.2f} + interpreter start; "
               f"peak RSS {floor_rss:.0f} MB")
         rewrite = shipped = finetune = None
         if "baseline" not in skip:
-            base_s, out, rss, _ = run_process("path", me, "--child", "baseline", *common, "--out", str(work / "baseline"))
+            base_s, out, rss = run_process("path", me, "--child", "baseline", *common, "--out", str(work / "baseline"))
             base = json.loads(out)
             base_acc, base_s = base["val_accuracy"], base_s - base["scoring_seconds"]
             rewrite = (base_acc, base_s)
             rows.append(("baseline rewrite: the recipe on tlcli's faster pipeline", base_acc, base_s, rss))
         keras_s = None
         if "keras" not in skip:
-            s, out, rss, _ = run_process("path", me, "--child", "baseline-keras", *common, "--out", str(work / "bk"))
+            s, out, rss = run_process("path", me, "--child", "baseline-keras", *common, "--out", str(work / "bk"))
             bk = json.loads(out.strip().splitlines()[-1])  # flow_from_directory prints "Found ..." first
             keras_s = s - bk["scoring_seconds"]
             shipped = (bk["val_accuracy"], keras_s)

@@ -11,6 +11,8 @@ from tlcli._tf import hub, tf
 from tlcli.errors import BackboneError
 from tlcli.presets import PRESETS
 
+REMOTE_PREFIXES = ("http://", "https://", "gs://")  # handles that tensorflow_hub resolves, not local paths
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -22,7 +24,7 @@ class BackboneSpec:
 
     @property
     def is_local(self) -> bool:
-        return not self.handle.startswith(("http://", "https://", "gs://"))
+        return not self.handle.startswith(REMOTE_PREFIXES)
 
     def cache_key(self) -> str:
         """Identifies the weights: the handle, or for a local model its path and file times."""
@@ -42,7 +44,7 @@ def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
     if backbone in PRESETS:
         p = PRESETS[backbone]
         return BackboneSpec(p.handle, image_size or p.image_size, p.name)
-    if backbone.startswith(("http://", "https://", "gs://")):
+    if backbone.startswith(REMOTE_PREFIXES):
         known = next((p for p in PRESETS.values() if p.handle == backbone.rstrip("/")), None)
         return BackboneSpec(backbone, image_size or (known.image_size if known else None),
                             known.name if known else None)

@@ -64,7 +64,7 @@ def compute(y, probs, labels: list[str], *, paths: list[str] | None = None, top_
     np.add.at(confusion, (y, pred), 1)
     top_k = max(1, min(top_k, k))
     topk_idx = np.argsort(-probs, axis=1)[:, :top_k] if n else np.zeros((0, top_k), np.int64)
-    top_k_acc = float(np.mean([y[i] in topk_idx[i] for i in range(n)])) if n else 0.0
+    top_k_acc = float((topk_idx == y[:, None]).any(axis=1).mean()) if n else 0.0
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], 1e-12, 1.0)))) if n else 0.0
     per_class = []
     for c in range(k):

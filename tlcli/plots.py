@@ -51,8 +51,8 @@ def confusion_matrix(report: Report, path: str | os.PathLike, *, dpi: int = 110)
             ax.text(j, i, str(n), ha="center", va="center", fontsize=size, color=colour,
                     fontweight="bold" if i == j and n else "normal")
     names = [_short(label) for label in report.labels]
-    ax.set_xticks(range(k), names, rotation=45 if k > 4 or max(map(len, names)) > 8 else 0,
-                  ha="right" if k > 4 or max(map(len, names)) > 8 else "center", rotation_mode="anchor",
+    tilt = k > 4 or max(map(len, names)) > 8
+    ax.set_xticks(range(k), names, rotation=45 if tilt else 0, ha="right" if tilt else "center", rotation_mode="anchor",
                   fontsize=max(size, 7))
     ax.set_yticks(range(k), names, fontsize=max(size, 7))
     ax.set_xlabel("predicted label")

@@ -369,7 +369,8 @@ class _Run:
         start = self.backbone.layer.get_weights()
         ds = data.image_dataset([s.path for s in self.fit_rest], self.size,
                                 labels=[s.label for s in self.fit_rest], batch_size=self.global_batch,
-                                max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed)
+                                max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
+                                augment_seed=cfg.seed if cfg.augment else None)
         t = _tf()
         k = len(self.labels)
         onehot = lambda img, y: (img, t.one_hot(y, k))  # noqa: E731
@@ -481,8 +482,6 @@ class _Background:
     """Run ``fn`` on a thread; ``wait`` joins it and re-raises what it raised."""
 
     def __init__(self, fn, *args):
-        import threading
-
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(fn, *args), name="tlcli-background", daemon=True)
         self.thread.start()
