@@ -76,16 +76,24 @@ def tf_readable(path: str | os.PathLike):
         yield link
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename), with the umask's
-    permissions like every other bundle file."""
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` atomically (temp file in the same directory, then rename), with the
+    umask's permissions like every other bundle file. Raises ``OSError``; no temp file is left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_bytes(payload)
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (``write_atomic``)."""
+    try:
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    except OSError as exc:
         raise TlcliError(f"{path}: cannot write ({exc.strerror}); check the folder's permissions") from None
 
 

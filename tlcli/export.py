@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,13 +138,9 @@ def _embed_labels(flat: bytes, labels: list[str]) -> bytes | None:
 
 
 def _write(path: Path, payload: bytes) -> None:
-    """Atomically (temp file beside it, then rename), with the umask's permissions."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
+        bundles.write_atomic(path, payload)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise TlcliError(f"--output {path}: cannot write ({exc.strerror}); choose another --output") from None
 
 
