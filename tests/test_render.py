@@ -100,16 +100,13 @@ def test_evaluate_escapes_names_in_every_table_warning_and_line(trained_bundle, 
 
 # ---- --json ----------------------------------------------------------------------------------
 
-def test_json_is_written_without_colour_codes_even_when_colour_is_forced(trained_bundle, colour_data,
-                                                                           monkeypatch):
-    from rich.console import Console
+def test_json_is_written_without_colour_codes_even_when_colour_is_forced(trained_bundle, colour_data):
+    from typer.testing import CliRunner
 
-    from tlcli import cli
+    from tlcli.cli import app
 
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    # The console as FORCE_COLOR=1 makes it at import: a terminal with colour.
-    monkeypatch.setattr(cli, "out", Console(force_terminal=True, color_system="truecolor"))
-    result = run("evaluate", colour_data, "--model", trained_bundle, "--json")
+    result = CliRunner().invoke(app, ["evaluate", str(colour_data), "--model", str(trained_bundle), "--json"],
+                                env={"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout
     assert strict_loads(result.stdout)["report"]["count"] == 24
