@@ -90,9 +90,12 @@ def write_atomic(path: Path, payload: bytes) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically (``write_atomic``)."""
+    """Write standard JSON (non-finite floats as null; ``tlcli.strict_json``) atomically
+    (``write_atomic``)."""
+    from tlcli.strict_json import dumps
+
     try:
-        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+        write_atomic(path, (dumps(data, indent=2) + "\n").encode())
     except OSError as exc:
         raise TlcliError(f"{path}: cannot write ({exc.strerror}); check the folder's permissions") from None
 

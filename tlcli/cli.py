@@ -6,7 +6,7 @@ input file that could not be used; 2 a bad option; 130 interrupted.
 
 from __future__ import annotations
 
-import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,11 +28,26 @@ out = Console()
 err = Console(stderr=True)
 
 
-def fail(exc: TlcliError):
-    from rich.markup import escape
+# C0 and C1 control characters, DEL, line and paragraph separators, bidi marks, embeddings,
+# overrides and isolates, and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-    # Messages name files and folders, whose names may hold Rich markup such as "[old]".
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def safe(text, style: str = "") -> Text:
+    """``text`` (a path, a label, a message naming them) ready to print: a ``Text``, so never read
+    as markup, with each character that could move the cursor, retitle the window or reorder what
+    is shown written as a visible escape (ESC as \\x1b, a newline as \\n, U+2028 as \\u2028)."""
+    return Text(_UNSAFE.sub(_escape, str(text)), style=style)
+
+
+def fail(exc: TlcliError):
+    err.print(Text.assemble(("error: ", "bold red"), safe(exc)), highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -62,6 +77,9 @@ def _version(value: bool):
 def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                          help="Print the version and exit.")] = None):
     """tlcli: train an image classifier on a folder of photos, predict, and export for serving or phones."""
+    global out, err
+    # Made when a command runs, not at import, so COLUMNS, NO_COLOR and FORCE_COLOR are read then.
+    out, err = Console(), Console(stderr=True)
 
 
 class Progress:
@@ -98,16 +116,16 @@ class Progress:
             fields = {"info": info} if info else {}
             self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
         elif e.kind == "info" and not self.quiet:
-            self.bar.console.print(Text(e.message, style="dim"))
+            self.bar.console.print(safe(e.message, style="dim"))
         elif e.kind == "warning":
-            self.bar.console.print(Text.assemble(("warning: ", "yellow"), e.message))
+            self.bar.console.print(Text.assemble(("warning: ", "yellow"), safe(e.message)))
         elif e.kind == "counts" and not self.quiet:
             t = Table(title="Images per class", title_justify="left")
-            t.add_column("class")
+            t.add_column("class", overflow="fold")
             t.add_column("train", justify="right")
             t.add_column("val", justify="right")
             for label, n in e.logs["train"].items():
-                t.add_row(Text(label), str(n), str(e.logs["val"].get(label, 0)))
+                t.add_row(safe(label), str(n), str(e.logs["val"].get(label, 0)))
             self.bar.console.print(t)
         elif e.kind == "skipped":
             self.bar.console.print(skipped_table(e.logs["skipped"]))
@@ -115,10 +133,10 @@ class Progress:
 
 def skipped_table(skipped: list[dict]) -> Table:
     t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
-    t.add_column("file", overflow="fold")
-    t.add_column("reason")
+    t.add_column("file", overflow="fold", min_width=20)
+    t.add_column("reason", overflow="fold")
     for s in skipped:
-        t.add_row(Text(s["path"]), Text(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
+        t.add_row(safe(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
     return t
 
 
@@ -132,15 +150,19 @@ def _with_progress(fn, *args, quiet: bool = False, **kwargs):
         fail(exc)
 
 
-def _print_json(result) -> None:
-    out.print_json(json.dumps(result.to_dict()))
+def _print_json(data: dict, *, indent: int | None = 2) -> None:
+    """Standard JSON on stdout, written directly: never through Rich, which would colour it."""
+    from tlcli.strict_json import dumps
+
+    sys.stdout.write(dumps(data, indent=indent) + "\n")
+    sys.stdout.flush()
 
 
 def _kv_table(title: str) -> Table:
-    """A two-column summary table; add values as ``Text`` so paths are never read as markup."""
+    """A two-column summary table; add values as ``safe`` text (or constants): a long path folds."""
     t = Table(title=title, title_justify="left", show_header=False)
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")
     return t
 
 
@@ -212,7 +234,7 @@ def train(
 
     result = _with_progress(run_train, config=cfg)
     if json_out:
-        _print_json(result)
+        _print_json(result.to_dict())
         return
     t = _kv_table("Training summary")
     t.add_row("train accuracy", _pct(result.train_accuracy))
@@ -226,12 +248,12 @@ def train(
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
-    t.add_row("strategy", Text(result.strategy))
+    t.add_row("strategy", safe(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
-    t.add_row("model", Text(result.model_dir))
-    t.add_row("curves", Text(str(Path(result.model_dir) / "training_curves.png")))
+    t.add_row("model", safe(result.model_dir))
+    t.add_row("curves", safe(Path(result.model_dir) / "training_curves.png"))
     if cfg.tensorboard:
-        t.add_row("tensorboard", Text(f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}"))
+        t.add_row("tensorboard", safe(f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}"))
     out.print(t)
 
 
@@ -259,18 +281,18 @@ def predict(
     start = time.perf_counter()
     failed = 0
     table = Table(title=f"Predictions ({eng.name})", title_justify="left")
-    table.add_column("file", overflow="fold")
+    # The file keeps some width whatever the other cells hold; an error message folds in "#1".
+    table.add_column("file", overflow="fold", min_width=20)
     for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
-        table.add_column(f"#{i + 1}", no_wrap=True)
+        table.add_column(f"#{i + 1}", overflow="fold")
     for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
         failed += p.error is not None
         if json_out:
-            sys.stdout.write(json.dumps(p.to_dict()) + "\n")
-            sys.stdout.flush()
+            _print_json(p.to_dict(), indent=None)  # JSON Lines
         elif p.error:
-            table.add_row(Text(p.path), Text(p.error.removeprefix(f"{p.path}: "), style="red"))
+            table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
         else:
-            table.add_row(Text(p.path), *[Text(f"{q['label']} {100 * q['probability']:.1f}%")
+            table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%")
                                           for q in p.predictions])
     seconds = time.perf_counter() - start
     if not json_out:
@@ -307,15 +329,15 @@ def export(
     r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize, io_type=io_type,
                        data_dir=str(data) if data else None)
     if json_out:
-        _print_json(r)
+        _print_json(r.to_dict())
         return
     t = _kv_table("TFLite export")
-    t.add_row("file", Text(r.path))
-    t.add_row("labels", Text(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
-    t.add_row("quantize", r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else ""))
+    t.add_row("file", safe(r.path))
+    t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
+    t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:
-        t.add_row("top-1 agreement", Text(f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
+        t.add_row("top-1 agreement", safe(f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
         t.add_row("accuracy", f"SavedModel {_pct(r.saved_model_accuracy)}, TFLite {_pct(r.tflite_accuracy)}")
     else:
         t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
@@ -324,6 +346,46 @@ def export(
 
 def _num(x) -> str:
     return f"{x:.3f}"
+
+
+def _per_class_table(rep) -> Table:
+    pc = Table(title="Per class", title_justify="left")
+    pc.add_column("class", overflow="fold")
+    for name in ("precision", "recall", "F1", "support"):
+        pc.add_column(name, justify="right")
+    for c in rep.per_class:
+        pc.add_row(safe(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
+                   style="dim" if c.support == 0 else None)
+    pc.add_section()
+    for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
+        pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
+                   style="bold")
+    return pc
+
+
+def _confusion_table(rep) -> Table:
+    numbered = len(rep.labels) > 8
+    cm = Table(title="Confusion matrix", title_justify="left",
+               caption="columns numbered as the rows" if numbered else None, caption_justify="left")
+    cm.add_column("true \\ predicted", overflow="fold")
+    for j, label in enumerate(rep.labels):
+        cm.add_column(str(j) if numbered else safe(label), justify="right", overflow="fold")
+    for i, label in enumerate(rep.labels):
+        cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
+                 for j, n in enumerate(rep.confusion[i])]
+        cm.add_row(safe(f"{i} {label}" if numbered else label), *cells)
+    return cm
+
+
+def _mistakes_table(rep) -> Table:
+    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
+    mt.add_column("file", overflow="fold", min_width=20)
+    mt.add_column("true", overflow="fold")
+    mt.add_column("predicted", overflow="fold")
+    mt.add_column("probability", justify="right")
+    for m in rep.mistakes:
+        mt.add_row(safe(m.path), safe(m.true_label), safe(m.predicted_label), _pct(m.probability))
+    return mt
 
 
 @app.command()
@@ -343,63 +405,25 @@ def evaluate(
 ):
     """Evaluate a trained bundle on a labelled folder: accuracy, per-class metrics, confusion matrix
     and the most confident mistakes. Exit code 1 if any file had to be skipped."""
-    from rich.markup import escape
-
     from tlcli.evaluation import evaluate as run_evaluate
 
     r = _with_progress(run_evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine, top_k=top_k,
                        report_dir=report, max_mistakes=mistakes)
     if json_out:
-        _print_json(r)
+        _print_json(r.to_dict())
     else:
         rep = r.report
         t = _kv_table("Evaluation")
-        t.add_row("model", escape(f"{r.model_dir} (engine {r.engine})"))
-        t.add_row("images", escape(f"{rep.count} in {r.data_dir}"))
+        t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
+        t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
         t.add_row("accuracy", _pct(rep.accuracy))
         t.add_row(f"top-{rep.top_k} accuracy", _pct(rep.top_k_accuracy))
         t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
-        out.print(t)
-
-        pc = Table(title="Per class", title_justify="left")
-        pc.add_column("class")
-        for name in ("precision", "recall", "F1", "support"):
-            pc.add_column(name, justify="right")
-        for c in rep.per_class:
-            pc.add_row(escape(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
-                       style="dim" if c.support == 0 else None)
-        pc.add_section()
-        for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
-            pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
-                       style="bold")
-        out.print(pc)
-
-        k = len(rep.labels)
-        numbered = k > 8
-        cm = Table(title="Confusion matrix", title_justify="left",
-                   caption="columns numbered as the rows" if numbered else None, caption_justify="left")
-        cm.add_column("true \\ predicted")
-        for j, label in enumerate(rep.labels):
-            cm.add_column(str(j) if numbered else escape(label), justify="right")
-        for i, label in enumerate(rep.labels):
-            cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
-                     for j, n in enumerate(rep.confusion[i])]
-            cm.add_row(escape(f"{i} {label}" if numbered else label), *cells)
-        out.print(cm)
-
-        if rep.mistakes:
-            mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
-            mt.add_column("file", overflow="fold")
-            mt.add_column("true")
-            mt.add_column("predicted")
-            mt.add_column("probability", justify="right")
-            for m in rep.mistakes:
-                mt.add_row(escape(m.path), escape(m.true_label), escape(m.predicted_label), _pct(m.probability))
-            out.print(mt)
-        else:
-            out.print("No mistakes.")
+        for table in (t, _per_class_table(rep), _confusion_table(rep)):
+            out.print(table)
+        out.print(_mistakes_table(rep) if rep.mistakes else "No mistakes.")
         for path in r.files.values():
-            out.print(f"wrote {path}", highlight=False, markup=False)
+            out.print(Text.assemble("wrote ", safe(path)), highlight=False)
     if r.skipped:
         err.print(f"[yellow]{len(r.skipped)} file(s) skipped[/]", highlight=False)
         raise typer.Exit(1)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tlcli.errors import TlcliError
+
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
 CV_MAX_IMAGES = 1000  # cross-validate on a random sample of at most this many vectors
@@ -41,6 +43,8 @@ def softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# A diverging step overflows: fit_head reports that as one error, not as numpy warnings.
+@np.errstate(over="ignore", invalid="ignore")
 def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None):
     """Batched full-batch Nesterov gradient descent, one step per epoch, step size 1/L from the
     loss's Lipschitz bound (so it converges whatever the feature scale). Z [n, r]; Y [n, k] soft
@@ -123,9 +127,16 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     ``learning_rate=None`` uses 1/L, the largest step that provably converges.
     ``groups`` [n] marks rows that are views of one image (augmented copies): cross-validation
     keeps each group within one fold, so no image is scored by a fit that saw another view of it.
+    Raises ``TlcliError`` naming the learning rate and L2 when a loss or weight is not finite
+    (a step too large for the features, or features that are not finite).
     """
     X = np.asarray(X, np.float64)
     y = np.asarray(y, int)
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN, infinity, or so large their squares overflow
+        usable = np.isfinite(np.einsum("ij,ij->", X, X))
+    if not usable:
+        raise TlcliError("the backbone's features hold NaN, infinite or huge values, so no head can be fit; "
+                         "check the backbone (--backbone), or choose another one")
     n, d = X.shape
     k = num_classes
     Y = np.eye(k)[y] * (1.0 - label_smoothing) + label_smoothing / k
@@ -162,6 +173,7 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
         weights = train_mask * sw[sample][None, :]
         _, _, losses, accs, _ = _train(Zs, Y[sample], weights, g_l2, epochs=epochs, step=learning_rate,
                                        val_mask=1.0 - train_mask, patience=patience)
+        losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
         # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
         # restored by early stopping); a fold that stopped keeps its best loss.
         shape = (len(losses), len(grid), folds)
@@ -179,6 +191,9 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     # Refit on every image, in the row space of all of them; map the kernel back to features.
     W, b, _, _, train_log = _train(Z, Y, sw[None, :], np.array([chosen_l2]), epochs=best_epochs,
                                    step=learning_rate)
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverged fit is reported just below
+        kernel, bias = (V @ W[0]).astype(np.float32), b[0].astype(np.float32)
+    _check_finite([kernel, bias, train_log, [cv_loss.get(chosen_l2, 0.0)]], learning_rate, chosen_l2)
     history = []
     for e in range(max(best_epochs, len(val_curve))):
         row = {"epoch": e + 1}
@@ -187,8 +202,20 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
         if e < len(val_curve):
             row["val_loss"], row["val_accuracy"] = val_curve[e]
         history.append(row)
-    return HeadFit((V @ W[0]).astype(np.float32), b[0].astype(np.float32), chosen_l2, best_epochs,
-                   cv_loss, history)
+    return HeadFit(kernel, bias, chosen_l2, best_epochs, cv_loss, history)
+
+
+def _check_finite(arrays, learning_rate, l2) -> None:
+    """Refuse a fit whose losses or (float32) weights are NaN or infinite: it would predict nothing."""
+    if all(np.isfinite(np.asarray(a, np.float64)).all() for a in arrays):
+        return
+    if learning_rate is not None:
+        raise TlcliError(f"--learning-rate {learning_rate}: the head's fit diverged (its loss or weights became "
+                         f"NaN or infinite, with --l2 {l2}); choose a smaller --learning-rate, or leave it out for "
+                         "the automatic step, which cannot diverge")
+    raise TlcliError(f"the head's fit diverged (its loss or weights became NaN or infinite, with the automatic "
+                     f"--learning-rate and --l2 {l2}): the backbone's features are too large; check the backbone "
+                     "(--backbone), or choose another one")
 
 
 def _row_space(X, return_basis=False):
