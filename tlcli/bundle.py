@@ -28,16 +28,21 @@ META_FILE = "tlcli.json"
 LABELS_FILE = "labels.txt"
 SPLITS_FILE = "splits.json"
 TFLITE_FILE = "model.tflite"
+FINGERPRINT_FILE = "fingerprint.pb"  # written with the SavedModel
 
 
 @dataclass
 class Bundle:
-    """What predict, export and evaluate need to know about a trained model."""
+    """What predict, export and evaluate need to know about a trained model, validated by
+    ``load``: ``labels`` are >= 2 distinct one-line strings, ``image_size`` is in [8, 1024],
+    ``meta`` is the parsed tlcli.json (its ``config`` and ``exports`` checked too), and
+    ``recorded_splits`` is the parsed splits.json (None when the bundle has none)."""
 
     path: Path
     labels: list[str]
     image_size: int
     meta: dict = field(default_factory=dict)
+    recorded_splits: dict | None = None
 
     @property
     def max_pixels(self) -> int:
@@ -51,15 +56,25 @@ class Bundle:
         return self.path / TFLITE_FILE
 
     def splits(self) -> dict:
-        """{"train": [[path, label_index], ...], "val": [...]} as recorded at training time."""
-        p = self.path / SPLITS_FILE
+        """{"train": [[path, label_index], ...], "val": [...]} as recorded at training time
+        (validated by ``load``; empty lists when the bundle has no splits.json)."""
+        s = self.recorded_splits or {}
+        return {"train": list(s.get("train", [])), "val": list(s.get("val", []))}
+
+    def fingerprint(self) -> str | None:
+        """A digest of the SavedModel (its ``fingerprint.pb``, which hashes the graph and the
+        variables), or None when the bundle has none. Export embeds it in the .tflite, so that
+        another bundle's file is recognised even with the same labels."""
+        import hashlib
+
+        p = self.path / FINGERPRINT_FILE
         if not p.exists():
-            return {"train": [], "val": []}
-        try:
-            splits = json.loads(p.read_text())
-            return {"train": list(splits.get("train", [])), "val": list(splits.get("val", []))}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{p}: unreadable or corrupt ({exc}); pass --data DIR instead, or retrain") from None
+            return None
+        return hashlib.blake2b(read_regular(p, 1 << 20), digest_size=16).hexdigest()
+
+    def labels_text(self) -> str:
+        """labels.txt's content, from the validated labels: one per line, "\\n"-terminated."""
+        return "".join(f"{label}\n" for label in self.labels)
 
 
 @contextlib.contextmanager
@@ -101,29 +116,59 @@ def write_json(path: Path, data) -> None:
 
 
 def load(model_dir: str | os.PathLike) -> Bundle:
-    """Read a bundle's metadata. Raises ``BundleError`` naming the directory and the fix."""
+    """Read and validate a bundle's metadata (``schema.check_meta``, ``schema.check_splits``):
+    every file is opened only if it is a regular file, and read up to a size bound. Raises
+    ``BundleError``, one line naming the file, what is wrong and the fix."""
+    from tlcli import schema
+
     path = Path(model_dir)
     if not path.exists():
         raise BundleError(f"--model {path}: no such directory; train one with 'tlcli train DIR --out {path}'")
     if not path.is_dir():
         raise BundleError(f"--model {path}: not a directory; give the model directory that 'tlcli train' wrote")
     meta_path = path / META_FILE
-    if not meta_path.exists():
+    if not meta_path.exists() and not meta_path.is_symlink():
         raise BundleError(f"--model {path}: not a tlcli model ({META_FILE} is missing); "
                           "give the directory that 'tlcli train' wrote")
+    meta = schema.read_json(meta_path, schema.MAX_META_BYTES, "corrupt bundle metadata",
+                            "retrain or restore the file")
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else 0
+    if type(version) is int and version > FORMAT_VERSION:
+        raise BundleError(f"--model {path}: made by a newer tlcli ({schema.show(meta.get('tlcli_version'))}, "
+                          f"format {version}); upgrade with 'pip install -U tlcli'")
+    labels, image_size = schema.check_meta(meta, meta_path)
+    splits_path = path / SPLITS_FILE
+    splits = None
+    if splits_path.exists() or splits_path.is_symlink():
+        splits = schema.check_splits(schema.read_json(splits_path, schema.MAX_SPLITS_BYTES, *schema.SPLITS_FIX),
+                                     len(labels), splits_path)
+    return Bundle(path=path, labels=labels, image_size=image_size, meta=meta, recorded_splits=splits)
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
+    bytes. A FIFO, socket or device is refused without blocking on it or reading it. Raises
+    ``BundleError`` naming the file."""
+    import stat
+
+    path = Path(path)
     try:
-        meta = json.loads(meta_path.read_text())
-        labels = list(meta["labels"])
-        image_size = int(meta["image_size"])
-        version = int(meta.get("format_version", 0))
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; the bundle is incomplete; retrain it or restore the file") from None
     except OSError as exc:
-        raise BundleError(f"{meta_path}: cannot read it ({exc.strerror}); check its permissions") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{meta_path}: corrupt bundle metadata ({exc}); retrain or restore the file") from None
-    if version > FORMAT_VERSION:
-        raise BundleError(f"--model {path}: made by a newer tlcli ({meta.get('tlcli_version')}, format "
-                          f"{version}); upgrade with 'pip install -U tlcli'")
-    return Bundle(path=path, labels=labels, image_size=image_size, meta=meta)
+        raise BundleError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: not a regular file (a FIFO, device or socket); the bundle is damaged "
+                              "or crafted; retrain it or restore the file")
+        data = f.read(limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            raise BundleError(f"{path}: larger than {limit // (1 << 20)} MiB, far beyond what tlcli writes; "
+                              "the bundle is damaged or crafted; retrain it or restore the file")
+    return data
 
 
 def check_output(out: str | os.PathLike, *, force: bool, need_bytes: int = 0) -> Path:

@@ -12,6 +12,11 @@ Quantization modes (``--quantize``):
 Labels travel with the file twice: ``labels.txt`` beside it (the bundle's own when the file is
 the bundle's ``model.tflite``, else ``<name>.labels.txt``), and a ``labels`` entry in the
 flatbuffer's metadata, written with TensorFlow's own flatbuffer tools (see ``tflite_labels``).
+Both are written from the validated labels in tlcli.json, never copied from the bundle's files.
+A ``tlcli_bundle`` metadata entry holds the bundle's fingerprint, so that predict refuses the
+file in another bundle even when the labels are the same.
+
+The SavedModel is checked by ``graphcheck`` before it is converted or run (parity check).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tlcli import bundle as bundles
 from tlcli import data, images
 from tlcli.config import DEFAULT_MODEL_DIR
 from tlcli.errors import TlcliError, UsageError
-from tlcli.inference import LABELS_METADATA
+from tlcli.inference import BUNDLE_METADATA, LABELS_METADATA
 from tlcli.progress import Callback, Event, silent
 from tlcli.quiet import native_stderr_silenced
 
@@ -86,7 +91,8 @@ class _Labelled:
             else:
                 if self._splits is None:
                     self._splits = self.b.splits()
-                self._pools[key] = [(p, int(y)) for p, y in self._splits.get(key) or [] if Path(p).exists()]
+                # is_file: a FIFO or device named in a crafted splits.json is skipped, never opened
+                self._pools[key] = [(p, y) for p, y in self._splits.get(key) or [] if Path(p).is_file()]
         return self._pools[key]
 
     def sample(self, which: str, limit: int, seed: int) -> tuple[list[tuple[str, int]], str]:
@@ -115,10 +121,10 @@ def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys)
 
 
-def _embed_labels(flat: bytes, labels: list[str]) -> bytes | None:
-    """``flat`` with a ``labels`` metadata entry (UTF-8, one label per line), or None when this
-    TensorFlow lacks the flatbuffer tools. TFLite Support's metadata schema would need the
-    unmaintained tflite-support package, so this is a plain entry of the TFLite schema."""
+def _embed_metadata(flat: bytes, entries: dict[str, bytes]) -> bytes | None:
+    """``flat`` with the named metadata ``entries`` added (replacing any of the same name), or
+    None when this TensorFlow lacks the flatbuffer tools. TFLite Support's metadata schema would
+    need the unmaintained tflite-support package, so these are plain entries of the TFLite schema."""
     try:
         from tensorflow.lite.python import schema_py_generated as schema
         from tensorflow.lite.tools import flatbuffer_utils
@@ -127,14 +133,30 @@ def _embed_labels(flat: bytes, labels: list[str]) -> bytes | None:
     model = flatbuffer_utils.convert_bytearray_to_object(flat)
     if any(m.name == b"buffer_location" for m in model.metadata or []):
         return None  # over-2 GB layout: buffers live outside the flatbuffer
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer("".join(f"{label}\n" for label in labels).encode("utf-8"), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = LABELS_METADATA
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in model.metadata or [] if m.name != LABELS_METADATA.encode()] + [entry]
+    names = {name.encode() for name in entries}
+    model.metadata = [m for m in model.metadata or [] if m.name not in names]
+    for name, payload in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(payload, np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = name
+        entry.buffer = len(model.buffers) - 1
+        model.metadata.append(entry)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
+    """Write ``labels_path`` from the bundle's validated labels. The bundle's own labels.txt is
+    rewritten only when it is not already exactly that (missing, changed, or a link)."""
+    payload = b.labels_text().encode("utf-8")
+    if labels_path.absolute() == (b.path / bundles.LABELS_FILE).absolute() and not labels_path.is_symlink():
+        try:
+            if bundles.read_regular(labels_path, len(payload)) == payload:
+                return
+        except TlcliError:
+            pass  # missing, not a regular file, or too long: regenerate it
+    _write(labels_path, payload)
 
 
 def _write(path: Path, payload: bytes) -> None:
@@ -145,6 +167,10 @@ def _write(path: Path, payload: bytes) -> None:
 
 
 def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
+    from tlcli import graphcheck
+
+    # The converter loads the SavedModel and may constant-fold its ops: check it first.
+    graphcheck.check_signature(graphcheck.check_saved_model(b.path), b)
     with bundles.tf_readable(b.path) as source:
         return _convert_from(t, source, b, quantize, io_type, calibration)
 
@@ -225,11 +251,14 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     t = tf()
     progress(Event("start", "convert", total=1))
     flat = _convert(t, b, quantize, io_type, calibration)
-    with_labels = _embed_labels(flat, b.labels)
+    entries = {LABELS_METADATA: b.labels_text().encode("utf-8")}
+    fingerprint = b.fingerprint()
+    if fingerprint:
+        entries[BUNDLE_METADATA] = fingerprint.encode()
+    with_labels = _embed_metadata(flat, entries)
     _write(out, with_labels or flat)
     labels_path = labels_path_for(out, b)
-    if labels_path.absolute() != (b.path / bundles.LABELS_FILE).absolute():
-        _write(labels_path, (b.path / bundles.LABELS_FILE).read_bytes())
+    _write_labels(labels_path, b)
     progress(Event("end", "convert", total=1, completed=1))
 
     result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,

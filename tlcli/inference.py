@@ -53,12 +53,20 @@ def expand(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 class TFEngine:
+    """The bundle's SavedModel (``serving_default``) through TensorFlow. Before TensorFlow loads
+    it, ``graphcheck`` refuses a SavedModel that could run anything but image classification
+    (file, system or Python ops) or whose signature disagrees with tlcli.json. Raises
+    ``BundleError``."""
+
     name = "tf"
 
     def __init__(self, bundle: bundles.Bundle):
+        from tlcli import graphcheck
         from tlcli._tf import tf
 
-        t = tf()
+        t = tf()  # first, so that TensorFlow's import noise is silenced (graphcheck's proto needs TF)
+        proto = graphcheck.check_saved_model(bundle.path)
+        graphcheck.check_signature(proto, bundle)
         try:
             with bundles.tf_readable(bundle.path) as path:
                 loaded = t.saved_model.load(str(path))
@@ -73,11 +81,18 @@ class TFEngine:
         return self.fn(images=self.t.constant(batch))["probabilities"].numpy()
 
 
+MAX_TFLITE_BYTES = 2 << 30  # the flatbuffer format's own limit
+LABELS_METADATA = "labels"  # the .tflite metadata entry with the labels (split_labels)
+BUNDLE_METADATA = "tlcli_bundle"  # the .tflite metadata entry with the bundle's fingerprint
+
+
 class TFLiteEngine:
     """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
     TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
     uint8) get their inputs quantized and their outputs dequantized with the file's own scale and
-    zero point. Raises ``BundleError`` for a missing, unreadable or mismatched file."""
+    zero point. The file is read once, only if it is a regular file. Raises ``BundleError`` for a
+    missing, unreadable or mismatched file: another input size or class count, other embedded
+    labels, or another bundle's fingerprint."""
 
     name = "tflite"
 
@@ -85,22 +100,21 @@ class TFLiteEngine:
         from ai_edge_litert.interpreter import Interpreter
 
         path = Path(path) if path else bundle.tflite_path
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise BundleError(f"--model {bundle.path}: no {path.name}; run 'tlcli export --tflite --model "
                               f"{bundle.path}' first, or use --engine tf")
+        buf = bundles.read_regular(path, MAX_TFLITE_BYTES)
         try:
-            self.interp = Interpreter(model_path=str(path), num_threads=os.cpu_count())
+            self.interp = Interpreter(model_content=buf, num_threads=os.cpu_count())
             with native_stderr_silenced():
                 self.interp.allocate_tensors()
+            metadata = tflite_metadata(buf)
         except Exception as exc:
-            raise BundleError(f"{path}: cannot load the TFLite model ({exc}); re-export it") from None
+            raise BundleError(f"{path}: cannot load the TFLite model ({' '.join(str(exc).split())[:200]}); "
+                              "re-export it") from None
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
-        size, classes = tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1])
-        if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
-            raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
-                              f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); "
-                              f"re-export it with 'tlcli export --tflite --model {bundle.path}'")
+        _check_tflite_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1]), metadata)
         self.batch = int(self.inp["shape"][0])
 
     @staticmethod
@@ -128,22 +142,53 @@ class TFLiteEngine:
         return self._dequantize(self.interp.get_tensor(self.out["index"]), self.out)
 
 
-LABELS_METADATA = "labels"  # the .tflite metadata entry that export writes (labels.txt's bytes)
+def _check_tflite_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict) -> None:
+    """Refuse a .tflite made for another model than ``bundle`` (one line, saying to re-export)."""
+    fix = f"re-export it with 'tlcli export --tflite --model {bundle.path}'"
+    if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
+        raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
+                          f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); {fix}")
+    try:
+        embedded = split_labels(metadata[LABELS_METADATA]) if LABELS_METADATA in metadata else bundle.labels
+    except UnicodeDecodeError:
+        embedded = None
+    if embedded != bundle.labels:
+        raise BundleError(f"{path}: made for another model (its embedded labels differ from the bundle's "
+                          f"{len(bundle.labels)} labels in {bundles.META_FILE}); {fix}")
+    theirs, mine = metadata.get(BUNDLE_METADATA), bundle.fingerprint()
+    if theirs is not None and mine is not None and theirs != mine.encode():
+        raise BundleError(f"{path}: made for another model (exported from another bundle's SavedModel, "
+                          f"with the same labels); {fix}")
+
+
+def split_labels(data: bytes) -> list[str]:
+    """Labels stored one per line ("\\n"-terminated, UTF-8): split on "\\n" only, so that no
+    other line separator (U+2028, U+0085 ...) inside a label can split it."""
+    text = data.decode("utf-8")
+    if not text:
+        return []
+    return (text[:-1] if text.endswith("\n") else text).split("\n")
+
+
+def tflite_metadata(buf: bytes) -> dict[str, bytes]:
+    """The named metadata entries of a .tflite flatbuffer, read without TensorFlow."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(buf, 0)
+    entries = {}
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        data = model.Buffers(entry.Buffer()).DataAsNumpy()
+        entries[entry.Name().decode("utf-8", "replace")] = b"" if isinstance(data, int) else data.tobytes()
+    return entries
 
 
 def tflite_labels(path: str | os.PathLike) -> list[str] | None:
     """The labels embedded in a .tflite written by ``tlcli export`` (its ``labels`` metadata
-    entry), or None when the file has none. Reads the flatbuffer without TensorFlow."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    buf = Path(path).read_bytes()
-    model = schema.Model.GetRootAs(buf, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == LABELS_METADATA.encode():
-            data = model.Buffers(entry.Buffer()).DataAsNumpy()
-            return data.tobytes().decode("utf-8").splitlines() if not isinstance(data, int) else []
-    return None
+    entry), or None when the file has none. Reads the flatbuffer (a regular file) without
+    TensorFlow."""
+    data = tflite_metadata(bundles.read_regular(path, MAX_TFLITE_BYTES)).get(LABELS_METADATA)
+    return None if data is None else split_labels(data)
 
 
 def check_engine(engine: str) -> None:

@@ -1,0 +1,165 @@
+"""The bundle's metadata schema: tlcli.json and splits.json, checked once by ``bundle.load``.
+
+A bundle may come from anyone, so every value that sizes memory, names a file or reaches a
+terminal is checked for type and range before use, and every problem is one ``BundleError``
+line naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import unicodedata
+from pathlib import Path
+
+from tlcli.errors import BundleError
+
+MAX_META_BYTES = 64 << 20      # tlcli.json: config, metrics, history, skipped files
+MAX_SPLITS_BYTES = 512 << 20   # splits.json: two paths per training image, millions of images
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # what training accepts (training.validate)
+SPLITS_FIX = ("unreadable or corrupt", "delete it and pass --data DIR to export, or retrain")
+# Characters a label may not hold: control characters and every line or paragraph separator
+# (labels.txt and the .tflite's labels are one label per line).
+_FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+
+
+def show(value, limit: int = 60) -> str:
+    """``value`` as short, escaped JSON, safe to print on one line."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path: Path, limit: int, problem: str, fix: str):
+    """Parse ``path`` (a regular file of at most ``limit`` bytes, UTF-8 JSON). Raises
+    ``BundleError``: "<path>: <problem> (<why>); <fix>"."""
+    from tlcli.bundle import read_regular
+
+    raw = read_regular(path, limit)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 at byte {exc.start}"
+    except (ValueError, RecursionError) as exc:
+        why = f"not JSON: {str(exc)[:80]}" if isinstance(exc, ValueError) else "nested too deeply"
+    raise BundleError(f"{path}: {problem} ({why}); {fix}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def label_problem(label) -> str | None:
+    """Why ``label`` cannot be a label (not a non-empty one-line string), or None."""
+    if not isinstance(label, str):
+        return f"{show(label)} is not a string"
+    if not label:
+        return f"{show(label)} is empty"
+    bad = next((c for c in label if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
+    if bad is not None:
+        return f"{show(label)} holds the control character or line separator U+{ord(bad):04X}"
+    return None
+
+
+def check_labels(labels, where: str) -> list[str]:
+    """``labels`` if it is a list of >= 2 distinct labels (see ``label_problem``)."""
+    fix = "retrain or restore the file"
+    if not isinstance(labels, list):
+        raise BundleError(f"{where}: \"labels\" must be a list of class names, not {show(labels)}; {fix}")
+    if len(labels) < 2:
+        raise BundleError(f"{where}: \"labels\" must hold at least two class names, not {show(labels)}; {fix}")
+    for label in labels:
+        problem = label_problem(label)
+        if problem:
+            raise BundleError(f"{where}: \"labels\": {problem}; {fix}")
+    if len(set(labels)) != len(labels):
+        dup = next(label for i, label in enumerate(labels) if label in labels[:i])
+        raise BundleError(f"{where}: \"labels\": {show(dup)} appears twice; {fix}")
+    return list(labels)
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Whether a JSON value fits a TrainConfig field annotation ("int", "float | None", ...).
+    An annotation with a part this does not know (a type added later) is not checked."""
+    names = [part.strip() for part in annotation.split("|")]
+    if not set(names) <= {"None", "bool", "int", "float", "str"}:
+        return True
+    for name in names:
+        if name == "None" and value is None:
+            return True
+        if name == "bool" and isinstance(value, bool):
+            return True
+        if name == "int" and _is_int(value):
+            return True
+        if name == "float" and (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
+            return True
+        if name == "str" and isinstance(value, str) and "\x00" not in value:
+            return True
+    return False
+
+
+def check_config(config, where: str) -> None:
+    """``config`` must be a dict whose known ``TrainConfig`` fields have their declared types,
+    with ``max_pixels`` >= 1 and ``image_size`` (when set) in [8, 1024]. Unknown keys are
+    allowed (a newer tlcli may add some)."""
+    from tlcli.config import TrainConfig
+
+    fix = "retrain or restore the file"
+    if not isinstance(config, dict):
+        raise BundleError(f"{where}: \"config\" must be an object, not {show(config)}; {fix}")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in config and not _type_ok(config[f.name], str(f.type)):
+            raise BundleError(f"{where}: \"config\".\"{f.name}\" must be {f.type}, not {show(config[f.name])}; {fix}")
+    pixels = config.get("max_pixels")
+    if pixels is not None and not (_is_int(pixels) and pixels >= 1):
+        raise BundleError(f"{where}: \"config\".\"max_pixels\" must be an integer >= 1, not {show(pixels)}; {fix}")
+    size = config.get("image_size")
+    if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise BundleError(f"{where}: \"config\".\"image_size\" must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], "
+                          f"not {show(size)}; {fix}")
+
+
+def check_meta(meta, path: Path) -> tuple[list[str], int]:
+    """Validate parsed tlcli.json; returns (labels, image_size). Raises ``BundleError``."""
+    where = f"{path}: corrupt bundle metadata"
+    fix = "retrain or restore the file"
+    if not isinstance(meta, dict):
+        raise BundleError(f"{where}: must be a JSON object, not {show(meta)}; {fix}")
+    version = meta.get("format_version", 0)
+    if not (_is_int(version) and version >= 0):
+        raise BundleError(f"{where}: \"format_version\" must be an integer >= 0, not {show(version)}; {fix}")
+    for key in ("labels", "image_size"):
+        if key not in meta:
+            raise BundleError(f"{where}: \"{key}\" is missing; {fix}")
+    labels = check_labels(meta["labels"], where)
+    size = meta["image_size"]
+    if not (_is_int(size) and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE):
+        raise BundleError(f"{where}: \"image_size\" must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], "
+                          f"not {show(size)}; {fix}")
+    if "config" in meta:
+        check_config(meta["config"], where)
+    exports = meta.get("exports", {})
+    if not (isinstance(exports, dict) and all(isinstance(v, dict) for v in exports.values())):
+        raise BundleError(f"{where}: \"exports\" must be an object of objects, not {show(exports)}; {fix}")
+    return labels, size
+
+
+def check_splits(splits, num_labels: int, path: Path) -> dict:
+    """Validate parsed splits.json: {"train": [[path, label], ...], "val": [...]} with string
+    paths and integer labels in [0, num_labels). Returns {"train": [...], "val": [...]}."""
+    problem, fix = SPLITS_FIX
+    if not isinstance(splits, dict):
+        raise BundleError(f"{path}: {problem} (must be a JSON object, not {show(splits)}); {fix}")
+    out = {}
+    for key in ("train", "val"):
+        entries = splits.get(key, [])
+        if not isinstance(entries, list):
+            raise BundleError(f"{path}: {problem} (\"{key}\" must be a list, not {show(entries)}); {fix}")
+        for i, entry in enumerate(entries):
+            ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+                  and "\x00" not in entry[0] and _is_int(entry[1]) and 0 <= entry[1] < num_labels)
+            if not ok:
+                raise BundleError(f"{path}: {problem} (\"{key}\"[{i}] must be [path, label index in "
+                                  f"0..{num_labels - 1}], not {show(entry)}); {fix}")
+        out[key] = entries
+    return out
