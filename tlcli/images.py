@@ -154,36 +154,82 @@ def read_bytes(path: str | os.PathLike, *, min_size: int | None = None,
     return data
 
 
+HEADER_BYTES = 16 << 20  # where a large file's image header must be found
+
+
 def _check_header(f, path, size: int, *, min_size: int | None, max_pixels: int) -> None:
     """Refuse a large file from its header alone (see ``read_bytes``)."""
-    head = f.read(64)
-    fmt = _sniff(head)
+    fmt = _sniff(f.read(64))
     overall = max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
     if fmt in _UNCOUNTED_FRAMES:
         bound, what = overall, f"{max_pixels} pixels per frame, for any number of frames that fit"
     else:
         f.seek(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                img = Image.open(f)  # parses the header only; pixels are read by load()
-                (w, h), frames = img.size, max(1, int(getattr(img, "n_frames", 1)))
-                if min_size:
-                    img.draft("RGB", (min_size, min_size))
-                _check_pixels(img, path, max_pixels)
-            except ImageError:
-                raise
-            except Exception:
-                if fmt is None:
-                    raise ImageError(path, NOT_AN_IMAGE, _what_instead(head)) from None
-                if fmt in _UNSUPPORTED_FORMATS:
-                    raise ImageError(path, UNSUPPORTED, _UNSUPPORTED_FORMATS[fmt]) from None
-                raise ImageError(path, CORRUPT, f"no readable {fmt} header") from None
+        w, h, frames = _header_size(f, fmt, path, min_size=min_size, max_pixels=max_pixels)
         bound = frames * w * h * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
         what = f"{frames} frame(s) of {w}x{h}" if frames > 1 else f"a {w}x{h} image"
     if size > bound:
         raise ImageError(path, TOO_LARGE, f"{size} bytes, far more than {what} can need ({bound}); "
                                           "is other data appended to it?")
+
+
+def _header_size(f, fmt: str | None, path, *, min_size: int | None, max_pixels: int) -> tuple[int, int, int]:
+    """(width, height, frames) declared by the header of the file ``f``, after refusing one over
+    the pixel limit. Reads at most ``HEADER_BYTES``, except that TIFF's directories are followed
+    where they lie. Raises ImageError when no header can be read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if fmt == "JPEG":  # Pillow walks junk a byte at a time: minutes for a large file
+                head = f.read(HEADER_BYTES)
+                w, h = _jpeg_size(head)
+                scale = next((s for s in (8, 4, 2) if min_size and min(w // min_size, h // min_size) >= s), 1)
+                dw, dh = -(-w // scale), -(-h // scale)  # the draft size Pillow would decode
+                if dw * dh > max_pixels:
+                    raise ImageError(path, OVER_PIXEL_LIMIT, _over_limit(dw, dh, max_pixels))
+                return w, h, 1
+            img = Image.open(f if fmt == "TIFF" else io.BytesIO(f.read(HEADER_BYTES)))
+            (w, h), frames = img.size, max(1, int(getattr(img, "n_frames", 1)))
+            _check_pixels(img, path, max_pixels)
+            return w, h, frames
+        except ImageError:
+            raise
+        except Exception:
+            if fmt is None:
+                f.seek(0)
+                raise ImageError(path, NOT_AN_IMAGE, _what_instead(f.read(4096))) from None
+            if fmt in _UNSUPPORTED_FORMATS:
+                raise ImageError(path, UNSUPPORTED, _UNSUPPORTED_FORMATS[fmt]) from None
+            raise ImageError(path, CORRUPT, f"no readable {fmt} header in its first "
+                                            f"{HEADER_BYTES >> 20} MB") from None
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int]:
+    """(width, height) from the first SOF segment in ``head``; ValueError when there is none.
+    Segments are skipped by their length, junk between them at C speed."""
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            pos = head.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = head[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill bytes, standalone markers
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker in _SOF:
+            h, w = int.from_bytes(head[pos + 5:pos + 7], "big"), int.from_bytes(head[pos + 7:pos + 9], "big")
+            if w and h:
+                return w, h
+            break
+        if marker in (0xDA, 0xD9):  # image data or the end before any frame header
+            break
+        pos += 2 + int.from_bytes(head[pos + 2:pos + 4], "big")
+    raise ValueError("no JPEG frame header")
 
 
 def digest(data: bytes) -> str:
