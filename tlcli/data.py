@@ -69,6 +69,14 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder (symlinks followed); False for a broken link or a loop."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
 class _Walker:
     """Lists the files of class folders, following symlinks safely.
 
@@ -82,7 +90,7 @@ class _Walker:
 
     def __init__(self, root: Path):
         self.root = os.path.realpath(root)
-        self.seen_dirs: set[str] = set()
+        self.seen_dirs: set = set()
         self.special: list[tuple[Path, str]] = []
 
     def files(self, class_dir: Path) -> list[tuple[Path, bool]]:
@@ -92,10 +100,14 @@ class _Walker:
         stack = [(class_dir, class_dir.is_symlink())]
         while stack:
             d, linked = stack.pop()
-            real = os.path.realpath(d)
-            if real in self.seen_dirs:
+            try:
+                st = os.stat(d)
+                key = (st.st_dev, st.st_ino)  # not realpath: that costs a stat per level, per folder
+            except OSError:
+                key = os.path.realpath(d)
+            if key in self.seen_dirs:
                 continue
-            self.seen_dirs.add(real)
+            self.seen_dirs.add(key)
             subdirs = []
             for p, link, kind in self._entries(d):
                 if kind == "dir":
@@ -168,8 +180,8 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     except OSError as exc:
         raise DatasetError(f"{option} {root}: cannot read this folder ({exc.strerror}); fix its "
                            "permissions") from None
-    class_dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=True)]
-    loose = [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=True)]
+    class_dirs = [Path(e.path) for e in entries if _is_dir(e)]
+    loose = [Path(e.path) for e in entries if not _is_dir(e)]
     if not class_dirs:
         if loose:
             raise DatasetError(f"{option} {root}: {len(loose)} file(s) sit directly in this folder and "
