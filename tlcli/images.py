@@ -360,9 +360,11 @@ def _decode_cost(img: Image.Image) -> int:
 
 def _upright(img: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(img)
+        # In place: otherwise an upright image is returned as a full copy (512 MB at 128 MP).
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # damaged EXIF: keep the pixels as stored rather than reject the photo
-        return img
+        pass
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
