@@ -260,7 +260,9 @@ def train(
 @app.command()
 @interruptible
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    # readable=False: an unreadable file gets its own error from the library, not exit 2 for all.
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False,
+                                                readable=False)],
     model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
     engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = PREDICT_ENGINE,

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from tlcli.presets import DEFAULT_PRESET
 
 # Decoded pixels allowed per image. 128 MP is above any phone photo after JPEG draft
-# downscaling, and caps one decode at about 400 MB of RGB.
+# downscaling. Pillow holds RGB in 4 bytes a pixel, so one decode at the limit peaks at about
+# 0.55 GB (RGB), 0.65 GB (palette with transparency) or 1.05 GB (RGBA); decodes in flight
+# share images.DECODE_MEMORY_BUDGET, so the largest run one at a time.
 DEFAULT_MAX_PIXELS = 128_000_000
 DEFAULT_MODEL_DIR = "tlcli-model"
 STRATEGIES = ("auto", "default", "mirrored", "tpu")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import os
 import random
+import stat
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,50 +69,83 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder (symlinks followed); False for a broken link or a loop."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
 class _Walker:
     """Lists the files of class folders, following symlinks safely.
 
     A symlinked directory is followed only when it leads outside the dataset: one that points
     back into it, or to a folder above it, would loop or list images twice (possibly under
-    another class), so it is ignored. Every directory is listed at most once. A file reached
-    twice (a symlink to a file already in the dataset) counts once, at its real location when
-    that is in the dataset. Sockets, FIFOs and devices are ignored (reading them would block)."""
+    another class), so it is ignored. Every directory is listed at most once, and the walk is
+    iterative, so any depth works. A file reached twice (a symlink to a file already in the
+    dataset) counts once, at its real location when that is in the dataset. Sockets, FIFOs and
+    devices are never opened (reading them would block or never end): they are listed in
+    ``special`` as (path, what it is), for the skipped list."""
 
     def __init__(self, root: Path):
         self.root = os.path.realpath(root)
-        self.seen_dirs: set[str] = set()
+        self.seen_dirs: set = set()
+        self.special: list[tuple[Path, str]] = []
 
     def files(self, class_dir: Path) -> list[tuple[Path, bool]]:
-        """(path, reached through a symlink) for every non-hidden file under ``class_dir``."""
+        """(path, reached through a symlink) for every non-hidden file under ``class_dir``, in
+        sorted depth-first order."""
         out: list[tuple[Path, bool]] = []
-        self._walk(class_dir, out, linked=class_dir.is_symlink())
+        stack = [(class_dir, class_dir.is_symlink())]
+        while stack:
+            d, linked = stack.pop()
+            try:
+                st = os.stat(d)
+                key = (st.st_dev, st.st_ino)  # not realpath: that costs a stat per level, per folder
+            except OSError:
+                key = os.path.realpath(d)
+            if key in self.seen_dirs:
+                continue
+            self.seen_dirs.add(key)
+            subdirs = []
+            for p, link, kind in self._entries(d):
+                if kind == "dir":
+                    if link:
+                        target = os.path.realpath(p)
+                        if _inside(target, self.root) or _inside(self.root, target):
+                            continue  # a loop, or a second route to images already in the dataset
+                    subdirs.append((p, linked or link))
+                elif kind == "file":
+                    out.append((p, linked or link))
+                elif kind == "special":
+                    self.special.append((p, images.special_kind(p) or "not a file"))
+                elif link:
+                    out.append((p, True))  # broken (or a symlink loop): listed, so that it is reported
+            stack += reversed(subdirs)  # depth first, in name order, like the recursive walk
         return out
 
-    def _walk(self, d: Path, out: list, linked: bool) -> None:
-        real = os.path.realpath(d)
-        if real in self.seen_dirs:
-            return
-        self.seen_dirs.add(real)
+    @staticmethod
+    def _entries(d: Path) -> list[tuple[Path, bool, str]]:
+        """(path, is a symlink, "dir" | "file" | "special" | "missing") of ``d``'s visible entries."""
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as exc:
             raise DatasetError(f"{d}: cannot read this folder ({exc.strerror}); fix its permissions "
                                "or move it out of the dataset") from None
+        out = []
         for e in entries:
             if _hidden(e.name):
                 continue
-            p = Path(e.path)
-            link = e.is_symlink()
-            if e.is_dir(follow_symlinks=True):
-                if link:
-                    target = os.path.realpath(p)
-                    if _inside(target, self.root) or _inside(self.root, target):
-                        continue  # a loop, or a second route to images already in the dataset
-                self._walk(p, out, linked or link)
-            elif e.is_file(follow_symlinks=True):
-                out.append((p, linked or link))
-            elif link and not os.path.exists(p):
-                out.append((p, True))  # broken: listed, so that it is reported
+            try:  # stat, not DirEntry.is_dir: it says why (a symlink loop raises ELOOP)
+                mode = os.stat(e.path).st_mode
+                kind = "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "special"
+            except OSError as exc:
+                # Missing or looping: a broken link. Anything else (no permission) is listed as a
+                # file, so that reading it reports why.
+                kind = "missing" if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR) else "file"
+            out.append((Path(e.path), e.is_symlink(), kind))
+        return out
 
 
 def _dedupe(found: list[tuple[Path, int, bool]]) -> list[tuple[Path, int]]:
@@ -145,8 +180,8 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     except OSError as exc:
         raise DatasetError(f"{option} {root}: cannot read this folder ({exc.strerror}); fix its "
                            "permissions") from None
-    class_dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=True)]
-    loose = [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=True)]
+    class_dirs = [Path(e.path) for e in entries if _is_dir(e)]
+    loose = [Path(e.path) for e in entries if not _is_dir(e)]
     if not class_dirs:
         if loose:
             raise DatasetError(f"{option} {root}: {len(loose)} file(s) sit directly in this folder and "
@@ -155,6 +190,8 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
                            f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
     found = [d.name for d in class_dirs]
+    for name in found:
+        check_label(name, f"{option} {root}: class folder")
     if labels is None:
         labels = found
         if len(labels) < 2:
@@ -173,14 +210,13 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         listed += [(p, index[d.name], linked) for p, linked in walker.files(d)]
     candidates = _dedupe(listed)
     skipped = [Skipped(str(p), NOT_IN_CLASS_FOLDER) for p in loose]
+    skipped += [Skipped(str(p), images.NOT_REGULAR, kind) for p, kind in walker.special]
 
     def check(item):
         path, _ = item
-        if path.is_symlink() and not path.exists():
-            return None, images.ImageError(path, images.BROKEN_SYMLINK, f"points to {os.readlink(path)}")
         data, err = images.check(path, size=image_size, max_pixels=max_pixels)
         # Hash here, in the worker, so that finished files' bytes are not held waiting in order.
-        return (None, err) if err else (hashlib.blake2b(data, digest_size=16).hexdigest(), None)
+        return (None, err) if err else (images.digest(data), None)
 
     samples: list[Sample] = []
     bad_in: dict[int, int] = {}
@@ -214,6 +250,19 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
     return folder
+
+
+# Characters that would split or garble a label in labels.txt, the bundle's metadata or a table:
+# controls (newline, tab, escape...) and the Unicode line and paragraph separators.
+_BAD_LABEL_CATEGORIES = ("Cc", "Zl", "Zp")
+
+
+def check_label(name: str, what: str = "class folder") -> None:
+    """Raise DatasetError for a label (class folder name) holding a control character or line
+    separator, naming it escaped (``what`` prefixes the message)."""
+    if any(unicodedata.category(c) in _BAD_LABEL_CATEGORIES for c in name):
+        raise DatasetError(f"{what} {name!r} has a control character or line break in its name, "
+                           "which would corrupt the model's labels; rename the folder")
 
 
 def check_folder(root: str | os.PathLike, option: str = "DIR") -> Path:
@@ -258,11 +307,13 @@ def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
 def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = None,
                   batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
                   shuffle_seed: int | None = None, augment_seed: int | None = None,
-                  unreadable_fill: float = 0.5):
+                  unreadable_fill: float = 0.5, digests: bool = False):
     """tf.data of float32 [batch, size, size, 3] in [0, 1] (and int labels), decoded by the project
-    decoder in parallel and prefetched. A file that became unreadable after the scan yields an
-    image filled with ``unreadable_fill`` (grey) rather than crashing the epoch; feature
-    extraction passes NaN so that such a file is noticed instead of cached."""
+    decoder in parallel (within its memory budget) and prefetched. A file that became unreadable
+    after the scan yields an image filled with ``unreadable_fill`` (grey) rather than crashing the
+    epoch; feature extraction passes NaN so that such a file is noticed instead of cached. With
+    ``digests`` each element is (images, string [batch]: ``images.digest`` of the bytes each
+    image was decoded from, empty for an unreadable file) instead of the images."""
     import numpy as np
 
     from tlcli._tf import tf
@@ -271,9 +322,10 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
 
     def load(p):
         try:
-            return images.load_for_model(p.decode(), size, max_pixels=max_pixels)
+            img, digest = images.load_for_model(p.decode(), size, max_pixels=max_pixels, with_digest=True)
         except images.ImageError:
-            return np.full((size, size, 3), unreadable_fill, np.float32)
+            img, digest = np.full((size, size, 3), unreadable_fill, np.float32), ""
+        return (img, np.bytes_(digest)) if digests else img
 
     ds = t.data.Dataset.from_tensor_slices(list(paths))
     if labels is not None:
@@ -282,7 +334,12 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def decode(p, *rest):
-        img = t.numpy_function(load, [p], t.float32, stateful=False)
+        if digests:
+            img, digest = t.numpy_function(load, [p], [t.float32, t.string], stateful=False)
+            digest.set_shape([])
+            rest = (digest, *rest)
+        else:
+            img = t.numpy_function(load, [p], t.float32, stateful=False)
         img.set_shape([size, size, 3])
         return (img, *rest) if rest else img
 

@@ -19,7 +19,13 @@ Files are decoded by content (Pillow), never by extension. Policies:
 Unusable files raise ``ImageError`` with one of these reasons (shown to users, stored in
 ``tlcli.json``): ``zero bytes``, ``not an image``, ``truncated``, ``corrupt``, ``over the pixel
 limit``, ``unsupported`` (an image format or feature Pillow cannot decode, e.g. HEIC),
-``unreadable`` (an OS error) and ``broken symlink``.
+``unreadable`` (an OS error), ``broken symlink``, ``not a regular file`` (a folder, FIFO, socket or
+device: never opened for reading, so it cannot block or stream without end) and ``too large``
+(far more bytes than the image its header declares could need: see ``read_bytes``).
+
+Memory: every decode reserves its estimated peak (pixels x bytes per pixel of its conversion
+path, ``_decode_cost``) from one process-wide budget, ``DECODE_MEMORY_BUDGET``, so huge images
+decode one at a time while small ones stay parallel, in the scan's threads and tf.data's alike.
 
 Model input: float32 RGB, shape [size, size, 3], values in [0, 1], resized with Pillow's
 bilinear filter (antialiased) without keeping the aspect ratio.
@@ -28,10 +34,15 @@ bilinear filter (antialiased) without keeping the aspect ratio.
 from __future__ import annotations
 
 import codecs
+import collections
+import contextlib
+import errno
+import hashlib
 import io
 import os
+import stat
+import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -54,21 +65,176 @@ OVER_PIXEL_LIMIT = "over the pixel limit"
 UNSUPPORTED = "unsupported"
 UNREADABLE = "unreadable"
 BROKEN_SYMLINK = "broken symlink"
+NOT_REGULAR = "not a regular file"
+TOO_LARGE = "too large"
 
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a file, mapping OS errors and empty files to ``ImageError``."""
+# No encoding of a pixel needs more than 16-bit RGBA stored uncompressed; on top of the pixels a
+# file may carry metadata (EXIF, ICC, XMP, previews, comments), for which this is generous.
+MAX_BYTES_PER_PIXEL = 8
+METADATA_ALLOWANCE = 64 << 20
+# Formats whose frame count is not known from the header (each frame may be as large as the
+# first): they are bounded by the pixel limit instead of by the first frame's size.
+_UNCOUNTED_FRAMES = ("GIF", "WEBP")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a file"
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` (symlinks followed) is when it exists and is not a regular file ("a FIFO
+    (named pipe)", "a device", ...), else None. Never opens it."""
     try:
-        data = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
+def _open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of the regular file at ``path``, or ImageError. Opened without
+    blocking (a FIFO would wait for a writer) and checked on the opened descriptor, so a file
+    swapped for a FIFO or device after any earlier check is still refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise ImageError(path, BROKEN_SYMLINK, f"points to {os.readlink(path)}") from None
+        if exc.errno == errno.ELOOP:
+            raise ImageError(path, BROKEN_SYMLINK, "a symlink loop") from None
+        if exc.errno == errno.ENXIO:  # opening a socket
+            raise ImageError(path, NOT_REGULAR, "a socket") from None
         raise ImageError(path, UNREADABLE, exc.strerror or str(exc)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(path, NOT_REGULAR, _kind(mode))
+    return fd
+
+
+def read_bytes(path: str | os.PathLike, *, min_size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The bytes of the regular file at ``path``, read with a bound. Raises ImageError:
+    ``not a regular file``, ``broken symlink``, ``unreadable``, ``zero bytes``, and for a file
+    above ``METADATA_ALLOWANCE`` bytes, whose header is read first: ``over the pixel limit``,
+    ``too large`` (more than ``MAX_BYTES_PER_PIXEL`` per declared pixel, times frames, plus the
+    allowance: something else is appended to the image), or ``corrupt`` / ``not an image`` when
+    no image header can be read; the rest of such a file is never read."""
+    fd = _open_regular(path)
+    with open(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
+        if size > METADATA_ALLOWANCE:
+            _check_header(f, path, size, min_size=min_size, max_pixels=max_pixels)
+            f.seek(0)
+        try:
+            chunks, left = [], size + 1  # one byte more shows a file that grew since the fstat
+            while left > 0 and (chunk := f.read(min(left, 1 << 24))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as exc:
+            raise ImageError(path, UNREADABLE, exc.strerror or str(exc)) from None
+    data = b"".join(chunks)
+    if len(data) > size:
+        raise ImageError(path, UNREADABLE, "it grew while being read (still being written?)")
     if not data:
         raise ImageError(path, ZERO_BYTES)
     return data
+
+
+HEADER_BYTES = 16 << 20  # where a large file's image header must be found
+
+
+def _check_header(f, path, size: int, *, min_size: int | None, max_pixels: int) -> None:
+    """Refuse a large file from its header alone (see ``read_bytes``)."""
+    fmt = _sniff(f.read(64))
+    overall = max_pixels * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
+    if fmt in _UNCOUNTED_FRAMES:
+        bound, what = overall, f"{max_pixels} pixels per frame, for any number of frames that fit"
+    else:
+        f.seek(0)
+        w, h, frames = _header_size(f, fmt, path, min_size=min_size, max_pixels=max_pixels)
+        bound = frames * w * h * MAX_BYTES_PER_PIXEL + METADATA_ALLOWANCE
+        what = f"{frames} frame(s) of {w}x{h}" if frames > 1 else f"a {w}x{h} image"
+    if size > bound:
+        raise ImageError(path, TOO_LARGE, f"{size} bytes, far more than {what} can need ({bound}); "
+                                          "is other data appended to it?")
+
+
+def _header_size(f, fmt: str | None, path, *, min_size: int | None, max_pixels: int) -> tuple[int, int, int]:
+    """(width, height, frames) declared by the header of the file ``f``, after refusing one over
+    the pixel limit. Reads at most ``HEADER_BYTES``, except that TIFF's directories are followed
+    where they lie. Raises ImageError when no header can be read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if fmt == "JPEG":  # Pillow walks junk a byte at a time: minutes for a large file
+                head = f.read(HEADER_BYTES)
+                w, h = _jpeg_size(head)
+                scale = next((s for s in (8, 4, 2) if min_size and min(w // min_size, h // min_size) >= s), 1)
+                dw, dh = -(-w // scale), -(-h // scale)  # the draft size Pillow would decode
+                if dw * dh > max_pixels:
+                    raise ImageError(path, OVER_PIXEL_LIMIT, _over_limit(dw, dh, max_pixels))
+                return w, h, 1
+            img = Image.open(f if fmt == "TIFF" else io.BytesIO(f.read(HEADER_BYTES)))
+            (w, h), frames = img.size, max(1, int(getattr(img, "n_frames", 1)))
+            _check_pixels(img, path, max_pixels)
+            return w, h, frames
+        except ImageError:
+            raise
+        except Exception:
+            if fmt is None:
+                f.seek(0)
+                raise ImageError(path, NOT_AN_IMAGE, _what_instead(f.read(4096))) from None
+            if fmt in _UNSUPPORTED_FORMATS:
+                raise ImageError(path, UNSUPPORTED, _UNSUPPORTED_FORMATS[fmt]) from None
+            raise ImageError(path, CORRUPT, f"no readable {fmt} header in its first "
+                                            f"{HEADER_BYTES >> 20} MB") from None
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int]:
+    """(width, height) from the first SOF segment in ``head``; ValueError when there is none.
+    Segments are skipped by their length, junk between them at C speed."""
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            pos = head.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = head[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill bytes, standalone markers
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker in _SOF:
+            h, w = int.from_bytes(head[pos + 5:pos + 7], "big"), int.from_bytes(head[pos + 7:pos + 9], "big")
+            if w and h:
+                return w, h
+            break
+        if marker in (0xDA, 0xD9):  # image data or the end before any frame header
+            break
+        pos += 2 + int.from_bytes(head[pos + 2:pos + 4], "big")
+    raise ValueError("no JPEG frame header")
+
+
+def digest(data: bytes) -> str:
+    """The content hash that names a file's bytes in the feature cache."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def decode(data: bytes, *, path: str = "<bytes>", min_size: int | None = None,
@@ -78,10 +244,19 @@ def decode(data: bytes, *, path: str = "<bytes>", min_size: int | None = None,
     ``min_size`` lets JPEGs decode at a reduced scale while keeping both sides >= min_size.
     Raises ``ImageError`` with one of the reason constants of this module.
     """
+    return _decode(data, path=path, min_size=min_size, max_pixels=max_pixels, then=lambda img: img)
+
+
+def _decode(data: bytes, *, path: str, min_size: int | None, max_pixels: int, then):
+    """``then(the upright RGB image)``, run while the decode's memory is reserved from the budget
+    (so that what ``then`` makes of the full-size image is covered too)."""
     if not data:
         raise ImageError(path, ZERO_BYTES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about odd EXIF and chunks; we decide here
+        webp = _webp_size(data)
+        if webp and webp[0] * webp[1] > max_pixels:  # Pillow's WebP allocates the canvas on open
+            raise ImageError(path, OVER_PIXEL_LIMIT, _over_limit(*webp, max_pixels))
         try:
             img = Image.open(io.BytesIO(data))
         except Exception as exc:  # Pillow plugins raise many types on garbage headers
@@ -89,23 +264,107 @@ def decode(data: bytes, *, path: str = "<bytes>", min_size: int | None = None,
         try:
             if min_size:
                 img.draft("RGB", (min_size, min_size))  # a no-op for formats other than JPEG
-            if img.width * img.height > max_pixels:
-                raise ImageError(path, OVER_PIXEL_LIMIT,
-                                 f"{img.width}x{img.height} > {max_pixels} pixels; raise --max-pixels")
-            img.load()
-            img = _upright(img)
-            return _to_rgb(img)
+            _check_pixels(img, path, max_pixels)
+            with DECODE_BUDGET.reserve(_decode_cost(img)):
+                img.load()
+                img = _upright(img)
+                return then(_to_rgb(img))
         except ImageError:
             raise
         except Exception as exc:
             raise ImageError(path, *_classify(exc, data, opened=True)) from None
 
 
+def _over_limit(w: int, h: int, max_pixels: int) -> str:
+    return f"{w}x{h} > {max_pixels} pixels; raise --max-pixels"
+
+
+def _check_pixels(img: Image.Image, path, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise ImageError(path, OVER_PIXEL_LIMIT, _over_limit(img.width, img.height, max_pixels))
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """A WebP's canvas size from its header (as Pillow reads it), or None for other data."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return (int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF)
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+# Bytes a decode may hold at once, over all threads: the scan and tf.data decode in parallel, and
+# each under-limit image can cost well over a gigabyte on its own.
+DECODE_MEMORY_BUDGET = 1536 << 20
+
+
+class MemoryBudget:
+    """A process-wide allowance of bytes, reserved first come, first served. A reservation larger
+    than the whole budget waits until nothing else is reserved and then runs alone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int):
+        nbytes = max(0, min(int(nbytes), self.total))
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._queue[0] is not me or self.used + nbytes > self.total:
+                    self._cond.wait()
+            finally:
+                self._queue.remove(me)  # also when interrupted, so the next one is not stuck
+                self._cond.notify_all()
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = MemoryBudget(DECODE_MEMORY_BUDGET)
+
+# Bytes per pixel Pillow stores each mode in (RGB and friends take 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def _decode_cost(img: Image.Image) -> int:
+    """Estimated peak bytes of decoding ``img`` (at its draft size) to the upright RGB image:
+    the decoded pixels, an upright copy when EXIF turns it, and the conversion path's images."""
+    src = _MODE_BYTES.get(img.mode, 4)
+    if img.mode in _WIDE_MODES:
+        convert = 4 + 1 + 4  # a numpy copy, the 8-bit result, and RGB
+    elif img.mode == "RGB" and "transparency" not in img.info:
+        convert = 0
+    elif img.mode == "P" or img.mode == "RGBA":
+        convert = 4  # the RGB result (palettes and RGBA are composited without another canvas)
+    else:
+        convert = 4 + 4  # an RGBA copy and the RGB result
+    return img.width * img.height * (2 * src + convert)
+
+
 def _upright(img: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(img)
+        # In place: otherwise an upright image is returned as a full copy (512 MB at 128 MP).
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # damaged EXIF: keep the pixels as stored rather than reject the photo
-        return img
+        pass
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -114,23 +373,52 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in _WIDE_MODES:
         return Image.fromarray(_scale_to_8bit(np.asarray(img)), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info and img.palette and img.palette.mode == "RGB":
+        return _flatten_palette(img)
     if mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        # Pasting with the alpha as mask gives exactly alpha_composite's result over an opaque
+        # background (checked for every colour and alpha), without a second RGBA canvas.
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba)
+        return out
     return img.convert("RGB")
+
+
+def _flatten_palette(img: Image.Image) -> Image.Image:
+    """A palette image with transparency -> RGB, compositing each palette entry onto the
+    background once instead of every pixel (the same result as converting the pixels to RGBA
+    and compositing them, at a quarter of the memory). Changes ``img``'s palette."""
+    lut = Image.frombytes("P", (256, 1), bytes(range(256)))
+    lut.putpalette(img.getpalette())
+    lut.info["transparency"] = img.info["transparency"]
+    entries = lut.convert("RGBA")
+    flat = Image.new("RGB", entries.size, BACKGROUND)
+    flat.paste(entries, mask=entries)
+    img.putpalette(flat.tobytes())
+    del img.info["transparency"]
+    return img.convert("RGB")
+
+
+_ROWS_PER_CHUNK = 256  # float64 work on a few rows at a time, not on a copy of the whole image
 
 
 def _scale_to_8bit(arr: np.ndarray) -> np.ndarray:
     is_float = arr.dtype.kind == "f"
-    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    top = float(arr.max()) if arr.size else 0.0
+
+    def as_float(rows):
+        return np.nan_to_num(rows.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+    chunks = [slice(r, r + _ROWS_PER_CHUNK) for r in range(0, arr.shape[0], _ROWS_PER_CHUNK)]
+    top = max((float(as_float(arr[c]).max()) for c in chunks if arr[c].size), default=0.0)
     if is_float and top <= 1.0:
         full = 1.0
     else:
         full = next((2.0 ** bits - 1 for bits in (8, 10, 12, 14, 16) if top <= 2 ** bits - 1), top)
-    return np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8)
+    out = np.empty(arr.shape, np.uint8)
+    for c in chunks:
+        out[c] = np.clip(np.rint(as_float(arr[c]) * (255.0 / full)), 0, 255)
+    return out
 
 
 # ---- why a file failed ------------------------------------------------------------------------
@@ -256,7 +544,8 @@ def _classify(exc: BaseException, data: bytes, *, opened: bool) -> tuple[str, st
 def load_rgb(path: str | os.PathLike, *, min_size: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read and decode one file to an upright RGB image (see module policies)."""
-    return decode(read_bytes(path), path=str(path), min_size=min_size, max_pixels=max_pixels)
+    data = read_bytes(path, min_size=min_size, max_pixels=max_pixels)
+    return decode(data, path=str(path), min_size=min_size, max_pixels=max_pixels)
 
 
 # The backbones' own ImageNet evaluation protocol: keep the central 87.5% of each side.
@@ -282,22 +571,29 @@ def decode_size(size: int) -> int:
     return int(np.ceil(size / CENTRAL_FRACTION))
 
 
-def load_for_model(path: str | os.PathLike, size: int, *,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_for_model(path: str | os.PathLike, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   with_digest: bool = False) -> np.ndarray | tuple[np.ndarray, str]:
     """The model input for one file: float32 [size, size, 3] in [0, 1]. Raises ImageError.
+    With ``with_digest``: (that array, ``digest`` of the bytes it was decoded from), which names
+    what was decoded, not what the file holds by the time anyone reads it again.
 
     Training (``data.image_dataset``), prediction and export calibration all call this, so every
     path preprocesses identically."""
-    return to_model_input(load_rgb(path, min_size=decode_size(size), max_pixels=max_pixels), size)
+    min_size = decode_size(size)
+    data = read_bytes(path, min_size=min_size, max_pixels=max_pixels)
+    arr = _decode(data, path=str(path), min_size=min_size, max_pixels=max_pixels,
+                  then=lambda img: to_model_input(img, size))
+    return (arr, digest(data)) if with_digest else arr
 
 
 def check(path: str | os.PathLike, *, size: int,
           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes | None, ImageError | None]:
     """Fast pre-pass check of one file, decoding it as training will: returns (bytes, None) or
     (None, the error)."""
+    min_size = decode_size(size)
     try:
-        data = read_bytes(path)
-        decode(data, path=str(path), min_size=decode_size(size), max_pixels=max_pixels)
+        data = read_bytes(path, min_size=min_size, max_pixels=max_pixels)
+        _decode(data, path=str(path), min_size=min_size, max_pixels=max_pixels, then=lambda img: None)
     except ImageError as exc:
         return None, exc
     return data, None

@@ -36,20 +36,56 @@ class Prediction:
 
 
 def expand(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given, folders expanded recursively (sorted, hidden entries skipped). A missing
-    path, or a folder with no files, is kept so that it gets its own error."""
+    """Files as given, folders expanded recursively (sorted, depth first, hidden entries and
+    symlinked folders skipped; any depth). Never raises: a missing path, a folder with no files
+    and a folder that cannot be listed are kept, so that each gets its own error."""
     out: list[str] = []
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
-            out += found or [str(p)]
-        else:
-            out.append(str(p))
+        p = str(p)
+        if not os.path.isdir(p):  # os.path: False for any OSError (no permission), no exception
+            out.append(p)
+            continue
+        found, stack = [], [p]
+        while stack:
+            d = stack.pop()
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                found.append(d)  # reported as a folder that cannot be read
+                continue
+            dirs = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if _is_dir(e):
+                    if not e.is_symlink():
+                        dirs.append(e.path)
+                else:
+                    found.append(e.path)
+            stack += reversed(dirs)  # the first folder is listed next: os.walk's top-down order
+        out += found or [p]
     return out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _file_error(p: str, exc: ImageError) -> str:
+    """The per-file message for a path that could not be loaded."""
+    if os.path.isdir(p):
+        try:
+            with os.scandir(p):
+                pass
+        except OSError as err:
+            return f"{p}: cannot read this folder ({err.strerror})"
+        return f"{p}: folder with no files to classify"
+    if exc.reason == images.UNREADABLE and not os.path.lexists(p):
+        return f"{p}: no such file"
+    return str(exc)
 
 
 class TFEngine:
@@ -231,12 +267,7 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
                 arrays.append(images.load_for_model(p, size, max_pixels=max_pixels))
                 errors.append(None)
             except ImageError as exc:
-                if Path(p).is_dir():
-                    errors.append(f"{p}: folder with no files to classify")
-                elif not Path(p).exists() and exc.reason == images.UNREADABLE:
-                    errors.append(f"{p}: no such file")
-                else:
-                    errors.append(str(exc))
+                errors.append(_file_error(p, exc))
         probs = engine(np.stack(arrays)) if arrays else np.zeros((0, len(bundle.labels)))
         it = iter(probs)
         for p, err in zip(chunk, errors):
