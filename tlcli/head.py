@@ -35,6 +35,10 @@ class HeadFit:
     # Per epoch: loss/accuracy of the refit on all images (up to ``epochs``), and val_loss /
     # val_accuracy, the mean over held-out folds for the chosen L2 (until early stopping).
     history: list = field(default_factory=list)
+    # The cross-validated rows (indices into X) and their out-of-fold probabilities [rows, classes]:
+    # each row scored by the fold fit, at the chosen L2, that did not train on it. Empty without CV.
+    oof_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    oof_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 def softmax(z):
@@ -119,14 +123,17 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: dict | None = None,
              epochs: int = 300, learning_rate: float | None = None, label_smoothing: float = 0.1,
              patience: int = 20, seed: int = 0, l2: float | None = None,
-             groups: np.ndarray | None = None) -> HeadFit:
+             groups: np.ndarray | None = None, fixed_epochs: bool = False) -> HeadFit:
     """Fit the head on features X [n, d] with integer labels y [n] -> kernel [d, k], bias [k].
 
     ``l2=None`` picks it by cross-validation from ``L2_GRID``; the epoch count (<= ``epochs``) is
-    picked by cross-validation when every class has >= 2 images, else ``epochs`` is used.
+    picked by cross-validation when every class has >= 2 images, else ``epochs`` is used;
+    ``fixed_epochs`` always runs exactly ``epochs`` (no early stopping).
     ``learning_rate=None`` uses 1/L, the largest step that provably converges.
     ``groups`` [n] marks rows that are views of one image (augmented copies): cross-validation
     keeps each group within one fold, so no image is scored by a fit that saw another view of it.
+    The result keeps the out-of-fold probabilities of every cross-validated row (``oof_rows``,
+    ``oof_probs``): each from the fold fit, at the chosen L2, that did not see it.
     Raises ``TlcliError`` naming the learning rate and L2 when a loss or weight is not finite
     (a step too large for the features, or features that are not finite).
     """
@@ -137,57 +144,24 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     if not usable:
         raise TlcliError("the backbone's features hold NaN, infinite or huge values, so no head can be fit; "
                          "check the backbone (--backbone), or choose another one")
-    n, d = X.shape
     k = num_classes
     Y = np.eye(k)[y] * (1.0 - label_smoothing) + label_smoothing / k
     cw = np.array([class_weight.get(c, 1.0) for c in range(k)]) if class_weight else np.ones(k)
     sw = cw[y]
-    rng = np.random.default_rng(seed)
     grid = L2_GRID if l2 is None else (l2,)
-    cv_loss: dict = {}
-    # Cross-validate on (a random sample of at most CV_MAX_IMAGES of) the images, in their row space.
-    if groups is None:
-        group = first = np.arange(n)
-    else:
-        _, first, group = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
-        if (y[first][group] != y).any():
-            raise ValueError("fit_head: every row of a group must have the same label")
-    n_groups = len(first)  # first: the first row of each group, for its label
-    chosen = np.arange(n_groups)
-    if n > CV_MAX_IMAGES:  # whole groups, about CV_MAX_IMAGES rows
-        take = min(n_groups, max(2, int(CV_MAX_IMAGES * n_groups / n)))
-        chosen = np.sort(rng.choice(n_groups, take, replace=False))
-    sample = np.nonzero(np.isin(group, chosen))[0]
-    counts = np.bincount(y[first[chosen]], minlength=k)
-    folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
     # The row space of all the images: for the refit, and for CV too when it uses every image.
     Z, V = _row_space(X, return_basis=True)
-    if folds >= 2:
-        Zs = Z if len(sample) == n else _row_space(X[sample])
-        gfold = np.zeros(n_groups, int)
-        gfold[chosen] = _folds(y[first[chosen]], folds, seed)
-        fold = gfold[group[sample]]
-        g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
-        g_fold = np.tile(np.arange(folds), len(grid))
-        train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
-        weights = train_mask * sw[sample][None, :]
-        _, _, losses, accs, _ = _train(Zs, Y[sample], weights, g_l2, epochs=epochs, step=learning_rate,
-                                       val_mask=1.0 - train_mask, patience=patience)
-        losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
-        # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
-        # restored by early stopping); a fold that stopped keeps its best loss.
-        shape = (len(losses), len(grid), folds)
-        best_so_far = np.minimum.accumulate(losses.reshape(shape), axis=0).mean(axis=2)
-        raw = losses.reshape(shape).mean(axis=2)
-        raw_acc = accs.reshape(shape).mean(axis=2)
-        for i, lam in enumerate(grid):
-            cv_loss[lam] = float(best_so_far[:, i].min())
-        best_i = int(np.argmin([cv_loss[lam] for lam in grid]))
-        chosen_l2 = grid[best_i]
-        best_epochs = int(np.argmin(raw[:, best_i])) + 1
-        val_curve = [(float(raw[e, best_i]), float(raw_acc[e, best_i])) for e in range(len(raw))]
+    cv = None
+    if not (fixed_epochs and l2 is not None):
+        cv = _cross_validate(X, Z, Y, y, sw, grid, groups=groups, epochs=epochs, learning_rate=learning_rate,
+                             patience=patience, seed=seed)
+    if cv is None:
+        chosen_l2, best_epochs, val_curve, cv_loss = (grid[len(grid) // 2] if l2 is None else l2), epochs, [], {}
+        oof_rows, oof_probs = np.zeros(0, int), np.zeros((0, k))
     else:
-        chosen_l2, best_epochs, val_curve = (grid[len(grid) // 2] if l2 is None else l2), epochs, []
+        chosen_l2, best_epochs, val_curve, cv_loss, oof_rows, oof_probs = cv
+        if fixed_epochs:
+            best_epochs = epochs
     # Refit on every image, in the row space of all of them; map the kernel back to features.
     W, b, _, _, train_log = _train(Z, Y, sw[None, :], np.array([chosen_l2]), epochs=best_epochs,
                                    step=learning_rate)
@@ -202,7 +176,73 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
         if e < len(val_curve):
             row["val_loss"], row["val_accuracy"] = val_curve[e]
         history.append(row)
-    return HeadFit(kernel, bias, chosen_l2, best_epochs, cv_loss, history)
+    return HeadFit(kernel, bias, chosen_l2, best_epochs, cv_loss, history, oof_rows,
+                   oof_probs.astype(np.float32))
+
+
+def _cross_validate(X, Z, Y, y, sw, grid, *, groups, epochs, learning_rate, patience, seed):
+    """Stratified k-fold CV over ``grid`` (on a sample of at most about CV_MAX_IMAGES rows, whole
+    groups), all fits batched. Returns (chosen l2, epoch count, mean held-out (loss, accuracy) per
+    epoch, l2 -> best mean held-out loss, CV row indices, their out-of-fold probabilities), or
+    None when some class has fewer than 2 groups."""
+    n, k = len(y), Y.shape[1]
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        group = first = np.arange(n)
+    else:
+        _, first, group = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        if (y[first][group] != y).any():
+            raise ValueError("fit_head: every row of a group must have the same label")
+    n_groups = len(first)  # first: the first row of each group, for its label
+    chosen = np.arange(n_groups)
+    if n > CV_MAX_IMAGES:  # whole groups, about CV_MAX_IMAGES rows
+        take = min(n_groups, max(2, int(CV_MAX_IMAGES * n_groups / n)))
+        chosen = np.sort(rng.choice(n_groups, take, replace=False))
+    sample = np.nonzero(np.isin(group, chosen))[0]
+    counts = np.bincount(y[first[chosen]], minlength=k)
+    folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
+    if folds < 2:
+        return None
+    Zs = Z if len(sample) == n else _row_space(X[sample])
+    gfold = np.zeros(n_groups, int)
+    gfold[chosen] = _folds(y[first[chosen]], folds, seed)
+    fold = gfold[group[sample]]
+    g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
+    g_fold = np.tile(np.arange(folds), len(grid))
+    train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
+    weights = train_mask * sw[sample][None, :]
+    W, b, losses, accs, _ = _train(Zs, Y[sample], weights, g_l2, epochs=epochs, step=learning_rate,
+                                   val_mask=1.0 - train_mask, patience=patience)
+    losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
+    # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
+    # restored by early stopping); a fold that stopped keeps its best loss.
+    shape = (len(losses), len(grid), folds)
+    best_so_far = np.minimum.accumulate(losses.reshape(shape), axis=0).mean(axis=2)
+    raw = losses.reshape(shape).mean(axis=2)
+    raw_acc = accs.reshape(shape).mean(axis=2)
+    cv_loss = {lam: float(best_so_far[:, i].min()) for i, lam in enumerate(grid)}
+    best_i = int(np.argmin([cv_loss[lam] for lam in grid]))
+    val_curve = [(float(raw[e, best_i]), float(raw_acc[e, best_i])) for e in range(len(raw))]
+    # Each row scored by its own fold's fit (best weights, as early stopping restored them).
+    oof = np.zeros((len(sample), k))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for f in range(folds):
+            rows, g = fold == f, best_i * folds + f
+            oof[rows] = softmax(Zs[rows] @ W[g] + b[g])
+    return grid[best_i], int(np.argmin(raw[:, best_i])) + 1, val_curve, cv_loss, sample, oof
+
+
+def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
+                  mirror_features: np.ndarray | None = None) -> np.ndarray:
+    """The head's forward pass in numpy: softmax(features @ kernel + bias), float32 [n, k].
+    With ``mirror_features`` (the features of the images' mirror views) the head sees the mean
+    of both views, as the saved classifier does (``model.build_classifier(mirror=True)``)."""
+    features = np.asarray(features, np.float32)
+    if mirror_features is not None:
+        features = (features + np.asarray(mirror_features, np.float32)) / 2
+    if not len(features):
+        return np.zeros((0, np.shape(kernel)[1]), np.float32)
+    return softmax(features @ kernel + bias).astype(np.float32)
 
 
 def _check_finite(arrays, learning_rate, l2) -> None:

@@ -1,0 +1,68 @@
+"""The head: the numpy fit against an independent solver, out-of-fold probabilities, the forward pass."""
+
+import numpy as np
+import pytest
+
+from tlcli import head
+
+
+def _blobs(n=90, d=6, k=3, seed=0, spread=1.5):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, spread, (k, d))
+    y = np.arange(n) % k
+    return centres[y] + rng.normal(0, 1, (n, d)), y
+
+
+def test_fit_head_converges_to_scikit_learns_logistic_regression():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    X, y = _blobs()
+    l2 = 1e-2
+    fit = head.fit_head(X, y, 3, l2=l2, label_smoothing=0.0, epochs=3000, fixed_epochs=True)
+    # tlcli minimises mean cross-entropy + l2 * |W|^2 (bias unpenalised); scikit-learn minimises
+    # C * sum cross-entropy + |W|^2 / 2: the same optimum for C = 1 / (2 n l2).
+    ref = sklearn.LogisticRegression(C=1 / (2 * len(y) * l2), tol=1e-10, max_iter=10_000).fit(X, y)
+    np.testing.assert_allclose(fit.kernel, ref.coef_.T, atol=2e-4)
+    np.testing.assert_allclose(head.predict_proba(X, fit.kernel, fit.bias), ref.predict_proba(X), atol=1e-4)
+
+
+def test_out_of_fold_probabilities_come_from_fits_that_did_not_see_the_row():
+    X, y = _blobs(n=60, seed=1)
+    X[0] = X[y == 1][1] if y[0] != 1 else X[0]   # row 0 looks like class 1 ...
+    y = y.copy()
+    y[0] = 0                                       # ... but is labelled 0: a planted mislabel
+    fit = head.fit_head(X, y, 3)
+    assert sorted(fit.oof_rows.tolist()) == list(range(60))  # every row, under CV_MAX_IMAGES
+    assert fit.oof_probs.shape == (60, 3)
+    np.testing.assert_allclose(fit.oof_probs.sum(axis=1), 1.0, atol=1e-5)
+    oof = dict(zip(fit.oof_rows.tolist(), fit.oof_probs))
+    # Held out, the planted row gets little probability for its own label; the refit, which
+    # trained on it, gives it more.
+    refit = head.predict_proba(X[:1], fit.kernel, fit.bias)[0]
+    assert oof[0][0] < 0.3
+    assert oof[0][0] < refit[0]
+    accuracy = np.mean([oof[i].argmax() == y[i] for i in range(1, 60)])
+    assert accuracy > 0.8
+
+
+def test_out_of_fold_probabilities_cover_the_sample_when_cross_validation_subsamples(monkeypatch):
+    monkeypatch.setattr(head, "CV_MAX_IMAGES", 40)
+    X, y = _blobs(n=100, seed=2)
+    fit = head.fit_head(X, y, 3)
+    assert 30 <= len(fit.oof_rows) <= 50 and len(set(fit.oof_rows.tolist())) == len(fit.oof_rows)
+    assert fit.oof_probs.shape == (len(fit.oof_rows), 3)
+
+
+def test_no_out_of_fold_probabilities_without_cross_validation():
+    X, y = _blobs(n=30)
+    fit = head.fit_head(X, y, 3, l2=1e-3, epochs=50, fixed_epochs=True)
+    assert fit.epochs == 50 and fit.oof_rows.size == 0 and fit.oof_probs.size == 0
+
+
+def test_predict_proba_averages_the_mirror_views_before_the_head():
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.normal(0, 1, (4, 3)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32)
+    a, b = rng.normal(0, 1, (5, 4)), rng.normal(0, 1, (5, 4))
+    both = head.predict_proba(a, kernel, bias, mirror_features=b)
+    np.testing.assert_allclose(both, head.predict_proba((a + b) / 2, kernel, bias), atol=1e-6)
+    assert not np.allclose(both, head.predict_proba(a, kernel, bias))
+    assert head.predict_proba(np.zeros((0, 4)), kernel, bias).shape == (0, 3)
