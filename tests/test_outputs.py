@@ -374,3 +374,10 @@ def test_a_val_dir_that_overlaps_dir_is_warned_about(tmp_path, dataset, train_ar
     leaks = [w for w in result.warnings if "also training images" in w]
     assert len(leaks) == 1 and leaks[0].startswith("6 of the 6 validation images")
     assert any(e.kind == "warning" and e.message == leaks[0] for e in events)
+
+
+def test_resume_with_a_state_of_the_wrong_types_is_a_one_line_error(tmp_path, dataset, train_args):
+    out = tmp_path / "model"
+    write_state(out, data_dir=str(dataset), out=str(out), **dict(train_args, epochs="many"))
+    with pytest.raises(UsageError, match=r"--resume: the interrupted run's state .* unreadable.*without --resume"):
+        tlcli.train(out=str(out), resume=True)

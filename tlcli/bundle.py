@@ -165,9 +165,13 @@ def check_place(out: str | os.PathLike) -> Path:
 
     out = Path(out)
     real = _real(out)
-    for name, folder in (("the root folder", Path(real.anchor)), ("the home folder", _real(Path.home())),
+    try:
+        home = _real(Path.home())
+    except (RuntimeError, KeyError):  # no HOME and no password entry
+        home = None
+    for name, folder in (("the root folder", Path(real.anchor)), ("the home folder", home),
                          ("the current folder", _real(Path.cwd()))):
-        if real == folder or real in folder.parents:
+        if folder is not None and (real == folder or real in folder.parents):
             why = "is" if real == folder else "contains"
             raise UsageError(f"--out {out}: {why} {name}; give a folder of its own for the model, "
                              f"such as --out {DEFAULT_MODEL_DIR}")

@@ -142,7 +142,8 @@ def _resumed(cfg: TrainConfig, given: set[str], progress: Callback) -> tuple[Tra
         saved = TrainConfig.from_dict(state["config"])
         if not all(isinstance(state.get(k, {}), dict) for k in ("history", "fine_tune")):
             raise TypeError("history and fine_tune must be objects")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        validate(saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
         raise UsageError(f"--resume: the interrupted run's state in {state_file} is unreadable ({exc}); "
                          "run without --resume to start over") from None
     mine, theirs = _absolute(cfg), _absolute(saved)
@@ -179,7 +180,7 @@ def _space_needed(backbone_path: str, cfg: TrainConfig) -> int:
     """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
     metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
     each holding the weights and Adam's two moments."""
-    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file() and not f.is_symlink())
+    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
     return size + 20_000_000 + (2 * 3 * size if cfg.fine_tune else 0)
 
 
