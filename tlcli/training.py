@@ -33,8 +33,8 @@ import numpy as np
 from tlcli import bundle, data, metrics, summaries
 from tlcli.backbone import REMOTE_PREFIXES, resolve_spec
 from tlcli.config import DEFAULTS, STRATEGIES, TrainConfig
-from tlcli.presets import PRESETS
 from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.presets import PRESETS
 from tlcli.progress import Callback, Event, counter, silent
 
 
