@@ -58,14 +58,14 @@ def test_serving_signature_takes_images_and_returns_probabilities(trained_bundle
 def test_commit_refuses_to_replace_without_force(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "keep").write_text("old")
+    (out / "tlcli.json").write_text("old")
     staging = bundle.staging_dir(out)
-    (staging / "new").write_text("new")
+    (staging / "tlcli.json").write_text("new")
     with pytest.raises(OutputExistsError):
         bundle.commit(staging, out, force=False)
-    assert (out / "keep").read_text() == "old"
+    assert (out / "tlcli.json").read_text() == "old"
     bundle.commit(staging, out, force=True)
-    assert (out / "new").read_text() == "new" and not (out / "keep").exists()
+    assert (out / "tlcli.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

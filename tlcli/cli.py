@@ -150,6 +150,12 @@ def _with_progress(fn, *args, quiet: bool = False, **kwargs):
         fail(exc)
 
 
+def _given(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
+    """The parameters set on the command line (not left at their defaults), by library name."""
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") for name in ctx.params}
+    return {renamed.get(name, name) for name, source in sources.items() if source not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 def _print_json(data: dict, *, indent: int | None = 2) -> None:
     """Standard JSON on stdout, written directly: never through Rich, which would colour it."""
     from tlcli.strict_json import dumps
@@ -173,6 +179,7 @@ def _pct(x) -> str:
 @app.command()
 @interruptible
 def train(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Argument(help="Folder with one subfolder of images per class.",
                                              show_default=False)] = None,
     backbone: Annotated[str, typer.Option(help=f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https "
@@ -232,7 +239,7 @@ def train(
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train
 
-    result = _with_progress(run_train, config=cfg)
+    result = _with_progress(run_train, config=cfg, given=_given(ctx, {"out_dir": "out"}))
     if json_out:
         _print_json(result.to_dict())
         return

@@ -42,10 +42,13 @@ class EvaluateResult:
         return asdict(self)
 
 
-def _prepare_report_dir(report_dir) -> Path | None:
+def _prepare_report_dir(report_dir, data_dir) -> Path | None:
+    """Create the report folder; refuse one that is a file, unwritable, or that is, lies inside
+    or contains the images (its files would be scanned with them). Raises ``UsageError``."""
     if report_dir is None:
         return None
     p = Path(report_dir)
+    bundles.check_apart(p, "--report", [("DIR", data_dir)])
     if p.exists() and not p.is_dir():
         raise UsageError(f"--report {p}: is a file; give a folder for {CONFUSION_PNG} and {MISTAKES_CSV}")
     try:
@@ -94,7 +97,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     start = time.perf_counter()
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
-    out_dir = _prepare_report_dir(report_dir)
+    out_dir = _prepare_report_dir(report_dir, data_dir)
     kind = inference.resolve_engine(b, engine)
     eng = None
     if kind == "tflite":  # cheap to open, and a missing model.tflite should fail before the scan

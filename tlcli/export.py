@@ -159,6 +159,25 @@ def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
     _write(labels_path, payload)
 
 
+def _check_output(out: Path, b: bundles.Bundle) -> Path:
+    """Refuse an ``--output`` that export must not write: a folder, one in a missing folder, a
+    file of the bundle other than its model.tflite (compared by real path), or an existing file
+    that is not a ``.tflite`` (an image, a document). Raises ``UsageError``."""
+    if out.is_dir():
+        raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist; create it first")
+    real, home = Path(os.path.realpath(out)), Path(os.path.realpath(b.path))
+    if home in real.parents and (real.parent != home or real.suffix.lower() != ".tflite"):
+        raise UsageError(f"--output {out}: is a file of the model {b.path}; give {b.tflite_path} (the default) "
+                         "or a .tflite file name")
+    if (out.exists() or out.is_symlink()) and not (out.is_file() and real.suffix.lower() == ".tflite"
+                                                   and out.suffix.lower() == ".tflite"):
+        raise UsageError(f"--output {out}: already exists and is not a .tflite file; export replaces only "
+                         ".tflite files: choose a new name ending in .tflite")
+    return out
+
+
 def _write(path: Path, payload: bytes) -> None:
     try:
         bundles.write_atomic(path, payload)
@@ -233,11 +252,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         raise UsageError(f"--io-type {io_type}: integer input/output needs --quantize int8")
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
-    out = Path(output) if output else b.tflite_path
-    if out.is_dir():
-        raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
-    if not out.absolute().parent.is_dir():
-        raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist; create it first")
+    out = _check_output(Path(output) if output else b.tflite_path, b)
     labelled = _Labelled(b, data_dir, max_pixels)
     calibration = None
     if quantize == "int8":

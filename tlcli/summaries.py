@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,39 @@ _RUN_FILE = "tensorboard-run.txt"
 
 def tag(phase: str, metric: str) -> str:
     return f"{phase.replace(' ', '-')}/{metric}"
+
+
+def _check_relative(target: Path) -> None:
+    if ".." in target.parts:
+        raise UsageError(f"--tensorboard {target}: a relative folder must stay inside the model bundle; "
+                         "give a plain relative name (logs) or an absolute path")
+
+
+def check_target(target: str | os.PathLike | None, *, data=()) -> None:
+    """Fail fast, before any work, for a ``--tensorboard`` folder that cannot be used: a relative
+    one that leaves the bundle; an absolute one that is, lies inside or contains an image folder
+    of ``data`` (pairs such as ("DIR", path)), or that cannot be created or written. Raises
+    ``UsageError``."""
+    if target is None:
+        return
+    t = Path(target)
+    if not t.is_absolute():
+        _check_relative(t)
+        return
+    from tlcli import bundle
+
+    bundle.check_apart(t, "--tensorboard", data)
+    existing = t
+    try:
+        while not existing.exists():  # the folder is created with its parents: they need a writable one
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"--tensorboard {target}: {existing} is a file, not a folder; choose another "
+                             "folder or pass --tensorboard none")
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".tlcli-probe-").close()
+    except OSError as exc:
+        raise UsageError(f"--tensorboard {target}: cannot write in {existing} ({exc.strerror}); choose "
+                         "another folder or pass --tensorboard none") from None
 
 
 class ScalarLog:
@@ -35,9 +69,8 @@ class ScalarLog:
 
     def __init__(self, target: str | os.PathLike | None, *, partial: Path, out: str | os.PathLike):
         self.target = None if target is None else Path(target)
-        if self.target is not None and not self.target.is_absolute() and ".." in self.target.parts:
-            raise UsageError(f"--tensorboard {target}: a relative folder must stay inside the model bundle; "
-                             "give a plain relative name (logs) or an absolute path")
+        if self.target is not None and not self.target.is_absolute():
+            _check_relative(self.target)
         self.partial = Path(partial)
         self.out_name = Path(out).absolute().name
         self.dir: Path | None = None

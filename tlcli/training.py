@@ -17,6 +17,8 @@ features, is simply redone.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import numbers
@@ -30,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import bundle, data, metrics, summaries
-from tlcli.backbone import resolve_spec
-from tlcli.config import STRATEGIES, TrainConfig
-from tlcli.errors import Interrupted, UsageError
+from tlcli.backbone import REMOTE_PREFIXES, resolve_spec
+from tlcli.config import DEFAULTS, STRATEGIES, TrainConfig
+from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.presets import PRESETS
 from tlcli.progress import Callback, Event, counter, silent
 
 
@@ -116,44 +119,146 @@ def _partial_dir(out: str) -> Path:
     return p.parent / f".{p.name}.partial"
 
 
-def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
-          progress: Callback = silent, **options) -> TrainResult:
-    """Train a classifier on ``data_dir/<class>/*`` and write the bundle to ``config.out``.
+# Paths of a run, stored absolute so that --resume from another folder trains the same images.
+_PATHS = ("data_dir", "val_dir", "out", "cache_dir")
+# What a command may still change on --resume: where the bundle goes (it names the run being
+# resumed), whether it may replace one, and where features are cached (the results are the same).
+_RESUME_MAY_CHANGE = {"out", "force", "resume", "cache_dir"}
 
-    Options are ``TrainConfig`` fields (``out=``, ``epochs=``, ``fine_tune=`` ...). Raises a
-    ``TlcliError`` subclass for every user error, and ``Interrupted`` on Ctrl-C (the previous
-    bundle is left intact and progress is kept for ``resume=True``).
-    """
-    cfg = (config or TrainConfig()).replace(**options)
+
+def _absolute(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its folders, and a local backbone's, as absolute paths."""
+    changes = {name: os.path.abspath(getattr(cfg, name)) for name in _PATHS if getattr(cfg, name)}
+    if cfg.backbone not in PRESETS and not cfg.backbone.startswith(REMOTE_PREFIXES):
+        changes["backbone"] = os.path.abspath(os.path.expanduser(cfg.backbone))
+    if cfg.tensorboard and os.path.isabs(cfg.tensorboard):
+        changes["tensorboard"] = os.path.abspath(cfg.tensorboard)
+    return cfg.replace(**changes)
+
+
+def _requested(data_dir, config: TrainConfig | None, options: dict, given) -> tuple[TrainConfig, set[str]]:
+    """The run's config and the names of the fields the caller set: ``given`` when passed, else
+    the ``options``, ``data_dir`` and the fields of ``config`` that differ from the defaults."""
+    base = config or TrainConfig()
+    cfg = base.replace(**options)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=str(data_dir))
-    partial = _partial_dir(cfg.out)
-    state: dict = {}
-    if cfg.resume:
-        state_file = partial / "state.json"
-        if not state_file.exists():
-            raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out}; "
-                             "run without --resume")
-        try:
-            state = json.loads(state_file.read_text())
-            saved = TrainConfig.from_dict(state["config"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--resume: the interrupted run's state in {state_file} is unreadable ({exc}); "
-                             "run without --resume to start over") from None
-        cfg = saved.replace(resume=True, force=cfg.force or saved.force)
-        progress(Event("info", message=f"resuming the interrupted run into {cfg.out}"))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if given is None:
+        given = set(options) | {n for n in names if getattr(base, n) != getattr(DEFAULTS, n)}
+        given |= {"data_dir"} if data_dir is not None else set()
+    return cfg, set(given) & names
+
+
+def _flag(name: str) -> str:
+    return "DIR" if name == "data_dir" else "--" + name.replace("_", "-")
+
+
+def _resumed(cfg: TrainConfig, given: set[str], progress: Callback) -> tuple[TrainConfig, dict]:
+    """The saved config and state of the interrupted run into ``cfg.out``. The saved run keeps
+    every setting but those in ``_RESUME_MAY_CHANGE``; a ``given`` one that differs from it is
+    refused with ``UsageError`` naming each."""
+    state_file = _partial_dir(cfg.out) / "state.json"
+    if not state_file.exists():
+        raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out}; "
+                         "run without --resume")
+    try:
+        state = json.loads(state_file.read_text())
+        saved = TrainConfig.from_dict(state["config"])
+        if not all(isinstance(state.get(k, {}), dict) for k in ("history", "fine_tune")):
+            raise TypeError("history and fine_tune must be objects")
+        validate(saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
+        raise UsageError(f"--resume: the interrupted run's state in {state_file} is unreadable ({exc}); "
+                         "run without --resume to start over") from None
+    mine, theirs = _absolute(cfg), _absolute(saved)
+    changed = [f"{_flag(n)} (that run: {getattr(saved, n)}, this command: {getattr(cfg, n)})"
+               for n in sorted(given - _RESUME_MAY_CHANGE)
+               if getattr(mine, n) != getattr(theirs, n) and not _same_path(getattr(mine, n), getattr(theirs, n))]
+    if changed:
+        raise UsageError(f"--resume: the interrupted run into {cfg.out} keeps the settings it started with, "
+                         f"and this command changes {'; '.join(changed)}; leave those out, or run without "
+                         "--resume to start over")
+    cache = cfg.cache_dir if "cache_dir" in given else saved.cache_dir
+    cfg = saved.replace(out=mine.out, resume=True, force=cfg.force or saved.force, cache_dir=cache)
+    progress(Event("info", message=f"resuming the interrupted run into {cfg.out} with the settings it started "
+                   f"with (DIR {cfg.data_dir})"))
+    return cfg, state
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_inputs(cfg: TrainConfig):
+    """The cheap checks of the options and the image folders; returns the backbone spec."""
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
     data.check_folder(cfg.data_dir)  # cheap checks first: a typo in DIR is not a network problem
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
-    spec = resolve_spec(cfg.backbone, cfg.image_size)
-    bundle.check_output(cfg.out, force=cfg.force, need_bytes=200_000_000)
-    from tlcli.backbone import fetch
+    return resolve_spec(cfg.backbone, cfg.image_size)
 
-    path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
-    return _Run(cfg, spec, partial, state, progress, backbone_path=path).run()
+
+def _space_needed(backbone_path: str, cfg: TrainConfig) -> int:
+    """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
+    metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
+    each holding the weights and Adam's two moments."""
+    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
+    return size + 20_000_000 + (2 * 3 * size if cfg.fine_tune else 0)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM (docker stop, a CI job cancelled) stops it as Ctrl-C does:
+    the previous bundle stays intact and progress is kept. Main thread only; elsewhere a no-op."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
+          progress: Callback = silent, given=None, **options) -> TrainResult:
+    """Train a classifier on ``data_dir/<class>/*`` and write the bundle to ``config.out``.
+
+    Options are ``TrainConfig`` fields (``out=``, ``epochs=`` ...). With ``resume=True`` the
+    interrupted run into ``out`` continues with the settings it was started with; ``given``
+    names the fields the caller set (default: ``options``, ``data_dir`` and the fields of
+    ``config`` that differ from the defaults), and one that differs from that run is refused.
+    A second run into the same ``out`` fails at once. Raises a ``TlcliError`` subclass for every
+    user error, and ``Interrupted`` on Ctrl-C or SIGTERM (the previous bundle is left intact and
+    progress is kept for ``resume=True``).
+    """
+    cfg, given = _requested(data_dir, config, options, given)
+    spec = None if cfg.resume else _check_inputs(cfg)
+    bundle.check_place(cfg.out)
+    with _sigterm_as_interrupt(), bundle.lock(cfg.out):
+        for note in bundle.clean_stale(cfg.out):
+            progress(Event("info", message=note))
+        state: dict = {}
+        if cfg.resume:
+            cfg, state = _resumed(cfg, given, progress)
+            spec = _check_inputs(cfg)
+        folders = [("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)]
+        summaries.check_target(cfg.tensorboard, data=folders)
+        bundle.check_output(cfg.out, force=cfg.force, data=folders)
+        from tlcli.backbone import fetch
+
+        path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
+        bundle.check_free_space(cfg.out, _space_needed(path, cfg))
+        return _Run(cfg, spec, _partial_dir(cfg.out), state, progress, backbone_path=path).run()
 
 
 class _Run:
@@ -168,7 +273,7 @@ class _Run:
     # -- bookkeeping ---------------------------------------------------------------------------
     def save_state(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
-        self.state["config"] = self.cfg.to_dict()
+        self.state["config"] = _absolute(self.cfg).to_dict()
         self.state["history"] = self.history
         bundle.write_json(self.partial / "state.json", self.state)
 
@@ -177,7 +282,7 @@ class _Run:
         cfg = self.cfg
         if not cfg.resume and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
-        staging = scan = None
+        out = staging = scan = None
         try:
             from tlcli import strategy as strategies
             from tlcli._tf import keras
@@ -209,23 +314,30 @@ class _Run:
             self.progress(Event("start", "save", total=1))
             self.write_bundle(staging, seconds=time.perf_counter() - start)
             out = bundle.commit(staging, cfg.out, force=cfg.force)
-            staging = None
-            self.progress(Event("end", "save", total=1, completed=1))
-            shutil.rmtree(self.partial, ignore_errors=True)
         except KeyboardInterrupt:
-            kept = "; progress kept: run the same command with --resume to continue" \
-                if (self.partial / "state.json").exists() else ""
-            where = f"the previous model at {cfg.out} is untouched" if Path(cfg.out).exists() \
-                else f"nothing was written to {cfg.out}"
-            raise Interrupted(f"interrupted: {where}{kept}") from None
+            if out is None:  # once the new bundle is in, the run has succeeded
+                raise Interrupted(f"interrupted: {_left_behind(cfg.out, self.partial)}") from None
+        except Exception as exc:
+            if out is None and (isinstance(exc, OSError) or bundle.disk_full(exc)):
+                raise _write_error(exc, cfg.out, self.partial) from None
+            raise
         finally:
             if scan is not None:
                 self.stopping.set()
                 scan.wait(raise_error=False)
-            if staging is not None:
+            if staging is not None and out is None:
                 if getattr(self, "export", None) is not None:
                     self.export.wait(raise_error=False)
                 shutil.rmtree(staging, ignore_errors=True)
+        try:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.progress(Event("end", "save", total=1, completed=1))
+        except KeyboardInterrupt:
+            pass  # the run has succeeded; what is left of the partial folder goes at the next run
+        return self._result(out, start)
+
+    def _result(self, out: Path, start: float) -> TrainResult:
+        cfg = self.cfg
         return TrainResult(
             model_dir=str(out), labels=self.labels, train_counts=self.count(self.train),
             val_counts=self.count(self.val), train_accuracy=self.train_report.accuracy,
@@ -269,6 +381,7 @@ class _Run:
         else:
             self.train, self.val = data.split(train.samples, cfg.val_split, cfg.seed)
         self.fit_rest, self.holdout = data.split(self.train, cfg.holdout, cfg.seed + 1)
+        self.warnings += _leak_warnings(self.train, self.val, cfg)
         for w in self.warnings:
             self.progress(Event("warning", message=w))
         if self.skipped:
@@ -497,6 +610,36 @@ class _Run:
         bundle.write_json(staging / bundle.SPLITS_FILE, {"train": absolute(self.train), "val": absolute(self.val)})
 
 
+def _left_behind(out: str, partial: Path) -> str:
+    """What an interrupted or failed run leaves: the previous bundle, and the resume state."""
+    kept = "; progress kept: run the same command with --resume to continue" \
+        if (partial / "state.json").exists() else ""
+    where = f"the previous model at {out} is untouched" if Path(out).exists() else f"nothing was written to {out}"
+    return where + kept
+
+
+def _write_error(exc: BaseException, out: str, partial: Path) -> TlcliError:
+    """One line for a file error (a full disk above all) during training or the save."""
+    name = getattr(exc, "filename", None) or out
+    if bundle.disk_full(exc):
+        return TlcliError(f"no space left on the disk while writing {name}: free some space, then train again; "
+                          f"{_left_behind(out, partial)}")
+    return TlcliError(f"{name}: {getattr(exc, 'strerror', None) or exc}; {_left_behind(out, partial)}")
+
+
+def _leak_warnings(train: list, val: list, cfg: TrainConfig) -> list[str]:
+    """A warning when validation images have the same content as training images (by digest):
+    the validation accuracy then overstates how the model does on new images."""
+    seen = {s.digest for s in train}
+    leaked = sum(s.digest in seen for s in val)
+    if not leaked:
+        return []
+    where = f"--val-dir {cfg.val_dir} overlaps DIR {cfg.data_dir}" if cfg.val_dir \
+        else f"DIR {cfg.data_dir} holds copies of the same image"
+    return [f"{leaked} of the {len(val)} validation images are also training images (same content): {where}, "
+            "so the validation accuracy overstates how the model does on new images; remove the copies"]
+
+
 def _tf():
     from tlcli._tf import tf
 
@@ -585,14 +728,19 @@ def _make_callback_class():
                     self.best_weights = self.m.get_weights()
                     self.st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "best-0"))
                 return 0
-            if self.st.get("best_checkpoint"):
-                self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
-                self.best_weights = self.m.get_weights()
-            self._checkpoint().read(last).expect_partial()  # last: weights and optimizer state
-            return int(self.st.get("epochs_run", 0))
+            try:
+                if self.st.get("best_checkpoint"):
+                    self._checkpoint().read(self.st["best_checkpoint"]).expect_partial()
+                    self.best_weights = self.m.get_weights()
+                self._checkpoint().read(last).expect_partial()  # last: weights and optimizer state
+                return int(self.st.get("epochs_run", 0))
+            except Exception as exc:  # TensorFlow's DataLoss/NotFound errors, a wrong shape or type
+                raise UsageError(f"--resume: the checkpoint in {self.ckpt_dir} is damaged or missing "
+                                 f"({type(exc).__name__}); run without --resume to start over") from None
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
+            superseded = None
             self.run.history.setdefault(self.phase, []).append({"epoch": epoch + 1, **logs})
             self.run.scalars.write(self.phase, epoch + 1, logs)
             st = self.st
@@ -603,7 +751,8 @@ def _make_callback_class():
                     st.update(best=loss, best_epoch=epoch, wait=0)
                     self.best_weights = self.m.get_weights()
                     # One file per epoch: state.json (saved below) never names a file that a later
-                    # epoch overwrote before the state caught up.
+                    # epoch overwrote before the state caught up; the one it replaces goes after.
+                    superseded = st.get("best_checkpoint")
                     st["best_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / f"best-{epoch + 1}"))
                 else:
                     st["wait"] = st.get("wait", 0) + 1
@@ -612,6 +761,9 @@ def _make_callback_class():
                         self.model.stop_training = True
             st["last_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "last"))
             self.run.save_state()
+            if superseded and superseded != st.get("best_checkpoint"):
+                for f in Path(superseded).parent.glob(Path(superseded).name + ".*"):
+                    f.unlink(missing_ok=True)
             self.run.progress(Event("epoch", self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
 
         def finish(self):
