@@ -116,11 +116,14 @@ def train(
                                                          "stable step).")] = DEFAULTS.learning_rate,
     l2: Annotated[Optional[float], _opt(HEAD, "Head L2 strength; default: chosen by cross-validation on the "
                                               "training images.")] = DEFAULTS.l2,
-    label_smoothing: Annotated[float, _opt(HEAD, "Label smoothing of the head's loss, in [0, 1).")] = DEFAULTS.label_smoothing,
+    label_smoothing: Annotated[float, _opt(HEAD, "Label smoothing of the head's loss, in [0, 1).")] = (
+        DEFAULTS.label_smoothing),
     class_weights: Annotated[bool, _opt(HEAD, "Weight classes by inverse frequency.")] = DEFAULTS.class_weights,
-    fine_tune: Annotated[bool, _opt(FINE_TUNING, "After the head, fine-tune the whole backbone.", "--fine-tune")] = False,
+    fine_tune: Annotated[bool, _opt(FINE_TUNING, "After the head, fine-tune the whole backbone.",
+                                    "--fine-tune")] = False,
     fine_tune_epochs: Annotated[int, _opt(FINE_TUNING, "Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
-    fine_tune_learning_rate: Annotated[float, _opt(FINE_TUNING, "Fine-tune learning rate.")] = DEFAULTS.fine_tune_learning_rate,
+    fine_tune_learning_rate: Annotated[float, _opt(FINE_TUNING, "Fine-tune learning rate.")] = (
+        DEFAULTS.fine_tune_learning_rate),
     fine_tune_patience: Annotated[int, _opt(FINE_TUNING, "Fine-tune epochs without a better holdout loss before "
                                                          "stopping.")] = DEFAULTS.fine_tune_patience,
     holdout: Annotated[float, _opt(FINE_TUNING, "Fraction of the training images held out to stop fine-tuning "
@@ -141,7 +144,8 @@ def train(
     force: Annotated[bool, _opt(OUTPUT, "Replace an existing bundle at --out.", "--force")] = False,
     resume: Annotated[bool, _opt(OUTPUT, "Continue an interrupted run into --out.", "--resume")] = False,
     tensorboard: Annotated[str, _opt(OUTPUT, "TensorBoard log folder: relative = inside the bundle, absolute = a "
-                                             "run subfolder there; 'none' turns logging off.")] = DEFAULTS.tensorboard or "none",
+                                             "run subfolder there; 'none' turns logging off.")] = (
+        DEFAULTS.tensorboard or "none"),
     json_out: Annotated[bool, _opt(OUTPUT, "Print the result as JSON on stdout.", "--json")] = False,
 ):
     """Train a classifier on DIR (one subfolder per class) and write a model bundle."""
@@ -170,7 +174,8 @@ def train(
 @app.command()
 @interruptible
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files and/or folders.",
+                                                show_default=False)],
     model: ModelDir = Path(DEFAULT_MODEL_DIR),
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
     engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
@@ -222,8 +227,9 @@ def export(
                                                     "integer, calibrated on training images.")] = Quantize.NONE,
     io_type: Annotated[IOType, typer.Option(help="With --quantize int8: the type of the input and output "
                                                  "tensors.")] = IOType.FLOAT32,
-    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and parity "
-                                                                     "(default: the bundle's recorded images).")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and "
+                                                                     "parity (default: the bundle's recorded "
+                                                                     "images).")] = None,
     json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from tlcli.backbone import REMOTE_PREFIXES, BackboneSpec
 from tlcli.errors import UsageError
 from tlcli.presets import PRESETS
-from tlcli.progress import Callback, End, Info, Start, silent
+from tlcli.progress import Callback, End, Start, silent
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,6 @@ def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchRes
     if before.cached:
         return FetchResult(before.name, handle, before.path, before.size_bytes or 0, False,
                            time.perf_counter() - start)
-    progress(Info(f"downloading {handle} into {hub_cache_dir()}"))
     progress(Start("fetch", total=None))  # tensorflow_hub reports no byte counts
     path = fetch(BackboneSpec(handle, None, name))
     progress(End("fetch", completed=1, total=1))

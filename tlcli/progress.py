@@ -7,8 +7,8 @@ one-off reports. A callback dispatches on the type (``match event: case Epoch():
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Skipped:
     files: list
 
 
-ProgressEvent = Union[Start, Advance, End, Epoch, Info, Warn, Counts, Skipped]
+ProgressEvent = Start | Advance | End | Epoch | Info | Warn | Counts | Skipped
 Callback = Callable[[ProgressEvent], None]
 
 _KINDS = {"start": Start, "advance": Advance, "end": End, "epoch": Epoch}
