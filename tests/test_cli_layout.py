@@ -368,3 +368,46 @@ def test_models_fetch_of_an_unknown_name_is_a_usage_error(tmp_path, monkeypatch)
     assert result.exit_code == 2
     line = one_line(result)
     assert "mobilenet_v9" in line and "mobilenet_v2_100_224" in line and "tlcli models list" in line
+
+
+def test_only_the_cli_and_render_modules_import_rich():
+    import ast
+
+    importers = set()
+    for path in sorted((ROOT / "tlcli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "rich" or n.startswith("rich.") for n in names):
+                importers.add(path.name)
+    assert importers == {"cli.py", "render.py"}
+
+
+def test_the_older_event_call_form_builds_the_typed_events():
+    from tlcli.progress import Advance, Counts, End, Epoch, Event, Info, Skipped, Start, Warn
+
+    assert Event("start", "scan", total=3) == Start("scan", total=3)
+    assert Event("advance", "scan", completed=2, total=3) == Advance("scan", completed=2, total=3)
+    assert Event("end", "scan", completed=3, total=3) == End("scan", completed=3, total=3)
+    assert Event("epoch", "head", total=9, completed=1, logs={"loss": 1.0}) == Epoch("head", 1, 9, {"loss": 1.0})
+    assert Event("info", message="i") == Info("i") and Event("warning", message="w") == Warn("w")
+    assert Event("counts", logs={"train": {"a": 1}, "val": {}}) == Counts({"a": 1}, {})
+    assert Event("skipped", logs={"skipped": [{"path": "p"}]}) == Skipped([{"path": "p"}])
+    with pytest.raises(ValueError, match="frobnicate"):
+        Event("frobnicate")
+
+
+def test_progress_bars_render_on_a_terminal():
+    from tlcli.progress import Advance, End, Epoch, Start
+    from tlcli.render import progress_display
+
+    buf = io.StringIO()
+    with progress_display(Console(file=buf, force_terminal=True, width=120)) as progress:
+        progress(Start("extract", total=4))
+        progress(Advance("extract", completed=2, total=4))
+        progress(End("extract", completed=4, total=4))
+        progress(Start("head", total=None))
+        progress(Epoch("head", completed=5, total=5, logs={"loss": 0.25}))
+        progress(End("head", completed=5, total=5))
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
+    assert "extract" in shown and "4/4" in shown and "loss 0.2500" in shown
