@@ -9,7 +9,6 @@ import pytest
 import tlcli
 from tlcli import data, head
 from tlcli.errors import Interrupted
-from tlcli.progress import Epoch
 from tests.helpers import make_colour_dataset, solid_image
 
 
@@ -195,7 +194,7 @@ def test_interrupted_run_keeps_the_old_bundle_and_resume_finishes_it(tmp_path, d
     epochs_seen = []
 
     def ctrl_c_at_second_epoch(event):
-        if isinstance(event, Epoch) and event.task == "fine-tune":
+        if event.kind == "epoch" and event.task == "fine-tune":
             epochs_seen.append(event.completed)
             if event.completed == 2:
                 raise KeyboardInterrupt
@@ -209,7 +208,7 @@ def test_interrupted_run_keeps_the_old_bundle_and_resume_finishes_it(tmp_path, d
 
     resumed_epochs = []
     result = tlcli.train(out=str(out), resume=True,
-                         progress=lambda e: isinstance(e, Epoch) and e.task == "fine-tune"
+                         progress=lambda e: e.kind == "epoch" and e.task == "fine-tune"
                          and resumed_epochs.append(e.completed))
     assert resumed_epochs == [3, 4]  # continued after the checkpoint of epoch 2
     assert result.fine_tune_epochs == 4

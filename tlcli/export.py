@@ -28,7 +28,7 @@ from tlcli import data, images
 from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import LABELS_METADATA
-from tlcli.progress import Callback, End, Start, silent
+from tlcli.progress import Callback, Event, silent
 from tlcli.quiet import native_stderr_silenced
 
 CALIBRATION_IMAGES = 100
@@ -221,14 +221,14 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     from tlcli._tf import tf
 
     t = tf()
-    progress(Start("convert", total=1))
+    progress(Event("start", "convert", total=1))
     flat = _convert(t, b, quantize, io_type, calibration)
     with_labels = _embed_labels(flat, b.labels)
     _write(out, with_labels or flat)
     labels_path = labels_path_for(out, b)
     if labels_path.absolute() != (b.path / bundles.LABELS_FILE).absolute():
         _write(labels_path, (b.path / bundles.LABELS_FILE).read_bytes())
-    progress(End("convert", total=1, completed=1))
+    progress(Event("end", "convert", total=1, completed=1))
 
     result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
                           out.stat().st_size, None, 0, None, None, None, None)
@@ -237,11 +237,11 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     if len(x):
         from tlcli.inference import TFEngine, TFLiteEngine
 
-        progress(Start("parity", total=len(items)))
+        progress(Event("start", "parity", total=len(items)))
         ref, lite = TFEngine(b), TFLiteEngine(b, out)
         p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
         p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
-        progress(End("parity", total=len(items), completed=len(items)))
+        progress(Event("end", "parity", total=len(items), completed=len(items)))
         result.parity_data = source
         result.parity_images = len(x)
         result.agreement = float(np.mean(p_ref.argmax(1) == p_lite.argmax(1)))

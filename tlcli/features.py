@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcli.errors import DatasetError
-from tlcli.progress import Advance, Callback, End, Start, silent
+from tlcli.progress import Callback, Event, silent
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
 
@@ -77,14 +77,14 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
     if todo:
         ds = image_dataset([samples[i].path for i in todo], image_size, batch_size=batch_size,
                            max_pixels=max_pixels, unreadable_fill=np.nan)
-        progress(Start(task, total=len(todo)))
+        progress(Event("start", task, total=len(todo)))
         done = [0]
 
         class Report(keras().callbacks.Callback):
             def on_predict_batch_end(self, batch, logs=None):
                 step = min(batch_size, len(todo) - done[0])
                 done[0] += step
-                progress(Advance(task, completed=done[0], total=len(todo)))
+                progress(Event("advance", task, completed=done[0], total=len(todo)))
 
         out = extractor.predict(ds, verbose=0, callbacks=[Report()])
         for i, vec in zip(todo, out):
@@ -93,7 +93,7 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
                                    "removed during training?); fix or remove it and run again")
             found[i] = vec
             cache.put(samples[i].digest, vec)
-        progress(End(task, total=len(todo), completed=len(todo)))
+        progress(Event("end", task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
     return np.stack(found).astype(np.float32), len(todo)

@@ -32,7 +32,7 @@ from tlcli import bundle, data, metrics, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import TrainConfig, validate
 from tlcli.errors import Interrupted, UsageError
-from tlcli.progress import Callback, Counts, End, Epoch, Info, Skipped, Start, Warn, counter, silent
+from tlcli.progress import Callback, Event, counter, silent
 
 
 @dataclass
@@ -93,7 +93,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
             raise UsageError(f"--resume: the interrupted run's state in {state_file} is unreadable ({exc}); "
                              "run without --resume to start over") from None
         cfg = saved.replace(resume=True, force=cfg.force or saved.force)
-        progress(Info(f"resuming the interrupted run into {cfg.out}"))
+        progress(Event("info", message=f"resuming the interrupted run into {cfg.out}"))
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
@@ -145,7 +145,7 @@ class _Run:
             with self.chosen.strategy.scope():
                 self.load_backbone()
                 scan.wait()
-                self.progress(Info(f"strategy: {self.chosen.description}; global batch "
+                self.progress(Event("info", message=f"strategy: {self.chosen.description}; global batch "
                                     f"{self.global_batch} ({cfg.batch_size} per replica)"))
                 self.build_classifier()
             # The SavedModel's graph does not depend on the weights: trace and write it in the
@@ -158,11 +158,11 @@ class _Run:
                     self.export.wait()  # fine-tuning must not run while the graph is being traced
                     self.fine_tune_phase()
                 self.evaluate()
-            self.progress(Start("save", total=1))
+            self.progress(Event("start", "save", total=1))
             self.write_bundle(staging, seconds=time.perf_counter() - start)
             out = bundle.commit(staging, cfg.out, force=cfg.force)
             staging = None
-            self.progress(End("save", total=1, completed=1))
+            self.progress(Event("end", "save", total=1, completed=1))
             shutil.rmtree(self.partial, ignore_errors=True)
         except KeyboardInterrupt:
             kept = "; progress kept: run the same command with --resume to continue" \
@@ -222,10 +222,10 @@ class _Run:
             self.train, self.val = data.split(train.samples, cfg.val_split, cfg.seed)
         self.fit_rest, self.holdout = data.split(self.train, cfg.holdout, cfg.seed + 1)
         for w in self.warnings:
-            self.progress(Warn(w))
+            self.progress(Event("warning", message=w))
         if self.skipped:
-            self.progress(Skipped([s.to_dict() for s in self.skipped]))
-        self.progress(Counts(train=self.count(self.train), val=self.count(self.val)))
+            self.progress(Event("skipped", logs={"skipped": [s.to_dict() for s in self.skipped]}))
+        self.progress(Event("counts", logs={"train": self.count(self.train), "val": self.count(self.val)}))
 
     def load_backbone(self) -> None:
         from tlcli import backbone
@@ -279,7 +279,7 @@ class _Run:
         cfg = self.cfg
         # Fine-tuning changes the backbone: its mirror views are extracted after it.
         self.extracted, self.cached = self.extract_features(frozen=True, mirror=self.mirror and not cfg.fine_tune)
-        self.progress(Info(f"features: {self.extracted} extracted, {self.cached} from cache"))
+        self.progress(Event("info", message=f"features: {self.extracted} extracted, {self.cached} from cache"))
         self.fit_head(self.fit_rest if cfg.fine_tune and self.holdout else self.train, "head")
         self.save_state()
 
@@ -313,7 +313,7 @@ class _Run:
         from tlcli import head
 
         cfg = self.cfg
-        self.progress(Start(phase, total=None))
+        self.progress(Event("start", phase, total=None))
         X, y, groups = self.feats_of(samples), [s.label for s in samples], None
         if self.flip_feats_of is not None:  # both views of each image, kept in one CV fold
             X = np.vstack([X, self.flip_feats_of(samples)])
@@ -326,8 +326,8 @@ class _Run:
             self.scalars.write(phase, row["epoch"], row)
             if row["epoch"] <= fit.epochs:
                 logs = {k: v for k, v in row.items() if k != "epoch"}
-                self.progress(Epoch(phase, total=fit.epochs, completed=row["epoch"], logs=logs))
-        self.progress(End(phase, total=fit.epochs, completed=fit.epochs))
+                self.progress(Event("epoch", phase, total=fit.epochs, completed=row["epoch"], logs=logs))
+        self.progress(Event("end", phase, total=fit.epochs, completed=fit.epochs))
         self.state.update(head_epochs=fit.epochs, head_l2=fit.l2,
                           head_cv_loss={str(k): v for k, v in fit.cv_loss.items()})
         dense = self.head.layers[-1]
@@ -366,7 +366,7 @@ class _Run:
         extracted, cached = self.extract_features(frozen=unchanged, mirror=self.mirror, task="re-extract",
                                                   keep_plain=unchanged)
         self.extracted, self.cached = self.extracted + extracted, self.cached + cached
-        self.progress(Info(f"features after fine-tuning: {extracted} extracted, {cached} from "
+        self.progress(Event("info", message=f"features after fine-tuning: {extracted} extracted, {cached} from "
                             "cache or kept" + (" (the backbone kept its starting weights)" if unchanged else "")))
         self.fit_head(self.train, "head refit")
 
@@ -379,9 +379,9 @@ class _Run:
                       class_weight=class_weight, validation_data=validation)
         kwargs.update(x=train)
         if initial < epochs and not st.get("stopped"):
-            self.progress(Start(phase, total=epochs, completed=initial))
+            self.progress(Event("start", phase, total=epochs, completed=initial))
             m.fit(**kwargs)
-            self.progress(End(phase, total=epochs, completed=st.get("epochs_run", epochs)))
+            self.progress(Event("end", phase, total=epochs, completed=st.get("epochs_run", epochs)))
         cb.finish()
 
     # -- results -------------------------------------------------------------------------------
@@ -564,7 +564,7 @@ def _make_callback_class():
                         self.model.stop_training = True
             st["last_checkpoint"] = self._checkpoint().write(str(self.ckpt_dir / "last"))
             self.run.save_state()
-            self.run.progress(Epoch(self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
+            self.run.progress(Event("epoch", self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
 
         def finish(self):
             if self.monitor and self.best_weights is not None:
