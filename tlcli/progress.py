@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class Start:
     """``task`` begins: ``total`` steps (None when unknown), ``completed`` already done (a resumed run)."""
+
+    kind: ClassVar[str] = "start"  # the event's name, for callbacks that filter by it
 
     task: str
     total: int | None = None
@@ -24,6 +27,8 @@ class Start:
 class Advance:
     """``task`` has done ``completed`` of ``total`` steps."""
 
+    kind: ClassVar[str] = "advance"  # the event's name, for callbacks that filter by it
+
     task: str
     completed: int = 0
     total: int | None = None
@@ -32,6 +37,8 @@ class Advance:
 @dataclass(frozen=True)
 class End:
     """``task`` is finished, having done ``completed`` of ``total`` steps."""
+
+    kind: ClassVar[str] = "end"  # the event's name, for callbacks that filter by it
 
     task: str
     completed: int = 0
@@ -43,6 +50,8 @@ class Epoch:
     """Epoch ``completed`` (1-based) of ``total`` of a training phase ``task``; ``logs`` holds its
     metrics (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ...)."""
 
+    kind: ClassVar[str] = "epoch"  # the event's name, for callbacks that filter by it
+
     task: str
     completed: int = 0
     total: int | None = None
@@ -51,17 +60,21 @@ class Epoch:
 
 @dataclass(frozen=True)
 class Info:
+    kind: ClassVar[str] = "info"  # the event's name, for callbacks that filter by it
     message: str
 
 
 @dataclass(frozen=True)
 class Warn:
+    kind: ClassVar[str] = "warning"  # the event's name, for callbacks that filter by it
     message: str
 
 
 @dataclass(frozen=True)
 class Counts:
     """Images per class of the training and the validation split, label -> count."""
+
+    kind: ClassVar[str] = "counts"  # the event's name, for callbacks that filter by it
 
     train: dict
     val: dict
@@ -70,6 +83,8 @@ class Counts:
 @dataclass(frozen=True)
 class Skipped:
     """Unusable files: rows with ``path``, ``reason`` and ``detail``."""
+
+    kind: ClassVar[str] = "skipped"  # the event's name, for callbacks that filter by it
 
     files: list
 
