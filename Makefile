@@ -41,7 +41,7 @@ demo: install hub-cache
 	$(BIN)/tlcli predict sample_data/images/green_stripes/green_stripes_00.jpg --model demo-model
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-heavy: install hub-cache
 	$(DEMO_ENV) $(BIN)/python -m pytest -q -m heavy

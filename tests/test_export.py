@@ -168,8 +168,6 @@ def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle
 @pytest.mark.parametrize("args,named", [
     (["--quantize", "dynamic", "--io-type", "int8"], "--io-type int8"),
     (["--io-type", "uint8"], "--io-type uint8"),
-    (["--quantize", "int4"], "--quantize int4"),
-    (["--quantize", "int8", "--io-type", "float64"], "--io-type float64"),
     (["--output", "{tmp}/missing/model.tflite"], "--output"),
     (["--output", "{tmp}"], "--output"),
 ])

@@ -38,7 +38,7 @@ def column(output: str, index: int) -> str:
 # ---- escaping --------------------------------------------------------------------------------
 
 def test_safe_shows_control_characters_as_escapes():
-    from tlcli.cli import safe
+    from tlcli.render import safe
 
     text = safe(f"a{ESC_TITLE}b{ESC_CLEAR}\n\t\r\x00\x7f\x9b\u2028\u2029\u202e\u2066\udcff[bold]x[/]é")
     assert text.plain == ("a\\x1b]0;pwned\\x07b\\x1b[2J\\n\\t\\r\\x00\\x7f\\x9b\\u2028\\u2029\\u202e\\u2066"

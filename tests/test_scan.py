@@ -316,7 +316,7 @@ def test_train_strict_fails_before_training_naming_every_bad_file(tmp_path, colo
 def test_skipped_table_shows_paths_and_reasons_literally():
     from rich.console import Console
 
-    from tlcli.cli import skipped_table
+    from tlcli.render import skipped_table
 
     console = Console(record=True, width=200)
     console.print(skipped_table([{"path": "ds/[raw]/a.jpg", "reason": "truncated", "detail": "ends early"},

@@ -1,4 +1,4 @@
-"""The command line: parse options, call the library, render with Rich. Nothing else lives here.
+"""The command line: parse options, call the library, render (tlcli/render.py). Nothing else lives here.
 
 Exit codes: 0 success; 1 a user error (one line on stderr) or, for predict/evaluate, at least one
 input file that could not be used; 2 a bad option; 130 interrupted.
@@ -6,48 +6,33 @@ input file that could not be used; 2 a bad option; 130 interrupted.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from tlcli import __version__
+from tlcli import __version__, render
 from tlcli.config import (DEFAULT_MODEL_DIR, DEFAULTS, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K,
-                          PREDICT_ENGINE, PREDICT_TOP_K, STRATEGIES)
+                          PREDICT_ENGINE, PREDICT_TOP_K, Engine, IOType, Quantize, Strategy)
 from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
 
 app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export, evaluate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Backbone presets and the TF Hub cache, for offline machines.",
+                         no_args_is_help=True, add_completion=False)
+app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
 
-
-# C0 and C1 control characters, DEL, line and paragraph separators, bidi marks, embeddings,
-# overrides and isolates, and lone surrogates (undecodable bytes of a file name).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(match: re.Match) -> str:
-    c = match.group()
-    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-
-
-def safe(text, style: str = "") -> Text:
-    """``text`` (a path, a label, a message naming them) ready to print: a ``Text``, so never read
-    as markup, with each character that could move the cursor, retitle the window or reorder what
-    is shown written as a visible escape (ESC as \\x1b, a newline as \\n, U+2028 as \\u2028)."""
-    return Text(_UNSAFE.sub(_escape, str(text)), style=style)
+# The panels of `tlcli train --help`.
+DATA, MODEL, HEAD, FINE_TUNING, HARDWARE, OUTPUT = "Data", "Model", "Head", "Fine-tuning", "Hardware", "Output"
 
 
 def fail(exc: TlcliError):
-    err.print(Text.assemble(("error: ", "bold red"), safe(exc)), highlight=False, soft_wrap=True)
+    err.print(render.error_line(exc), highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -82,69 +67,11 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     out, err = Console(), Console(stderr=True)
 
 
-class Progress:
-    """Renders library progress events as Rich progress bars and lines on stderr."""
-
-    def __init__(self, console: Console, quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.quiet = quiet
-        self.bar = RichProgress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=console, disable=quiet, transient=False)
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-    def __call__(self, e) -> None:
-        if e.kind == "start":
-            if e.task in self.tasks:
-                self.bar.reset(self.tasks[e.task], total=e.total, completed=e.completed)
-            else:
-                self.tasks[e.task] = self.bar.add_task(e.task, total=e.total, completed=e.completed, info="")
-        elif e.kind in ("advance", "end", "epoch") and e.task in self.tasks:
-            info = ""
-            if e.kind == "epoch":
-                info = "  ".join(f"{k} {v:.4f}" for k, v in e.logs.items() if k in
-                                 ("loss", "accuracy", "val_loss", "val_accuracy"))
-            fields = {"info": info} if info else {}
-            self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
-        elif e.kind == "info" and not self.quiet:
-            self.bar.console.print(safe(e.message, style="dim"))
-        elif e.kind == "warning":
-            self.bar.console.print(Text.assemble(("warning: ", "yellow"), safe(e.message)))
-        elif e.kind == "counts" and not self.quiet:
-            t = Table(title="Images per class", title_justify="left")
-            t.add_column("class", overflow="fold")
-            t.add_column("train", justify="right")
-            t.add_column("val", justify="right")
-            for label, n in e.logs["train"].items():
-                t.add_row(safe(label), str(n), str(e.logs["val"].get(label, 0)))
-            self.bar.console.print(t)
-        elif e.kind == "skipped":
-            self.bar.console.print(skipped_table(e.logs["skipped"]))
-
-
-def skipped_table(skipped: list[dict]) -> Table:
-    t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
-    t.add_column("file", overflow="fold", min_width=20)
-    t.add_column("reason", overflow="fold")
-    for s in skipped:
-        t.add_row(safe(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
-    return t
-
-
 def _with_progress(fn, *args, quiet: bool = False, **kwargs):
-    """Call a library function with a progress display; a TlcliError becomes one line and its
-    exit code."""
+    """Call a library function with a progress display on stderr (bars on a terminal, timed
+    lines in a log); a TlcliError becomes one line and its exit code."""
     try:
-        with Progress(err, quiet=quiet) as progress:
+        with render.progress_display(err, quiet=quiet) as progress:
             return fn(*args, progress=progress, **kwargs)
     except TlcliError as exc:
         fail(exc)
@@ -156,72 +83,77 @@ def _given(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
     return {renamed.get(name, name) for name, source in sources.items() if source not in ("DEFAULT", "DEFAULT_MAP")}
 
 
-def _print_json(data: dict, *, indent: int | None = 2) -> None:
-    """Standard JSON on stdout, written directly: never through Rich, which would colour it."""
-    from tlcli.strict_json import dumps
-
-    sys.stdout.write(dumps(data, indent=indent) + "\n")
-    sys.stdout.flush()
+def _opt(panel: str, help: str, *names: str, **kwargs):
+    """An option of ``train``, shown in the help panel ``panel``."""
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
 
 
-def _kv_table(title: str) -> Table:
-    """A two-column summary table; add values as ``safe`` text (or constants): a long path folds."""
-    t = Table(title=title, title_justify="left", show_header=False)
-    t.add_column(style="bold")
-    t.add_column(overflow="fold")
-    return t
+def _path(p: Path | None) -> str | None:
+    return str(p) if p else None
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle directory.")]
 
 
 @app.command()
 @interruptible
 def train(
     ctx: typer.Context,
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one subfolder of images per class.",
-                                             show_default=False)] = None,
-    backbone: Annotated[str, typer.Option(help=f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https "
-                                               "handle, or local SavedModel directory.")] = DEFAULT_PRESET,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the preset's or the "
-                                                           "backbone's declared size.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the model bundle.")] = Path(DEFAULT_MODEL_DIR),
-    force: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
-    epochs: Annotated[int, typer.Option(help="Cap on head epochs (one full-batch step each on cached "
-                                             "features; early stopping picks the count).")] = DEFAULTS.epochs,
-    batch_size: Annotated[int, typer.Option(help="Batch size per replica (feature extraction, "
-                                                 "fine-tuning).")] = DEFAULTS.batch_size,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Head step size; default: automatic "
-                                                               "(1/L, the largest stable step).")] = DEFAULTS.learning_rate,
-    l2: Annotated[Optional[float], typer.Option(help="Head L2 strength; default: chosen by "
-                                                     "cross-validation on the training images.")] = DEFAULTS.l2,
-    seed: Annotated[int, typer.Option(help="Seed for the split, shuffling and initialisation.")] = DEFAULTS.seed,
-    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = DEFAULTS.val_split,
-    val_dir: Annotated[Optional[Path], typer.Option(help="Explicit validation folder (overrides --val-split).")] = None,
-    fine_tune: Annotated[bool, typer.Option(help="After the head, fine-tune the whole backbone.")] = DEFAULTS.fine_tune,
-    fine_tune_epochs: Annotated[int, typer.Option(help="Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
-    fine_tune_learning_rate: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = DEFAULTS.fine_tune_learning_rate,
-    fine_tune_micro_batch: Annotated[Optional[int], typer.Option(
-        help="Fine-tuning takes each batch's gradient in slices of this many images (same update, less "
-             "memory); default: 8 on the CPU, whole batches on a GPU or TPU; 0 = whole batches.",
+    data_dir: Annotated[Optional[Path], typer.Argument(metavar="DIR", show_default=False,
+                                                       help="Folder with one subfolder of images per class.")] = None,
+    val_split: Annotated[float, _opt(DATA, "Fraction of each class held out for validation.")] = DEFAULTS.val_split,
+    val_dir: Annotated[Optional[Path], _opt(DATA, "Explicit validation folder (overrides --val-split).",
+                                            metavar="DIR")] = None,
+    seed: Annotated[int, _opt(DATA, "Seed for the split, shuffling and initialisation.")] = DEFAULTS.seed,
+    strict: Annotated[bool, _opt(DATA, "Fail on any unusable file instead of skipping it.", "--strict")] = False,
+    max_pixels: Annotated[int, _opt(DATA, "Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    backbone: Annotated[str, _opt(MODEL, f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https handle, or "
+                                         "local SavedModel directory.")] = DEFAULT_PRESET,
+    image_size: Annotated[Optional[int], _opt(MODEL, "Input size; default: the preset's or the backbone's "
+                                                     "declared size.")] = None,
+    mirror: Annotated[Optional[bool], _opt(
+        MODEL, "Learn from each image and its left-right mirror image, and average both in the model (twice "
+               "the backbone work per image); default: on with --fine-tune. Turn it off when mirroring changes "
+               "the class.", "--mirror/--no-mirror", show_default=False)] = DEFAULTS.mirror,
+    epochs: Annotated[int, _opt(HEAD, "Cap on head epochs (one full-batch step each on cached features; early "
+                                      "stopping picks the count).")] = DEFAULTS.epochs,
+    patience: Annotated[int, _opt(HEAD, "Head epochs without improvement before early stopping.")] = DEFAULTS.patience,
+    learning_rate: Annotated[Optional[float], _opt(HEAD, "Head step size; default: automatic (1/L, the largest "
+                                                         "stable step).")] = DEFAULTS.learning_rate,
+    l2: Annotated[Optional[float], _opt(HEAD, "Head L2 strength; default: chosen by cross-validation on the "
+                                              "training images.")] = DEFAULTS.l2,
+    label_smoothing: Annotated[float, _opt(HEAD, "Label smoothing of the head's loss, in [0, 1).")] = (
+        DEFAULTS.label_smoothing),
+    class_weights: Annotated[bool, _opt(HEAD, "Weight classes by inverse frequency.")] = DEFAULTS.class_weights,
+    fine_tune: Annotated[bool, _opt(FINE_TUNING, "After the head, fine-tune the whole backbone.",
+                                    "--fine-tune")] = False,
+    fine_tune_epochs: Annotated[int, _opt(FINE_TUNING, "Cap on fine-tune epochs.")] = DEFAULTS.fine_tune_epochs,
+    fine_tune_learning_rate: Annotated[float, _opt(FINE_TUNING, "Fine-tune learning rate.")] = (
+        DEFAULTS.fine_tune_learning_rate),
+    fine_tune_patience: Annotated[int, _opt(FINE_TUNING, "Fine-tune epochs without a better holdout loss before "
+                                                         "stopping.")] = DEFAULTS.fine_tune_patience,
+    holdout: Annotated[float, _opt(FINE_TUNING, "Fraction of the training images held out to stop fine-tuning "
+                                                "early.")] = DEFAULTS.holdout,
+    dropout: Annotated[float, _opt(FINE_TUNING, "Dropout in front of the head while fine-tuning.")] = DEFAULTS.dropout,
+    fine_tune_micro_batch: Annotated[Optional[int], _opt(
+        FINE_TUNING, "Fine-tuning takes each batch's gradient in slices of this many images (same update, less "
+                     "memory); default: 8 on the CPU, whole batches on a GPU or TPU; 0 = whole batches.",
         show_default=False)] = DEFAULTS.fine_tune_micro_batch,
-    mirror: Annotated[Optional[bool], typer.Option(
-        "--mirror/--no-mirror", help="Learn from each image and its left-right mirror image, and average "
-                                     "both in the model (twice the backbone work per image); default: on "
-                                     "with --fine-tune. Turn it off when mirroring changes the class.",
-        show_default=False)] = DEFAULTS.mirror,
-    class_weights: Annotated[bool, typer.Option(help="Weight classes by inverse frequency.")] = DEFAULTS.class_weights,
-    strategy: Annotated[str, typer.Option(help=f"Distribution strategy: {', '.join(STRATEGIES)}.")] = DEFAULTS.strategy,
-    strict: Annotated[bool, typer.Option(help="Fail on any unusable file instead of skipping it.")] = DEFAULTS.strict,
-    max_pixels: Annotated[int, typer.Option(help="Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default $TLCLI_CACHE_DIR or "
-                                                           "~/.cache/tlcli).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into --out.")] = False,
-    tensorboard: Annotated[str, typer.Option(help="TensorBoard log folder: relative = inside the bundle, "
-                                                  "absolute = a run subfolder there; 'none' turns logging "
-                                                  "off.")] = DEFAULTS.tensorboard or "none",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    batch_size: Annotated[int, _opt(HARDWARE, "Batch size per replica (feature extraction, "
+                                              "fine-tuning).")] = DEFAULTS.batch_size,
+    strategy: Annotated[Strategy, _opt(HARDWARE, "Distribution strategy (auto: a TPU, else all GPUs, else "
+                                                 "the CPU).")] = Strategy(DEFAULTS.strategy),
+    cache_dir: Annotated[Optional[Path], _opt(HARDWARE, "Feature cache (default $TLCLI_CACHE_DIR or "
+                                                        "~/.cache/tlcli).", metavar="DIR")] = None,
+    out_dir: Annotated[Path, _opt(OUTPUT, "Where to write the model bundle.", "--out",
+                                  metavar="DIR")] = Path(DEFAULT_MODEL_DIR),
+    force: Annotated[bool, _opt(OUTPUT, "Replace an existing bundle at --out.", "--force")] = False,
+    resume: Annotated[bool, _opt(OUTPUT, "Continue an interrupted run into --out.", "--resume")] = False,
+    tensorboard: Annotated[str, _opt(OUTPUT, "TensorBoard log folder: relative = inside the bundle, absolute = a "
+                                             "run subfolder there; 'none' turns logging off.")] = (
+        DEFAULTS.tensorboard or "none"),
+    json_out: Annotated[bool, _opt(OUTPUT, "Print the result as JSON on stdout.", "--json")] = False,
 ):
     """Train a classifier on DIR (one subfolder per class) and write a model bundle."""
     from tlcli.config import TrainConfig
@@ -229,50 +161,34 @@ def train(
     if data_dir is None and not resume:
         fail(UsageError("DIR: give the image folder to train on (one subfolder per class)"))
     cfg = TrainConfig(
-        data_dir=str(data_dir) if data_dir else "", backbone=backbone, image_size=image_size, out=str(out_dir),
-        force=force, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed,
-        val_split=val_split, val_dir=str(val_dir) if val_dir else None, fine_tune=fine_tune,
-        fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate, mirror=mirror,
-        fine_tune_micro_batch=fine_tune_micro_batch,
-        class_weights=class_weights, strategy=strategy, strict=strict, max_pixels=max_pixels,
-        cache_dir=str(cache_dir) if cache_dir else None, resume=resume,
+        data_dir=_path(data_dir) or "", val_split=val_split, val_dir=_path(val_dir), seed=seed, strict=strict,
+        max_pixels=max_pixels, backbone=backbone, image_size=image_size, mirror=mirror, epochs=epochs,
+        patience=patience, learning_rate=learning_rate, l2=l2, label_smoothing=label_smoothing,
+        class_weights=class_weights, fine_tune=fine_tune, fine_tune_epochs=fine_tune_epochs,
+        fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_patience=fine_tune_patience, holdout=holdout,
+        dropout=dropout, fine_tune_micro_batch=fine_tune_micro_batch, batch_size=batch_size,
+        strategy=strategy.value, cache_dir=_path(cache_dir), out=str(out_dir), force=force, resume=resume,
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train
 
     result = _with_progress(run_train, config=cfg, given=_given(ctx, {"out_dir": "out"}))
     if json_out:
-        _print_json(result.to_dict())
-        return
-    t = _kv_table("Training summary")
-    t.add_row("train accuracy", _pct(result.train_accuracy))
-    t.add_row("val accuracy", _pct(result.val_accuracy))
-    epochs = f"head {result.head_epochs}"
-    if result.fine_tune_epochs:
-        epochs += f", fine-tune {result.fine_tune_epochs}"
-        if result.fine_tune_improved is False:
-            epochs += " (undone: the holdout loss never improved, the starting backbone was kept)"
-    t.add_row("epochs", epochs)
-    t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
-              + (" (backbone passes, mirror views included)" if result.mirror else ""))
-    t.add_row("skipped files", str(len(result.skipped)))
-    t.add_row("strategy", safe(result.strategy))
-    t.add_row("time", f"{result.seconds:.1f} s")
-    t.add_row("model", safe(result.model_dir))
-    t.add_row("curves", safe(Path(result.model_dir) / "training_curves.png"))
-    if cfg.tensorboard:
-        t.add_row("tensorboard", safe(f"tensorboard --logdir {Path(result.model_dir) / cfg.tensorboard}"))
-    out.print(t)
+        render.print_json(result.to_dict())
+    else:
+        out.print(render.train_summary(result, tensorboard=cfg.tensorboard))
 
 
 @app.command()
 @interruptible
 def predict(
     # readable=False: an unreadable file gets its own error from the library, not exit 2 for all.
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False,
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files and/or folders.",
+                                                show_default=False,
                                                 readable=False)],
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
+    model: ModelDir = Path(DEFAULT_MODEL_DIR),
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
-    engine: Annotated[str, typer.Option(help="auto (tflite if the bundle has model.tflite), tf or tflite.")] = PREDICT_ENGINE,
+    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
+                                                "tf.")] = Engine(PREDICT_ENGINE),
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
@@ -284,34 +200,28 @@ def predict(
     from tlcli import inference
 
     try:
-        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine, max_pixels=max_pixels)
+        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
+                                          max_pixels=max_pixels)
     except TlcliError as exc:
         fail(exc)
     start = time.perf_counter()
     failed = 0
-    table = Table(title=f"Predictions ({eng.name})", title_justify="left")
-    # The file keeps some width whatever the other cells hold; an error message folds in "#1".
-    table.add_column("file", overflow="fold", min_width=20)
-    for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
-        table.add_column(f"#{i + 1}", overflow="fold")
+    table = render.predictions_table(eng.name, min(top_k, len(b.labels)))
     for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
         failed += p.error is not None
         if json_out:
-            _print_json(p.to_dict(), indent=None)  # JSON Lines
-        elif p.error:
-            table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
+            render.print_json(p.to_dict(), indent=None)  # JSON Lines
         else:
-            table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%")
-                                          for q in p.predictions])
+            render.add_prediction(table, p)
     seconds = time.perf_counter() - start
     if not json_out:
         out.print(table)
     if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
         done = len(files) - failed
-        err.print(f"[dim]{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
-                  f"images/s, engine {eng.name})[/]", highlight=False)
+        err.print(render.note(f"{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
+                              f"images/s, engine {eng.name})"), highlight=False)
     if failed:
-        err.print(f"[yellow]{failed} of {len(files)} input(s) failed[/]", highlight=False)
+        err.print(render.note(f"{failed} of {len(files)} input(s) failed", style="yellow"), highlight=False)
         raise typer.Exit(1)
 
 
@@ -319,96 +229,44 @@ def predict(
 @interruptible
 def export(
     tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
-    output: Annotated[Optional[Path], typer.Option(help="Output .tflite file (default: model.tflite in "
-                                                        "the bundle).")] = None,
-    quantize: Annotated[str, typer.Option(help="none, float16 (half size), dynamic (int8 weights) or int8 "
-                                               "(full integer, calibrated on training images).")] = "none",
-    io_type: Annotated[str, typer.Option(help="With --quantize int8: float32, int8 or uint8 input and "
-                                              "output tensors.")] = "float32",
-    data: Annotated[Optional[Path], typer.Option(help="Labelled folder for calibration and parity "
-                                                      "(default: the bundle's recorded images).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    model: ModelDir = Path(DEFAULT_MODEL_DIR),
+    output: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output .tflite file (default: "
+                                                                        "model.tflite in the bundle).")] = None,
+    quantize: Annotated[Quantize, typer.Option(help="float16: half size; dynamic: int8 weights; int8: full "
+                                                    "integer, calibrated on training images.")] = Quantize.NONE,
+    io_type: Annotated[IOType, typer.Option(help="With --quantize int8: the type of the input and output "
+                                                 "tensors.")] = IOType.FLOAT32,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and "
+                                                                     "parity (default: the bundle's recorded "
+                                                                     "images).")] = None,
+    json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""
     from tlcli.export import export_tflite
 
     if not tflite:
         fail(UsageError("export: choose a format; --tflite is the one available"))
-    r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize, io_type=io_type,
-                       data_dir=str(data) if data else None)
+    r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize.value,
+                       io_type=io_type.value, data_dir=_path(data))
     if json_out:
-        _print_json(r.to_dict())
-        return
-    t = _kv_table("TFLite export")
-    t.add_row("file", safe(r.path))
-    t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
-    t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
-    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
-    if r.agreement is not None:
-        t.add_row("top-1 agreement", safe(f"{_pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
-        t.add_row("accuracy", f"SavedModel {_pct(r.saved_model_accuracy)}, TFLite {_pct(r.tflite_accuracy)}")
+        render.print_json(r.to_dict())
     else:
-        t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
-    out.print(t)
-
-
-def _num(x) -> str:
-    return f"{x:.3f}"
-
-
-def _per_class_table(rep) -> Table:
-    pc = Table(title="Per class", title_justify="left")
-    pc.add_column("class", overflow="fold")
-    for name in ("precision", "recall", "F1", "support"):
-        pc.add_column(name, justify="right")
-    for c in rep.per_class:
-        pc.add_row(safe(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
-                   style="dim" if c.support == 0 else None)
-    pc.add_section()
-    for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
-        pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
-                   style="bold")
-    return pc
-
-
-def _confusion_table(rep) -> Table:
-    numbered = len(rep.labels) > 8
-    cm = Table(title="Confusion matrix", title_justify="left",
-               caption="columns numbered as the rows" if numbered else None, caption_justify="left")
-    cm.add_column("true \\ predicted", overflow="fold")
-    for j, label in enumerate(rep.labels):
-        cm.add_column(str(j) if numbered else safe(label), justify="right", overflow="fold")
-    for i, label in enumerate(rep.labels):
-        cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
-                 for j, n in enumerate(rep.confusion[i])]
-        cm.add_row(safe(f"{i} {label}" if numbered else label), *cells)
-    return cm
-
-
-def _mistakes_table(rep) -> Table:
-    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
-    mt.add_column("file", overflow="fold", min_width=20)
-    mt.add_column("true", overflow="fold")
-    mt.add_column("predicted", overflow="fold")
-    mt.add_column("probability", justify="right")
-    for m in rep.mistakes:
-        mt.add_row(safe(m.path), safe(m.true_label), safe(m.predicted_label), _pct(m.probability))
-    return mt
+        out.print(render.export_summary(r))
 
 
 @app.command()
 @interruptible
 def evaluate(
-    data_dir: Annotated[Path, typer.Argument(help="Labelled folder: one subfolder per class, named like "
-                                                  "the model's labels.", show_default=False)],
-    model: Annotated[Path, typer.Option(help="Model bundle directory.")] = Path(DEFAULT_MODEL_DIR),
-    engine: Annotated[str, typer.Option(help="tf (the SavedModel), tflite (the bundle's model.tflite) "
-                                             "or auto.")] = EVALUATE_ENGINE,
+    data_dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False,
+                                             help="Labelled folder: one subfolder per class, named like the "
+                                                  "model's labels.")],
+    model: ModelDir = Path(DEFAULT_MODEL_DIR),
+    engine: Annotated[Engine, typer.Option(help="tf: the SavedModel; tflite: the bundle's model.tflite; "
+                                                "auto: tflite if there is one.")] = Engine(EVALUATE_ENGINE),
     top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
     mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
-    report: Annotated[Optional[Path], typer.Option(help="Folder to write confusion_matrix.png and "
-                                                        "mistakes.csv (every mistake) into.")] = None,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png and "
+                                                                       "mistakes.csv (every mistake) into.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -416,26 +274,46 @@ def evaluate(
     and the most confident mistakes. Exit code 1 if any file had to be skipped."""
     from tlcli.evaluation import evaluate as run_evaluate
 
-    r = _with_progress(run_evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine, top_k=top_k,
+    r = _with_progress(run_evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine.value, top_k=top_k,
                        report_dir=report, max_mistakes=mistakes)
     if json_out:
-        _print_json(r.to_dict())
+        render.print_json(r.to_dict())
     else:
-        rep = r.report
-        t = _kv_table("Evaluation")
-        t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
-        t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
-        t.add_row("accuracy", _pct(rep.accuracy))
-        t.add_row(f"top-{rep.top_k} accuracy", _pct(rep.top_k_accuracy))
-        t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
-        for table in (t, _per_class_table(rep), _confusion_table(rep)):
-            out.print(table)
-        out.print(_mistakes_table(rep) if rep.mistakes else "No mistakes.")
-        for path in r.files.values():
-            out.print(Text.assemble("wrote ", safe(path)), highlight=False)
+        for shown in render.evaluation(r):
+            out.print(shown, highlight=False)
     if r.skipped:
-        err.print(f"[yellow]{len(r.skipped)} file(s) skipped[/]", highlight=False)
+        err.print(render.note(f"{len(r.skipped)} file(s) skipped", style="yellow"), highlight=False)
         raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(json_out: JsonFlag = False):
+    """List the backbone presets: handle, input size, feature size, and whether each is in the TF Hub
+    cache ($TFHUB_CACHE_DIR) with its size on disk."""
+    from tlcli import models
+
+    listing = models.list_models()
+    if json_out:
+        render.print_json(listing.to_dict())
+    else:
+        out.print(render.models_table(listing))
+
+
+@models_app.command("fetch")
+@interruptible
+def models_fetch(
+    name: Annotated[str, typer.Argument(metavar="NAME|HANDLE", show_default=False,
+                                        help="A preset name or an https:// TF Hub / Kaggle handle.")],
+    json_out: JsonFlag = False,
+):
+    """Download a backbone into the TF Hub cache ($TFHUB_CACHE_DIR), so train works offline later."""
+    from tlcli import models
+
+    r = _with_progress(models.fetch_model, name, quiet=json_out)
+    if json_out:
+        render.print_json(r.to_dict())
+    else:
+        out.print(render.fetch_summary(r))
 
 
 def run() -> None:

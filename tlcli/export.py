@@ -30,14 +30,12 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import data, images
-from tlcli.config import DEFAULT_MODEL_DIR
+from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import BUNDLE_METADATA, LABELS_METADATA
 from tlcli.progress import Callback, Event, silent
 from tlcli.quiet import native_stderr_silenced
 
-QUANTIZE = ("none", "float16", "dynamic", "int8")
-IO_TYPES = ("float32", "int8", "uint8")
 CALIBRATION_IMAGES = 100
 PARITY_IMAGES = 500
 

@@ -1,41 +1,134 @@
-"""Progress events: the library reports through a callback; only the CLI renders them."""
+"""Progress events: the library reports through a callback; only the CLI renders them.
+
+An event is one of eight small frozen dataclasses. A task (scan, extract, head, fine-tune, save,
+convert, ...) is ``Start``, then ``Advance`` or ``Epoch`` events, then ``End``; the others are
+one-off reports. A callback dispatches on the type (``match event: case Epoch(): ...``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import ClassVar
 
 
-@dataclass
-class Event:
-    """``kind`` is one of: start, advance, end (a task with ``total`` steps), epoch (``logs``),
-    info and warning (``message``)."""
+@dataclass(frozen=True)
+class Start:
+    """``task`` begins: ``total`` steps (None when unknown), ``completed`` already done (a resumed run)."""
 
-    kind: str
-    task: str = ""
+    kind: ClassVar[str] = "start"  # the event's name, for callbacks that filter by it
+
+    task: str
     total: int | None = None
     completed: int = 0
+
+
+@dataclass(frozen=True)
+class Advance:
+    """``task`` has done ``completed`` of ``total`` steps."""
+
+    kind: ClassVar[str] = "advance"  # the event's name, for callbacks that filter by it
+
+    task: str
+    completed: int = 0
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class End:
+    """``task`` is finished, having done ``completed`` of ``total`` steps."""
+
+    kind: ClassVar[str] = "end"  # the event's name, for callbacks that filter by it
+
+    task: str
+    completed: int = 0
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """Epoch ``completed`` (1-based) of ``total`` of a training phase ``task``; ``logs`` holds its
+    metrics (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ...)."""
+
+    kind: ClassVar[str] = "epoch"  # the event's name, for callbacks that filter by it
+
+    task: str
+    completed: int = 0
+    total: int | None = None
     logs: dict = field(default_factory=dict)
-    message: str = ""
 
 
-Callback = Callable[[Event], None]
+@dataclass(frozen=True)
+class Info:
+    kind: ClassVar[str] = "info"  # the event's name, for callbacks that filter by it
+    message: str
 
 
-def silent(event: Event) -> None:
+@dataclass(frozen=True)
+class Warn:
+    kind: ClassVar[str] = "warning"  # the event's name, for callbacks that filter by it
+    message: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Images per class of the training and the validation split, label -> count."""
+
+    kind: ClassVar[str] = "counts"  # the event's name, for callbacks that filter by it
+
+    train: dict
+    val: dict
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Unusable files: rows with ``path``, ``reason`` and ``detail``."""
+
+    kind: ClassVar[str] = "skipped"  # the event's name, for callbacks that filter by it
+
+    files: list
+
+
+ProgressEvent = Start | Advance | End | Epoch | Info | Warn | Counts | Skipped
+Callback = Callable[[ProgressEvent], None]
+
+_KINDS = {"start": Start, "advance": Advance, "end": End, "epoch": Epoch}
+
+
+def Event(kind: str, task: str = "", total: int | None = None, completed: int = 0, logs: dict | None = None,
+          message: str = "") -> ProgressEvent:
+    """The typed event for the older ``Event(kind, ...)`` call form (kinds start, advance, end,
+    epoch, info, warning, counts, skipped). New code constructs the dataclasses directly."""
+    logs = logs or {}
+    if kind in ("start", "advance", "end"):
+        return _KINDS[kind](task, total=total, completed=completed)
+    if kind == "epoch":
+        return Epoch(task, completed=completed, total=total, logs=logs)
+    if kind == "info":
+        return Info(message)
+    if kind == "warning":
+        return Warn(message)
+    if kind == "counts":
+        return Counts(train=logs["train"], val=logs["val"])
+    if kind == "skipped":
+        return Skipped(logs["skipped"])
+    raise ValueError(f"unknown progress event kind {kind!r}")
+
+
+def silent(event: ProgressEvent) -> None:
     pass
 
 
 def counter(progress: Callback, task: str, check: Callable[[], None] | None = None) -> Callable[[int, int], None]:
-    """A ``(done, total)`` callback that reports ``task`` as start / advance / end events.
+    """A ``(done, total)`` callback that reports ``task`` as Start / Advance / End events.
     ``check`` runs first on every call and may raise to abandon the work."""
     def report(done: int, total: int) -> None:
         if check is not None:
             check()
         if done == 1:
-            progress(Event("start", task, total=total))
-        progress(Event("advance", task, completed=done, total=total))
+            progress(Start(task, total=total))
+        progress(Advance(task, completed=done, total=total))
         if done == total:
-            progress(Event("end", task, completed=done, total=total))
+            progress(End(task, completed=done, total=total))
 
     return report

@@ -1,0 +1,126 @@
+"""Offline model management: which backbone presets are already in the TF Hub cache, and
+fetching one into it ahead of time (for an air-gapped machine, fill the cache, then copy it).
+
+The cache is tensorflow_hub's: ``$TFHUB_CACHE_DIR``, else ``<temp dir>/tfhub_modules``, with each
+model in a folder named by the SHA-1 of its handle. Listing reads that folder only and never
+imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tlcli.backbone import REMOTE_PREFIXES, BackboneSpec
+from tlcli.errors import UsageError
+from tlcli.presets import PRESETS
+from tlcli.progress import Callback, End, Start, silent
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One backbone and its place in the cache: ``path`` is where tensorflow_hub keeps (or would
+    keep) it; ``size_bytes`` is its size on disk when ``cached``, else None."""
+
+    name: str | None
+    handle: str
+    image_size: int | None
+    features: int | None
+    cached: bool
+    path: str
+    size_bytes: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelList:
+    cache_dir: str
+    models: list[ModelStatus]
+
+    def to_dict(self) -> dict:
+        return {"cache_dir": self.cache_dir, "models": [m.to_dict() for m in self.models]}
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """``downloaded`` is False when the model was already in the cache (nothing was fetched)."""
+
+    name: str | None
+    handle: str
+    path: str
+    size_bytes: int
+    downloaded: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hub_cache_dir() -> Path:
+    """The folder tensorflow_hub caches models in (as its resolver chooses it)."""
+    return Path(os.environ.get("TFHUB_CACHE_DIR") or Path(tempfile.gettempdir()) / "tfhub_modules")
+
+
+def cache_path(handle: str) -> Path:
+    """Where tensorflow_hub keeps ``handle``: a folder named by the SHA-1 of the handle."""
+    return hub_cache_dir() / hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def _disk_size(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder, followlinks=True):
+        for f in files:
+            try:
+                total += (Path(root) / f).stat().st_size
+            except OSError:  # a dangling link: it takes no space
+                pass
+    return total
+
+
+def status(handle: str, name: str | None = None) -> ModelStatus:
+    """Whether ``handle`` is in the cache: its folder holds a ``saved_model.pb``."""
+    preset = PRESETS.get(name) if name else next((p for p in PRESETS.values() if p.handle == handle), None)
+    path = cache_path(handle)
+    cached = (path / "saved_model.pb").is_file()
+    return ModelStatus(name=preset.name if preset else name, handle=handle,
+                       image_size=preset.image_size if preset else None,
+                       features=preset.features if preset else None, cached=cached, path=str(path),
+                       size_bytes=_disk_size(path) if cached else None)
+
+
+def list_models() -> ModelList:
+    """Every preset, with whether it is cached and its size on disk."""
+    return ModelList(str(hub_cache_dir()), [status(p.handle, p.name) for p in PRESETS.values()])
+
+
+def _handle(name_or_handle: str) -> tuple[str | None, str]:
+    if name_or_handle in PRESETS:
+        return name_or_handle, PRESETS[name_or_handle].handle
+    if name_or_handle.startswith(REMOTE_PREFIXES):
+        return None, name_or_handle
+    raise UsageError(f"NAME {name_or_handle}: not a preset ({', '.join(PRESETS)}) or an https:// TF Hub "
+                     "or Kaggle handle; 'tlcli models list' shows the presets")
+
+
+def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchResult:
+    """Download a preset (by name) or a TF Hub / Kaggle handle into the TF Hub cache, unless it
+    is there already. Raises ``UsageError`` for a name that is neither, and ``BackboneError``
+    (the one-line error of ``train``) when it cannot be fetched, e.g. offline."""
+    from tlcli.backbone import fetch
+
+    name, handle = _handle(name_or_handle)
+    start = time.perf_counter()
+    before = status(handle, name)
+    if before.cached:
+        return FetchResult(before.name, handle, before.path, before.size_bytes or 0, False,
+                           time.perf_counter() - start)
+    progress(Start("fetch", total=None))  # tensorflow_hub reports no byte counts
+    path = fetch(BackboneSpec(handle, None, name))
+    progress(End("fetch", completed=1, total=1))
+    return FetchResult(before.name, handle, path, _disk_size(Path(path)), True, time.perf_counter() - start)

@@ -1,0 +1,341 @@
+"""Everything tlcli shows: every Rich table, the progress display, and ``safe`` escaping.
+
+The functions take library results and return Rich renderables; ``cli.py`` prints them. Only this
+module and ``cli.py`` import Rich.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tlcli.progress import Advance, Counts, End, Epoch, Info, ProgressEvent, Skipped, Start, Warn
+
+# C0 and C1 control characters, DEL, line and paragraph separators, bidi marks, embeddings,
+# overrides and isolates, and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def safe(text, style: str = "") -> Text:
+    """``text`` (a path, a label, a message naming them) ready to print: a ``Text``, so never read
+    as markup, with each character that could move the cursor, retitle the window or reorder what
+    is shown written as a visible escape (ESC as \\x1b, a newline as \\n, U+2028 as \\u2028)."""
+    return Text(_UNSAFE.sub(_escape, str(text)), style=style)
+
+
+def error_line(message) -> Text:
+    return Text.assemble(("error: ", "bold red"), safe(message))
+
+
+def note(message, style: str = "dim") -> Text:
+    """A one-line remark on stderr (throughput, a count of failures), escaped like everything else."""
+    return safe(message, style=style)
+
+
+def print_json(data: dict, *, indent: int | None = 2) -> None:
+    """Standard JSON on stdout, written directly: never through Rich, which would colour it."""
+    from tlcli.strict_json import dumps
+
+    sys.stdout.write(dumps(data, indent=indent) + "\n")
+    sys.stdout.flush()
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x) -> str:
+    return f"{x:.3f}"
+
+
+def _size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _elapsed(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _epoch_info(logs: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in _EPOCH_METRICS)
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+class _Display:
+    """A progress callback: one-off events (info, warning, counts, skipped) become lines and tables
+    on ``console``; task events (Start, Advance, Epoch, End) go to ``task_event``."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console = console
+        self.quiet = quiet
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def task_event(self, e: Start | Advance | Epoch | End) -> None:
+        raise NotImplementedError
+
+    def __call__(self, e: ProgressEvent) -> None:
+        match e:
+            case Start() | Advance() | Epoch() | End():
+                self.task_event(e)
+            case Info(message) if not self.quiet:
+                self.console.print(safe(message, style="dim"))
+            case Warn(message):
+                self.console.print(Text.assemble(("warning: ", "yellow"), safe(message)))
+            case Counts() if not self.quiet:
+                self.console.print(counts_table(e.train, e.val))
+            case Skipped(files):
+                self.console.print(skipped_table(files))
+
+
+class BarProgress(_Display):
+    """Rich progress bars, for a terminal."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        super().__init__(console, quiet)
+        self.bar = RichProgress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console, disable=quiet, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def task_event(self, e) -> None:
+        if isinstance(e, Start):
+            if e.task in self.tasks:
+                self.bar.reset(self.tasks[e.task], total=e.total, completed=e.completed)
+            else:
+                self.tasks[e.task] = self.bar.add_task(e.task, total=e.total, completed=e.completed, info="")
+        elif e.task in self.tasks:
+            info = _epoch_info(e.logs) if isinstance(e, Epoch) else ""
+            fields = {"info": info} if info else {}
+            self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
+
+
+class LogProgress(_Display):
+    """Plain lines for a log file or CI, where a bar cannot redraw: ``extract 64/245 0:00:03``
+    (task, steps done of total, time since the task started, the last epoch's metrics), at most
+    one line per task every ``interval`` seconds, and always the line of a task's end."""
+
+    def __init__(self, console: Console, quiet: bool = False, *, interval: float = 10.0, clock=time.monotonic):
+        super().__init__(console, quiet)
+        self.interval = interval
+        self.clock = clock
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+        self.info: dict[str, str] = {}
+
+    def task_event(self, e) -> None:
+        now = self.clock()
+        if isinstance(e, Start) or e.task not in self.started:
+            self.started[e.task] = self.printed[e.task] = now
+            self.info[e.task] = ""
+            return
+        if isinstance(e, Epoch):
+            self.info[e.task] = _epoch_info(e.logs)
+        if not self.quiet and (isinstance(e, End) or now - self.printed[e.task] >= self.interval):
+            self.printed[e.task] = now
+            done = f"{e.completed}/{e.total}" if e.total is not None else str(e.completed)
+            line = f"{e.task} {done} {_elapsed(now - self.started[e.task])}"
+            if self.info[e.task]:
+                line += "  " + self.info[e.task]
+            self.console.print(safe(line), highlight=False, soft_wrap=True)
+
+
+def progress_display(console: Console, *, quiet: bool = False) -> _Display:
+    """Bars on a terminal, plain timed lines otherwise (a log file, CI, a pipe)."""
+    return BarProgress(console, quiet) if console.is_terminal else LogProgress(console, quiet)
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+def kv_table(title: str) -> Table:
+    """A two-column summary table; add values as ``safe`` text (or constants): a long path folds."""
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    return t
+
+
+def counts_table(train: dict, val: dict) -> Table:
+    t = Table(title="Images per class", title_justify="left")
+    t.add_column("class", overflow="fold")
+    t.add_column("train", justify="right")
+    t.add_column("val", justify="right")
+    for label, n in train.items():
+        t.add_row(safe(label), str(n), str(val.get(label, 0)))
+    return t
+
+
+def skipped_table(skipped: list[dict]) -> Table:
+    t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
+    t.add_column("file", overflow="fold", min_width=20)
+    t.add_column("reason", overflow="fold")
+    for s in skipped:
+        t.add_row(safe(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
+    return t
+
+
+def train_summary(result, *, tensorboard: str | None) -> Table:
+    t = kv_table("Training summary")
+    t.add_row("train accuracy", pct(result.train_accuracy))
+    t.add_row("val accuracy", pct(result.val_accuracy))
+    epochs = f"head {result.head_epochs}"
+    if result.fine_tune_epochs:
+        epochs += f", fine-tune {result.fine_tune_epochs}"
+        if result.fine_tune_improved is False:
+            epochs += " (undone: the holdout loss never improved, the starting backbone was kept)"
+    t.add_row("epochs", epochs)
+    t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
+              + (" (backbone passes, mirror views included)" if result.mirror else ""))
+    t.add_row("skipped files", str(len(result.skipped)))
+    t.add_row("strategy", safe(result.strategy))
+    t.add_row("time", f"{result.seconds:.1f} s")
+    t.add_row("model", safe(result.model_dir))
+    t.add_row("curves", safe(Path(result.model_dir) / "training_curves.png"))
+    if tensorboard:
+        t.add_row("tensorboard", safe(f"tensorboard --logdir {Path(result.model_dir) / tensorboard}"))
+    return t
+
+
+def predictions_table(engine: str, columns: int) -> Table:
+    """An empty table of predictions; ``columns`` ranked classes per file (no empty columns
+    beyond the number of classes). Fill it with ``add_prediction``."""
+    table = Table(title=f"Predictions ({engine})", title_justify="left")
+    # The file keeps some width whatever the other cells hold; an error message folds in "#1".
+    table.add_column("file", overflow="fold", min_width=20)
+    for i in range(columns):
+        table.add_column(f"#{i + 1}", overflow="fold")
+    return table
+
+
+def add_prediction(table: Table, p) -> None:
+    """One ``inference.Prediction`` as a row: its ranked classes, or its error in red."""
+    if p.error:
+        table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
+    else:
+        table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%") for q in p.predictions])
+
+
+def export_summary(r) -> Table:
+    t = kv_table("TFLite export")
+    t.add_row("file", safe(r.path))
+    t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
+    t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
+    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
+    if r.agreement is not None:
+        t.add_row("top-1 agreement", safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
+        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, TFLite {pct(r.tflite_accuracy)}")
+    else:
+        t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
+    return t
+
+
+def _per_class_table(rep) -> Table:
+    pc = Table(title="Per class", title_justify="left")
+    pc.add_column("class", overflow="fold")
+    for name in ("precision", "recall", "F1", "support"):
+        pc.add_column(name, justify="right")
+    for c in rep.per_class:
+        pc.add_row(safe(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
+                   style="dim" if c.support == 0 else None)
+    pc.add_section()
+    for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
+        pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
+                   style="bold")
+    return pc
+
+
+def _confusion_table(rep) -> Table:
+    numbered = len(rep.labels) > 8
+    cm = Table(title="Confusion matrix", title_justify="left",
+               caption="columns numbered as the rows" if numbered else None, caption_justify="left")
+    cm.add_column("true \\ predicted", overflow="fold")
+    for j, label in enumerate(rep.labels):
+        cm.add_column(str(j) if numbered else safe(label), justify="right", overflow="fold")
+    for i, label in enumerate(rep.labels):
+        cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
+                 for j, n in enumerate(rep.confusion[i])]
+        cm.add_row(safe(f"{i} {label}" if numbered else label), *cells)
+    return cm
+
+
+def _mistakes_table(rep) -> Table:
+    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
+    mt.add_column("file", overflow="fold", min_width=20)
+    mt.add_column("true", overflow="fold")
+    mt.add_column("predicted", overflow="fold")
+    mt.add_column("probability", justify="right")
+    for m in rep.mistakes:
+        mt.add_row(safe(m.path), safe(m.true_label), safe(m.predicted_label), pct(m.probability))
+    return mt
+
+
+def evaluation(r) -> list:
+    """The renderables of an ``EvaluateResult``, in order: summary, per class, confusion matrix,
+    mistakes, and a 'wrote' line per report file."""
+    rep = r.report
+    t = kv_table("Evaluation")
+    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
+    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
+    t.add_row("accuracy", pct(rep.accuracy))
+    t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
+    t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
+    shown = [t, _per_class_table(rep), _confusion_table(rep),
+             _mistakes_table(rep) if rep.mistakes else Text("No mistakes.")]
+    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+
+
+def models_table(listing) -> Table:
+    """A ``models.ModelList``: each preset, its sizes, and whether (and how big) it is cached."""
+    t = Table(title="Backbone presets", title_justify="left",
+              caption=Text.assemble("TF Hub cache: ", safe(listing.cache_dir)), caption_justify="left")
+    t.add_column("name", overflow="fold")
+    t.add_column("input", justify="right")
+    t.add_column("features", justify="right")
+    t.add_column("cached", justify="right")
+    t.add_column("handle", overflow="fold")
+    for m in listing.models:
+        cached = Text(_size(m.size_bytes), style="green") if m.cached else Text("no", style="dim")
+        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), cached, safe(m.handle))
+    return t
+
+
+def fetch_summary(r) -> Table:
+    """A ``models.FetchResult``."""
+    t = kv_table("Backbone " + ("downloaded" if r.downloaded else "already cached"))
+    if r.name:
+        t.add_row("name", safe(r.name))
+    t.add_row("handle", safe(r.handle))
+    t.add_row("path", safe(r.path))
+    t.add_row("size", _size(r.size_bytes))
+    return t
