@@ -156,7 +156,7 @@ def test_the_new_train_options_reach_the_config(tmp_path, colour_data, monkeypat
 
     seen = {}
 
-    def fake_train(*, config, progress):
+    def fake_train(*, config, progress, given=None):
         seen["config"] = config
         raise DatasetError("stop here")
 
@@ -252,7 +252,7 @@ def test_train_progress_on_a_non_terminal_stderr_has_counts(tmp_path, colour_dat
     import tlcli.training
     from tlcli.progress import End, Info, Start, counter
 
-    def fake_train(*, config, progress):
+    def fake_train(*, config, progress, given=None):
         report = counter(progress, "scan")
         for i in range(1, 4):
             report(i, 3)
