@@ -82,6 +82,7 @@ def test_a_typo_in_a_choice_is_refused_before_any_work(args, tmp_path, colour_da
     assert result.exit_code == 2, result.output
     option = next(a for a in reversed(args) if a.startswith("--") and a not in ("--out", "--model"))
     assert f"Invalid value for '{option}'" in result.output and "is not one of" in result.output
+    assert one_line(result).startswith("error: "), "one line, like every other tlcli error"
     assert "Traceback" not in result.output
     assert not out.exists()
 

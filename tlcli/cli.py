@@ -19,8 +19,38 @@ from tlcli.config import (DEFAULT_MODEL_DIR, DEFAULTS, EVALUATE_ENGINE, EVALUATE
 from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
 
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Command-line mistakes Typer finds itself (an unknown choice, a value of the wrong type, a
+    missing argument) are one line like every other tlcli error, not a boxed block, with exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        from typer import _click
+
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except _click.exceptions.ClickException as exc:
+            if not standalone_mode:
+                raise
+            where = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else ""
+            message = exc.format_message().replace("Value error, ", "").rstrip(".")
+            Console(stderr=True).print(render.error_line(UsageError(message + where)),
+                                       highlight=False, soft_wrap=True)
+            code = exc.exit_code
+        except _click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export, evaluate.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  cls=_OneLineUsageErrors)
 models_app = typer.Typer(help="Backbone presets and the TF Hub cache, for offline machines.",
                          no_args_is_help=True, add_completion=False)
 app.add_typer(models_app, name="models")
