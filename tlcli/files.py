@@ -39,16 +39,21 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
         raise
 
 
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write ``data`` as standard JSON (non-finite floats as null; ``tlcli.strict_json``), indented,
-    with ``write_atomic``. Raises ``TlcliError``: one line naming the file and the fix."""
-    from tlcli.strict_json import dumps
-
+def write_file(path: str | os.PathLike, payload: bytes) -> None:
+    """``write_atomic``, raising ``TlcliError`` instead: one line naming the file and the fix."""
     try:
-        write_atomic(path, (dumps(data, indent=2) + "\n").encode())
+        write_atomic(path, payload)
     except OSError as exc:
         fix = "free some space on that disk" if disk_full(exc) else "check the folder's permissions"
         raise TlcliError(f"{path}: cannot write ({exc.strerror}); {fix}") from None
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write ``data`` as standard JSON (non-finite floats as null; ``tlcli.strict_json``), indented,
+    with ``write_file``. Raises ``TlcliError``."""
+    from tlcli.strict_json import dumps
+
+    write_file(path, (dumps(data, indent=2) + "\n").encode())
 
 
 def disk_full(exc: BaseException) -> bool:
