@@ -79,7 +79,8 @@ def test_keys_this_tlcli_does_not_know_are_kept_at_every_level(old_bundle):
 
     edit_meta(old_bundle, add)
     b = bundle.load(old_bundle)
-    assert b.meta.extra == {"provenance": {"by": "a newer tlcli"}} and b.meta.backbone.extra == {"license": "apache-2.0"}
+    assert b.meta.extra == {"provenance": {"by": "a newer tlcli"}}
+    assert b.meta.backbone.extra == {"license": "apache-2.0"}
     assert bundle.record_export(b, "other.tflite", {"quantize": "none"}) is None
     again = json.loads((old_bundle / "tlcli.json").read_text())
     assert again["provenance"] == {"by": "a newer tlcli"} and again["backbone"]["license"] == "apache-2.0"

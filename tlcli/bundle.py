@@ -4,7 +4,8 @@ Layout of ``<out>/``::
 
     saved_model.pb, variables/   SavedModel; signature ``serving_default``: images -> probabilities
     labels.txt                   one label per line, index = output unit
-    tlcli.json                   config, labels, backbone, image size, metrics, versions, skipped files
+    tlcli.json                   ``BundleMeta``: labels, image size, backbone, config, metrics, versions,
+                                 skipped files, exports (format ``FORMAT_VERSION``)
     splits.json                  the training and validation files (for export calibration / parity)
     model.tflite                 after ``tlcli export --tflite``
 """
@@ -25,7 +26,7 @@ from typing import ClassVar
 
 from tlcli import __version__
 from tlcli.errors import BundleError, OutputExistsError, TlcliError, UsageError
-from tlcli.files import disk_full, write_file, write_json  # noqa: F401  (training.py calls bundle.disk_full, bundle.write_json)
+from tlcli.files import disk_full, write_file, write_json  # noqa: F401  (training.py calls bundle.disk_full)
 
 FORMAT_VERSION = 1
 META_FILE = "tlcli.json"
