@@ -110,7 +110,7 @@ def main() -> None:
         b = bundles.load(bundle)
         files = expand([data_dir])
         print(f"bundle: {args.model or '(trained above)'}: {len(b.labels)} classes, image size {b.image_size}, "
-              f"backbone {b.meta.get('backbone', {}).get('handle', '?')}")
+              f"backbone {b.meta.backbone.handle or '?'}")
 
         # ---- quantization ------------------------------------------------------------------
         results = {}

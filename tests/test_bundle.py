@@ -31,12 +31,12 @@ def test_metadata_round_trips_through_load(trained_bundle, tiny_backbone):
 
     b = bundle.load(trained_bundle)
     assert b.labels == ["blue", "green", "red"] and b.image_size == 32
-    cfg = TrainConfig.from_dict(b.meta["config"])
+    cfg = TrainConfig.from_dict(b.meta.config)
     # The settings the fixture trained with come back, and so do the defaults it did not set.
     assert (cfg.backbone, cfg.image_size, cfg.epochs, cfg.batch_size) == (str(tiny_backbone), 32, 60, 8)
     assert cfg.label_smoothing == TrainConfig().label_smoothing and cfg.fine_tune is False
     assert b.max_pixels == TrainConfig().max_pixels
-    assert b.meta["backbone"]["handle"] == str(tiny_backbone)
+    assert b.meta.backbone.handle == str(tiny_backbone)
 
 
 def test_serving_signature_takes_images_and_returns_probabilities(trained_bundle):

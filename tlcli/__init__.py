@@ -6,16 +6,26 @@ The library functions are imported lazily so that ``import tlcli`` stays cheap::
     result = tlcli.train("images/", out="my-model")
     tlcli.predict(["cat.jpg"], model_dir="my-model")
     tlcli.export_tflite("my-model", quantize="int8")
+    tlcli.evaluate("test-images/", model_dir="my-model")
+    tlcli.load_bundle("my-model").meta.metrics.val_accuracy
 """
 
 __version__ = "0.1.0"
 
+# name -> (module, attribute): the public API, imported on first use.
 _LAZY = {
     "train": ("tlcli.training", "train"),
     "TrainConfig": ("tlcli.config", "TrainConfig"),
+    "TrainResult": ("tlcli.training", "TrainResult"),
     "predict": ("tlcli.inference", "predict"),
+    "Prediction": ("tlcli.inference", "Prediction"),
     "export_tflite": ("tlcli.export", "export_tflite"),
+    "ExportResult": ("tlcli.export", "ExportResult"),
     "evaluate": ("tlcli.evaluation", "evaluate"),
+    "EvaluateResult": ("tlcli.evaluation", "EvaluateResult"),
+    "load_bundle": ("tlcli.bundle", "load"),
+    "Bundle": ("tlcli.bundle", "Bundle"),
+    "BundleMeta": ("tlcli.bundle", "BundleMeta"),
     "TlcliError": ("tlcli.errors", "TlcliError"),
 }
 

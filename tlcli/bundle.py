@@ -4,7 +4,8 @@ Layout of ``<out>/``::
 
     saved_model.pb, variables/   SavedModel; signature ``serving_default``: images -> probabilities
     labels.txt                   one label per line, index = output unit
-    tlcli.json                   config, labels, backbone, image size, metrics, versions, skipped files
+    tlcli.json                   ``BundleMeta``: labels, image size, backbone, config, metrics, versions,
+                                 skipped files, exports (format ``FORMAT_VERSION``)
     splits.json                  the training and validation files (for export calibration / parity)
     model.tflite                 after ``tlcli export --tflite``
 """
@@ -12,17 +13,20 @@ Layout of ``<out>/``::
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
 import os
+import platform
 import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from tlcli import __version__
 from tlcli.errors import BundleError, OutputExistsError, TlcliError, UsageError
+from tlcli.files import disk_full, write_file, write_json  # noqa: F401  (training.py calls bundle.disk_full)
 
 FORMAT_VERSION = 1
 META_FILE = "tlcli.json"
@@ -32,25 +36,186 @@ TFLITE_FILE = "model.tflite"
 FINGERPRINT_FILE = "fingerprint.pb"  # written with the SavedModel
 
 
+def input_spec(image_size: int) -> dict:
+    """What the ``serving_default`` signature takes, as recorded under ``input``."""
+    return {"dtype": "float32", "shape": [None, image_size, image_size, 3], "range": [0.0, 1.0],
+            "color": "RGB", "resize": "bilinear, antialiased, aspect ratio not kept"}
+
+
+SIGNATURES = {"serving_default": "images -> probabilities",
+              "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"}
+
+
+@dataclass(kw_only=True)
+class _Section:
+    """A JSON object of tlcli.json as a dataclass. Keys it does not know (a newer tlcli of the
+    same format may add some) are kept in ``extra`` and written back by ``to_dict``."""
+
+    extra: dict = field(default_factory=dict, repr=False)
+    _nested: ClassVar[dict] = {}     # field name -> _Section subclass
+    _absent: ClassVar[dict] = {}     # field name -> its value when the key is missing from the file
+
+    @classmethod
+    def known(cls) -> list[str]:
+        """The JSON keys, in the order they are written."""
+        return [f.name for f in fields(cls) if f.name != "extra"]
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in self.known():
+            value = getattr(self, name)
+            out[name] = value.to_dict() if isinstance(value, _Section) else value
+        return out | {k: v for k, v in self.extra.items() if k not in out}
+
+    @classmethod
+    def _build(cls, data: dict):
+        """An instance from a dict already validated by ``schema``; missing keys take
+        ``_absent``'s value, else the field's default."""
+        known = cls.known()
+        kwargs = {name: copy.deepcopy(cls._absent[name]) for name in known
+                  if name not in data and name in cls._absent}
+        for name in known:
+            if name in data:
+                section = cls._nested.get(name)
+                kwargs[name] = section._build(data[name]) if section else data[name]
+        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
+
+
+@dataclass(kw_only=True)
+class BackboneMeta(_Section):
+    """The frozen feature extractor: its TF Hub handle or local path, the preset name it was
+    chosen by (None for a handle) and the size of its feature vector."""
+
+    handle: str | None = None
+    preset: str | None = None
+    feature_dim: int | None = None
+
+
+@dataclass(kw_only=True)
+class DataMeta(_Section):
+    """The image folders trained on (absolute paths) and the images per class of each split."""
+
+    train_dir: str | None = None
+    val_dir: str | None = None
+    train_counts: dict = field(default_factory=dict)
+    val_counts: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class MetricsMeta(_Section):
+    """Accuracy on the training images, and on the validation images (None without them);
+    ``val`` is the full ``metrics.Report.to_dict()``."""
+
+    train_accuracy: float | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    val: dict | None = None
+
+
+@dataclass(kw_only=True)
+class TrainingMeta(_Section):
+    """How the run went: the distribution strategy, epochs run per phase, wall time, the
+    per-epoch ``history`` ({phase: [{epoch, loss, ...}, ...]}) and the TensorBoard folder."""
+
+    strategy: str | None = None
+    replicas: int | None = None
+    global_batch_size: int | None = None
+    head_epochs: int = 0
+    fine_tune_epochs: int = 0
+    seconds: float | None = None
+    history: dict = field(default_factory=dict)
+    tensorboard: str | None = None
+
+
+@dataclass(kw_only=True)
+class BundleMeta(_Section):
+    """The schema of tlcli.json, version ``FORMAT_VERSION``: everything predict, export and
+    evaluate need to know about a trained model, and the record of how it was trained.
+
+    ``labels`` (>= 2 distinct one-line names, index = output unit) and ``image_size`` (in
+    [8, 1024]) are required. ``config`` is ``TrainConfig.to_dict()``; ``skipped`` the files
+    the scan skipped (``{path, reason, detail}``); ``exports`` maps an exported file's name
+    (inside the bundle) or absolute path to its ``ExportResult`` fields. ``mirror_average``:
+    the head sees the mean features of each image and its left-right mirror image.
+
+    A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
+    file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
+    default (the versions: None), and keys this tlcli does not know are kept, at every level.
+    """
+
+    format_version: int = FORMAT_VERSION
+    tlcli_version: str | None = field(default_factory=lambda: __version__)
+    python_version: str | None = field(default_factory=platform.python_version)
+    tensorflow_version: str | None = None
+    created: str | None = None
+    labels: list[str]
+    image_size: int
+    input: dict | None = None
+    signatures: dict = field(default_factory=lambda: dict(SIGNATURES))
+    backbone: BackboneMeta = field(default_factory=BackboneMeta)
+    mirror_average: bool = False
+    config: dict = field(default_factory=dict)
+    data: DataMeta = field(default_factory=DataMeta)
+    metrics: MetricsMeta = field(default_factory=MetricsMeta)
+    training: TrainingMeta = field(default_factory=TrainingMeta)
+    skipped: list[dict] = field(default_factory=list)
+    exports: dict[str, dict] = field(default_factory=dict)
+
+    _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
+                               "training": TrainingMeta}
+    _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
+                               "signatures": {}}
+
+    @classmethod
+    def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":
+        """Validate parsed tlcli.json (``schema.check_meta``: types and ranges of every field
+        this tlcli knows, at every level) and build it. Raises ``BundleError``, one line naming
+        ``path``, the field and the fix; "made by a newer tlcli" for a format above
+        ``FORMAT_VERSION``."""
+        from tlcli import schema
+
+        check_version(data, str(path))
+        schema.check_meta(data, Path(path), cls)
+        return cls._build(data)
+
+
+def check_version(meta, where: str) -> None:
+    """Raise ``BundleError`` when ``meta`` (parsed tlcli.json) has a format this tlcli cannot read."""
+    from tlcli import schema
+
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else 0
+    if type(version) is int and version > FORMAT_VERSION:
+        raise BundleError(f"{where}: made by a newer tlcli ({schema.show(meta.get('tlcli_version'))}, "
+                          f"format {version}); this tlcli ({__version__}) reads format {FORMAT_VERSION} and "
+                          "older: use the tlcli release or checkout that trained it, or a newer one")
+
+
 @dataclass
 class Bundle:
     """What predict, export and evaluate need to know about a trained model, validated by
-    ``load``: ``labels`` are >= 2 distinct one-line strings, ``image_size`` is in [8, 1024],
-    ``meta`` is the parsed tlcli.json (its ``config`` and ``exports`` checked too), and
-    ``recorded_splits`` is the parsed splits.json (None when the bundle has none)."""
+    ``load``: ``meta`` is the parsed tlcli.json, and ``recorded_splits`` the parsed
+    splits.json (None when the bundle has none)."""
 
     path: Path
-    labels: list[str]
-    image_size: int
-    meta: dict = field(default_factory=dict)
+    meta: BundleMeta
     recorded_splits: dict | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """>= 2 distinct one-line class names; index = output unit."""
+        return self.meta.labels
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square model input, in [8, 1024]."""
+        return self.meta.image_size
 
     @property
     def max_pixels(self) -> int:
         """The decoded-pixel limit the model was trained with (predict/evaluate/export default)."""
         from tlcli.config import DEFAULT_MAX_PIXELS
 
-        return int(self.meta.get("config", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
+        return int(self.meta.config.get("max_pixels") or DEFAULT_MAX_PIXELS)
 
     @property
     def tflite_path(self) -> Path:
@@ -75,7 +240,12 @@ class Bundle:
 
     def labels_text(self) -> str:
         """labels.txt's content, from the validated labels: one per line, "\\n"-terminated."""
-        return "".join(f"{label}\n" for label in self.labels)
+        return labels_text(self.labels)
+
+
+def labels_text(labels: list[str]) -> str:
+    """labels.txt's content: one label per line, "\\n"-terminated."""
+    return "".join(f"{label}\n" for label in labels)
 
 
 @contextlib.contextmanager
@@ -92,43 +262,8 @@ def tf_readable(path: str | os.PathLike):
         yield link
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` atomically (temp file in the same directory, then rename), with the
-    umask's permissions like every other bundle file. Raises ``OSError``; no temp file is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data) -> None:
-    """Write standard JSON (non-finite floats as null; ``tlcli.strict_json``) atomically
-    (``write_atomic``)."""
-    from tlcli.strict_json import dumps
-
-    try:
-        write_atomic(path, (dumps(data, indent=2) + "\n").encode())
-    except OSError as exc:
-        fix = "free some space on that disk" if disk_full(exc) else "check the folder's permissions"
-        raise TlcliError(f"{path}: cannot write ({exc.strerror}); {fix}") from None
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (an ``OSError`` or a TensorFlow file error) says the disk or quota is full."""
-    import errno
-
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return type(exc).__module__.startswith("tensorflow") and any(
-        text in str(exc) for text in ("No space left on device", "Disk quota exceeded"))
-
-
 def load(model_dir: str | os.PathLike) -> Bundle:
-    """Read and validate a bundle's metadata (``schema.check_meta``, ``schema.check_splits``):
+    """Read and validate a bundle's metadata (``BundleMeta.from_dict``, ``schema.check_splits``):
     every file is opened only if it is a regular file, and read up to a size bound. Raises
     ``BundleError``, one line naming the file, what is wrong and the fix."""
     from tlcli import schema
@@ -142,19 +277,48 @@ def load(model_dir: str | os.PathLike) -> Bundle:
     if not meta_path.exists() and not meta_path.is_symlink():
         raise BundleError(f"--model {path}: not a tlcli model ({META_FILE} is missing); "
                           "give the directory that 'tlcli train' wrote")
-    meta = schema.read_json(meta_path, schema.MAX_META_BYTES, "corrupt bundle metadata",
-                            "retrain or restore the file")
-    version = meta.get("format_version", 0) if isinstance(meta, dict) else 0
-    if type(version) is int and version > FORMAT_VERSION:
-        raise BundleError(f"--model {path}: made by a newer tlcli ({schema.show(meta.get('tlcli_version'))}, "
-                          f"format {version}); upgrade with 'pip install -U tlcli'")
-    labels, image_size = schema.check_meta(meta, meta_path)
+    raw = _read_meta(meta_path)
+    check_version(raw, f"--model {path}")
+    meta = BundleMeta.from_dict(raw, path=meta_path)
     splits_path = path / SPLITS_FILE
     splits = None
     if splits_path.exists() or splits_path.is_symlink():
         splits = schema.check_splits(schema.read_json(splits_path, schema.MAX_SPLITS_BYTES, *schema.SPLITS_FIX),
-                                     len(labels), splits_path)
-    return Bundle(path=path, labels=labels, image_size=image_size, meta=meta, recorded_splits=splits)
+                                     len(meta.labels), splits_path)
+    return Bundle(path=path, meta=meta, recorded_splits=splits)
+
+
+def _read_meta(meta_path: Path):
+    from tlcli import schema
+
+    return schema.read_json(meta_path, schema.MAX_META_BYTES, "corrupt bundle metadata", "retrain or restore the file")
+
+
+def save(staging: str | os.PathLike, meta: BundleMeta, *, splits: dict) -> None:
+    """Write a bundle's metadata into the folder ``staging``: labels.txt (from ``meta.labels``),
+    tlcli.json (``meta.to_dict()``) and splits.json (``splits``: {"train": [[path, label
+    index], ...], "val": [...]}), each atomically (``files.write_atomic``). Raises
+    ``TlcliError`` naming the file that cannot be written."""
+    staging = Path(staging)
+    write_file(staging / LABELS_FILE, labels_text(meta.labels).encode("utf-8"))
+    write_json(staging / META_FILE, meta.to_dict())
+    write_json(staging / SPLITS_FILE, {"train": splits.get("train", []), "val": splits.get("val", [])})
+
+
+def record_export(b: Bundle, name: str, entry: dict) -> str | None:
+    """Add ``entry`` (an export's result) as ``exports[name]`` in the bundle's tlcli.json,
+    atomically, and in ``b.meta``. The file is read again first, so that an export recorded
+    since ``b`` was loaded is kept. Returns None when recorded, else a warning that says why
+    not (a read-only bundle, a full disk, a file damaged meanwhile): the export itself stands."""
+    meta_path = b.path / META_FILE
+    b.meta.exports[name] = entry  # the export happened, whether or not the file records it
+    try:
+        current = BundleMeta.from_dict(_read_meta(meta_path), path=meta_path)
+        current.exports[name] = entry
+        write_json(meta_path, current.to_dict())
+    except TlcliError as exc:  # BundleError included
+        return f"the export is not recorded in the bundle's {META_FILE}: {exc}"
+    return None
 
 
 def read_regular(path: str | os.PathLike, limit: int) -> bytes:
@@ -236,7 +400,7 @@ def check_place(out: str | os.PathLike) -> Path:
 _BUNDLE_FILES = {"saved_model.pb", "fingerprint.pb", LABELS_FILE, META_FILE, SPLITS_FILE, TFLITE_FILE,
                  "training_curves.png"}
 _EXPORT_SUFFIXES = (".tflite", ".labels.txt")  # export --output written inside the bundle
-_ATOMIC_TMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # left by write_atomic when a crash stopped it
+_ATOMIC_TMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # left by files.write_atomic when a crash stopped it
 _VARIABLES = re.compile(r"variables\.(index|data-\d+-of-\d+)")
 _EVENTS = re.compile(r"events\.out\.tfevents\..+")
 
@@ -260,7 +424,7 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
     [] for a bundle. A bundle's files: saved_model.pb, fingerprint.pb, variables/ (checkpoint
     shards), assets/, labels.txt, tlcli.json, splits.json, training_curves.png, model.tflite and
     other exported ``*.tflite`` / ``*.labels.txt``, TensorBoard folders (event files only) and
-    ``write_atomic``'s leftover temp files. Symbolic links are always foreign."""
+    ``files.write_atomic``'s leftover temp files. Symbolic links are always foreign."""
     foreign = []
     for entry in sorted(Path(path).iterdir()):
         name = entry.name
@@ -448,10 +612,3 @@ def commit(staging: Path, out: str | os.PathLike, *, force: bool) -> Path:
         if not done:
             raise
     return out
-
-
-def base_meta() -> dict:
-    import platform
-
-    return {"format_version": FORMAT_VERSION, "tlcli_version": __version__,
-            "python_version": platform.python_version()}

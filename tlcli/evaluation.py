@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli import data, inference, metrics
+from tlcli import data, files, inference, metrics
 from tlcli.config import DEFAULT_MODEL_DIR, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K
 from tlcli.errors import DatasetError, UsageError
 from tlcli.progress import Callback, Event, counter, silent
@@ -61,13 +62,15 @@ def _prepare_report_dir(report_dir, data_dir) -> Path | None:
 
 
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:
-    """CSV with a header ``path,true_label,predicted_label,probability``, most confident first."""
+    """CSV with a header ``path,true_label,predicted_label,probability``, most confident first,
+    written atomically (``files.write_atomic``). Raises ``OSError``."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(MISTAKES_COLUMNS)
-        for m in mistakes:
-            w.writerow([m.path, m.true_label, m.predicted_label, f"{m.probability:.6f}"])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(MISTAKES_COLUMNS)
+    for m in mistakes:
+        w.writerow([m.path, m.true_label, m.predicted_label, f"{m.probability:.6f}"])
+    files.write_atomic(path, text.getvalue().encode("utf-8"))
     return path
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli import data, images
+from tlcli import data, files, images
 from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import BUNDLE_METADATA, LABELS_METADATA
@@ -57,6 +57,7 @@ class ExportResult:
     saved_model_accuracy: float | None
     tflite_accuracy: float | None
     max_abs_diff: float | None     # largest probability difference
+    warnings: list[str] = field(default_factory=list)  # the export stands; e.g. it could not be recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +179,7 @@ def _check_output(out: Path, b: bundles.Bundle) -> Path:
 
 def _write(path: Path, payload: bytes) -> None:
     try:
-        bundles.write_atomic(path, payload)
+        files.write_atomic(path, payload)
     except OSError as exc:
         raise TlcliError(f"--output {path}: cannot write ({exc.strerror}); choose another --output") from None
 
@@ -236,7 +237,9 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     ``model.tflite`` or ``output`` with its labels (see module docstring), and measure top-1
     agreement and both accuracies against the SavedModel on up to 500 of the bundle's validation
     images (or of ``data_dir``, a labelled folder that then also provides int8 calibration).
-    The result is also recorded under ``exports`` in the bundle's tlcli.json.
+    The result is also recorded under ``exports`` in the bundle's tlcli.json
+    (``bundle.record_export``); when that fails (a read-only bundle exported elsewhere), the
+    export still succeeds and ``warnings`` says why, also sent as a warning event.
 
     Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
     output directory, no calibration images), ``BundleError`` for a bad bundle, ``TlcliError``
@@ -292,11 +295,10 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         result.saved_model_accuracy = float(np.mean(p_ref.argmax(1) == y))
         result.tflite_accuracy = float(np.mean(p_lite.argmax(1) == y))
         result.max_abs_diff = float(np.max(np.abs(p_ref - p_lite)))
-    meta = dict(b.meta)
-    exports = meta.setdefault("exports", {})
-    exports[out.name if out.absolute().parent == b.path.absolute() else str(out.absolute())] = result.to_dict()
-    try:
-        bundles.write_json(b.path / bundles.META_FILE, meta)
-    except TlcliError:
-        pass  # a read-only bundle exported elsewhere: the result is still returned and printed
+    name = out.name if out.absolute().parent == b.path.absolute() else str(out.absolute())
+    entry = {k: v for k, v in result.to_dict().items() if k != "warnings"}
+    warning = bundles.record_export(b, name, entry)  # a read-only bundle exported elsewhere fails here
+    if warning:
+        result.warnings.append(warning)
+        progress(Event("warning", message=warning))
     return result

@@ -79,10 +79,11 @@ def check_labels(labels, where: str) -> list[str]:
 
 
 def _type_ok(value, annotation: str) -> bool:
-    """Whether a JSON value fits a TrainConfig field annotation ("int", "float | None", ...).
-    An annotation with a part this does not know (a type added later) is not checked."""
-    names = [part.strip() for part in annotation.split("|")]
-    if not set(names) <= {"None", "bool", "int", "float", "str"}:
+    """Whether a JSON value fits a dataclass field annotation ("int", "float | None",
+    "list[str]", ...; the items of a list or dict are not checked). An annotation with a part
+    this does not know (a type added later, a nested dataclass) is not checked."""
+    names = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if not set(names) <= {"None", "bool", "int", "float", "str", "list", "dict"}:
         return True
     for name in names:
         if name == "None" and value is None:
@@ -95,7 +96,30 @@ def _type_ok(value, annotation: str) -> bool:
             return True
         if name == "str" and isinstance(value, str) and "\x00" not in value:
             return True
+        if name == "list" and isinstance(value, list):
+            return True
+        if name == "dict" and isinstance(value, dict):
+            return True
     return False
+
+
+def check_fields(obj, cls, where: str, prefix: str = "") -> None:
+    """The keys of the JSON object ``obj`` that are fields of the dataclass ``cls`` must have
+    their declared types (``_type_ok``); a field whose type is itself a dataclass (``cls._nested``)
+    must be an object, checked the same way. Unknown keys are allowed (a newer tlcli may add some).
+    Raises ``BundleError`` naming the field as ``"section"."key"``."""
+    fix = "retrain or restore the file"
+    nested = getattr(cls, "_nested", {})
+    for f in dataclasses.fields(cls):
+        if f.name not in obj or f.name == "extra":
+            continue
+        name, value = f'{prefix}"{f.name}"', obj[f.name]
+        if f.name in nested:
+            if not isinstance(value, dict):
+                raise BundleError(f"{where}: {name} must be an object, not {show(value)}; {fix}")
+            check_fields(value, nested[f.name], where, f"{name}.")
+        elif not _type_ok(value, str(f.type)):
+            raise BundleError(f"{where}: {name} must be {f.type}, not {show(value)}; {fix}")
 
 
 def check_config(config, where: str) -> None:
@@ -107,9 +131,7 @@ def check_config(config, where: str) -> None:
     fix = "retrain or restore the file"
     if not isinstance(config, dict):
         raise BundleError(f"{where}: \"config\" must be an object, not {show(config)}; {fix}")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in config and not _type_ok(config[f.name], str(f.type)):
-            raise BundleError(f"{where}: \"config\".\"{f.name}\" must be {f.type}, not {show(config[f.name])}; {fix}")
+    check_fields(config, TrainConfig, where, '"config".')
     pixels = config.get("max_pixels")
     if pixels is not None and not (_is_int(pixels) and pixels >= 1):
         raise BundleError(f"{where}: \"config\".\"max_pixels\" must be an integer >= 1, not {show(pixels)}; {fix}")
@@ -119,8 +141,10 @@ def check_config(config, where: str) -> None:
                           f"not {show(size)}; {fix}")
 
 
-def check_meta(meta, path: Path) -> tuple[list[str], int]:
-    """Validate parsed tlcli.json; returns (labels, image_size). Raises ``BundleError``."""
+def check_meta(meta, path: Path, meta_cls=None) -> tuple[list[str], int]:
+    """Validate parsed tlcli.json; returns (labels, image_size). With ``meta_cls`` (the dataclass
+    of the schema, ``bundle.BundleMeta``), every known field is also checked (``check_fields``).
+    Raises ``BundleError``."""
     where = f"{path}: corrupt bundle metadata"
     fix = "retrain or restore the file"
     if not isinstance(meta, dict):
@@ -141,6 +165,8 @@ def check_meta(meta, path: Path) -> tuple[list[str], int]:
     exports = meta.get("exports", {})
     if not (isinstance(exports, dict) and all(isinstance(v, dict) for v in exports.values())):
         raise BundleError(f"{where}: \"exports\" must be an object of objects, not {show(exports)}; {fix}")
+    if meta_cls is not None:
+        check_fields(meta, meta_cls, where)
     return labels, size
 
 

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tlcli import files
 from tlcli.errors import UsageError
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -86,7 +87,7 @@ class ScalarLog:
             else:
                 self.dir = self.target / f"{self.out_name}-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.partial.mkdir(parents=True, exist_ok=True)
-                marker.write_text(str(self.dir))
+                files.write_atomic(marker, str(self.dir).encode())
         else:
             self.dir = self.partial / "tensorboard" / self.target
         try:

@@ -524,42 +524,29 @@ class _Run:
         cfg = self.cfg
         self.export.wait()
         self.export.write_variables()
-        (staging / bundle.LABELS_FILE).write_text("".join(f"{label}\n" for label in self.labels))
-        meta = bundle.base_meta() | {
-            "tensorflow_version": t.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "labels": self.labels,
-            "image_size": self.size,
-            "input": {"dtype": "float32", "shape": [None, self.size, self.size, 3], "range": [0.0, 1.0],
-                      "color": "RGB", "resize": "bilinear, antialiased, aspect ratio not kept"},
-            "signatures": {"serving_default": "images -> probabilities",
-                           "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"},
-            "backbone": {"handle": self.spec.handle, "preset": self.spec.preset,
-                         "feature_dim": self.backbone.feature_dim},
-            # The head sees the mean features of the image and its left-right mirror image.
-            "mirror_average": self.mirror,
-            "config": cfg.to_dict(),
-            "data": {"train_dir": str(Path(cfg.data_dir).absolute()),
-                     "val_dir": str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
-                     "train_counts": self.count(self.train), "val_counts": self.count(self.val)},
-            "metrics": {
-                "train_accuracy": self.train_report.accuracy,
-                "val_accuracy": self.val_report.accuracy if self.val_report else None,
-                "val_loss": self.val_report.loss if self.val_report else None,
-                "val": self.val_report.to_dict() if self.val_report else None,
-            },
-            "training": {"strategy": self.chosen.description, "replicas": self.chosen.replicas,
-                         "global_batch_size": self.global_batch,
-                         "head_epochs": self.state.get("head_epochs", 0),
-                         "fine_tune_epochs": self.state.get("fine_tune", {}).get("epochs_run", 0),
-                         "seconds": round(seconds, 2), "history": self.history},
-            "skipped": [s.to_dict() for s in self.skipped],
-        }
-        meta["training"]["tensorboard"] = self.scalars.finish(staging)
+        val = self.val_report
+        meta = bundle.BundleMeta(
+            tensorflow_version=t.__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            labels=self.labels, image_size=self.size, input=bundle.input_spec(self.size),
+            backbone=bundle.BackboneMeta(handle=self.spec.handle, preset=self.spec.preset,
+                                         feature_dim=self.backbone.feature_dim),
+            mirror_average=self.mirror, config=cfg.to_dict(),
+            data=bundle.DataMeta(train_dir=str(Path(cfg.data_dir).absolute()),
+                                 val_dir=str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
+                                 train_counts=self.count(self.train), val_counts=self.count(self.val)),
+            metrics=bundle.MetricsMeta(train_accuracy=self.train_report.accuracy,
+                                       val_accuracy=val.accuracy if val else None,
+                                       val_loss=val.loss if val else None, val=val.to_dict() if val else None),
+            training=bundle.TrainingMeta(strategy=self.chosen.description, replicas=self.chosen.replicas,
+                                         global_batch_size=self.global_batch,
+                                         head_epochs=self.state.get("head_epochs", 0),
+                                         fine_tune_epochs=self.state.get("fine_tune", {}).get("epochs_run", 0),
+                                         seconds=round(seconds, 2), history=self.history,
+                                         tensorboard=self.scalars.finish(staging)),
+            skipped=[s.to_dict() for s in self.skipped])
         plots.training_curves(self.history, staging / "training_curves.png")
-        bundle.write_json(staging / bundle.META_FILE, meta)
         absolute = lambda ss: [[str(Path(s.path).absolute()), s.label] for s in ss]  # noqa: E731
-        bundle.write_json(staging / bundle.SPLITS_FILE, {"train": absolute(self.train), "val": absolute(self.val)})
+        bundle.save(staging, meta, splits={"train": absolute(self.train), "val": absolute(self.val)})
 
 
 def _left_behind(out: str, partial: Path) -> str:
