@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
+from tlcli.errors import UsageError
 from tlcli.presets import DEFAULT_PRESET
 
 # Decoded pixels allowed per image. 128 MP is above any phone photo after JPEG draft
@@ -82,3 +85,50 @@ class TrainConfig:
 
 
 DEFAULTS = TrainConfig()
+
+
+MAX_SEED = 2**32 - 1  # what numpy's global seed (set by keras' set_random_seed) accepts
+
+
+def _number(x) -> bool:
+    """A finite int or float (not a bool): NaN and infinity pass no range check."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject option values that cannot work, naming the option (or, for settings without one,
+    the ``TrainConfig`` field). Every float must be finite."""
+    fraction = "must be a number in [0, 1)"
+    checks = [
+        ("--val-split", cfg.val_split, _number(cfg.val_split) and 0.0 <= cfg.val_split < 1.0, fraction),
+        ("--epochs", cfg.epochs, _integer(cfg.epochs) and cfg.epochs >= 1, "must be >= 1"),
+        ("--batch-size", cfg.batch_size, _integer(cfg.batch_size) and cfg.batch_size >= 1, "must be >= 1"),
+        ("--learning-rate", cfg.learning_rate, cfg.learning_rate is None
+         or _number(cfg.learning_rate) and cfg.learning_rate > 0, "must be a finite number > 0"),
+        ("--l2", cfg.l2, cfg.l2 is None or _number(cfg.l2) and cfg.l2 >= 0, "must be a finite number >= 0"),
+        ("--seed", cfg.seed, _integer(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]"),
+        ("--fine-tune-epochs", cfg.fine_tune_epochs, _integer(cfg.fine_tune_epochs) and cfg.fine_tune_epochs >= 1,
+         "must be >= 1"),
+        ("--fine-tune-learning-rate", cfg.fine_tune_learning_rate,
+         _number(cfg.fine_tune_learning_rate) and cfg.fine_tune_learning_rate > 0, "must be a finite number > 0"),
+        ("--fine-tune-micro-batch", cfg.fine_tune_micro_batch, cfg.fine_tune_micro_batch is None
+         or _integer(cfg.fine_tune_micro_batch) and cfg.fine_tune_micro_batch >= 0, "must be >= 0 (0 = whole batches)"),
+        ("--image-size", cfg.image_size, cfg.image_size is None
+         or _integer(cfg.image_size) and 8 <= cfg.image_size <= 1024, "must be in [8, 1024]"),
+        ("--max-pixels", cfg.max_pixels, _integer(cfg.max_pixels) and cfg.max_pixels >= 1, "must be >= 1"),
+        ("--dropout", cfg.dropout, _number(cfg.dropout) and 0.0 <= cfg.dropout < 1.0, fraction),
+        ("--label-smoothing", cfg.label_smoothing, _number(cfg.label_smoothing)
+         and 0.0 <= cfg.label_smoothing < 1.0, fraction),
+        ("holdout", cfg.holdout, _number(cfg.holdout) and 0.0 <= cfg.holdout < 1.0, fraction),
+        ("patience", cfg.patience, _integer(cfg.patience) and cfg.patience >= 1, "must be >= 1"),
+        ("fine_tune_patience", cfg.fine_tune_patience, _integer(cfg.fine_tune_patience)
+         and cfg.fine_tune_patience >= 1, "must be >= 1"),
+        ("--strategy", cfg.strategy, cfg.strategy in STRATEGIES, f"must be one of {', '.join(STRATEGIES)}"),
+    ]
+    for option, value, ok, why in checks:
+        if not ok:
+            raise UsageError(f"{option} {value}: {why}")
