@@ -173,6 +173,11 @@ class FeatureViews:
         """Row indices of ``samples`` (a subset, by path): ``views.plain[views.rows(some)]``."""
         return np.array([self._index[s.path] for s in samples], int)
 
+    def of(self, samples) -> tuple[np.ndarray, np.ndarray | None]:
+        """(plain, mirror or None): the rows of ``samples``."""
+        rows = self.rows(samples)
+        return self.plain[rows], None if self.mirror is None else self.mirror[rows]
+
 
 def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size: int, batch_size: int,
                   max_pixels: int, progress: Callback = silent, mirror: bool = False, frozen: bool = True,

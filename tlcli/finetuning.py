@@ -40,17 +40,19 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
     return micro if 0 < micro < cfg.batch_size else None
 
 
-def fine_tune(one_view, backbone_layer, fit: list, holdout: list, *, cfg: TrainConfig, num_classes: int,
-              image_size: int, batch_size: int, micro_batch: int | None, class_weight: dict | None,
-              state: RunState, checkpoint_dir: Path, save_state: Callable[[], None], progress: Callback,
+def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
+              accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
               scalars) -> bool:
-    """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``) on the augmented
-    ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``, monitored on ``holdout`` (none:
-    every epoch counts), checkpointed under ``checkpoint_dir`` and recorded in ``state``
-    (``state.fine_tune``, ``state.history[PHASE]``); a resumed ``state`` continues from its
-    checkpoint. Returns whether the backbone's weights changed (False: the holdout never
-    improved and the starting weights were restored). Raises ``UsageError`` for a damaged
-    checkpoint on resume."""
+    """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
+    ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
+    monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
+    (``micro_batch_size``). Each epoch is checkpointed under ``partial/fine-tune/`` and recorded
+    in ``state`` (``state.fine_tune``, ``state.history[PHASE]``), saved to ``partial``; a resumed
+    ``state`` continues from its checkpoint. Returns whether the backbone's weights changed
+    (False: the holdout never improved and the starting weights were restored). Raises
+    ``UsageError`` for a damaged checkpoint on resume."""
+    micro_batch = micro_batch_size(cfg, accelerator=accelerator)
+    num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
     train_model = one_view if not micro_batch else _micro_batch_model_class()(
         one_view.input, one_view.output, name="classifier", micro_batch=micro_batch)
     k, t = keras(), tf()
@@ -58,7 +60,7 @@ def fine_tune(one_view, backbone_layer, fit: list, holdout: list, *, cfg: TrainC
                         loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                         metrics=["accuracy"])
     # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
-    start = backbone_layer.get_weights()
+    start = backbone.layer.get_weights()
     onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
     ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
@@ -68,12 +70,12 @@ def fine_tune(one_view, backbone_layer, fit: list, holdout: list, *, cfg: TrainC
         val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
     callback = _epoch_callback_class()(
-        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=checkpoint_dir,
+        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
         patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
-        save_state=save_state, progress=progress, scalars=scalars)
+        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
     _fit(train_model, ds.map(onehot), callback, validation=val, class_weight=class_weight)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
-    unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone_layer.get_weights()))
+    unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
     return not unchanged
 

@@ -1,4 +1,6 @@
-"""The resumable state of a training run, kept in ``.<out>.partial/state.json`` beside ``--out``.
+"""The resumable state of a training run, and what an interrupted run leaves and says.
+
+The state is kept in ``.<out>.partial/state.json`` beside ``--out``.
 
 It holds the run's settings (paths absolute, so ``--resume`` from another folder trains the same
 images), the per-epoch history of every phase, what the head fit chose, and where fine-tuning
@@ -12,17 +14,19 @@ stands (its checkpoints are files beside ``state.json``). The file layout is tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import numbers
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcli import bundle
 from tlcli.backbone import REMOTE_PREFIXES
 from tlcli.config import DEFAULTS, TrainConfig, validate
-from tlcli.errors import UsageError
+from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import PRESETS
 from tlcli.progress import Callback, Event
 
@@ -199,3 +203,40 @@ def resume(cfg: TrainConfig, given: set[str], progress: Callback) -> tuple[Train
                    f"with (DIR {cfg.data_dir})"))
     state.config = absolute(cfg)
     return cfg, state
+
+
+def left_behind(out: str | os.PathLike) -> str:
+    """What an interrupted or failed run into ``out`` leaves: the previous bundle, and the resume state."""
+    kept = "; progress kept: run the same command with --resume to continue" \
+        if (partial_dir(out) / STATE_FILE).exists() else ""
+    where = f"the previous model at {out} is untouched" if Path(out).exists() else f"nothing was written to {out}"
+    return where + kept
+
+
+def write_error(exc: BaseException, out: str | os.PathLike) -> TlcliError:
+    """One line for a file error (a full disk above all) during a run into ``out`` or its save."""
+    name = getattr(exc, "filename", None) or out
+    if bundle.disk_full(exc):
+        return TlcliError(f"no space left on the disk while writing {name}: free some space, then train again; "
+                          f"{left_behind(out)}")
+    return TlcliError(f"{name}: {getattr(exc, 'strerror', None) or exc}; {left_behind(out)}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM (docker stop, a CI job cancelled) stops it as Ctrl-C does:
+    the previous bundle stays intact and progress is kept. Main thread only; elsewhere a no-op."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -1,25 +1,13 @@
-"""The training recipe, top to bottom in ``train``.
-
-1. Scan and check every file (fast pre-pass), split train/val (stratified, seeded): ``data.scan_splits``.
-2. Head phase: the frozen backbone runs once per image (features cached on disk, streamed:
-   ``features.compute_views``); a softmax head is fit on the stored vectors (``head.fit_head``)
-   with label smoothing, balanced class weights and L2, where cross-validation on the *training*
-   images picks the L2 strength and early stopping on the held-out folds picks the epoch count;
-   then it is refit on all.
-3. Optional fine-tune phase (``finetuning.fine_tune``): the whole backbone is unfrozen (BatchNorm
-   stays in inference mode), trained with Adam at a low learning rate on augmented images,
-   stopping early on a stratified holdout of the training images (the head was fit without it);
-   then the features are computed again and the head is refit.
-4. Metrics on the validation images (``head.predict_proba``), then the bundle is written atomically.
-
-State is kept in ``.<out>.partial/`` (``run_state``: settings, history, and a checkpoint at every
-fine-tuning epoch) so ``--resume`` continues an interrupted run; the head phase, sub-second on
-cached features, is simply redone.
+"""The training recipe, top to bottom in ``_run``: splits (``data.scan_splits``) -> backbone ->
+feature views (``features.compute_views``, cached) -> head fit (``head.fit_head``: CV picks L2 and
+the epoch count) -> with --fine-tune, fine-tuning on a holdout (``finetuning.fine_tune``), feature
+views again and a head refit -> reports (``head.predict_proba``) -> the bundle, written atomically.
+An interrupted run keeps its state in ``.<out>.partial/`` (``run_state``) for ``--resume``; the
+head phase, sub-second on cached features, is simply redone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
@@ -34,7 +22,7 @@ import numpy as np
 from tlcli import bundle, data, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
-from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.errors import Interrupted, UsageError
 from tlcli.progress import Callback, Event, silent
 
 
@@ -77,6 +65,14 @@ def _check_inputs(cfg: TrainConfig):
     return resolve_spec(cfg.backbone, cfg.image_size)
 
 
+def _space_needed(backbone_path: str, cfg: TrainConfig) -> int:
+    """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
+    metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
+    each holding the weights and Adam's two moments."""
+    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
+    return size + 20_000_000 + (2 * 3 * size if cfg.fine_tune else 0)
+
+
 def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
           progress: Callback = silent, given=None, **options) -> TrainResult:
     """Train a classifier on ``data_dir/<class>/*`` and write the bundle to ``config.out``.
@@ -92,7 +88,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     cfg, given = run_state.requested(data_dir, config, options, given)
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
-    with _sigterm_as_interrupt(), bundle.lock(cfg.out):
+    with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
             progress(Event("info", message=note))
         if cfg.resume:
@@ -111,36 +107,20 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, progress: Callback) -> TrainResult:
-    """The recipe: splits -> backbone -> feature views -> head fit -> (fine-tune -> feature views
-    -> head fit) -> reports -> bundle. Two steps overlap on a worker thread: the file check runs
-    while TensorFlow loads the backbone, and the SavedModel graph is written while features are
-    extracted. Whatever happens, the worker is waited for and the staging folder goes unless the
-    bundle is in; Ctrl-C then raises ``Interrupted``, a file error one line."""
-    from tlcli import backbone, features, finetuning, model, serving, strategy
-    from tlcli._tf import keras
+    """The recipe. The SavedModel graph is written on a worker thread while features are
+    extracted; however the run ends the worker is waited for and the staging folder goes unless
+    the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
+    from tlcli import features, finetuning, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
         shutil.rmtree(partial, ignore_errors=True)
     scalars = summaries.ScalarLog(cfg.tensorboard, partial=partial, out=cfg.out)
-    stopping = threading.Event()  # tells the file check to give up (Ctrl-C, an error)
     pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlcli")
-    out = staging = scan = graph = None
+    out = staging = graph = None
     try:
-        keras()  # import first: the import silences native stderr, which would hide the scan's output
-        scan = pool.submit(data.scan_splits, cfg, image_size=spec.image_size or 224, progress=progress,
-                           stopping=stopping)
-        keras().utils.set_random_seed(cfg.seed)
-        mirror = cfg.fine_tune if cfg.mirror is None else cfg.mirror
-        chosen = strategy.choose(cfg.strategy)
-        batch = cfg.batch_size * chosen.replicas
-        with chosen.strategy.scope():
-            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path)
-            splits = scan.result()
-            progress(Event("info", message=f"strategy: {chosen.description}; global batch {batch} "
-                           f"({cfg.batch_size} per replica)"))
-            models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                        seed=cfg.seed, mirror=mirror)
+        chosen, loaded, splits, models = _backbone_and_splits(cfg, spec, backbone_path, pool, progress)
+        batch, mirror = cfg.batch_size * chosen.replicas, models.flip_extractor is not None
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
@@ -153,8 +133,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
         with chosen.strategy.scope():
-            # Fine-tuning changes the backbone: its mirror views are extracted after it.
-            views = views_of(mirror=mirror and not cfg.fine_tune)
+            views = views_of(mirror=mirror and not cfg.fine_tune)  # fine-tuning changes the mirror views
             extracted, cached = views.extracted, views.cached
             progress(Event("info", message=f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
@@ -162,12 +141,9 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             if cfg.fine_tune:
                 graph.result()  # fine-tuning must not run while the graph is being traced
                 improved = finetuning.fine_tune(
-                    models.one_view, loaded.layer, splits.fit, splits.holdout, cfg=cfg,
-                    num_classes=len(splits.labels), image_size=loaded.image_size, batch_size=batch,
-                    micro_batch=finetuning.micro_batch_size(cfg, accelerator=chosen.accelerator),
-                    class_weight=_class_weight(cfg, splits.fit, len(splits.labels)), state=state,
-                    checkpoint_dir=partial / finetuning.PHASE, save_state=lambda: state.save(partial),
-                    progress=progress, scalars=scalars)
+                    models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
+                    accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
+                    state=state, partial=partial, progress=progress, scalars=scalars)
                 # Kept its starting weights (the holdout never improved): the plain features still hold.
                 views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
                                  task="re-extract")
@@ -186,14 +162,13 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         out = bundle.commit(staging, cfg.out, force=cfg.force)
     except KeyboardInterrupt:
         if out is None:  # once the new bundle is in, the run has succeeded
-            raise Interrupted(f"interrupted: {_left_behind(cfg.out, partial)}") from None
+            raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
     except Exception as exc:
         if out is None and (isinstance(exc, OSError) or bundle.disk_full(exc)):
-            raise _write_error(exc, cfg.out, partial) from None
+            raise run_state.write_error(exc, cfg.out) from None
         raise
     finally:
-        stopping.set()
-        futures.wait([job for job in (scan, graph) if job is not None])  # what they raised is moot now
+        futures.wait([graph] if graph else [])  # what it raised is moot now
         pool.shutdown()
         if staging is not None and out is None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -202,15 +177,42 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         progress(Event("end", "save", total=1, completed=1))
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
+    train_report, val_report = reports
     return TrainResult(
         model_dir=str(out), labels=splits.labels, train_counts=splits.counts(splits.train),
-        val_counts=splits.counts(splits.val), train_accuracy=reports[0].accuracy,
-        val_accuracy=reports[1].accuracy if reports[1] else None, val_loss=reports[1].loss if reports[1] else None,
+        val_counts=splits.counts(splits.val), train_accuracy=train_report.accuracy,
+        val_accuracy=val_report.accuracy if val_report else None, val_loss=val_report.loss if val_report else None,
         head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run, extracted=extracted,
         cached=cached, strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
         seconds=time.perf_counter() - start, mirror=mirror,
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history)
+
+
+def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progress: Callback):
+    """(strategy, loaded backbone, splits, models): the file check runs on ``pool`` while
+    TensorFlow loads the backbone, and gives up once this step fails."""
+    from tlcli import backbone, model, strategy
+    from tlcli._tf import keras
+
+    keras()  # import first: the import silences native stderr, which would hide the scan's output
+    stopping = threading.Event()
+    scan = pool.submit(data.scan_splits, cfg, image_size=spec.image_size or 224, progress=progress,
+                       stopping=stopping)
+    try:
+        keras().utils.set_random_seed(cfg.seed)
+        chosen = strategy.choose(cfg.strategy)
+        with chosen.strategy.scope():
+            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path)
+            splits = scan.result()
+            progress(Event("info", message=f"strategy: {chosen.description}; global batch "
+                           f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
+            models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
+                                        seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
+    finally:
+        stopping.set()
+        futures.wait([scan])  # what it raised after a failure here is moot
+    return chosen, loaded, splits, models
 
 
 def _write_graph(export) -> None:
@@ -221,8 +223,8 @@ def _write_graph(export) -> None:
         pass  # plotting reports its own error later
 
 
-def _class_weight(cfg: TrainConfig, samples, num_classes: int) -> dict | None:
-    return data.class_weights([s.label for s in samples], num_classes) if cfg.class_weights else None
+def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
+    return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
@@ -231,12 +233,11 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     from tlcli import head, model
 
     progress(Event("start", phase, total=None))
-    rows = views.rows(samples)
-    X, y, groups = views.plain[rows], [s.label for s in samples], None
-    if views.mirror is not None:
-        X = np.vstack([X, views.mirror[rows]])
-        y, groups = y + y, np.tile(np.arange(len(samples)), 2)
-    fit = head.fit_head(X, y, len(labels), class_weight=_class_weight(cfg, samples, len(labels)), epochs=cfg.epochs,
+    X, mirror = views.of(samples)
+    y, groups = [s.label for s in samples], None
+    if mirror is not None:
+        X, y, groups = np.vstack([X, mirror]), y + y, np.tile(np.arange(len(samples)), 2)
+    fit = head.fit_head(X, y, len(labels), class_weight=_class_weight(cfg, samples, labels), epochs=cfg.epochs,
                         learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, groups=groups)
     state.history[phase] = fit.history
@@ -255,16 +256,12 @@ def _reports(splits, views, fit) -> tuple:
     """(train report, val report or None): ``metrics.compute`` on the head's probabilities."""
     from tlcli import head
 
-    def probs(samples):
-        rows = views.rows(samples)
-        mirror = None if views.mirror is None else views.mirror[rows]
-        return head.predict_proba(views.plain[rows], fit.kernel, fit.bias, mirror_features=mirror)
+    def report(samples, **options):
+        plain, mirror = views.of(samples)
+        probs = head.predict_proba(plain, fit.kernel, fit.bias, mirror_features=mirror)
+        return metrics.compute([s.label for s in samples], probs, splits.labels, **options)
 
-    labels = lambda ss: [s.label for s in ss]  # noqa: E731
-    train = metrics.compute(labels(splits.train), probs(splits.train), splits.labels)
-    val = metrics.compute(labels(splits.val), probs(splits.val), splits.labels, paths=[s.path for s in splits.val]) \
-        if splits.val else None
-    return train, val
+    return report(splits.train), report(splits.val, paths=[s.path for s in splits.val]) if splits.val else None
 
 
 def write_bundle(staging: Path, *, graph: futures.Future, export, meta: dict, history: dict, scalars,
@@ -321,48 +318,3 @@ def _bundle_meta(cfg: TrainConfig, spec, *, splits, image_size: int, feature_dim
         "skipped": [s.to_dict() for s in splits.skipped],
     }
     return meta
-
-
-def _space_needed(backbone_path: str, cfg: TrainConfig) -> int:
-    """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
-    metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
-    each holding the weights and Adam's two moments."""
-    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
-    return size + 20_000_000 + (2 * 3 * size if cfg.fine_tune else 0)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While the block runs, SIGTERM (docker stop, a CI job cancelled) stops it as Ctrl-C does:
-    the previous bundle stays intact and progress is kept. Main thread only; elsewhere a no-op."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _left_behind(out: str, partial: Path) -> str:
-    """What an interrupted or failed run leaves: the previous bundle, and the resume state."""
-    kept = "; progress kept: run the same command with --resume to continue" \
-        if (partial / "state.json").exists() else ""
-    where = f"the previous model at {out} is untouched" if Path(out).exists() else f"nothing was written to {out}"
-    return where + kept
-
-
-def _write_error(exc: BaseException, out: str, partial: Path) -> TlcliError:
-    """One line for a file error (a full disk above all) during training or the save."""
-    name = getattr(exc, "filename", None) or out
-    if bundle.disk_full(exc):
-        return TlcliError(f"no space left on the disk while writing {name}: free some space, then train again; "
-                          f"{_left_behind(out, partial)}")
-    return TlcliError(f"{name}: {getattr(exc, 'strerror', None) or exc}; {_left_behind(out, partial)}")
