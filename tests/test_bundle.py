@@ -76,11 +76,11 @@ def test_failed_save_leaves_previous_bundle_and_no_staging(tmp_path, bundle_copy
 
     before = (bundle_copy / "tlcli.json").read_text()
 
-    def boom(self, staging, *, seconds):
+    def boom(staging, **parts):
         (staging / "half-written").write_text("x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training._Run, "write_bundle", boom)
+    monkeypatch.setattr(training, "write_bundle", boom)
     with pytest.raises(tlcli.TlcliError, match="untouched"):
         tlcli.train(colour_data, out=str(bundle_copy), force=True, **train_args)
     assert (bundle_copy / "tlcli.json").read_text() == before

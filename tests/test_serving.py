@@ -108,7 +108,7 @@ def test_in_graph_decoder_matches_the_pillow_decoder(name, size, tmp_path):
     import tensorflow as tf
 
     from tlcli import images
-    from tlcli.model import decode_image_bytes
+    from tlcli.serving import decode_image_bytes
 
     data = CASES[name]
     (tmp_path / "image").write_bytes(data)

@@ -81,10 +81,12 @@ def test_views_of_one_image_must_share_its_label():
         head.fit_head(X, [0, 1, 0, 1, 1, 1, 0, 1], 2, groups=[0, 1, 2, 3, 0, 1, 2, 3])
 
 
-def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
+def test_epoch_callback_restores_the_best_weights(tmp_path):
     """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
-    from tlcli import training
+    from tlcli import finetuning
     from tlcli._tf import keras
+    from tlcli.config import TrainConfig
+    from tlcli.run_state import RunState
 
     k = keras()
     k.utils.set_random_seed(0)
@@ -93,18 +95,17 @@ def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
     x = np.eye(4, dtype=np.float32)
     y_train = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)
     y_val = 1 - y_train  # the better it fits train, the worse val gets (after the first steps)
-    seen = []
+    seen, saved, events = [], [], []
 
     class Record(k.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             seen.append((logs["val_loss"], [w.copy() for w in self.model.get_weights()]))
 
-    run = type("Run", (), {})()
-    run.cfg = tlcli.TrainConfig(**{k_: v for k_, v in train_args.items() if k_ != "backbone"})
-    run.history, run.progress, run.save_state = {}, lambda e: None, lambda: None
-    run.scalars = type("S", (), {"write": lambda *a: None})()
-    st = {}
-    cb = training._PhaseCallback(run, model, "fine-tune", 8, tmp_path / "ckpt", st, 3, True)
+    state = RunState(TrainConfig())
+    scalars = type("Scalars", (), {"write": lambda *a: None})()
+    cb = finetuning.EpochCallback(model, state, phase="fine-tune", epochs=8, checkpoint_dir=tmp_path / "ckpt",
+                                  patience=3, monitor=True, save_state=lambda: saved.append(state.fine_tune.epochs_run),
+                                  progress=events.append, scalars=scalars)
     model.fit(x, y_train, validation_data=(x, y_val), epochs=8, verbose=0, callbacks=[Record(), cb],
               shuffle=False)
     cb.finish()
@@ -112,7 +113,10 @@ def test_phase_callback_restores_the_best_weights(tmp_path, train_args):
     assert best < len(seen) - 1, "val loss should have got worse after its best epoch"
     for got, want in zip(model.get_weights(), seen[best][1]):
         np.testing.assert_array_equal(got, want)
-    assert st["best_epoch"] == best
+    assert state.fine_tune.best_epoch == best
+    assert saved == list(range(1, len(seen) + 1)), "the state is saved after every epoch"
+    assert [e.completed for e in events if e.kind == "epoch"] == saved
+    assert [row["epoch"] for row in state.history["fine-tune"]] == saved
 
 
 def _backbone_kernel(path):
@@ -255,7 +259,7 @@ def test_resume_with_a_damaged_state_file_is_a_clear_error(tmp_path):
 def test_micro_batches_make_the_same_update_as_the_whole_batch():
     import tf_keras as k
 
-    from tlcli import model
+    from tlcli import finetuning
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 5)).astype("float32")
@@ -266,7 +270,7 @@ def test_micro_batches_make_the_same_update_as_the_whole_batch():
         inp = k.Input((5,))
         hidden = k.layers.Dense(4, activation="relu")(inp)
         out = k.layers.Dense(3, activation="softmax", kernel_regularizer=k.regularizers.l2(0.01))(hidden)
-        m = model._micro_batch_model()(inp, out, micro_batch=micro_batch) if micro_batch else k.Model(inp, out)
+        m = finetuning.MicroBatchModel(inp, out, micro_batch=micro_batch) if micro_batch else k.Model(inp, out)
         m.compile(optimizer=k.optimizers.Adam(0.05), metrics=["accuracy"],
                   loss=k.losses.CategoricalCrossentropy(label_smoothing=0.1))
         return m
@@ -285,9 +289,14 @@ def test_micro_batches_make_the_same_update_as_the_whole_batch():
     assert whole_hist["accuracy"] == sliced_hist["accuracy"]
 
 
-def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, dataset, train_args, tiny_backbone):
-    from tlcli import model
+def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, dataset, train_args, tiny_backbone,
+                                                                  monkeypatch):
+    from tlcli import finetuning
 
+    sliced = []
+    real_step = finetuning.MicroBatchModel.train_step
+    monkeypatch.setattr(finetuning.MicroBatchModel, "train_step",
+                        lambda self, data: sliced.append(self.micro_batch) or real_step(self, data))
     kernels = []
     for micro in (0, 3):  # 0 = whole batches of 8; 3 = slices of 3, 3 and 2
         out = tmp_path / f"ft{micro}"
@@ -298,20 +307,19 @@ def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, data
         kernels.append(_backbone_kernel(out))
     assert np.abs(kernels[0] - _backbone_kernel(tiny_backbone)).max() > 1e-4  # fine-tuning moved it
     np.testing.assert_allclose(kernels[0], kernels[1], rtol=1e-4, atol=1e-5)
-    assert model._MICRO_BATCH_MODEL is not None, "the sliced run used the micro-batch model"
+    assert sliced and set(sliced) == {3}, "the sliced run used the micro-batch model, the other did not"
 
 
-def test_micro_batch_is_8_on_the_cpu_and_off_for_small_batches(train_args):
-    from tlcli import training
+def test_micro_batch_is_8_on_the_cpu_and_off_for_small_batches():
     from tlcli.config import TrainConfig
-    from tlcli.strategy import choose
+    from tlcli.finetuning import micro_batch_size
 
-    def micro(**kw):
-        run = training._Run.__new__(training._Run)
-        run.cfg, run.chosen = TrainConfig(fine_tune=True, **kw), choose("default")
-        return run.micro_batch()
+    def micro(accelerator=False, **kw):
+        return micro_batch_size(TrainConfig(fine_tune=True, **kw), accelerator=accelerator)
 
-    assert micro() == 8              # the default batch of 32, on this CPU-only machine
+    assert micro() == 8              # the default batch of 32, on the CPU
+    assert micro(accelerator=True) is None  # a GPU or TPU takes whole batches
     assert micro(batch_size=8) is None  # a slice as large as the batch is the batch
     assert micro(fine_tune_micro_batch=0) is None
     assert micro(fine_tune_micro_batch=4) == 4
+    assert micro_batch_size(TrainConfig(), accelerator=False) is None  # no fine-tuning, no slices

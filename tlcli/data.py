@@ -10,11 +10,17 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tlcli import images
 from tlcli.config import DEFAULT_MAX_PIXELS
-from tlcli.errors import DatasetError
+from tlcli.errors import DatasetError, Interrupted
+from tlcli.progress import Callback, Event, counter, silent
+
+if TYPE_CHECKING:
+    import threading
+
+    from tlcli.config import TrainConfig
 
 FEW_IMAGES = 5  # a class with fewer usable images than this gets a warning
 
@@ -300,6 +306,72 @@ def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
     n = len(labels)
     counts = [labels.count(c) for c in range(num_classes)]
     return {c: (n / (num_classes * counts[c]) if counts[c] else 0.0) for c in range(num_classes)}
+
+
+@dataclass
+class Splits:
+    """The images of a run. ``labels``: the sorted class folder names of DIR; ``train`` and
+    ``val``: the --val-dir images, or a stratified --val-split of DIR; ``fit`` and ``holdout``:
+    ``train`` split again (``holdout``), for fine-tuning, whose early stopping the holdout
+    drives. ``skipped``: files left out, ``warnings``: what the user should know."""
+
+    labels: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    fit: list[Sample]
+    holdout: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self, samples) -> dict[str, int]:
+        return count_by_label(samples, self.labels)
+
+
+def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silent,
+                stopping: threading.Event | None = None) -> Splits:
+    """Scan DIR (and --val-dir) of ``cfg`` and split them (seeded by ``cfg.seed``), reporting the
+    scan, the warnings, the skipped files and the counts through ``progress``. Once ``stopping``
+    is set the scan gives up with ``Interrupted``. Raises what ``scan`` raises."""
+    def abandoned():
+        if stopping is not None and stopping.is_set():
+            raise Interrupted("the file check was abandoned")
+
+    def report(task):
+        return counter(progress, task, check=abandoned)
+
+    train = scan(cfg.data_dir, image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict,
+                 progress=report("scan"))
+    skipped, warnings = list(train.skipped), list(train.warnings)
+    if cfg.val_dir:
+        val = scan(cfg.val_dir, image_size=image_size, labels=train.labels, max_pixels=cfg.max_pixels,
+                   strict=cfg.strict, progress=report("scan val"), option="--val-dir")
+        skipped += val.skipped
+        warnings += val.warnings
+        train_samples, val_samples = train.samples, val.samples
+    else:
+        train_samples, val_samples = split(train.samples, cfg.val_split, cfg.seed)
+    fit, holdout = split(train_samples, cfg.holdout, cfg.seed + 1)
+    warnings += _leak_warnings(train_samples, val_samples, cfg)
+    splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings)
+    for w in warnings:
+        progress(Event("warning", message=w))
+    if skipped:
+        progress(Event("skipped", logs={"skipped": [s.to_dict() for s in skipped]}))
+    progress(Event("counts", logs={"train": splits.counts(splits.train), "val": splits.counts(splits.val)}))
+    return splits
+
+
+def _leak_warnings(train: list, val: list, cfg: TrainConfig) -> list[str]:
+    """A warning when validation images have the same content as training images (by digest):
+    the validation accuracy then overstates how the model does on new images."""
+    seen = {s.digest for s in train}
+    leaked = sum(s.digest in seen for s in val)
+    if not leaked:
+        return []
+    where = f"--val-dir {cfg.val_dir} overlaps DIR {cfg.data_dir}" if cfg.val_dir \
+        else f"DIR {cfg.data_dir} holds copies of the same image"
+    return [f"{leaked} of the {len(val)} validation images are also training images (same content): {where}, "
+            "so the validation accuracy overstates how the model does on new images; remove the copies"]
 
 
 # ---- tf.data -------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Feature vectors of the frozen backbone, computed once and cached on disk.
 
+``compute_views`` is the feature step of the recipe: the plain (and mirror) views of a list of
+images, through the cache; ``extract`` computes one view.
+
 Entries are keyed by the backbone (handle, or local path + file times), the image size, the
 decoder version and each file's content hash, so re-runs, new head settings and renamed files
 reuse them, and an edited image gets a new entry.
@@ -7,8 +10,10 @@ reuse them, and an edited image gets a new entry.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +143,54 @@ def _store(sample, vec: np.ndarray, digest: str, cache) -> None:
     if digest != sample.digest:
         raise DatasetError(f"{sample.path}: changed after the file check (replaced during training?); "
                            "run again once the folder stops changing")
+
+
+@dataclass
+class FeatureViews:
+    """The features of ``samples``, row i for ``samples[i]``: ``plain`` [n, d] float32 from the
+    images, ``mirror`` [n, d] from their left-right mirror images or None. ``extracted`` counts
+    the vectors that went through the backbone, ``cached`` those read from the cache or kept."""
+
+    samples: list
+    plain: np.ndarray
+    mirror: np.ndarray | None
+    extracted: int
+    cached: int
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {s.path: i for i, s in enumerate(self.samples)}
+
+    def rows(self, samples) -> np.ndarray:
+        """Row indices of ``samples`` (a subset, by path): ``views.plain[views.rows(some)]``."""
+        return np.array([self._index[s.path] for s in samples], int)
+
+    def of(self, samples) -> tuple[np.ndarray, np.ndarray | None]:
+        """(plain, mirror or None): the rows of ``samples``."""
+        rows = self.rows(samples)
+        return self.plain[rows], None if self.mirror is None else self.mirror[rows]
+
+
+def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size: int, batch_size: int,
+                  max_pixels: int, progress: Callback = silent, mirror: bool = False, frozen: bool = True,
+                  keep: FeatureViews | None = None, task: str = "extract") -> FeatureViews:
+    """The feature views of ``samples`` (see ``extract``). ``extractors`` is (plain, mirror): Keras
+    models from images to features (``model.build_extractor``), the mirror one used only with
+    ``mirror``. A ``frozen`` backbone's features go through the cache under ``root/features/``
+    ``<cache_key>`` (``-mirror`` for the mirror view) in ``cache_dir`` (None: the default);
+    others are never cached. ``keep``: earlier views of the same samples whose plain view still
+    holds (the backbone has not changed), so only the mirror view is computed. Progress tasks
+    are ``task`` and ``task (mirror)``. Raises what ``extract`` raises."""
+    plain_extractor, mirror_extractor = extractors
+    todo = [] if keep is not None else [("plain", plain_extractor, cache_key, task)]
+    if mirror:
+        todo.append(("mirror", mirror_extractor, f"{cache_key}-mirror", f"{task} (mirror)"))
+    found, extracted = {}, 0
+    for view, extractor, key, name in todo:
+        cache = FeatureCache(cache_dir, key) if frozen else NoCache()
+        found[view], n = extract(samples, extractor=extractor, cache=cache, image_size=image_size,
+                                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, task=name)
+        extracted += n
+    plain = keep.plain if keep is not None else found["plain"]
+    return FeatureViews(list(samples), plain, found.get("mirror"), extracted,
+                        (1 + mirror) * len(samples) - extracted)

@@ -17,7 +17,7 @@ from tlcli.errors import BundleError
 
 MAX_META_BYTES = 64 << 20      # tlcli.json: config, metrics, history, skipped files
 MAX_SPLITS_BYTES = 512 << 20   # splits.json: two paths per training image, millions of images
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # what training accepts (training.validate)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # what training accepts (config.validate)
 SPLITS_FIX = ("unreadable or corrupt", "delete it and pass --data DIR to export, or retrain")
 # Characters a label may not hold: control characters and every line or paragraph separator
 # (labels.txt and the .tflite's labels are one label per line).

@@ -1,0 +1,228 @@
+"""Fine-tuning: the backbone and the head trained together with Keras, resumably.
+
+Every epoch writes a checkpoint (weights and Adam's moments) and the run state, so ``--resume``
+continues after the last finished epoch. Early stopping on the holdout keeps its count across a
+restart, and the weights of the best holdout epoch are restored at the end; the starting weights
+count as a candidate, so fine-tuning never ends worse than it began. With a micro batch each
+batch's gradient is taken in slices (``MicroBatchModel``).
+
+``MicroBatchModel`` and ``EpochCallback`` are Keras classes, defined when first used (TensorFlow
+is imported lazily).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tlcli import data
+from tlcli._tf import keras, tf
+from tlcli.config import TrainConfig
+from tlcli.errors import UsageError
+from tlcli.progress import Callback, Event
+from tlcli.run_state import FineTuneState, RunState
+
+PHASE = "fine-tune"
+
+
+def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
+    """Slice size for fine-tuning's gradients (``cfg.fine_tune_micro_batch``; None: 8 on the CPU,
+    whole batches on a GPU or TPU), or None for whole batches (also without fine-tuning)."""
+    if not cfg.fine_tune:
+        return None
+    micro = cfg.fine_tune_micro_batch
+    if micro is None:
+        micro = 0 if accelerator else 8
+    return micro if 0 < micro < cfg.batch_size else None
+
+
+def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
+              accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
+              scalars) -> bool:
+    """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
+    ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
+    monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
+    (``micro_batch_size``). Each epoch is checkpointed under ``partial/fine-tune/`` and recorded
+    in ``state`` (``state.fine_tune``, ``state.history[PHASE]``), saved to ``partial``; a resumed
+    ``state`` continues from its checkpoint. Returns whether the backbone's weights changed
+    (False: the holdout never improved and the starting weights were restored). Raises
+    ``UsageError`` for a damaged checkpoint on resume."""
+    micro_batch = micro_batch_size(cfg, accelerator=accelerator)
+    num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
+    train_model = one_view if not micro_batch else _micro_batch_model_class()(
+        one_view.input, one_view.output, name="classifier", micro_batch=micro_batch)
+    k, t = keras(), tf()
+    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
+                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                        metrics=["accuracy"])
+    # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
+    start = backbone.layer.get_weights()
+    onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+    ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
+                            batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
+                            augment_seed=cfg.seed if cfg.augment else None)
+    val = None
+    if holdout:
+        val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
+                                 batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
+    callback = _epoch_callback_class()(
+        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
+        patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
+        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
+    _fit(train_model, ds.map(onehot), callback, validation=val, class_weight=class_weight)
+    # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
+    unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
+    state.fine_tune.improved = not unchanged
+    return not unchanged
+
+
+def _fit(m, train, callback, *, validation, class_weight) -> None:
+    """Keras fit from where ``callback.restore`` says, with its progress events."""
+    initial = callback.restore(validation)
+    st, phase, epochs = callback.state.fine_tune, callback.phase, callback.epochs
+    if initial < epochs and not st.stopped:
+        callback.progress(Event("start", phase, total=epochs, completed=initial))
+        m.fit(x=train, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[callback],
+              class_weight=class_weight, validation_data=validation)
+        callback.progress(Event("end", phase, total=epochs, completed=st.epochs_run or epochs))
+    callback.finish()
+
+
+def __getattr__(name: str):
+    if name == "MicroBatchModel":
+        return _micro_batch_model_class()
+    if name == "EpochCallback":
+        return _epoch_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _micro_batch_model_class():
+    k, t = keras(), tf()
+
+    class MicroBatchModel(k.Model):
+        """A Keras Model whose ``train_step`` takes the gradient of each batch in slices of
+        ``micro_batch`` images and applies their sum once: the same update as the whole batch
+        (BatchNorm runs in inference mode, so no statistic depends on the batch), with the memory
+        of a slice. Fine-tuning keeps every activation of the backbone for backpropagation, which
+        at 32 images of 224 px is about 2.5 GB on top of TensorFlow's own."""
+
+        def __init__(self, *args, micro_batch: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.micro_batch = int(micro_batch)
+
+        def train_step(self, data):
+            x, y, weight = k.utils.unpack_x_y_sample_weight(data)
+            n = t.shape(x)[0]
+            variables = self.trainable_variables
+
+            def add_slice(start, *total):
+                end = t.minimum(start + self.micro_batch, n)
+                xs, ys = x[start:end], y[start:end]
+                ws = None if weight is None else weight[start:end]
+                with t.GradientTape() as tape:
+                    probs = self(xs, training=True)
+                    # The compiled loss is this slice's mean (+ regularisation): scaled by its
+                    # share of the batch, the slices add up to the batch's loss.
+                    loss = self.compiled_loss(ys, probs, ws, regularization_losses=self.losses)
+                    scaled = loss * t.cast(end - start, loss.dtype) / t.cast(n, loss.dtype)
+                grads = tape.gradient(scaled, variables)
+                self.compiled_metrics.update_state(ys, probs, ws)
+                return (end, *[a + g for a, g in zip(total, grads)])
+
+            zeros = [t.zeros_like(v) for v in variables]
+            # One slice at a time: parallel iterations would keep several slices' activations alive.
+            _, *total = t.while_loop(lambda start, *_: start < n, add_slice, (t.constant(0), *zeros),
+                                     parallel_iterations=1)
+            self.optimizer.apply_gradients(zip(total, variables))
+            return {m.name: m.result() for m in self.metrics}
+
+    return MicroBatchModel
+
+
+@functools.cache
+def _epoch_callback_class():
+    k, t = keras(), tf()
+
+    class EpochCallback(k.callbacks.Callback):
+        """Per-epoch checkpoint (weights + optimizer) of ``model`` under ``checkpoint_dir``,
+        early stopping on ``val_loss`` (with ``monitor``; after ``patience`` epochs without
+        improvement, None: never) whose count survives a restart, best-weight restore, the
+        epoch rows in ``state.history[phase]`` and ``scalars``, ``save_state()`` after every
+        epoch, and progress events. Its phase state is ``state.fine_tune``."""
+
+        def __init__(self, model, state: RunState, *, phase: str, epochs: int, checkpoint_dir: Path,
+                     patience: int | None, monitor: bool, save_state: Callable[[], None], progress: Callback,
+                     scalars):
+            super().__init__()
+            self.m, self.state, self.phase, self.epochs = model, state, phase, epochs
+            self.checkpoint_dir, self.patience, self.monitor = Path(checkpoint_dir), patience, monitor
+            self.save_state, self.progress, self.scalars = save_state, progress, scalars
+            self.best_weights = None
+
+        def _checkpoint(self):
+            return t.train.Checkpoint(model=self.m, optimizer=self.m.optimizer)
+
+        def restore(self, validation=None) -> int:
+            """Continue from the checkpoint that ``state`` names (a resumed run), else start fresh;
+            returns the epoch to start from. A fresh monitored phase first scores the starting
+            weights, so it can never end worse than it began."""
+            st = self.state.fine_tune
+            if not st.last_checkpoint:
+                st = self.state.fine_tune = FineTuneState()
+                if self.monitor and validation is not None:
+                    st.best, st.best_epoch, st.wait = float(self.m.evaluate(validation, verbose=0)[0]), -1, 0
+                    self.best_weights = self.m.get_weights()
+                    st.best_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / "best-0"))
+                return 0
+            try:
+                if st.best_checkpoint:
+                    self._checkpoint().read(st.best_checkpoint).expect_partial()
+                    self.best_weights = self.m.get_weights()
+                self._checkpoint().read(st.last_checkpoint).expect_partial()  # last: weights and optimizer
+                return int(st.epochs_run)
+            except Exception as exc:  # TensorFlow's DataLoss/NotFound errors, a wrong shape or type
+                raise UsageError(f"--resume: the checkpoint in {self.checkpoint_dir} is damaged or missing "
+                                 f"({type(exc).__name__}); run without --resume to start over") from None
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {name: float(v) for name, v in (logs or {}).items()}
+            superseded = None
+            self.state.history.setdefault(self.phase, []).append({"epoch": epoch + 1, **logs})
+            self.scalars.write(self.phase, epoch + 1, logs)
+            st = self.state.fine_tune
+            st.epochs_run = epoch + 1
+            if self.monitor:
+                loss = logs.get("val_loss", math.inf)
+                if loss < (math.inf if st.best is None else st.best):
+                    st.best, st.best_epoch, st.wait = loss, epoch, 0
+                    self.best_weights = self.m.get_weights()
+                    # One file per epoch: state.json (saved below) never names a file that a later
+                    # epoch overwrote before the state caught up; the one it replaces goes after.
+                    superseded = st.best_checkpoint
+                    st.best_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / f"best-{epoch + 1}"))
+                else:
+                    st.wait += 1
+                    if self.patience is not None and st.wait >= self.patience:
+                        st.stopped = True
+                        self.model.stop_training = True
+            st.last_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / "last"))
+            self.save_state()
+            if superseded and superseded != st.best_checkpoint:
+                for f in Path(superseded).parent.glob(Path(superseded).name + ".*"):
+                    f.unlink(missing_ok=True)
+            self.progress(Event("epoch", self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
+
+        def finish(self) -> None:
+            """Restore the best weights (monitored); record the best epoch when none was."""
+            st = self.state.fine_tune
+            if self.monitor and self.best_weights is not None:
+                self.m.set_weights(self.best_weights)
+            if st.best_epoch is None:
+                st.best_epoch = (st.epochs_run or 1) - 1
+
+    return EpochCallback
