@@ -386,18 +386,12 @@ def test_only_the_cli_and_render_modules_import_rich():
     assert importers == {"cli.py", "render.py"}
 
 
-def test_the_older_event_call_form_builds_the_typed_events():
-    from tlcli.progress import Advance, Counts, End, Epoch, Event, Info, Skipped, Start, Warn
+def test_every_progress_event_names_its_kind():
+    from tlcli.progress import Advance, Counts, End, Epoch, Info, Skipped, Start, Warn
 
-    assert Event("start", "scan", total=3) == Start("scan", total=3)
-    assert Event("advance", "scan", completed=2, total=3) == Advance("scan", completed=2, total=3)
-    assert Event("end", "scan", completed=3, total=3) == End("scan", completed=3, total=3)
-    assert Event("epoch", "head", total=9, completed=1, logs={"loss": 1.0}) == Epoch("head", 1, 9, {"loss": 1.0})
-    assert Event("info", message="i") == Info("i") and Event("warning", message="w") == Warn("w")
-    assert Event("counts", logs={"train": {"a": 1}, "val": {}}) == Counts({"a": 1}, {})
-    assert Event("skipped", logs={"skipped": [{"path": "p"}]}) == Skipped([{"path": "p"}])
-    with pytest.raises(ValueError, match="frobnicate"):
-        Event("frobnicate")
+    events = [Start("scan", total=3), Advance("scan", 2, 3), End("scan", 3, 3), Epoch("head", 1, 9, {"loss": 1.0}),
+              Info("i"), Warn("w"), Counts({"a": 1}, {}), Skipped([{"path": "p"}])]
+    assert [e.kind for e in events] == ["start", "advance", "end", "epoch", "info", "warning", "counts", "skipped"]
 
 
 def test_progress_bars_render_on_a_terminal():

@@ -14,10 +14,22 @@ import typer
 from rich.console import Console
 
 from tlcli import __version__, render
-from tlcli.config import (DEFAULT_MODEL_DIR, DEFAULTS, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K,
-                          PREDICT_ENGINE, PREDICT_TOP_K, Engine, IOType, Quantize, Strategy)
+from tlcli.config import (
+    DEFAULT_MODEL_DIR,
+    DEFAULTS,
+    EVALUATE_ENGINE,
+    EVALUATE_MISTAKES,
+    EVALUATE_TOP_K,
+    PREDICT_ENGINE,
+    PREDICT_TOP_K,
+    Engine,
+    IOType,
+    Quantize,
+    Strategy,
+)
 from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import DEFAULT_PRESET, PRESETS
+
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """Command-line mistakes Typer finds itself (an unknown choice, a value of the wrong type, a

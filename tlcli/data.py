@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable
 from tlcli import images
 from tlcli.config import DEFAULT_MAX_PIXELS
 from tlcli.errors import DatasetError, Interrupted
-from tlcli.progress import Callback, Event, counter, silent
+from tlcli.progress import Callback, Counts, Warn, counter, silent
+from tlcli.progress import Skipped as SkippedFiles
 
 if TYPE_CHECKING:
     import threading
@@ -354,10 +355,10 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
     warnings += _leak_warnings(train_samples, val_samples, cfg)
     splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings)
     for w in warnings:
-        progress(Event("warning", message=w))
+        progress(Warn(w))
     if skipped:
-        progress(Event("skipped", logs={"skipped": [s.to_dict() for s in skipped]}))
-    progress(Event("counts", logs={"train": splits.counts(splits.train), "val": splits.counts(splits.val)}))
+        progress(SkippedFiles([s.to_dict() for s in skipped]))
+    progress(Counts(train=splits.counts(splits.train), val=splits.counts(splits.val)))
     return splits
 
 

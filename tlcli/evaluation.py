@@ -15,9 +15,14 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import data, files, inference, metrics
-from tlcli.config import DEFAULT_MODEL_DIR, EVALUATE_ENGINE, EVALUATE_MISTAKES, EVALUATE_TOP_K
+from tlcli.config import (
+    DEFAULT_MODEL_DIR,
+    EVALUATE_ENGINE,
+    EVALUATE_MISTAKES,
+    EVALUATE_TOP_K,
+)
 from tlcli.errors import DatasetError, UsageError
-from tlcli.progress import Callback, Event, counter, silent
+from tlcli.progress import Advance, Callback, End, Skipped, Start, Warn, counter, silent
 
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_CSV = "mistakes.csv"
@@ -119,13 +124,13 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     warnings += [f"class '{label}' has only {n} image(s) in {data_dir}; its metrics are noisy"
                  for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
     for w in warnings:
-        progress(Event("warning", message=w))
+        progress(Warn(w))
     if eng is None:
         eng = inference.open_engine(b, kind)
 
     samples = folder.samples
     paths, ys, rows = [], [], []
-    progress(Event("start", "evaluate", total=len(samples)))
+    progress(Start("evaluate", total=len(samples)))
     for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
                                                            top_k=1, batch_size=batch_size,
                                                            max_pixels=max_pixels)):
@@ -135,12 +140,12 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
             paths.append(pred.path)
             ys.append(samples[i].label)
             rows.append(row)
-        progress(Event("advance", "evaluate", completed=i + 1, total=len(samples)))
-    progress(Event("end", "evaluate", completed=len(samples), total=len(samples)))
+        progress(Advance("evaluate", completed=i + 1, total=len(samples)))
+    progress(End("evaluate", completed=len(samples), total=len(samples)))
     if not rows:
         raise DatasetError(f"DIR {data_dir}: no usable image to evaluate")
     if skipped:
-        progress(Event("skipped", logs={"skipped": skipped}))
+        progress(Skipped(skipped))
 
     probs = np.stack(rows)
     # All mistakes for mistakes.csv; the report keeps the most confident max_mistakes, which is

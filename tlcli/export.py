@@ -33,7 +33,7 @@ from tlcli import data, files, images
 from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE
 from tlcli.errors import TlcliError, UsageError
 from tlcli.inference import BUNDLE_METADATA, LABELS_METADATA
-from tlcli.progress import Callback, Event, silent
+from tlcli.progress import Callback, End, Start, Warn, silent
 from tlcli.quiet import native_stderr_silenced
 
 CALIBRATION_IMAGES = 100
@@ -265,7 +265,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     from tlcli._tf import tf
 
     t = tf()
-    progress(Event("start", "convert", total=1))
+    progress(Start("convert", total=1))
     flat = _convert(t, b, quantize, io_type, calibration)
     entries = {LABELS_METADATA: b.labels_text().encode("utf-8")}
     fingerprint = b.fingerprint()
@@ -275,7 +275,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     _write(out, with_labels or flat)
     labels_path = labels_path_for(out, b)
     _write_labels(labels_path, b)
-    progress(Event("end", "convert", total=1, completed=1))
+    progress(End("convert", total=1, completed=1))
 
     result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
                           out.stat().st_size, None, 0, None, None, None, None)
@@ -284,11 +284,11 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     if len(x):
         from tlcli.inference import TFEngine, TFLiteEngine
 
-        progress(Event("start", "parity", total=len(items)))
+        progress(Start("parity", total=len(items)))
         ref, lite = TFEngine(b), TFLiteEngine(b, out)
         p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
         p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
-        progress(Event("end", "parity", total=len(items), completed=len(items)))
+        progress(End("parity", total=len(items), completed=len(items)))
         result.parity_data = source
         result.parity_images = len(x)
         result.agreement = float(np.mean(p_ref.argmax(1) == p_lite.argmax(1)))
@@ -300,5 +300,5 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     warning = bundles.record_export(b, name, entry)  # a read-only bundle exported elsewhere fails here
     if warning:
         result.warnings.append(warning)
-        progress(Event("warning", message=warning))
+        progress(Warn(warning))
     return result

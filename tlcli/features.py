@@ -20,7 +20,7 @@ import numpy as np
 
 from tlcli import files
 from tlcli.errors import DatasetError
-from tlcli.progress import Callback, Event, silent
+from tlcli.progress import Advance, Callback, End, Start, silent
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
 
@@ -118,7 +118,7 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
     if todo:
         ds = image_dataset([samples[i].path for i in todo], image_size, batch_size=batch_size,
                            max_pixels=max_pixels, unreadable_fill=np.nan, digests=True)
-        progress(Event("start", task, total=len(todo)))
+        progress(Start(task, total=len(todo)))
         done = 0
         for batch, digests in ds:
             vecs = np.asarray(extractor.predict_on_batch(batch), np.float32)
@@ -126,8 +126,8 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
                 _store(samples[i], vec, digest.decode(), cache)
                 found[i] = vec
             done += len(vecs)
-            progress(Event("advance", task, completed=done, total=len(todo)))
-        progress(Event("end", task, total=len(todo), completed=len(todo)))
+            progress(Advance(task, completed=done, total=len(todo)))
+        progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
     return np.stack(found).astype(np.float32), len(todo)

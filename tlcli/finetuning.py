@@ -23,7 +23,7 @@ from tlcli import data
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig
 from tlcli.errors import UsageError
-from tlcli.progress import Callback, Event
+from tlcli.progress import Callback, End, Epoch, Start
 from tlcli.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -85,10 +85,10 @@ def _fit(m, train, callback, *, validation, class_weight) -> None:
     initial = callback.restore(validation)
     st, phase, epochs = callback.state.fine_tune, callback.phase, callback.epochs
     if initial < epochs and not st.stopped:
-        callback.progress(Event("start", phase, total=epochs, completed=initial))
+        callback.progress(Start(phase, total=epochs, completed=initial))
         m.fit(x=train, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[callback],
               class_weight=class_weight, validation_data=validation)
-        callback.progress(Event("end", phase, total=epochs, completed=st.epochs_run or epochs))
+        callback.progress(End(phase, total=epochs, completed=st.epochs_run or epochs))
     callback.finish()
 
 
@@ -215,7 +215,7 @@ def _epoch_callback_class():
             if superseded and superseded != st.best_checkpoint:
                 for f in Path(superseded).parent.glob(Path(superseded).name + ".*"):
                     f.unlink(missing_ok=True)
-            self.progress(Event("epoch", self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
+            self.progress(Epoch(self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
 
         def finish(self) -> None:
             """Restore the best weights (monitored); record the best epoch when none was."""

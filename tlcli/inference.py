@@ -15,9 +15,9 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import images
-from tlcli.quiet import native_stderr_silenced
 from tlcli.config import DEFAULT_MODEL_DIR, ENGINES, PREDICT_ENGINE, PREDICT_TOP_K
 from tlcli.errors import BundleError, ImageError, UsageError
+from tlcli.quiet import native_stderr_silenced
 
 
 @dataclass

@@ -92,29 +92,6 @@ class Skipped:
 ProgressEvent = Start | Advance | End | Epoch | Info | Warn | Counts | Skipped
 Callback = Callable[[ProgressEvent], None]
 
-_KINDS = {"start": Start, "advance": Advance, "end": End, "epoch": Epoch}
-
-
-def Event(kind: str, task: str = "", total: int | None = None, completed: int = 0, logs: dict | None = None,
-          message: str = "") -> ProgressEvent:
-    """The typed event for the older ``Event(kind, ...)`` call form (kinds start, advance, end,
-    epoch, info, warning, counts, skipped). New code constructs the dataclasses directly."""
-    logs = logs or {}
-    if kind in ("start", "advance", "end"):
-        return _KINDS[kind](task, total=total, completed=completed)
-    if kind == "epoch":
-        return Epoch(task, completed=completed, total=total, logs=logs)
-    if kind == "info":
-        return Info(message)
-    if kind == "warning":
-        return Warn(message)
-    if kind == "counts":
-        return Counts(train=logs["train"], val=logs["val"])
-    if kind == "skipped":
-        return Skipped(logs["skipped"])
-    raise ValueError(f"unknown progress event kind {kind!r}")
-
-
 def silent(event: ProgressEvent) -> None:
     pass
 

@@ -15,7 +15,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tlcli.progress import Advance, Counts, End, Epoch, Info, ProgressEvent, Skipped, Start, Warn
+from tlcli.progress import (
+    Advance,
+    Counts,
+    End,
+    Epoch,
+    Info,
+    ProgressEvent,
+    Skipped,
+    Start,
+    Warn,
+)
 
 # C0 and C1 control characters, DEL, line and paragraph separators, bidi marks, embeddings,
 # overrides and isolates, and lone surrogates (undecodable bytes of a file name).
@@ -113,7 +123,13 @@ class BarProgress(_Display):
     """Rich progress bars, for a terminal."""
 
     def __init__(self, console: Console, quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.progress import Progress as RichProgress
 
         super().__init__(console, quiet)

@@ -28,7 +28,7 @@ from tlcli.backbone import REMOTE_PREFIXES
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import TlcliError, UsageError
 from tlcli.presets import PRESETS
-from tlcli.progress import Callback, Event
+from tlcli.progress import Callback, Info
 
 STATE_FILE = "state.json"
 # Paths of a run, stored absolute so that --resume from another folder trains the same images.
@@ -199,7 +199,7 @@ def resume(cfg: TrainConfig, given: set[str], progress: Callback) -> tuple[Train
                          "--resume to start over")
     cache = cfg.cache_dir if "cache_dir" in given else saved.cache_dir
     cfg = saved.replace(out=mine.out, resume=True, force=cfg.force or saved.force, cache_dir=cache)
-    progress(Event("info", message=f"resuming the interrupted run into {cfg.out} with the settings it started "
+    progress(Info(f"resuming the interrupted run into {cfg.out} with the settings it started "
                    f"with (DIR {cfg.data_dir})"))
     state.config = absolute(cfg)
     return cfg, state

@@ -23,7 +23,7 @@ from tlcli import bundle, data, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
-from tlcli.progress import Callback, Event, silent
+from tlcli.progress import Callback, End, Epoch, Info, Start, silent
 
 
 @dataclass
@@ -90,7 +90,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     bundle.check_place(cfg.out)
     with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
-            progress(Event("info", message=note))
+            progress(Info(note))
         if cfg.resume:
             cfg, state = run_state.resume(cfg, given, progress)
             spec = _check_inputs(cfg)
@@ -135,7 +135,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         with chosen.strategy.scope():
             views = views_of(mirror=mirror and not cfg.fine_tune)  # fine-tuning changes the mirror views
             extracted, cached = views.extracted, views.cached
-            progress(Event("info", message=f"features: {extracted} extracted, {cached} from cache"))
+            progress(Info(f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
             state.save(partial)
             if cfg.fine_tune:
@@ -148,12 +148,12 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
                                  task="re-extract")
                 extracted, cached = extracted + views.extracted, cached + views.cached
-                progress(Event("info", message=f"features after fine-tuning: {views.extracted} extracted, "
+                progress(Info(f"features after fine-tuning: {views.extracted} extracted, "
                                f"{views.cached} from cache or kept"
                                + ("" if improved else " (the backbone kept its starting weights)")))
                 fit = fit_head(views, splits.train, "head refit")
             reports = _reports(splits, views, fit)
-        progress(Event("start", "save", total=1))
+        progress(Start("save", total=1))
         meta = _bundle_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                             mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
                             seconds=time.perf_counter() - start)
@@ -174,7 +174,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             shutil.rmtree(staging, ignore_errors=True)
     try:
         shutil.rmtree(partial, ignore_errors=True)
-        progress(Event("end", "save", total=1, completed=1))
+        progress(End("save", total=1, completed=1))
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
     train_report, val_report = reports
@@ -205,7 +205,7 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progr
         with chosen.strategy.scope():
             loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path)
             splits = scan.result()
-            progress(Event("info", message=f"strategy: {chosen.description}; global batch "
+            progress(Info(f"strategy: {chosen.description}; global batch "
                            f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
             models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
                                         seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
@@ -232,7 +232,7 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     one CV fold), record it in ``state`` and ``scalars``, and load it into ``keras_head``."""
     from tlcli import head, model
 
-    progress(Event("start", phase, total=None))
+    progress(Start(phase, total=None))
     X, mirror = views.of(samples)
     y, groups = [s.label for s in samples], None
     if mirror is not None:
@@ -245,8 +245,8 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
         scalars.write(phase, row["epoch"], row)
         if row["epoch"] <= fit.epochs:
             logs = {k: v for k, v in row.items() if k != "epoch"}
-            progress(Event("epoch", phase, total=fit.epochs, completed=row["epoch"], logs=logs))
-    progress(Event("end", phase, total=fit.epochs, completed=fit.epochs))
+            progress(Epoch(phase, total=fit.epochs, completed=row["epoch"], logs=logs))
+    progress(End(phase, total=fit.epochs, completed=fit.epochs))
     state.head = run_state.HeadState(fit.epochs, fit.l2, {str(k): v for k, v in fit.cv_loss.items()})
     model.load_head_weights(keras_head, fit.kernel, fit.bias, fit.l2)
     return fit
