@@ -72,15 +72,15 @@ def test_commit_refuses_to_replace_without_force(tmp_path):
 def test_failed_save_leaves_previous_bundle_and_no_staging(tmp_path, bundle_copy, tiny_backbone, colour_data,
                                                            monkeypatch, train_args):
     import tlcli
-    from tlcli import training
+    from tlcli import bundle
 
     before = (bundle_copy / "tlcli.json").read_text()
 
-    def boom(staging, **parts):
+    def boom(staging, meta, **parts):
         (staging / "half-written").write_text("x")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "write_bundle", boom)
+    monkeypatch.setattr(bundle, "save", boom)
     with pytest.raises(tlcli.TlcliError, match="untouched"):
         tlcli.train(colour_data, out=str(bundle_copy), force=True, **train_args)
     assert (bundle_copy / "tlcli.json").read_text() == before

@@ -10,6 +10,7 @@ from tests.helpers import make_colour_dataset
 from tests.helpers import run_cli as run
 from tlcli.cli import app
 
+
 def test_every_command_has_help_text():
     for command in app.registered_commands:
         assert command.callback.__doc__, f"{command.callback.__name__} has no help text"

@@ -11,7 +11,6 @@ import pytest
 
 from tests.helpers import run_cli as run
 
-
 MODES = [("none", "float32"), ("float16", "float32"), ("dynamic", "float32"),
          ("int8", "float32"), ("int8", "int8"), ("int8", "uint8")]
 # The converter's own record of what it did (tensorflow/lite/python/conversion_metadata.fbs).

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import tlcli
-from tlcli.metrics import Report
 from tests.helpers import make_colour_dataset
+from tlcli.metrics import Report
 
 
 def _asymmetric_images(size=32):

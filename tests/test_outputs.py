@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import tlcli
+from tests.helpers import make_colour_dataset, run_cli
 from tlcli import bundle
 from tlcli.config import TrainConfig
 from tlcli.errors import Interrupted, TlcliError, UsageError
-from tests.helpers import make_colour_dataset, run_cli
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import tlcli
+from tests.helpers import make_colour_dataset, solid_image
 from tlcli import data, head
 from tlcli.errors import Interrupted
-from tests.helpers import make_colour_dataset, solid_image
 
 
 @pytest.fixture

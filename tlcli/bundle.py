@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -293,6 +294,30 @@ def _read_meta(meta_path: Path):
 
     return schema.read_json(meta_path, schema.MAX_META_BYTES, "corrupt bundle metadata", "retrain or restore the file")
 
+def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
+             global_batch: int, state, seconds: float) -> BundleMeta:
+    """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
+    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None) metrics
+    reports, ``chosen`` the strategy, ``state`` the run_state.RunState. The TensorBoard folder is
+    filled in when the bundle is written."""
+    from tlcli._tf import tf
+
+    train_report, val = reports
+    return BundleMeta(
+        tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        labels=splits.labels, image_size=image_size, input=input_spec(image_size),
+        backbone=BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
+        mirror_average=mirror, config=cfg.to_dict(),
+        data=DataMeta(train_dir=str(Path(cfg.data_dir).absolute()),
+                      val_dir=str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
+                      train_counts=splits.counts(splits.train), val_counts=splits.counts(splits.val)),
+        metrics=MetricsMeta(train_accuracy=train_report.accuracy, val_accuracy=val.accuracy if val else None,
+                            val_loss=val.loss if val else None, val=val.to_dict() if val else None),
+        training=TrainingMeta(strategy=chosen.description, replicas=chosen.replicas, global_batch_size=global_batch,
+                              head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run,
+                              seconds=round(seconds, 2), history=state.history),
+        skipped=[s.to_dict() for s in splits.skipped])
+
 
 def save(staging: str | os.PathLike, meta: BundleMeta, *, splits: dict) -> None:
     """Write a bundle's metadata into the folder ``staging``: labels.txt (from ``meta.labels``),
@@ -483,6 +508,14 @@ def check_output(out: str | os.PathLike, *, force: bool, need_bytes: int = 0, da
         raise TlcliError(f"--out {out}: cannot write in {parent} ({exc.strerror}); choose another --out") from None
     check_free_space(out, need_bytes)
     return out
+
+
+def space_needed(backbone_path: str | os.PathLike, *, fine_tune: bool) -> int:
+    """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
+    metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
+    each holding the weights and Adam's two moments."""
+    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
+    return size + 20_000_000 + (2 * 3 * size if fine_tune else 0)
 
 
 def check_free_space(out: str | os.PathLike, need_bytes: int) -> None:

@@ -327,6 +327,11 @@ class Splits:
     def counts(self, samples) -> dict[str, int]:
         return count_by_label(samples, self.labels)
 
+    def recorded(self) -> dict:
+        """What splits.json records: {"train": [[absolute path, label], ...], "val": [...]}."""
+        return {name: [[str(Path(s.path).absolute()), s.label] for s in samples]
+                for name, samples in (("train", self.train), ("val", self.val))}
+
 
 def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silent,
                 stopping: threading.Event | None = None) -> Splits:

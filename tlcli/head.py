@@ -232,6 +232,24 @@ def _cross_validate(X, Z, Y, y, sw, grid, *, groups, epochs, learning_rate, pati
     return grid[best_i], int(np.argmin(raw[:, best_i])) + 1, val_curve, cv_loss, sample, oof
 
 
+def fit_views(views, samples, num_classes: int, **options) -> HeadFit:
+    """``fit_head`` on the feature views of ``samples`` (objects with ``.label``): ``views.of``
+    gives their plain features and their mirror views' (or None); both views of an image are one
+    group, so cross-validation keeps them in one fold. ``options`` are fit_head's."""
+    X, mirror = views.of(samples)
+    y, groups = [s.label for s in samples], None
+    if mirror is not None:
+        X, y, groups = np.vstack([X, mirror]), y + y, np.tile(np.arange(len(samples)), 2)
+    return fit_head(X, y, num_classes, groups=groups, **options)
+
+
+def predict_views(views, samples, fit: HeadFit) -> np.ndarray:
+    """The head's probabilities [n, k] for ``samples`` from their feature views, mirror views
+    averaged as the saved classifier averages them."""
+    plain, mirror = views.of(samples)
+    return predict_proba(plain, fit.kernel, fit.bias, mirror_features=mirror)
+
+
 def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
                   mirror_features: np.ndarray | None = None) -> np.ndarray:
     """The head's forward pass in numpy: softmax(features @ kernel + bias), float32 [n, k].

@@ -202,6 +202,10 @@ class SavedModelExport:
 
     def write_graph(self) -> None:
         tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
+        try:  # on the same worker: warm the import for the training curves, off the main path
+            import matplotlib.figure  # noqa: F401
+        except ImportError:
+            pass  # plotting reports its own error later
 
     def write_variables(self) -> None:
         from tensorflow.python.saved_model import fingerprinting_utils

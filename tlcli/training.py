@@ -15,9 +15,6 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-import numpy as np
 
 from tlcli import bundle, data, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
@@ -65,14 +62,6 @@ def _check_inputs(cfg: TrainConfig):
     return resolve_spec(cfg.backbone, cfg.image_size)
 
 
-def _space_needed(backbone_path: str, cfg: TrainConfig) -> int:
-    """Bytes a run writes beside --out: the bundle (about the backbone's size, plus a margin for
-    metadata and curves) and, with fine-tuning, the resumable checkpoints: the last and the best,
-    each holding the weights and Adam's two moments."""
-    size = sum(f.stat().st_size for f in Path(backbone_path).rglob("*") if f.is_file())  # links followed
-    return size + 20_000_000 + (2 * 3 * size if cfg.fine_tune else 0)
-
-
 def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
           progress: Callback = silent, given=None, **options) -> TrainResult:
     """Train a classifier on ``data_dir/<class>/*`` and write the bundle to ``config.out``.
@@ -102,7 +91,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         from tlcli.backbone import fetch
 
         path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
-        bundle.check_free_space(cfg.out, _space_needed(path, cfg))
+        bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
         return _run(cfg, spec, path, state, progress)
 
 
@@ -110,7 +99,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import features, finetuning, serving
+    from tlcli import features, finetuning, plots, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -125,7 +114,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         # background while the backbone extracts features; only the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
         export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
-        graph = pool.submit(_write_graph, export)
+        graph = pool.submit(export.write_graph)
         views_of = functools.partial(
             features.compute_views, splits.train + splits.val, extractors=(models.extractor, models.flip_extractor),
             cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
@@ -154,11 +143,14 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 fit = fit_head(views, splits.train, "head refit")
             reports = _reports(splits, views, fit)
         progress(Start("save", total=1))
-        meta = _bundle_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                            mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                            seconds=time.perf_counter() - start)
-        write_bundle(staging, graph=graph, export=export, meta=meta, history=state.history, scalars=scalars,
-                     splits=splits)
+        meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
+                               mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
+                               seconds=time.perf_counter() - start)
+        graph.result()
+        export.write_variables()
+        meta.training.tensorboard = scalars.finish(staging)
+        plots.training_curves(state.history, staging / "training_curves.png")
+        bundle.save(staging, meta, splits=splits.recorded())
         out = bundle.commit(staging, cfg.out, force=cfg.force)
     except KeyboardInterrupt:
         if out is None:  # once the new bundle is in, the run has succeeded
@@ -215,37 +207,25 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progr
     return chosen, loaded, splits, models
 
 
-def _write_graph(export) -> None:
-    export.write_graph()
-    try:
-        import matplotlib.figure  # noqa: F401  warm the import for the training curves, off the main path
-    except ImportError:
-        pass  # plotting reports its own error later
-
-
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
-    """Fit the head on the views of ``samples`` (``head.fit_head``; both views of an image stay in
-    one CV fold), record it in ``state`` and ``scalars``, and load it into ``keras_head``."""
+    """The head step (``head.fit_views``), recorded in ``state`` and ``scalars`` and loaded into
+    ``keras_head``."""
     from tlcli import head, model
 
     progress(Start(phase, total=None))
-    X, mirror = views.of(samples)
-    y, groups = [s.label for s in samples], None
-    if mirror is not None:
-        X, y, groups = np.vstack([X, mirror]), y + y, np.tile(np.arange(len(samples)), 2)
-    fit = head.fit_head(X, y, len(labels), class_weight=_class_weight(cfg, samples, labels), epochs=cfg.epochs,
-                        learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                        patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, groups=groups)
+    fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
+                         epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
     state.history[phase] = fit.history
     for row in fit.history:
         scalars.write(phase, row["epoch"], row)
         if row["epoch"] <= fit.epochs:
-            logs = {k: v for k, v in row.items() if k != "epoch"}
-            progress(Epoch(phase, total=fit.epochs, completed=row["epoch"], logs=logs))
+            progress(Epoch(phase, total=fit.epochs, completed=row["epoch"],
+                           logs={k: v for k, v in row.items() if k != "epoch"}))
     progress(End(phase, total=fit.epochs, completed=fit.epochs))
     state.head = run_state.HeadState(fit.epochs, fit.l2, {str(k): v for k, v in fit.cv_loss.items()})
     model.load_head_weights(keras_head, fit.kernel, fit.bias, fit.l2)
@@ -257,46 +237,9 @@ def _reports(splits, views, fit) -> tuple:
     from tlcli import head
 
     def report(samples, **options):
-        plain, mirror = views.of(samples)
-        probs = head.predict_proba(plain, fit.kernel, fit.bias, mirror_features=mirror)
-        return metrics.compute([s.label for s in samples], probs, splits.labels, **options)
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), splits.labels,
+                               **options)
 
     return report(splits.train), report(splits.val, paths=[s.path for s in splits.val]) if splits.val else None
 
 
-def write_bundle(staging: Path, *, graph: futures.Future, export, meta: bundle.BundleMeta, history: dict, scalars,
-                 splits) -> None:
-    """Write the bundle into ``staging``: the SavedModel's variables once ``graph`` (the job
-    writing ``export``'s graph) is done, the training curves, and through ``bundle.save``
-    labels.txt, tlcli.json (``meta`` with the TensorBoard folder) and splits.json (absolute paths)."""
-    from tlcli import plots
-
-    graph.result()
-    export.write_variables()
-    meta.training.tensorboard = scalars.finish(staging)
-    plots.training_curves(history, staging / "training_curves.png")
-    absolute = lambda ss: [[str(Path(s.path).absolute()), s.label] for s in ss]  # noqa: E731
-    bundle.save(staging, meta, splits={"train": absolute(splits.train), "val": absolute(splits.val)})
-
-
-def _bundle_meta(cfg: TrainConfig, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports,
-                 chosen, global_batch: int, state, seconds: float) -> bundle.BundleMeta:
-    """The bundle's tlcli.json (the TensorBoard folder is added by ``write_bundle``)."""
-    from tlcli._tf import tf
-
-    train_report, val = reports
-    return bundle.BundleMeta(
-        tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
-        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
-        mirror_average=mirror, config=cfg.to_dict(),
-        data=bundle.DataMeta(train_dir=str(Path(cfg.data_dir).absolute()),
-                             val_dir=str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
-                             train_counts=splits.counts(splits.train), val_counts=splits.counts(splits.val)),
-        metrics=bundle.MetricsMeta(train_accuracy=train_report.accuracy, val_accuracy=val.accuracy if val else None,
-                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None),
-        training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
-                                     global_batch_size=global_batch, head_epochs=state.head.epochs,
-                                     fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
-                                     history=state.history),
-        skipped=[s.to_dict() for s in splits.skipped])
