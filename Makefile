@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (Python >= 3.11 and make):
 #   make demo   install, then train on sample_data, predict, export TFLite
-#   make test   install, then run the test suite
+#   make test   install, then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -41,6 +41,7 @@ demo: install hub-cache
 	$(BIN)/tlcli predict sample_data/images/green_stripes/green_stripes_00.jpg --model demo-model
 
 test: install
+	$(BIN)/ruff check tlcli tests bench sample_data
 	$(BIN)/python -m pytest -q --durations=15
 
 test-heavy: install hub-cache

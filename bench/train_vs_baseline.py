@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
 
+
 def run_process(mode: str, target: str, *args: str) -> tuple[float, str, float]:
     """Run ``python -m target`` (mode "module") or ``python target`` in a fresh interpreter.
     Exits the benchmark if it fails. Returns (wall seconds, stdout, peak RSS in MB of that process)."""

@@ -8,10 +8,9 @@ import os
 import pytest
 
 import tlcli
+from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, SHARED
 
 pytestmark = pytest.mark.heavy
-
-from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, SHARED
 
 HUB_CACHE = SHARED / "tfhub_cache"
 

@@ -301,7 +301,8 @@ def test_predict_reports_an_unreadable_file_per_file_not_exit_2(trained_bundle, 
     solid_image((20, 40, 220)).save(secret)
     # As a user without permission sees it (this may run as root, who can read anything).
     real_access, real_open = os.access, os.open
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(secret) else real_access(p, mode, **kw))
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode, **kw: False if str(p) == str(secret) else real_access(p, mode, **kw))
 
     def guarded_open(p, flags, *args, **kw):
         if str(p) == str(secret):

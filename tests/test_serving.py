@@ -55,7 +55,7 @@ def test_bytes_signature_classifies_jpeg_and_png_like_the_tensor_signature(serve
     files = sorted(colour_data.glob("*/*"))
     encoded = [p.read_bytes() for p in files]
     # Files of other sizes and modes too: resizing and compositing happen inside the model.
-    for i, (name, colour) in enumerate(COLOURS.items()):
+    for i, colour in enumerate(COLOURS.values()):
         big = solid_image(colour, size=(300, 180), seed=i)
         encoded += [encode(big, "JPEG", quality=90), encode(translucent(big, 160), "PNG"),
                     encode(big.convert("P"), "PNG")]

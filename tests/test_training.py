@@ -150,7 +150,8 @@ def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, trai
 
     reads = []
     real_get = features.FeatureCache.get
-    monkeypatch.setattr(features.FeatureCache, "get", lambda self, digest: reads.append(digest) or real_get(self, digest))
+    monkeypatch.setattr(features.FeatureCache, "get",
+                        lambda self, digest: reads.append(digest) or real_get(self, digest))
     original = _backbone_kernel(tiny_backbone)
     result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
                          fine_tune_learning_rate=50.0, mirror=False, **train_args)  # a step size that wrecks the model

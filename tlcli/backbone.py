@@ -82,7 +82,8 @@ class LoadedBackbone:
 
 def _concrete_calls(obj):
     """The traced signatures of a loaded SavedModel's ``__call__`` (none for a plain function)."""
-    return getattr(getattr(obj, "__call__", None), "concrete_functions", None) or []
+    call = getattr(obj, "__call__", None)  # noqa: B004  (the restored function object, not callability)
+    return getattr(call, "concrete_functions", None) or []
 
 
 def _first_input_shape(cf):

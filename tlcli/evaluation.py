@@ -81,7 +81,8 @@ def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> 
 
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
-             report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES, batch_size: int = 32, max_pixels: int | None = None,
+             report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
+             batch_size: int = 32, max_pixels: int | None = None,
              progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.

@@ -278,7 +278,8 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
 
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
-            top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE, max_pixels: int | None = None) -> list[Prediction]:
+            top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE,
+            max_pixels: int | None = None) -> list[Prediction]:
     """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
     raises ``BundleError`` / ``UsageError`` for a bad model or option."""
     b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels)
