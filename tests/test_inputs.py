@@ -322,9 +322,9 @@ def test_predict_reports_an_unreadable_file_per_file_not_exit_2(trained_bundle, 
 
 @pytest.fixture(scope="module")
 def extractor():
-    from tlcli._tf import keras
+    import tf_keras
 
-    k = keras()
+    k = tf_keras
     inp = k.Input((SIZE, SIZE, 3))
     return k.Model(inp, k.layers.GlobalAveragePooling2D()(inp))  # features: the mean colour, dim 3
 

@@ -83,12 +83,13 @@ def test_views_of_one_image_must_share_its_label():
 
 def test_epoch_callback_restores_the_best_weights(tmp_path):
     """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
+    import tf_keras
+
     from tlcli import finetuning
-    from tlcli._tf import keras
     from tlcli.config import TrainConfig
     from tlcli.run_state import RunState
 
-    k = keras()
+    k = tf_keras
     k.utils.set_random_seed(0)
     model = k.Sequential([k.layers.InputLayer(input_shape=(4,)), k.layers.Dense(2, activation="softmax")])
     model.compile(optimizer=k.optimizers.SGD(0.5), loss="categorical_crossentropy")
