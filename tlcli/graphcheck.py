@@ -232,6 +232,15 @@ def check_signature(proto, bundle) -> None:
 
 
 def _check_variables(model_dir: Path) -> None:
+    fingerprint = model_dir / "fingerprint.pb"  # TensorFlow's loader reads it too: a FIFO would hang it
+    if os.path.lexists(fingerprint):
+        try:
+            mode = fingerprint.stat().st_mode
+        except OSError as exc:
+            raise BundleError(f"{fingerprint}: cannot read it ({exc.strerror}); the bundle is damaged; "
+                              "retrain it") from None
+        if not stat.S_ISREG(mode):
+            raise BundleError(f"{fingerprint}: not a regular file; the bundle is damaged or crafted; retrain it")
     variables = model_dir / "variables"
     if not variables.is_dir():
         return
