@@ -61,3 +61,54 @@ def test_a_fifo_fingerprint_does_not_hang_the_tensorflow_engine(bundle_copy, col
     _replace(bundle_copy / "fingerprint.pb", make)
     with deadline(60), pytest.raises(BundleError, match="fingerprint.pb: not a regular file"):
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
+
+
+def _install_saved_model(src, bundle_dir):
+    for name in ("saved_model.pb", "fingerprint.pb"):
+        (bundle_dir / name).unlink(missing_ok=True)
+    for name in ("variables", "assets"):
+        shutil.rmtree(bundle_dir / name, ignore_errors=True)
+    for p in src.iterdir():
+        (shutil.copytree if p.is_dir() else shutil.copyfile)(p, bundle_dir / p.name)
+
+
+def _crafted_model(path, output):
+    """A SavedModel with only allowed ops whose serving_default has the declared signature
+    (images [b, 32, 32, 3] -> probabilities [b, 3]) but ``output(images)`` gives other values."""
+    import tensorflow as tf
+
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")])
+    def serve(images):
+        return {"probabilities": tf.ensure_shape(output(tf, images), [None, 3])}
+
+    module.serve = serve
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    return path
+
+
+CRAFTED_OUTPUTS = {
+    "nan": lambda tf, x: tf.fill([tf.shape(x)[0], 3], float("nan")),
+    "negative": lambda tf, x: tf.ones([tf.shape(x)[0], 3]) * -5.0,
+    # one row whatever the batch: every image after the first would get no result, or another's
+    "one-row": lambda tf, x: tf.ones([1, 3]) / 3,
+    # fails at run time with an InvalidArgumentError
+    "run-time-error": lambda tf, x: tf.reshape(x, [7, -1, 3])[:, :3, 0],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_OUTPUTS))
+def test_a_crafted_model_whose_output_is_not_probabilities_is_refused(bundle_copy, colour_data, tmp_path, case):
+    _install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS[case]), bundle_copy)
+    with pytest.raises(BundleError, match="saved_model.pb: the model"):
+        evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
+
+
+def test_a_crafted_model_failing_at_run_time_is_one_line_on_the_command_line(bundle_copy, colour_data, tmp_path):
+    from tests.helpers import run_cli
+
+    _install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS["run-time-error"]), bundle_copy)
+    r = run_cli("predict", colour_data / "red" / "red_1.png", "--model", bundle_copy, "--engine", "tf")
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "the model failed on a batch" in r.output

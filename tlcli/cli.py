@@ -294,15 +294,18 @@ def predict(
     table.add_column("file", overflow="fold", min_width=20)
     for i in range(min(top_k, len(b.labels))):  # no empty columns beyond the number of classes
         table.add_column(f"#{i + 1}", overflow="fold")
-    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
-        failed += p.error is not None
-        if json_out:
-            _print_json(p.to_dict(), indent=None)  # JSON Lines
-        elif p.error:
-            table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
-        else:
-            table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%")
-                                          for q in p.predictions])
+    try:
+        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
+            failed += p.error is not None
+            if json_out:
+                _print_json(p.to_dict(), indent=None)  # JSON Lines
+            elif p.error:
+                table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
+            else:
+                table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%")
+                                              for q in p.predictions])
+    except TlcliError as exc:  # the model itself failed (a damaged or crafted bundle)
+        fail(exc)
     seconds = time.perf_counter() - start
     if not json_out:
         out.print(table)
