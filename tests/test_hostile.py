@@ -10,7 +10,7 @@ import pytest
 
 import tlcli
 from tlcli import bundle, evaluation, export
-from tlcli.errors import BundleError
+from tlcli.errors import BundleError, UsageError
 
 
 @contextlib.contextmanager
@@ -112,3 +112,32 @@ def test_a_crafted_model_failing_at_run_time_is_one_line_on_the_command_line(bun
     r = run_cli("predict", colour_data / "red" / "red_1.png", "--model", bundle_copy, "--engine", "tf")
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and "the model failed on a batch" in r.output
+
+
+def test_export_refuses_an_image_renamed_to_tflite(bundle_copy, colour_data, tmp_path):
+    target = tmp_path / "holiday.tflite"
+    shutil.copyfile(colour_data / "red" / "red_1.png", target)
+    before = target.read_bytes()
+    with pytest.raises(UsageError, match="not a .tflite file"):
+        export.export_tflite(bundle_copy, output=target)
+    assert target.read_bytes() == before
+
+
+def test_export_still_replaces_a_real_tflite_and_a_damaged_model_tflite(bundle_copy, colour_data, tmp_path):
+    # (a guard for the check above: what it must keep allowing)
+    first = export.export_tflite(bundle_copy, output=tmp_path / "a.tflite")
+    export.export_tflite(bundle_copy, output=first.path)  # a .tflite flatbuffer: replaced
+    (bundle_copy / "model.tflite").write_bytes(b"truncated")  # predict says: re-export it
+    export.export_tflite(bundle_copy)
+    [p] = tlcli.predict([colour_data / "red" / "red_1.png"], model_dir=bundle_copy, engine="tflite")
+    assert p.error is None and p.predictions[0]["label"] == "red"
+
+
+def test_export_through_a_link_to_the_bundle_refreshes_its_own_labels(bundle_copy, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(bundle_copy, target_is_directory=True)
+    (bundle_copy / "labels.txt").write_text("stale\n")
+    r = export.export_tflite(bundle_copy, output=link / "model.tflite")
+    assert os.path.realpath(r.labels_path) == os.path.realpath(bundle_copy / "labels.txt")
+    assert (bundle_copy / "labels.txt").read_text() == "blue\ngreen\nred\n"
+    assert not (bundle_copy / "model.labels.txt").exists()
