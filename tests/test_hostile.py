@@ -141,3 +141,16 @@ def test_export_through_a_link_to_the_bundle_refreshes_its_own_labels(bundle_cop
     assert os.path.realpath(r.labels_path) == os.path.realpath(bundle_copy / "labels.txt")
     assert (bundle_copy / "labels.txt").read_text() == "blue\ngreen\nred\n"
     assert not (bundle_copy / "model.labels.txt").exists()
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, colour_data, tiny_backbone):
+    from tests.helpers import run_cli
+
+    root = tmp_path / "ds"
+    shutil.copytree(colour_data, root)
+    os.rename(root / "red", os.path.join(os.fsencode(root), b"r\xe9d"))  # Latin-1 "red", not UTF-8
+    r = run_cli("train", root, "--out", tmp_path / "m", "--backbone", tiny_backbone, "--image-size", 32,
+                "--epochs", 60, "--batch-size", 8, "--tensorboard", "none")
+    assert r.exit_code == 1 and isinstance(r.exception, (SystemExit, type(None))), r.exception
+    assert "non-UTF-8" in r.output and "\\udce9" in r.output
+    assert not (tmp_path / "m").exists()
