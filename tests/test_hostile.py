@@ -154,3 +154,14 @@ def test_a_class_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, 
     assert r.exit_code == 1 and isinstance(r.exception, (SystemExit, type(None))), r.exception
     assert "non-UTF-8" in r.output and "\\udce9" in r.output
     assert not (tmp_path / "m").exists()
+
+
+def test_an_image_whose_file_name_is_not_utf8_goes_through_the_tensorflow_pipeline(tmp_path, colour_data):
+    import numpy as np
+
+    from tlcli import data, images
+
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))  # Latin-1, a lone surrogate
+    shutil.copyfile(colour_data / "red" / "red_1.png", name)
+    [batch] = list(data.image_dataset([name], 32, batch_size=1).as_numpy_iterator())
+    np.testing.assert_array_equal(batch[0], images.load_for_model(name, 32))

@@ -324,12 +324,13 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
 
     def load(p):
         try:
-            img, digest = images.load_for_model(p.decode(), size, max_pixels=max_pixels, with_digest=True)
+            img, digest = images.load_for_model(os.fsdecode(p), size, max_pixels=max_pixels, with_digest=True)
         except images.ImageError:
             img, digest = np.full((size, size, 3), unreadable_fill, np.float32), ""
         return (img, np.bytes_(digest)) if digests else img
 
-    ds = t.data.Dataset.from_tensor_slices(list(paths))
+    # As bytes: a file name that is not UTF-8 (held as lone surrogates) is no valid TensorFlow string.
+    ds = t.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
     if labels is not None:
         ds = t.data.Dataset.zip((ds, t.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64))))
     if shuffle_seed is not None:
