@@ -165,3 +165,16 @@ def test_an_image_whose_file_name_is_not_utf8_goes_through_the_tensorflow_pipeli
     shutil.copyfile(colour_data / "red" / "red_1.png", name)
     [batch] = list(data.image_dataset([name], 32, batch_size=1).as_numpy_iterator())
     np.testing.assert_array_equal(batch[0], images.load_for_model(name, 32))
+
+
+def test_labels_reordered_in_tlcli_json_are_refused_by_the_tensorflow_engine(bundle_copy, colour_data):
+    # The TFLite path compares its embedded labels; the SavedModel holds them too (serving_bytes).
+    import json
+
+    meta = json.loads((bundle_copy / "tlcli.json").read_text())
+    meta["labels"] = meta["labels"][::-1]
+    (bundle_copy / "tlcli.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="labels stored in the SavedModel"):
+        evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
+    with pytest.raises(BundleError, match="labels stored in the SavedModel"):
+        export.export_tflite(bundle_copy)
