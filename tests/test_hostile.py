@@ -178,3 +178,43 @@ def test_labels_reordered_in_tlcli_json_are_refused_by_the_tensorflow_engine(bun
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
     with pytest.raises(BundleError, match="labels stored in the SavedModel"):
         export.export_tflite(bundle_copy)
+
+
+_INTERRUPTED_IMPORT = """
+import sys
+
+class InterruptedImport:
+    # What Ctrl-C inside a compiled extension's initialisation looks like: pybind11 wraps the
+    # KeyboardInterrupt in ImportError("initialization failed").
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise ImportError("initialization failed") from exc
+
+sys.meta_path.insert(0, InterruptedImport())
+sys.argv = ["tlcli", *sys.argv[1:]]
+from tlcli.cli import run
+run()
+"""
+
+
+def test_ctrl_c_inside_the_tensorflow_import_exits_130_without_a_traceback(tmp_path, colour_data, tiny_backbone,
+                                                                          bundle_copy):
+    import hashlib
+    import subprocess
+    import sys
+
+    def digest(folder):
+        return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(bundle_copy)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, "train", str(colour_data), "--out",
+                        str(bundle_copy), "--force", "--backbone", str(tiny_backbone), "--image-size", "32",
+                        "--tensorboard", "none"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "interrupted" in r.stderr
+    assert digest(bundle_copy) == before

@@ -455,7 +455,9 @@ def run() -> None:
         if exc.code is not None and not isinstance(exc.code, int):
             raise
         code = exc.code or 0
-    if "tensorflow" in sys.modules:
+    # Also after Ctrl-C inside the TensorFlow import, which leaves part of it loaded: the
+    # interpreter's teardown of a half-imported TensorFlow can end the process by SIGINT.
+    if code == 130 or any(name.partition(".")[0] == "tensorflow" for name in sys.modules):
         import os
 
         sys.stdout.flush()
