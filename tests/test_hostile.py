@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -218,3 +219,22 @@ def test_ctrl_c_inside_the_tensorflow_import_exits_130_without_a_traceback(tmp_p
     assert r.returncode == 130, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "interrupted" in r.stderr
     assert digest(bundle_copy) == before
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda p: os.symlink("/dev/zero", p), os.mkdir],
+                         ids=["fifo", "dev-zero", "folder"])
+def test_a_cache_entry_that_is_not_a_regular_file_reads_as_missing_without_blocking(tmp_path, make):
+    import numpy as np
+
+    from tlcli import features
+
+    cache = features.FeatureCache(tmp_path / "cache", "m", dim=3)
+    digest = "ab" * 16
+    cache.put(digest, np.ones(3, np.float32))
+    entry = cache._path(digest)
+    entry.unlink()
+    make(entry)  # planted in a shared cache
+    start = time.monotonic()
+    with deadline(20):  # (get swallows the deadline's error: the time taken tells)
+        assert cache.get(digest) is None
+    assert time.monotonic() - start < 10, "blocked on the entry"
