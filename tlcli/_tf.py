@@ -11,7 +11,7 @@ def tf():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # The import and the first device scan print absl / oneDNN / CUDA-probe lines that no
         # setting hides; a real failure still surfaces as the Python exception.
-        with native_stderr_silenced():
+        with native_stderr_silenced(), _interrupt_kept():
             import tensorflow
 
             tensorflow.config.list_logical_devices()
@@ -21,15 +21,35 @@ def tf():
     return tensorflow
 
 
+class _interrupt_kept:
+    """Ctrl-C during an import inside a compiled extension's initialisation reaches Python as
+    ``ImportError: initialization failed`` (pybind11 wraps it); re-raise it as the
+    KeyboardInterrupt it was, so that the command ends with exit code 130, not a traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, ImportError):
+            cause = exc
+            while cause is not None and not isinstance(cause, KeyboardInterrupt):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise KeyboardInterrupt from None
+        return False
+
+
 def keras():
-    tf()
-    import tf_keras
+    with _interrupt_kept():
+        tf()
+        import tf_keras
 
     return tf_keras
 
 
 def hub():
     keras()
-    import tensorflow_hub
+    with _interrupt_kept():
+        import tensorflow_hub
 
     return tensorflow_hub

@@ -360,11 +360,13 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
         raise BundleError(f"{path}: missing; the bundle is incomplete; retrain it or restore the file") from None
     except OSError as exc:
         raise BundleError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses a folder with a traceback
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+        raise BundleError(f"{path}: not a regular file ({kind}); the bundle is damaged "
+                          "or crafted; retrain it or restore the file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{path}: not a regular file (a FIFO, device or socket); the bundle is damaged "
-                              "or crafted; retrain it or restore the file")
         data = f.read(limit + 1) if st.st_size <= limit else b""
         if st.st_size > limit or len(data) > limit:
             raise BundleError(f"{path}: larger than {limit // (1 << 20)} MiB, far beyond what tlcli writes; "

@@ -249,12 +249,15 @@ def predict(
     start = time.perf_counter()
     failed = 0
     table = render.predictions_table(eng.name, min(top_k, len(b.labels)))
-    for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
-        failed += p.error is not None
-        if json_out:
-            render.print_json(p.to_dict(), indent=None)  # JSON Lines
-        else:
-            render.add_prediction(table, p)
+    try:
+        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
+            failed += p.error is not None
+            if json_out:
+                render.print_json(p.to_dict(), indent=None)  # JSON Lines
+            else:
+                render.add_prediction(table, p)
+    except TlcliError as exc:  # the model itself failed (a damaged or crafted bundle)
+        fail(exc)
     seconds = time.perf_counter() - start
     if not json_out:
         out.print(table)
@@ -372,7 +375,9 @@ def run() -> None:
         if exc.code is not None and not isinstance(exc.code, int):
             raise
         code = exc.code or 0
-    if "tensorflow" in sys.modules:
+    # Also after Ctrl-C inside the TensorFlow import, which leaves part of it loaded: the
+    # interpreter's teardown of a half-imported TensorFlow can end the process by SIGINT.
+    if code == 130 or any(name.partition(".")[0] == "tensorflow" for name in sys.modules):
         import os
 
         sys.stdout.flush()

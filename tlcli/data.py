@@ -260,16 +260,18 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
 
 
 # Characters that would split or garble a label in labels.txt, the bundle's metadata or a table:
-# controls (newline, tab, escape...) and the Unicode line and paragraph separators.
-_BAD_LABEL_CATEGORIES = ("Cc", "Zl", "Zp")
+# controls (newline, tab, escape...), the Unicode line and paragraph separators, and lone
+# surrogates (a folder name's bytes that are not UTF-8), which no UTF-8 file can hold. The same
+# set as the bundle schema's (schema.label_problem), so that every trained bundle loads.
+_BAD_LABEL_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 
 
 def check_label(name: str, what: str = "class folder") -> None:
     """Raise DatasetError for a label (class folder name) holding a control character or line
     separator, naming it escaped (``what`` prefixes the message)."""
     if any(unicodedata.category(c) in _BAD_LABEL_CATEGORIES for c in name):
-        raise DatasetError(f"{what} {name!r} has a control character or line break in its name, "
-                           "which would corrupt the model's labels; rename the folder")
+        raise DatasetError(f"{what} {name!r} has a control character, line break or non-UTF-8 byte in its "
+                           "name, which would corrupt the model's labels; rename the folder")
 
 
 def check_folder(root: str | os.PathLike, option: str = "DIR") -> Path:
@@ -400,12 +402,13 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
 
     def load(p):
         try:
-            img, digest = images.load_for_model(p.decode(), size, max_pixels=max_pixels, with_digest=True)
+            img, digest = images.load_for_model(os.fsdecode(p), size, max_pixels=max_pixels, with_digest=True)
         except images.ImageError:
             img, digest = np.full((size, size, 3), unreadable_fill, np.float32), ""
         return (img, np.bytes_(digest)) if digests else img
 
-    ds = t.data.Dataset.from_tensor_slices(list(paths))
+    # As bytes: a file name that is not UTF-8 (held as lone surrogates) is no valid TensorFlow string.
+    ds = t.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
     if labels is not None:
         ds = t.data.Dataset.zip((ds, t.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64))))
     if shuffle_seed is not None:

@@ -67,7 +67,7 @@ def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle) -> Path:
     """Where the labels of an exported file go: the bundle's labels.txt for its model.tflite,
     ``<name>.labels.txt`` beside any other file."""
     p = Path(tflite_path)
-    if p.absolute() == b.tflite_path.absolute():
+    if os.path.realpath(p) == os.path.realpath(b.tflite_path):  # also when reached through a link
         return b.path / bundles.LABELS_FILE
     return p.with_name(p.stem + ".labels.txt")
 
@@ -161,7 +161,8 @@ def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
 def _check_output(out: Path, b: bundles.Bundle) -> Path:
     """Refuse an ``--output`` that export must not write: a folder, one in a missing folder, a
     file of the bundle other than its model.tflite (compared by real path), or an existing file
-    that is not a ``.tflite`` (an image, a document). Raises ``UsageError``."""
+    that is not a ``.tflite`` flatbuffer (an image, a document, even one renamed to .tflite).
+    Raises ``UsageError``."""
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
     if not out.absolute().parent.is_dir():
@@ -170,11 +171,24 @@ def _check_output(out: Path, b: bundles.Bundle) -> Path:
     if home in real.parents and (real.parent != home or real.suffix.lower() != ".tflite"):
         raise UsageError(f"--output {out}: is a file of the model {b.path}; give {b.tflite_path} (the default) "
                          "or a .tflite file name")
-    if (out.exists() or out.is_symlink()) and not (out.is_file() and real.suffix.lower() == ".tflite"
-                                                   and out.suffix.lower() == ".tflite"):
+    own = out.name == bundles.TFLITE_FILE and os.path.realpath(out.absolute().parent) == str(home)
+    # The bundle's own model.tflite is always replaceable (written atomically, a link replaced, not
+    # followed): a damaged one must be re-exported.
+    replaceable = out.is_file() and real.suffix.lower() == out.suffix.lower() == ".tflite" and _is_tflite(out)
+    if not own and (out.exists() or out.is_symlink()) and not replaceable:
         raise UsageError(f"--output {out}: already exists and is not a .tflite file; export replaces only "
                          ".tflite files: choose a new name ending in .tflite")
     return out
+
+
+def _is_tflite(path: Path) -> bool:
+    """Whether ``path`` starts like a TFLite flatbuffer (file identifier "TFL3" at byte 4): an
+    image or document merely renamed to .tflite is not replaced."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"TFL3"
+    except OSError:
+        return False
 
 
 def _write(path: Path, payload: bytes) -> None:
@@ -295,7 +309,8 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         result.saved_model_accuracy = float(np.mean(p_ref.argmax(1) == y))
         result.tflite_accuracy = float(np.mean(p_lite.argmax(1) == y))
         result.max_abs_diff = float(np.max(np.abs(p_ref - p_lite)))
-    name = out.name if out.absolute().parent == b.path.absolute() else str(out.absolute())
+    inside = os.path.realpath(out.absolute().parent) == os.path.realpath(b.path)
+    name = out.name if inside else str(out.absolute())
     entry = {k: v for k, v in result.to_dict().items() if k != "warnings"}
     warning = bundles.record_export(b, name, entry)  # a read-only bundle exported elsewhere fails here
     if warning:

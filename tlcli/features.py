@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def default_cache_dir() -> Path:
 
 # A cached vector with a larger component is damaged (no backbone's features come near it).
 MAX_FEATURE = 1e6
+_MAX_ENTRY_BYTES = 64 << 20  # a .npy entry: one vector (a few KB); larger is not an entry
 
 
 class FeatureCache:
@@ -56,9 +58,23 @@ class FeatureCache:
     def get(self, digest: str) -> np.ndarray | None:
         p = self._path(digest)
         try:
-            vec = np.load(p, allow_pickle=False)
-        except Exception:  # absent, empty, cut short or not .npy (EOFError, ValueError, OSError...)
+            # O_NONBLOCK and a regular-file check: a FIFO planted in a shared cache would block
+            # np.load forever, and a device would be read without end.
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
             return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_ENTRY_BYTES:
+                return None
+            with os.fdopen(fd, "rb") as f:
+                fd = None
+                vec = np.load(f, allow_pickle=False)
+        except Exception:  # empty, cut short or not .npy (EOFError, ValueError, OSError...)
+            return None
+        finally:
+            if fd is not None:
+                os.close(fd)
         return vec if valid(vec, self.dim) else None
 
     def put(self, digest: str, vec: np.ndarray) -> None:

@@ -229,9 +229,41 @@ def check_signature(proto, bundle) -> None:
         raise BundleError(f"{path}: serving_default takes images {images} and gives probabilities {probs}, "
                           f"but {bundle.path / 'tlcli.json'} says {size}x{size} images and {len(bundle.labels)} "
                           "labels; the bundle is inconsistent; retrain it or restore the files")
+    embedded = _string_constants(proto)
+    if embedded and list(bundle.labels) not in embedded:
+        raise BundleError(f"{path}: the labels stored in the SavedModel (for serving_bytes) differ from the "
+                          f"{len(bundle.labels)} labels in {bundle.path / 'tlcli.json'} (other names or another "
+                          "order), so predictions would be named wrongly; the bundle is inconsistent; retrain it "
+                          "or restore the files")
+
+
+def _string_constants(proto) -> list[list[str]]:
+    """The 1-D string constants the object graph holds (``serving_module``'s labels among them;
+    none in a bundle made before serving_bytes), decoded; undecodable ones are left out."""
+    found = []
+    for meta_graph in proto.meta_graphs:
+        by_name = {n.name: n for n in meta_graph.graph_def.node}
+        for obj in meta_graph.object_graph_def.nodes:
+            node = by_name.get(obj.constant.operation) if obj.WhichOneof("kind") == "constant" else None
+            tensor = node.attr["value"].tensor if node is not None and node.op == "Const" else None
+            if tensor is not None and tensor.dtype == 7 and len(tensor.tensor_shape.dim) == 1:  # DT_STRING
+                try:
+                    found.append([v.decode("utf-8") for v in tensor.string_val])
+                except UnicodeDecodeError:
+                    continue
+    return found
 
 
 def _check_variables(model_dir: Path) -> None:
+    fingerprint = model_dir / "fingerprint.pb"  # TensorFlow's loader reads it too: a FIFO would hang it
+    if os.path.lexists(fingerprint):
+        try:
+            mode = fingerprint.stat().st_mode
+        except OSError as exc:
+            raise BundleError(f"{fingerprint}: cannot read it ({exc.strerror}); the bundle is damaged; "
+                              "retrain it") from None
+        if not stat.S_ISREG(mode):
+            raise BundleError(f"{fingerprint}: not a regular file; the bundle is damaged or crafted; retrain it")
     variables = model_dir / "variables"
     if not variables.is_dir():
         return

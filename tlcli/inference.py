@@ -110,9 +110,34 @@ class TFEngine:
                               "the bundle is corrupt; retrain it") from None
         self._keep = loaded
         self.t = t
+        self.where, self.classes = bundle.path / graphcheck.SAVED_MODEL_FILE, len(bundle.labels)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.fn(images=self.t.constant(batch))["probabilities"].numpy()
+        try:
+            probs = self.fn(images=self.t.constant(batch))["probabilities"].numpy()
+        except Exception as exc:  # a crafted graph that fails at run time (Assert, Reshape ...)
+            raise _run_error(self.where, exc) from None
+        return checked_probabilities(probs, len(batch), self.classes, self.where)
+
+
+def _run_error(where: Path, exc: Exception) -> BundleError:
+    return BundleError(f"{where}: the model failed on a batch of images ({type(exc).__name__}); the bundle "
+                       "is damaged or crafted; retrain it")
+
+
+def checked_probabilities(probs, rows: int, classes: int, where: Path) -> np.ndarray:
+    """``probs`` if it is ``rows`` x ``classes`` finite probabilities (in [0, 1], with a margin
+    for quantization), as float32. A crafted model could give fewer rows than images (results
+    paired with the wrong files), other shapes, NaN or negative values. Raises ``BundleError``."""
+    probs = np.asarray(probs)
+    fix = "the bundle is damaged or crafted; retrain it"
+    if probs.shape != (rows, classes) or not np.issubdtype(probs.dtype, np.number):
+        raise BundleError(f"{where}: the model gave {'x'.join(map(str, probs.shape))} values of type {probs.dtype} "
+                          f"for {rows} image(s) and {classes} labels, not {rows}x{classes} probabilities; {fix}")
+    probs = probs.astype(np.float32)
+    if not (np.all(np.isfinite(probs)) and np.all(probs >= -0.01) and np.all(probs <= 1.01)):
+        raise BundleError(f"{where}: the model gave probabilities that are NaN, infinite or outside [0, 1]; {fix}")
+    return probs
 
 
 MAX_TFLITE_BYTES = 2 << 30  # the flatbuffer format's own limit
@@ -150,6 +175,7 @@ class TFLiteEngine:
         self.out = self.interp.get_output_details()[0]
         _check_tflite_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1]), metadata)
         self.batch = int(self.inp["shape"][0])
+        self.path, self.classes = path, len(bundle.labels)
 
     @staticmethod
     def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -167,13 +193,17 @@ class TFLiteEngine:
         return y.astype(np.float32)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.batch != len(batch):
-            self.interp.resize_tensor_input(self.inp["index"], [len(batch), *batch.shape[1:]])
-            self.interp.allocate_tensors()
-            self.batch = len(batch)
-        self.interp.set_tensor(self.inp["index"], self._quantize(batch, self.inp))
-        self.interp.invoke()
-        return self._dequantize(self.interp.get_tensor(self.out["index"]), self.out)
+        try:
+            if self.batch != len(batch):
+                self.interp.resize_tensor_input(self.inp["index"], [len(batch), *batch.shape[1:]])
+                self.interp.allocate_tensors()
+                self.batch = len(batch)
+            self.interp.set_tensor(self.inp["index"], self._quantize(batch, self.inp))
+            self.interp.invoke()
+            probs = self._dequantize(self.interp.get_tensor(self.out["index"]), self.out)
+        except Exception as exc:  # LiteRT's RuntimeError / ValueError for a graph that fails on this batch
+            raise _run_error(self.path, exc) from None
+        return checked_probabilities(probs, len(batch), self.classes, self.path)
 
 
 def _check_tflite_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict) -> None:
