@@ -136,17 +136,60 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
                            max_pixels=max_pixels, unreadable_fill=np.nan, digests=True)
         progress(Start(task, total=len(todo)))
         done = 0
-        for batch, digests in ds:
-            vecs = np.asarray(extractor.predict_on_batch(batch), np.float32)
-            for i, vec, digest in zip(todo[done:done + len(vecs)], vecs, digests.numpy()):
+
+        def store(vecs, digests):  # one batch, as soon as the backbone has run on it
+            nonlocal done
+            vecs = np.asarray(vecs, np.float32)
+            for i, vec, digest in zip(todo[done:done + len(vecs)], vecs, np.asarray(digests)):
                 _store(samples[i], vec, digest.decode(), cache)
                 found[i] = vec
             done += len(vecs)
             progress(Advance(task, completed=done, total=len(todo)))
+
+        # Keras' own predict loop (the steps run in one tf.function over the dataset, spread over
+        # the strategy's replicas): a Python loop of predict_on_batch was measured 20-50% slower.
+        _with_digests(extractor).predict(ds, verbose=0, callbacks=[_batch_callback(store)])
         progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
     return np.stack(found).astype(np.float32), len(todo)
+
+
+def _with_digests(extractor):
+    """A model running ``extractor`` on the images of (images, digests) batches whose predict
+    returns (features, digests), so each batch's vectors arrive with the digests of its bytes."""
+    return _digest_model_class()(extractor)
+
+
+@functools.cache
+def _digest_model_class():
+    from tlcli._tf import keras
+
+    class WithDigests(keras().Model):
+        def __init__(self, inner):
+            super().__init__(name="extractor_with_digests")
+            self.inner = inner
+
+        def call(self, images, training=False):
+            return self.inner(images, training=False)
+
+        def predict_step(self, data):
+            images, digests = data
+            return self.inner(images, training=False), digests
+
+    return WithDigests
+
+
+def _batch_callback(store):
+    """A Keras callback handing each predicted batch's outputs to ``store(vecs, digests)``."""
+    from tlcli._tf import keras
+
+    class EachBatch(keras().callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            vecs, digests = logs["outputs"]
+            store(vecs, digests)
+
+    return EachBatch()
 
 
 def _store(sample, vec: np.ndarray, digest: str, cache) -> None:
