@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from tlcli import __version__
+from tlcli import __version__, files
 from tlcli.errors import BundleError, OutputExistsError, TlcliError, UsageError
 from tlcli.files import disk_full, write_file, write_json  # noqa: F401  (training.py calls bundle.disk_full)
 
@@ -350,22 +350,16 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
     bytes. A FIFO, socket or device is refused without blocking on it or reading it. Raises
     ``BundleError`` naming the file."""
-    import stat
-
     path = Path(path)
     try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd, st = files.open_regular(path)
+    except files.NotRegularFile as exc:
+        raise BundleError(f"{path}: not a regular file ({exc.kind}); the bundle is damaged "
+                          "or crafted; retrain it or restore the file") from None
     except FileNotFoundError:
         raise BundleError(f"{path}: missing; the bundle is incomplete; retrain it or restore the file") from None
     except OSError as exc:
         raise BundleError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses a folder with a traceback
-        os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
-        raise BundleError(f"{path}: not a regular file ({kind}); the bundle is damaged "
-                          "or crafted; retrain it or restore the file")
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1) if st.st_size <= limit else b""
         if st.st_size > limit or len(data) > limit:
@@ -435,11 +429,11 @@ _EVENTS = re.compile(r"events\.out\.tfevents\..+")
 def _foreign_in(folder: Path, allowed, prefix: str) -> list[str]:
     """Entries under ``folder`` (recursively) that are links or files whose name ``allowed`` rejects."""
     foreign = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
         rel = Path(root).relative_to(folder)
-        for name in dirs + files:
+        for name in dirs + names:
             p = Path(root) / name
-            if p.is_symlink() or (name in files and not (p.is_file() and allowed(name))):
+            if p.is_symlink() or (name in names and not (p.is_file() and allowed(name))):
                 foreign.append(f"{prefix}/{rel / name}")
         if len(foreign) >= 3:
             break

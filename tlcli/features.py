@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +56,12 @@ class FeatureCache:
 
     def get(self, digest: str) -> np.ndarray | None:
         p = self._path(digest)
-        try:
-            # O_NONBLOCK and a regular-file check: a FIFO planted in a shared cache would block
-            # np.load forever, and a device would be read without end.
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+        try:  # a FIFO planted in a shared cache would block np.load forever, a device never end
+            fd, st = files.open_regular(p)
+        except OSError:  # NotRegularFile included
             return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_ENTRY_BYTES:
+            if st.st_size > _MAX_ENTRY_BYTES:
                 return None
             with os.fdopen(fd, "rb") as f:
                 fd = None

@@ -1,14 +1,53 @@
-"""The one atomic writer: every file tlcli writes (bundle files, exports, reports, cache entries)
-goes through ``write_atomic``, so a crash or a full disk never leaves a cut-short file under a
-real name, and never replaces a good file with a bad one."""
+"""The one atomic writer and the one safe opener.
+
+Every file tlcli writes (bundle files, exports, reports, cache entries) goes through
+``write_atomic``, so a crash or a full disk never leaves a cut-short file under a real name, and
+never replaces a good file with a bad one. Every file tlcli reads that someone else may have put
+there (images, bundle files, cache entries) is opened with ``open_regular``, so a FIFO, device or
+socket is refused instead of blocking or being read without end."""
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from pathlib import Path
 
 from tlcli.errors import TlcliError
+
+
+class NotRegularFile(OSError):
+    """``open_regular`` found something other than a regular file; ``kind`` says what."""
+
+    def __init__(self, path, kind: str):
+        super().__init__(f"{path}: not a regular file ({kind})")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, as shown to users: "a folder", "a FIFO (named pipe)", ..."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a file"
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file at ``path`` (links followed) and its stat.
+    Opened without blocking (a FIFO would wait for a writer forever) and checked on the opened
+    descriptor, so a file swapped for a FIFO or device after any earlier check is refused too.
+    Raises the ``OSError`` of the open, or ``NotRegularFile`` (the descriptor closed)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_kind(st.st_mode))
+    return fd, st
 
 
 def temp_name(path: Path) -> Path:

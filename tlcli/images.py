@@ -47,6 +47,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tlcli import files
 from tlcli.config import DEFAULT_MAX_PIXELS
 from tlcli.errors import ImageError
 
@@ -82,18 +83,6 @@ METADATA_ALLOWANCE = 64 << 20
 _UNCOUNTED_FRAMES = ("GIF", "WEBP")
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a file"
-
-
 def special_kind(path: str | os.PathLike) -> str | None:
     """What ``path`` (symlinks followed) is when it exists and is not a regular file ("a FIFO
     (named pipe)", "a device", ...), else None. Never opens it."""
@@ -101,15 +90,16 @@ def special_kind(path: str | os.PathLike) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    return None if stat.S_ISREG(mode) else _kind(mode)
+    return None if stat.S_ISREG(mode) else files.file_kind(mode)
 
 
 def _open_regular(path: str | os.PathLike) -> int:
-    """A read-only descriptor of the regular file at ``path``, or ImageError. Opened without
-    blocking (a FIFO would wait for a writer) and checked on the opened descriptor, so a file
-    swapped for a FIFO or device after any earlier check is still refused."""
+    """A read-only descriptor of the regular file at ``path`` (``files.open_regular``), or the
+    ImageError that says why not."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd, _ = files.open_regular(path)
+    except files.NotRegularFile as exc:
+        raise ImageError(path, NOT_REGULAR, exc.kind) from None
     except OSError as exc:
         if exc.errno == errno.ENOENT and os.path.islink(path):
             raise ImageError(path, BROKEN_SYMLINK, f"points to {os.readlink(path)}") from None
@@ -118,10 +108,6 @@ def _open_regular(path: str | os.PathLike) -> int:
         if exc.errno == errno.ENXIO:  # opening a socket
             raise ImageError(path, NOT_REGULAR, "a socket") from None
         raise ImageError(path, UNREADABLE, exc.strerror or str(exc)) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ImageError(path, NOT_REGULAR, _kind(mode))
     return fd
 
 
