@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +72,28 @@ def run_cli(*args, columns: int = 200):
     from tlcli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns), "NO_COLOR": "1"})
+
+
+@contextlib.contextmanager
+def deadline(seconds=30):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() or read()."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s (hang)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def install_saved_model(src, bundle_dir):
+    """Replace the bundle's SavedModel by the one in ``src`` (tlcli.json etc. are kept)."""
+    for name in ("saved_model.pb", "fingerprint.pb"):
+        (bundle_dir / name).unlink(missing_ok=True)
+    for name in ("variables", "assets"):
+        shutil.rmtree(bundle_dir / name, ignore_errors=True)
+    for p in src.iterdir():
+        (shutil.copytree if p.is_dir() else shutil.copyfile)(p, bundle_dir / p.name)

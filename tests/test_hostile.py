@@ -1,32 +1,16 @@
 """Variants of issue #10's hostile cases that the first fixes missed: each test failed before
 its fix."""
 
-import contextlib
 import os
 import shutil
-import signal
 import time
 
 import pytest
 
 import tlcli
+from tests.helpers import deadline, install_saved_model
 from tlcli import bundle, evaluation, export
 from tlcli.errors import BundleError, UsageError
-
-
-@contextlib.contextmanager
-def deadline(seconds=30):
-    """Fail instead of hanging: SIGALRM interrupts a blocking open() or read()."""
-    def expired(*_):
-        raise TimeoutError(f"still running after {seconds} s (hang)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _replace(path, make):
@@ -64,15 +48,6 @@ def test_a_fifo_fingerprint_does_not_hang_the_tensorflow_engine(bundle_copy, col
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
 
 
-def _install_saved_model(src, bundle_dir):
-    for name in ("saved_model.pb", "fingerprint.pb"):
-        (bundle_dir / name).unlink(missing_ok=True)
-    for name in ("variables", "assets"):
-        shutil.rmtree(bundle_dir / name, ignore_errors=True)
-    for p in src.iterdir():
-        (shutil.copytree if p.is_dir() else shutil.copyfile)(p, bundle_dir / p.name)
-
-
 def _crafted_model(path, output):
     """A SavedModel with only allowed ops whose serving_default has the declared signature
     (images [b, 32, 32, 3] -> probabilities [b, 3]) but ``output(images)`` gives other values."""
@@ -101,7 +76,7 @@ CRAFTED_OUTPUTS = {
 
 @pytest.mark.parametrize("case", sorted(CRAFTED_OUTPUTS))
 def test_a_crafted_model_whose_output_is_not_probabilities_is_refused(bundle_copy, colour_data, tmp_path, case):
-    _install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS[case]), bundle_copy)
+    install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS[case]), bundle_copy)
     with pytest.raises(BundleError, match="saved_model.pb: the model"):
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
 
@@ -109,7 +84,7 @@ def test_a_crafted_model_whose_output_is_not_probabilities_is_refused(bundle_cop
 def test_a_crafted_model_failing_at_run_time_is_one_line_on_the_command_line(bundle_copy, colour_data, tmp_path):
     from tests.helpers import run_cli
 
-    _install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS["run-time-error"]), bundle_copy)
+    install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS["run-time-error"]), bundle_copy)
     r = run_cli("predict", colour_data / "red" / "red_1.png", "--model", bundle_copy, "--engine", "tf")
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and "the model failed on a batch" in r.output

@@ -3,37 +3,21 @@ its metadata is validated once at load, every file it names is opened only if it
 file, labels are written from the validated metadata, and another bundle's model.tflite is
 recognised and refused."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
 import tlcli
+from tests.helpers import deadline, install_saved_model
 from tests.helpers import run_cli as run
 from tlcli import bundle
 from tlcli.errors import BundleError
 
 SECRET = "TOP SECRET: do not leak"
-
-
-@contextlib.contextmanager
-def deadline(seconds=30):
-    """Fail instead of hanging: SIGALRM interrupts a blocking open() or read()."""
-    def expired(*_):
-        raise TimeoutError(f"still running after {seconds} s (hang)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -42,16 +26,6 @@ def secret(tmp_path):
     p.write_text(SECRET)
     p.chmod(0o600)
     return p
-
-
-def _install_saved_model(src, bundle_dir):
-    """Replace the bundle's SavedModel by the one in ``src`` (tlcli.json etc. are kept)."""
-    for name in ("saved_model.pb", "fingerprint.pb"):
-        (bundle_dir / name).unlink(missing_ok=True)
-    for name in ("variables", "assets"):
-        shutil.rmtree(bundle_dir / name, ignore_errors=True)
-    for p in src.iterdir():
-        (shutil.copytree if p.is_dir() else shutil.copyfile)(p, bundle_dir / p.name)
 
 
 def make_leaking_model(path, secret, target, size=32, classes=3):
@@ -126,7 +100,7 @@ def test_a_signature_that_reads_and_writes_files_is_refused_everywhere(bundle_co
 
     target = tmp_path / "outside" / "stolen.txt"
     target.parent.mkdir()
-    _install_saved_model(make_leaking_model(tmp_path / "evil", secret, target), bundle_copy)
+    install_saved_model(make_leaking_model(tmp_path / "evil", secret, target), bundle_copy)
     image = colour_data / "red" / "red_0.jpg"
     calls = {
         "predict": lambda: tlcli.predict([image], model_dir=bundle_copy, engine="tf"),
@@ -151,7 +125,7 @@ def test_a_resource_that_writes_a_file_at_load_time_is_refused_before_loading(bu
                                                                               tmp_path):
     target = tmp_path / "written.txt"
     evil = make_load_time_writer(tmp_path / "evil", target)
-    _install_saved_model(evil, bundle_copy)
+    install_saved_model(evil, bundle_copy)
     with pytest.raises(BundleError, match="WriteFile"):
         tlcli.predict([colour_data / "red" / "red_0.jpg"], model_dir=bundle_copy, engine="tf")
     assert not target.exists()
