@@ -131,10 +131,10 @@ def test_json_output_maps_non_finite_numbers_to_null(monkeypatch, tmp_path):
 
 
 def test_bundle_json_files_are_standard_json(tmp_path):
-    from tlcli import bundle
+    from tlcli import files
 
     path = tmp_path / "x.json"
-    bundle.write_json(path, {"a": math.nan, "b": [math.inf, -math.inf, 0.5], "c": {"d": (1, math.nan)}})
+    files.write_json(path, {"a": math.nan, "b": [math.inf, -math.inf, 0.5], "c": {"d": (1, math.nan)}})
     assert strict_loads(path.read_text()) == {"a": None, "b": [None, None, 0.5], "c": {"d": [1, None]}}
 
 

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from tlcli import __version__, files
 from tlcli.errors import BundleError, OutputExistsError, TlcliError, UsageError
-from tlcli.files import disk_full, write_file, write_json  # noqa: F401  (training.py calls bundle.disk_full)
+from tlcli.files import write_file, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "tlcli.json"

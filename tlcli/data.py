@@ -6,13 +6,12 @@ import errno
 import os
 import random
 import stat
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from tlcli import images
+from tlcli import images, schema
 from tlcli.config import DEFAULT_MAX_PIXELS
 from tlcli.errors import DatasetError, Interrupted
 from tlcli.progress import Callback, Counts, Warn, counter, silent
@@ -259,17 +258,12 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     return folder
 
 
-# Characters that would split or garble a label in labels.txt, the bundle's metadata or a table:
-# controls (newline, tab, escape...), the Unicode line and paragraph separators, and lone
-# surrogates (a folder name's bytes that are not UTF-8), which no UTF-8 file can hold. The same
-# set as the bundle schema's (schema.label_problem), so that every trained bundle loads.
-_BAD_LABEL_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
-
-
 def check_label(name: str, what: str = "class folder") -> None:
-    """Raise DatasetError for a label (class folder name) holding a control character or line
-    separator, naming it escaped (``what`` prefixes the message)."""
-    if any(unicodedata.category(c) in _BAD_LABEL_CATEGORIES for c in name):
+    """Raise DatasetError for a label (class folder name) holding a character that would split or
+    garble it in labels.txt, the metadata or a table, naming it escaped (``what`` prefixes the
+    message). The characters are the bundle schema's (``schema.forbidden_char``), so that every
+    trained bundle loads."""
+    if schema.forbidden_char(name) is not None:
         raise DatasetError(f"{what} {name!r} has a control character, line break or non-UTF-8 byte in its "
                            "name, which would corrupt the model's labels; rename the folder")
 

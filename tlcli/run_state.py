@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlcli import bundle
+from tlcli import files
 from tlcli.backbone import REMOTE_PREFIXES
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import TlcliError, UsageError
@@ -129,7 +129,7 @@ class RunState:
     def save(self, partial: Path) -> None:
         """Write ``partial/state.json`` atomically (creating ``partial``)."""
         partial.mkdir(parents=True, exist_ok=True)
-        bundle.write_json(partial / STATE_FILE, self.to_json())
+        files.write_json(partial / STATE_FILE, self.to_json())
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
@@ -216,7 +216,7 @@ def left_behind(out: str | os.PathLike) -> str:
 def write_error(exc: BaseException, out: str | os.PathLike) -> TlcliError:
     """One line for a file error (a full disk above all) during a run into ``out`` or its save."""
     name = getattr(exc, "filename", None) or out
-    if bundle.disk_full(exc):
+    if files.disk_full(exc):
         return TlcliError(f"no space left on the disk while writing {name}: free some space, then train again; "
                           f"{left_behind(out)}")
     return TlcliError(f"{name}: {getattr(exc, 'strerror', None) or exc}; {left_behind(out)}")

@@ -49,13 +49,19 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def forbidden_char(text: str) -> str | None:
+    """The first character of ``text`` that no label may hold (see ``_FORBIDDEN_CATEGORIES``:
+    controls, line and paragraph separators, lone surrogates from bytes that are not UTF-8), or None."""
+    return next((c for c in text if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
+
+
 def label_problem(label) -> str | None:
     """Why ``label`` cannot be a label (not a non-empty one-line string), or None."""
     if not isinstance(label, str):
         return f"{show(label)} is not a string"
     if not label:
         return f"{show(label)} is empty"
-    bad = next((c for c in label if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
+    bad = forbidden_char(label)
     if bad is not None:
         return f"{show(label)} holds the control character or line separator U+{ord(bad):04X}"
     return None

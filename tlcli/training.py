@@ -16,7 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
-from tlcli import bundle, data, metrics, run_state, summaries
+from tlcli import bundle, data, files, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
@@ -156,7 +156,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         if out is None:  # once the new bundle is in, the run has succeeded
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
     except Exception as exc:
-        if out is None and (isinstance(exc, OSError) or bundle.disk_full(exc)):
+        if out is None and (isinstance(exc, OSError) or files.disk_full(exc)):
             raise run_state.write_error(exc, cfg.out) from None
         raise
     finally:
