@@ -10,8 +10,9 @@ hymenoptera val) holds the real photos posted.
 
 Measures, all on loopback and in this one run:
 * start to first answer: from launching `tlcli serve` to the first 200 answer of POST /predict
-  (process start, imports, model load, bind and one classification; target < 1.0 s with a
-  model.tflite);
+  (process start, imports, model load, bind and one classification; median of 3 launches; target
+  < 1.0 s with a model.tflite), beside a fresh `tlcli predict IMG` process (median of 3), the
+  floor it shares;
 * --clients threads each posting --requests photos (raw bytes to /predict, one image a request,
   keep-alive connections, the photos taken in turn): throughput in images/s, p50 and p99
   latency, and the error count (any answer other than 200; must be 0);
@@ -57,6 +58,15 @@ def predict_rate(bundle: Path, engine: str, files: list[str]) -> float:
     if proc.returncode != 0 or not m:
         raise SystemExit(f"tlcli predict failed: {proc.stderr.strip()[-500:]}")
     return float(m.group(1))
+
+
+def predict_cold(bundle: Path, engine: str, image: str) -> float:
+    """Wall seconds of a fresh `tlcli predict IMAGE` process: the floor a server start shares
+    (interpreter start, imports, model load, one image)."""
+    start = time.perf_counter()
+    subprocess.run([*tlcli_command(), "predict", image, "--model", str(bundle), "--engine", engine, "--json"],
+                   capture_output=True, env=ENV, check=True)
+    return time.perf_counter() - start
 
 
 def post(conn: http.client.HTTPConnection, body: bytes) -> int:
@@ -151,7 +161,15 @@ def main() -> None:
         print(f"{len(files)} photos in {data_dir}; engine {args.engine}", flush=True)
 
         rate = predict_rate(bundle, args.engine, files)
+        cold = statistics.median(predict_cold(bundle, args.engine, files[0]) for _ in range(3))
+        starts = []
+        for _ in range(2):  # the median of three launches; the third one takes the load
+            proc, _, ready = start_server(bundle, args.engine, args.workers, bodies[0])
+            starts.append(ready)
+            proc.terminate()
+            proc.wait()
         proc, port, ready = start_server(bundle, args.engine, args.workers, bodies[0])
+        ready = statistics.median([*starts, ready])
         try:
             load(port, bodies[:16], 2, 8)  # warm up every worker's interpreter
             seconds, latencies, errors = load(port, bodies, args.clients, args.requests)
@@ -169,6 +187,8 @@ def main() -> None:
         q = statistics.quantiles(latencies, n=100)
         print(f"\n{'':<34}{'value':>10}")
         print(f"{'start to first answer (s)':<34}{ready:>10.2f}")
+        print(f"{'tlcli predict IMG, cold (s)':<34}{cold:>10.2f}")
+        print(f"{'start / predict cold':<34}{ready / cold:>10.2f}")
         print(f"{f'serve, {args.clients} clients x {args.requests} (img/s)':<34}{served:>10.1f}")
         print(f"{'tlcli predict, same photos (img/s)':<34}{rate:>10.1f}")
         print(f"{'serve / predict':<34}{served / rate:>10.2f}")

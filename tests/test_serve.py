@@ -339,7 +339,7 @@ def test_serve_on_litert_never_imports_tensorflow_and_sigterm_returns(served_bun
 
 
 def test_cli_sigterm_finishes_the_request_in_flight_and_exits_0(served_bundle, files):
-    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1"}
+    env = {**os.environ, "COLUMNS": "40", "NO_COLOR": "1"}  # narrow: the URL line must not wrap
     proc = subprocess.Popen([sys.executable, "-c", "from tlcli.cli import run; run()", "serve", "--model",
                              str(served_bundle), "--port", "0", "--workers", "1"],
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -359,7 +359,7 @@ def serve(
 
     try:
         r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
-                      max_pixels=max_pixels, progress=render.LogProgress(err))
+                      max_pixels=max_pixels, progress=render.line_events(err))
     except TlcliError as exc:
         fail(exc)
     err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)

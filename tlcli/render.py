@@ -187,6 +187,18 @@ class LogProgress(_Display):
             self.console.print(safe(line), highlight=False, soft_wrap=True)
 
 
+def line_events(console: Console):
+    """A progress callback for a command that runs until stopped (``serve``): each Info and Warn
+    event is one line, never wrapped, so a script can read the URL from it."""
+    def show(e: ProgressEvent) -> None:
+        if isinstance(e, Info):
+            console.print(safe(e.message, style="dim"), soft_wrap=True, highlight=False)
+        elif isinstance(e, Warn):
+            console.print(Text.assemble(("warning: ", "yellow"), safe(e.message)), soft_wrap=True, highlight=False)
+
+    return show
+
+
 def progress_display(console: Console, *, quiet: bool = False) -> _Display:
     """Bars on a terminal, plain timed lines otherwise (a log file, CI, a pipe)."""
     return BarProgress(console, quiet) if console.is_terminal else LogProgress(console, quiet)

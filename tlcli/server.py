@@ -404,7 +404,7 @@ def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | No
 
 def check_options(*, workers: int | None, max_pixels: int | None, max_body_bytes: int) -> int:
     """The number of workers to use; raises ``UsageError`` for a value that cannot work."""
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UsageError(f"--workers {workers}: must be >= 1")
     if max_pixels is not None and max_pixels < 1:
