@@ -338,7 +338,8 @@ def test_serve_on_litert_never_imports_tensorflow_and_sigterm_returns(served_bun
     assert last == "returned"
 
 
-def test_cli_sigterm_finishes_the_request_in_flight_and_exits_0(served_bundle, files):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_signal_finishes_the_request_in_flight_and_exits_0(served_bundle, files, sig):
     env = {**os.environ, "COLUMNS": "40", "NO_COLOR": "1"}  # narrow: the URL line must not wrap
     proc = subprocess.Popen([sys.executable, "-c", "from tlcli.cli import run; run()", "serve", "--model",
                              str(served_bundle), "--port", "0", "--workers", "1"],
@@ -352,7 +353,7 @@ def test_cli_sigterm_finishes_the_request_in_flight_and_exits_0(served_bundle, f
         conn.sendall(f"POST /predict?name=slow.jpg HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
         time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)  # while the request's body is still coming
+        proc.send_signal(sig)  # while the request's body is still coming
         time.sleep(0.3)
         conn.sendall(body[100:])
         answer = b""
@@ -363,11 +364,13 @@ def test_cli_sigterm_finishes_the_request_in_flight_and_exits_0(served_bundle, f
             answer += chunk
         conn.close()
         code = proc.wait(timeout=5)
+        rest = proc.stderr.read()
     finally:
         proc.kill()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])[0]["path"] == "slow.jpg"
-    assert code == 0, proc.stderr.read()
+    assert code == 0, rest
+    assert "Traceback" not in rest and "stopped serving colours after" in " ".join(rest.split()), rest
 
 
 def test_host_0000_warns_and_a_taken_port_is_one_line(served_bundle):
