@@ -422,3 +422,10 @@ def test_page_in_headless_chromium_shows_the_label_of_an_uploaded_image(url, fil
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (600, 900)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, bars and the photo, not a blank page
+
+
+def test_floats_are_written_with_tf_servings_digits():
+    from tlcli.server import tf_serving_float
+
+    shown = [json.dumps(tf_serving_float(np.float32(v))) for v in (0.2, 0.9300001, 1.0, 1e-5, 0.0)]
+    assert shown == ["0.2", "0.930000126", "1.0", "1e-05", "0.0"]  # not 0.20000000298023224

@@ -237,7 +237,7 @@ def rest_predict(model: ServedModel, body: bytes) -> dict:
             raise ClientError(400, str(exc)) from None
     else:
         x = _float_images(values, model.bundle.image_size)
-    probs = model.classify(x).tolist()
+    probs = [[tf_serving_float(v) for v in row] for row in model.classify(x)]
     outputs = {"probabilities": probs}
     if is_bytes:
         outputs["labels"] = [list(model.bundle.labels) for _ in probs]
@@ -245,6 +245,15 @@ def rest_predict(model: ServedModel, body: bytes) -> dict:
         return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(len(probs))]
                 if len(outputs) > 1 else probs}
     return {"outputs": outputs if len(outputs) > 1 else probs}
+
+
+def tf_serving_float(v: np.float32) -> float:
+    """``v`` with the digits TF Serving writes for a float32: 6 significant digits when they give
+    ``v`` back, else 9 (0.93, not the 0.9300000071525574 of the float64 conversion)."""
+    text = f"{v:g}"
+    if np.float32(text) != v:
+        text = f"{v:.9g}"
+    return float(text)
 
 
 def model_status() -> dict:
