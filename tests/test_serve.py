@@ -429,3 +429,32 @@ def test_floats_are_written_with_tf_servings_digits():
 
     shown = [json.dumps(tf_serving_float(np.float32(v))) for v in (0.2, 0.9300001, 1.0, 1e-5, 0.0)]
     assert shown == ["0.2", "0.930000126", "1.0", "1e-05", "0.0"]  # not 0.20000000298023224
+
+
+def test_a_body_over_the_limit_is_413_also_in_chunks_and_multipart(url, files):
+    import http.client
+
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    chunks = (bytes(50_000) for _ in range(MAX_BODY // 50_000 + 2))  # no Content-Length: the limit counts
+    conn.request("POST", "/predict", body=chunks, headers={"Content-Type": "image/jpeg"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and "over the limit" in json.loads(r.read())["error"]
+    conn.close()
+    body, headers = multipart([(f"{i}.jpg", files[0].read_bytes() + bytes(40_000)) for i in range(10)])
+    assert len(body) > MAX_BODY
+    status, _, got = call(url + "/predict", "POST", body, headers)
+    assert status == 413 and "over the limit" in got["error"]
+
+
+def test_name_option_sets_the_model_name_of_the_urls(served_bundle, files):
+    from tlcli.server import make_app
+
+    with running(make_app(served_bundle, name="tlcli", workers=1)) as base:
+        assert call(base + "/v1/models/tlcli")[0] == 200
+        assert call(base + "/v1/models/colours")[0] == 404
+        status, body = post_json(base + "/v1/models/tlcli:predict",
+                                 {"signature_name": "serving_bytes", "instances": [b64(files[1])]})
+    assert status == 200
+    row = body["predictions"][0]
+    assert row["labels"][int(np.argmax(row["probabilities"]))] == "green"
