@@ -9,12 +9,12 @@ PACKAGE = Path(tlcli.__file__).parent
 
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
-    {"errors", "strict_json", "quiet", "presets", "metrics", "progress"},   # plain values, no TensorFlow
+    {"errors", "strict_json", "quiet", "presets", "metrics", "progress", "server_page"},  # plain values, no TF
     {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy"},  # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
     {"features", "finetuning", "inference"},                                 # the steps
-    {"training", "export", "evaluation", "models"},                          # the commands, as functions
+    {"training", "export", "evaluation", "models", "server"},                # the commands, as functions
     {"render"},
     {"cli"},
     {"__init__"},

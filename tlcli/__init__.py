@@ -27,6 +27,8 @@ _LAZY = {
     "Bundle": ("tlcli.bundle", "Bundle"),
     "BundleMeta": ("tlcli.bundle", "BundleMeta"),
     "TlcliError": ("tlcli.errors", "TlcliError"),
+    "serve": ("tlcli.server", "serve"),
+    "make_app": ("tlcli.server", "make_app"),
 }
 
 

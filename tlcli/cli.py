@@ -22,6 +22,8 @@ from tlcli.config import (
     EVALUATE_TOP_K,
     PREDICT_ENGINE,
     PREDICT_TOP_K,
+    SERVE_HOST,
+    SERVE_PORT,
     Engine,
     IOType,
     Quantize,
@@ -284,6 +286,9 @@ def export(
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and "
                                                                      "parity (default: the bundle's recorded "
                                                                      "images).")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(
+        metavar="POINTS", help="Fail (exit 1, nothing written) when the TFLite model's accuracy on the parity "
+                               "images is more than POINTS below the SavedModel's.", show_default=False)] = None,
     json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""
@@ -292,7 +297,7 @@ def export(
     if not tflite:
         fail(UsageError("export: choose a format; --tflite is the one available"))
     r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize.value,
-                       io_type=io_type.value, data_dir=_path(data))
+                       io_type=io_type.value, data_dir=_path(data), max_accuracy_drop=max_accuracy_drop)
     if json_out:
         render.print_json(r.to_dict())
     else:
@@ -329,6 +334,35 @@ def evaluate(
     if r.skipped:
         err.print(render.note(f"{len(r.skipped)} file(s) skipped", style="yellow"), highlight=False)
         raise typer.Exit(1)
+
+
+@app.command()
+@interruptible
+def serve(
+    model: ModelDir = Path(DEFAULT_MODEL_DIR),
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 makes the (unauthenticated) server "
+                                           "reachable from the network.")] = SERVE_HOST,
+    port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = SERVE_PORT,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the /v1/models/NAME URLs; default: the "
+                                                     "bundle folder's name.", show_default=False)] = None,
+    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
+                                                "tf.")] = Engine(PREDICT_ENGINE),
+    workers: Annotated[Optional[int], typer.Option(help="Requests classified at once (LiteRT interpreters); "
+                                                        "default: the number of CPUs.", show_default=False)] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
+                                                           "the limit the model was trained with.",
+                                                      show_default=False)] = None,
+):
+    """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
+    Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
+    from tlcli.server import serve as run_serve
+
+    try:
+        r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
+                      max_pixels=max_pixels, progress=render.line_events(err))
+    except TlcliError as exc:
+        fail(exc)
+    err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)
 
 
 @models_app.command("list")

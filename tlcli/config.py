@@ -65,6 +65,10 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "tf"
 EVALUATE_MISTAKES = 10
+# Defaults of serve (tlcli/server.py): loopback only unless asked; TF Serving's REST port.
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8501
+SERVE_MAX_BODY_BYTES = 64 << 20
 
 
 @dataclass

@@ -21,8 +21,10 @@ The SavedModel is checked by ``graphcheck`` before it is converted or run (parit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,11 @@ class ExportResult:
     tflite_accuracy: float | None
     max_abs_diff: float | None     # largest probability difference
     warnings: list[str] = field(default_factory=list)  # the export stands; e.g. it could not be recorded
+    # Per label, in label order: {"label", "images", "saved_model_accuracy", "tflite_accuracy"}
+    # (accuracies None for a label with no parity images).
+    per_class: list[dict] = field(default_factory=list)
+    max_accuracy_drop: float | None = None  # the gate asked for, in accuracy points
+    accuracy_drop: float | None = None      # SavedModel accuracy - TFLite accuracy, in points
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,27 +251,70 @@ def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: st
                          f"{' '.join(str(exc).split())[:300]})") from None
 
 
-def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: str | os.PathLike | None = None,
-                  quantize: str = "none", io_type: str = "float32", data_dir: str | None = None,
-                  max_pixels: int | None = None, progress: Callback = silent) -> ExportResult:
-    """Convert the bundle's SavedModel (``serving_default``) to TFLite, write it to the bundle's
-    ``model.tflite`` or ``output`` with its labels (see module docstring), and measure top-1
-    agreement and both accuracies against the SavedModel on up to 500 of the bundle's validation
-    images (or of ``data_dir``, a labelled folder that then also provides int8 calibration).
-    The result is also recorded under ``exports`` in the bundle's tlcli.json
-    (``bundle.record_export``); when that fails (a read-only bundle exported elsewhere), the
-    export still succeeds and ``warnings`` says why, also sent as a warning event.
+def _parity(b: bundles.Bundle, path: Path, x: np.ndarray, y: np.ndarray) -> dict:
+    """Top-1 agreement, both accuracies (overall and per label) and the largest probability
+    difference of the .tflite at ``path`` against the SavedModel on images ``x`` labelled ``y``."""
+    from tlcli.inference import TFEngine, TFLiteEngine
 
-    Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
-    output directory, no calibration images), ``BundleError`` for a bad bundle, ``TlcliError``
-    when conversion fails.
-    """
+    ref, lite = TFEngine(b), TFLiteEngine(b, path)
+    p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
+    p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
+    right_ref, right_lite = p_ref.argmax(1) == y, p_lite.argmax(1) == y
+    per_class = []
+    for i, label in enumerate(b.labels):
+        mine = y == i
+        n = int(mine.sum())
+        per_class.append({"label": label, "images": n,
+                          "saved_model_accuracy": float(right_ref[mine].mean()) if n else None,
+                          "tflite_accuracy": float(right_lite[mine].mean()) if n else None})
+    return {"agreement": float(np.mean(p_ref.argmax(1) == p_lite.argmax(1))),
+            "saved_model_accuracy": float(right_ref.mean()), "tflite_accuracy": float(right_lite.mean()),
+            "max_abs_diff": float(np.max(np.abs(p_ref - p_lite))), "per_class": per_class}
+
+
+def _check_drop(result: ExportResult, out: Path) -> None:
+    """Refuse (``TlcliError``, exit 1) a model whose accuracy is more than ``max_accuracy_drop``
+    points below the SavedModel's; ``out`` has not been written then."""
+    drop = 100 * (result.saved_model_accuracy - result.tflite_accuracy)
+    result.accuracy_drop = drop
+    if drop > result.max_accuracy_drop + 1e-9:
+        raise TlcliError(f"--max-accuracy-drop {result.max_accuracy_drop:g}: the {result.quantize} TFLite model "
+                         f"scores {100 * result.tflite_accuracy:.1f}% on {result.parity_images} "
+                         f"{result.parity_data}, {drop:.1f} points below the SavedModel's "
+                         f"{100 * result.saved_model_accuracy:.1f}%; {out} was not written (any previous one is "
+                         "kept); allow a larger drop or choose another --quantize")
+
+
+def _check_options(quantize: str, io_type: str, max_accuracy_drop: float | None) -> None:
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
     if io_type not in IO_TYPES:
         raise UsageError(f"--io-type {io_type}: choose one of {', '.join(IO_TYPES)}")
     if io_type != "float32" and quantize != "int8":
         raise UsageError(f"--io-type {io_type}: integer input/output needs --quantize int8")
+    if max_accuracy_drop is not None and not 0 <= max_accuracy_drop <= 100:
+        raise UsageError(f"--max-accuracy-drop {max_accuracy_drop:g}: give accuracy points in [0, 100]")
+
+
+def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: str | os.PathLike | None = None,
+                  quantize: str = "none", io_type: str = "float32", data_dir: str | None = None,
+                  max_pixels: int | None = None, max_accuracy_drop: float | None = None,
+                  progress: Callback = silent) -> ExportResult:
+    """Convert the bundle's SavedModel (``serving_default``) to TFLite, measure top-1 agreement
+    and both accuracies (overall and per label) against the SavedModel on up to 500 of the
+    bundle's validation images (or of ``data_dir``, a labelled folder that then also provides int8
+    calibration), and write it to the bundle's ``model.tflite`` or ``output`` with its labels (see
+    module docstring). The file is measured before it is put in place: with
+    ``max_accuracy_drop`` (accuracy points), a model more than that below the SavedModel is not
+    written, and any previous file stays. The result is also recorded under ``exports`` in the
+    bundle's tlcli.json (``bundle.record_export``); when that fails (a read-only bundle exported
+    elsewhere), the export still succeeds and ``warnings`` says why, also sent as a warning event.
+
+    Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
+    output directory, no calibration images, a gate without labelled images), ``BundleError`` for
+    a bad bundle, ``TlcliError`` when conversion fails or the gate refuses the model.
+    """
+    _check_options(quantize, io_type, max_accuracy_drop)
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
     out = _check_output(Path(output) if output else b.tflite_path, b)
@@ -276,6 +326,11 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         if not len(calibration):
             raise UsageError(f"--quantize int8: no calibration images (the training images recorded in "
                              f"{b.path / bundles.SPLITS_FILE} are gone); pass --data DIR")
+    items, source = labelled.sample("val", PARITY_IMAGES, 1)
+    x, y = _load_batch(items, b.image_size, max_pixels)
+    if max_accuracy_drop is not None and not len(x):
+        raise UsageError(f"--max-accuracy-drop {max_accuracy_drop:g}: no labelled images to measure the accuracy "
+                         f"on (none recorded in {b.path / bundles.SPLITS_FILE}); pass --data DIR")
     from tlcli._tf import tf
 
     t = tf()
@@ -286,29 +341,23 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     if fingerprint:
         entries[BUNDLE_METADATA] = fingerprint.encode()
     with_labels = _embed_metadata(flat, entries)
-    _write(out, with_labels or flat)
-    labels_path = labels_path_for(out, b)
-    _write_labels(labels_path, b)
+    payload = with_labels or flat
     progress(End("convert", total=1, completed=1))
 
-    result = ExportResult(str(out), str(labels_path), with_labels is not None, quantize, io_type,
-                          out.stat().st_size, None, 0, None, None, None, None)
-    items, source = labelled.sample("val", PARITY_IMAGES, 1)
-    x, y = _load_batch(items, b.image_size, max_pixels)
+    result = ExportResult(str(out), str(labels_path_for(out, b)), with_labels is not None, quantize, io_type,
+                          len(payload), None, 0, None, None, None, None, max_accuracy_drop=max_accuracy_drop)
     if len(x):
-        from tlcli.inference import TFEngine, TFLiteEngine
-
         progress(Start("parity", total=len(items)))
-        ref, lite = TFEngine(b), TFLiteEngine(b, out)
-        p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
-        p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
+        with tempfile.TemporaryDirectory(prefix="tlcli-export-") as tmp:
+            measured = Path(tmp) / out.name  # measured here first: nothing lands in place before the gate
+            measured.write_bytes(payload)
+            result = dataclasses.replace(result, **_parity(b, measured, x, y), parity_data=source,
+                                         parity_images=len(x))
         progress(End("parity", total=len(items), completed=len(items)))
-        result.parity_data = source
-        result.parity_images = len(x)
-        result.agreement = float(np.mean(p_ref.argmax(1) == p_lite.argmax(1)))
-        result.saved_model_accuracy = float(np.mean(p_ref.argmax(1) == y))
-        result.tflite_accuracy = float(np.mean(p_lite.argmax(1) == y))
-        result.max_abs_diff = float(np.max(np.abs(p_ref - p_lite)))
+        if max_accuracy_drop is not None:
+            _check_drop(result, out)
+    _write(out, payload)
+    _write_labels(Path(result.labels_path), b)
     inside = os.path.realpath(out.absolute().parent) == os.path.realpath(b.path)
     name = out.name if inside else str(out.absolute())
     entry = {k: v for k, v in result.to_dict().items() if k != "warnings"}

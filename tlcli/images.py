@@ -572,6 +572,16 @@ def load_for_model(path: str | os.PathLike, size: int, *, max_pixels: int = DEFA
     return (arr, digest(data)) if with_digest else arr
 
 
+def model_input_from_bytes(data: bytes, size: int, *, path: str = "<bytes>",
+                           max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """``load_for_model`` for bytes already in memory (an upload): the same decode, limits and
+    preprocessing, float32 [size, size, 3] in [0, 1]. ``path`` names the bytes in the
+    ``ImageError`` it raises."""
+    min_size = decode_size(size)
+    return _decode(data, path=path, min_size=min_size, max_pixels=max_pixels,
+                   then=lambda img: to_model_input(img, size))
+
+
 def check(path: str | os.PathLike, *, size: int,
           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes | None, ImageError | None]:
     """Fast pre-pass check of one file, decoding it as training will: returns (bytes, None) or

@@ -151,11 +151,12 @@ class TFLiteEngine:
     uint8) get their inputs quantized and their outputs dequantized with the file's own scale and
     zero point. The file is read once, only if it is a regular file. Raises ``BundleError`` for a
     missing, unreadable or mismatched file: another input size or class count, other embedded
-    labels, or another bundle's fingerprint."""
+    labels, or another bundle's fingerprint. ``num_threads``: LiteRT's threads for this
+    interpreter (default: one per CPU; a server running several interpreters splits them)."""
 
     name = "tflite"
 
-    def __init__(self, bundle: bundles.Bundle, path: Path | None = None):
+    def __init__(self, bundle: bundles.Bundle, path: Path | None = None, *, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         path = Path(path) if path else bundle.tflite_path
@@ -164,7 +165,7 @@ class TFLiteEngine:
                               f"{bundle.path}' first, or use --engine tf")
         buf = bundles.read_regular(path, MAX_TFLITE_BYTES)
         try:
-            self.interp = Interpreter(model_content=buf, num_threads=os.cpu_count())
+            self.interp = Interpreter(model_content=buf, num_threads=num_threads or os.cpu_count())
             with native_stderr_silenced():
                 self.interp.allocate_tensors()
             metadata = tflite_metadata(buf)
@@ -303,8 +304,14 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
                 yield Prediction(p, [], err), None
                 continue
             row = next(it)
-            order = np.argsort(-row, kind="stable")[:k]
-            yield Prediction(p, [{"label": bundle.labels[i], "probability": float(row[i])} for i in order]), row
+            yield Prediction(p, ranked(row, bundle.labels, k)), row
+
+
+def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
+    """The ``k`` best of one image's probabilities as {"label", "probability"}, best first (ties in
+    label order)."""
+    order = np.argsort(-row, kind="stable")[:k]
+    return [{"label": labels[i], "probability": float(row[i])} for i in order]
 
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,

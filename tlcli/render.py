@@ -187,6 +187,18 @@ class LogProgress(_Display):
             self.console.print(safe(line), highlight=False, soft_wrap=True)
 
 
+def line_events(console: Console):
+    """A progress callback for a command that runs until stopped (``serve``): each Info and Warn
+    event is one line, never wrapped, so a script can read the URL from it."""
+    def show(e: ProgressEvent) -> None:
+        if isinstance(e, Info):
+            console.print(safe(e.message, style="dim"), soft_wrap=True, highlight=False)
+        elif isinstance(e, Warn):
+            console.print(Text.assemble(("warning: ", "yellow"), safe(e.message)), soft_wrap=True, highlight=False)
+
+    return show
+
+
 def progress_display(console: Console, *, quiet: bool = False) -> _Display:
     """Bars on a terminal, plain timed lines otherwise (a log file, CI, a pipe)."""
     return BarProgress(console, quiet) if console.is_terminal else LogProgress(console, quiet)
@@ -271,6 +283,13 @@ def export_summary(r) -> Table:
     if r.agreement is not None:
         t.add_row("top-1 agreement", safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
         t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, TFLite {pct(r.tflite_accuracy)}")
+        for c in r.per_class:
+            shown = (f"SavedModel {pct(c['saved_model_accuracy'])}, TFLite {pct(c['tflite_accuracy'])}"
+                     if c["images"] else "no parity images")
+            t.add_row(safe(f"  {c['label']}"), safe(f"{shown} ({c['images']} images)"))
+        if r.max_accuracy_drop is not None and r.accuracy_drop is not None:
+            t.add_row("accuracy gate", f"{r.accuracy_drop:.1f} points below the SavedModel (at most "
+                                       f"{r.max_accuracy_drop:g} allowed)")
     else:
         t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
     return t

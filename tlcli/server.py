@@ -1,0 +1,508 @@
+"""``tlcli serve``: a local prediction server for a bundle.
+
+Endpoints (``NAME`` defaults to the bundle folder's name; the one version served is ``1``):
+
+* ``GET /``: a page to pick or drop images and see the top-k labels; inline HTML, CSS and
+  script, nothing fetched from elsewhere, so it works offline.
+* ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
+  raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
+  --json`` prints (``path`` is the upload's file name). When a file cannot be used: 400 with
+  ``{"error": <its decoder message>, "results": [...]}``. The ``Server-Timing`` header has the
+  time spent decoding and classifying.
+* TF Serving's REST API, so a client written for one works against the other:
+  ``GET /v1/models/NAME[/versions/1]`` (status), ``GET .../metadata`` (signature defs) and
+  ``POST /v1/models/NAME[/versions/1]:predict`` with ``serving_default`` (float images, input
+  ``images``) or ``serving_bytes`` (encoded files, input ``image_bytes``, as ``{"b64": ...}``),
+  in the row (``instances`` -> ``predictions``) or columnar (``inputs`` -> ``outputs``) form.
+  Errors are ``{"error": "..."}``.
+
+Every request goes through the project's one decoder (``images.model_input_from_bytes``, so the
+``serving_bytes`` answers are ``tlcli predict``'s, whatever the engine) and the engine that
+``inference.resolve_engine`` picks; with LiteRT nothing imports TensorFlow.
+
+Status codes: 400 a malformed request (bad JSON, an unknown signature or input, a file that is
+not an image or is over the pixel limit, with the decoder's reason), 404 an unknown model or
+path, 405 a known path with the wrong method, 413 a body over ``max_body_bytes``. A client's
+mistake never gets a 500; a 500 (one line, no traceback) means the model itself failed.
+
+Why Starlette on uvicorn: a maintained, small ASGI stack with no TensorFlow in it (it starts in
+about 0.2 s, so a LiteRT server answers within a second), multipart parsing through
+python-multipart, a thread pool for blocking work, and graceful shutdown on SIGINT/SIGTERM
+built in (in-flight requests finish, then the process exits).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import bundle as bundles
+from tlcli import images, inference, strict_json
+from tlcli.config import DEFAULT_MODEL_DIR, PREDICT_ENGINE, PREDICT_TOP_K, SERVE_HOST, SERVE_MAX_BODY_BYTES, SERVE_PORT
+from tlcli.errors import ImageError, TlcliError, UsageError
+from tlcli.progress import Callback, Info, Warn, silent
+
+VERSION = "1"  # TF Serving numbers versions; a bundle is one model, served as version 1
+BATCH = 32  # images per engine call, as in tlcli predict
+GRACE_SECONDS = 4.0  # in-flight requests get this long after SIGINT/SIGTERM (exit within 5 s)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ClientError(Exception):
+    """A refused request: the HTTP ``status`` and the one-line ``message`` of ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# ---- the served model -------------------------------------------------------------------------
+
+def signature_defs(b: bundles.Bundle) -> dict:
+    """The bundle's two signatures (serving.serving_module) as TF Serving's metadata lists them."""
+    s, n = b.image_size, len(b.labels)
+
+    def info(name: str, dtype: str, dims: list[int]) -> dict:
+        return {"dtype": dtype, "name": name, "tensor_shape": {
+            "dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}}
+
+    predict = "tensorflow/serving/predict"
+    return {
+        "serving_default": {
+            "inputs": {"images": info("serving_default_images:0", "DT_FLOAT", [-1, s, s, 3])},
+            "outputs": {"probabilities": info("StatefulPartitionedCall:0", "DT_FLOAT", [-1, n])},
+            "method_name": predict},
+        "serving_bytes": {
+            "inputs": {"image_bytes": info("serving_bytes_image_bytes:0", "DT_STRING", [-1])},
+            "outputs": {"labels": info("StatefulPartitionedCall_1:0", "DT_STRING", [-1, n]),
+                        "probabilities": info("StatefulPartitionedCall_1:1", "DT_FLOAT", [-1, n])},
+            "method_name": predict},
+    }
+
+
+class ServedModel:
+    """One bundle being served: ``name``, ``engine`` ("tf" or "tflite"), ``workers`` (how many
+    requests run the model at once), ``max_pixels`` (the decoder's limit).
+
+    LiteRT interpreters are not thread-safe, so each request borrows one from a pool that grows
+    on demand up to ``workers`` (only the first is loaded before the server is ready), each with
+    an equal share of the CPUs. TensorFlow runs concurrent calls of one SavedModel itself: one
+    engine is shared."""
+
+    def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None):
+        self.bundle, self.name, self.workers = b, name, workers
+        self.engine = inference.resolve_engine(b, engine)
+        self.max_pixels = max_pixels or b.max_pixels
+        self.signatures = signature_defs(b)
+        self._threads = max(1, (os.cpu_count() or 1) // workers)
+        self._pool: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._made = 1
+        self._shared = self._open()
+        self._pool.put(self._shared)
+
+    def _open(self):
+        if self.engine == "tflite":
+            return inference.TFLiteEngine(self.bundle, num_threads=self._threads)
+        return inference.TFEngine(self.bundle)
+
+    def _borrow(self):
+        if self.engine == "tf":
+            return self._shared  # TensorFlow runs concurrent calls of one function itself
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            grow = self._made < self.workers
+            self._made += grow
+        return self._open() if grow else self._pool.get()
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [n, S, S, 3] in [0, 1] -> float32 [n, labels] probabilities. Raises
+        ``BundleError`` when the model fails."""
+        engine = self._borrow()
+        try:
+            return np.concatenate([engine(batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)])
+        finally:
+            if self.engine == "tflite":
+                self._pool.put(engine)
+
+    def decode(self, data: bytes, path: str) -> np.ndarray:
+        """The model input for one encoded file; raises ``ImageError`` (named ``path``)."""
+        return images.model_input_from_bytes(data, self.bundle.image_size, path=path, max_pixels=self.max_pixels)
+
+    def predict_files(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[inference.Prediction]:
+        """``tlcli predict``'s result for each (name, bytes), in order; bad files get ``error``."""
+        k = max(1, min(top_k, len(self.bundle.labels)))
+        arrays, errors = [], []
+        for name, data in uploads:
+            try:
+                arrays.append(self.decode(data, name))
+                errors.append(None)
+            except ImageError as exc:
+                errors.append(str(exc))
+        rows = iter(self.classify(np.stack(arrays)) if arrays else [])
+        return [inference.Prediction(name, [], err) if err else
+                inference.Prediction(name, inference.ranked(next(rows), self.bundle.labels, k))
+                for (name, _), err in zip(uploads, errors)]
+
+
+# ---- TF Serving's predict request -------------------------------------------------------------
+
+def _as_bytes(value, where: str) -> bytes:
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ClientError(400, f"{where}: Unable to base64 decode") from None
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise ClientError(400, f'{where}: expected an encoded image as {{"b64": "..."}}, got {type(value).__name__}')
+
+
+def _batch_of(req: dict, input_name: str, is_bytes: bool) -> tuple[list, str]:
+    """The list of per-image values of a row or columnar request, and how to name item i."""
+    if "instances" in req:
+        rows = req["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise ClientError(400, "instances: expected a non-empty list, one item per image")
+        named = [isinstance(r, dict) and not (is_bytes and set(r) == {"b64"}) for r in rows]
+        if any(named):
+            bad = [i for i, r in enumerate(rows) if not (isinstance(r, dict) and set(r) == {input_name})]
+            if bad:
+                raise ClientError(400, f"instances[{bad[0]}]: expected the one input '{input_name}' of this signature")
+            rows = [r[input_name] for r in rows]
+        return rows, "instances[{}]"
+    cols = req["inputs"]
+    if isinstance(cols, dict) and not (is_bytes and set(cols) == {"b64"}):
+        if set(cols) != {input_name}:
+            raise ClientError(400, f"inputs: expected the one input '{input_name}' of this signature, got "
+                                   f"{', '.join(map(repr, sorted(cols))) or 'none'}")
+        cols = cols[input_name]
+    if not isinstance(cols, list) or not cols:
+        raise ClientError(400, f"inputs: '{input_name}' must be a non-empty list, one item per image")
+    return cols, f"inputs.{input_name}[{{}}]"
+
+
+def _float_images(values: list, size: int) -> np.ndarray:
+    try:
+        x = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ClientError(400, f"input images: expected numbers in nested lists of shape [-1,{size},{size},3]") \
+            from None
+    if x.shape[1:] != (size, size, 3):
+        raise ClientError(400, f"input images: expected shape [-1,{size},{size},3], got "
+                               f"[{','.join(map(str, x.shape))}]")
+    if not np.all(np.isfinite(x)):
+        raise ClientError(400, "input images: values must be finite numbers (RGB in [0, 1])")
+    return x
+
+
+def rest_predict(model: ServedModel, body: bytes) -> dict:
+    """A TF Serving predict request (JSON ``body``) -> its answer, shaped as TF Serving shapes it:
+    row requests get ``{"predictions": ...}``, columnar ones ``{"outputs": ...}``; a signature with
+    one output (``serving_default``) gives its values without the name. Raises ``ClientError``."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(400, f"JSON Parse error: {exc}") from None
+    if not isinstance(req, dict):
+        raise ClientError(400, "JSON Value is not an object: send {\"instances\": [...]} or {\"inputs\": ...}")
+    sig_name = req.get("signature_name") or "serving_default"
+    if not isinstance(sig_name, str) or sig_name not in model.signatures:
+        raise ClientError(400, f'Serving signature name: "{sig_name}" not found in signature def')
+    if ("instances" in req) == ("inputs" in req):
+        raise ClientError(400, "give exactly one of 'instances' (row format) or 'inputs' (columnar format)")
+    (input_name,) = model.signatures[sig_name]["inputs"]
+    is_bytes = sig_name == "serving_bytes"
+    values, where = _batch_of(req, input_name, is_bytes)
+    if is_bytes:
+        try:
+            x = np.stack([model.decode(_as_bytes(v, where.format(i)), where.format(i)) for i, v in enumerate(values)])
+        except ImageError as exc:
+            raise ClientError(400, str(exc)) from None
+    else:
+        x = _float_images(values, model.bundle.image_size)
+    probs = [[tf_serving_float(v) for v in row] for row in model.classify(x)]
+    outputs = {"probabilities": probs}
+    if is_bytes:
+        outputs["labels"] = [list(model.bundle.labels) for _ in probs]
+    if "instances" in req:
+        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(len(probs))]
+                if len(outputs) > 1 else probs}
+    return {"outputs": outputs if len(outputs) > 1 else probs}
+
+
+def tf_serving_float(v: np.float32) -> float:
+    """``v`` with the digits TF Serving writes for a float32: 6 significant digits when they give
+    ``v`` back, else 9 (0.93, not the 0.9300000071525574 of the float64 conversion)."""
+    text = f"{v:g}"
+    if np.float32(text) != v:
+        text = f"{v:.9g}"
+    return float(text)
+
+
+def model_status() -> dict:
+    return {"model_version_status": [{"version": VERSION, "state": "AVAILABLE",
+                                      "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+def model_metadata(model: ServedModel) -> dict:
+    return {"model_spec": {"name": model.name, "signature_name": "", "version": VERSION},
+            "metadata": {"signature_def": {"signature_def": model.signatures}}}
+
+
+# ---- the ASGI app -----------------------------------------------------------------------------
+
+_PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:([A-Za-z]+)")
+_STATUS_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?")
+
+
+def _json(data, status: int = 200, headers: dict | None = None):
+    from starlette.responses import Response
+
+    return Response(strict_json.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+async def _limited(stream, limit: int):
+    """``stream``'s chunks, refusing (413) once more than ``limit`` bytes have come."""
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"request body over the limit of {limit} bytes; send fewer or smaller images")
+        yield chunk
+
+
+async def _body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"request body of {declared} bytes is over the limit of {limit} bytes; "
+                               "send fewer or smaller images")
+    return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
+
+
+async def _uploads(request, limit: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every file of a multipart upload, or the raw body as one file."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return [(request.query_params.get("name") or "<body>", await _body(request, limit))]
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _body(request, limit)  # raises the 413
+    try:
+        form = await MultiPartParser(request.headers, _limited(request.stream(), limit),
+                                     max_part_size=limit).parse()
+    except MultiPartException as exc:
+        raise ClientError(400, f"multipart upload: {exc.message}") from None
+    files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+    await form.close()
+    if not files:
+        raise ClientError(400, "no file in the upload: send images as multipart file fields, or one image as the body")
+    return files
+
+
+def _top_k(request) -> int:
+    raw = request.query_params.get("top_k", str(PREDICT_TOP_K))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ClientError(400, f"top_k={raw}: must be an integer >= 1")
+    return int(raw)
+
+
+def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K):
+    """The Starlette app serving ``model`` (see the module docstring for the endpoints)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from tlcli.server_page import page
+
+    html = page(name=model.name, labels=model.bundle.labels, engine=model.engine, top_k=top_k)
+
+    async def home(request):
+        return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'none'; img-src blob:; "
+                                           "style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                           "connect-src 'self'"})
+
+    async def predict(request):
+        k = _top_k(request)
+        uploads = await _uploads(request, max_body_bytes)
+        start = time.perf_counter()
+        results = [p.to_dict() for p in await run_in_threadpool(model.predict_files, uploads, k)]
+        timing = {"Server-Timing": f"predict;dur={1000 * (time.perf_counter() - start):.1f}"}
+        failed = [r for r in results if r["error"]]
+        if failed:
+            return _json({"error": failed[0]["error"], "results": results}, 400, timing)
+        return _json(results, 200, timing)
+
+    def served(name: str, version: str | None, what: str) -> None:
+        if name != model.name or (version is not None and version != VERSION):
+            spec = f"Specific({name}, {version})" if version else f"Latest({name})"
+            raise ClientError(404, f"Could not find any versions of model {name}" if what == "status" and not version
+                              else f"Servable not found for request: {spec}")
+
+    async def tf_serving(request):
+        path, method = request.url.path, request.method
+        if m := _PREDICT_PATH.fullmatch(path):
+            if method != "POST":
+                raise ClientError(405, f"{method} {path}: use POST", {"Allow": "POST"})
+            served(m[1], m[2], "predict")
+            if m[3] != "predict":
+                raise ClientError(400, f":{m[3]}: not served; the bundle's signatures answer :predict")
+            body = await _body(request, max_body_bytes)
+            return _json(await run_in_threadpool(rest_predict, model, body))
+        if m := _STATUS_PATH.fullmatch(path):
+            if method not in ("GET", "HEAD"):
+                raise ClientError(405, f"{method} {path}: use GET", {"Allow": "GET"})
+            served(m[1], m[2], "status")
+            return _json(model_metadata(model) if m[3] else model_status())
+        raise ClientError(404, f"Malformed request: {method} {path}")
+
+    async def client_error(request, exc: ClientError):
+        return _json({"error": exc.message}, exc.status, exc.headers)
+
+    async def http_error(request, exc: HTTPException):  # Starlette's own 404 / 405
+        words = {404: "no such endpoint", 405: "method not allowed"}.get(exc.status_code, exc.detail)
+        return _json({"error": f"{request.method} {request.url.path}: {words}"}, exc.status_code, exc.headers)
+
+    async def server_error(request, exc: Exception):  # the model failed: one line, no traceback
+        message = str(exc) if isinstance(exc, TlcliError) else f"internal error ({type(exc).__name__})"
+        return _json({"error": message}, 500)
+
+    every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    app = Starlette(routes=[Route("/", home, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
+                             Route("/v1/{rest:path}", tf_serving, methods=every)],
+                     exception_handlers={ClientError: client_error, HTTPException: http_error,
+                                         Exception: server_error})
+    app.state.model = model
+    return app
+
+
+def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
+             engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
+             max_body_bytes: int = SERVE_MAX_BODY_BYTES):
+    """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
+    defaults to the bundle folder's name, ``workers`` to the number of CPUs. Raises
+    ``BundleError`` / ``UsageError``."""
+    workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
+    b = bundles.load(model_dir)
+    name = name if name is not None else Path(os.path.abspath(model_dir)).name
+    if not re.fullmatch(r"[^/:\s]+", name):
+        raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
+    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels)
+    return build_app(model, max_body_bytes=max_body_bytes)
+
+
+def check_options(*, workers: int | None, max_pixels: int | None, max_body_bytes: int) -> int:
+    """The number of workers to use; raises ``UsageError`` for a value that cannot work."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
+    if max_body_bytes < 1:
+        raise UsageError(f"max_body_bytes {max_body_bytes}: must be >= 1")
+    return workers
+
+
+# ---- running it -------------------------------------------------------------------------------
+
+@dataclass
+class ServeResult:
+    """A server that has stopped: what it served, where, and for how long."""
+
+    name: str
+    url: str
+    engine: str
+    workers: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (0: a free port). Raises ``UsageError``."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be in 0..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                         "choose another --port (0 picks a free one)") from None
+    return sock
+
+
+def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE_HOST, port: int = SERVE_PORT,
+          name: str | None = None, engine: str = PREDICT_ENGINE, workers: int | None = None,
+          max_pixels: int | None = None, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
+          progress: Callback = silent) -> ServeResult:
+    """Serve the bundle over HTTP (see the module docstring) until SIGINT or SIGTERM, then finish
+    the requests in flight (up to ``GRACE_SECONDS``) and return. Emits ``Info`` with the URL once
+    it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
+    the network can then use it; there is no authentication). Raises ``BundleError`` /
+    ``UsageError`` before it starts."""
+    import uvicorn
+
+    app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
+                   max_body_bytes=max_body_bytes)
+    if host not in LOOPBACK:
+        progress(Warn(f"--host {host}: the server is unauthenticated and reachable from the network; anyone who "
+                      "can connect can use the model"))
+    sock = listen(host, port)
+    bound = sock.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/"
+    model: ServedModel = app.state.model
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=GRACE_SECONDS, server_header=False))
+    started = time.monotonic()
+
+    def announce():
+        while not server.started and not server.should_exit:
+            time.sleep(0.005)
+        if server.started:
+            progress(Info(f"serving {model.name} at {url} (engine {model.engine}, {model.workers} workers; "
+                          f"TF Serving REST API at {url}v1/models/{model.name}); Ctrl-C to stop"))
+
+    threading.Thread(target=announce, daemon=True).start()
+    with _signals_end_quietly():
+        server.run(sockets=[sock])
+    return ServeResult(model.name, url, model.engine, model.workers, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def _signals_end_quietly():
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again for the
+    handler it found; with these no-op handlers in place, that ends ``serve`` normally (exit 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
