@@ -137,7 +137,9 @@ class BundleMeta(_Section):
     [8, 1024]) are required. ``config`` is ``TrainConfig.to_dict()``; ``skipped`` the files
     the scan skipped (``{path, reason, detail}``); ``exports`` maps an exported file's name
     (inside the bundle) or absolute path to its ``ExportResult`` fields. ``mirror_average``:
-    the head sees the mean features of each image and its left-right mirror image.
+    the head sees the mean features of each image and its left-right mirror image. ``audit``:
+    what training's own data check found (``audit.train_check``: counts of train/val duplicate
+    groups and likely mislabels; empty in bundles made before it).
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -161,6 +163,7 @@ class BundleMeta(_Section):
     training: TrainingMeta = field(default_factory=TrainingMeta)
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
+    audit: dict = field(default_factory=dict)
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
