@@ -198,7 +198,9 @@ def duplicate_threshold(train_features: np.ndarray, digests: list[str], copy_sim
         nearest = neighbours.top_k(train_features[first], 1, rows=rows).nearest()
         distinct = float(np.quantile(nearest, FLOOR_QUANTILE))
     copy = float(np.quantile(copy_sims, COPY_QUANTILE)) if len(copy_sims) else 1.0
-    return {"near_duplicate": max(copy, distinct), "copy_similarity": copy, "distinct_similarity": distinct,
+    # Strictly above the floor: distinct images do reach it, so reaching it proves nothing.
+    floor = float(np.nextafter(np.float32(distinct), np.float32(2.0)))
+    return {"near_duplicate": max(copy, floor), "copy_similarity": copy, "distinct_similarity": distinct,
             "calibration_copies": int(len(copy_sims))}
 
 

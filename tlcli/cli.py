@@ -310,8 +310,9 @@ def evaluate(
                                                 "auto: tflite if there is one.")] = Engine(EVALUATE_ENGINE),
     top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
     mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
-    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png and "
-                                                                       "mistakes.csv (every mistake) into.")] = None,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
+                                                                       "mistakes.csv (every mistake) and mistakes.html "
+                                                                       "(thumbnails) into.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):

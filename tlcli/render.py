@@ -305,14 +305,15 @@ def _confusion_table(rep) -> Table:
     return cm
 
 
-def _mistakes_table(rep) -> Table:
+def _mistakes_table(rep, root=None) -> Table:
+    """The most confident mistakes, paths relative to ``root`` (the evaluated DIR) when under it."""
     mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
     mt.add_column("file", overflow="fold", min_width=20)
     mt.add_column("true", overflow="fold")
     mt.add_column("predicted", overflow="fold")
     mt.add_column("probability", justify="right")
     for m in rep.mistakes:
-        mt.add_row(safe(m.path), safe(m.true_label), safe(m.predicted_label), pct(m.probability))
+        mt.add_row(safe(_under(m.path, (root,))), safe(m.true_label), safe(m.predicted_label), pct(m.probability))
     return mt
 
 
@@ -327,7 +328,7 @@ def evaluation(r) -> list:
     t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
     t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
     shown = [t, _per_class_table(rep), _confusion_table(rep),
-             _mistakes_table(rep) if rep.mistakes else Text("No mistakes.")]
+             _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
     return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
 
 
