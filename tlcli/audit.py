@@ -46,7 +46,6 @@ CALIBRATION_IMAGES = 32
 COPY_QUANTILE = 0.05
 FLOOR_QUANTILE = 0.99
 FLOOR_SAMPLE = 2000   # training images whose nearest other image sets the floor
-NEIGHBOURS = 5        # kept per image in the search; groups still join through chains
 FOLDS = 5
 OUTLIER_MADS = 4.0
 MAD_SIGMA = 1.4826    # MAD -> standard deviation of a normal distribution
@@ -208,10 +207,9 @@ def find_duplicates(samples, splits: list[str], features: np.ndarray, labels: li
                     threshold: float) -> list[DuplicateGroup]:
     """Groups of ``samples`` (rows of the centred ``features``; ``splits[i]`` "train" or "val")
     with identical content (same digest) or features at least ``threshold`` similar, joined
-    transitively (union-find). Time O(n^2 d), memory O(``neighbours.BLOCK_ROWS`` x n) (see
-    ``neighbours.top_k``). Sorted by kind (``KINDS`` order), then most similar first."""
-    found = neighbours.top_k(features, NEIGHBOURS)
-    pairs = found.pairs(threshold)
+    transitively (union-find). Time O(n^2 d / 2), memory O(``neighbours.BLOCK_ROWS`` x n) (see
+    ``neighbours.pairs_above``). Sorted by kind (``KINDS`` order), then most similar first."""
+    pairs = neighbours.pairs_above(features, threshold)
     by_digest: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by_digest.setdefault(s.digest, []).append(i)
@@ -366,7 +364,7 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
                                           force=force)
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     path = fetch(spec)
-    views, splits, extractor, size = _features(cfg, spec, path, progress)
+    views, splits, extractor, size = dataset_features(cfg, spec, path, progress)
     result = findings(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
                       seed=cfg.seed, cache=(cfg.cache_dir, cache_key(spec, size)), progress=progress)
     result.data_dir, result.val_dir = str(data_dir), cfg.val_dir
@@ -383,7 +381,7 @@ def cache_key(spec, image_size: int) -> str:
     return f"{spec.cache_key()}-{image_size}"
 
 
-def _features(cfg: TrainConfig, spec, path: str, progress: Callback):
+def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = silent):
     """(plain feature views of train + val, data.Splits, extractor, image size): the scan, split
     and cache key of ``training.train``, so that its cached features are found."""
     from tlcli import backbone, features, model

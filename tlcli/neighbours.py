@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_ROWS = 4096  # rows of the query block: the block's similarity matrix is BLOCK_ROWS x n float32
+BLOCK_ROWS = 1024  # query rows per block: a block holds BLOCK_ROWS x n float32 similarities and int64 indices
 
 
 def normalise(X) -> np.ndarray:
@@ -51,8 +51,9 @@ def top_k(X, k: int = 5, *, rows=None, block: int = BLOCK_ROWS) -> Neighbours:
     Rows are L2-normalised, then compared block by block: each block of ``block`` query rows
     is multiplied with all n rows (one [block, n] float32 matrix product), and only each row's
     ``k`` best are kept (``argpartition``). Time O(n^2 d) (the products, BLAS-bound) plus
-    O(n^2) for the selection; memory O(block * n) for one block's similarities plus O(n k) for
-    the result, never an n x n matrix. A row is never its own neighbour; rows with identical
+    O(n^2) for the selection; memory O(block * n) for one block's similarities and argpartition
+    indices (12 bytes each: 1.2 GB for 100,000 rows) plus O(n k) for the result, never an
+    n x n matrix (40 GB at 100,000 rows). A row is never its own neighbour; rows with identical
     content are each other's neighbours at similarity 1.
     """
     U = normalise(X)
@@ -67,12 +68,41 @@ def top_k(X, k: int = 5, *, rows=None, block: int = BLOCK_ROWS) -> Neighbours:
         stop = min(m, start + block)
         S = U[query[start:stop]] @ U.T                           # [b, n]
         S[np.arange(stop - start), query[start:stop]] = -np.inf  # not itself
-        part = np.argpartition(-S, k - 1, axis=1)[:, :k]          # the k best, unordered
-        best = np.take_along_axis(S, part, axis=1)
+        np.negative(S, out=S)                                     # in place: argpartition takes the smallest
+        part = np.argpartition(S, k - 1, axis=1)[:, :k]           # the k best, unordered
+        best = -np.take_along_axis(S, part, axis=1)
         order = np.argsort(-best, axis=1, kind="stable")
         index[start:stop] = np.take_along_axis(part, order, axis=1)
         sim[start:stop] = np.take_along_axis(best, order, axis=1)
     return Neighbours(index, sim)
+
+
+def pairs_above(X, threshold: float, *, max_per_row: int = 64, block: int = BLOCK_ROWS) -> list[tuple[int, int, float]]:
+    """Every pair (i, j, similarity), i < j, of rows of ``X`` [n, d] whose cosine similarity is at
+    least ``threshold``, sorted; a row keeps its ``max_per_row`` most similar later rows (a bound
+    for a folder of thousands of identical files, whose groups still join through the rest).
+
+    Blocks of ``block`` rows are multiplied with the rows from the block's first on (the upper
+    triangle: each pair is computed once), and only the entries at or above the threshold are
+    kept, with one comparison each. Time O(n^2 d / 2) (BLAS-bound); memory O(block * n) for one
+    block's similarities (0.4 GB at 100,000 rows) plus the pairs found, never an n x n matrix.
+    """
+    U = normalise(X)
+    n, out = len(U), []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        S = U[start:stop] @ U[start:].T                           # [b, n - start]
+        S[np.tril_indices(stop - start, 0, S.shape[1])] = -np.inf  # itself and earlier rows of the block
+        rows, cols = np.nonzero(S >= threshold)
+        sims = S[rows, cols]
+        counts = np.bincount(rows, minlength=stop - start)
+        for r in np.nonzero(counts > max_per_row)[0]:             # rare: keep that row's best
+            mine = np.nonzero(rows == r)[0]
+            drop = mine[np.argsort(-sims[mine], kind="stable")[max_per_row:]]
+            sims[drop] = np.nan
+        keep = ~np.isnan(sims)
+        out += zip((rows[keep] + start).tolist(), (cols[keep] + start).tolist(), sims[keep].astype(float).tolist())
+    return sorted(out)
 
 
 def similarity(a, b) -> np.ndarray:
