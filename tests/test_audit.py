@@ -231,7 +231,8 @@ def test_a_bundle_made_before_the_audit_field_loads(bundle_copy):
     meta = json.loads(meta_path.read_text())
     meta.pop("audit", None)
     meta_path.write_text(json.dumps(meta))
-    assert bundle.load(bundle_copy).meta.audit == {}
+    meta = bundle.load(bundle_copy).meta
+    assert meta.audit is None and "audit" not in meta.to_dict()
 
 
 # ---- the pieces ------------------------------------------------------------------------------
@@ -253,6 +254,11 @@ def test_blocked_search_equals_the_full_matrix_and_groups_join_chains():
     assert [(i, j) for i, j, _ in pairs] == [(3, 7), (3, 150), (7, 150)]
     assert neighbours.groups(300, pairs) == [[3, 7, 150]]
     assert neighbours.groups(6, [(0, 1), (4, 5), (1, 2)]) == [[0, 1, 2], [4, 5]]
+    above = neighbours.pairs_above(X, 0.5, block=64)  # the upper triangle, across blocks
+    assert [(i, j) for i, j, _ in above] == [(i, j) for i in range(300) for j in range(i + 1, 300) if S[i, j] >= 0.5]
+    assert len(above) > 3
+    same = np.repeat(X[:1], 10, axis=0)  # ten identical rows, each keeping its 3 best: still one group
+    assert neighbours.groups(10, neighbours.pairs_above(same, 0.99, max_per_row=3, block=4)) == [list(range(10))]
     sub = neighbours.top_k(X, 1, rows=[150, 10])
     assert sub.index[:, 0].tolist() == [int(S[150].argmax()), int(S[10].argmax())]
 

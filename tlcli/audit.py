@@ -448,7 +448,8 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractor, image_size: 
     flagged by ``confident_learning`` on the head fit's own out-of-fold probabilities (the rows
     it cross-validated: ``fit.oof_rows``; a mirror view's row counts for its image),
     "cross_validated": how many images those were}. ``cfg``: the run's TrainConfig;
-    ``cache_key``: its features' (None when they are not cached: a fine-tuned backbone)."""
+    ``cache_key``: its frozen features' (the calibration copies are cached beside them), or None
+    (with fine-tuning: the copies are made afresh)."""
     plain, _ = views.of(splits.train + splits.val)
     result = findings(splits, plain, extractor=extractor, image_size=image_size, max_pixels=cfg.max_pixels,
                       seed=cfg.seed, cache=(cfg.cache_dir, cache_key) if cache_key else None, mislabels=False)

@@ -142,9 +142,9 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                                + ("" if improved else " (the backbone kept its starting weights)")))
                 fit = fit_head(views, splits.train, "head refit")
             reports = _reports(splits, views, fit)
-            checks = audit.train_check(  # the plain features are cached unless fine-tuning changed them
+            checks = audit.train_check(  # calibration copies cached beside the frozen backbone's features
                 cfg, splits, views, fit, extractor=models.extractor, image_size=loaded.image_size, progress=progress,
-                cache_key=None if cfg.fine_tune and improved else views_of.keywords["cache_key"])
+                cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
         meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                                mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
