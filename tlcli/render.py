@@ -367,14 +367,9 @@ _AUDIT_ACTIONS = {"train_val_leak": "remove the copies from one split",
 
 def _under(path: str, roots) -> str:
     """``path`` relative to the first of ``roots`` it lies under, else as given."""
-    import os
+    from tlcli.html_report import shown_path
 
-    for root in roots:
-        if root:
-            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-            if not rel.startswith(os.pardir):
-                return rel
-    return str(path)
+    return next((shown_path(path, root) for root in roots if root and shown_path(path, root) != str(path)), str(path))
 
 
 def audit(r) -> list:
@@ -406,18 +401,19 @@ def audit(r) -> list:
         shown.append(d)
     if r.likely_mislabeled:
         m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
-        for name in ("file", "label", "suggested", "score"):
+        for name in ("file", "label", "suggested", "score", "action"):
             m.add_column(name, overflow="fold")
         for x in r.likely_mislabeled:
-            m.add_row(safe(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}")
+            m.add_row(safe(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}",
+                      safe(f"look; move it to {x.suggested_label} if that is right"))
         shown.append(m)
     if r.outliers:
         o = Table(title=f"Outliers ({len(r.outliers)}): far from every class; junk, or a class the data lacks",
                   title_justify="left")
-        for name in ("file", "label", "score"):
+        for name in ("file", "label", "score", "action"):
             o.add_column(name, overflow="fold")
         for x in r.outliers:
-            o.add_row(safe(_under(x.path, roots)), safe(x.label), f"{x.score:.3f}")
+            o.add_row(safe(_under(x.path, roots)), safe(x.label), f"{x.score:.3f}", "look; remove it if it is junk")
         shown.append(o)
     if r.image_stats:
         s = Table(title=f"Image sizes ({r.image_stats['images']} images; "
