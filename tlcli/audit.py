@@ -15,10 +15,10 @@ Every threshold comes from the training images themselves (printed under ``thres
   floor holds while fewer than 1 - ``FLOOR_QUANTILE`` of the training images have a near copy
   in the training split; beyond that it rises and the audit errs towards reporting fewer groups.
 - **Likely mislabels**: confident learning on out-of-fold probabilities (``FOLDS``-fold, the
-  head's own solver and its cross-validated L2 and epoch count): the threshold of class j is the
-  mean probability of j over the images labelled j; an image is flagged when its probability
-  for its own label is under its class's threshold and some other class reaches its own
-  threshold; the suggested label is the most probable such class; score = 1 - p(own label).
+  head's own solver and its cross-validated L2 and epoch count): per-class thresholds (the mean
+  probability of class j over the images labelled j) count the images confidently of another
+  class than their label, and that count, calibrated, says how many of each label to flag,
+  those most probably of the other class (``confident_learning``); score = 1 - p(own label).
 - **Outliers**: each image's cosine similarity (raw features: centring on the mean of two
   classes leaves little to tell junk from the classes) to the nearest class centre (the mean
   unit vector of a training class, without the image itself); flagged below
@@ -267,18 +267,34 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0
 
 def confident_learning(probs: np.ndarray, y: np.ndarray) -> tuple[list[tuple[int, int, float]], np.ndarray]:
     """([(row, suggested class, score)], per-class thresholds [k]) from out-of-fold ``probs``
-    [n, k] and labels ``y`` [n] (the rule of the module docstring), most suspicious first.
-    A class without images has threshold 1.0 + (never suggested)."""
+    [n, k] and labels ``y`` [n], most suspicious (lowest probability of its label) first.
+
+    Confident learning (Northcutt et al., 2021; cleanlab's prune-by-noise-rate): the threshold
+    t_j of class j is the mean probability of j over the images labelled j (inf without any).
+    An image is *confidently* of class j when p_j >= t_j (the most probable such class); the
+    counts of (label i, confident class j), scaled so that each label's row sums to the images
+    with that label, estimate how many images labelled i are really j. That many images labelled
+    i, those with the largest p_j - p_i, are the suspects of (i, j); a suspect whose most
+    probable class is its own label is dropped. Score: 1 - p(own label), in [0, 1]."""
     probs, y = np.asarray(probs, np.float64), np.asarray(y, int)
-    k = probs.shape[1]
+    n, k = probs.shape
     t = np.array([probs[y == j, j].mean() if (y == j).any() else np.inf for j in range(k)])
-    own = probs[np.arange(len(y)), y]
-    candidate = probs >= t[None, :]
-    candidate[np.arange(len(y)), y] = False
-    flagged = np.nonzero((own < t[y]) & candidate.any(axis=1))[0]
-    suggested = np.where(candidate, probs, -1.0).argmax(axis=1)
-    ranked = sorted(flagged.tolist(), key=lambda i: (own[i], i))
-    return [(i, int(suggested[i]), float(1.0 - own[i])) for i in ranked], t
+    above = probs >= t[None, :]
+    counted = above.any(axis=1)
+    confident = np.where(above, probs, -1.0).argmax(axis=1)
+    joint = np.zeros((k, k))
+    np.add.at(joint, (y[counted], confident[counted]), 1.0)
+    scale = np.bincount(y, minlength=k) / np.maximum(joint.sum(axis=1), 1.0)
+    suggested: dict[int, int] = {}
+    for i, j in zip(*np.nonzero(joint * scale[:, None] * (1 - np.eye(k)) >= 0.5)):
+        rows = np.nonzero(y == i)[0]
+        margin = probs[rows, j] - probs[rows, i]
+        for r in rows[np.argsort(-margin, kind="stable")[:int(round(joint[i, j] * scale[i]))]].tolist():
+            if r not in suggested or probs[r, j] > probs[r, suggested[r]]:
+                suggested[r] = int(j)
+    own = probs[np.arange(n), y]
+    ranked = sorted((r for r in suggested if probs[r].argmax() != y[r]), key=lambda r: (own[r], r))
+    return [(r, suggested[r], float(1.0 - own[r])) for r in ranked], t
 
 
 # ---- outliers --------------------------------------------------------------------------------
