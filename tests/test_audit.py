@@ -306,3 +306,12 @@ def test_reports_open_in_headless_chromium_with_every_thumbnail(audited, trained
             assert "true blue, predicted red" in page.content()
         finally:
             browser.close()
+
+
+def test_bad_options_and_folders_are_one_line_errors(tmp_path, defects):
+    for args, code, word in ((["--val-split", "1.5"], 2, "--val-split"), (["--image-size", "4"], 2, "--image-size")):
+        result = run_cli("audit", defects["train"], *args)
+        assert result.exit_code == code and word in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("audit", tmp_path / "missing")
+    assert result.exit_code == 1 and "no such directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
