@@ -395,9 +395,9 @@ def audit(r) -> list:
         for name in ("#", "kind", "similarity", "files (label, split)", "action"):
             d.add_column(name, overflow="fold")
         for i, g in enumerate(r.near_duplicates, 1):
-            files = "\n".join(f"{_under(p, roots)} ({label}, {split})"
-                              for p, label, split in zip(g.paths, g.labels, g.splits))
-            d.add_row(str(i), g.kind, f"{g.similarity:.3f}", safe(files), _AUDIT_ACTIONS[g.kind])
+            files = Text("\n").join(safe(f"{_under(p, roots)} ({label}, {split})")
+                                     for p, label, split in zip(g.paths, g.labels, g.splits))
+            d.add_row(str(i), g.kind, f"{g.similarity:.3f}", files, _AUDIT_ACTIONS[g.kind])
         shown.append(d)
     if r.likely_mislabeled:
         m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
