@@ -50,6 +50,7 @@ FOLDS = 5
 OUTLIER_MADS = 4.0
 MAD_SIGMA = 1.4826    # MAD -> standard deviation of a normal distribution
 REPORT_HTML = "audit.html"
+HTML_FINDINGS = 300  # per kind on the page (each a thumbnail); the CSV files hold every finding
 CSV_FILES = {"near_duplicates": "near_duplicates.csv", "likely_mislabeled": "likely_mislabeled.csv",
              "outliers": "outliers.csv"}
 
@@ -519,13 +520,15 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
                 "recompressed, cropped or mirrored. train_val_leak inflates the validation accuracy; "
                 "across_classes means conflicting labels; within_class is redundant.",
                 [[Card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
-                  for p, label, split in zip(d.paths, d.labels, d.splits)] for d in result.near_duplicates]),
+                  for p, label, split in zip(d.paths, d.labels, d.splits)]
+                 for d in result.near_duplicates[:HTML_FINDINGS]]),
         Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
                 "label; check the image and move it if the suggestion is right.",
                 [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
-                  for m in result.likely_mislabeled]]),
+                  for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
-                [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)]) for o in result.outliers]]),
+                [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
+                  for o in result.outliers[:HTML_FINDINGS]]]),
         Section("Images per class", "", header=["class", "train", "val"],
                 rows=[[label, n, result.class_counts["val"].get(label, 0)]
                       for label, n in result.class_counts["train"].items()]),
@@ -536,6 +539,8 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     ]
     counts = result.counts()
     summary = [f"{result.data_dir}" + (f" (val: {result.val_dir})" if result.val_dir else ""),
-               ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())]
+               ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()),
+               f"At most {HTML_FINDINGS} findings of each kind are shown, most suspicious first; the CSV files "
+               "beside this page list every one."]
     written[REPORT_HTML] = html_report.write_page(out_dir / REPORT_HTML, "tlcli audit", summary, sections)
     return {name: str(p) for name, p in written.items()}
