@@ -108,7 +108,8 @@ def test_report_dir_holds_every_mistake_most_confident_first(twin_bundle, twin_e
     png = Image.open(tmp_path / "report" / "confusion_matrix.png")
     assert png.format == "PNG" and 400 <= png.width <= 2000 and 400 <= png.height <= 2000
     assert r.files == {"confusion_matrix.png": str(tmp_path / "report" / "confusion_matrix.png"),
-                       "mistakes.csv": str(tmp_path / "report" / "mistakes.csv")}
+                       "mistakes.csv": str(tmp_path / "report" / "mistakes.csv"),
+                       "mistakes.html": str(tmp_path / "report" / "mistakes.html")}
 
 
 def test_json_output_round_trips_to_the_library_report(twin_bundle, twin_eval, tmp_path):

@@ -10,10 +10,12 @@ PACKAGE = Path(tlcli.__file__).parent
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress", "server_page"},  # plain values, no TF
-    {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
-    {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy"},  # one concern each
+    {"config", "files", "_tf", "head", "neighbours"},                        # options, writing, the numpy head
+    {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
+     "html_report"},                                                         # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
     {"features", "finetuning", "inference"},                                 # the steps
+    {"audit"},                                                               # training runs its cheap part
     {"training", "export", "evaluation", "models", "server"},                # the commands, as functions
     {"render"},
     {"cli"},

@@ -4,6 +4,7 @@ long paths fold instead of being cut, and numeric options and head fits are fini
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,7 +178,8 @@ def test_long_paths_fold_at_80_columns_in_evaluate(trained_bundle, hostile_eval,
     assert "…" not in result.output
     values = "".join(column(result.stdout, 2).split())
     assert f"in{deep / 'eval'}" in values  # the summary's "images" row
-    assert str(deep / "eval" / "red" / "blue\\x1b[2J\\x9b.png") in column(result.stdout, 1)  # mistakes
+    mistakes = column(result.stdout, 1)  # paths relative to DIR: the long folder names do not repeat
+    assert str(Path("red") / "blue\\x1b[2J\\x9b.png") in mistakes and str(deep) not in mistakes
     assert str(deep / "eval" / "red" / "text\\x1b]0;pwned\\x07.jpg") in column(result.stderr, 1)  # skipped
     assert f"wrote{report / 'mistakes.csv'}" in "".join(result.stdout.split())
 

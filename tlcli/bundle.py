@@ -55,6 +55,7 @@ class _Section:
     extra: dict = field(default_factory=dict, repr=False)
     _nested: ClassVar[dict] = {}     # field name -> _Section subclass
     _absent: ClassVar[dict] = {}     # field name -> its value when the key is missing from the file
+    _optional: ClassVar[tuple] = ()  # fields written only when not None (added after release 0.1.0)
 
     @classmethod
     def known(cls) -> list[str]:
@@ -65,6 +66,8 @@ class _Section:
         out = {}
         for name in self.known():
             value = getattr(self, name)
+            if value is None and name in self._optional:
+                continue
             out[name] = value.to_dict() if isinstance(value, _Section) else value
         return out | {k: v for k, v in self.extra.items() if k not in out}
 
@@ -137,7 +140,9 @@ class BundleMeta(_Section):
     [8, 1024]) are required. ``config`` is ``TrainConfig.to_dict()``; ``skipped`` the files
     the scan skipped (``{path, reason, detail}``); ``exports`` maps an exported file's name
     (inside the bundle) or absolute path to its ``ExportResult`` fields. ``mirror_average``:
-    the head sees the mean features of each image and its left-right mirror image.
+    the head sees the mean features of each image and its left-right mirror image. ``audit``:
+    what training's own data check found (``audit.train_check``: counts of train/val duplicate
+    groups and likely mislabels; None, and not written, in bundles made before it).
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -161,11 +166,13 @@ class BundleMeta(_Section):
     training: TrainingMeta = field(default_factory=TrainingMeta)
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
+    audit: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
+    _optional: ClassVar[tuple] = ("audit",)
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":

@@ -315,8 +315,9 @@ def evaluate(
                                                 "auto: tflite if there is one.")] = Engine(EVALUATE_ENGINE),
     top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
     mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
-    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png and "
-                                                                       "mistakes.csv (every mistake) into.")] = None,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
+                                                                       "mistakes.csv (every mistake) and mistakes.html "
+                                                                       "(thumbnails) into.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -363,6 +364,42 @@ def serve(
     except TlcliError as exc:
         fail(exc)
     err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)
+
+
+@app.command()
+@interruptible
+def audit(
+    data_dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False,
+                                             help="Folder with one subfolder of images per class.")],
+    val_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Validation folder, as given to "
+                                                                        "train.")] = None,
+    val_split: Annotated[float, typer.Option(help="Fraction of each class held out, as train splits it.")] = (
+        DEFAULTS.val_split),
+    seed: Annotated[int, typer.Option(help="The seed of the split, as given to train.")] = DEFAULTS.seed,
+    backbone: Annotated[str, typer.Option(help="The backbone, as given to train.")] = DEFAULT_PRESET,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size, as given to train.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Feature cache (default $TLCLI_CACHE_DIR or ~/.cache/tlcli).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the feature extraction.")] = DEFAULTS.batch_size,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write audit.html (thumbnails) "
+                                                                       "and one CSV per kind into.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
+                                                        "not empty.")] = False,
+    json_out: JsonFlag = False,
+):
+    """Find exact and near-duplicates, train/val leaks, likely mislabels and outliers in DIR, from the
+    features train computes (an audit after train extracts nothing). Never changes the images."""
+    from tlcli.audit import audit as run_audit
+
+    r = _with_progress(run_audit, data_dir, quiet=json_out, val_dir=_path(val_dir), val_split=val_split, seed=seed,
+                       backbone=backbone, image_size=image_size, cache_dir=_path(cache_dir), batch_size=batch_size,
+                       max_pixels=max_pixels, report_dir=report, force=force)
+    if json_out:
+        render.print_json(r.to_dict())
+    else:
+        for shown in render.audit(r):
+            out.print(shown, highlight=False)
 
 
 @models_app.command("list")

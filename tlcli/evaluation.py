@@ -1,5 +1,5 @@
 """Evaluate a bundle on a labelled folder: the same ``metrics.compute`` as the end of training,
-plus an optional report folder with ``confusion_matrix.png`` and ``mistakes.csv``."""
+plus an optional report folder with ``confusion_matrix.png``, ``mistakes.csv`` and ``mistakes.html``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from tlcli.progress import Advance, Callback, End, Skipped, Start, Warn, counter
 
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_CSV = "mistakes.csv"
+MISTAKES_HTML = "mistakes.html"
+HTML_MISTAKES = 200  # the most confident mistakes shown in MISTAKES_HTML (mistakes.csv has every one)
 MISTAKES_COLUMNS = ("path", "true_label", "predicted_label", "probability")
 
 
@@ -79,6 +81,22 @@ def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> 
     return path
 
 
+def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike, *, data_dir, model_dir,
+                        accuracy: float) -> Path:
+    """``html_report``'s page of the most confident ``mistakes`` (at most ``HTML_MISTAKES``), each
+    image with its true and predicted label, paths shown relative to ``data_dir``. Raises ``TlcliError``."""
+    from tlcli import html_report
+
+    shown = mistakes[:HTML_MISTAKES]
+    cards = [html_report.Card(m.path, [f"true {m.true_label}, predicted {m.predicted_label}",
+                                       f"probability {100 * m.probability:.1f}%",
+                                       html_report.shown_path(m.path, data_dir)]) for m in shown]
+    section = html_report.Section(f"Most confident mistakes ({len(shown)} of {len(mistakes)})",
+                                  "A confident mistake is often a wrong label rather than a wrong model.", [cards])
+    return html_report.write_page(path, "tlcli evaluate", [f"model {model_dir} on {data_dir}",
+                                                           f"accuracy {100 * accuracy:.1f}%"], [section])
+
+
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
@@ -88,8 +106,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
     ``engine``: tf (the SavedModel), tflite (the bundle's model.tflite, e.g. to check a quantized
-    export) or auto. ``report_dir``: also write ``confusion_matrix.png`` and ``mistakes.csv`` (all
-    mistakes, most confident first) there.
+    export) or auto. ``report_dir``: also write ``confusion_matrix.png``, ``mistakes.csv`` (all
+    mistakes, most confident first) and ``mistakes.html`` (the most confident, with thumbnails) there.
 
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
@@ -160,6 +178,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
 
         files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
         files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))
+        files[MISTAKES_HTML] = str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
+                                                       model_dir=b.path, accuracy=report.accuracy))
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)

@@ -99,7 +99,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import features, finetuning, plots, serving
+    from tlcli import audit, features, finetuning, plots, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -142,10 +142,14 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                                + ("" if improved else " (the backbone kept its starting weights)")))
                 fit = fit_head(views, splits.train, "head refit")
             reports = _reports(splits, views, fit)
+            checks = audit.train_check(  # calibration copies cached beside the frozen backbone's features
+                cfg, splits, views, fit, extractor=models.extractor, image_size=loaded.image_size, progress=progress,
+                cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
         meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                                mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
                                seconds=time.perf_counter() - start)
+        meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
         meta.training.tensorboard = scalars.finish(staging)

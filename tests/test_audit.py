@@ -1,0 +1,317 @@
+"""tlcli audit: exact findings on small datasets with known defects, none on a clean one, the
+JSON schema, train's one-line check, the near-neighbour search, and the HTML report in Chromium."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+BINS = 16
+CLASSES = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+
+
+def make_histogram_backbone(path: Path) -> Path:
+    """A hub-format SavedModel: float32 [b, h, w, 3] in [0, 1] -> [b, 3 * BINS], each channel's
+    soft histogram. Like a real backbone's pooled features, it hardly changes when a picture is
+    resized, recompressed, cropped a little or mirrored, while two different pictures differ."""
+    import tensorflow as tf
+
+    root = tf.train.Checkpoint()
+    centres = tf.constant((np.arange(BINS) + 0.5) / BINS, tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def call(images):
+        weights = tf.nn.relu(1.0 - tf.abs(images[..., None] - centres) * BINS)  # [b, h, w, 3, BINS]
+        return tf.reshape(tf.reduce_mean(weights, [1, 2]), [-1, 3 * BINS])
+
+    root.__call__ = call
+    tf.saved_model.save(root, str(path))
+    return path
+
+
+def picture(colour, seed: int, size: int = 48, patches: int = 4) -> Image.Image:
+    """A picture of one class: its colour, shaded at random, with ``patches`` patches of random
+    colours, so that no two pictures share a histogram."""
+    rng = np.random.default_rng(seed)
+    arr = np.broadcast_to(np.array(colour, np.float32) * rng.uniform(0.7, 1.15), (size, size, 3)).copy()
+    for _ in range(patches):
+        x, y = rng.integers(0, size - 12, 2)
+        w, h = rng.integers(8, 22, 2)
+        arr[y:y + h, x:x + w] = rng.uniform(0, 255, 3)
+    arr += rng.normal(0, 6, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_pictures(root: Path, per_class: int, *, start: int = 0) -> dict:
+    paths = {}
+    for name, colour in CLASSES.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            paths[(name, i)] = p = root / name / f"{name}_{i:02d}.jpg"
+            picture(colour, seed=int(hashlib.sha256(f"{name}{i}".encode()).hexdigest()[:8], 16)).save(p, quality=92)
+    return paths
+
+
+def recompressed(src: Path, dst: Path, scale: float, quality: int) -> Path:
+    img = Image.open(src).convert("RGB")
+    size = (round(img.width * scale), round(img.height * scale))
+    img.resize(size, Image.Resampling.BILINEAR).save(dst, quality=quality)
+    return dst
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def histogram_backbone(tmp_path_factory):
+    return make_histogram_backbone(tmp_path_factory.mktemp("histogram") / "backbone")
+
+
+@pytest.fixture(scope="module")
+def defects(tmp_path_factory):
+    """train/ and val/ with known defects, and what they are: two training pictures copied into
+    val resized and recompressed, a red picture filed as green, an identical copy within blue,
+    and a flat grey placeholder filed as blue."""
+    root = tmp_path_factory.mktemp("defects")
+    train, _ = make_pictures(root / "train", 10), make_pictures(root / "val", 4, start=50)
+    leaks = [(train[("red", 3)], recompressed(train[("red", 3)], root / "val/red/copy_of_red_03.jpg", 0.75, 80)),
+             (train[("green", 5)], recompressed(train[("green", 5)], root / "val/green/copy_green_05.jpg", 1.3, 70))]
+    flipped = root / "train/green/red_07.jpg"  # a clearly red one
+    train[("red", 7)].unlink()
+    picture(CLASSES["red"], seed=7, patches=1).save(flipped, quality=92)
+    exact = shutil.copyfile(train[("blue", 2)], root / "train/blue/blue_02_again.jpg")
+    placeholder = root / "train/blue/placeholder.png"
+    Image.new("RGB", (48, 48), (128, 128, 128)).save(placeholder)
+    return {"root": root, "train": root / "train", "val": root / "val", "leaks": leaks, "flipped": flipped,
+            "exact": (train[("blue", 2)], exact), "placeholder": placeholder}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit-cache")
+
+
+@pytest.fixture(scope="module")
+def audited(defects, histogram_backbone, cache, tmp_path_factory):
+    """The library audit of ``defects``, with its report, and the dataset before it ran."""
+    import tlcli.audit
+
+    before = snapshot(defects["root"])
+    report = tmp_path_factory.mktemp("audit-report") / "report"
+    r = tlcli.audit.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
+                          image_size=32, cache_dir=cache, batch_size=16, report_dir=report)
+    return r, report, before
+
+
+def test_finds_exactly_the_injected_defects(audited, defects):
+    r, _, _ = audited
+    assert [g.kind for g in r.near_duplicates] == ["train_val_leak", "train_val_leak", "exact"]
+    assert sorted((g.paths, g.splits, g.labels[0] == g.labels[1]) for g in r.near_duplicates[:2]) == \
+        sorted(([str(a), str(b)], ["train", "val"], True) for a, b in defects["leaks"])
+    assert r.near_duplicates[0].similarity >= r.near_duplicates[1].similarity  # most similar first
+    assert r.near_duplicates[2].paths == [str(p) for p in defects["exact"]]
+    assert r.near_duplicates[2].similarity == 1.0
+    assert all(r.thresholds["near_duplicate"] <= g.similarity < 1.0 for g in r.near_duplicates[:2])
+    assert [(m.path, m.label, m.suggested_label) for m in r.likely_mislabeled] == [(str(defects["flipped"]), "green",
+                                                                                    "red")]
+    assert 0.5 < r.likely_mislabeled[0].score <= 1.0
+    assert [(o.path, o.label) for o in r.outliers] == [(str(defects["placeholder"]), "blue")]
+    assert r.class_counts == {"train": {"blue": 12, "green": 11, "red": 9}, "val": {"blue": 4, "green": 5, "red": 5}}
+    assert r.imbalance == pytest.approx(12 / 9, abs=1e-4)
+    assert r.image_stats["images"] == 46 and r.image_stats["width"]["max"] == round(48 * 1.3)
+
+
+def test_the_audit_changes_nothing_in_the_dataset(audited, defects):
+    assert snapshot(defects["root"]) == audited[2]
+
+
+def test_a_clean_set_has_no_near_duplicates_and_no_mislabels(tmp_path, histogram_backbone, cache):
+    import tlcli.audit
+
+    make_pictures(tmp_path / "clean", 12)
+    r = tlcli.audit.audit(tmp_path / "clean", backbone=str(histogram_backbone), image_size=32, cache_dir=cache,
+                          batch_size=16)
+    assert r.near_duplicates == [] and r.likely_mislabeled == []
+    assert sum(r.class_counts["val"].values()) == 6  # the default --val-split, as train splits it
+    # The threshold came from the calibration copies, and distinct pictures stay under it.
+    assert r.thresholds["calibration_copies"] == 4 * 30
+    assert r.thresholds["distinct_similarity"] < r.thresholds["near_duplicate"]
+
+
+def test_json_is_one_object_in_the_issue_schema_and_a_second_audit_extracts_nothing(audited, defects,
+                                                                                     histogram_backbone, cache):
+    result = run_cli("audit", defects["train"], "--val-dir", defects["val"], "--backbone", histogram_backbone,
+                     "--image-size", 32, "--cache-dir", cache, "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert list(d)[:6] == ["near_duplicates", "likely_mislabeled", "outliers", "class_counts", "skipped", "thresholds"]
+    for g in d["near_duplicates"]:
+        assert set(g) == {"paths", "labels", "splits", "similarity", "kind"}
+        assert len(g["paths"]) == len(g["labels"]) == len(g["splits"]) >= 2
+        assert g["kind"] in ("exact", "within_class", "across_classes", "train_val_leak")
+        assert all(isinstance(p, str) for p in g["paths"]) and isinstance(g["similarity"], float)
+    assert [set(m) for m in d["likely_mislabeled"]] == [{"path", "label", "suggested_label", "score"}]
+    assert [set(o) for o in d["outliers"]] == [{"path", "label", "score"}]
+    assert set(d["class_counts"]) == {"train", "val"} and d["skipped"] == []
+    assert {"near_duplicate", "outlier", "mislabel"} <= set(d["thresholds"])
+    assert d["extracted"] == 0  # every feature came from the cache the library run filled
+    assert d["near_duplicates"] == [vars(g) for g in audited[0].near_duplicates]
+
+
+def test_tables_show_paths_relative_to_dir(audited, defects, histogram_backbone, cache):
+    result = run_cli("audit", defects["train"], "--val-dir", defects["val"], "--backbone", histogram_backbone,
+                     "--image-size", 32, "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    assert "green/red_07.jpg" in result.stdout and "blue/placeholder.png" in result.stdout
+    assert "red/copy_of_red_03.jpg (red, val)" in result.stdout  # under --val-dir: relative to it
+    assert str(defects["flipped"]) not in result.stdout and str(defects["placeholder"]) not in result.stdout
+    assert "train_val_leak" in result.stdout and "remove the copies from one split" in result.stdout
+
+
+def test_report_folder_holds_the_page_and_one_csv_per_kind_and_is_not_overwritten(audited, defects,
+                                                                                 histogram_backbone, cache):
+    import tlcli.audit
+    from tlcli.errors import OutputExistsError, UsageError
+
+    r, report, _ = audited
+    assert set(r.files) == {"audit.html", "near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv"}
+    rows = (report / "near_duplicates.csv").read_text().splitlines()
+    assert rows[0] == "group,kind,similarity,path,label,split" and len(rows) == 1 + 6
+    assert (report / "likely_mislabeled.csv").read_text().splitlines()[1].startswith(f"{defects['flipped']},green,red,")
+    page = (report / "audit.html").read_text()
+    assert page.count('<img src="data:image/jpeg;base64,') == 6 + 1 + 1 and "http" not in page
+    options = dict(val_dir=defects["val"], backbone=str(histogram_backbone), image_size=32, cache_dir=cache)
+    with pytest.raises(OutputExistsError, match="--report .*not empty.*--force"):
+        tlcli.audit.audit(defects["train"], report_dir=report, **options)
+    with pytest.raises(UsageError, match="--report .*image folder"):
+        tlcli.audit.audit(defects["train"], report_dir=defects["train"] / "report", **options)
+    assert not (defects["train"] / "report").exists()
+
+
+def test_train_warns_in_one_line_and_records_the_counts(defects, histogram_backbone, tmp_path):
+    import tlcli
+    from tlcli import bundle
+    from tlcli.progress import Warn
+
+    warnings = []
+    r = tlcli.train(defects["train"], val_dir=str(defects["val"]), out=str(tmp_path / "model"),
+                    backbone=str(histogram_backbone), image_size=32, epochs=60, batch_size=16, tensorboard=None,
+                    cache_dir=str(tmp_path / "cache"),
+                    progress=lambda e: warnings.append(e.message) if isinstance(e, Warn) else None)
+    ours = [w for w in warnings if "tlcli audit" in w]
+    assert ours == [f"2 group(s) of identical or near-identical images across train and val and 1 likely "
+                    f"mislabelled training image(s); run 'tlcli audit {defects['train']} --val-dir "
+                    f"{defects['val']}' to see them"]
+    assert ours[0] in r.warnings
+    meta = bundle.load(tmp_path / "model").meta
+    assert meta.audit == {"train_val_duplicates": 2, "likely_mislabeled": 1, "cross_validated": 32}
+    # An audit after training extracts nothing: the same scan, split and feature cache.
+    import tlcli.audit
+
+    a = tlcli.audit.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
+                          image_size=32, cache_dir=tmp_path / "cache", batch_size=16)
+    assert (a.extracted, a.cached) == (0, 46)
+
+
+def test_a_bundle_made_before_the_audit_field_loads(bundle_copy):
+    from tlcli import bundle
+
+    meta_path = bundle_copy / "tlcli.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("audit", None)
+    meta_path.write_text(json.dumps(meta))
+    meta = bundle.load(bundle_copy).meta
+    assert meta.audit is None and "audit" not in meta.to_dict()
+
+
+# ---- the pieces ------------------------------------------------------------------------------
+
+def test_blocked_search_equals_the_full_matrix_and_groups_join_chains():
+    from tlcli import neighbours
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 20)).astype(np.float32)
+    X[7] = X[3] * 2.0            # the same direction: similarity 1
+    X[150] = X[3] + 1e-3         # nearly
+    found = neighbours.top_k(X, 3, block=64)
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = U @ U.T
+    np.fill_diagonal(S, -np.inf)
+    assert (found.index[:, 0] == S.argmax(axis=1)).all()
+    np.testing.assert_allclose(found.similarity, -np.sort(-S, axis=1)[:, :3], atol=1e-5)
+    pairs = found.pairs(0.999)
+    assert [(i, j) for i, j, _ in pairs] == [(3, 7), (3, 150), (7, 150)]
+    assert neighbours.groups(300, pairs) == [[3, 7, 150]]
+    assert neighbours.groups(6, [(0, 1), (4, 5), (1, 2)]) == [[0, 1, 2], [4, 5]]
+    above = neighbours.pairs_above(X, 0.5, block=64)  # the upper triangle, across blocks
+    assert [(i, j) for i, j, _ in above] == [(i, j) for i in range(300) for j in range(i + 1, 300) if S[i, j] >= 0.5]
+    assert len(above) > 3
+    same = np.repeat(X[:1], 10, axis=0)  # ten identical rows, each keeping its 3 best: still one group
+    assert neighbours.groups(10, neighbours.pairs_above(same, 0.99, max_per_row=3, block=4)) == [list(range(10))]
+    sub = neighbours.top_k(X, 1, rows=[150, 10])
+    assert sub.index[:, 0].tolist() == [int(S[150].argmax()), int(S[10].argmax())]
+
+
+def test_confident_learning_flags_only_what_another_class_claims():
+    from tlcli.audit import confident_learning
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.05, 0.95],   # labelled 0: the third looks like a 1
+                      [0.2, 0.8], [0.1, 0.9], [0.5, 0.5]])    # labelled 1: the last is merely unsure
+    y = np.array([0, 0, 0, 1, 1, 1])
+    flagged, t = confident_learning(probs, y)
+    np.testing.assert_allclose(t, [(0.9 + 0.8 + 0.05) / 3, (0.8 + 0.9 + 0.5) / 3])
+    assert flagged == [(2, 1, pytest.approx(0.95))]
+
+
+# ---- the pages in a real browser ---------------------------------------------------------------
+
+def test_reports_open_in_headless_chromium_with_every_thumbnail(audited, trained_bundle, colour_data, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing; CI must run the browser test (.ci/run installs chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    import tlcli
+
+    # A red picture filed as blue: evaluate's page shows it as a confident mistake.
+    shutil.copytree(colour_data, tmp_path / "eval")
+    shutil.copyfile(colour_data / "red" / "red_0.jpg", tmp_path / "eval" / "blue" / "filed_wrong.jpg")
+    e = tlcli.evaluate(tmp_path / "eval", model_dir=trained_bundle, report_dir=tmp_path / "eval-report")
+    pages = {audited[1] / "audit.html": 8, Path(e.files["mistakes.html"]): 1}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
+                       else route.continue_())  # offline: any other request would fail
+            for path, n in pages.items():
+                page.goto(path.as_uri())
+                page.wait_for_load_state("load")
+                widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+                assert len(widths) == n and all(w > 0 for w in widths), (path, widths)
+                shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("L")
+                assert np.asarray(shot, np.float32).std() > 10, f"{path.name}: the screenshot is blank"
+            assert "true blue, predicted red" in page.content()
+        finally:
+            browser.close()
+
+
+def test_bad_options_and_folders_are_one_line_errors(tmp_path, defects):
+    for args, code, word in ((["--val-split", "1.5"], 2, "--val-split"), (["--image-size", "4"], 2, "--image-size")):
+        result = run_cli("audit", defects["train"], *args)
+        assert result.exit_code == code and word in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("audit", tmp_path / "missing")
+    assert result.exit_code == 1 and "no such directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,150 @@
+"""One self-contained HTML page of image findings, for ``audit --report`` and ``evaluate --report``.
+
+A page is a title, a few summary lines and sections; a section holds groups of cards shown side
+by side, a card one image (a JPEG thumbnail made by Pillow, embedded as a ``data:`` URI) with
+caption lines. Nothing is fetched from anywhere, so the page opens offline; every text is
+HTML-escaped. ``write_csv`` writes the one-row-per-finding tables beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcli import bundle, files, images
+from tlcli.errors import OutputExistsError, UsageError
+
+THUMBNAIL = 160  # the longer side of a thumbnail, in pixels
+
+
+@dataclass
+class Card:
+    """One image: ``path`` as the finding names it, ``lines`` of caption (the first in bold)."""
+
+    path: str
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    """A heading, a sentence saying what the groups are, and the groups (lists of cards)."""
+
+    title: str
+    note: str = ""
+    groups: list[list[Card]] = field(default_factory=list)
+    # A plain table instead of (or after) the cards: header and rows of text.
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+
+
+def shown_path(path: str, root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``root`` when it lies under it (as tables show it), else as given."""
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)))
+    except ValueError:
+        return str(path)
+
+
+def thumbnail(path: str | os.PathLike, *, size: int = THUMBNAIL) -> str | None:
+    """A ``data:image/jpeg;base64,...`` URI of the image at ``path`` scaled to fit ``size``
+    pixels, or None when it cannot be decoded (it changed, or it is one of the skipped files)."""
+    try:
+        img = images.load_rgb(path)
+    except images.ImageError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+.note{color:#555}.group{display:flex;flex-wrap:wrap;gap:12px;padding:10px;margin:10px 0;
+border:1px solid #ddd;border-radius:6px;background:#fafafa}
+.card{width:170px;font-size:12px;overflow-wrap:anywhere}
+.card img{display:block;max-width:160px;max-height:160px;border:1px solid #bbb}
+.missing{width:160px;height:100px;display:flex;align-items:center;justify-content:center;
+background:#eee;color:#888}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+"""
+
+
+def page(title: str, summary: list[str], sections: list[Section]) -> str:
+    """The HTML text of a page (see the module docstring). Each distinct image path is
+    thumbnailed once."""
+    esc = html.escape
+    cache: dict[str, str | None] = {}
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    out += [f'<p class="note">{esc(line)}</p>' for line in summary]
+    for s in sections:
+        out.append(f"<h2>{esc(s.title)}</h2>")
+        if s.note:
+            out.append(f'<p class="note">{esc(s.note)}</p>')
+        groups = [g for g in s.groups if g]
+        if not groups and not s.rows:
+            out.append("<p>None found.</p>")
+        for group in groups:
+            out.append('<div class="group">')
+            for card in group:
+                if card.path not in cache:
+                    cache[card.path] = thumbnail(card.path)
+                uri = cache[card.path]
+                img = (f'<img src="{uri}" alt="{esc(card.path)}">' if uri
+                       else '<div class="missing">no preview</div>')
+                caption = "".join(f"<div>{'<b>' if i == 0 else ''}{esc(line)}{'</b>' if i == 0 else ''}</div>"
+                                  for i, line in enumerate(card.lines))
+                out.append(f'<div class="card">{img}{caption}</div>')
+            out.append("</div>")
+        if s.header:
+            out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in s.rows]
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_page(path: str | os.PathLike, title: str, summary: list[str], sections: list[Section]) -> Path:
+    """Write ``page(...)`` to ``path`` atomically (``files.write_file``; raises ``TlcliError``)."""
+    files.write_file(path, page(title, summary, sections).encode("utf-8"))
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, header, rows) -> Path:
+    """A CSV file (UTF-8, a header row), written atomically (``files.write_file``)."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    files.write_file(path, text.getvalue().encode("utf-8"))
+    return Path(path)
+
+
+def prepare_dir(report_dir: str | os.PathLike, *, data, force: bool, option: str = "--report") -> Path:
+    """Create the report folder ``report_dir``, before any expensive work. Refused (``UsageError``):
+    one that is a file, cannot be created, is not writable, or is, lies inside or contains one of
+    the image folders ``data`` ((name, path) pairs); ``OutputExistsError`` for a folder that is
+    not empty, unless ``force`` (its files of the same names are then replaced, nothing else)."""
+    p = Path(report_dir)
+    bundle.check_apart(p, option, data)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{option} {p}: is a file; give a folder for the report")
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise OutputExistsError(f"{option} {p}: the folder is not empty; choose another, or pass --force to "
+                                "replace the report files in it")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {p}: cannot create the folder ({exc.strerror}); choose another") from None
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"{option} {p}: not writable; choose another folder")
+    return p
