@@ -11,9 +11,10 @@ PACKAGE = Path(tlcli.__file__).parent
 LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress"},   # plain values, no TensorFlow
     {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
-    {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy"},  # one concern each
+    {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
+     "cluster"},  # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
-    {"features", "finetuning", "inference"},                                 # the steps
+    {"features", "finetuning", "inference", "distributed"},                  # the steps
     {"training", "export", "evaluation", "models"},                          # the commands, as functions
     {"render"},
     {"cli"},

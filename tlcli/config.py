@@ -28,6 +28,7 @@ class Strategy(StrEnum):
     DEFAULT = "default"
     MIRRORED = "mirrored"
     TPU = "tpu"
+    MULTI_WORKER = "multi_worker"
 
 
 class Engine(StrEnum):

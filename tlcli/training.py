@@ -16,7 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
-from tlcli import bundle, data, files, metrics, run_state, summaries
+from tlcli import bundle, data, distributed, files, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
@@ -25,7 +25,7 @@ from tlcli.progress import Callback, End, Epoch, Info, Start, silent
 
 @dataclass
 class TrainResult:
-    model_dir: str
+    model_dir: str | None  # None on a cluster's other workers (only the chief writes the bundle)
     labels: list[str]
     train_counts: dict[str, int]
     val_counts: dict[str, int]
@@ -46,6 +46,10 @@ class TrainResult:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
+    # With --strategy multi_worker: this worker's number (0: the chief), and every worker's extracted count.
+    worker: int | None = None
+    workers: int = 1
+    extracted_by_worker: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +79,8 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     progress is kept for ``resume=True``).
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
+    node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
+    cfg = node.config if node else cfg
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
@@ -92,7 +98,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
 
         path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
         bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
-        return _run(cfg, spec, path, state, progress)
+        return distributed.run(node, _run, cfg, spec, path, state, progress)
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, progress: Callback) -> TrainResult:
@@ -116,7 +122,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
-            features.compute_views, splits.train + splits.val, extractors=(models.extractor, models.flip_extractor),
+            distributed.views_step(chosen), splits.train + splits.val, extractors=(models.extractor, models.flip_extractor),
             cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
