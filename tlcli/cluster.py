@@ -157,7 +157,8 @@ class Watch:
 
     def __init__(self, cluster: Cluster, *, interval: float = INTERVAL_SECONDS, failures: int = FAILURES,
                  startup: float = STARTUP_SECONDS, grace: float = GRACE_SECONDS):
-        self.cluster, self.interval, self.failures, self.startup, self.grace = cluster, interval, failures, startup, grace
+        self.cluster, self.interval, self.failures = cluster, interval, failures
+        self.startup, self.grace = startup, grace
         self.dead: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tlcli-cluster-watch", daemon=True)

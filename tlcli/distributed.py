@@ -34,25 +34,26 @@ class Node:
     scratch: Path | None = None
 
 
-def join(cfg: TrainConfig) -> Node | None:
+def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     """Join the cluster ``cfg.strategy`` asks for (``strategy.wants_cluster``), creating the
-    strategy now, before anything starts TensorFlow; None on one machine. A non-chief worker
+    strategy now, before anything starts TensorFlow. Returns (the config this worker runs, the
+    node), or (``cfg``, None) on one machine. A non-chief worker
     gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
     the chief's resume state, so ``--out`` must be on a folder every worker sees."""
     from tlcli import strategy
 
     found = strategy.wants_cluster(cfg.strategy)
     if found is None:
-        return None
+        return cfg, None
     strategy.choose(cfg.strategy)
     if found.is_chief:
-        return Node(found, cfg, cfg.out)
+        return cfg, Node(found, cfg, cfg.out)
     scratch = Path(tempfile.mkdtemp(prefix=f"tlcli-worker{found.index}-"))
     mine = cfg.replace(out=str(scratch / "model"), tensorboard=None)
     chief_partial = run_state.partial_dir(cfg.out)
     if cfg.resume and chief_partial.is_dir():
         shutil.copytree(chief_partial, run_state.partial_dir(mine.out))
-    return Node(found, mine, cfg.out, scratch)
+    return mine, Node(found, mine, cfg.out, scratch)
 
 
 def run(node: Node | None, recipe, *args):
@@ -66,13 +67,14 @@ def run(node: Node | None, recipe, *args):
     try:
         with clusters.Watch(node.cluster):
             result = recipe(*args)
-            counts = clusters.gather_counts(strategy.choose(node.config.strategy).strategy, node.cluster, [result.extracted])
+            chosen = strategy.choose(node.config.strategy)
+            counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
     finally:
         if node.scratch is not None:
             shutil.rmtree(node.scratch, ignore_errors=True)
     return dataclasses.replace(
-        result, model_dir=node.out if node.cluster.is_chief else None, worker=node.cluster.index,
-        workers=node.cluster.size, extracted_by_worker=[row[0] for row in counts])
+        result, model_dir=result.model_dir if node.cluster.is_chief else None, worker=node.cluster.index,
+        extracted_by_worker=[row[0] for row in counts])
 
 
 def views_step(chosen):

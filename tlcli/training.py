@@ -46,9 +46,8 @@ class TrainResult:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
-    # With --strategy multi_worker: this worker's number (0: the chief), and every worker's extracted count.
+    # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
     worker: int | None = None
-    workers: int = 1
     extracted_by_worker: list[int] | None = None
 
     def to_dict(self) -> dict:
@@ -79,8 +78,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     progress is kept for ``resume=True``).
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
-    node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
-    cfg = node.config if node else cfg
+    cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
@@ -105,7 +103,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import features, finetuning, plots, serving
+    from tlcli import finetuning, plots, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -122,7 +120,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
-            distributed.views_step(chosen), splits.train + splits.val, extractors=(models.extractor, models.flip_extractor),
+            distributed.views_step(chosen), splits.train + splits.val,
+            extractors=(models.extractor, models.flip_extractor),
             cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,

@@ -1,0 +1,179 @@
+"""Training on a cluster: two local worker processes with TF_CONFIG on 127.0.0.1 (CPU only),
+TF_CONFIG parsing, shares, and a worker that dies mid-run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import make_colour_dataset
+
+CLI = "import sys; from tlcli.cli import run; sys.argv[0] = 'tlcli'; run()"
+TRAIN = ["--image-size", "32", "--epochs", "60", "--batch-size", "4", "--tensorboard", "none", "--json"]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_cluster(tmp_path, args, n=2):
+    """``n`` worker processes running ``tlcli train args``, each with its own TMPDIR."""
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    procs = []
+    for i in range(n):
+        tmp = tmp_path / f"tmp{i}"
+        tmp.mkdir()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp), TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, tiny_backbone):
+    """One fine-tuning run on two workers (the chief writes ``model``), and one on a single
+    process with the same settings, on the same images; and a test set of new images."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    data = make_colour_dataset(tmp / "images", per_class=10)
+    test = make_colour_dataset(tmp / "test", per_class=4, start=100)
+    args = [data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune", "--fine-tune-epochs", "2",
+            "--cache-dir", tmp / "cache"]
+    (tmp / "out").mkdir()
+    began = time.monotonic()
+    procs = _start_cluster(tmp, [*args, "--out", tmp / "out" / "model"])
+    # At the same time, into a cache of its own: it extracts everything itself.
+    single = subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args), "--strategy", "default",
+                               "--cache-dir", tmp / "cache1", "--out", tmp / "single"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    done = [p.communicate(timeout=240) for p in procs]
+    seconds = time.monotonic() - began
+    return dict(tmp=tmp, test=test, procs=procs, done=done, seconds=seconds, single=(single, single.communicate()))
+
+
+CLUSTER = pytest.mark.cluster  # each run starts 2-3 TensorFlow processes: 1.5-2.5 min on 2 shared cores
+
+
+def _result(stdout):
+    return json.loads(stdout)
+
+
+@CLUSTER
+def test_two_workers_both_succeed_and_share_the_extraction(cluster_run):
+    for p, (out, err) in zip(cluster_run["procs"], cluster_run["done"]):
+        assert p.returncode == 0, err[-3000:]
+    chief, other = (_result(out) for out, _ in cluster_run["done"])
+    assert (chief["worker"], other["worker"]) == (0, 1)
+    assert chief["replicas"] == 2 and chief["global_batch_size"] == 8  # 4 per replica x 2 workers
+    assert "MultiWorkerMirroredStrategy" in chief["strategy"]
+    images = 30
+    # Each extracts its half of the images: before fine-tuning (plain view) and after it (plain + mirror).
+    assert chief["extracted_by_worker"] == other["extracted_by_worker"] == [chief["extracted"], other["extracted"]]
+    assert chief["extracted"] == other["extracted"] == 3 * images // 2
+    assert cluster_run["seconds"] < 120
+
+
+@CLUSTER
+def test_only_the_chief_writes_the_bundle(cluster_run):
+    tmp = cluster_run["tmp"]
+    chief, other = (_result(out) for out, _ in cluster_run["done"])
+    assert chief["model_dir"] == str(tmp / "out" / "model") and other["model_dir"] is None
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["model"]  # no lock, partial or staging left
+    assert (tmp / "out" / "model" / "saved_model.pb").is_file()
+    # The other worker's private place (under its TMPDIR) is gone; the chief had none.
+    assert [p for i in (0, 1) for p in (tmp / f"tmp{i}").glob("tlcli-*")] == []
+
+
+@CLUSTER
+def test_cluster_model_matches_a_single_process_run(cluster_run):
+    import tlcli
+
+    single, (stdout, stderr) = cluster_run["single"]
+    assert single.returncode == 0, stderr[-3000:]
+    one, chief = _result(stdout), _result(cluster_run["done"][0][0])
+    assert chief["labels"] == one["labels"]
+    assert chief["fine_tune_epochs"] == 2
+    tmp, test = cluster_run["tmp"], cluster_run["test"]
+    on_cluster = tlcli.evaluate(test, model_dir=tmp / "out" / "model").report.accuracy
+    alone = tlcli.evaluate(test, model_dir=tmp / "single").report.accuracy
+    assert on_cluster >= alone - 1e-9 and on_cluster >= 0.9
+
+
+@CLUSTER
+def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_backbone, colour_data):
+    out = tmp_path / "model"
+    procs = _start_cluster(tmp_path, [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune",
+                                      "--fine-tune-epochs", "500", "--fine-tune-patience", "500", "--cache-dir",
+                                      tmp_path / "cache", "--out", out])
+    try:
+        partial = tmp_path / ".model.partial" / "fine-tune"
+        deadline = time.monotonic() + 120
+        while not partial.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        assert partial.exists(), procs[0].communicate(timeout=30)[1][-3000:]  # the chief is fine-tuning
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=90)
+        assert time.monotonic() - killed < 45
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[0].returncode == 1
+    lines = [line for line in err.splitlines() if "worker 1" in line]
+    assert lines and "stopped" in lines[-1] and "127.0.0.1:" in lines[-1], err[-3000:]
+    assert not out.exists()
+
+
+def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
+    from tlcli import cluster
+
+    spec = {"cluster": {"worker": ["h1:1001", "h2:1002"], "chief": ["h0:1000"]}, "task": {"type": "worker", "index": 1}}
+    c = cluster.from_env({"TF_CONFIG": json.dumps(spec)})
+    assert c.workers == ("h0:1000", "h1:1001", "h2:1002") and c.index == 2 and not c.is_chief
+    items = list(range(10))
+    shares = [cluster.Cluster(c.workers, i).share(items) for i in range(3)]
+    assert sorted(sum(shares, [])) == items and [len(s) for s in shares] == [4, 3, 3]
+    assert list(cluster.Cluster(c.workers, 1).positions(10)) == shares[1]
+    assert cluster.from_env({}) is None and cluster.Cluster(c.workers, 0).is_chief
+
+
+@pytest.mark.parametrize("raw, why", [
+    ("{not json", "not valid JSON"),
+    ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "'ps'"),
+    ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task worker 2"),
+    ('{"cluster": {"worker": ["a:1"]}}', '"task"'),
+])
+def test_bad_tf_config_is_one_line_naming_it(raw, why):
+    from tlcli import cluster
+    from tlcli.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        cluster.from_env({"TF_CONFIG": raw})
+    message = str(info.value)
+    assert message.startswith("TF_CONFIG: ") and why in message and "\n" not in message
+
+
+def test_multi_worker_without_tf_config_is_a_usage_error(monkeypatch):
+    from tlcli import strategy
+    from tlcli.errors import UsageError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UsageError, match="--strategy multi_worker: TF_CONFIG is not set"):
+        strategy.choose("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker",
+                                                                                         "index": 0}}))
+    assert strategy.wants_cluster("auto") is None  # one worker: no cluster to join
+    assert strategy.wants_cluster("multi_worker").size == 1
