@@ -70,7 +70,7 @@ def _result(stdout):
 
 @CLUSTER
 def test_two_workers_both_succeed_and_share_the_extraction(cluster_run):
-    for p, (out, err) in zip(cluster_run["procs"], cluster_run["done"]):
+    for p, (_, err) in zip(cluster_run["procs"], cluster_run["done"]):
         assert p.returncode == 0, err[-3000:]
     chief, other = (_result(out) for out, _ in cluster_run["done"])
     assert (chief["worker"], other["worker"]) == (0, 1)
