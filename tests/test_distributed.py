@@ -177,3 +177,54 @@ def test_multi_worker_without_tf_config_is_a_usage_error(monkeypatch):
                                                                                          "index": 0}}))
     assert strategy.wants_cluster("auto") is None  # one worker: no cluster to join
     assert strategy.wants_cluster("multi_worker").size == 1
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_fine_tuning_under_a_mixed_policy_saves_a_float32_model(tmp_path, train_args, colour_data, policy):
+    """The hub layer (traced for float32) trains under the policy; the head's weights reach the
+    saved float32 model, whose SavedModel and TFLite file take and give float32."""
+    import numpy as np
+
+    import tlcli
+    from tlcli._tf import keras, tf
+
+    out = tmp_path / "model"
+    r = tlcli.train(colour_data, out=str(out), **{**train_args, "batch_size": 4}, fine_tune=True,
+                    fine_tune_epochs=2, precision=policy, fine_tune_learning_rate=1e-3)
+    assert r.fine_tune_epochs == 2 and r.val_accuracy >= 0.8
+    assert keras().mixed_precision.global_policy().name == "float32"  # put back after fine-tuning
+    loaded = tf().saved_model.load(str(out))
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.dtype == tf().float32
+    probs = next(iter(serve(tf().zeros([2, 32, 32, 3])).values()))
+    assert probs.dtype == tf().float32 and np.allclose(np.sum(probs, axis=1), 1.0, atol=1e-5)
+    e = tlcli.export_tflite(out)
+    assert e.agreement == 1.0
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(e.path))
+    assert [d["dtype"] for d in interp.get_input_details()] == [np.float32]
+    assert [d["dtype"] for d in interp.get_output_details()] == [np.float32]
+
+
+def test_auto_precision_follows_the_hardware():
+    from tlcli import precision
+
+    assert precision.resolve("auto", kind="CPU") == "float32"
+    assert precision.resolve("auto", kind="TPU") == "mixed_bfloat16"
+    assert precision.resolve("auto", kind="GPU", capability=(8, 0)) == "mixed_float16"
+    assert precision.resolve("auto", kind="GPU", capability=(6, 1)) == "float32"
+    assert precision.resolve("mixed_bfloat16", kind="CPU") == "mixed_bfloat16"
+    assert precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert not precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f avx512_vnni\n")
+
+
+def test_unknown_precision_is_a_usage_error(train_args, colour_data, tmp_path):
+    import tlcli
+    from tlcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--precision float8: must be one of auto, float32"):
+        tlcli.train(colour_data, out=str(tmp_path / "m"), **train_args, precision="float8")

@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress"},   # plain values, no TensorFlow
     {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
-     "cluster"},  # one concern each
+     "cluster", "precision"},  # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
     {"features", "finetuning", "inference", "distributed"},                  # the steps
     {"training", "export", "evaluation", "models"},                          # the commands, as functions

@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from tlcli import data
+from tlcli import data, precision
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig
 from tlcli.errors import UsageError
-from tlcli.progress import Callback, End, Epoch, Start
+from tlcli.progress import Callback, End, Epoch, Info, Start
 from tlcli.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -53,31 +53,54 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     ``UsageError`` for a damaged checkpoint on resume."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
     num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
-    train_model = one_view if not micro_batch else _micro_batch_model_class()(
-        one_view.input, one_view.output, name="classifier", micro_batch=micro_batch)
-    k, t = keras(), tf()
-    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
-                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                        metrics=["accuracy"])
-    # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
-    start = backbone.layer.get_weights()
+    t = tf()
     onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+    # Built before the policy is set: the augmentation layers compute in float32.
     ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
-                            augment_seed=cfg.seed if cfg.augment else None)
+                            augment_seed=cfg.seed if cfg.augment else None).map(onehot)
     val = None
     if holdout:
         val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
-    callback = _epoch_callback_class()(
-        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
-        patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
-        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
-    _fit(train_model, ds.map(onehot), callback, validation=val, class_weight=class_weight)
+    kind = precision.device_kind()
+    policy = precision.resolve(cfg.precision, kind=kind)
+    progress(Info(f"fine-tuning precision: {policy}" + (" (auto)" if cfg.precision == "auto" else "")))
+    # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
+    start = backbone.layer.get_weights()
+    with precision.policy(policy, kind=kind):
+        _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
+               class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
     return not unchanged
+
+
+def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
+           cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars) -> None:
+    """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
+    ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
+    (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
+    ``one_view``'s head at the end."""
+    from tlcli import model
+
+    k = keras()
+    head = one_view.get_layer("head")
+    trained = one_view if policy == "float32" else model.build_classifier(
+        backbone_layer, model.head_under_policy(head, policy), image_size)
+    train_model = trained if not micro_batch else _micro_batch_model_class()(
+        trained.input, trained.output, name="classifier", micro_batch=micro_batch)
+    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
+                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                        metrics=["accuracy"])
+    callback = _epoch_callback_class()(
+        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
+        patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
+        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
+    _fit(train_model, ds, callback, validation=val, class_weight=class_weight)
+    if trained is not one_view:
+        head.layers[-1].set_weights(trained.get_layer("head").layers[1].get_weights())
 
 
 def _fit(m, train, callback, *, validation, class_weight) -> None:
@@ -119,6 +142,7 @@ def _micro_batch_model_class():
             x, y, weight = k.utils.unpack_x_y_sample_weight(data)
             n = t.shape(x)[0]
             variables = self.trainable_variables
+            scaling = isinstance(self.optimizer, k.mixed_precision.LossScaleOptimizer)
 
             def add_slice(start, *total):
                 end = t.minimum(start + self.micro_batch, n)
@@ -130,7 +154,11 @@ def _micro_batch_model_class():
                     # share of the batch, the slices add up to the batch's loss.
                     loss = self.compiled_loss(ys, probs, ws, regularization_losses=self.losses)
                     scaled = loss * t.cast(end - start, loss.dtype) / t.cast(n, loss.dtype)
+                    if scaling:  # mixed_float16: scaled up so small gradients survive float16
+                        scaled = self.optimizer.get_scaled_loss(scaled)
                 grads = tape.gradient(scaled, variables)
+                if scaling:
+                    grads = self.optimizer.get_unscaled_gradients(grads)
                 self.compiled_metrics.update_state(ys, probs, ws)
                 return (end, *[a + g for a, g in zip(total, grads)])
 
