@@ -228,3 +228,90 @@ def test_unknown_precision_is_a_usage_error(train_args, colour_data, tmp_path):
 
     with pytest.raises(UsageError, match="--precision float8: must be one of auto, float32"):
         tlcli.train(colour_data, out=str(tmp_path / "m"), **train_args, precision="float8")
+
+
+# ---- TPU, as far as a CPU goes ------------------------------------------------------------------
+
+def _batches(n, batch):
+    import numpy as np
+
+    from tlcli._tf import tf
+
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+    y = np.eye(2, dtype=np.float32)[np.arange(n) % 2]
+    return tf().data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def test_static_batches_drop_the_remainder_or_pad_it_with_zero_weights():
+    import numpy as np
+
+    from tlcli.finetuning import static_batches
+
+    dropped = list(static_batches(_batches(10, 4), 4))
+    assert [b[0].shape[0] for b in dropped] == [4, 4]
+    padded = static_batches(_batches(10, 4), 4, pad=True)
+    assert padded.element_spec[0].shape.as_list() == [4, 2, 2, 3]  # static: known at graph time
+    batches = list(padded)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 4]
+    weights = np.concatenate([b[2].numpy() for b in batches])
+    assert weights.tolist() == [1.0] * 10 + [0.0] * 2
+    images = np.concatenate([b[0].numpy() for b in batches])
+    assert images[:10, 0, 0, 0].tolist() == list(range(10)) and not images[10:].any()
+    assert len(list(static_batches(_batches(8, 4), 4, pad=True))) == 2  # nothing to pad: no empty batch
+
+
+def test_padding_is_masked_out_of_the_accuracy():
+    from tlcli._tf import keras
+    from tlcli.finetuning import static_batches
+
+    k = keras()
+    inputs = k.Input((2, 2, 3))
+    # Predicts class 1 for every image: right on the odd ones, so 5 of 10 (3 of 7 with padding as class 0).
+    probs = k.layers.Lambda(lambda x: k.backend.one_hot(k.backend.cast(k.backend.sum(x, axis=[1, 2, 3]) * 0 + 1,
+                                                                     "int32"), 2))(inputs)
+    m = k.Model(inputs, probs)
+    m.compile(loss="categorical_crossentropy", weighted_metrics=["accuracy"])
+    _, plain = m.evaluate(_batches(10, 4), verbose=0)
+    _, masked = m.evaluate(static_batches(_batches(10, 4), 4, pad=True), verbose=0)
+    assert plain == pytest.approx(0.5) and masked == pytest.approx(0.5)
+
+
+def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
+    """No TPU here: auto falls back, --strategy tpu is one line. With a resolver that finds one
+    (faked), the system is initialised and TPUStrategy is built on it, loading from the host."""
+    from tlcli import strategy
+    from tlcli._tf import tf
+    from tlcli.errors import UsageError
+
+    t = tf()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver"):
+        strategy.choose("tpu")
+    calls = []
+
+    class Resolver:
+        def __init__(self, *args, **kwargs):
+            calls.append("resolve")
+
+    class FakeTPUStrategy:
+        num_replicas_in_sync = 8
+
+        def __init__(self, resolver):
+            calls.append(("strategy", type(resolver).__name__))
+
+    monkeypatch.setattr(t.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+    monkeypatch.setattr(t.config, "experimental_connect_to_cluster", lambda r: calls.append("connect"))
+    monkeypatch.setattr(t.tpu.experimental, "initialize_tpu_system", lambda r: calls.append("initialize"))
+    monkeypatch.setattr(t.distribute, "TPUStrategy", FakeTPUStrategy)
+    chosen = strategy.choose("auto")
+    assert calls == ["resolve", "connect", "initialize", ("strategy", "Resolver")]
+    assert chosen.name == "tpu" and chosen.replicas == 8 and chosen.accelerator
+    assert chosen.io_device == "/job:localhost" and chosen.static_shapes
+
+
+def test_backbone_loads_through_the_host_io_device(tiny_backbone):
+    from tlcli import backbone
+
+    spec = backbone.resolve_spec(str(tiny_backbone), 32)
+    loaded = backbone.load(spec, io_device="/job:localhost")
+    assert loaded.feature_dim == backbone.load(spec).feature_dim and loaded.image_size == 32

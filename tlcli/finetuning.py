@@ -42,13 +42,14 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
-              scalars) -> bool:
+              scalars, static: bool = False) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
     ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
     monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
     (``micro_batch_size``). Each epoch is checkpointed under ``partial/fine-tune/`` and recorded
     in ``state`` (``state.fine_tune``, ``state.history[PHASE]``), saved to ``partial``; a resumed
-    ``state`` continues from its checkpoint. Returns whether the backbone's weights changed
+    ``state`` continues from its checkpoint. With ``static`` (a TPU) every batch has the same
+    shape (``static_batches``). Returns whether the backbone's weights changed
     (False: the holdout never improved and the starting weights were restored). Raises
     ``UsageError`` for a damaged checkpoint on resume."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
@@ -63,6 +64,11 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     if holdout:
         val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
+    if static:
+        if len(fit) < batch_size:
+            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch ({batch_size}) is larger than the "
+                             f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
+        ds, val = static_batches(ds, batch_size), val and static_batches(val, batch_size, pad=True)
     kind = precision.device_kind()
     policy = precision.resolve(cfg.precision, kind=kind)
     progress(Info(f"fine-tuning precision: {policy}" + (" (auto)" if cfg.precision == "auto" else "")))
@@ -70,7 +76,8 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     start = backbone.layer.get_weights()
     with precision.policy(policy, kind=kind):
         _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
-               class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars)
+               class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
+               masked=static)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
@@ -78,11 +85,13 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
 
 
 def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
-           cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars) -> None:
+           cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
+           masked: bool = False) -> None:
     """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
     ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
     (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
-    ``one_view``'s head at the end."""
+    ``one_view``'s head at the end. ``masked``: the holdout's batches carry weights (padding: 0),
+    so accuracy is a weighted metric."""
     from tlcli import model
 
     k = keras()
@@ -93,7 +102,7 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
         trained.input, trained.output, name="classifier", micro_batch=micro_batch)
     train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
                         loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                        metrics=["accuracy"])
+                        metrics=None if masked else ["accuracy"], weighted_metrics=["accuracy"] if masked else None)
     callback = _epoch_callback_class()(
         train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
         patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
@@ -101,6 +110,23 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
     _fit(train_model, ds, callback, validation=val, class_weight=class_weight)
     if trained is not one_view:
         head.layers[-1].set_weights(trained.get_layer("head").layers[1].get_weights())
+
+
+def static_batches(ds, batch_size: int, *, pad: bool = False):
+    """``ds`` (batches of (images, targets)) as batches of exactly ``batch_size``: the last
+    partial batch is dropped, or with ``pad`` filled up with zero images whose weight is 0, so
+    elements become (images, targets, weights) with weight 1 for every real image. Weighted
+    metrics then leave the padding out; the mean loss Keras reports is that of the padded
+    batches (the real images' sum over the padded count), the same factor every epoch."""
+    t = tf()
+    flat = ds.unbatch()
+    if not pad:
+        return flat.batch(batch_size, drop_remainder=True)
+    flat = flat.map(lambda x, y: (x, y, t.constant(1.0)))
+    x, y, _ = flat.element_spec
+    filler = t.data.Dataset.from_tensors((t.zeros(x.shape, x.dtype), t.zeros(y.shape, y.dtype), t.constant(0.0)))
+    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches that hold an image.
+    return flat.concatenate(filler.repeat(batch_size - 1)).batch(batch_size, drop_remainder=True)
 
 
 def _fit(m, train, callback, *, validation, class_weight) -> None:

@@ -22,6 +22,16 @@ class Chosen:
     cluster: clusters.Cluster | None = None  # with multi_worker: this worker's place
 
     @property
+    def io_device(self) -> str | None:
+        """The device that reads the backbone's files: the local host on a TPU, else the default."""
+        return "/job:localhost" if self.name == "tpu" else None
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether every batch must have the same shape (a TPU compiles one program per shape)."""
+        return self.name == "tpu"
+
+    @property
     def replicas(self) -> int:
         return int(self.strategy.num_replicas_in_sync)
 

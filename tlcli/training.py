@@ -137,7 +137,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 improved = finetuning.fine_tune(
                     models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
                     accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-                    state=state, partial=partial, progress=progress, scalars=scalars)
+                    state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
                 # Kept its starting weights (the holdout never improved): the plain features still hold.
                 views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
                                  task="re-extract")
@@ -200,7 +200,7 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progr
         keras().utils.set_random_seed(cfg.seed)
         chosen = strategy.choose(cfg.strategy)
         with chosen.strategy.scope():
-            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path)
+            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
             splits = scan.result()
             progress(Info(f"strategy: {chosen.description}; global batch "
                            f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
