@@ -315,3 +315,20 @@ def test_backbone_loads_through_the_host_io_device(tiny_backbone):
     spec = backbone.resolve_spec(str(tiny_backbone), 32)
     loaded = backbone.load(spec, io_device="/job:localhost")
     assert loaded.feature_dim == backbone.load(spec).feature_dim and loaded.image_size == 32
+
+
+def test_summary_of_a_non_chief_worker_says_the_chief_writes_the_model():
+    from rich.console import Console
+
+    from tlcli import render
+    from tlcli.training import TrainResult
+
+    r = TrainResult(model_dir=None, labels=["a", "b"], train_counts={"a": 2, "b": 2}, val_counts={}, train_accuracy=1.0,
+                    val_accuracy=None, val_loss=None, head_epochs=3, fine_tune_epochs=0, extracted=2, cached=0,
+                    strategy="MultiWorkerMirroredStrategy", replicas=2, global_batch_size=8, seconds=1.0,
+                    worker=1, extracted_by_worker=[2, 2])
+    console = Console(width=200, record=True)
+    console.print(render.train_summary(r, tensorboard="logs"))
+    text = console.export_text()
+    assert "worker 1 of 2" in text and "2, 2" in text and "written by the chief" in text
+    assert "tensorboard" not in text
