@@ -332,3 +332,49 @@ def test_summary_of_a_non_chief_worker_says_the_chief_writes_the_model():
     text = console.export_text()
     assert "worker 1 of 2" in text and "2, 2" in text and "written by the chief" in text
     assert "tensorboard" not in text
+
+
+def _tf_config(monkeypatch, index, n=2):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker",
+                                                                                         "index": index}}))
+
+
+def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chiefs_state(tmp_path, monkeypatch):
+    from tlcli import distributed, run_state, strategy
+    from tlcli.config import TrainConfig
+
+    monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    out = tmp_path / "model"
+    chief_state = run_state.partial_dir(out) / "state.json"
+    chief_state.parent.mkdir()
+    chief_state.write_text('{"saved": "by the chief"}')
+    cfg = TrainConfig(out=str(out), resume=True, tensorboard="logs")
+
+    _tf_config(monkeypatch, 0)
+    mine, node = distributed.join(cfg)
+    assert mine is cfg and node.cluster.is_chief and node.scratch is None
+
+    _tf_config(monkeypatch, 1)
+    mine, node = distributed.join(cfg)
+    assert node.cluster.index == 1 and node.out == str(out)
+    assert mine.out.startswith(str(tmp_path / "tmp")) and mine.tensorboard is None
+    copied = run_state.partial_dir(mine.out) / "state.json"
+    assert copied.read_text() == '{"saved": "by the chief"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "tmp"]  # nothing new beside --out
+
+
+def test_joining_a_cluster_after_tensorflow_started_is_one_line(monkeypatch):
+    from tlcli import strategy
+    from tlcli._tf import tf
+    from tlcli.errors import UsageError
+
+    tf().constant(1.0) + 1  # this process's runtime is up
+    _tf_config(monkeypatch, 0)
+    with pytest.raises(UsageError, match="--strategy multi_worker: TensorFlow already started in this process"):
+        strategy.choose("auto")
