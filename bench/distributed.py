@@ -52,13 +52,19 @@ print(json.dumps({"marks": marks, "extracted": r.extracted, "train": sum(r.train
 COMM = r"""
 import json, sys, time
 import numpy as np
-from tlcli import strategy, cluster
+import tensorflow as tf
+from tlcli import strategy
 chosen = strategy.choose("multi_worker")
-vec = np.ones(int(sys.argv[1]), np.float32)
-cluster.all_sum(chosen.strategy, vec)  # warm-up: builds the collective
+s, vec = chosen.strategy, tf.ones([int(sys.argv[1])], tf.float32)
+
+@tf.function
+def step():  # one traced function, as in a training step: the all-reduce alone is timed
+    return s.run(lambda: tf.distribute.get_replica_context().all_reduce("sum", vec))
+
+step()  # warm-up: traces it and builds the collective
 began = time.perf_counter()
 for _ in range(int(sys.argv[2])):
-    cluster.all_sum(chosen.strategy, vec)
+    s.experimental_local_results(step())[0].numpy()
 print(json.dumps({"seconds": (time.perf_counter() - began) / int(sys.argv[2])}))
 """
 
@@ -140,6 +146,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=16, help="per replica")
     ap.add_argument("--steps", type=int, default=3, help="timed fine-tuning steps per precision")
+    ap.add_argument("--parts", default="extract,fine-tune,comm,precision",
+                    help="comma-separated: which of extract, fine-tune, comm, precision to run")
     a = ap.parse_args()
     require(HYMENOPTERA / "train", MOBILENET_V2)
     from tlcli import precision
@@ -148,15 +156,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tlcli-bench-") as t:
         tmp = Path(t)
         data = _subset(tmp / "images", a.images)
+        parts = set(a.parts.split(","))
         for fine_tune, what in ((False, "sharded extraction"), (True, "fine-tuning (1 epoch)")):
+            if ("fine-tune" if fine_tune else "extract") not in parts:
+                continue
             rate1, s1 = _train(data, tmp, f"{what[:4]}-1", 1, fine_tune=fine_tune, batch=a.batch_size)
             rate2, s2 = _train(data, tmp, f"{what[:4]}-2", 2, fine_tune=fine_tune, batch=a.batch_size)
             print(f"{what}: 1 worker {rate1:.1f} images/s ({s1:.1f} s), 2 workers {rate2:.1f} images/s "
                   f"({s2:.1f} s): x{rate2 / rate1:.2f}")
         params = 2_257_984  # MobileNetV2 100/224's trainable weights (with a 2-class head: + 2,562)
-        comm = _launch(COMM, [str(params), "10"], 2)
-        step_ms = max(r["seconds"] for r in comm) * 1e3
-        print(f"communication per step: all-reduce of {params * 4 / 1e6:.1f} MB between 2 workers: {step_ms:.1f} ms")
+        if "comm" in parts:
+            comm = _launch(COMM, [str(params), "10"], 2)
+            step_ms = max(r["seconds"] for r in comm) * 1e3
+            print(f"communication per step: all-reduce of {params * 4 / 1e6:.1f} MB between 2 workers: "
+                  f"{step_ms:.1f} ms")
+        if "precision" not in parts:
+            return
         times = {}
         for policy in ("float32", "mixed_bfloat16", "float32", "mixed_bfloat16"):  # interleaved: noise hits both
             (r,) = _launch(STEP, [str(MOBILENET_V2), policy, str(a.batch_size), str(a.steps)], 1)
