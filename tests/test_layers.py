@@ -12,9 +12,9 @@ LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress", "server_page"},  # plain values, no TF
     {"config", "files", "_tf", "head", "neighbours"},                        # options, writing, the numpy head
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
-     "html_report"},                                                         # one concern each
+     "html_report", "cluster", "precision"},                                 # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
-    {"features", "finetuning", "inference"},                                 # the steps
+    {"features", "finetuning", "inference", "distributed"},                  # the steps
     {"audit"},                                                               # training runs its cheap part
     {"training", "export", "evaluation", "models", "server"},                # the commands, as functions
     {"render"},

@@ -118,14 +118,18 @@ def _declared_output_shape(obj):
     return None
 
 
-def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None) -> LoadedBackbone:
+def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None,
+         io_device: str | None = None) -> LoadedBackbone:
     """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
     output [batch, features]. ``path`` is what ``fetch(spec)`` returned, when already known.
-    Raises ``BackboneError`` otherwise."""
+    ``io_device``: the device that reads the files (a TPU's: ``/job:localhost``, the host
+    that holds them, since the TPU workers cannot read local paths). Raises ``BackboneError``
+    otherwise."""
     path = path or fetch(spec)
     t = tf()
     try:
-        obj = hub().load(path)
+        options = t.saved_model.LoadOptions(experimental_io_device=io_device) if io_device else None
+        obj = hub().load(path, options=options)
     except Exception as exc:
         raise BackboneError(f"--backbone {spec.handle}: cannot load the SavedModel at {path} "
                             f"({type(exc).__name__}: {str(exc)[:160]})") from None

@@ -26,6 +26,7 @@ from tlcli.config import (
     SERVE_PORT,
     Engine,
     IOType,
+    Precision,
     Quantize,
     Strategy,
 )
@@ -184,10 +185,15 @@ def train(
         FINE_TUNING, "Fine-tuning takes each batch's gradient in slices of this many images (same update, less "
                      "memory); default: 8 on the CPU, whole batches on a GPU or TPU; 0 = whole batches.",
         show_default=False)] = DEFAULTS.fine_tune_micro_batch,
+    precision: Annotated[Precision, _opt(FINE_TUNING, "Fine-tuning arithmetic (auto: mixed_float16 on a GPU of "
+                                                      "compute capability >= 7.0, mixed_bfloat16 on a TPU, "
+                                                      "float32 on a CPU); the model is saved float32.")] = (
+        Precision(DEFAULTS.precision)),
     batch_size: Annotated[int, _opt(HARDWARE, "Batch size per replica (feature extraction, "
                                               "fine-tuning).")] = DEFAULTS.batch_size,
-    strategy: Annotated[Strategy, _opt(HARDWARE, "Distribution strategy (auto: a TPU, else all GPUs, else "
-                                                 "the CPU).")] = Strategy(DEFAULTS.strategy),
+    strategy: Annotated[Strategy, _opt(HARDWARE, "Distribution strategy (auto: the workers of TF_CONFIG, "
+                                                 "else a TPU, else all GPUs, else the CPU).")
+                        ] = Strategy(DEFAULTS.strategy),
     cache_dir: Annotated[Optional[Path], _opt(HARDWARE, "Feature cache (default $TLCLI_CACHE_DIR or "
                                                         "~/.cache/tlcli).", metavar="DIR")] = None,
     out_dir: Annotated[Path, _opt(OUTPUT, "Where to write the model bundle.", "--out",
@@ -210,7 +216,7 @@ def train(
         patience=patience, learning_rate=learning_rate, l2=l2, label_smoothing=label_smoothing,
         class_weights=class_weights, fine_tune=fine_tune, fine_tune_epochs=fine_tune_epochs,
         fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_patience=fine_tune_patience, holdout=holdout,
-        dropout=dropout, fine_tune_micro_batch=fine_tune_micro_batch, batch_size=batch_size,
+        dropout=dropout, fine_tune_micro_batch=fine_tune_micro_batch, batch_size=batch_size, precision=precision.value,
         strategy=strategy.value, cache_dir=_path(cache_dir), out=str(out_dir), force=force, resume=resume,
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train

@@ -28,6 +28,17 @@ class Strategy(StrEnum):
     DEFAULT = "default"
     MIRRORED = "mirrored"
     TPU = "tpu"
+    MULTI_WORKER = "multi_worker"
+
+
+class Precision(StrEnum):
+    """``--precision`` of fine-tuning (see tlcli/precision.py): ``auto`` is mixed_float16 on a GPU of
+    compute capability >= 7.0, mixed_bfloat16 on a TPU, float32 on a CPU."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    MIXED_FLOAT16 = "mixed_float16"
+    MIXED_BFLOAT16 = "mixed_bfloat16"
 
 
 class Engine(StrEnum):
@@ -56,6 +67,7 @@ class IOType(StrEnum):
 
 
 STRATEGIES = tuple(s.value for s in Strategy)
+PRECISIONS = tuple(p.value for p in Precision)
 ENGINES = tuple(e.value for e in Engine)
 QUANTIZE = tuple(q.value for q in Quantize)
 IO_TYPES = tuple(t.value for t in IOType)
@@ -104,6 +116,7 @@ class TrainConfig:
     # the same update, a quarter of the activation memory at the default batch. None = 8 on the
     # CPU (where memory is the limit), the whole batch on a GPU or TPU; 0 = the whole batch.
     fine_tune_micro_batch: int | None = None
+    precision: str = "auto"           # of fine-tuning; the saved model is float32 whatever it is
     augment: bool = True
     # Mirror averaging: the head learns from each training image and its left-right mirror
     # image, and the model averages the features of both (the backbone runs twice per image).
@@ -174,6 +187,7 @@ def validate(cfg: TrainConfig) -> None:
         ("--fine-tune-patience", cfg.fine_tune_patience, _integer(cfg.fine_tune_patience)
          and cfg.fine_tune_patience >= 1, "must be >= 1"),
         ("--strategy", cfg.strategy, cfg.strategy in STRATEGIES, f"must be one of {', '.join(STRATEGIES)}"),
+        ("--precision", cfg.precision, cfg.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
     ]
     for option, value, ok, why in checks:
         if not ok:

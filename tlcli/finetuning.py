@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from tlcli import data
+from tlcli import data, precision
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig
 from tlcli.errors import UsageError
-from tlcli.progress import Callback, End, Epoch, Start
+from tlcli.progress import Callback, End, Epoch, Info, Start
 from tlcli.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -42,42 +42,91 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
-              scalars) -> bool:
+              scalars, static: bool = False) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
     ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
     monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
     (``micro_batch_size``). Each epoch is checkpointed under ``partial/fine-tune/`` and recorded
     in ``state`` (``state.fine_tune``, ``state.history[PHASE]``), saved to ``partial``; a resumed
-    ``state`` continues from its checkpoint. Returns whether the backbone's weights changed
+    ``state`` continues from its checkpoint. With ``static`` (a TPU) every batch has the same
+    shape (``static_batches``). Returns whether the backbone's weights changed
     (False: the holdout never improved and the starting weights were restored). Raises
     ``UsageError`` for a damaged checkpoint on resume."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
     num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
-    train_model = one_view if not micro_batch else _micro_batch_model_class()(
-        one_view.input, one_view.output, name="classifier", micro_batch=micro_batch)
-    k, t = keras(), tf()
-    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
-                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                        metrics=["accuracy"])
-    # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
-    start = backbone.layer.get_weights()
+    t = tf()
     onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+    # Built before the policy is set: the augmentation layers compute in float32.
     ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
-                            augment_seed=cfg.seed if cfg.augment else None)
+                            augment_seed=cfg.seed if cfg.augment else None).map(onehot)
     val = None
     if holdout:
         val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
-    callback = _epoch_callback_class()(
-        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
-        patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
-        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
-    _fit(train_model, ds.map(onehot), callback, validation=val, class_weight=class_weight)
+    if static:
+        if len(fit) < batch_size:
+            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch ({batch_size}) is larger than the "
+                             f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
+        ds, val = static_batches(ds, batch_size), val and static_batches(val, batch_size, pad=True)
+    kind = precision.device_kind()
+    policy = precision.resolve(cfg.precision, kind=kind)
+    progress(Info(f"fine-tuning precision: {policy}" + (" (auto)" if cfg.precision == "auto" else "")))
+    # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
+    start = backbone.layer.get_weights()
+    with precision.policy(policy, kind=kind):
+        _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
+               class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
+               masked=static)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
     return not unchanged
+
+
+def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
+           cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
+           masked: bool = False) -> None:
+    """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
+    ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
+    (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
+    ``one_view``'s head at the end. ``masked``: the holdout's batches carry weights (padding: 0),
+    so accuracy is a weighted metric."""
+    from tlcli import model
+
+    k = keras()
+    head = one_view.get_layer("head")
+    trained = one_view if policy == "float32" else model.build_classifier(
+        backbone_layer, model.head_under_policy(head, policy), image_size)
+    train_model = trained if not micro_batch else _micro_batch_model_class()(
+        trained.input, trained.output, name="classifier", micro_batch=micro_batch)
+    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
+                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                        metrics=None if masked else ["accuracy"], weighted_metrics=["accuracy"] if masked else None)
+    callback = _epoch_callback_class()(
+        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
+        patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
+        save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
+    _fit(train_model, ds, callback, validation=val, class_weight=class_weight)
+    if trained is not one_view:
+        head.layers[-1].set_weights(trained.get_layer("head").layers[1].get_weights())
+
+
+def static_batches(ds, batch_size: int, *, pad: bool = False):
+    """``ds`` (batches of (images, targets)) as batches of exactly ``batch_size``: the last
+    partial batch is dropped, or with ``pad`` filled up with zero images whose weight is 0, so
+    elements become (images, targets, weights) with weight 1 for every real image. Weighted
+    metrics then leave the padding out; the mean loss Keras reports is that of the padded
+    batches (the real images' sum over the padded count), the same factor every epoch."""
+    t = tf()
+    flat = ds.unbatch()
+    if not pad:
+        return flat.batch(batch_size, drop_remainder=True)
+    flat = flat.map(lambda x, y: (x, y, t.constant(1.0)))
+    x, y, _ = flat.element_spec
+    filler = t.data.Dataset.from_tensors((t.zeros(x.shape, x.dtype), t.zeros(y.shape, y.dtype), t.constant(0.0)))
+    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches that hold an image.
+    return flat.concatenate(filler.repeat(batch_size - 1)).batch(batch_size, drop_remainder=True)
 
 
 def _fit(m, train, callback, *, validation, class_weight) -> None:
@@ -119,6 +168,7 @@ def _micro_batch_model_class():
             x, y, weight = k.utils.unpack_x_y_sample_weight(data)
             n = t.shape(x)[0]
             variables = self.trainable_variables
+            scaling = isinstance(self.optimizer, k.mixed_precision.LossScaleOptimizer)
 
             def add_slice(start, *total):
                 end = t.minimum(start + self.micro_batch, n)
@@ -130,7 +180,11 @@ def _micro_batch_model_class():
                     # share of the batch, the slices add up to the batch's loss.
                     loss = self.compiled_loss(ys, probs, ws, regularization_losses=self.losses)
                     scaled = loss * t.cast(end - start, loss.dtype) / t.cast(n, loss.dtype)
+                    if scaling:  # mixed_float16: scaled up so small gradients survive float16
+                        scaled = self.optimizer.get_scaled_loss(scaled)
                 grads = tape.gradient(scaled, variables)
+                if scaling:
+                    grads = self.optimizer.get_unscaled_gradients(grads)
                 self.compiled_metrics.update_state(ys, probs, ws)
                 return (end, *[a + g for a, g in zip(total, grads)])
 

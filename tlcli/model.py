@@ -21,6 +21,22 @@ def build_head(feature_dim: int, num_classes: int, *, dropout: float, l2: float,
     ], name="head")
 
 
+def head_under_policy(head, policy: str):
+    """A copy of ``head`` (``build_head``) whose Dropout and Dense compute in ``policy``'s dtype
+    (their variables stay float32) and whose softmax runs in float32, with ``head``'s weights
+    and L2 penalty: what fine-tuning trains under a mixed-precision policy."""
+    k = keras()
+    dropout, dense = head.layers[0], head.layers[-1]
+    mixed = k.Sequential([
+        k.layers.InputLayer(input_shape=(int(dense.kernel.shape[0]),)),
+        k.layers.Dropout(dropout.rate, seed=dropout.seed, dtype=policy),
+        k.layers.Dense(dense.units, kernel_regularizer=dense.kernel_regularizer, dtype=policy),
+        k.layers.Activation("softmax", dtype="float32"),
+    ], name="head")
+    mixed.layers[1].set_weights(dense.get_weights())
+    return mixed
+
+
 def load_head_weights(head, kernel: np.ndarray, bias: np.ndarray, l2: float) -> None:
     """Put a head fit (``head.fit_head``: kernel [d, k], bias [k]) into the head's Dense layer;
     its L2 penalty, when it has one, becomes ``l2`` (fine-tuning keeps the one CV chose)."""

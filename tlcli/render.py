@@ -248,6 +248,12 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("skipped files", str(len(result.skipped)))
     t.add_row("strategy", safe(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
+    if result.extracted_by_worker:
+        t.add_row("workers", f"this is worker {result.worker} of {len(result.extracted_by_worker)}; extracted by "
+                  f"each: {', '.join(map(str, result.extracted_by_worker))}")
+    if result.model_dir is None:  # a cluster's other worker: the chief writes the bundle
+        t.add_row("model", "written by the chief (worker 0)")
+        return t
     t.add_row("model", safe(result.model_dir))
     t.add_row("curves", safe(Path(result.model_dir) / "training_curves.png"))
     if tensorboard:

@@ -1,20 +1,35 @@
-"""Pick a tf.distribute strategy for the hardware: TPU, several GPUs, or the default."""
+"""Pick a tf.distribute strategy for the hardware: several machines (TF_CONFIG), TPU, several
+GPUs, or the default."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from tlcli import cluster as clusters
 from tlcli._tf import tf
 from tlcli.config import STRATEGIES
 from tlcli.errors import UsageError
+from tlcli.quiet import native_stderr_silenced
 
 
 @dataclass
 class Chosen:
     strategy: object
-    name: str         # default | mirrored | tpu
+    name: str         # default | mirrored | tpu | multi_worker
     description: str  # what and where, for the user
     accelerator: bool = False  # GPU or TPU (else the CPU)
+    cluster: clusters.Cluster | None = None  # with multi_worker: this worker's place
+
+    @property
+    def io_device(self) -> str | None:
+        """The device that reads the backbone's files: the local host on a TPU, else the default."""
+        return "/job:localhost" if self.name == "tpu" else None
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether every batch must have the same shape (a TPU compiles one program per shape)."""
+        return self.name == "tpu"
 
     @property
     def replicas(self) -> int:
@@ -32,11 +47,50 @@ def _tpu():
     return t.distribute.TPUStrategy(resolver)
 
 
+def wants_cluster(name: str) -> clusters.Cluster | None:
+    """The cluster ``--strategy name`` trains on: TF_CONFIG's with ``multi_worker``, and with
+    ``auto`` when TF_CONFIG names more than one worker; else None. Raises ``UsageError`` for
+    ``multi_worker`` without TF_CONFIG, or a TF_CONFIG that is not valid."""
+    if name not in ("auto", "multi_worker"):
+        return None
+    found = clusters.from_env()
+    if name == "multi_worker" and found is None:
+        raise UsageError("--strategy multi_worker: TF_CONFIG is not set; give each worker the cluster's "
+                         "addresses and its own task (docs/distributed.md), or use --strategy auto")
+    return found if name == "multi_worker" or (found and found.size > 1) else None
+
+
+@functools.cache
+def _multi_worker(found: clusters.Cluster) -> Chosen:
+    # Created before TensorFlow starts its runtime (tf() lists the devices, which starts it):
+    # collectives can only be configured at program startup. Once per process.
+    try:
+        with native_stderr_silenced():
+            import tensorflow as t
+
+            s = t.distribute.MultiWorkerMirroredStrategy(
+                cluster_resolver=t.distribute.cluster_resolver.TFConfigClusterResolver(),
+                communication_options=t.distribute.experimental.CommunicationOptions(
+                    implementation=t.distribute.experimental.CommunicationImplementation.RING))
+    except RuntimeError:  # "Collective ops must be configured at program startup"
+        raise UsageError("--strategy multi_worker: TensorFlow already started in this process before the "
+                         "cluster was joined; call tlcli.train in a fresh process") from None
+    tf()
+    gpus = t.config.list_logical_devices("GPU")
+    return Chosen(s, "multi_worker", f"MultiWorkerMirroredStrategy: {found.name(found.index)} of {found.size}, "
+                  f"{s.num_replicas_in_sync} replicas", accelerator=bool(gpus), cluster=found)
+
+
 def choose(name: str = "auto") -> Chosen:
-    """``auto``: a TPU if TPUClusterResolver finds one, MirroredStrategy over >1 GPU, else the
-    default strategy. ``mirrored`` uses all GPUs, or all logical CPU devices when there is no GPU."""
+    """``auto``: MultiWorkerMirroredStrategy when TF_CONFIG names more than one worker (see
+    ``wants_cluster``), a TPU if TPUClusterResolver finds one, MirroredStrategy over >1 GPU, else
+    the default strategy. ``mirrored`` uses all GPUs, or all logical CPU devices when there is no
+    GPU. A process joins one cluster only: later calls return the same strategy."""
     if name not in STRATEGIES:
         raise UsageError(f"--strategy {name}: unknown; choose one of {', '.join(STRATEGIES)}")
+    found = wants_cluster(name)
+    if found is not None:
+        return _multi_worker(found)
     t = tf()
     if name in ("auto", "tpu"):
         tpu = _tpu()

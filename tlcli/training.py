@@ -16,7 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
-from tlcli import bundle, data, files, metrics, run_state, summaries
+from tlcli import bundle, data, distributed, files, metrics, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
@@ -25,7 +25,7 @@ from tlcli.progress import Callback, End, Epoch, Info, Start, silent
 
 @dataclass
 class TrainResult:
-    model_dir: str
+    model_dir: str | None  # None on a cluster's other workers (only the chief writes the bundle)
     labels: list[str]
     train_counts: dict[str, int]
     val_counts: dict[str, int]
@@ -46,6 +46,9 @@ class TrainResult:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
+    # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
+    worker: int | None = None
+    extracted_by_worker: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +78,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     progress is kept for ``resume=True``).
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
+    cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
@@ -92,14 +96,14 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
 
         path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
         bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
-        return _run(cfg, spec, path, state, progress)
+        return distributed.run(node, _run, cfg, spec, path, state, progress)
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, progress: Callback) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import audit, features, finetuning, plots, serving
+    from tlcli import audit, finetuning, plots, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -116,7 +120,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
-            features.compute_views, splits.train + splits.val, extractors=(models.extractor, models.flip_extractor),
+            distributed.views_step(chosen), splits.train + splits.val,
+            extractors=(models.extractor, models.flip_extractor),
             cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
@@ -132,7 +137,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 improved = finetuning.fine_tune(
                     models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
                     accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-                    state=state, partial=partial, progress=progress, scalars=scalars)
+                    state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
                 # Kept its starting weights (the holdout never improved): the plain features still hold.
                 views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
                                  task="re-extract")
@@ -199,7 +204,7 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progr
         keras().utils.set_random_seed(cfg.seed)
         chosen = strategy.choose(cfg.strategy)
         with chosen.strategy.scope():
-            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path)
+            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
             splits = scan.result()
             progress(Info(f"strategy: {chosen.description}; global batch "
                            f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))

@@ -1,0 +1,380 @@
+"""Training on a cluster: two local worker processes with TF_CONFIG on 127.0.0.1 (CPU only),
+TF_CONFIG parsing, shares, and a worker that dies mid-run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import make_colour_dataset
+
+CLI = "import sys; from tlcli.cli import run; sys.argv[0] = 'tlcli'; run()"
+TRAIN = ["--image-size", "32", "--epochs", "60", "--batch-size", "4", "--tensorboard", "none", "--json"]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_cluster(tmp_path, args, n=2):
+    """``n`` worker processes running ``tlcli train args``, each with its own TMPDIR."""
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    procs = []
+    for i in range(n):
+        tmp = tmp_path / f"tmp{i}"
+        tmp.mkdir()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp), TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, tiny_backbone):
+    """One fine-tuning run on two workers (the chief writes ``model``), and one on a single
+    process with the same settings, on the same images; and a test set of new images."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    data = make_colour_dataset(tmp / "images", per_class=10)
+    test = make_colour_dataset(tmp / "test", per_class=4, start=100)
+    args = [data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune", "--fine-tune-epochs", "2",
+            "--cache-dir", tmp / "cache"]
+    (tmp / "out").mkdir()
+    began = time.monotonic()
+    procs = _start_cluster(tmp, [*args, "--out", tmp / "out" / "model"])
+    # At the same time, into a cache of its own: it extracts everything itself.
+    single = subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args), "--strategy", "default",
+                               "--cache-dir", tmp / "cache1", "--out", tmp / "single"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    done = [p.communicate(timeout=240) for p in procs]
+    seconds = time.monotonic() - began
+    return dict(tmp=tmp, test=test, procs=procs, done=done, seconds=seconds, single=(single, single.communicate()))
+
+
+CLUSTER = pytest.mark.cluster  # each run starts 2-3 TensorFlow processes: 1.5-2.5 min on 2 shared cores
+
+
+def _result(stdout):
+    return json.loads(stdout)
+
+
+@CLUSTER
+def test_two_workers_both_succeed_and_share_the_extraction(cluster_run):
+    for p, (_, err) in zip(cluster_run["procs"], cluster_run["done"]):
+        assert p.returncode == 0, err[-3000:]
+    chief, other = (_result(out) for out, _ in cluster_run["done"])
+    assert (chief["worker"], other["worker"]) == (0, 1)
+    assert chief["replicas"] == 2 and chief["global_batch_size"] == 8  # 4 per replica x 2 workers
+    assert "MultiWorkerMirroredStrategy" in chief["strategy"]
+    images = 30
+    # Each extracts its half of the images: before fine-tuning (plain view) and after it (plain + mirror).
+    assert chief["extracted_by_worker"] == other["extracted_by_worker"] == [chief["extracted"], other["extracted"]]
+    assert chief["extracted"] == other["extracted"] == 3 * images // 2
+    assert cluster_run["seconds"] < 120
+
+
+@CLUSTER
+def test_only_the_chief_writes_the_bundle(cluster_run):
+    tmp = cluster_run["tmp"]
+    chief, other = (_result(out) for out, _ in cluster_run["done"])
+    assert chief["model_dir"] == str(tmp / "out" / "model") and other["model_dir"] is None
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["model"]  # no lock, partial or staging left
+    assert (tmp / "out" / "model" / "saved_model.pb").is_file()
+    # The other worker's private place (under its TMPDIR) is gone; the chief had none.
+    assert [p for i in (0, 1) for p in (tmp / f"tmp{i}").glob("tlcli-*")] == []
+
+
+@CLUSTER
+def test_cluster_model_matches_a_single_process_run(cluster_run):
+    import tlcli
+
+    single, (stdout, stderr) = cluster_run["single"]
+    assert single.returncode == 0, stderr[-3000:]
+    one, chief = _result(stdout), _result(cluster_run["done"][0][0])
+    assert chief["labels"] == one["labels"]
+    assert chief["fine_tune_epochs"] == 2
+    tmp, test = cluster_run["tmp"], cluster_run["test"]
+    on_cluster = tlcli.evaluate(test, model_dir=tmp / "out" / "model").report.accuracy
+    alone = tlcli.evaluate(test, model_dir=tmp / "single").report.accuracy
+    assert on_cluster >= alone - 1e-9 and on_cluster >= 0.9
+
+
+@CLUSTER
+def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_backbone, colour_data):
+    out = tmp_path / "model"
+    procs = _start_cluster(tmp_path, [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune",
+                                      "--fine-tune-epochs", "500", "--fine-tune-patience", "500", "--cache-dir",
+                                      tmp_path / "cache", "--out", out])
+    try:
+        partial = tmp_path / ".model.partial" / "fine-tune"
+        deadline = time.monotonic() + 120
+        while not partial.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        assert partial.exists(), procs[0].communicate(timeout=30)[1][-3000:]  # the chief is fine-tuning
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=90)
+        assert time.monotonic() - killed < 45
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[0].returncode == 1
+    lines = [line for line in err.splitlines() if "worker 1" in line]
+    assert lines and "stopped" in lines[-1] and "127.0.0.1:" in lines[-1], err[-3000:]
+    assert not out.exists()
+
+
+def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
+    from tlcli import cluster
+
+    spec = {"cluster": {"worker": ["h1:1001", "h2:1002"], "chief": ["h0:1000"]}, "task": {"type": "worker", "index": 1}}
+    c = cluster.from_env({"TF_CONFIG": json.dumps(spec)})
+    assert c.workers == ("h0:1000", "h1:1001", "h2:1002") and c.index == 2 and not c.is_chief
+    items = list(range(10))
+    shares = [cluster.Cluster(c.workers, i).share(items) for i in range(3)]
+    assert sorted(sum(shares, [])) == items and [len(s) for s in shares] == [4, 3, 3]
+    assert list(cluster.Cluster(c.workers, 1).positions(10)) == shares[1]
+    assert cluster.from_env({}) is None and cluster.Cluster(c.workers, 0).is_chief
+
+
+@pytest.mark.parametrize("raw, why", [
+    ("{not json", "not valid JSON"),
+    ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "'ps'"),
+    ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task worker 2"),
+    ('{"cluster": {"worker": ["a:1"]}}', '"task"'),
+])
+def test_bad_tf_config_is_one_line_naming_it(raw, why):
+    from tlcli import cluster
+    from tlcli.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        cluster.from_env({"TF_CONFIG": raw})
+    message = str(info.value)
+    assert message.startswith("TF_CONFIG: ") and why in message and "\n" not in message
+
+
+def test_multi_worker_without_tf_config_is_a_usage_error(monkeypatch):
+    from tlcli import strategy
+    from tlcli.errors import UsageError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UsageError, match="--strategy multi_worker: TF_CONFIG is not set"):
+        strategy.choose("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker",
+                                                                                         "index": 0}}))
+    assert strategy.wants_cluster("auto") is None  # one worker: no cluster to join
+    assert strategy.wants_cluster("multi_worker").size == 1
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_fine_tuning_under_a_mixed_policy_saves_a_float32_model(tmp_path, train_args, colour_data, policy):
+    """The hub layer (traced for float32) trains under the policy; the head's weights reach the
+    saved float32 model, whose SavedModel and TFLite file take and give float32."""
+    import numpy as np
+
+    import tlcli
+    from tlcli._tf import keras, tf
+
+    out = tmp_path / "model"
+    r = tlcli.train(colour_data, out=str(out), **{**train_args, "batch_size": 4}, fine_tune=True,
+                    fine_tune_epochs=2, precision=policy, fine_tune_learning_rate=1e-3)
+    assert r.fine_tune_epochs == 2 and r.val_accuracy >= 0.8
+    assert keras().mixed_precision.global_policy().name == "float32"  # put back after fine-tuning
+    loaded = tf().saved_model.load(str(out))
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.dtype == tf().float32
+    probs = next(iter(serve(tf().zeros([2, 32, 32, 3])).values()))
+    assert probs.dtype == tf().float32 and np.allclose(np.sum(probs, axis=1), 1.0, atol=1e-5)
+    e = tlcli.export_tflite(out)
+    assert e.agreement == 1.0
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(e.path))
+    assert [d["dtype"] for d in interp.get_input_details()] == [np.float32]
+    assert [d["dtype"] for d in interp.get_output_details()] == [np.float32]
+
+
+def test_auto_precision_follows_the_hardware():
+    from tlcli import precision
+
+    assert precision.resolve("auto", kind="CPU") == "float32"
+    assert precision.resolve("auto", kind="TPU") == "mixed_bfloat16"
+    assert precision.resolve("auto", kind="GPU", capability=(8, 0)) == "mixed_float16"
+    assert precision.resolve("auto", kind="GPU", capability=(6, 1)) == "float32"
+    assert precision.resolve("mixed_bfloat16", kind="CPU") == "mixed_bfloat16"
+    assert precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert not precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f avx512_vnni\n")
+
+
+def test_unknown_precision_is_a_usage_error(train_args, colour_data, tmp_path):
+    import tlcli
+    from tlcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--precision float8: must be one of auto, float32"):
+        tlcli.train(colour_data, out=str(tmp_path / "m"), **train_args, precision="float8")
+
+
+# ---- TPU, as far as a CPU goes ------------------------------------------------------------------
+
+def _batches(n, batch):
+    import numpy as np
+
+    from tlcli._tf import tf
+
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+    y = np.eye(2, dtype=np.float32)[np.arange(n) % 2]
+    return tf().data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def test_static_batches_drop_the_remainder_or_pad_it_with_zero_weights():
+    import numpy as np
+
+    from tlcli.finetuning import static_batches
+
+    dropped = list(static_batches(_batches(10, 4), 4))
+    assert [b[0].shape[0] for b in dropped] == [4, 4]
+    padded = static_batches(_batches(10, 4), 4, pad=True)
+    assert padded.element_spec[0].shape.as_list() == [4, 2, 2, 3]  # static: known at graph time
+    batches = list(padded)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 4]
+    weights = np.concatenate([b[2].numpy() for b in batches])
+    assert weights.tolist() == [1.0] * 10 + [0.0] * 2
+    images = np.concatenate([b[0].numpy() for b in batches])
+    assert images[:10, 0, 0, 0].tolist() == list(range(10)) and not images[10:].any()
+    assert len(list(static_batches(_batches(8, 4), 4, pad=True))) == 2  # nothing to pad: no empty batch
+
+
+def test_padding_is_masked_out_of_the_accuracy():
+    from tlcli._tf import keras
+    from tlcli.finetuning import static_batches
+
+    k = keras()
+    inputs = k.Input((2, 2, 3))
+    # Predicts class 1 for every image: right on the odd ones, so 5 of 10 (3 of 7 with padding as class 0).
+    probs = k.layers.Lambda(lambda x: k.backend.one_hot(k.backend.cast(k.backend.sum(x, axis=[1, 2, 3]) * 0 + 1,
+                                                                     "int32"), 2))(inputs)
+    m = k.Model(inputs, probs)
+    m.compile(loss="categorical_crossentropy", weighted_metrics=["accuracy"])
+    _, plain = m.evaluate(_batches(10, 4), verbose=0)
+    _, masked = m.evaluate(static_batches(_batches(10, 4), 4, pad=True), verbose=0)
+    assert plain == pytest.approx(0.5) and masked == pytest.approx(0.5)
+
+
+def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
+    """No TPU here: auto falls back, --strategy tpu is one line. With a resolver that finds one
+    (faked), the system is initialised and TPUStrategy is built on it, loading from the host."""
+    from tlcli import strategy
+    from tlcli._tf import tf
+    from tlcli.errors import UsageError
+
+    t = tf()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver"):
+        strategy.choose("tpu")
+    calls = []
+
+    class Resolver:
+        def __init__(self, *args, **kwargs):
+            calls.append("resolve")
+
+    class FakeTPUStrategy:
+        num_replicas_in_sync = 8
+
+        def __init__(self, resolver):
+            calls.append(("strategy", type(resolver).__name__))
+
+    monkeypatch.setattr(t.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+    monkeypatch.setattr(t.config, "experimental_connect_to_cluster", lambda r: calls.append("connect"))
+    monkeypatch.setattr(t.tpu.experimental, "initialize_tpu_system", lambda r: calls.append("initialize"))
+    monkeypatch.setattr(t.distribute, "TPUStrategy", FakeTPUStrategy)
+    chosen = strategy.choose("auto")
+    assert calls == ["resolve", "connect", "initialize", ("strategy", "Resolver")]
+    assert chosen.name == "tpu" and chosen.replicas == 8 and chosen.accelerator
+    assert chosen.io_device == "/job:localhost" and chosen.static_shapes
+
+
+def test_backbone_loads_through_the_host_io_device(tiny_backbone):
+    from tlcli import backbone
+
+    spec = backbone.resolve_spec(str(tiny_backbone), 32)
+    loaded = backbone.load(spec, io_device="/job:localhost")
+    assert loaded.feature_dim == backbone.load(spec).feature_dim and loaded.image_size == 32
+
+
+def test_summary_of_a_non_chief_worker_says_the_chief_writes_the_model():
+    from rich.console import Console
+
+    from tlcli import render
+    from tlcli.training import TrainResult
+
+    r = TrainResult(model_dir=None, labels=["a", "b"], train_counts={"a": 2, "b": 2}, val_counts={}, train_accuracy=1.0,
+                    val_accuracy=None, val_loss=None, head_epochs=3, fine_tune_epochs=0, extracted=2, cached=0,
+                    strategy="MultiWorkerMirroredStrategy", replicas=2, global_batch_size=8, seconds=1.0,
+                    worker=1, extracted_by_worker=[2, 2])
+    console = Console(width=200, record=True)
+    console.print(render.train_summary(r, tensorboard="logs"))
+    text = console.export_text()
+    assert "worker 1 of 2" in text and "2, 2" in text and "written by the chief" in text
+    assert "tensorboard" not in text
+
+
+def _tf_config(monkeypatch, index, n=2):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker",
+                                                                                         "index": index}}))
+
+
+def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chiefs_state(tmp_path, monkeypatch):
+    from tlcli import distributed, run_state, strategy
+    from tlcli.config import TrainConfig
+
+    monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    out = tmp_path / "model"
+    chief_state = run_state.partial_dir(out) / "state.json"
+    chief_state.parent.mkdir()
+    chief_state.write_text('{"saved": "by the chief"}')
+    cfg = TrainConfig(out=str(out), resume=True, tensorboard="logs")
+
+    _tf_config(monkeypatch, 0)
+    mine, node = distributed.join(cfg)
+    assert mine is cfg and node.cluster.is_chief and node.scratch is None
+
+    _tf_config(monkeypatch, 1)
+    mine, node = distributed.join(cfg)
+    assert node.cluster.index == 1 and node.out == str(out)
+    assert mine.out.startswith(str(tmp_path / "tmp")) and mine.tensorboard is None
+    copied = run_state.partial_dir(mine.out) / "state.json"
+    assert copied.read_text() == '{"saved": "by the chief"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "tmp"]  # nothing new beside --out
+
+
+def test_joining_a_cluster_after_tensorflow_started_is_one_line(monkeypatch):
+    from tlcli import strategy
+    from tlcli._tf import tf
+    from tlcli.errors import UsageError
+
+    tf().constant(1.0) + 1  # this process's runtime is up
+    _tf_config(monkeypatch, 0)
+    with pytest.raises(UsageError, match="--strategy multi_worker: TensorFlow already started in this process"):
+        strategy.choose("auto")

@@ -1,0 +1,105 @@
+"""Training on a cluster of workers (``--strategy multi_worker``): where each worker writes,
+sharded feature extraction, and the end of the run.
+
+Every worker runs the whole recipe, so that every collective (fine-tuning steps, the evaluation
+of the holdout, the exchange of features) is entered by all of them in the same order. Only
+the chief's ``--out`` is real: the others write into a private temporary folder that is removed
+at the end (tf.distribute's rule for saving from non-chief workers), so they never touch
+``--out``, its lock or its resume state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import tempfile
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlcli import cluster as clusters
+from tlcli import features, run_state
+from tlcli.config import TrainConfig
+
+
+@dataclass
+class Node:
+    """This worker of a cluster run: ``config`` is the run's config as this worker runs it
+    (a non-chief's ``out`` is inside ``scratch``), ``out`` the chief's ``--out``."""
+
+    cluster: clusters.Cluster
+    config: TrainConfig
+    out: str
+    scratch: Path | None = None
+
+
+def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
+    """Join the cluster ``cfg.strategy`` asks for (``strategy.wants_cluster``), creating the
+    strategy now, before anything starts TensorFlow. Returns (the config this worker runs, the
+    node), or (``cfg``, None) on one machine. A non-chief worker
+    gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
+    the chief's resume state, so ``--out`` must be on a folder every worker sees."""
+    from tlcli import strategy
+
+    found = strategy.wants_cluster(cfg.strategy)
+    if found is None:
+        return cfg, None
+    strategy.choose(cfg.strategy)
+    if found.is_chief:
+        return cfg, Node(found, cfg, cfg.out)
+    scratch = Path(tempfile.mkdtemp(prefix=f"tlcli-worker{found.index}-"))
+    mine = cfg.replace(out=str(scratch / "model"), tensorboard=None)
+    chief_partial = run_state.partial_dir(cfg.out)
+    if cfg.resume and chief_partial.is_dir():
+        shutil.copytree(chief_partial, run_state.partial_dir(mine.out))
+    return mine, Node(found, mine, cfg.out, scratch)
+
+
+def run(node: Node | None, recipe, *args):
+    """``recipe(*args)`` (the TrainResult of ``training._run``) under the cluster's ``Watch``,
+    then a last collective that tells every worker the others' extraction counts (and keeps the
+    cluster together until all are done). Without a cluster: ``recipe(*args)``."""
+    if node is None:
+        return recipe(*args)
+    from tlcli import strategy
+
+    try:
+        with clusters.Watch(node.cluster):
+            result = recipe(*args)
+            chosen = strategy.choose(node.config.strategy)
+            counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
+    finally:
+        if node.scratch is not None:
+            shutil.rmtree(node.scratch, ignore_errors=True)
+    return dataclasses.replace(
+        result, model_dir=result.model_dir if node.cluster.is_chief else None, worker=node.cluster.index,
+        extracted_by_worker=[row[0] for row in counts])
+
+
+def views_step(chosen):
+    """The feature step for ``chosen`` (``strategy.Chosen``): ``features.compute_views``, or
+    ``sharded_views`` on a cluster."""
+    return features.compute_views if chosen.cluster is None else functools.partial(sharded_views, chosen)
+
+
+def sharded_views(chosen, samples, *, keep: features.FeatureViews | None = None, **options) -> features.FeatureViews:
+    """``features.compute_views`` over a cluster: this worker computes the views of its share of
+    ``samples`` (``Cluster.share``) through its cache, then the workers exchange their rows by
+    all-reduce, so every worker holds the views of all ``samples``. ``extracted`` and ``cached``
+    count this worker's share only."""
+    c, s = chosen.cluster, chosen.strategy
+    share = c.share(samples)
+    kept = None
+    if keep is not None:
+        rows = keep.rows(share)
+        kept = features.FeatureViews(share, keep.plain[rows], None, 0, len(share))
+    # On a thread of its own, outside the strategy's scope (scopes are per thread): there Keras'
+    # predict runs on this worker alone, where in the scope it would split the batches across
+    # the cluster and gather them again.
+    with futures.ThreadPoolExecutor(1, thread_name_prefix="tlcli-extract") as pool:
+        mine = pool.submit(features.compute_views, share, keep=kept, **options).result()
+    n = len(samples)
+    plain = keep.plain if keep is not None else clusters.exchange_rows(s, c, n, mine.plain)
+    mirror = None if mine.mirror is None else clusters.exchange_rows(s, c, n, mine.mirror)
+    return features.FeatureViews(list(samples), plain, mirror, mine.extracted, mine.cached)
