@@ -10,7 +10,7 @@ PACKAGE = Path(tlcli.__file__).parent
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress"},   # plain values, no TensorFlow
-    {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
+    {"config", "files", "_tf", "head", "store"},          # options, writing, the numpy head, the feature store
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy"},  # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
     {"features", "finetuning", "inference"},                                 # the steps
