@@ -54,11 +54,17 @@ def labels(n: int, start: int = 0) -> np.ndarray:
     return np.arange(start, n) % CLASSES
 
 
+BLOCK = 4096
+
+
 def features(start: int, stop: int, spread: float) -> np.ndarray:
-    """Rows start..stop of the synthetic set: the class centre plus unit Gaussian noise."""
+    """Rows start..stop of the synthetic set: the class centre plus unit Gaussian noise (drawn
+    per aligned block of BLOCK rows, so any range gives the same rows)."""
     centres = np.random.default_rng(0).normal(0, spread, (CLASSES, DIM)).astype(np.float32)
-    noise = np.random.default_rng(start + 1).standard_normal((stop - start, DIM), dtype=np.float32)
-    return centres[labels(stop, start)] + noise
+    first = start // BLOCK
+    noise = np.vstack([np.random.default_rng(b + 1).standard_normal((BLOCK, DIM), dtype=np.float32)
+                       for b in range(first, -(-stop // BLOCK))])
+    return centres[labels(stop, start)] + noise[start - first * BLOCK:stop - first * BLOCK]
 
 
 def write_store(folder: Path, n: int, spread: float) -> float:
@@ -67,8 +73,8 @@ def write_store(folder: Path, n: int, spread: float) -> float:
     t = time.perf_counter()
     s = store.FeatureStore(folder, dim=DIM)
     names = digests(n)
-    for start in range(0, n, store.CHUNK_ROWS):
-        block = features(start, min(n, start + store.CHUNK_ROWS), spread)
+    for start in range(0, n, BLOCK):
+        block = features(start, min(n, start + BLOCK), spread)
         for i, vec in enumerate(block):
             s.put(names[start + i], vec)
     s.flush()
@@ -205,11 +211,11 @@ def main() -> None:
     if args.threads:
         ENV.update(OPENBLAS_NUM_THREADS=args.threads, OMP_NUM_THREADS=args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     tmp = Path(tempfile.mkdtemp(prefix="tlcli-scale-", dir=args.dir))
     try:
         fits = {}
-        if "baseline" not in skip:
+        if sizes and "baseline" not in skip:
             r = run_child("--child", "fit-memory", "--n", str(sizes[0]), "--spread", str(args.spread))
             print(f"baseline  {sizes[0]:>9,}: in-memory fit {r['wall']:7.1f} s  RssAnon {r['rss_anon_gb']:.2f} GB  "
                   f"(l2 {r['l2']}, {r['epochs']} epochs, accuracy {r['accuracy']:.4f})", flush=True)

@@ -120,3 +120,48 @@ def test_a_second_run_extracts_nothing_and_a_grown_folder_only_the_new_images(tm
     make_colour_dataset(root, per_class=2, start=6)
     third = views()
     assert (third.extracted, third.cached) == (6, 18)
+
+
+def test_the_scan_reports_progress_a_bounded_number_of_times(tmp_path):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, format="PNG")
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(1050):
+            (tmp_path / c / f"{i}.png").write_bytes(png.getvalue())
+    calls = []
+    folder = data.scan(tmp_path, image_size=8, progress=lambda done, total: calls.append((done, total)))
+    assert len(folder.samples) == 2100
+    assert calls[0] == (1, 2100) and calls[-1] == (2100, 2100)
+    assert len(calls) <= 1002 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_the_skipped_table_lists_the_first_files_and_counts_the_rest():
+    from rich.console import Console
+
+    from tlcli import render
+
+    skipped = [{"path": f"ds/c/{i}.jpg", "reason": "truncated" if i % 3 else "zero bytes", "detail": ""}
+               for i in range(10_000)]
+    console = Console(record=True, width=200)
+    console.print(render.skipped_table(skipped))
+    text = console.export_text()
+    assert "Skipped 10000 unusable file(s)" in text
+    assert f"ds/c/{render.SKIPPED_ROWS - 1}.jpg" in text and f"ds/c/{render.SKIPPED_ROWS}.jpg" not in text
+    rest = skipped[render.SKIPPED_ROWS:]
+    zero = sum(s["reason"] == "zero bytes" for s in rest)
+    assert f"... and {len(rest)} more" in text
+    assert f"{len(rest) - zero} truncated, {zero} zero bytes" in text
+    assert len(text.splitlines()) < render.SKIPPED_ROWS + 10
+
+
+def test_class_weights_balance_many_classes():
+    labels = [i % 1000 for i in range(50_000)] + [0] * 50_000
+    weights = data.class_weights(labels, 1001)
+    assert weights[0] == pytest.approx(100_000 / (1001 * 50_050))
+    assert weights[1] == pytest.approx(100_000 / (1001 * 50))
+    assert weights[1000] == 0.0
