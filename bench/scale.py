@@ -125,6 +125,8 @@ def run_child(*argv: str) -> dict:
     """Run this script as a child, sampling its RssAnon; its result plus "rss_anon_gb"."""
     proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True, env=ENV)
     peak, stop = [0], threading.Event()
+    began = time.monotonic()
+    last = [began]
 
     def sample():
         path = f"/proc/{proc.pid}/status"
@@ -137,6 +139,10 @@ def run_child(*argv: str) -> dict:
             except OSError:
                 pass
             time.sleep(0.02)
+            if time.monotonic() - last[0] > 30:
+                last[0] = time.monotonic()
+                print(f"  ... {argv[1]}: {last[0] - began:.0f} s, peak RssAnon so far {peak[0] / 1e9:.2f} GB",
+                      file=sys.stderr, flush=True)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -228,10 +234,10 @@ def main() -> None:
             folder = tmp / f"store-{n}"
             wrote = write_store(folder, n, args.spread)
             read = run_child("--child", "read", "--store", str(folder), "--n", str(n))
-            fit = run_child("--child", "fit", "--store", str(folder), "--n", str(n), "--spread", str(args.spread))
-            fits[n] = fit
             print(f"store     {n:>9,}: write {wrote:6.1f} s  read back {read['wall']:6.1f} s  "
                   f"(RssAnon {read['rss_anon_gb']:.2f} GB)", flush=True)
+            fit = run_child("--child", "fit", "--store", str(folder), "--n", str(n), "--spread", str(args.spread))
+            fits[n] = fit
             print(f"fit       {n:>9,}: {fit['wall']:7.1f} s  RssAnon {fit['rss_anon_gb']:.2f} GB  "
                   f"(store opened in {fit['open']:.1f} s; l2 {fit['l2']}, {fit['epochs']} epochs, "
                   f"accuracy {fit['accuracy']:.4f}; {1e6 * fit['wall'] / n / max(fit['epochs'], 1):.2f} us per "

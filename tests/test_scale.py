@@ -165,3 +165,24 @@ def test_class_weights_balance_many_classes():
     assert weights[0] == pytest.approx(100_000 / (1001 * 50_050))
     assert weights[1] == pytest.approx(100_000 / (1001 * 50))
     assert weights[1000] == 0.0
+
+
+def test_metrics_read_the_probabilities_in_blocks_with_the_same_result(monkeypatch):
+    from tlcli import metrics
+
+    rng = np.random.default_rng(5)
+    n, k = 2000, 7
+    probs = rng.dirichlet(np.ones(k), n).astype(np.float32)
+    y = rng.integers(0, k, n)
+    labels = [f"c{i}" for i in range(k)]
+    paths = [f"{i}.jpg" for i in range(n)]
+    whole = metrics.compute(y, probs, labels, paths=paths, top_k=3, max_mistakes=20)
+    monkeypatch.setattr(metrics, "BLOCK_ROWS", 97)
+    blocks = metrics.compute(y, probs, labels, paths=paths, top_k=3, max_mistakes=20)
+    assert blocks.confusion == whole.confusion
+    assert blocks.mistakes == whole.mistakes and blocks.per_class == whole.per_class
+    p64 = probs.astype(np.float64)
+    assert blocks.accuracy == pytest.approx(np.mean(p64.argmax(axis=1) == y))
+    assert blocks.top_k_accuracy == pytest.approx(np.mean((np.argsort(-p64, axis=1)[:, :3] == y[:, None]).any(axis=1)))
+    assert blocks.loss == pytest.approx(-np.mean(np.log(p64[np.arange(n), y])), rel=1e-12)
+    assert whole.loss == pytest.approx(blocks.loss, rel=1e-12)
