@@ -155,3 +155,14 @@ def test_a_failing_disk_loses_the_buffer_but_does_not_raise(tmp_path, monkeypatc
     monkeypatch.setattr(store.files, "write_atomic", full)
     s.flush()
     assert store.FeatureStore(tmp_path / "ro" / "s", dim=DIM).get(_digest(1)) is None
+
+
+def test_rows_refuses_digests_in_a_damaged_shard(tmp_path, monkeypatch):
+    _filled(tmp_path / "s", 20, chunk=10, monkeypatch=monkeypatch)
+    victim = sorted((tmp_path / "s").glob("*.f32"))[0]  # vectors 0..9
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # right size, wrong bytes
+    s = store.FeatureStore(tmp_path / "s", dim=DIM)
+    with pytest.raises(KeyError, match=_digest(3)):
+        s.rows([_digest(15), _digest(3)])
+    np.testing.assert_array_equal(s.rows([_digest(15)])[np.arange(1)], _vec(15)[None])
+    assert s.get(_digest(3)) is None
