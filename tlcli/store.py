@@ -95,6 +95,15 @@ class _Shard:
         return True
 
 
+    def remove(self) -> None:
+        """Delete both files of a damaged shard (best effort), so it is not verified again."""
+        for suffix in (".json", ".f32"):
+            try:
+                self.path.with_suffix(suffix).unlink()
+            except OSError:
+                pass
+
+
 def _read_sidecar(path: Path) -> dict | None:
     """A shard's sidecar, or None when it is not one (damaged, cut short, foreign, planted)."""
     try:
@@ -136,17 +145,10 @@ class FeatureStore:
 
     # -- reading
     def _load(self) -> None:
-        if self._shards is not None:
-            return
-        self._shards = []
-        try:
-            names = sorted(p for p in self.dir.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
-        except OSError:
-            names = []
-        for path in names:  # in name order (time first): a later shard's entry wins
-            meta = _read_sidecar(path)
-            if meta is not None:
-                self._add(_Shard(path, meta))
+        if self._shards is None:
+            self._shards = []
+            for shard in _list_shards(self.dir):  # in name order (time first): a later shard's entry wins
+                self._add(shard)
 
     def _add(self, shard: _Shard) -> None:
         start = self._starts[-1] + self._shards[-1].rows if self._shards else 0
@@ -154,23 +156,18 @@ class FeatureStore:
         self._starts.append(start)
         self._index.update(zip(shard.meta["digests"], range(start, start + shard.rows)))  # no Python loop
 
-    def _where(self, row: int) -> tuple[int, int]:
-        """(shard, row in it) of a row number over all shards."""
-        i = bisect.bisect_right(self._starts, row) - 1
-        return i, row - self._starts[i]
-
     def _locate(self, digest: str) -> tuple[np.ndarray, int] | None:
         self._load()
         row = self._index.get(digest)
         if row is None:
             return None
-        where = self._where(row)
-        shard = self._shards[where[0]]
+        i = bisect.bisect_right(self._starts, row) - 1
+        shard = self._shards[i]
         array = shard.array()
         if array is None or (self.dim is not None and shard.dim != self.dim):
             self._drop(shard)
             return None
-        return array, where[1]
+        return array, row - self._starts[i]
 
     def _drop(self, shard: _Shard) -> None:
         """Forget a damaged (or foreign-sized) shard, and remove a damaged one so it is not
@@ -181,11 +178,7 @@ class FeatureStore:
             if row is not None and start <= row < start + shard.rows:
                 del self._index[digest]
         if shard.ok is False:
-            for suffix in (".json", ".f32"):
-                try:
-                    shard.path.with_suffix(suffix).unlink()
-                except OSError:
-                    pass
+            shard.remove()
 
     def get(self, digest: str) -> np.ndarray | None:
         """The stored vector of ``digest`` (a fresh float32 array), or None when missing or invalid."""
@@ -194,9 +187,6 @@ class FeatureStore:
             found = self._locate(digest)
             vec = None if found is None else np.array(found[0][found[1]])
         return vec if valid(vec, self.dim) else None
-
-    def __contains__(self, digest: str) -> bool:
-        return self.get(digest) is not None
 
     def rows(self, digests) -> StoredRows:
         """The stored vectors of ``digests`` as a ``StoredRows`` [n, dim] read lazily from the
@@ -208,10 +198,7 @@ class FeatureStore:
             found = operator.itemgetter(*digests)(self._index) if digests else ()
         except KeyError as exc:
             raise KeyError(exc.args[0]) from None
-        numbers = np.array(found if len(digests) != 1 else (found,), np.int64)
-        shard_of = np.searchsorted(np.array(self._starts, np.int64), numbers, side="right") - 1
-        refs = np.stack([shard_of, numbers - np.array(self._starts, np.int64)[shard_of]], axis=1) \
-            if len(numbers) else np.zeros((0, 2), np.int64)
+        refs = _refs(self._starts, np.array(found if len(digests) != 1 else (found,), np.int64))
         for i in np.unique(refs[:, 0]).tolist():  # verify each shard used, once
             shard = self._shards[i]
             if shard.array() is None or (self.dim is not None and shard.dim != self.dim):
@@ -234,25 +221,49 @@ class FeatureStore:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        digests = list(pending)
-        array = np.ascontiguousarray(np.stack([pending[d] for d in digests]), dtype="<f4")
-        name = f"{time.time_ns():020d}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        path = self.dir / f"{name}.json"
-        meta = {"format": FORMAT, "rows": len(digests), "dim": int(array.shape[1]), "dtype": "<f4",
-                "crc32": _crc(array), "digests_crc32": _crc("\n".join(digests).encode()), "digests": digests}
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            files.write_atomic(path.with_suffix(".f32"), array.tobytes())
-            files.write_atomic(path, json.dumps(meta).encode())  # last: the shard now exists
-        except OSError:
-            return  # the store is an optimisation; these vectors are extracted again next time
-        if self._shards is not None:
-            shard = _Shard(path, meta)
-            shard._array, shard.ok = array, True
+        shard = _write_shard(self.dir, pending)
+        if shard is not None and self._shards is not None:
             self._add(shard)
 
-    def close(self) -> None:
-        self.flush()
+
+def _list_shards(folder: Path) -> list[_Shard]:
+    """The shards of ``folder`` whose sidecar reads as one, in name order."""
+    try:
+        names = sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [_Shard(path, meta) for path in names if (meta := _read_sidecar(path)) is not None]
+
+
+def _write_shard(folder: Path, pending: dict[str, np.ndarray]) -> _Shard | None:
+    """Write ``pending`` (digest -> vector) as a new shard of ``folder``, its .f32 first and its
+    sidecar last, each atomically, under a name no other process uses. Returns the shard (its
+    vectors in memory), or None when it could not be written: the store is an optimisation, and
+    these vectors are extracted again next time."""
+    digests = list(pending)
+    array = np.ascontiguousarray(np.stack([pending[d] for d in digests]), dtype="<f4")
+    name = f"{time.time_ns():020d}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = folder / f"{name}.json"
+    meta = {"format": FORMAT, "rows": len(digests), "dim": int(array.shape[1]), "dtype": "<f4",
+            "crc32": _crc(array), "digests_crc32": _crc("\n".join(digests).encode()), "digests": digests}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path.with_suffix(".f32"), array.tobytes())
+        files.write_atomic(path, json.dumps(meta).encode())  # last: the shard now exists
+    except OSError:
+        return None
+    shard = _Shard(path, meta)
+    shard._array, shard.ok = array, True
+    return shard
+
+
+def _refs(starts: list[int], numbers: np.ndarray) -> np.ndarray:
+    """(shard, row in it) [n, 2] of row numbers over all shards, shard i starting at starts[i]."""
+    if not len(numbers):
+        return np.zeros((0, 2), np.int64)
+    starts = np.array(starts, np.int64)
+    shard_of = np.searchsorted(starts, numbers, side="right") - 1
+    return np.stack([shard_of, numbers - starts[shard_of]], axis=1)
 
 
 class StoredRows:
