@@ -192,7 +192,8 @@ def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = 
     (a step too large for the features, or features that are not finite).
     """
     y = np.asarray(y, int)
-    n, d = X.shape
+    if not hasattr(X, "shape"):  # a list of rows
+        X = np.asarray(X, np.float64)
     stream = chunk_rows is not None or not _in_memory(X)
     chunk = chunk_rows or CHUNK_ROWS
     if not stream:
