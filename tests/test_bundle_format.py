@@ -210,14 +210,17 @@ def test_mistakes_csv_and_cache_entries_are_written_atomically(tmp_path, monkeyp
                                                  "a.jpg,cat,dog,0.900000"]
     cache = features.FeatureCache(tmp_path / "cache", "m", dim=3)
     cache.put("ab" * 16, np.ones(3, np.float32))
+    cache.flush()
     fail_fsync(monkeypatch)
     with pytest.raises(OSError):
         evaluation.write_mistakes([], csv_path)
     cache.put("ab" * 16, np.zeros(3, np.float32))  # a failing disk must not stop training
     cache.put("cd" * 16, np.zeros(3, np.float32))
+    cache.flush()
     assert csv_path.read_text().count("\n") == 2, "the previous report was damaged"
-    np.testing.assert_array_equal(cache.get("ab" * 16), np.ones(3, np.float32))
-    assert cache.get("cd" * 16) is None
+    reread = features.FeatureCache(tmp_path / "cache", "m", dim=3)
+    np.testing.assert_array_equal(reread.get("ab" * 16), np.ones(3, np.float32))
+    assert reread.get("cd" * 16) is None
     leftovers = [p.name for p in tmp_path.rglob("*.tmp")]
     assert leftovers == []
 

@@ -206,10 +206,16 @@ def test_a_cache_entry_that_is_not_a_regular_file_reads_as_missing_without_block
     cache = features.FeatureCache(tmp_path / "cache", "m", dim=3)
     digest = "ab" * 16
     cache.put(digest, np.ones(3, np.float32))
-    entry = cache._path(digest)
-    entry.unlink()
-    make(entry)  # planted in a shared cache
-    start = time.monotonic()
-    with deadline(20):  # (get swallows the deadline's error: the time taken tells)
-        assert cache.get(digest) is None
-    assert time.monotonic() - start < 10, "blocked on the entry"
+    cache.flush()
+    sidecar = next(cache.dir.glob("*.json"))
+    halves = {p: p.read_bytes() for p in (sidecar.with_suffix(".f32"), sidecar)}
+    for entry in halves:  # either half of the shard (a damaged shard is removed: put both back)
+        for p, saved in halves.items():
+            p.write_bytes(saved)
+        entry.unlink()
+        make(entry)  # planted in a shared cache
+        start = time.monotonic()
+        with deadline(20):  # (get swallows the deadline's error: the time taken tells)
+            assert features.FeatureCache(tmp_path / "cache", "m", dim=3).get(digest) is None
+        assert time.monotonic() - start < 10, "blocked on the entry"
+        entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)

@@ -355,27 +355,24 @@ def test_an_image_replaced_after_the_check_is_not_cached_under_the_old_hash(scan
     assert new is not None and new[2] > new[0], "the bytes that were decoded (blue) keep their features"
 
 
-def test_damaged_cache_entries_are_recomputed(scanned, extractor, tmp_path):
-    from tlcli import features
+def test_damaged_cache_entries_are_recomputed(scanned, extractor, tmp_path, monkeypatch):
+    from tlcli import features, store
 
+    monkeypatch.setattr(store, "CHUNK_ROWS", 4)  # three shards of four vectors
     cache = features.FeatureCache(tmp_path / "cache", "m")
     first, extracted = extract(scanned, extractor, cache)
     assert extracted == 12 and first.shape == (12, 3)
-    bad = {
-        "nan": np.array([np.nan, 0, 0], np.float32),
-        "huge": np.array([1e30, 0, 0], np.float32),
-        "2-D": np.zeros((1, 3), np.float32),
-        "float64": first[3].astype(np.float64),
-        "short": first[4][:2],
-    }
-    for s, vec in zip(scanned.samples, bad.values()):
-        np.save(cache._path(s.digest), vec)
-    cache._path(scanned.samples[5].digest).write_bytes(b"")  # what a crash can leave
+    shards = sorted(cache.dir.glob("*.f32"))
+    assert len(shards) == 3
+    raw = bytearray(shards[0].read_bytes())
+    raw[0] ^= 0x01  # one bit of one vector
+    shards[0].write_bytes(bytes(raw))
+    shards[1].write_bytes(b"")  # what a crash of an older writer could leave
     again, extracted = extract(scanned, extractor, features.FeatureCache(tmp_path / "cache", "m"))
-    assert extracted == 6
+    assert extracted == 8
     np.testing.assert_array_equal(again, first)
-    for s in scanned.samples[:6]:  # and each bad entry was replaced by a valid one
-        assert features.valid(np.load(cache._path(s.digest)), 3)
+    _, extracted = extract(scanned, extractor, features.FeatureCache(tmp_path / "cache", "m"))
+    assert extracted == 0, "the recomputed vectors were stored again"
 
 
 def test_an_interrupted_extraction_keeps_the_batches_it_finished(scanned, extractor, tmp_path):
@@ -388,6 +385,6 @@ def test_an_interrupted_extraction_keeps_the_batches_it_finished(scanned, extrac
     cache = features.FeatureCache(tmp_path / "cache", "m")
     with pytest.raises(KeyboardInterrupt):
         extract(scanned, extractor, cache, progress=stop_at_second_batch)
-    assert len(list(cache.dir.rglob("*.npy"))) == 8
+    assert len(features.FeatureCache(tmp_path / "cache", "m").rows([s.digest for s in scanned.samples[:8]])) == 8
     _, extracted = extract(scanned, extractor, cache)
     assert extracted == 4

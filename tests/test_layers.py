@@ -10,7 +10,7 @@ PACKAGE = Path(tlcli.__file__).parent
 # Lowest first. A module may import from its own layer and any layer before it.
 LAYERS = [
     {"errors", "strict_json", "quiet", "presets", "metrics", "progress", "server_page"},  # plain values, no TF
-    {"config", "files", "_tf", "head", "neighbours"},                        # options, writing, the numpy head
+    {"config", "files", "_tf", "head", "neighbours", "store"},     # options, writing, the numpy head, the store
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
      "html_report", "cluster", "precision"},                                 # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},

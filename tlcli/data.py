@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 import stat
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,10 +229,13 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     samples: list[Sample] = []
     bad_in: dict[int, int] = {}
     workers = min(8, 2 * (os.cpu_count() or 1))
+    # At most about 1,000 progress reports, so a million files do not mean a million redraws.
+    every = max(1, -(-len(candidates) // 1000))
     with ThreadPoolExecutor(workers) as pool:
         try:
-            for done, ((path, label), (digest, err)) in enumerate(zip(candidates, pool.map(check, candidates)), 1):
-                if progress:
+            checked = _bounded_map(pool, check, candidates, 64 * workers)
+            for done, ((path, label), (digest, err)) in enumerate(zip(candidates, checked), 1):
+                if progress and (done % every == 0 or done == len(candidates) or done == 1):
                     progress(done, len(candidates))  # may raise to abandon the scan
                 if err is not None:
                     skipped.append(Skipped(str(path), err.reason, err.detail))
@@ -256,6 +261,21 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
     return folder
+
+
+def _bounded_map(pool, fn, items, window: int):
+    """``pool.map(fn, items)`` with at most ``window`` calls submitted ahead of the consumer:
+    ``Executor.map`` submits every item at once (a million pending futures, and every finished
+    result held until its turn)."""
+    pending: deque = deque()
+    it = iter(items)
+    for item in itertools.islice(it, window):
+        pending.append(pool.submit(fn, item))
+    while pending:
+        result = pending.popleft().result()
+        for item in itertools.islice(it, 1):
+            pending.append(pool.submit(fn, item))
+        yield result
 
 
 def check_label(name: str, what: str = "class folder") -> None:
@@ -301,7 +321,8 @@ def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sampl
 def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
     """Balanced weights n / (k * n_c): each class contributes equally to the loss."""
     n = len(labels)
-    counts = [labels.count(c) for c in range(num_classes)]
+    tally = Counter(labels)  # one pass (list.count per class was quadratic: 32 s for 1M images, 1,000 classes)
+    counts = [tally[c] for c in range(num_classes)]
     return {c: (n / (num_classes * counts[c]) if counts[c] else 0.0) for c in range(num_classes)}
 
 
@@ -325,7 +346,12 @@ class Splits:
 
     def recorded(self) -> dict:
         """What splits.json records: {"train": [[absolute path, label], ...], "val": [...]}."""
-        return {name: [[str(Path(s.path).absolute()), s.label] for s in samples]
+        cwd = os.getcwd()
+
+        def absolute(path: str) -> str:  # Path.absolute, without a Path per image (15 s a million)
+            return path if os.path.isabs(path) else os.path.join(cwd, path)  # scanned paths are normalised
+
+        return {name: [[absolute(s.path), s.label] for s in samples]
                 for name, samples in (("train", self.train), ("val", self.val))}
 
 

@@ -148,7 +148,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         eng = inference.open_engine(b, kind)
 
     samples = folder.samples
-    paths, ys, rows = [], [], []
+    paths, ys = [], []
+    probs = np.empty((len(samples), len(b.labels)), np.float32)  # one float32 row an image, filled in place
     progress(Start("evaluate", total=len(samples)))
     for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
                                                            top_k=1, batch_size=batch_size,
@@ -156,17 +157,17 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         if row is None:  # the file changed after the scan
             skipped.append({"path": pred.path, "reason": "unreadable at prediction", "detail": pred.error})
         else:
+            probs[len(ys)] = row
             paths.append(pred.path)
             ys.append(samples[i].label)
-            rows.append(row)
         progress(Advance("evaluate", completed=i + 1, total=len(samples)))
     progress(End("evaluate", completed=len(samples), total=len(samples)))
-    if not rows:
+    if not ys:
         raise DatasetError(f"DIR {data_dir}: no usable image to evaluate")
     if skipped:
         progress(Skipped(skipped))
 
-    probs = np.stack(rows)
+    probs = probs[:len(ys)]
     # All mistakes for mistakes.csv; the report keeps the most confident max_mistakes, which is
     # what compute(max_mistakes=...) returns, since the order is the same.
     report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))

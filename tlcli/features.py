@@ -11,16 +11,15 @@ reuse them, and an edited image gets a new entry.
 from __future__ import annotations
 
 import functools
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tlcli import files
 from tlcli.errors import DatasetError
 from tlcli.progress import Advance, Callback, End, Start, silent
+from tlcli.store import FeatureStore
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
 
@@ -33,63 +32,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "tlcli"
 
 
-# A cached vector with a larger component is damaged (no backbone's features come near it).
-MAX_FEATURE = 1e6
-_MAX_ENTRY_BYTES = 64 << 20  # a .npy entry: one vector (a few KB); larger is not an entry
-
-
-class FeatureCache:
-    """One .npy file per (model, image) under ``root/features/<model key>/``.
+class FeatureCache(FeatureStore):
+    """The feature store (``tlcli.store``) of one model key: ``root/store/<model key>-d<decoder>/``.
 
     ``get`` returns only a valid entry: 1-D float32 of length ``dim`` (when set; ``extract``
-    sets it from the backbone), finite and at most ``MAX_FEATURE`` in magnitude. Anything else
-    (a damaged, empty or foreign file) reads as missing, so it is recomputed and replaced.
-    ``put`` writes with ``files.write_atomic``: a temporary file, fsynced (about 0.7 ms an entry
-    on ext4: a crash must not leave an empty file under a real name), renamed into place."""
+    sets it from the backbone), finite and at most ``MAX_FEATURE`` in magnitude; anything else
+    (a damaged shard, a foreign file) reads as missing, so it is recomputed. ``put`` buffers and
+    writes whole shards atomically; ``flush`` writes what is buffered. The per-image ``.npy``
+    files of earlier versions (``root/features/``) are not read: they are left for the user to
+    delete."""
 
     def __init__(self, root: str | os.PathLike | None, model_key: str, *, dim: int | None = None):
-        self.dir = Path(root or default_cache_dir()) / "features" / f"{model_key}-d{DECODER_VERSION}"
-        self.dim = dim
-
-    def _path(self, digest: str) -> Path:
-        return self.dir / digest[:2] / f"{digest}.npy"
-
-    def get(self, digest: str) -> np.ndarray | None:
-        p = self._path(digest)
-        try:  # a FIFO planted in a shared cache would block np.load forever, a device never end
-            fd, st = files.open_regular(p)
-        except OSError:  # NotRegularFile included
-            return None
-        try:
-            if st.st_size > _MAX_ENTRY_BYTES:
-                return None
-            with os.fdopen(fd, "rb") as f:
-                fd = None
-                vec = np.load(f, allow_pickle=False)
-        except Exception:  # empty, cut short or not .npy (EOFError, ValueError, OSError...)
-            return None
-        finally:
-            if fd is not None:
-                os.close(fd)
-        return vec if valid(vec, self.dim) else None
-
-    def put(self, digest: str, vec: np.ndarray) -> None:
-        p = self._path(digest)
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(vec, np.float32))
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            files.write_atomic(p, buf.getvalue())
-        except OSError:
-            pass  # the cache is an optimisation; a read-only disk must not stop training
-
-
-def valid(vec, dim: int | None) -> bool:
-    """Whether ``vec`` is a usable feature vector: a 1-D float32 numpy array (of length ``dim``
-    when given), finite, every component at most ``MAX_FEATURE`` in magnitude."""
-    return (isinstance(vec, np.ndarray) and vec.ndim == 1 and vec.dtype == np.float32 and vec.size > 0
-            and (dim is None or vec.shape[0] == dim) and bool(np.isfinite(vec).all())
-            and float(np.abs(vec).max()) <= MAX_FEATURE)
+        super().__init__(Path(root or default_cache_dir()) / "store" / f"{model_key}-d{DECODER_VERSION}", dim=dim)
 
 
 class NoCache:
@@ -101,6 +55,9 @@ class NoCache:
         return None
 
     def put(self, digest: str, vec) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -144,7 +101,10 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
 
         # Keras' own predict loop (the steps run in one tf.function over the dataset, spread over
         # the strategy's replicas): a Python loop of predict_on_batch was measured 20-50% slower.
-        _with_digests(extractor).predict(ds, verbose=0, callbacks=[_batch_callback(store)])
+        try:
+            _with_digests(extractor).predict(ds, verbose=0, callbacks=[_batch_callback(store)])
+        finally:  # the store buffers whole shards: what was extracted is kept, even on interrupt
+            cache.flush()
         progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0

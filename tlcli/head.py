@@ -10,6 +10,11 @@ is where the mean held-out loss is lowest). The head is then refit on every trai
 
 All folds and L2 values train at once as one batched numpy computation in the row space of the
 features (exact for an L2-regularised linear model, and much smaller when images < features).
+
+At scale (X too large for a float64 copy, an ``np.memmap``, or the feature store's
+``StoredRows``) the refit streams instead: float32 blocks of ``CHUNK_ROWS`` rows, the same
+iterations in feature space (gradient descent from zero never leaves the row space, and the
+step's Lipschitz bound is the same), so memory is bounded by a block and the parameters.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from tlcli.errors import TlcliError
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
 CV_MAX_IMAGES = 1000  # cross-validate on a random sample of at most this many vectors
+CHUNK_ROWS = 16384    # rows per block of the streamed refit (80 MB of float32 at 1,280-d)
+IN_MEMORY_BYTES = 256 << 20  # a plain array whose float64 copy fits in this is fit in memory
 
 
 @dataclass
@@ -109,6 +116,48 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     return out[:-1].transpose(1, 0, 2), out[-1], np.array(losses), np.array(accs), train_log
 
 
+@np.errstate(over="ignore", invalid="ignore")
+def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
+    """``_train`` for one fit without held-out rows, in feature space, streaming X in float32
+    blocks of ``chunk`` rows (each epoch one pass; the step's Gram matrix one more). Only the
+    parameters [d + 1, k] and the per-row weights and labels are held, never an [n, ...] matrix
+    but those. Returns (kernel [d, k] float32, bias [k] float32, per-epoch training (loss, accuracy))."""
+    n, d = X.shape
+    wn = sw / sw.sum()
+    labels = y if label_smoothing < 1 else np.zeros_like(y)  # the argmax of the soft targets
+    if step:
+        lr = step
+    else:  # the same Lipschitz bound as _train: the top eigenvalue of the weighted [X 1] Gram matrix
+        gram = np.zeros((d + 1, d + 1))
+        for start, block in _chunks(X, chunk):
+            w = wn[start:start + len(block)].astype(np.float32)
+            scaled = block * np.sqrt(w)[:, None]
+            gram[:d, :d] += scaled.T @ scaled  # A.T @ A: numpy's symmetric product, half the work
+            gram[:d, d] += block.T @ w
+        gram[d, :d], gram[d, d] = gram[:d, d], wn.sum()
+        lr = 1.0 / (0.5 * np.linalg.eigvalsh(gram)[-1] + 2 * l2)
+    decay = 2.0 * l2 * np.r_[np.ones(d), 0.0][:, None]  # no L2 on the bias row
+    W = np.zeros((d + 1, k))
+    prev, train_log = W.copy(), []
+    for epoch in range(1, epochs + 1):
+        look = W + (epoch - 1) / (epoch + 2) * (W - prev)
+        kernel, bias = look[:-1].astype(np.float32), look[-1].astype(np.float32)
+        grad, loss, acc = np.zeros_like(W), 0.0, 0.0
+        for start, block in _chunks(X, chunk):
+            rows = slice(start, start + len(block))
+            P = softmax(block @ kernel + bias)
+            w = wn[rows].astype(np.float32)
+            G = (P - _targets(y[rows], k, label_smoothing, np.float32)) * w[:, None]
+            grad[:-1] += block.T @ G
+            grad[-1] += G.sum(axis=0)
+            p0 = P[np.arange(len(block)), labels[rows]]
+            loss -= float((np.log(np.clip(p0, 1e-12, 1.0)) * w).sum(dtype=np.float64))
+            acc += float(((P.argmax(axis=1) == labels[rows]) * w).sum(dtype=np.float64))
+        train_log.append((loss, acc))
+        prev, W = W, look - lr * (grad + decay * look)
+    return W[:-1].astype(np.float32), W[-1].astype(np.float32), train_log
+
+
 def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Stratified fold index per sample (deterministic)."""
     fold = np.zeros(len(y), int)
@@ -120,12 +169,17 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: dict | None = None,
+def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = None,
              epochs: int = 300, learning_rate: float | None = None, label_smoothing: float = 0.1,
              patience: int = 20, seed: int = 0, l2: float | None = None,
-             groups: np.ndarray | None = None, fixed_epochs: bool = False) -> HeadFit:
+             groups: np.ndarray | None = None, fixed_epochs: bool = False,
+             chunk_rows: int | None = None) -> HeadFit:
     """Fit the head on features X [n, d] with integer labels y [n] -> kernel [d, k], bias [k].
 
+    X is a numpy array (float32 or float64), an ``np.memmap``, or rows of the feature store
+    (``store.StoredRows``); it is never copied whole. ``chunk_rows=None`` fits a plain array whose
+    float64 copy fits in ``IN_MEMORY_BYTES`` in memory, and streams anything else in blocks of
+    ``CHUNK_ROWS``; a number streams in blocks of that many rows (the same fit, in float32).
     ``l2=None`` picks it by cross-validation from ``L2_GRID``; the epoch count (<= ``epochs``) is
     picked by cross-validation when every class has >= 2 images, else ``epochs`` is used;
     ``fixed_epochs`` always runs exactly ``epochs`` (no early stopping).
@@ -137,24 +191,26 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
     Raises ``TlcliError`` naming the learning rate and L2 when a loss or weight is not finite
     (a step too large for the features, or features that are not finite).
     """
-    X = np.asarray(X, np.float64)
     y = np.asarray(y, int)
-    with np.errstate(over="ignore", invalid="ignore"):  # NaN, infinity, or so large their squares overflow
-        usable = np.isfinite(np.einsum("ij,ij->", X, X))
-    if not usable:
+    if not hasattr(X, "shape"):  # a list of rows
+        X = np.asarray(X, np.float64)
+    stream = chunk_rows is not None or not _in_memory(X)
+    chunk = chunk_rows or CHUNK_ROWS
+    if not stream:
+        X = np.asarray(X, np.float64)
+    if not _finite(X, chunk):
         raise TlcliError("the backbone's features hold NaN, infinite or huge values, so no head can be fit; "
                          "check the backbone (--backbone), or choose another one")
     k = num_classes
-    Y = np.eye(k)[y] * (1.0 - label_smoothing) + label_smoothing / k
     cw = np.array([class_weight.get(c, 1.0) for c in range(k)]) if class_weight else np.ones(k)
     sw = cw[y]
     grid = L2_GRID if l2 is None else (l2,)
-    # The row space of all the images: for the refit, and for CV too when it uses every image.
-    Z, V = _row_space(X, return_basis=True)
+    # In memory: the row space of all the images, for the refit, and for CV too when it uses them all.
+    Z, V = (None, None) if stream else _row_space(X, return_basis=True)
     cv = None
     if not (fixed_epochs and l2 is not None):
-        cv = _cross_validate(X, Z, Y, y, sw, grid, groups=groups, epochs=epochs, learning_rate=learning_rate,
-                             patience=patience, seed=seed)
+        cv = _cross_validate(X, Z, y, k, label_smoothing, sw, grid, groups=groups, epochs=epochs,
+                             learning_rate=learning_rate, patience=patience, seed=seed)
     if cv is None:
         chosen_l2, best_epochs, val_curve, cv_loss = (grid[len(grid) // 2] if l2 is None else l2), epochs, [], {}
         oof_rows, oof_probs = np.zeros(0, int), np.zeros((0, k))
@@ -162,11 +218,16 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
         chosen_l2, best_epochs, val_curve, cv_loss, oof_rows, oof_probs = cv
         if fixed_epochs:
             best_epochs = epochs
-    # Refit on every image, in the row space of all of them; map the kernel back to features.
-    W, b, _, _, train_log = _train(Z, Y, sw[None, :], np.array([chosen_l2]), epochs=best_epochs,
-                                   step=learning_rate)
+    # Refit on every image: in memory in the row space of all of them (the kernel mapped back to
+    # features), or streamed in feature space.
     with np.errstate(over="ignore", invalid="ignore"):  # a diverged fit is reported just below
-        kernel, bias = (V @ W[0]).astype(np.float32), b[0].astype(np.float32)
+        if stream:
+            kernel, bias, train_log = _train_streamed(X, y, k, label_smoothing, sw, chosen_l2, epochs=best_epochs,
+                                                      step=learning_rate, chunk=chunk)
+        else:
+            W, b, _, _, train_log = _train(Z, _targets(y, k, label_smoothing), sw[None, :], np.array([chosen_l2]),
+                                           epochs=best_epochs, step=learning_rate)
+            kernel, bias = (V @ W[0]).astype(np.float32), b[0].astype(np.float32)
     _check_finite([kernel, bias, train_log, [cv_loss.get(chosen_l2, 0.0)]], learning_rate, chosen_l2)
     history = []
     for e in range(max(best_epochs, len(val_curve))):
@@ -180,12 +241,42 @@ def fit_head(X: np.ndarray, y: np.ndarray, num_classes: int, *, class_weight: di
                    oof_probs.astype(np.float32))
 
 
-def _cross_validate(X, Z, Y, y, sw, grid, *, groups, epochs, learning_rate, patience, seed):
+def _in_memory(X) -> bool:
+    return type(X) is np.ndarray and X.size * 8 <= IN_MEMORY_BYTES
+
+
+def _chunks(X, size: int):
+    """(start, float32 block) over consecutive blocks of at most ``size`` rows of X."""
+    blocks = X.chunks(size) if hasattr(X, "chunks") else (X[i:i + size] for i in range(0, X.shape[0], size))
+    start = 0
+    for block in blocks:
+        yield start, np.asarray(block, np.float32)
+        start += len(block)
+
+
+def _finite(X, chunk: int) -> bool:
+    """Whether every feature is finite and small enough for its square to be (block by block at scale)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN, infinity, or so large their squares overflow
+        if isinstance(X, np.ndarray) and X.dtype == np.float64:
+            return bool(np.isfinite(np.einsum("ij,ij->", X, X)))
+        total = 0.0
+        for _, block in _chunks(X, chunk):
+            total += float(np.einsum("ij,ij->", block, block, dtype=np.float64))
+        return bool(np.isfinite(total))
+
+
+def _targets(y: np.ndarray, k: int, label_smoothing: float, dtype=np.float64) -> np.ndarray:
+    """Soft targets [len(y), k]: the label's one-hot, smoothed."""
+    return (np.eye(k, dtype=dtype)[y] * (1.0 - label_smoothing) + label_smoothing / k).astype(dtype)
+
+
+def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, learning_rate, patience, seed):
     """Stratified k-fold CV over ``grid`` (on a sample of at most about CV_MAX_IMAGES rows, whole
-    groups), all fits batched. Returns (chosen l2, epoch count, mean held-out (loss, accuracy) per
-    epoch, l2 -> best mean held-out loss, CV row indices, their out-of-fold probabilities), or
-    None when some class has fewer than 2 groups."""
-    n, k = len(y), Y.shape[1]
+    groups, gathered from X in float64), all fits batched. ``Z``: X's row space when X is in
+    memory (used when the sample is every row), else None. Returns (chosen l2, epoch count,
+    mean held-out (loss, accuracy) per epoch, l2 -> best mean held-out loss, CV row indices,
+    their out-of-fold probabilities), or None when some class has fewer than 2 groups."""
+    n = len(y)
     rng = np.random.default_rng(seed)
     if groups is None:
         group = first = np.arange(n)
@@ -203,7 +294,7 @@ def _cross_validate(X, Z, Y, y, sw, grid, *, groups, epochs, learning_rate, pati
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
     if folds < 2:
         return None
-    Zs = Z if len(sample) == n else _row_space(X[sample])
+    Zs = Z if Z is not None and len(sample) == n else _row_space(np.asarray(X[sample], np.float64))
     gfold = np.zeros(n_groups, int)
     gfold[chosen] = _folds(y[first[chosen]], folds, seed)
     fold = gfold[group[sample]]
@@ -211,8 +302,8 @@ def _cross_validate(X, Z, Y, y, sw, grid, *, groups, epochs, learning_rate, pati
     g_fold = np.tile(np.arange(folds), len(grid))
     train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
     weights = train_mask * sw[sample][None, :]
-    W, b, losses, accs, _ = _train(Zs, Y[sample], weights, g_l2, epochs=epochs, step=learning_rate,
-                                   val_mask=1.0 - train_mask, patience=patience)
+    W, b, losses, accs, _ = _train(Zs, _targets(y[sample], k, label_smoothing), weights, g_l2, epochs=epochs,
+                                   step=learning_rate, val_mask=1.0 - train_mask, patience=patience)
     losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
     # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
     # restored by early stopping); a fold that stopped keeps its best loss.

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+BLOCK_ROWS = 65536  # rows of probabilities ``compute`` reads at a time
+
 
 @dataclass
 class ClassMetrics:
@@ -54,18 +56,30 @@ class Report:
 def compute(y, probs, labels: list[str], *, paths: list[str] | None = None, top_k: int = 5,
             max_mistakes: int = 10) -> Report:
     """Accuracy, top-k accuracy, cross-entropy, per-class P/R/F1, confusion matrix and the most
-    confident mistakes. ``y`` int [n]; ``probs`` float [n, len(labels)]."""
+    confident mistakes. ``y`` int [n]; ``probs`` float [n, len(labels)] (float32 or float64, not
+    copied: it is read in blocks of ``BLOCK_ROWS`` rows, so a large validation set needs no more
+    than the probabilities themselves)."""
     y = np.asarray(y, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(y), len(labels))
+    probs = np.asarray(probs)
+    if probs.dtype not in (np.float32, np.float64):
+        probs = probs.astype(np.float64)
+    probs = probs.reshape(len(y), len(labels))
     k = len(labels)
     n = len(y)
-    pred = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+    top_k = max(1, min(top_k, k))
+    pred, p_pred = np.zeros(n, np.int64), np.zeros(n)
+    hits, log_sum = 0, 0.0
+    for start in range(0, n, BLOCK_ROWS):
+        block, yb = probs[start:start + BLOCK_ROWS].astype(np.float64), y[start:start + BLOCK_ROWS]
+        rows = np.arange(len(yb))
+        pb = pred[start:start + BLOCK_ROWS] = block.argmax(axis=1)
+        p_pred[start:start + BLOCK_ROWS] = block[rows, pb]
+        hits += int((np.argsort(-block, axis=1)[:, :top_k] == yb[:, None]).any(axis=1).sum())
+        log_sum += float(np.log(np.clip(block[rows, yb], 1e-12, 1.0)).sum())
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
-    top_k = max(1, min(top_k, k))
-    topk_idx = np.argsort(-probs, axis=1)[:, :top_k] if n else np.zeros((0, top_k), np.int64)
-    top_k_acc = float((topk_idx == y[:, None]).any(axis=1).mean()) if n else 0.0
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), y], 1e-12, 1.0)))) if n else 0.0
+    top_k_acc = hits / n if n else 0.0
+    loss = -log_sum / n if n else 0.0
     per_class = []
     for c in range(k):
         tp = int(confusion[c, c])
@@ -85,9 +99,8 @@ def compute(y, probs, labels: list[str], *, paths: list[str] | None = None, top_
     mistakes = []
     if paths is not None:
         wrong = np.nonzero(pred != y)[0]
-        order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_mistakes]
-        mistakes = [Mistake(paths[i], labels[y[i]], labels[pred[i]], float(probs[i, pred[i]]))
-                    for i in order]
+        order = wrong[np.argsort(-p_pred[wrong], kind="stable")][:max_mistakes]
+        mistakes = [Mistake(paths[i], labels[y[i]], labels[pred[i]], float(p_pred[i])) for i in order]
     return Report(labels=list(labels), count=n, accuracy=float(np.mean(pred == y)) if n else 0.0,
                   top_k=top_k, top_k_accuracy=top_k_acc, loss=loss, per_class=per_class,
                   macro=avg(np.ones(k)), weighted=avg(supports), confusion=confusion.tolist(),

@@ -224,12 +224,24 @@ def counts_table(train: dict, val: dict) -> Table:
     return t
 
 
+SKIPPED_ROWS = 50  # the skipped table lists this many files, then counts the rest by reason
+
+
 def skipped_table(skipped: list[dict]) -> Table:
+    """The first ``SKIPPED_ROWS`` skipped files with their reasons, then one row counting the
+    rest by reason (a folder with a million files can skip thousands; all are in --json and
+    the bundle's tlcli.json)."""
+    from collections import Counter
+
     t = Table(title=f"Skipped {len(skipped)} unusable file(s)", title_justify="left", title_style="yellow")
     t.add_column("file", overflow="fold", min_width=20)
     t.add_column("reason", overflow="fold")
-    for s in skipped:
+    for s in skipped[:SKIPPED_ROWS]:
         t.add_row(safe(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
+    rest = Counter(s["reason"] for s in skipped[SKIPPED_ROWS:])
+    if rest:
+        counts = ", ".join(f"{n} {reason}" for reason, n in rest.most_common())
+        t.add_row(f"... and {len(skipped) - SKIPPED_ROWS} more", safe(counts))
     return t
 
 

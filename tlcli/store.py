@@ -1,0 +1,294 @@
+"""The feature store: feature vectors kept in sharded arrays, found by the content digest of
+their image.
+
+Layout of one store folder (one per backbone key, image size and view; ``features.FeatureCache``
+names it)::
+
+    <folder>/<name>.f32    the vectors of one shard: raw little-endian float32, [rows, dim], C order
+    <folder>/<name>.json   its sidecar: {"format": 1, "rows", "dim", "dtype": "<f4",
+                           "digests": [row i's image digest, ...], "crc32": of the .f32 bytes,
+                           "digests_crc32": of the digests joined by newlines}
+
+A shard is written once and never changed: each writer buffers its new vectors and, every
+``CHUNK_ROWS`` vectors (and when it is flushed or closed), writes one new shard under a name no
+other process uses (time, host, process id, random), the ``.f32`` first and the sidecar last,
+each atomically (``files.write_atomic``). A shard without its sidecar is not read, so concurrent
+runs and worker processes never see a half-written shard and share no lock at all. A crash loses
+at most the vectors still buffered (they are extracted again next time).
+
+Reading lists the sidecars once, builds digest -> (shard, row), and memory-maps each ``.f32``
+(no entry is read one file at a time). A shard is verified the first time one of its rows is
+read: the sizes, the dtype, both checksums. A shard that fails is dropped as a whole (what it
+held reads as missing, so it is recomputed into a new shard) and removed, and each vector handed
+out is checked again (``valid``), so a damaged store never gives wrong features silently.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import operator
+import os
+import socket
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import files
+
+FORMAT = 1
+CHUNK_ROWS = 4096          # vectors per shard written by a long extraction (16-20 MB at 1,280-d)
+FLUSH_SECONDS = 60.0       # and at least this often, so a killed run loses at most a minute's work
+MAX_FEATURE = 1e6          # a vector with a larger component is damaged (no backbone's come near it)
+_MAX_SIDECAR_BYTES = 256 << 20
+
+
+def valid(vec, dim: int | None) -> bool:
+    """Whether ``vec`` is a usable feature vector: a 1-D float32 numpy array (of length ``dim``
+    when given), finite, every component at most ``MAX_FEATURE`` in magnitude."""
+    return (isinstance(vec, np.ndarray) and vec.ndim == 1 and vec.dtype == np.float32 and vec.size > 0
+            and (dim is None or vec.shape[0] == dim) and bool(np.isfinite(vec).all())
+            and float(np.abs(vec).max()) <= MAX_FEATURE)
+
+
+def _crc(data) -> int:
+    return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
+
+
+class _Shard:
+    """One shard as listed: its sidecar's digests, the vectors mapped on first use."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.rows, self.dim = int(meta["rows"]), int(meta["dim"])
+        self._array, self.ok = None, None   # ok: None until verified
+
+    def array(self) -> np.ndarray | None:
+        """The [rows, dim] float32 memmap, verified (sizes, checksum) on first use; None if damaged."""
+        if self.ok is None:
+            self.ok = self._verify()
+        return self._array if self.ok else None
+
+    def _verify(self) -> bool:
+        try:
+            fd, st = files.open_regular(self.path.with_suffix(".f32"))
+        except OSError:
+            return False
+        try:
+            with os.fdopen(fd, "rb") as f:
+                fd = None
+                if st.st_size != self.rows * self.dim * 4 or self.rows == 0:
+                    return False
+                # A copy-on-read mapping: the pages are the file's (not anonymous memory).
+                array = np.memmap(f, dtype="<f4", mode="r", shape=(self.rows, self.dim))
+        except (OSError, ValueError):
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if _crc(array) != self.meta["crc32"]:
+            return False
+        self._array = array
+        return True
+
+
+    def remove(self) -> None:
+        """Delete both files of a damaged shard (best effort), so it is not verified again."""
+        for suffix in (".json", ".f32"):
+            try:
+                self.path.with_suffix(suffix).unlink()
+            except OSError:
+                pass
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    """A shard's sidecar, or None when it is not one (damaged, cut short, foreign, planted)."""
+    try:
+        fd, st = files.open_regular(path)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > _MAX_SIDECAR_BYTES:
+            return None
+        try:
+            meta = json.loads(f.read())
+            digests = meta["digests"]
+            ok = (meta["format"] == FORMAT and meta["dtype"] == "<f4" and isinstance(digests, list)
+                  and len(digests) == int(meta["rows"]) and int(meta["dim"]) > 0
+                  and _crc("\n".join(digests).encode()) == meta["digests_crc32"])  # join: str only
+        except Exception:  # not JSON, missing or mistyped fields
+            return None
+    return meta if ok else None
+
+
+class FeatureStore:
+    """The vectors of one store folder (see the module docstring), read and appended to.
+
+    ``get(digest)`` returns a valid vector (see ``valid``; of length ``dim`` when set) or None;
+    ``put(digest, vec)`` buffers one and writes a shard every ``CHUNK_ROWS`` vectors or
+    ``FLUSH_SECONDS``; ``flush()`` writes what is buffered now (call it when a run ends or is
+    interrupted). Writing never raises: the store is an optimisation and a read-only or full disk
+    must not stop training (what could not be written is extracted again next time).
+    ``rows(digests)`` gives the stored vectors of many digests at once without loading them."""
+
+    def __init__(self, folder: str | os.PathLike, *, dim: int | None = None):
+        self.dir = Path(folder)
+        self.dim = dim
+        self._shards: list[_Shard] | None = None
+        self._starts: list[int] = []          # shard i holds the rows _starts[i] .. of all shards
+        self._index: dict[str, int] = {}      # digest -> row number over all shards
+        self._pending: dict[str, np.ndarray] = {}
+        self._since = time.monotonic()
+
+    # -- reading
+    def _load(self) -> None:
+        if self._shards is None:
+            self._shards = []
+            for shard in _list_shards(self.dir):  # in name order (time first): a later shard's entry wins
+                self._add(shard)
+
+    def _add(self, shard: _Shard) -> None:
+        start = self._starts[-1] + self._shards[-1].rows if self._shards else 0
+        self._shards.append(shard)
+        self._starts.append(start)
+        self._index.update(zip(shard.meta["digests"], range(start, start + shard.rows)))  # no Python loop
+
+    def _locate(self, digest: str) -> tuple[np.ndarray, int] | None:
+        self._load()
+        row = self._index.get(digest)
+        if row is None:
+            return None
+        i = bisect.bisect_right(self._starts, row) - 1
+        shard = self._shards[i]
+        array = shard.array()
+        if array is None or (self.dim is not None and shard.dim != self.dim):
+            self._drop(shard)
+            return None
+        return array, row - self._starts[i]
+
+    def _drop(self, shard: _Shard) -> None:
+        """Forget a damaged (or foreign-sized) shard, and remove a damaged one so it is not
+        verified again; its vectors read as missing and are recomputed."""
+        start = self._starts[self._shards.index(shard)]
+        for digest in shard.meta["digests"]:
+            row = self._index.get(digest)
+            if row is not None and start <= row < start + shard.rows:
+                del self._index[digest]
+        if shard.ok is False:
+            shard.remove()
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The stored vector of ``digest`` (a fresh float32 array), or None when missing or invalid."""
+        vec = self._pending.get(digest)
+        if vec is None:
+            found = self._locate(digest)
+            vec = None if found is None else np.array(found[0][found[1]])
+        return vec if valid(vec, self.dim) else None
+
+    def rows(self, digests) -> StoredRows:
+        """The stored vectors of ``digests`` as a ``StoredRows`` [n, dim] read lazily from the
+        shards. Raises KeyError naming the first digest that is missing (or in a damaged shard)."""
+        self.flush()
+        self._load()
+        digests = list(digests)
+        try:  # itemgetter: the lookups in C (a million digests in well under a second)
+            found = operator.itemgetter(*digests)(self._index) if digests else ()
+        except KeyError as exc:
+            raise KeyError(exc.args[0]) from None
+        refs = _refs(self._starts, np.array(found if len(digests) != 1 else (found,), np.int64))
+        for i in np.unique(refs[:, 0]).tolist():  # verify each shard used, once
+            shard = self._shards[i]
+            if shard.array() is None or (self.dim is not None and shard.dim != self.dim):
+                self._drop(shard)
+                raise KeyError(next(d for d, r in zip(digests, refs[:, 0].tolist()) if r == i))
+        arrays = [s._array for s in self._shards]
+        dim = self.dim or (self._shards[refs[0, 0]].dim if len(refs) else 0)
+        return StoredRows(arrays, refs, dim)
+
+    # -- writing
+    def put(self, digest: str, vec: np.ndarray) -> None:
+        """Buffer ``vec`` (1-D, float32) as the vector of ``digest``; see the class docstring."""
+        self._pending[digest] = np.asarray(vec, np.float32).copy()
+        if len(self._pending) >= CHUNK_ROWS or time.monotonic() - self._since > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered vectors as one new shard (nothing when none is buffered)."""
+        self._since = time.monotonic()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        shard = _write_shard(self.dir, pending)
+        if shard is not None and self._shards is not None:
+            self._add(shard)
+
+
+def _list_shards(folder: Path) -> list[_Shard]:
+    """The shards of ``folder`` whose sidecar reads as one, in name order."""
+    try:
+        names = sorted(p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [_Shard(path, meta) for path in names if (meta := _read_sidecar(path)) is not None]
+
+
+def _write_shard(folder: Path, pending: dict[str, np.ndarray]) -> _Shard | None:
+    """Write ``pending`` (digest -> vector) as a new shard of ``folder``, its .f32 first and its
+    sidecar last, each atomically, under a name no other process uses. Returns the shard (its
+    vectors in memory), or None when it could not be written: the store is an optimisation, and
+    these vectors are extracted again next time."""
+    digests = list(pending)
+    array = np.ascontiguousarray(np.stack([pending[d] for d in digests]), dtype="<f4")
+    name = f"{time.time_ns():020d}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = folder / f"{name}.json"
+    meta = {"format": FORMAT, "rows": len(digests), "dim": int(array.shape[1]), "dtype": "<f4",
+            "crc32": _crc(array), "digests_crc32": _crc("\n".join(digests).encode()), "digests": digests}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path.with_suffix(".f32"), array.tobytes())
+        files.write_atomic(path, json.dumps(meta).encode())  # last: the shard now exists
+    except OSError:
+        return None
+    shard = _Shard(path, meta)
+    shard._array, shard.ok = array, True
+    return shard
+
+
+def _refs(starts: list[int], numbers: np.ndarray) -> np.ndarray:
+    """(shard, row in it) [n, 2] of row numbers over all shards, shard i starting at starts[i]."""
+    if not len(numbers):
+        return np.zeros((0, 2), np.int64)
+    starts = np.array(starts, np.int64)
+    shard_of = np.searchsorted(starts, numbers, side="right") - 1
+    return np.stack([shard_of, numbers - starts[shard_of]], axis=1)
+
+
+class StoredRows:
+    """Rows of several memory-mapped shards, seen as one read-only float32 matrix [n, dim]
+    without loading it: ``refs`` [n, 2] holds (shard, row) for each row. ``X[index]`` (an integer
+    array, or a slice) gathers those rows into a new array; ``chunks(size)`` yields consecutive
+    blocks of at most ``size`` rows, so memory stays bounded by the block. ``head.fit_head``
+    accepts it as X."""
+
+    def __init__(self, arrays: list, refs: np.ndarray, dim: int):
+        self.arrays, self.refs = arrays, refs
+        self.shape = (len(refs), dim)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        refs = self.refs[index]
+        out = np.empty((len(refs), self.shape[1]), np.float32)
+        for s in np.unique(refs[:, 0]):
+            mine = refs[:, 0] == s
+            out[mine] = self.arrays[s][refs[mine, 1]]
+        return out
+
+    def chunks(self, size: int):
+        for start in range(0, len(self), size):
+            yield self[start:start + size]
