@@ -13,7 +13,7 @@ LAYERS = [
     {"config", "files", "_tf", "head"},                                      # options, writing, the numpy head
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy"},  # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
-    {"features", "finetuning", "inference"},                                 # the steps
+    {"features", "finetuning", "inference", "litert_backbone"},              # the steps
     {"training", "export", "evaluation", "models"},                          # the commands, as functions
     {"render"},
     {"cli"},
