@@ -287,12 +287,23 @@ def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixe
         if not batch:
             return True  # nothing to compare on; the extraction itself reports unreadable files
         batch = np.stack(batch)
-        runner.parity = litert_backbone.parity_error(extractor.predict(batch, verbose=0), runner(batch))
+        runner.parity = litert_backbone.parity_error(_tf_features(extractor, batch), runner(batch))
         if runner.parity > litert_backbone.PARITY_TOLERANCE:
             progress(Warn(f"--extractor litert: LiteRT's features differ from TensorFlow's by {runner.parity:.2g} "
                           f"of their scale on the first batch (tolerance {litert_backbone.PARITY_TOLERANCE:g}); "
                           "using TensorFlow"))
     return runner.parity <= litert_backbone.PARITY_TOLERANCE
+
+
+def _tf_features(extractor, batch: np.ndarray) -> np.ndarray:
+    """``extractor`` on one batch: called directly (predict would trace a whole predict loop,
+    seconds for a large backbone), or through predict under a distribution strategy, where
+    restored functions cannot be called eagerly."""
+    from tlcli._tf import tf
+
+    if tf().distribute.has_strategy():
+        return extractor.predict(batch, verbose=0)
+    return np.asarray(extractor(batch, training=False))
 
 
 def _model_input(sample, size: int, max_pixels: int, pixels) -> tuple[np.ndarray | None, str]:
