@@ -197,3 +197,24 @@ def test_an_unknown_extractor_is_a_one_line_usage_error(tmp_path, colour_data):
     assert len(result.stderr.strip().splitlines()) == 1 and "--extractor" in result.stderr
     with pytest.raises(UsageError, match=r"^--extractor gpu: must be one of auto, tf, litert$"):
         tlcli.train(colour_data, out=str(tmp_path / "m"), extractor="gpu")
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_file_unreadable_after_the_check_is_named_unless_the_check_kept_its_input(tmp_path, colour_data, train_args,
+                                                                                  monkeypatch, kept):
+    victim, real = str(colour_data / "green" / "green_1.png"), images.load_for_model
+
+    def flaky(path, size, **kw):  # passes the file check, then fails whenever the image is read again
+        if str(path) == victim:
+            raise images.ImageError(path, images.TRUNCATED)
+        return real(path, size, **kw)
+
+    monkeypatch.setattr(images, "load_for_model", flaky)
+    monkeypatch.setattr(images, "KEPT_PIXELS_BUDGET", images.KEPT_PIXELS_BUDGET if kept else 0)
+    run = dict(out=str(tmp_path / "m"), extractor="litert", cache_dir=str(tmp_path / "cache"), **train_args)
+    if kept:  # trained on the bytes the check decoded and hashed, which the file is not read for again
+        assert tlcli.train(colour_data, **run).extracted == 24
+    else:
+        with pytest.raises(tlcli.TlcliError, match="green_1.png: became unreadable"):
+            tlcli.train(colour_data, **run)
+        assert not (tmp_path / "m").exists()

@@ -617,11 +617,11 @@ KEPT_PIXELS_BUDGET = 512 << 20
 
 class KeptPixels:
     """Model inputs of one size decoded by the file check, by content digest (``digest``), up to
-    ``budget`` bytes: ``offer`` keeps one while there is room, ``take`` hands it over once
-    (freeing its room), ``clear`` drops the rest. Thread-safe (the check runs in threads)."""
+    ``budget`` bytes (default ``KEPT_PIXELS_BUDGET``): ``offer`` keeps one while there is room,
+    ``peek`` reads one, ``clear`` drops them all. Thread-safe (the check runs in threads)."""
 
-    def __init__(self, size: int, budget: int = KEPT_PIXELS_BUDGET):
-        self.size, self.budget, self.used = size, budget, 0
+    def __init__(self, size: int, budget: int | None = None):
+        self.size, self.budget, self.used = size, KEPT_PIXELS_BUDGET if budget is None else budget, 0
         self._pixels: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -633,12 +633,6 @@ class KeptPixels:
             if digest not in self._pixels and self.used + pixels.nbytes <= self.budget:
                 self._pixels[digest] = pixels
                 self.used += pixels.nbytes
-
-    def take(self, digest: str) -> np.ndarray | None:
-        with self._lock:
-            pixels = self._pixels.pop(digest, None)
-            self.used -= 0 if pixels is None else pixels.nbytes
-            return pixels
 
     def peek(self, digest: str) -> np.ndarray | None:
         with self._lock:
