@@ -130,6 +130,12 @@ class TrainingMeta(_Section):
     tensorboard: str | None = None
     extractor: str | None = None
 
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("extractor") is None:
+            del out["extractor"]  # a bundle of an older tlcli is written back as it was read
+        return out
+
 
 @dataclass(kw_only=True)
 class BundleMeta(_Section):

@@ -117,16 +117,23 @@ def _feature_dim(extractor) -> int | None:
 
 
 def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
-            max_pixels: int, progress: Callback = silent, task: str = "extract") -> tuple[np.ndarray, int]:
+            max_pixels: int, progress: Callback = silent, task: str = "extract", runner=None, flip: bool = False,
+            pixels: images.KeptPixels | None = None) -> tuple[np.ndarray, int]:
     """Features [n, d] for ``samples`` (objects with .path and .digest), running the backbone only
     on files missing from the cache (or whose entry is invalid), in one streamed tf.data pass.
     Each batch is cached as soon as it is extracted, under the digest of the bytes actually
     decoded, so an interrupted run keeps what it did. Returns (features, extracted).
 
+    With a LiteRT ``runner`` (``litert_backbone.LiteRTBackbone``) the backbone is that instead
+    of the Keras ``extractor`` (``extract_litert``: ``flip`` and ``pixels`` are its options).
+
     Raises DatasetError, naming the file, when a file became unreadable after the scan or now
     holds other bytes than the scan checked (its features would belong to another image)."""
     from tlcli.data import image_dataset
 
+    if runner is not None:
+        return extract_litert(samples, runner=runner, cache=cache, image_size=image_size, batch_size=batch_size,
+                              max_pixels=max_pixels, flip=flip, pixels=pixels, progress=progress, task=task)
     if cache.dim is None:
         cache.dim = _feature_dim(extractor)
     found = [cache.get(s.digest) for s in samples]
@@ -244,7 +251,7 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
     are ``task`` and ``task (mirror)``.
 
     ``litert``: the frozen backbone as a ``litert_backbone.LiteRTBackbone``; a frozen view then
-    comes from it (``extract_litert``, keys ``...-litert``) once ``agrees`` has found its
+    comes from it (``extract``'s ``runner``, keys ``...-litert``) once ``agrees`` has found its
     features equal to TensorFlow's on the first batch, else from TensorFlow with a warning.
     ``pixels``: model inputs the file check kept (``images.KeptPixels``), used instead of
     decoding again and dropped once the views are computed. Raises what ``extract`` raises."""
@@ -261,11 +268,8 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
     common = dict(image_size=image_size, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
     for view, extractor, key, name, flip in todo:
         cache = FeatureCache(cache_dir, key) if frozen else NoCache()
-        if litert is not None:
-            found[view], n = extract_litert(samples, runner=litert, cache=cache, flip=flip, pixels=pixels,
-                                            task=name, **common)
-        else:
-            found[view], n = extract(samples, extractor=extractor, cache=cache, task=name, **common)
+        found[view], n = extract(samples, extractor=extractor, cache=cache, task=name, runner=litert,
+                                 flip=flip, pixels=pixels, **common)
         extracted += n
     if pixels is not None:
         pixels.clear()  # their memory is the largest thing a cold run holds
