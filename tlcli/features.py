@@ -286,7 +286,7 @@ def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixe
     a disagreement is one ``Warn``."""
     from tlcli import litert_backbone
 
-    if getattr(runner, "parity", None) is None:
+    if runner.parity is None:
         batch = [x for x, _ in (_model_input(s, image_size, max_pixels, pixels) for s in samples) if x is not None]
         if not batch:
             return True  # nothing to compare on; the extraction itself reports unreadable files

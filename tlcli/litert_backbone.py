@@ -71,7 +71,8 @@ class LiteRTBackbone:
     """A converted backbone: float32 images [n, size, size, 3] in [0, 1] -> features [n, dim]
     float32, ``threads()`` threads, the input resized to each batch's length. Raises
     ``ValueError`` when ``model`` is not a .tflite of that input and output (see ``prepare``).
-    One call at a time."""
+    One call at a time. ``parity``: its ``parity_error`` against TensorFlow once measured
+    (``features.agrees``), else None."""
 
     name = "litert"
 
@@ -92,6 +93,7 @@ class LiteRTBackbone:
             raise ValueError(f"takes {shape} {inp[0]['dtype'].__name__} and gives {dims}, not "
                              f"[-1, {image_size}, {image_size}, 3] float32 -> [-1, {feature_dim}]")
         self.batch, self.image_size, self.feature_dim = int(inp[0]["shape"][0]), image_size, feature_dim
+        self.parity: float | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)
