@@ -211,7 +211,7 @@ def train(args, work: Path) -> None:
 
 def accuracy(work: Path) -> None:
     """Section 3."""
-    print("\nhymenoptera train -> val, head-only (cold cache; the conversion is cached after the first run)")
+    print("\nhymenoptera train -> val, head-only (cold caches: each LiteRT run converts the backbone too)")
     where = [str(HYMENOPTERA / "train"), "--val-dir", str(HYMENOPTERA / "val")]
     for extra in ([], ["--mirror"]):
         accs = {}
