@@ -119,7 +119,9 @@ class MetricsMeta(_Section):
 @dataclass(kw_only=True)
 class TrainingMeta(_Section):
     """How the run went: the distribution strategy, epochs run per phase, wall time, the
-    per-epoch ``history`` ({phase: [{epoch, loss, ...}, ...]}) and the TensorBoard folder."""
+    per-epoch ``history`` ({phase: [{epoch, loss, ...}, ...]}), the TensorBoard folder and what
+    ran the frozen backbone for the head's features (``extractor``: "tf" or "litert"; None in a
+    bundle of an older tlcli)."""
 
     strategy: str | None = None
     replicas: int | None = None
@@ -129,6 +131,13 @@ class TrainingMeta(_Section):
     seconds: float | None = None
     history: dict = field(default_factory=dict)
     tensorboard: str | None = None
+    extractor: str | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("extractor") is None:
+            del out["extractor"]  # a bundle of an older tlcli is written back as it was read
+        return out
 
 
 @dataclass(kw_only=True)
@@ -302,11 +311,11 @@ def _read_meta(meta_path: Path):
     return schema.read_json(meta_path, schema.MAX_META_BYTES, "corrupt bundle metadata", "retrain or restore the file")
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float) -> BundleMeta:
+             global_batch: int, state, seconds: float, extractor: str = "tf") -> BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None) metrics
-    reports, ``chosen`` the strategy, ``state`` the run_state.RunState. The TensorBoard folder is
-    filled in when the bundle is written."""
+    reports, ``chosen`` the strategy, ``state`` the run_state.RunState, ``extractor`` the engine
+    of the frozen features. The TensorBoard folder is filled in when the bundle is written."""
     from tlcli._tf import tf
 
     train_report, val = reports
@@ -322,7 +331,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                             val_loss=val.loss if val else None, val=val.to_dict() if val else None),
         training=TrainingMeta(strategy=chosen.description, replicas=chosen.replicas, global_batch_size=global_batch,
                               head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run,
-                              seconds=round(seconds, 2), history=state.history),
+                              seconds=round(seconds, 2), history=state.history, extractor=extractor),
         skipped=[s.to_dict() for s in splits.skipped])
 
 

@@ -25,6 +25,7 @@ from tlcli.config import (
     SERVE_HOST,
     SERVE_PORT,
     Engine,
+    Extractor,
     IOType,
     Precision,
     Quantize,
@@ -196,6 +197,9 @@ def train(
                         ] = Strategy(DEFAULTS.strategy),
     cache_dir: Annotated[Optional[Path], _opt(HARDWARE, "Feature cache (default $TLCLI_CACHE_DIR or "
                                                         "~/.cache/tlcli).", metavar="DIR")] = None,
+    extractor: Annotated[Extractor, _opt(HARDWARE, "What runs the frozen backbone for its features (auto: LiteRT, "
+                                                   "converted once and cached, when there is no GPU or TPU; "
+                                                   "else TensorFlow).")] = Extractor(DEFAULTS.extractor),
     out_dir: Annotated[Path, _opt(OUTPUT, "Where to write the model bundle.", "--out",
                                   metavar="DIR")] = Path(DEFAULT_MODEL_DIR),
     force: Annotated[bool, _opt(OUTPUT, "Replace an existing bundle at --out.", "--force")] = False,
@@ -218,6 +222,7 @@ def train(
         fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_patience=fine_tune_patience, holdout=holdout,
         dropout=dropout, fine_tune_micro_batch=fine_tune_micro_batch, batch_size=batch_size, precision=precision.value,
         strategy=strategy.value, cache_dir=_path(cache_dir), out=str(out_dir), force=force, resume=resume,
+        extractor=extractor.value,
         tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
     from tlcli.training import train as run_train
 

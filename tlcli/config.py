@@ -49,6 +49,15 @@ class Engine(StrEnum):
     TFLITE = "tflite"
 
 
+class Extractor(StrEnum):
+    """``--extractor`` of train: what runs the frozen backbone for its features (see
+    tlcli/litert_backbone.py). ``auto`` is LiteRT when TensorFlow lists no GPU or TPU."""
+
+    AUTO = "auto"
+    TF = "tf"
+    LITERT = "litert"
+
+
 class Quantize(StrEnum):
     """``--quantize`` of export."""
 
@@ -69,6 +78,7 @@ class IOType(StrEnum):
 STRATEGIES = tuple(s.value for s in Strategy)
 PRECISIONS = tuple(p.value for p in Precision)
 ENGINES = tuple(e.value for e in Engine)
+EXTRACTORS = tuple(e.value for e in Extractor)
 QUANTIZE = tuple(q.value for q in Quantize)
 IO_TYPES = tuple(t.value for t in IOType)
 # Defaults of predict and evaluate, shared by the library functions and the CLI.
@@ -124,6 +134,7 @@ class TrainConfig:
     mirror: bool | None = None
     # Machinery.
     strategy: str = "auto"
+    extractor: str = "auto"           # frozen-backbone features: auto | tf | litert
     strict: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     cache_dir: str | None = None
@@ -188,6 +199,7 @@ def validate(cfg: TrainConfig) -> None:
          and cfg.fine_tune_patience >= 1, "must be >= 1"),
         ("--strategy", cfg.strategy, cfg.strategy in STRATEGIES, f"must be one of {', '.join(STRATEGIES)}"),
         ("--precision", cfg.precision, cfg.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+        ("--extractor", cfg.extractor, cfg.extractor in EXTRACTORS, f"must be one of {', '.join(EXTRACTORS)}"),
     ]
     for option, value, ok, why in checks:
         if not ok:

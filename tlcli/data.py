@@ -170,7 +170,8 @@ def _dedupe(found: list[tuple[Path, int, bool]]) -> list[tuple[Path, int]]:
 
 def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
          max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
-         progress: Callable[[int, int], None] | None = None, option: str = "DIR") -> ImageFolder:
+         progress: Callable[[int, int], None] | None = None, option: str = "DIR",
+         keep: images.KeptPixels | None = None) -> ImageFolder:
     """Scan ``root/<class>/...`` and check every file before any expensive work.
 
     Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
@@ -180,7 +181,8 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     named in one DatasetError. Raises DatasetError, naming the folder and the fix, for a missing
     or unreadable folder, no class folders, images directly in ``root``, a single class, or a
     class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
-    warning in ``warnings``.
+    warning in ``warnings``. With ``keep`` (of ``image_size``), the model inputs decoded here
+    are offered to it while it has room, so that the feature extraction need not decode again.
     """
     root_p = check_folder(root, option)
     try:
@@ -222,9 +224,15 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
 
     def check(item):
         path, _ = item
-        data, err = images.check(path, size=image_size, max_pixels=max_pixels)
-        # Hash here, in the worker, so that finished files' bytes are not held waiting in order.
-        return (None, err) if err else (images.digest(data), None)
+        if keep is None or not keep.room():
+            data, err = images.check(path, size=image_size, max_pixels=max_pixels)
+            # Hash here, in the worker, so that finished files' bytes are not held waiting in order.
+            return (None, err) if err else (images.digest(data), None)
+        data, pixels, err = images.check_pixels(path, size=image_size, max_pixels=max_pixels)
+        if err:
+            return None, err
+        keep.offer(digest := images.digest(data), pixels)
+        return digest, None
 
     samples: list[Sample] = []
     bad_in: dict[int, int] = {}
@@ -356,10 +364,11 @@ class Splits:
 
 
 def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silent,
-                stopping: threading.Event | None = None) -> Splits:
+                stopping: threading.Event | None = None, keep: images.KeptPixels | None = None) -> Splits:
     """Scan DIR (and --val-dir) of ``cfg`` and split them (seeded by ``cfg.seed``), reporting the
     scan, the warnings, the skipped files and the counts through ``progress``. Once ``stopping``
-    is set the scan gives up with ``Interrupted``. Raises what ``scan`` raises."""
+    is set the scan gives up with ``Interrupted``. ``keep``: see ``scan``. Raises what ``scan``
+    raises."""
     def abandoned():
         if stopping is not None and stopping.is_set():
             raise Interrupted("the file check was abandoned")
@@ -368,11 +377,11 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
         return counter(progress, task, check=abandoned)
 
     train = scan(cfg.data_dir, image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict,
-                 progress=report("scan"))
+                 progress=report("scan"), keep=keep)
     skipped, warnings = list(train.skipped), list(train.warnings)
     if cfg.val_dir:
         val = scan(cfg.val_dir, image_size=image_size, labels=train.labels, max_pixels=cfg.max_pixels,
-                   strict=cfg.strict, progress=report("scan val"), option="--val-dir")
+                   strict=cfg.strict, progress=report("scan val"), option="--val-dir", keep=keep)
         skipped += val.skipped
         warnings += val.warnings
         train_samples, val_samples = train.samples, val.samples

@@ -1,24 +1,29 @@
 """Feature vectors of the frozen backbone, computed once and cached on disk.
 
 ``compute_views`` is the feature step of the recipe: the plain (and mirror) views of a list of
-images, through the cache; ``extract`` computes one view.
+images, through the cache; ``extract`` computes one view with TensorFlow, ``extract_litert`` with
+the backbone converted for LiteRT (``litert_backbone``), which serves every frozen view on a CPU.
 
 Entries are keyed by the backbone (handle, or local path + file times), the image size, the
 decoder version and each file's content hash, so re-runs, new head settings and renamed files
-reuse them, and an edited image gets a new entry.
+reuse them, and an edited image gets a new entry. LiteRT's entries are kept apart from
+TensorFlow's (``-litert`` keys), so one fit never mixes the two engines' features.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tlcli.errors import DatasetError
-from tlcli.progress import Advance, Callback, End, Start, silent
+from tlcli import images
+from tlcli.errors import DatasetError, ImageError
+from tlcli.progress import Advance, Callback, End, Start, Warn, silent
 from tlcli.store import FeatureStore
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
@@ -70,16 +75,23 @@ def _feature_dim(extractor) -> int | None:
 
 
 def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
-            max_pixels: int, progress: Callback = silent, task: str = "extract") -> tuple[np.ndarray, int]:
+            max_pixels: int, progress: Callback = silent, task: str = "extract", runner=None, flip: bool = False,
+            pixels: images.KeptPixels | None = None) -> tuple[np.ndarray, int]:
     """Features [n, d] for ``samples`` (objects with .path and .digest), running the backbone only
     on files missing from the cache (or whose entry is invalid), in one streamed tf.data pass.
     Each batch is cached as soon as it is extracted, under the digest of the bytes actually
     decoded, so an interrupted run keeps what it did. Returns (features, extracted).
 
+    With a LiteRT ``runner`` (``litert_backbone.LiteRTBackbone``) the backbone is that instead
+    of the Keras ``extractor`` (``extract_litert``: ``flip`` and ``pixels`` are its options).
+
     Raises DatasetError, naming the file, when a file became unreadable after the scan or now
     holds other bytes than the scan checked (its features would belong to another image)."""
     from tlcli.data import image_dataset
 
+    if runner is not None:
+        return extract_litert(samples, runner=runner, cache=cache, image_size=image_size, batch_size=batch_size,
+                              max_pixels=max_pixels, flip=flip, pixels=pixels, progress=progress, task=task)
     if cache.dim is None:
         cache.dim = _feature_dim(extractor)
     found = [cache.get(s.digest) for s in samples]
@@ -171,6 +183,7 @@ class FeatureViews:
     mirror: np.ndarray | None
     extracted: int
     cached: int
+    engine: str = "tf"  # what ran the backbone for the views computed here: "tf" or "litert"
 
     @functools.cached_property
     def _index(self) -> dict[str, int]:
@@ -188,24 +201,138 @@ class FeatureViews:
 
 def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size: int, batch_size: int,
                   max_pixels: int, progress: Callback = silent, mirror: bool = False, frozen: bool = True,
-                  keep: FeatureViews | None = None, task: str = "extract") -> FeatureViews:
+                  keep: FeatureViews | None = None, task: str = "extract", litert=None,
+                  pixels: images.KeptPixels | None = None) -> FeatureViews:
     """The feature views of ``samples`` (see ``extract``). ``extractors`` is (plain, mirror): Keras
     models from images to features (``model.build_extractor``), the mirror one used only with
     ``mirror``. A ``frozen`` backbone's features go through the cache under ``root/features/``
     ``<cache_key>`` (``-mirror`` for the mirror view) in ``cache_dir`` (None: the default);
     others are never cached. ``keep``: earlier views of the same samples whose plain view still
     holds (the backbone has not changed), so only the mirror view is computed. Progress tasks
-    are ``task`` and ``task (mirror)``. Raises what ``extract`` raises."""
+    are ``task`` and ``task (mirror)``.
+
+    ``litert``: the frozen backbone as a ``litert_backbone.LiteRTBackbone``; a frozen view then
+    comes from it (``extract``'s ``runner``, keys ``...-litert``) once ``agrees`` has found its
+    features equal to TensorFlow's on the first batch, else from TensorFlow with a warning.
+    ``pixels``: model inputs the file check kept (``images.KeptPixels``), used instead of
+    decoding again and dropped once the views are computed. Raises what ``extract`` raises."""
     plain_extractor, mirror_extractor = extractors
-    todo = [] if keep is not None else [("plain", plain_extractor, cache_key, task)]
+    if not frozen or litert is not None and not agrees(litert, plain_extractor, samples[:batch_size],
+                                                       image_size=image_size, max_pixels=max_pixels, pixels=pixels,
+                                                       progress=progress):
+        litert = None
+    suffix = "-litert" if litert is not None else ""
+    todo = [] if keep is not None else [("plain", plain_extractor, cache_key + suffix, task, False)]
     if mirror:
-        todo.append(("mirror", mirror_extractor, f"{cache_key}-mirror", f"{task} (mirror)"))
+        todo.append(("mirror", mirror_extractor, f"{cache_key}-mirror{suffix}", f"{task} (mirror)", True))
     found, extracted = {}, 0
-    for view, extractor, key, name in todo:
+    common = dict(image_size=image_size, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
+    for view, extractor, key, name, flip in todo:
         cache = FeatureCache(cache_dir, key) if frozen else NoCache()
-        found[view], n = extract(samples, extractor=extractor, cache=cache, image_size=image_size,
-                                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, task=name)
+        found[view], n = extract(samples, extractor=extractor, cache=cache, task=name, runner=litert,
+                                 flip=flip, pixels=pixels, **common)
         extracted += n
+    if pixels is not None:
+        pixels.clear()  # their memory is the largest thing a cold run holds
     plain = keep.plain if keep is not None else found["plain"]
     return FeatureViews(list(samples), plain, found.get("mirror"), extracted,
-                        (1 + mirror) * len(samples) - extracted)
+                        (1 + mirror) * len(samples) - extracted, "litert" if litert is not None else "tf")
+
+
+def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixels=None,
+           progress: Callback = silent) -> bool:
+    """Whether LiteRT ``runner`` and the TensorFlow ``extractor`` give the same features
+    (``litert_backbone.parity_error`` within ``PARITY_TOLERANCE``) on ``samples`` (the first
+    batch; unreadable files left out). Measured once per runner (kept as ``runner.parity``);
+    a disagreement is one ``Warn``."""
+    from tlcli import litert_backbone
+
+    if runner.parity is None:
+        batch = [x for x, _ in (_model_input(s, image_size, max_pixels, pixels) for s in samples) if x is not None]
+        if not batch:
+            return True  # nothing to compare on; the extraction itself reports unreadable files
+        batch = np.stack(batch)
+        runner.parity = litert_backbone.parity_error(_tf_features(extractor, batch), runner(batch))
+        if runner.parity > litert_backbone.PARITY_TOLERANCE:
+            progress(Warn(f"--extractor litert: LiteRT's features differ from TensorFlow's by {runner.parity:.2g} "
+                          f"of their scale on the first batch (tolerance {litert_backbone.PARITY_TOLERANCE:g}); "
+                          "using TensorFlow"))
+    return runner.parity <= litert_backbone.PARITY_TOLERANCE
+
+
+def _tf_features(extractor, batch: np.ndarray) -> np.ndarray:
+    """``extractor`` on one batch: called directly (predict would trace a whole predict loop,
+    seconds for a large backbone), or through predict under a distribution strategy, where
+    restored functions cannot be called eagerly."""
+    from tlcli._tf import tf
+
+    if tf().distribute.has_strategy():
+        return extractor.predict(batch, verbose=0)
+    return np.asarray(extractor(batch, training=False))
+
+
+def _model_input(sample, size: int, max_pixels: int, pixels) -> tuple[np.ndarray | None, str]:
+    """(float32 model input of ``sample``, digest of the bytes it came from): the pixels the
+    file check kept when there are some, else decoded now; (None, "") for an unreadable file."""
+    kept = pixels.peek(sample.digest) if pixels is not None and pixels.size == size else None
+    if kept is not None:
+        return images.as_model_input(kept), sample.digest
+    try:
+        return images.load_for_model(sample.path, size, max_pixels=max_pixels, with_digest=True)
+    except ImageError:
+        return None, ""
+
+
+PREFETCH_BATCHES = 2  # batches decoded ahead of the one LiteRT is running
+
+
+def _decoded_batches(samples, todo, *, size: int, batch_size: int, max_pixels: int, pixels):
+    """Yield (indices, [(input or None, digest)]) for ``todo`` (indices into ``samples``) in
+    batches, decoded by a thread per core (Pillow releases the GIL, and so does LiteRT's
+    invoke) ``PREFETCH_BATCHES`` ahead, so that decoding keeps the backbone fed."""
+    from tlcli.litert_backbone import threads
+
+    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    pool = ThreadPoolExecutor(threads(), thread_name_prefix="tlcli-decode")
+    pending: collections.deque = collections.deque()
+    try:
+        for batch in batches:
+            pending.append((batch, [pool.submit(_model_input, samples[i], size, max_pixels, pixels) for i in batch]))
+            if len(pending) > PREFETCH_BATCHES:
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
+                   max_pixels: int, flip: bool = False, pixels=None, progress: Callback = silent,
+                   task: str = "extract") -> tuple[np.ndarray, int]:
+    """``extract`` through a LiteRT ``runner`` (``litert_backbone.LiteRTBackbone``), of the
+    images' left-right mirror images with ``flip``; ``pixels`` as in ``compute_views``. The same
+    contract: (features [n, d], extracted), each batch cached as it is done under the digest of
+    the bytes decoded, DatasetError for a file that became unreadable or changed."""
+    if cache.dim is None:
+        cache.dim = runner.feature_dim
+    found = [cache.get(s.digest) for s in samples]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        progress(Start(task, total=len(todo)))
+        done = 0
+        for batch, loaded in _decoded_batches(samples, todo, size=image_size, batch_size=batch_size,
+                                              max_pixels=max_pixels, pixels=pixels):
+            ok = [x for x, _ in loaded if x is not None]
+            vecs = iter(runner(np.flip(np.stack(ok), axis=2) if flip else np.stack(ok)) if ok else [])
+            for i, (x, digest) in zip(batch, loaded):
+                vec = next(vecs) if x is not None else np.full(runner.feature_dim, np.nan, np.float32)
+                _store(samples[i], vec, digest, cache)
+                found[i] = vec
+            done += len(batch)
+            progress(Advance(task, completed=done, total=len(todo)))
+        progress(End(task, total=len(todo), completed=len(todo)))
+    if not samples:
+        return np.zeros((0, 0), np.float32), 0
+    return np.stack(found).astype(np.float32), len(todo)

@@ -548,8 +548,18 @@ def central_box(width: int, height: int, fraction: float = CENTRAL_FRACTION) -> 
 def to_model_input(img: Image.Image, size: int) -> np.ndarray:
     """Central crop (CENTRAL_FRACTION of each side), then bilinear resize (antialiased) to
     float32 [size, size, 3] in [0, 1]. The aspect ratio is not kept."""
+    return as_model_input(model_pixels(img, size))
+
+
+def model_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """``to_model_input`` before the scaling: uint8 [size, size, 3] (a quarter of the memory)."""
     img = img.resize((size, size), Image.Resampling.BILINEAR, box=central_box(*img.size))
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
+
+
+def as_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels [..., 3] (``model_pixels``) -> the float32 model input in [0, 1]."""
+    return pixels.astype(np.float32) / 255.0
 
 
 def decode_size(size: int) -> int:
@@ -593,3 +603,52 @@ def check(path: str | os.PathLike, *, size: int,
     except ImageError as exc:
         return None, exc
     return data, None
+
+
+def check_pixels(path: str | os.PathLike, *, size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes | None, np.ndarray | None, ImageError | None]:
+    """``check``, keeping what the decode gave: (bytes, ``model_pixels`` uint8 [size, size, 3],
+    None) or (None, None, the error). ``as_model_input`` of those pixels is exactly
+    ``load_for_model``'s array, so the file need not be decoded a second time for the model."""
+    min_size = decode_size(size)
+    try:
+        data = read_bytes(path, min_size=min_size, max_pixels=max_pixels)
+        pixels = _decode(data, path=str(path), min_size=min_size, max_pixels=max_pixels,
+                         then=lambda img: model_pixels(img, size))
+    except ImageError as exc:
+        return None, None, exc
+    return data, pixels, None
+
+
+# Decoded model inputs the file check may keep for the feature extraction (uint8: 150 KB an
+# image at 224), so that a cold run decodes each image once; past this the rest decode again.
+KEPT_PIXELS_BUDGET = 512 << 20
+
+
+class KeptPixels:
+    """Model inputs of one size decoded by the file check, by content digest (``digest``), up to
+    ``budget`` bytes (default ``KEPT_PIXELS_BUDGET``): ``offer`` keeps one while there is room,
+    ``peek`` reads one, ``clear`` drops them all. Thread-safe (the check runs in threads)."""
+
+    def __init__(self, size: int, budget: int | None = None):
+        self.size, self.budget, self.used = size, KEPT_PIXELS_BUDGET if budget is None else budget, 0
+        self._pixels: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def room(self) -> bool:
+        return self.used + self.size * self.size * 3 <= self.budget
+
+    def offer(self, digest: str, pixels: np.ndarray) -> None:
+        with self._lock:
+            if digest not in self._pixels and self.used + pixels.nbytes <= self.budget:
+                self._pixels[digest] = pixels
+                self.used += pixels.nbytes
+
+    def peek(self, digest: str) -> np.ndarray | None:
+        with self._lock:
+            return self._pixels.get(digest)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pixels.clear()
+            self.used = 0

@@ -41,6 +41,7 @@ class TrainResult:
     global_batch_size: int
     seconds: float
     mirror: bool = False
+    extractor: str = "tf"  # what ran the frozen backbone: "tf" or "litert" (--extractor)
     # With --fine-tune: False when the holdout never improved and the starting backbone was kept.
     fine_tune_improved: bool | None = None
     skipped: list[dict] = field(default_factory=list)
@@ -112,7 +113,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlcli")
     out = staging = graph = None
     try:
-        chosen, loaded, splits, models = _backbone_and_splits(cfg, spec, backbone_path, pool, progress)
+        chosen, loaded, splits, models, litert, pixels = _backbone_and_splits(cfg, spec, backbone_path, pool, progress)
         batch, mirror = cfg.batch_size * chosen.replicas, models.flip_extractor is not None
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
@@ -123,12 +124,12 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             distributed.views_step(chosen), splits.train + splits.val,
             extractors=(models.extractor, models.flip_extractor),
             cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
-            image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress)
+            image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
         with chosen.strategy.scope():
-            views = views_of(mirror=mirror and not cfg.fine_tune)  # fine-tuning changes the mirror views
-            extracted, cached = views.extracted, views.cached
+            views = views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels)  # fine-tuning changes mirror views
+            extracted, cached, engine = views.extracted, views.cached, views.engine
             progress(Info(f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
             state.save(partial)
@@ -153,7 +154,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         progress(Start("save", total=1))
         meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                                mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                               seconds=time.perf_counter() - start)
+                               seconds=time.perf_counter() - start, extractor=engine)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -185,26 +186,30 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         val_accuracy=val_report.accuracy if val_report else None, val_loss=val_report.loss if val_report else None,
         head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run, extracted=extracted,
         cached=cached, strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
-        seconds=time.perf_counter() - start, mirror=mirror,
+        seconds=time.perf_counter() - start, mirror=mirror, extractor=engine,
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progress: Callback):
-    """(strategy, loaded backbone, splits, models): the file check runs on ``pool`` while
-    TensorFlow loads the backbone, and gives up once this step fails."""
-    from tlcli import backbone, model, strategy
+    """(strategy, loaded backbone, splits, models, LiteRT runner, pixels kept for it; None without LiteRT): the
+    file check runs on ``pool`` while TensorFlow loads the backbone (and LiteRT's), and gives up if this fails."""
+    from tlcli import backbone, images, litert_backbone, model, strategy
     from tlcli._tf import keras
 
     keras()  # import first: the import silences native stderr, which would hide the scan's output
-    stopping = threading.Event()
+    stopping, litert = threading.Event(), None
+    litert_first = litert_backbone.engine_for(cfg.extractor) == "litert"  # decide before the file check runs
+    pixels = images.KeptPixels(spec.image_size or 224) if litert_first else None
     scan = pool.submit(data.scan_splits, cfg, image_size=spec.image_size or 224, progress=progress,
-                       stopping=stopping)
+                       stopping=stopping, keep=pixels)
     try:
         keras().utils.set_random_seed(cfg.seed)
         chosen = strategy.choose(cfg.strategy)
         with chosen.strategy.scope():
             loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
+            if pixels is not None and not (chosen.accelerator and cfg.extractor == "auto"):  # a TPU found only now
+                litert = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
             splits = scan.result()
             progress(Info(f"strategy: {chosen.description}; global batch "
                            f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
@@ -213,7 +218,7 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progr
     finally:
         stopping.set()
         futures.wait([scan])  # what it raised after a failure here is moot
-    return chosen, loaded, splits, models
+    return chosen, loaded, splits, models, litert, pixels if litert else None
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:

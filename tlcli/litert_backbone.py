@@ -1,0 +1,185 @@
+"""The frozen backbone through LiteRT (XNNPACK): converted once, cached, checked against TensorFlow.
+
+On a CPU, LiteRT's XNNPACK kernels run a MobileNet-class backbone 2-3 times faster than
+TensorFlow's ``predict`` (bench/extract.py). ``engine_for`` picks the engine of a run's frozen
+features (``--extractor``); ``prepare`` gives the runner: the backbone converted to a float32
+.tflite (no quantization), cached once per backbone under ``<cache dir>/backbones/<key>.tflite``
+with the feature cache's key (handle, or local path + file times; the image size), written
+atomically (``files.write_atomic``). A cached file is used only if it is a regular file of sane
+size with the TFLite identifier, that loads and gives ``feature_dim`` features; anything else
+(truncated, damaged, foreign) is converted again. A backbone that cannot be converted gives a
+one-line ``Warn`` and None: its features come from TensorFlow.
+
+Parity (``parity_error``): each run compares the two engines' features on its first batch;
+above ``PARITY_TOLERANCE`` the run falls back to TensorFlow with a warning (``features``).
+
+Reproducibility: the thread count is fixed (the cores this process may use), and XNNPACK splits
+work across threads without changing any sum's order, so the same command on the same machine
+gives the same features, hence the same metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import files
+from tlcli.progress import Callback, End, Start, Warn, silent
+from tlcli.quiet import native_stderr_silenced
+
+# Largest |TF - LiteRT| over a batch's features, relative to the batch's largest |TF feature|
+# (at least 1). Float32 kernels that sum in another order differ by ~1e-5 of the scale
+# (MobileNetV2: 4e-5 of 5.7); 1e-3 leaves room for deeper backbones and refuses a wrong graph.
+PARITY_TOLERANCE = 1e-3
+MAX_TFLITE_BYTES = 2 << 30  # the flatbuffer format's own limit
+MIN_TFLITE_BYTES = 16       # the header alone
+
+
+def threads() -> int:
+    """One LiteRT thread per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def accelerator_listed() -> bool:
+    """Whether TensorFlow lists a GPU or TPU device."""
+    from tlcli._tf import tf
+
+    return any(d.device_type in ("GPU", "TPU") for d in tf().config.list_physical_devices())
+
+
+def engine_for(requested: str) -> str:
+    """The engine of the frozen features, "tf" or "litert", for ``--extractor`` ``requested``:
+    ``auto`` is LiteRT unless TensorFlow lists a GPU or TPU (``accelerator_listed``)."""
+    if requested == "auto":
+        return "tf" if accelerator_listed() else "litert"
+    return requested
+
+
+def cached_path(cache_dir: str | os.PathLike | None, cache_key: str) -> Path:
+    """Where the converted backbone of ``cache_key`` is cached (``cache_dir`` None: the default)."""
+    from tlcli.features import default_cache_dir  # the same layer; the feature cache's root
+
+    return Path(cache_dir or default_cache_dir()) / "backbones" / f"{cache_key}.tflite"
+
+
+class LiteRTBackbone:
+    """A converted backbone: float32 images [n, size, size, 3] in [0, 1] -> features [n, dim]
+    float32, ``threads()`` threads, the input resized to each batch's length. Raises
+    ``ValueError`` when ``model`` is not a .tflite of that input and output (see ``prepare``).
+    One call at a time. ``parity``: its ``parity_error`` against TensorFlow once measured
+    (``features.agrees``), else None."""
+
+    name = "litert"
+
+    def __init__(self, model: bytes, *, image_size: int, feature_dim: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        if not (MIN_TFLITE_BYTES <= len(model) <= MAX_TFLITE_BYTES and model[4:8] == b"TFL3"):
+            raise ValueError("not a TFLite flatbuffer")
+        with native_stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate" and the like
+            self.interp = Interpreter(model_content=model, num_threads=threads())
+            self.interp.allocate_tensors()
+        inp, out = self.interp.get_input_details(), self.interp.get_output_details()
+        if len(inp) != 1 or len(out) != 1:
+            raise ValueError(f"{len(inp)} inputs and {len(out)} outputs, not one of each")
+        self.inp, self.out = inp[0]["index"], out[0]["index"]
+        shape, dims = list(inp[0]["shape_signature"]), list(out[0]["shape"])
+        if shape[1:] != [image_size, image_size, 3] or inp[0]["dtype"] != np.float32 or dims[1:] != [feature_dim]:
+            raise ValueError(f"takes {shape} {inp[0]['dtype'].__name__} and gives {dims}, not "
+                             f"[-1, {image_size}, {image_size}, 3] float32 -> [-1, {feature_dim}]")
+        self.batch, self.image_size, self.feature_dim = int(inp[0]["shape"][0]), image_size, feature_dim
+        self.parity: float | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        if len(batch) != self.batch:
+            self.interp.resize_tensor_input(self.inp, [len(batch), self.image_size, self.image_size, 3])
+            self.interp.allocate_tensors()
+            self.batch = len(batch)
+        self.interp.set_tensor(self.inp, batch)
+        self.interp.invoke()
+        return np.array(self.interp.get_tensor(self.out), np.float32)  # a copy: the buffer is reused
+
+
+def convert(layer, image_size: int) -> bytes:
+    """The .tflite of a hub ``layer`` (inference mode) for float32 [None, size, size, 3] input:
+    float32, builtin ops only, no quantization. Raises what the converter raises."""
+    from tlcli._tf import tf
+
+    t = tf()
+
+    @t.function(input_signature=[t.TensorSpec([None, image_size, image_size, 3], t.float32)])
+    def features(images):
+        return layer(images, training=False)
+
+    converter = t.lite.TFLiteConverter.from_concrete_functions([features.get_concrete_function()], layer)
+    with native_stderr_silenced():  # MLIR prints every op it cannot convert, at length, from C++
+        return converter.convert()
+
+
+def cache_key(spec, image_size: int) -> str:
+    """The feature cache's key of a backbone (``backbone.BackboneSpec``) at ``image_size``."""
+    return f"{spec.cache_key()}-{image_size}"
+
+
+def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None,
+            progress: Callback = silent) -> LiteRTBackbone | None:
+    """The LiteRT runner of ``loaded`` (``backbone.load`` of ``spec``): from its cached
+    conversion (``cached_path`` of ``cache_key``) when that is valid (see module docstring),
+    else converted now and cached (a "convert" task). None, with one ``Warn``, when the
+    backbone cannot be converted or run by LiteRT. Never raises for the cache (a read-only one
+    just is not written)."""
+    size, dim = loaded.image_size, loaded.feature_dim
+    path = cached_path(cache_dir, cache_key(spec, size))
+    runner = _cached(path, size, dim)
+    if runner is not None:
+        return runner
+    progress(Start("convert", total=1))
+    try:
+        model = convert(loaded.layer, size)
+        runner = LiteRTBackbone(model, image_size=size, feature_dim=dim)
+    except Exception as exc:  # ConverterError, or a model LiteRT refuses
+        why = " ".join(str(exc).split())[:160]
+        progress(Warn(f"--extractor litert: the backbone cannot be converted to LiteRT ({type(exc).__name__}"
+                      f"{': ' + why if why else ''}); its features come from TensorFlow"))
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path, model)
+    except OSError:
+        pass  # the cache is an optimisation; the next run converts again
+    progress(End("convert", total=1, completed=1))
+    return runner
+
+
+def _cached(path: Path, image_size: int, feature_dim: int) -> LiteRTBackbone | None:
+    """The runner of a valid cached conversion at ``path``, or None (missing or damaged)."""
+    try:
+        fd, st = files.open_regular(path)
+    except OSError:  # missing, or a FIFO / folder planted there
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not MIN_TFLITE_BYTES <= st.st_size <= MAX_TFLITE_BYTES:
+                return None
+            model = f.read(st.st_size + 1)
+        return LiteRTBackbone(model, image_size=image_size, feature_dim=feature_dim) \
+            if len(model) == st.st_size else None
+    except Exception:  # cut short, damaged, or for another input: convert again
+        return None
+
+
+def parity_error(tf_features: np.ndarray, litert_features: np.ndarray) -> float:
+    """max |tf - litert| / max(1, max |tf|) over a batch [n, d]; inf for other shapes or a
+    non-finite value. Compared with ``PARITY_TOLERANCE``."""
+    a, b = np.asarray(tf_features, np.float64), np.asarray(litert_features, np.float64)
+    if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
