@@ -44,10 +44,17 @@ def test_litert_and_tf_extractors_give_the_same_labels_and_predictions(tmp_path,
     lite = tlcli.train(colour_data, out=str(tmp_path / "litert"), extractor="litert", cache_dir=str(tmp_path / "cache"),
                        **train_args)
     assert lite.extractor == "litert" and lite.extracted == 24
+    warm = tlcli.train(colour_data, out=str(tmp_path / "warm"), extractor="litert", cache_dir=str(tmp_path / "cache"),
+                       **train_args)
+    assert (warm.extracted, warm.cached, warm.val_loss) == (0, 24, lite.val_loss)  # LiteRT's features were stored
     # The two engines' features are cached apart, and the converted backbone once.
-    key = litert_backbone.cache_key(backbone.resolve_spec(str(tiny_backbone), SIZE), SIZE)
-    assert sorted(p.name for p in (tmp_path / "cache" / "features").iterdir()) == \
+    key = features.cache_key(backbone.resolve_spec(str(tiny_backbone), SIZE), SIZE)
+    stored = sorted(p.name for p in (tmp_path / "cache" / "store").iterdir())
+    assert [n for n in stored if "-copy" not in n] == \
         [f"{key}-d{features.DECODER_VERSION}", f"{key}-litert-d{features.DECODER_VERSION}"]
+    # train's audit check caches its calibration copies beside each engine's features, apart too
+    assert [n for n in stored if "-copy0" in n] == \
+        [f"{key}-copy0-d{features.DECODER_VERSION}", f"{key}-litert-copy0-d{features.DECODER_VERSION}"]
     assert [p.name for p in (tmp_path / "cache" / "backbones").iterdir()] == [f"{key}.tflite"]
 
     tf_preds, lite_preds = predictions(tmp_path / "tf", colour_data), predictions(tmp_path / "litert", colour_data)
@@ -71,7 +78,7 @@ def test_litert_and_tf_extractors_give_the_same_labels_and_predictions(tmp_path,
 def test_a_damaged_cached_conversion_is_converted_again(tmp_path, loaded, damage):
     spec, backbone_ = loaded
     first = litert_backbone.prepare(backbone_, spec, cache_dir=tmp_path)
-    path = litert_backbone.cached_path(tmp_path, litert_backbone.cache_key(spec, SIZE))
+    path = litert_backbone.cached_path(tmp_path, features.cache_key(spec, SIZE))
     good = path.read_bytes()
     assert good[4:8] == b"TFL3"
     if damage == "truncated":

@@ -145,8 +145,8 @@ def copy_similarities(samples, features: np.ndarray, *, extractor, image_size: i
                       max_pixels: int, seed: int = 0, batch_size: int = 32, cache=None) -> np.ndarray:
     """float32 [m * len(PERTURBATIONS)]: the similarity (centred cosine) of each perturbed copy of
     a deterministic sample of ``CALIBRATION_IMAGES`` of ``samples`` to its original, whose
-    features are the matching rows of ``features``. ``extractor``: the Keras model from images
-    to features that made ``features``. ``cache``: (cache_dir, cache key) of those features, so
+    features are the matching rows of ``features``. ``extractor``: what made ``features`` (a Keras model
+    from images to features, or a LiteRT runner). ``cache``: (cache_dir, cache key) of those features, so
     that the copies' features are cached beside them (under the original's digest, one key per
     perturbation), or None. Files that no longer decode are left out."""
     from tlcli import features as feature_cache
@@ -174,15 +174,25 @@ def copy_similarities(samples, features: np.ndarray, *, extractor, image_size: i
                 arrays.append(images.to_model_input(make(img), image_size))
                 todo.append((i, p))
     if arrays:
-        made = np.asarray(extractor.predict(np.stack(arrays), batch_size=batch_size, verbose=0), np.float32)
+        made = _embed(extractor, np.stack(arrays), batch_size)
         for (i, p), vec in zip(todo, made):
             found[(i, p)] = vec
             stores[p].put(samples[i].digest, vec)
+        for store in stores:
+            store.flush()  # the store buffers whole shards
     if not rows:
         return np.zeros(0, np.float32)
     copies = np.stack([found[(i, p)] for i in rows for p in range(len(stores))])
     originals = features[np.repeat(rows, len(stores))]
     return neighbours.similarity(copies - centre, originals - centre)
+
+
+def _embed(extractor, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """float32 features of ``batch`` from a Keras extractor or a LiteRT runner (a callable)."""
+    if hasattr(extractor, "predict"):
+        return np.asarray(extractor.predict(batch, batch_size=batch_size, verbose=0), np.float32)
+    return np.concatenate([np.asarray(extractor(batch[i:i + batch_size]), np.float32)
+                           for i in range(0, len(batch), batch_size)])
 
 
 def duplicate_threshold(train_features: np.ndarray, digests: list[str], copy_sims: np.ndarray, *,
@@ -356,7 +366,7 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
           val_split: float = DEFAULTS.val_split, seed: int = DEFAULTS.seed, backbone: str = DEFAULTS.backbone,
           image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           batch_size: int = DEFAULTS.batch_size, max_pixels: int = DEFAULTS.max_pixels, strict: bool = False,
-          report_dir: str | os.PathLike | None = None, force: bool = False,
+          extractor: str = DEFAULTS.extractor, report_dir: str | os.PathLike | None = None, force: bool = False,
           progress: Callback = silent) -> AuditResult:
     """Audit ``data_dir/<class>/*`` (and ``val_dir``, or the ``val_split`` that ``train`` with the
     same ``seed`` makes): scan and split exactly as ``tlcli train`` does, features of the frozen
@@ -370,7 +380,7 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     cfg = TrainConfig(data_dir=str(data_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
                       seed=seed, backbone=backbone, image_size=image_size,
                       cache_dir=str(cache_dir) if cache_dir else None, batch_size=batch_size,
-                      max_pixels=max_pixels, strict=strict, tensorboard=None)
+                      max_pixels=max_pixels, strict=strict, extractor=extractor, tensorboard=None)
     validate(cfg)
     data.check_folder(cfg.data_dir)
     if cfg.val_dir:
@@ -381,9 +391,9 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
                                           force=force)
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     path = fetch(spec)
-    views, splits, extractor, size = dataset_features(cfg, spec, path, progress)
+    views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     result = findings(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
-                      seed=cfg.seed, cache=(cfg.cache_dir, cache_key(spec, size)), progress=progress)
+                      seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress)
     result.data_dir, result.val_dir = str(data_dir), cfg.val_dir
     result.extracted, result.cached = views.extracted, views.cached
     result.image_stats = image_stats(splits.train + splits.val, size)
@@ -393,25 +403,36 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     return result
 
 
-def cache_key(spec, image_size: int) -> str:
-    """The feature cache key of the plain view, as ``training.train`` builds it."""
-    return f"{spec.cache_key()}-{image_size}"
+def engine_of(engine: str, extractors, cache_key: str | None):
+    """(what embeds images, its cache key or None) for features made by ``engine`` ("tf" or
+    "litert"): the Keras extractor or the LiteRT runner of ``extractors``, and ``cache_key``
+    with that engine's suffix (``features.ENGINE_SUFFIX``)."""
+    from tlcli.features import ENGINE_SUFFIX
+
+    keras_extractor, runner = extractors
+    chosen = runner if engine == "litert" and runner is not None else keras_extractor
+    return chosen, cache_key and cache_key + ENGINE_SUFFIX["litert" if chosen is runner else "tf"]
 
 
 def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = silent):
-    """(plain feature views of train + val, data.Splits, extractor, image size): the scan, split
-    and cache key of ``training.train``, so that its cached features are found."""
-    from tlcli import backbone, features, model
+    """(plain feature views of train + val, data.Splits, what embeds images, image size, cache
+    key): the scan, split, engine (``--extractor``) and cache key of ``training.train``, so that
+    its cached features are found."""
+    from tlcli import backbone, features, litert_backbone, model
 
     loaded = backbone.load(spec, path=path)
     splits = data.scan_splits(cfg, image_size=loaded.image_size, progress=progress)
     extractor = model.build_extractor(loaded.layer, loaded.image_size)
-    views = features.compute_views(splits.train + splits.val, extractors=(extractor, None),
-                                   cache_key=cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
-                                   image_size=loaded.image_size, batch_size=cfg.batch_size,
-                                   max_pixels=cfg.max_pixels, progress=progress)
+    runner = None
+    if litert_backbone.engine_for(cfg.extractor) == "litert":
+        runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
+    key = features.cache_key(spec, loaded.image_size)
+    views = features.compute_views(splits.train + splits.val, extractors=(extractor, None), cache_key=key,
+                                   cache_dir=cfg.cache_dir, image_size=loaded.image_size, batch_size=cfg.batch_size,
+                                   max_pixels=cfg.max_pixels, progress=progress, litert=runner)
     progress(Info(f"features: {views.extracted} extracted, {views.cached} from cache"))
-    return views, splits, extractor, loaded.image_size
+    embed, key = engine_of(views.engine, (extractor, runner), key)
+    return views, splits, embed, loaded.image_size, key
 
 
 def findings(splits, features: np.ndarray, *, extractor, image_size: int, max_pixels: int, seed: int = 0,
@@ -456,7 +477,7 @@ def findings(splits, features: np.ndarray, *, extractor, image_size: int, max_pi
 
 # ---- train's cheap part ------------------------------------------------------------------------
 
-def train_check(cfg: TrainConfig, splits, views, fit, *, extractor, image_size: int, cache_key: str | None,
+def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size: int, cache_key: str | None,
                 progress: Callback = silent) -> dict:
     """``train``'s cheap part of the audit. When it finds something, one warning line (through
     ``progress`` and in ``splits.warnings``) points to ``tlcli audit``. Returns what ``train``
@@ -466,10 +487,12 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractor, image_size: 
     it cross-validated: ``fit.oof_rows``; a mirror view's row counts for its image),
     "cross_validated": how many images those were}. ``cfg``: the run's TrainConfig;
     ``cache_key``: its frozen features' (the calibration copies are cached beside them), or None
-    (with fine-tuning: the copies are made afresh)."""
+    (with fine-tuning: the copies are made afresh). ``extractors``: (the Keras extractor, the
+    LiteRT runner or None); the copies go through the engine that made ``views``."""
     plain, _ = views.of(splits.train + splits.val)
+    extractor, key = engine_of(views.engine, extractors, cache_key)
     result = findings(splits, plain, extractor=extractor, image_size=image_size, max_pixels=cfg.max_pixels,
-                      seed=cfg.seed, cache=(cfg.cache_dir, cache_key) if cache_key else None, mislabels=False)
+                      seed=cfg.seed, cache=(cfg.cache_dir, key) if key else None, mislabels=False)
     leaks = sum(g.kind == "train_val_leak" for g in result.near_duplicates)
     n = len(splits.train)
     mislabeled = checked = 0

@@ -120,8 +120,8 @@ class MetricsMeta(_Section):
 class TrainingMeta(_Section):
     """How the run went: the distribution strategy, epochs run per phase, wall time, the
     per-epoch ``history`` ({phase: [{epoch, loss, ...}, ...]}), the TensorBoard folder and what
-    ran the frozen backbone for the head's features (``extractor``: "tf" or "litert"; None in a
-    bundle of an older tlcli)."""
+    ran the frozen backbone for the head's features (``extractor``: "tf", "litert", or "mixed" on
+    a cluster whose workers disagreed; None in a bundle of an older tlcli)."""
 
     strategy: str | None = None
     replicas: int | None = None

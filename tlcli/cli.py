@@ -393,6 +393,8 @@ def audit(
         metavar="DIR", help="Feature cache (default $TLCLI_CACHE_DIR or ~/.cache/tlcli).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size of the feature extraction.")] = DEFAULTS.batch_size,
     max_pixels: Annotated[int, typer.Option(help="Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    extractor: Annotated[Extractor, typer.Option(help="What runs the backbone, as given to train.")] = Extractor(
+        DEFAULTS.extractor),
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write audit.html (thumbnails) "
                                                                        "and one CSV per kind into.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
@@ -405,7 +407,7 @@ def audit(
 
     r = _with_progress(run_audit, data_dir, quiet=json_out, val_dir=_path(val_dir), val_split=val_split, seed=seed,
                        backbone=backbone, image_size=image_size, cache_dir=_path(cache_dir), batch_size=batch_size,
-                       max_pixels=max_pixels, report_dir=report, force=force)
+                       max_pixels=max_pixels, extractor=extractor.value, report_dir=report, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:

@@ -102,4 +102,8 @@ def sharded_views(chosen, samples, *, keep: features.FeatureViews | None = None,
     n = len(samples)
     plain = keep.plain if keep is not None else clusters.exchange_rows(s, c, n, mine.plain)
     mirror = None if mine.mirror is None else clusters.exchange_rows(s, c, n, mine.mirror)
-    return features.FeatureViews(list(samples), plain, mirror, mine.extracted, mine.cached)
+    # Each worker checked LiteRT's parity on its own share: the views are LiteRT's only if every
+    # worker's were (a mixed set is recorded as "mixed", and the parity warning names the worker).
+    on_litert = clusters.gather_counts(s, c, [int(mine.engine == "litert")])
+    engine = mine.engine if len({row[0] for row in on_litert}) == 1 else "mixed"
+    return features.FeatureViews(list(samples), plain, mirror, mine.extracted, mine.cached, engine)

@@ -29,6 +29,16 @@ from tlcli.store import FeatureStore
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
 
 
+ENGINE_SUFFIX = {"tf": "", "litert": "-litert"}  # the cache key's suffix of each engine's features
+
+
+def cache_key(spec, image_size: int) -> str:
+    """The feature cache's key of a backbone (``backbone.BackboneSpec``) at ``image_size``, as
+    ``train``, ``audit`` and the cached LiteRT conversion use it; ``compute_views`` adds each
+    view's and engine's suffix."""
+    return f"{spec.cache_key()}-{image_size}"
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("TLCLI_CACHE_DIR")
     if env:
@@ -205,8 +215,8 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
                   pixels: images.KeptPixels | None = None) -> FeatureViews:
     """The feature views of ``samples`` (see ``extract``). ``extractors`` is (plain, mirror): Keras
     models from images to features (``model.build_extractor``), the mirror one used only with
-    ``mirror``. A ``frozen`` backbone's features go through the cache under ``root/features/``
-    ``<cache_key>`` (``-mirror`` for the mirror view) in ``cache_dir`` (None: the default);
+    ``mirror``. A ``frozen`` backbone's features go through the feature store (``FeatureCache``)
+    under ``<cache_key>`` (``-mirror`` for the mirror view) in ``cache_dir`` (None: the default);
     others are never cached. ``keep``: earlier views of the same samples whose plain view still
     holds (the backbone has not changed), so only the mirror view is computed. Progress tasks
     are ``task`` and ``task (mirror)``.
@@ -221,7 +231,8 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
                                                        image_size=image_size, max_pixels=max_pixels, pixels=pixels,
                                                        progress=progress):
         litert = None
-    suffix = "-litert" if litert is not None else ""
+    engine = "litert" if litert is not None else "tf"
+    suffix = ENGINE_SUFFIX[engine]
     todo = [] if keep is not None else [("plain", plain_extractor, cache_key + suffix, task, False)]
     if mirror:
         todo.append(("mirror", mirror_extractor, f"{cache_key}-mirror{suffix}", f"{task} (mirror)", True))
@@ -236,7 +247,7 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
         pixels.clear()  # their memory is the largest thing a cold run holds
     plain = keep.plain if keep is not None else found["plain"]
     return FeatureViews(list(samples), plain, found.get("mirror"), extracted,
-                        (1 + mirror) * len(samples) - extracted, "litert" if litert is not None else "tf")
+                        (1 + mirror) * len(samples) - extracted, engine)
 
 
 def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixels=None,
@@ -322,16 +333,19 @@ def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size
     if todo:
         progress(Start(task, total=len(todo)))
         done = 0
-        for batch, loaded in _decoded_batches(samples, todo, size=image_size, batch_size=batch_size,
-                                              max_pixels=max_pixels, pixels=pixels):
-            ok = [x for x, _ in loaded if x is not None]
-            vecs = iter(runner(np.flip(np.stack(ok), axis=2) if flip else np.stack(ok)) if ok else [])
-            for i, (x, digest) in zip(batch, loaded):
-                vec = next(vecs) if x is not None else np.full(runner.feature_dim, np.nan, np.float32)
-                _store(samples[i], vec, digest, cache)
-                found[i] = vec
-            done += len(batch)
-            progress(Advance(task, completed=done, total=len(todo)))
+        try:
+            for batch, loaded in _decoded_batches(samples, todo, size=image_size, batch_size=batch_size,
+                                                  max_pixels=max_pixels, pixels=pixels):
+                ok = [x for x, _ in loaded if x is not None]
+                vecs = iter(runner(np.flip(np.stack(ok), axis=2) if flip else np.stack(ok)) if ok else [])
+                for i, (x, digest) in zip(batch, loaded):
+                    vec = next(vecs) if x is not None else np.full(runner.feature_dim, np.nan, np.float32)
+                    _store(samples[i], vec, digest, cache)
+                    found[i] = vec
+                done += len(batch)
+                progress(Advance(task, completed=done, total=len(todo)))
+        finally:  # as in ``extract``: what was extracted is kept, even on interrupt
+            cache.flush()
         progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0

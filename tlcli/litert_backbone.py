@@ -122,11 +122,6 @@ def convert(layer, image_size: int) -> bytes:
         return converter.convert()
 
 
-def cache_key(spec, image_size: int) -> str:
-    """The feature cache's key of a backbone (``backbone.BackboneSpec``) at ``image_size``."""
-    return f"{spec.cache_key()}-{image_size}"
-
-
 def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None,
             progress: Callback = silent) -> LiteRTBackbone | None:
     """The LiteRT runner of ``loaded`` (``backbone.load`` of ``spec``): from its cached
@@ -134,8 +129,10 @@ def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None,
     else converted now and cached (a "convert" task). None, with one ``Warn``, when the
     backbone cannot be converted or run by LiteRT. Never raises for the cache (a read-only one
     just is not written)."""
+    from tlcli.features import cache_key as feature_key  # the same layer; the feature cache's key rule
+
     size, dim = loaded.image_size, loaded.feature_dim
-    path = cached_path(cache_dir, cache_key(spec, size))
+    path = cached_path(cache_dir, feature_key(spec, size))
     runner = _cached(path, size, dim)
     if runner is not None:
         return runner

@@ -16,7 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
-from tlcli import bundle, data, distributed, files, metrics, run_state, summaries
+from tlcli import bundle, data, distributed, files, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
@@ -104,7 +104,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import audit, finetuning, plots, serving
+    from tlcli import audit, features, finetuning, head, plots, serving
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -123,7 +123,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val,
             extractors=(models.extractor, models.flip_extractor),
-            cache_key=f"{spec.cache_key()}-{loaded.image_size}", cache_dir=cfg.cache_dir,
+            cache_key=features.cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
@@ -142,15 +142,15 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 # Kept its starting weights (the holdout never improved): the plain features still hold.
                 views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
                                  task="re-extract")
-                extracted, cached = extracted + views.extracted, cached + views.cached
+                extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
                 progress(Info(f"features after fine-tuning: {views.extracted} extracted, "
                                f"{views.cached} from cache or kept"
                                + ("" if improved else " (the backbone kept its starting weights)")))
                 fit = fit_head(views, splits.train, "head refit")
-            reports = _reports(splits, views, fit)
-            checks = audit.train_check(  # calibration copies cached beside the frozen backbone's features
-                cfg, splits, views, fit, extractor=models.extractor, image_size=loaded.image_size, progress=progress,
-                cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
+        reports = head.view_reports(views, fit, splits.labels, splits.train, splits.val)
+        checks = audit.train_check(  # out of the strategy's scope: 128 calibration copies, on this worker only
+            cfg, splits, views, fit, extractors=(models.extractor, litert), image_size=loaded.image_size,
+            progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
         meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                                mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
@@ -244,16 +244,3 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     state.head = run_state.HeadState(fit.epochs, fit.l2, {str(k): v for k, v in fit.cv_loss.items()})
     model.load_head_weights(keras_head, fit.kernel, fit.bias, fit.l2)
     return fit
-
-
-def _reports(splits, views, fit) -> tuple:
-    """(train report, val report or None): ``metrics.compute`` on the head's probabilities."""
-    from tlcli import head
-
-    def report(samples, **options):
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), splits.labels,
-                               **options)
-
-    return report(splits.train), report(splits.val, paths=[s.path for s in splits.val]) if splits.val else None
-
-
