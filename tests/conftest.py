@@ -7,6 +7,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tests.helpers import make_colour_dataset, make_tiny_backbone  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_home_cache(tmp_path_factory):
+    """Module- and session-scoped fixtures run before the per-test cache below: they too must
+    never write into the user's ~/.cache/tlcli."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLCLI_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TLCLI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

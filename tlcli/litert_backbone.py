@@ -67,9 +67,15 @@ def cached_path(cache_dir: str | os.PathLike | None, cache_key: str) -> Path:
     return Path(cache_dir or default_cache_dir()) / "backbones" / f"{cache_key}.tflite"
 
 
+# The interpreter's batch: on the 2-core development CPU (MobileNetV2 at 224, 2 threads) batches
+# of 1, 4, 8 and 32 ran at 235, 253, 275 and 248 images/s. Every call runs in chunks of this many,
+# the last one padded, so an image's features do not depend on the batch it came in.
+RUN_BATCH = 8
+
+
 class LiteRTBackbone:
     """A converted backbone: float32 images [n, size, size, 3] in [0, 1] -> features [n, dim]
-    float32, ``threads()`` threads, the input resized to each batch's length. Raises
+    float32, ``threads()`` threads, in chunks of ``RUN_BATCH`` images. Raises
     ``ValueError`` when ``model`` is not a .tflite of that input and output (see ``prepare``).
     One call at a time. ``parity``: its ``parity_error`` against TensorFlow once measured
     (``features.agrees``), else None."""
@@ -97,13 +103,20 @@ class LiteRTBackbone:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)
-        if len(batch) != self.batch:
-            self.interp.resize_tensor_input(self.inp, [len(batch), self.image_size, self.image_size, 3])
+        if self.batch != RUN_BATCH:
+            self.interp.resize_tensor_input(self.inp, [RUN_BATCH, self.image_size, self.image_size, 3])
             self.interp.allocate_tensors()
-            self.batch = len(batch)
-        self.interp.set_tensor(self.inp, batch)
-        self.interp.invoke()
-        return np.array(self.interp.get_tensor(self.out), np.float32)  # a copy: the buffer is reused
+            self.batch = RUN_BATCH
+        out = np.empty((len(batch), self.feature_dim), np.float32)
+        for start in range(0, len(batch), RUN_BATCH):
+            chunk = batch[start:start + RUN_BATCH]
+            n = len(chunk)
+            if n < RUN_BATCH:  # padded, so every image runs in the same shape: the same features
+                chunk = np.concatenate([chunk, np.zeros((RUN_BATCH - n, *chunk.shape[1:]), np.float32)])
+            self.interp.set_tensor(self.inp, chunk)
+            self.interp.invoke()
+            out[start:start + n] = self.interp.get_tensor(self.out)[:n]  # copied: the buffer is reused
+        return out
 
 
 def convert(layer, image_size: int) -> bytes:
