@@ -262,12 +262,7 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0
 
     chosen = head.fit_head(X, y, num_classes, class_weight=weights(y), seed=seed)
     folds = min(FOLDS, int(present.min()))
-    fold = np.zeros(len(y), int)
-    rng = np.random.default_rng(seed)
-    for c in np.unique(y):
-        idx = np.nonzero(y == c)[0]
-        rng.shuffle(idx)
-        fold[idx] = np.arange(len(idx)) % folds
+    fold = head.stratified_folds(y, folds, seed)
     probs = np.zeros((len(y), num_classes), np.float32)
     for f in range(folds):
         fit = head.fit_head(X[fold != f], y[fold != f], num_classes, class_weight=weights(y[fold != f]),

@@ -59,13 +59,7 @@ def _prepare_report_dir(report_dir, data_dir) -> Path | None:
     bundles.check_apart(p, "--report", [("DIR", data_dir)])
     if p.exists() and not p.is_dir():
         raise UsageError(f"--report {p}: is a file; give a folder for {CONFUSION_PNG} and {MISTAKES_CSV}")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--report {p}: cannot create the folder ({exc.strerror}); choose another") from None
-    if not os.access(p, os.W_OK):
-        raise UsageError(f"--report {p}: not writable; choose another folder")
-    return p
+    return files.make_folder(p, "--report")
 
 
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:

@@ -103,3 +103,17 @@ def disk_full(exc: BaseException) -> bool:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return type(exc).__module__.startswith("tensorflow") and any(
         text in str(exc) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def make_folder(path: Path, option: str) -> Path:
+    """Create ``path`` (and its parents) for ``option`` and check it is writable; one-line
+    ``UsageError`` naming the option otherwise."""
+    from tlcli.errors import UsageError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot create the folder ({exc.strerror}); choose another") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: not writable; choose another folder")
+    return path

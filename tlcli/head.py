@@ -158,7 +158,7 @@ def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
     return W[:-1].astype(np.float32), W[-1].astype(np.float32), train_log
 
 
-def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Stratified fold index per sample (deterministic)."""
     fold = np.zeros(len(y), int)
     rng = np.random.default_rng(seed)
@@ -296,7 +296,7 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
         return None
     Zs = Z if Z is not None and len(sample) == n else _row_space(np.asarray(X[sample], np.float64))
     gfold = np.zeros(n_groups, int)
-    gfold[chosen] = _folds(y[first[chosen]], folds, seed)
+    gfold[chosen] = stratified_folds(y[first[chosen]], folds, seed)
     fold = gfold[group[sample]]
     g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
     g_fold = np.tile(np.arange(folds), len(grid))

@@ -141,10 +141,4 @@ def prepare_dir(report_dir: str | os.PathLike, *, data, force: bool, option: str
     if p.is_dir() and any(p.iterdir()) and not force:
         raise OutputExistsError(f"{option} {p}: the folder is not empty; choose another, or pass --force to "
                                 "replace the report files in it")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{option} {p}: cannot create the folder ({exc.strerror}); choose another") from None
-    if not os.access(p, os.W_OK):
-        raise UsageError(f"{option} {p}: not writable; choose another folder")
-    return p
+    return files.make_folder(p, option)
