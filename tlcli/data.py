@@ -168,23 +168,8 @@ def _dedupe(found: list[tuple[Path, int, bool]]) -> list[tuple[Path, int]]:
     return [(path, label) for _, path, label, _ in sorted(best.values(), key=lambda v: v[0])]
 
 
-def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
-         max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
-         progress: Callable[[int, int], None] | None = None, option: str = "DIR",
-         keep: images.KeptPixels | None = None) -> ImageFolder:
-    """Scan ``root/<class>/...`` and check every file before any expensive work.
-
-    Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
-    file is found here and never in the middle of an epoch. Hidden files and folders are ignored.
-    ``labels`` fixes the label list (for evaluation or a validation folder); folders must match.
-    Unusable files are skipped (and listed in ``skipped`` with the reason), or with ``strict`` all
-    named in one DatasetError. Raises DatasetError, naming the folder and the fix, for a missing
-    or unreadable folder, no class folders, images directly in ``root``, a single class, or a
-    class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
-    warning in ``warnings``. With ``keep`` (of ``image_size``), the model inputs decoded here
-    are offered to it while it has room, so that the feature extraction need not decode again.
-    """
-    root_p = check_folder(root, option)
+def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
+    """(class folders, loose files, labels) of ``root``, checked as ``scan`` documents."""
     try:
         entries = sorted((e for e in os.scandir(root_p) if not _hidden(e.name)), key=lambda e: e.name)
     except OSError as exc:
@@ -212,6 +197,28 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
         if extra:
             raise DatasetError(f"{option} {root}: class folder(s) {', '.join(extra)} are not labels of the "
                                f"model ({', '.join(labels)}); rename or remove them")
+    return class_dirs, loose, labels
+
+
+def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
+         max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
+         progress: Callable[[int, int], None] | None = None, option: str = "DIR",
+         keep: images.KeptPixels | None = None) -> ImageFolder:
+    """Scan ``root/<class>/...`` and check every file before any expensive work.
+
+    Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
+    file is found here and never in the middle of an epoch. Hidden files and folders are ignored.
+    ``labels`` fixes the label list (for evaluation or a validation folder); folders must match.
+    Unusable files are skipped (and listed in ``skipped`` with the reason), or with ``strict`` all
+    named in one DatasetError. Raises DatasetError, naming the folder and the fix, for a missing
+    or unreadable folder, no class folders, images directly in ``root``, a single class, or a
+    class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
+    warning in ``warnings``. With ``keep`` (of ``image_size``), the model inputs decoded here
+    are offered to it while it has room, so that the feature extraction need not decode again.
+    """
+    root_p = check_folder(root, option)
+    class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
+    found = [d.name for d in class_dirs]
     index = {name: i for i, name in enumerate(labels)}
 
     walker = _Walker(root_p)
