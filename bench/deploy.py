@@ -51,6 +51,21 @@ def train_bundle(out: Path) -> Path:
     return out
 
 
+def machine_line() -> str:
+    return (f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; other jobs "
+            "may share the cores, so timings can be disturbed")
+
+
+def bench_bundle(model: Path | None, tmp: str) -> Path:
+    """A bundle in ``tmp`` to measure: a copy of ``model``, or one trained on hymenoptera."""
+    bundle = Path(tmp) / "model"
+    if model:
+        shutil.copytree(model, bundle)
+    else:
+        train_bundle(bundle)
+    return bundle
+
+
 def tlcli_command() -> list[str]:
     script = Path(sys.executable).parent / "tlcli"
     return [str(script)] if script.exists() else [sys.executable, "-m", "tlcli.cli"]
@@ -99,14 +114,9 @@ def main() -> None:
     from tlcli import bundle as bundles
     from tlcli.inference import expand
 
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; other jobs "
-          "may share the cores, so timings can be disturbed")
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="tlcli-deploy-") as tmp:
-        bundle = Path(tmp) / "model"
-        if args.model:
-            shutil.copytree(args.model, bundle)
-        else:
-            train_bundle(bundle)
+        bundle = bench_bundle(args.model, tmp)
         b = bundles.load(bundle)
         files = expand([data_dir])
         print(f"bundle: {args.model or '(trained above)'}: {len(b.labels)} classes, image size {b.image_size}, "

@@ -27,7 +27,6 @@ import argparse
 import http.client
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
-from bench.deploy import train_bundle  # noqa: E402
+from bench.deploy import bench_bundle, machine_line  # noqa: E402
 
 # This checkout's tlcli, whatever the venv's console script was installed from.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}
@@ -146,14 +145,9 @@ def main() -> None:
     import tlcli
     from tlcli.inference import expand
 
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; other jobs "
-          "may share the cores, so timings can be disturbed")
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="tlcli-serve-") as tmp:
-        bundle = Path(tmp) / "model"
-        if args.model:
-            shutil.copytree(args.model, bundle)
-        else:
-            train_bundle(bundle)
+        bundle = bench_bundle(args.model, tmp)
         if args.engine == "tflite" and not (bundle / "model.tflite").exists():
             tlcli.export_tflite(bundle)
         files = [f for f in expand([data_dir]) if Path(f).is_file()]
