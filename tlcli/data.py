@@ -248,7 +248,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     every = max(1, -(-len(candidates) // 1000))
     with ThreadPoolExecutor(workers) as pool:
         try:
-            checked = _bounded_map(pool, check, candidates, 64 * workers)
+            checked = bounded_map(pool, check, candidates, 64 * workers)
             for done, ((path, label), (digest, err)) in enumerate(zip(candidates, checked), 1):
                 if progress and (done % every == 0 or done == len(candidates) or done == 1):
                     progress(done, len(candidates))  # may raise to abandon the scan
@@ -278,7 +278,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     return folder
 
 
-def _bounded_map(pool, fn, items, window: int):
+def bounded_map(pool, fn, items, window: int):
     """``pool.map(fn, items)`` with at most ``window`` calls submitted ahead of the consumer:
     ``Executor.map`` submits every item at once (a million pending futures, and every finished
     result held until its turn)."""

@@ -12,7 +12,6 @@ TensorFlow's (``-litert`` keys), so one fit never mixes the two engines' feature
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -301,20 +300,16 @@ def _decoded_batches(samples, todo, *, size: int, batch_size: int, max_pixels: i
     """Yield (indices, [(input or None, digest)]) for ``todo`` (indices into ``samples``) in
     batches, decoded by a thread per core (Pillow releases the GIL, and so does LiteRT's
     invoke) ``PREFETCH_BATCHES`` ahead, so that decoding keeps the backbone fed."""
+    from tlcli.data import bounded_map
     from tlcli.litert_backbone import threads
 
-    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     pool = ThreadPoolExecutor(threads(), thread_name_prefix="tlcli-decode")
-    pending: collections.deque = collections.deque()
     try:
-        for batch in batches:
-            pending.append((batch, [pool.submit(_model_input, samples[i], size, max_pixels, pixels) for i in batch]))
-            if len(pending) > PREFETCH_BATCHES:
-                done, futures = pending.popleft()
-                yield done, [f.result() for f in futures]
-        while pending:
-            done, futures = pending.popleft()
-            yield done, [f.result() for f in futures]
+        decoded = bounded_map(pool, lambda i: _model_input(samples[i], size, max_pixels, pixels), todo,
+                              (PREFETCH_BATCHES + 1) * batch_size)
+        for k in range(0, len(todo), batch_size):
+            batch = todo[k:k + batch_size]
+            yield batch, [next(decoded) for _ in batch]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
