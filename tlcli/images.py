@@ -575,10 +575,8 @@ def load_for_model(path: str | os.PathLike, size: int, *, max_pixels: int = DEFA
 
     Training (``data.image_dataset``), prediction and export calibration all call this, so every
     path preprocesses identically."""
-    min_size = decode_size(size)
-    data = read_bytes(path, min_size=min_size, max_pixels=max_pixels)
-    arr = _decode(data, path=str(path), min_size=min_size, max_pixels=max_pixels,
-                  then=lambda img: to_model_input(img, size))
+    data = read_bytes(path, min_size=decode_size(size), max_pixels=max_pixels)
+    arr = model_input_from_bytes(data, size, path=str(path), max_pixels=max_pixels)
     return (arr, digest(data)) if with_digest else arr
 
 
