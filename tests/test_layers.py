@@ -14,7 +14,7 @@ LAYERS = [
     {"images", "schema", "bundle", "graphcheck", "backbone", "model", "strategy",
      "html_report", "cluster", "precision"},                                 # one concern each
     {"data", "serving", "summaries", "plots", "run_state"},
-    {"features", "finetuning", "inference", "distributed", "litert_backbone"},  # the steps
+    {"features", "finetuning", "inference", "distributed", "litert_backbone", "prelude"},  # the steps
     {"audit"},                                                               # training runs its cheap part
     {"training", "export", "evaluation", "models", "server"},                # the commands, as functions
     {"render"},

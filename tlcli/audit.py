@@ -401,12 +401,12 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
 def engine_of(engine: str, extractors, cache_key: str | None):
     """(what embeds images, its cache key or None) for features made by ``engine`` ("tf" or
     "litert"): the Keras extractor or the LiteRT runner of ``extractors``, and ``cache_key``
-    with that engine's suffix (``features.ENGINE_SUFFIX``)."""
-    from tlcli.features import ENGINE_SUFFIX
+    with that engine's suffix (``features.view_key``)."""
+    from tlcli.features import view_key
 
     keras_extractor, runner = extractors
     chosen = runner if engine == "litert" and runner is not None else keras_extractor
-    return chosen, cache_key and cache_key + ENGINE_SUFFIX["litert" if chosen is runner else "tf"]
+    return chosen, cache_key and view_key(cache_key, "litert" if chosen is runner else "tf")
 
 
 def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = silent):

@@ -38,6 +38,12 @@ def cache_key(spec, image_size: int) -> str:
     return f"{spec.cache_key()}-{image_size}"
 
 
+def view_key(cache_key: str, engine: str, *, mirror: bool = False) -> str:
+    """The store key of one view's features from ``engine`` ("tf" or "litert"): ``cache_key``
+    (``cache_key()``), ``-mirror`` for the mirror view, and the engine's suffix."""
+    return f"{cache_key}{'-mirror' if mirror else ''}{ENGINE_SUFFIX[engine]}"
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("TLCLI_CACHE_DIR")
     if env:
@@ -231,10 +237,9 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
                                                        progress=progress):
         litert = None
     engine = "litert" if litert is not None else "tf"
-    suffix = ENGINE_SUFFIX[engine]
-    todo = [] if keep is not None else [("plain", plain_extractor, cache_key + suffix, task, False)]
+    todo = [] if keep is not None else [("plain", plain_extractor, view_key(cache_key, engine), task, False)]
     if mirror:
-        todo.append(("mirror", mirror_extractor, f"{cache_key}-mirror{suffix}", f"{task} (mirror)", True))
+        todo.append(("mirror", mirror_extractor, view_key(cache_key, engine, mirror=True), f"{task} (mirror)", True))
     found, extracted = {}, 0
     common = dict(image_size=image_size, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
     for view, extractor, key, name, flip in todo:

@@ -626,25 +626,57 @@ KEPT_PIXELS_BUDGET = 512 << 20
 class KeptPixels:
     """Model inputs of one size decoded by the file check, by content digest (``digest``), up to
     ``budget`` bytes (default ``KEPT_PIXELS_BUDGET``): ``offer`` keeps one while there is room,
-    ``peek`` reads one, ``clear`` drops them all. Thread-safe (the check runs in threads)."""
+    ``peek`` reads one, ``clear`` drops them all. Thread-safe (the check runs in threads).
 
-    def __init__(self, size: int, budget: int | None = None):
+    With ``feed``, each digest kept is also queued, once, for a consumer that runs while the
+    check goes on (``features_ahead``): ``next_digests`` hands them over, ``drop`` frees the
+    room of one it is done with, and ``close`` (the check has ended) lets it finish."""
+
+    def __init__(self, size: int, budget: int | None = None, *, feed: bool = False):
         self.size, self.budget, self.used = size, KEPT_PIXELS_BUDGET if budget is None else budget, 0
         self._pixels: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._feed: list[str] | None = [] if feed else None
+        self._fed: set[str] = set()
+        self._closed = False
 
     def room(self) -> bool:
         return self.used + self.size * self.size * 3 <= self.budget
 
     def offer(self, digest: str, pixels: np.ndarray) -> None:
         with self._lock:
-            if digest not in self._pixels and self.used + pixels.nbytes <= self.budget:
+            if digest not in self._pixels and digest not in self._fed and self.used + pixels.nbytes <= self.budget:
                 self._pixels[digest] = pixels
                 self.used += pixels.nbytes
+                if self._feed is not None:
+                    self._fed.add(digest)
+                    self._feed.append(digest)
+                    self._lock.notify_all()
 
     def peek(self, digest: str) -> np.ndarray | None:
         with self._lock:
             return self._pixels.get(digest)
+
+    def drop(self, digest: str) -> None:
+        with self._lock:
+            pixels = self._pixels.pop(digest, None)
+            self.used -= 0 if pixels is None else pixels.nbytes
+
+    def next_digests(self, most: int, *, timeout: float = 0.5) -> list[str] | None:
+        """Up to ``most`` queued digests, waiting up to ``timeout`` s for the first; [] when none
+        came, None once ``close`` was called and the queue is empty."""
+        with self._lock:
+            if not self._feed and not self._closed:
+                self._lock.wait(timeout)
+            if not self._feed:
+                return None if self._closed else []
+            taken, self._feed[:most] = self._feed[:most], []
+            return taken
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
 
     def clear(self) -> None:
         with self._lock:

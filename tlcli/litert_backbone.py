@@ -82,7 +82,7 @@ class LiteRTBackbone:
 
     name = "litert"
 
-    def __init__(self, model: bytes, *, image_size: int, feature_dim: int):
+    def __init__(self, model: bytes, *, image_size: int, feature_dim: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         if not (MIN_TFLITE_BYTES <= len(model) <= MAX_TFLITE_BYTES and model[4:8] == b"TFL3"):
@@ -95,6 +95,7 @@ class LiteRTBackbone:
             raise ValueError(f"{len(inp)} inputs and {len(out)} outputs, not one of each")
         self.inp, self.out = inp[0]["index"], out[0]["index"]
         shape, dims = list(inp[0]["shape_signature"]), list(out[0]["shape"])
+        feature_dim = feature_dim or (dims[-1] if len(dims) == 2 and dims[-1] > 0 else -1)  # None: the model's own
         if shape[1:] != [image_size, image_size, 3] or inp[0]["dtype"] != np.float32 or dims[1:] != [feature_dim]:
             raise ValueError(f"takes {shape} {inp[0]['dtype'].__name__} and gives {dims}, not "
                              f"[-1, {image_size}, {image_size}, 3] float32 -> [-1, {feature_dim}]")
@@ -135,16 +136,19 @@ def convert(layer, image_size: int) -> bytes:
         return converter.convert()
 
 
-def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None,
+def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None, runner: LiteRTBackbone | None = None,
             progress: Callback = silent) -> LiteRTBackbone | None:
-    """The LiteRT runner of ``loaded`` (``backbone.load`` of ``spec``): from its cached
-    conversion (``cached_path`` of ``cache_key``) when that is valid (see module docstring),
-    else converted now and cached (a "convert" task). None, with one ``Warn``, when the
-    backbone cannot be converted or run by LiteRT. Never raises for the cache (a read-only one
-    just is not written)."""
+    """The LiteRT runner of ``loaded`` (``backbone.load`` of ``spec``): ``runner`` (one opened
+    before TensorFlow, ``cached_runner``) when it takes and gives what ``loaded`` does, else
+    its cached conversion (``cached_path`` of ``cache_key``) when that is valid (see module
+    docstring), else converted now and cached (a "convert" task). None, with one ``Warn``, when
+    the backbone cannot be converted or run by LiteRT. Never raises for the cache (a read-only
+    one just is not written)."""
     from tlcli.features import cache_key as feature_key  # the same layer; the feature cache's key rule
 
     size, dim = loaded.image_size, loaded.feature_dim
+    if runner is not None and (runner.image_size, runner.feature_dim) == (size, dim):
+        return runner
     path = cached_path(cache_dir, feature_key(spec, size))
     runner = _cached(path, size, dim)
     if runner is not None:
@@ -167,7 +171,13 @@ def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None,
     return runner
 
 
-def _cached(path: Path, image_size: int, feature_dim: int) -> LiteRTBackbone | None:
+def cached_runner(cache_dir: str | os.PathLike | None, cache_key: str, image_size: int) -> LiteRTBackbone | None:
+    """The runner of the valid cached conversion of ``cache_key`` (``features.cache_key``) for
+    ``image_size`` inputs, giving as many features as it does, or None; needs no TensorFlow."""
+    return _cached(cached_path(cache_dir, cache_key), image_size, None)
+
+
+def _cached(path: Path, image_size: int, feature_dim: int | None) -> LiteRTBackbone | None:
     """The runner of a valid cached conversion at ``path``, or None (missing or damaged)."""
     try:
         fd, st = files.open_regular(path)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import threading
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
-from tlcli import bundle, data, distributed, files, run_state, summaries
+from tlcli import bundle, data, distributed, files, prelude, run_state, summaries
 from tlcli.backbone import resolve_spec
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
@@ -95,12 +94,16 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         bundle.check_output(cfg.out, force=cfg.force, data=folders)
         from tlcli.backbone import fetch
 
-        path = fetch(spec)  # fail fast (offline, bad handle) before scanning anything
-        bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
-        return distributed.run(node, _run, cfg, spec, path, state, progress)
+        # The file check starts now, beside the TensorFlow import (and a download): the run
+        # fails as fast as before on a bad handle, and the check is given up then.
+        with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
+            path = fetch(spec)
+            bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
+            return distributed.run(node, _run, cfg, spec, path, state, early, progress)
 
 
-def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, progress: Callback) -> TrainResult:
+def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
+         progress: Callback) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
@@ -113,7 +116,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlcli")
     out = staging = graph = None
     try:
-        chosen, loaded, splits, models, litert, pixels = _backbone_and_splits(cfg, spec, backbone_path, pool, progress)
+        chosen, loaded, splits, models, litert, pixels = _backbone_and_splits(cfg, spec, backbone_path, early, progress)
         batch, mirror = cfg.batch_size * chosen.replicas, models.flip_extractor is not None
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
@@ -127,8 +130,10 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
+        early.finish()  # what it extracted is in the store now, and its runner is free
         with chosen.strategy.scope():
-            views = views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels)  # fine-tuning changes mirror views
+            # (fine-tuning changes the mirror views: they wait for it)
+            views = early.credit(views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels))
             extracted, cached, engine = views.extracted, views.cached, views.engine
             progress(Info(f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
@@ -191,34 +196,26 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history)
 
 
-def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, pool, progress: Callback):
-    """(strategy, loaded backbone, splits, models, LiteRT runner, pixels kept for it; None without LiteRT): the
-    file check runs on ``pool`` while TensorFlow loads the backbone (and LiteRT's), and gives up if this fails."""
-    from tlcli import backbone, images, litert_backbone, model, strategy
+def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
+    """(strategy, loaded backbone, splits, models, LiteRT runner, pixels kept for it; None without LiteRT):
+    TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs."""
+    from tlcli import backbone, litert_backbone, model, strategy
     from tlcli._tf import keras
 
-    keras()  # import first: the import silences native stderr, which would hide the scan's output
-    stopping, litert = threading.Event(), None
-    litert_first = litert_backbone.engine_for(cfg.extractor) == "litert"  # decide before the file check runs
-    pixels = images.KeptPixels(spec.image_size or 224) if litert_first else None
-    scan = pool.submit(data.scan_splits, cfg, image_size=spec.image_size or 224, progress=progress,
-                       stopping=stopping, keep=pixels)
-    try:
-        keras().utils.set_random_seed(cfg.seed)
-        chosen = strategy.choose(cfg.strategy)
-        with chosen.strategy.scope():
-            loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
-            if pixels is not None and not (chosen.accelerator and cfg.extractor == "auto"):  # a TPU found only now
-                litert = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
-            splits = scan.result()
-            progress(Info(f"strategy: {chosen.description}; global batch "
-                           f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
-            models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                        seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
-    finally:
-        stopping.set()
-        futures.wait([scan])  # what it raised after a failure here is moot
-    return chosen, loaded, splits, models, litert, pixels if litert else None
+    keras().utils.set_random_seed(cfg.seed)
+    chosen, litert = strategy.choose(cfg.strategy), None
+    with chosen.strategy.scope():
+        loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
+        if litert_backbone.engine_for(cfg.extractor) == "litert" \
+                and not (chosen.accelerator and cfg.extractor == "auto"):  # a TPU found only now
+            litert = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, runner=early.runner,
+                                             progress=progress)
+        splits = early.splits()
+        progress(Info(f"strategy: {chosen.description}; global batch "
+                       f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
+        models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
+                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
+    return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
