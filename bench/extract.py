@@ -10,8 +10,8 @@ Needs ../shared (MobileNetV2 1.0 at 224 and hymenoptera); prints SKIP without it
    their largest feature difference, and the fp32 roofline ratio: FLOPs per image x images/s /
    peak, the peak computed from cores x clock x FLOP per cycle (printed).
 2. train: in fresh processes, on a set of --images images made of hymenoptera's train and val
-   images repeated under other names (hard links in a temporary folder, copies across file
-   systems): the TensorFlow floor (TF import, backbone load, one TF forward pass over every
+   images repeated under other names, each copy's bytes made distinct (``build_set``): the
+   TensorFlow floor (TF import, backbone load, one TF forward pass over every
    image, as bench/train_vs_baseline.py's floor), then head-only `tlcli train` with a cold
    feature cache: first with no converted backbone (conversion included), then with it cached,
    then with --extractor tf. Each against the floor of the same run.
@@ -106,19 +106,19 @@ def verdict(ok: bool) -> str:
 
 
 def build_set(root: Path, n: int) -> int:
-    """``n`` images (rounded down to whole classes) named ``<i>_<name>`` in ``root/<class>/``, hard
-    links to hymenoptera's train and val images, repeated (copies where links cannot be made)."""
+    """``n`` images (rounded down to whole classes) named ``<i>_<name>`` in ``root/<class>/``:
+    hymenoptera's train and val images repeated, each copy made distinct by a trailer after the
+    JPEG's end marker (decoders stop at the marker, so the pixels are the original's). Distinct
+    bytes mean distinct content digests, so no copy's features are shared with another's: a run
+    extracts every one of the ``n`` images, as it would on as many different photos."""
     classes = sorted(c.name for c in (HYMENOPTERA / "train").iterdir() if c.is_dir())
     per_class = n // len(classes)
     for name in classes:
         sources = sorted(p for d in ("train", "val") for p in (HYMENOPTERA / d / name).iterdir() if p.is_file())
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            src, dst = sources[i % len(sources)], root / name / f"{i:05d}_{sources[i % len(sources)].name}"
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+            src = sources[i % len(sources)]
+            (root / name / f"{i:05d}_{src.name}").write_bytes(src.read_bytes() + f"tlcli-bench copy {i}".encode())
     return per_class * len(classes)
 
 
