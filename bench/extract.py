@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -166,18 +167,26 @@ def phases(work: Path, me: str) -> None:
     _, out, _ = run_process("path", me, "--child", "phases", "--data", str(work / "data"), "--out",
                             str(work / "m4"), "--cache", str(work / "cache4"))
     spans = json.loads(out)
-    print("  where the cached-conversion run's time goes (seconds from the process start; the file check "
-          "overlaps the backbone load, the SavedModel graph is written during the extraction):")
+    print("  where the cached-conversion run's time goes (seconds from the process start; the file check and "
+          "the extraction ahead of it overlap the TensorFlow import and the backbone load):")
     for task, (begin, end) in spans.items():
         print(f"    {task:<14} {begin:6.1f} -> {end:6.1f}  ({end - begin:5.1f} s)")
 
 
+def cpu_seconds(run):
+    """(what ``run()`` returned, the CPU seconds (user + system) of the child processes it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 def tlcli_train(where: list[str], out: Path, cache: Path, *extra: str) -> tuple[float, dict]:
-    """`tlcli train` in a fresh process: (wall seconds, its --json result)."""
-    wall, stdout, _ = run_process("module", "tlcli.cli", "train", *where, "--backbone", str(MOBILENET_V2),
-                                  "--image-size", str(SIZE), "--out", str(out), "--cache-dir", str(cache),
-                                  "--tensorboard", "none", "--force", "--json", *extra)
-    return wall, json.loads(stdout)
+    """`tlcli train` in a fresh process: (wall seconds, its --json result with its CPU seconds as "cpu")."""
+    (wall, stdout, _), cpu = cpu_seconds(lambda: run_process(
+        "module", "tlcli.cli", "train", *where, "--backbone", str(MOBILENET_V2), "--image-size", str(SIZE),
+        "--out", str(out), "--cache-dir", str(cache), "--tensorboard", "none", "--force", "--json", *extra))
+    return wall, {**json.loads(stdout), "cpu": cpu}
 
 
 def train(args, work: Path) -> None:
@@ -200,9 +209,11 @@ def train(args, work: Path) -> None:
     if "tf-train" not in args.skip:
         tf_s, r3 = tlcli_train(where, work / "m3", work / "cache3", "--extractor", "tf")
         rows.append(("--extractor tf", tf_s, r3))
+    cores = len(os.sched_getaffinity(0))
     for name, sec, r in rows:
         print(f"  {name:<60} {sec:6.1f} s  {sec / floor:.2f}x floor  ({r['extracted']} extracted, engine "
-              f"{r['extractor']}, val accuracy {r['val_accuracy']:.4f})")
+              f"{r['extractor']}, val accuracy {r['val_accuracy']:.4f}; CPU {r['cpu']:.1f} s: no faster than "
+              f"{r['cpu'] / cores:.1f} s = {r['cpu'] / cores / floor:.2f}x floor on {cores} cores)")
     if "phases" not in args.skip:
         phases(work, me)
     print(f"target cached conversion <= 0.6x floor: {cached / floor:.2f}x: {verdict(cached <= 0.6 * floor)}")
