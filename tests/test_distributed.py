@@ -3,6 +3,8 @@ TF_CONFIG parsing, shares, and a worker that dies mid-run."""
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +109,81 @@ def test_cluster_model_matches_a_single_process_run(cluster_run):
     on_cluster = tlcli.evaluate(test, model_dir=tmp / "out" / "model").report.accuracy
     alone = tlcli.evaluate(test, model_dir=tmp / "single").report.accuracy
     assert on_cluster >= alone - 1e-9 and on_cluster >= 0.9
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _wait_for_epoch(state_file, procs, seconds=150):
+    """The chief's fine-tuning state once it has recorded an epoch (None: not within ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        try:
+            st = json.loads(state_file.read_text())["fine_tune"]
+        except (OSError, ValueError, KeyError):
+            st = None
+        if st and st.get("epochs_run", 0) >= 1:
+            return st
+        time.sleep(0.05)
+    return None
+
+
+@CLUSTER
+def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tiny_backbone, colour_data,
+                                                                  trained_bundle):
+    """Ctrl-C on both workers mid fine-tuning keeps the previous bundle and the chief's progress;
+    the same command with --resume on both continues from the chief's epoch and only the chief
+    writes the new bundle."""
+    import tlcli
+
+    (tmp_path / "out").mkdir()
+    out, epochs = tmp_path / "out" / "model", 5
+    shutil.copytree(trained_bundle, out)
+    before = _files(out)
+    args = [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune", "--fine-tune-epochs", epochs,
+            "--fine-tune-patience", epochs, "--cache-dir", tmp_path / "cache", "--out", out, "--force"]
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+    first = _start_cluster(tmp_path / "first", args)
+    try:
+        st = _wait_for_epoch(tmp_path / "out" / ".model.partial" / "state.json", first)
+        for p in first:
+            p.send_signal(signal.SIGINT)
+        ended = [p.communicate(timeout=60) for p in first]
+    finally:
+        for p in first:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert st is not None, ended[0][1][-3000:]
+    assert [p.returncode for p in first] == [130, 130], ended[1][1][-3000:]
+    assert _files(out) == before  # the previous bundle is intact
+    for i, (_, err) in enumerate(ended):
+        line = err.strip().splitlines()[-1]
+        assert f"the previous model at {out} is untouched; progress kept" in line and "--resume" in line, err[-2000:]
+        assert ("worker 1 (127.0.0.1:" in line and "writes nothing into --out" in line) == (i == 1)
+    saved = json.loads((tmp_path / "out" / ".model.partial" / "state.json").read_text())["fine_tune"]
+    assert 1 <= saved["epochs_run"] < epochs
+
+    second = _start_cluster(tmp_path / "second", [*args, "--resume"])
+    done = [p.communicate(timeout=240) for p in second]
+    for p, (_, err) in zip(second, done):
+        assert p.returncode == 0, err[-3000:]
+    chief, other = (_result(stdout) for stdout, _ in done)
+    for _, err in done:  # each worker continued from the chief's checkpoint, not from scratch
+        assert f"fine-tuning continues after epoch {saved['epochs_run']} of {epochs}" in err, err[-3000:]
+    assert chief["fine_tune_epochs"] == other["fine_tune_epochs"] == epochs
+    assert [row["epoch"] for row in chief["history"]["fine-tune"]] == list(range(1, epochs + 1))
+    assert chief["history"]["fine-tune"] == other["history"]["fine-tune"]
+    assert chief["model_dir"] == str(out) and other["model_dir"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # the progress went with the run
+    assert [p for run in ("first", "second") for p in (tmp_path / run).glob("tmp*/tlcli-*")] == []
+    meta = json.loads((out / "tlcli.json").read_text())
+    assert meta["config"]["fine_tune"] is True and meta["training"]["fine_tune_epochs"] == epochs
+    assert chief["labels"] == ["blue", "green", "red"]
+    test = make_colour_dataset(tmp_path / "test", per_class=3, start=100)
+    assert tlcli.evaluate(test, model_dir=out).report.accuracy >= 0.9
 
 
 @CLUSTER
@@ -367,6 +444,23 @@ def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chie
     copied = run_state.partial_dir(mine.out) / "state.json"
     assert copied.read_text() == '{"saved": "by the chief"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "tmp"]  # nothing new beside --out
+
+
+def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
+    from tlcli import distributed, strategy
+    from tlcli.config import TrainConfig
+    from tlcli.errors import UsageError
+
+    monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    _tf_config(monkeypatch, 1)
+    out = tmp_path / "model"
+    with pytest.raises(UsageError) as info:
+        distributed.join(TrainConfig(out=str(out), resume=True))
+    message = str(info.value)
+    # The single-process line, and why a worker may not see the chief's progress.
+    assert message.startswith(f"--resume: no interrupted run to continue for --out {out} (worker 1 (127.0.0.1:")
+    assert "a folder every worker sees" in message and message.endswith("run without --resume")
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
 
 
 def test_joining_a_cluster_after_tensorflow_started_is_one_line(monkeypatch):

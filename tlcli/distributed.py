@@ -21,6 +21,7 @@ from pathlib import Path
 from tlcli import cluster as clusters
 from tlcli import features, run_state
 from tlcli.config import TrainConfig
+from tlcli.errors import Interrupted, UsageError
 
 
 @dataclass
@@ -48,10 +49,14 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     strategy.choose(cfg.strategy)
     if found.is_chief:
         return cfg, Node(found, cfg, cfg.out)
+    chief_partial = run_state.partial_dir(cfg.out)
+    if cfg.resume and not (chief_partial / run_state.STATE_FILE).is_file():
+        raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out} ({found.name(found.index)} "
+                         "continues from the chief's progress beside it, so --out must be on a folder every worker "
+                         "sees); run without --resume")
     scratch = Path(tempfile.mkdtemp(prefix=f"tlcli-worker{found.index}-"))
     mine = cfg.replace(out=str(scratch / "model"), tensorboard=None)
-    chief_partial = run_state.partial_dir(cfg.out)
-    if cfg.resume and chief_partial.is_dir():
+    if cfg.resume:  # the chief writes its progress only after every worker has joined: the copy is whole
         shutil.copytree(chief_partial, run_state.partial_dir(mine.out))
     return mine, Node(found, mine, cfg.out, scratch)
 
@@ -69,6 +74,12 @@ def run(node: Node | None, recipe, *args):
             result = recipe(*args)
             chosen = strategy.choose(node.config.strategy)
             counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
+    except Interrupted:
+        if node.cluster.is_chief:
+            raise
+        # Its own folder is a private one, about to go: what counts is what the chief left beside --out.
+        raise Interrupted(f"interrupted: {node.cluster.name(node.cluster.index)} writes nothing into --out; "
+                          f"{run_state.left_behind(node.out)}") from None
     finally:
         if node.scratch is not None:
             shutil.rmtree(node.scratch, ignore_errors=True)
