@@ -3,6 +3,7 @@ TF_CONFIG parsing, shares, and a worker that dies mid-run."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -176,6 +177,8 @@ def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tin
     for _, err in done:  # each worker continued from the chief's checkpoint, not from scratch
         assert f"fine-tuning continues after epoch {saved['epochs_run']} of {epochs}" in err, err[-3000:]
     assert chief["fine_tune_epochs"] == other["fine_tune_epochs"] == epochs
+    # The first run's features of each worker's half came back from the common --cache-dir.
+    assert chief["cached"] >= 12 and other["cached"] >= 12
     assert [row["epoch"] for row in chief["history"]["fine-tune"]] == list(range(1, epochs + 1))
     assert chief["history"]["fine-tune"] == other["history"]["fine-tune"]
     assert chief["model_dir"] == str(out) and other["model_dir"] is None
@@ -213,6 +216,45 @@ def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_b
     lines = [line for line in err.splitlines() if "worker 1" in line]
     assert lines and "stopped" in lines[-1] and "127.0.0.1:" in lines[-1], err[-3000:]
     assert not out.exists()
+
+
+# A worker's watch on its peer, in a process without TensorFlow (nothing to abort): the peer is a
+# listening socket that closes; the step either fails (raise) or never returns (hang).
+WATCH = """
+import socket, sys, time
+sys.modules["tensorflow"] = None
+from tlcli import cluster
+peer = socket.socket()
+peer.bind(("127.0.0.1", 0))
+peer.listen(8)
+c = cluster.Cluster((f"127.0.0.1:{peer.getsockname()[1]}", "127.0.0.1:1"), 1)
+try:
+    with cluster.Watch(c, interval=0.1, failures=3, grace=float(sys.argv[2])) as watch:
+        time.sleep(0.5)
+        peer.close()
+        closed = time.monotonic()
+        while sys.argv[1] == "hang" or watch.dead is None:
+            time.sleep(0.05)
+        print(f"noticed after {time.monotonic() - closed:.2f} s")
+        raise RuntimeError("the step's collective failed")
+except cluster.ClusterError as exc:
+    print(f"ClusterError: {exc}")
+"""
+
+
+@pytest.mark.parametrize("step", ["raise", "hang"])
+def test_when_the_chief_stops_the_watch_ends_the_worker_with_one_line_naming_it(step):
+    began = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", WATCH, step, "60" if step == "raise" else "0.5"],
+                       capture_output=True, text=True, timeout=60)
+    named = r"cluster: worker 0 \(127\.0\.0\.1:\d+, the chief\) stopped \(no answer on its port"
+    if step == "raise":  # the failed step becomes the ClusterError naming the worker
+        assert p.returncode == 0, p.stderr
+        noticed, line = p.stdout.splitlines()
+        assert float(noticed.split()[2]) < 3 and re.match("ClusterError: " + named, line)
+    else:  # nothing hangs: the watch ends the process itself, with that line
+        assert p.returncode == 1 and p.stdout == "" and time.monotonic() - began < 30
+        assert re.fullmatch("tlcli: " + named + r".*--resume to continue from the chief's last epoch\n", p.stderr)
 
 
 def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
