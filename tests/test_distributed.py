@@ -430,6 +430,45 @@ def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
     assert chosen.io_device == "/job:localhost" and chosen.static_shapes
 
 
+def test_a_tpu_run_on_the_cpu_fine_tunes_on_static_batches_with_the_padding_masked(tmp_path, monkeypatch,
+                                                                                    train_args):
+    """The recipe with a TPU's Chosen (its strategy faked by the default one): the backbone loads
+    through the host, fine-tuning gets batches of one static shape, the holdout's last batch is
+    padded with weight-0 images, and its accuracy counts the real images only. (Class 0 is white:
+    a black padding image, whose target is all zeros, would count as right only for class 0.)"""
+    import numpy as np
+
+    import tlcli
+    from tlcli import finetuning, strategy
+    from tlcli._tf import tf
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    fake = strategy.Chosen(tf().distribute.get_strategy(), "tpu", "TPUStrategy (faked)", accelerator=True)
+    monkeypatch.setattr(strategy, "choose", lambda name: fake)
+    real, made = finetuning.static_batches, []
+
+    def recorded(ds, batch_size, *, pad=False):
+        out = real(ds, batch_size, pad=pad)
+        made.append((pad, out))
+        return out
+
+    monkeypatch.setattr(finetuning, "static_batches", recorded)
+    images = make_colour_dataset(tmp_path / "images", colours={"a_white": (235, 235, 235), "blue": (20, 40, 220),
+                                                               "red": (220, 30, 30)})
+    r = tlcli.train(images, out=str(tmp_path / "m"), **{**train_args, "batch_size": 4}, fine_tune=True,
+                    fine_tune_epochs=2, fine_tune_patience=5, mirror=False)
+    assert r.strategy == "TPUStrategy (faked)" and r.fine_tune_epochs == 2 and r.val_accuracy >= 0.8
+    (_, train), (padded, holdout) = made
+    assert padded and train.element_spec[0].shape.as_list() == [4, 32, 32, 3]
+    assert holdout.element_spec[0].shape.as_list() == [4, 32, 32, 3] and len(holdout.element_spec) == 3
+    weights = np.concatenate([w.numpy() for _, _, w in holdout])
+    real_images = int(weights.sum())
+    assert 0 < real_images < len(weights)  # a padded last batch
+    for row in r.history["fine-tune"]:  # the accuracy of the real holdout images: k of them right
+        right = row["val_accuracy"] * real_images
+        assert right == pytest.approx(round(right), abs=1e-4), (row, real_images)
+
+
 def test_backbone_loads_through_the_host_io_device(tiny_backbone):
     from tlcli import backbone
 
