@@ -529,6 +529,23 @@ def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chie
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "tmp"]  # nothing new beside --out
 
 
+def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chiefs(tmp_path):
+    from tlcli import run_state
+    from tlcli.config import TrainConfig
+
+    chief_out, worker_out = tmp_path / "shared" / "model", tmp_path / "worker1" / "model"
+    chief_partial, copy = run_state.partial_dir(chief_out), run_state.partial_dir(worker_out)
+    saved = run_state.RunState(run_state.absolute(TrainConfig(data_dir=str(tmp_path / "images"), out=str(chief_out),
+                                                              fine_tune=True)))
+    saved.fine_tune = run_state.FineTuneState(epochs_run=2, last_checkpoint=str(chief_partial / "fine-tune" / "last-2"),
+                                              best_checkpoint=str(tmp_path / "elsewhere" / "best-1"))
+    saved.save(copy)  # what distributed.join copies into a non-chief worker's private folder
+    cfg, state = run_state.resume(TrainConfig(out=str(worker_out), resume=True), {"out", "resume"}, lambda e: None)
+    assert cfg.out == str(worker_out) and cfg.fine_tune and state.fine_tune.epochs_run == 2
+    assert state.fine_tune.last_checkpoint == str(copy / "fine-tune" / "last-2")
+    assert state.fine_tune.best_checkpoint == str(tmp_path / "elsewhere" / "best-1")  # not in the work folder: kept
+
+
 def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
     from tlcli import distributed, strategy
     from tlcli.config import TrainConfig

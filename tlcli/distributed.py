@@ -40,7 +40,8 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     strategy now, before anything starts TensorFlow. Returns (the config this worker runs, the
     node), or (``cfg``, None) on one machine. A non-chief worker
     gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
-    the chief's resume state, so ``--out`` must be on a folder every worker sees."""
+    the chief's resume state, so ``--out`` must be on a folder every worker sees (``UsageError``,
+    one line naming ``--out``, when the chief's state is not there)."""
     from tlcli import strategy
 
     found = strategy.wants_cluster(cfg.strategy)
