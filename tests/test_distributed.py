@@ -29,8 +29,9 @@ def _free_ports(n):
     return ports
 
 
-def _start_cluster(tmp_path, args, n=2):
-    """``n`` worker processes running ``tlcli train args``, each with its own TMPDIR."""
+def _start_cluster(tmp_path, args, n=2, extra=None):
+    """``n`` worker processes running ``tlcli train args`` (+ ``extra[i]`` for worker i), each
+    with its own TMPDIR."""
     workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
     procs = []
     for i in range(n):
@@ -38,7 +39,8 @@ def _start_cluster(tmp_path, args, n=2):
         tmp.mkdir()
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp), TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args)], env=env,
+        mine = [*args, *(extra[i] if extra else [])]
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, mine)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -146,7 +148,7 @@ def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tin
     args = [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune", "--fine-tune-epochs", epochs,
             "--fine-tune-patience", epochs, "--no-mirror", "--extractor", "tf", "--cache-dir", tmp_path / "cache",
             "--out", out, "--force"]
-    for run in ("first", "second"):
+    for run in ("first", "mixed", "second"):
         (tmp_path / run).mkdir()
     first = _start_cluster(tmp_path / "first", args)
     try:
@@ -169,6 +171,17 @@ def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tin
     saved = json.loads((tmp_path / "out" / ".model.partial" / "state.json").read_text())["fine_tune"]
     assert 1 <= saved["epochs_run"] < epochs
 
+    # The chief alone with --resume: both stop at once, each with one line naming the two, and keep the progress.
+    mixed = _start_cluster(tmp_path / "mixed", args, extra=[["--resume"], []])
+    refused = [p.communicate(timeout=120) for p in mixed]
+    for p, (_, err) in zip(mixed, refused):
+        assert p.returncode == 2, err[-3000:]
+        assert re.search(r"error: --resume: worker 0 \(127\.0\.0\.1:\d+, the chief\) started with --resume and "
+                         r"worker 1 \(127\.0\.0\.1:\d+\) without; start every worker with the same command",
+                         err), err[-3000:]
+    assert json.loads((tmp_path / "out" / ".model.partial" / "state.json").read_text())["fine_tune"] == saved
+    assert _files(out) == before
+
     second = _start_cluster(tmp_path / "second", [*args, "--resume"])
     done = [p.communicate(timeout=240) for p in second]
     for p, (_, err) in zip(second, done):
@@ -183,7 +196,7 @@ def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tin
     assert chief["history"]["fine-tune"] == other["history"]["fine-tune"]
     assert chief["model_dir"] == str(out) and other["model_dir"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # the progress went with the run
-    assert [p for run in ("first", "second") for p in (tmp_path / run).glob("tmp*/tlcli-*")] == []
+    assert [p for run in ("first", "mixed", "second") for p in (tmp_path / run).glob("tmp*/tlcli-*")] == []
     meta = json.loads((out / "tlcli.json").read_text())
     assert meta["config"]["fine_tune"] is True and meta["training"]["fine_tune_epochs"] == epochs
     assert chief["labels"] == ["blue", "green", "red"]

@@ -72,8 +72,9 @@ def run(node: Node | None, recipe, *args):
 
     try:
         with clusters.Watch(node.cluster):
-            result = recipe(*args)
             chosen = strategy.choose(node.config.strategy)
+            _same_start(chosen.strategy, node)
+            result = recipe(*args)
             counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
     except Interrupted:
         if node.cluster.is_chief:
@@ -87,6 +88,18 @@ def run(node: Node | None, recipe, *args):
     return dataclasses.replace(
         result, model_dir=result.model_dir if node.cluster.is_chief else None, worker=node.cluster.index,
         extracted_by_worker=[row[0] for row in counts])
+
+
+def _same_start(strategy, node: Node) -> None:
+    """A barrier before the recipe that also checks that every worker was started with
+    ``--resume``, or none: a worker that starts over while another continues would run other
+    steps than it, and the collectives would pair the wrong ones. Raises ``UsageError`` naming them."""
+    started = [row[0] for row in clusters.gather_counts(strategy, node.cluster, [int(node.config.resume)])]
+    if len(set(started)) > 1:
+        with_, without = ([node.cluster.name(i) for i, f in enumerate(started) if f == flag] for flag in (1, 0))
+        raise UsageError(f"--resume: {', '.join(with_)} started with --resume and {', '.join(without)} without; "
+                         "start every worker with the same command (all with --resume to continue the chief's "
+                         "run, or none)")
 
 
 def views_step(chosen):
