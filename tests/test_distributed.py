@@ -3,6 +3,9 @@ TF_CONFIG parsing, shares, and a worker that dies mid-run."""
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +29,9 @@ def _free_ports(n):
     return ports
 
 
-def _start_cluster(tmp_path, args, n=2):
-    """``n`` worker processes running ``tlcli train args``, each with its own TMPDIR."""
+def _start_cluster(tmp_path, args, n=2, extra=None):
+    """``n`` worker processes running ``tlcli train args`` (+ ``extra[i]`` for worker i), each
+    with its own TMPDIR."""
     workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
     procs = []
     for i in range(n):
@@ -35,7 +39,8 @@ def _start_cluster(tmp_path, args, n=2):
         tmp.mkdir()
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp), TF_CONFIG=json.dumps(
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, args)], env=env,
+        mine = [*args, *(extra[i] if extra else [])]
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "train", *map(str, mine)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -109,6 +114,96 @@ def test_cluster_model_matches_a_single_process_run(cluster_run):
     assert on_cluster >= alone - 1e-9 and on_cluster >= 0.9
 
 
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _wait_for_epoch(state_file, procs, seconds=150):
+    """The chief's fine-tuning state once it has recorded an epoch (None: not within ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        try:
+            st = json.loads(state_file.read_text())["fine_tune"]
+        except (OSError, ValueError, KeyError):
+            st = None
+        if st and st.get("epochs_run", 0) >= 1:
+            return st
+        time.sleep(0.05)
+    return None
+
+
+@CLUSTER
+def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tiny_backbone, colour_data,
+                                                                  trained_bundle):
+    """Ctrl-C on both workers mid fine-tuning keeps the previous bundle and the chief's progress;
+    the same command with --resume on both continues from the chief's epoch and only the chief
+    writes the new bundle."""
+    import tlcli
+
+    (tmp_path / "out").mkdir()
+    out, epochs = tmp_path / "out" / "model", 3
+    shutil.copytree(trained_bundle, out)
+    before = _files(out)
+    # Without mirror views and the LiteRT attempt (the tiny backbone cannot be converted): fewer steps to wait for.
+    args = [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune", "--fine-tune-epochs", epochs,
+            "--fine-tune-patience", epochs, "--no-mirror", "--extractor", "tf", "--cache-dir", tmp_path / "cache",
+            "--out", out, "--force"]
+    for run in ("first", "mixed", "second"):
+        (tmp_path / run).mkdir()
+    first = _start_cluster(tmp_path / "first", args)
+    try:
+        st = _wait_for_epoch(tmp_path / "out" / ".model.partial" / "state.json", first)
+        for p in first:
+            p.send_signal(signal.SIGINT)
+        ended = [p.communicate(timeout=60) for p in first]
+    finally:
+        for p in first:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert st is not None, ended[0][1][-3000:]
+    assert [p.returncode for p in first] == [130, 130], ended[1][1][-3000:]
+    assert _files(out) == before  # the previous bundle is intact
+    for i, (_, err) in enumerate(ended):
+        line = err.strip().splitlines()[-1]
+        assert f"the previous model at {out} is untouched; progress kept" in line and "--resume" in line, err[-2000:]
+        assert ("worker 1 (127.0.0.1:" in line and "writes nothing into --out" in line) == (i == 1)
+    saved = json.loads((tmp_path / "out" / ".model.partial" / "state.json").read_text())["fine_tune"]
+    assert 1 <= saved["epochs_run"] < epochs
+
+    # The chief alone with --resume: both stop at once, each with one line naming the two, and keep the progress.
+    mixed = _start_cluster(tmp_path / "mixed", args, extra=[["--resume"], []])
+    refused = [p.communicate(timeout=120) for p in mixed]
+    for p, (_, err) in zip(mixed, refused):
+        assert p.returncode == 2, err[-3000:]
+        assert re.search(r"error: --resume: worker 0 \(127\.0\.0\.1:\d+, the chief\) started with --resume and "
+                         r"worker 1 \(127\.0\.0\.1:\d+\) without; start every worker with the same command",
+                         err), err[-3000:]
+    assert json.loads((tmp_path / "out" / ".model.partial" / "state.json").read_text())["fine_tune"] == saved
+    assert _files(out) == before
+
+    second = _start_cluster(tmp_path / "second", [*args, "--resume"])
+    done = [p.communicate(timeout=240) for p in second]
+    for p, (_, err) in zip(second, done):
+        assert p.returncode == 0, err[-3000:]
+    chief, other = (_result(stdout) for stdout, _ in done)
+    for _, err in done:  # each worker continued from the chief's checkpoint, not from scratch
+        assert f"fine-tuning continues after epoch {saved['epochs_run']} of {epochs}" in err, err[-3000:]
+    assert chief["fine_tune_epochs"] == other["fine_tune_epochs"] == epochs
+    # The first run's features of each worker's half came back from the common --cache-dir.
+    assert chief["cached"] >= 12 and other["cached"] >= 12
+    assert [row["epoch"] for row in chief["history"]["fine-tune"]] == list(range(1, epochs + 1))
+    assert chief["history"]["fine-tune"] == other["history"]["fine-tune"]
+    assert chief["model_dir"] == str(out) and other["model_dir"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # the progress went with the run
+    assert [p for run in ("first", "mixed", "second") for p in (tmp_path / run).glob("tmp*/tlcli-*")] == []
+    meta = json.loads((out / "tlcli.json").read_text())
+    assert meta["config"]["fine_tune"] is True and meta["training"]["fine_tune_epochs"] == epochs
+    assert chief["labels"] == ["blue", "green", "red"]
+    test = make_colour_dataset(tmp_path / "test", per_class=3, start=100)
+    assert tlcli.evaluate(test, model_dir=out).report.accuracy >= 0.9
+
+
 @CLUSTER
 def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_backbone, colour_data):
     out = tmp_path / "model"
@@ -134,6 +229,45 @@ def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_b
     lines = [line for line in err.splitlines() if "worker 1" in line]
     assert lines and "stopped" in lines[-1] and "127.0.0.1:" in lines[-1], err[-3000:]
     assert not out.exists()
+
+
+# A worker's watch on its peer, in a process without TensorFlow (nothing to abort): the peer is a
+# listening socket that closes; the step either fails (raise) or never returns (hang).
+WATCH = """
+import socket, sys, time
+sys.modules["tensorflow"] = None
+from tlcli import cluster
+peer = socket.socket()
+peer.bind(("127.0.0.1", 0))
+peer.listen(8)
+c = cluster.Cluster((f"127.0.0.1:{peer.getsockname()[1]}", "127.0.0.1:1"), 1)
+try:
+    with cluster.Watch(c, interval=0.1, failures=3, grace=float(sys.argv[2])) as watch:
+        time.sleep(0.5)
+        peer.close()
+        closed = time.monotonic()
+        while sys.argv[1] == "hang" or watch.dead is None:
+            time.sleep(0.05)
+        print(f"noticed after {time.monotonic() - closed:.2f} s")
+        raise RuntimeError("the step's collective failed")
+except cluster.ClusterError as exc:
+    print(f"ClusterError: {exc}")
+"""
+
+
+@pytest.mark.parametrize("step", ["raise", "hang"])
+def test_when_the_chief_stops_the_watch_ends_the_worker_with_one_line_naming_it(step):
+    began = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", WATCH, step, "60" if step == "raise" else "0.5"],
+                       capture_output=True, text=True, timeout=60)
+    named = r"cluster: worker 0 \(127\.0\.0\.1:\d+, the chief\) stopped \(no answer on its port"
+    if step == "raise":  # the failed step becomes the ClusterError naming the worker
+        assert p.returncode == 0, p.stderr
+        noticed, line = p.stdout.splitlines()
+        assert float(noticed.split()[2]) < 3 and re.match("ClusterError: " + named, line)
+    else:  # nothing hangs: the watch ends the process itself, with that line
+        assert p.returncode == 1 and p.stdout == "" and time.monotonic() - began < 30
+        assert re.fullmatch("tlcli: " + named + r".*--resume to continue from the chief's last epoch\n", p.stderr)
 
 
 def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
@@ -309,6 +443,45 @@ def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
     assert chosen.io_device == "/job:localhost" and chosen.static_shapes
 
 
+def test_a_tpu_run_on_the_cpu_fine_tunes_on_static_batches_with_the_padding_masked(tmp_path, monkeypatch,
+                                                                                    train_args):
+    """The recipe with a TPU's Chosen (its strategy faked by the default one): the backbone loads
+    through the host, fine-tuning gets batches of one static shape, the holdout's last batch is
+    padded with weight-0 images, and its accuracy counts the real images only. (Class 0 is white:
+    a black padding image, whose target is all zeros, would count as right only for class 0.)"""
+    import numpy as np
+
+    import tlcli
+    from tlcli import finetuning, strategy
+    from tlcli._tf import tf
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    fake = strategy.Chosen(tf().distribute.get_strategy(), "tpu", "TPUStrategy (faked)", accelerator=True)
+    monkeypatch.setattr(strategy, "choose", lambda name: fake)
+    real, made = finetuning.static_batches, []
+
+    def recorded(ds, batch_size, *, pad=False):
+        out = real(ds, batch_size, pad=pad)
+        made.append((pad, out))
+        return out
+
+    monkeypatch.setattr(finetuning, "static_batches", recorded)
+    images = make_colour_dataset(tmp_path / "images", colours={"a_white": (235, 235, 235), "blue": (20, 40, 220),
+                                                               "red": (220, 30, 30)})
+    r = tlcli.train(images, out=str(tmp_path / "m"), **{**train_args, "batch_size": 4}, fine_tune=True,
+                    fine_tune_epochs=2, fine_tune_patience=5, mirror=False)
+    assert r.strategy == "TPUStrategy (faked)" and r.fine_tune_epochs == 2 and r.val_accuracy >= 0.8
+    (_, train), (padded, holdout) = made
+    assert padded and train.element_spec[0].shape.as_list() == [4, 32, 32, 3]
+    assert holdout.element_spec[0].shape.as_list() == [4, 32, 32, 3] and len(holdout.element_spec) == 3
+    weights = np.concatenate([w.numpy() for _, _, w in holdout])
+    real_images = int(weights.sum())
+    assert 0 < real_images < len(weights)  # a padded last batch
+    for row in r.history["fine-tune"]:  # the accuracy of the real holdout images: k of them right
+        right = row["val_accuracy"] * real_images
+        assert right == pytest.approx(round(right), abs=1e-4), (row, real_images)
+
+
 def test_backbone_loads_through_the_host_io_device(tiny_backbone):
     from tlcli import backbone
 
@@ -367,6 +540,40 @@ def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chie
     copied = run_state.partial_dir(mine.out) / "state.json"
     assert copied.read_text() == '{"saved": "by the chief"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial", "tmp"]  # nothing new beside --out
+
+
+def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chiefs(tmp_path):
+    from tlcli import run_state
+    from tlcli.config import TrainConfig
+
+    chief_out, worker_out = tmp_path / "shared" / "model", tmp_path / "worker1" / "model"
+    chief_partial, copy = run_state.partial_dir(chief_out), run_state.partial_dir(worker_out)
+    saved = run_state.RunState(run_state.absolute(TrainConfig(data_dir=str(tmp_path / "images"), out=str(chief_out),
+                                                              fine_tune=True)))
+    saved.fine_tune = run_state.FineTuneState(epochs_run=2, last_checkpoint=str(chief_partial / "fine-tune" / "last-2"),
+                                              best_checkpoint=str(tmp_path / "elsewhere" / "best-1"))
+    saved.save(copy)  # what distributed.join copies into a non-chief worker's private folder
+    cfg, state = run_state.resume(TrainConfig(out=str(worker_out), resume=True), {"out", "resume"}, lambda e: None)
+    assert cfg.out == str(worker_out) and cfg.fine_tune and state.fine_tune.epochs_run == 2
+    assert state.fine_tune.last_checkpoint == str(copy / "fine-tune" / "last-2")
+    assert state.fine_tune.best_checkpoint == str(tmp_path / "elsewhere" / "best-1")  # not in the work folder: kept
+
+
+def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
+    from tlcli import distributed, strategy
+    from tlcli.config import TrainConfig
+    from tlcli.errors import UsageError
+
+    monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    _tf_config(monkeypatch, 1)
+    out = tmp_path / "model"
+    with pytest.raises(UsageError) as info:
+        distributed.join(TrainConfig(out=str(out), resume=True))
+    message = str(info.value)
+    # The single-process line, and why a worker may not see the chief's progress.
+    assert message.startswith(f"--resume: no interrupted run to continue for --out {out} (worker 1 (127.0.0.1:")
+    assert "a folder every worker sees" in message and message.endswith("run without --resume")
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
 
 
 def test_joining_a_cluster_after_tensorflow_started_is_one_line(monkeypatch):

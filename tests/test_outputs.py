@@ -214,7 +214,7 @@ def test_resume_with_a_damaged_checkpoint_is_a_one_line_error(tmp_path, dataset,
     options = dict(train_args, fine_tune=True, fine_tune_epochs=3, mirror=False)
     with pytest.raises(Interrupted):
         tlcli.train(dataset, out=str(out), progress=stop_after_first_epoch, **options)
-    for f in (tmp_path / ".model.partial" / "fine-tune").glob("last.*"):
+    for f in (tmp_path / ".model.partial" / "fine-tune").glob("last-*"):
         f.write_bytes(b"\0garbage")
     with pytest.raises(UsageError, match=r"--resume: the checkpoint .* damaged.*without --resume"):
         tlcli.train(dataset, out=str(out), resume=True, **options)

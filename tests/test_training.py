@@ -326,3 +326,35 @@ def test_micro_batch_is_8_on_the_cpu_and_off_for_small_batches():
     assert micro(fine_tune_micro_batch=0) is None
     assert micro(fine_tune_micro_batch=4) == 4
     assert micro_batch_size(TrainConfig(), accelerator=False) is None  # no fine-tuning, no slices
+
+
+def test_an_interrupt_between_an_epochs_checkpoint_and_its_state_leaves_the_state_on_its_own_checkpoint(
+        tmp_path, dataset, train_args, monkeypatch):
+    """Epoch 2's checkpoint is written, then Ctrl-C comes before the state says so: the state still
+    names epoch 1's checkpoint, and those files still hold epoch 1 (they were not overwritten)."""
+    from pathlib import Path
+
+    from tlcli import run_state
+
+    out = tmp_path / "model"
+    state_file = run_state.partial_dir(out) / run_state.STATE_FILE
+    real_save, at_epoch_1 = run_state.RunState.save, {}
+
+    def save_then_stop(self, partial):
+        if self.fine_tune.epochs_run == 2:
+            raise KeyboardInterrupt
+        real_save(self, partial)
+
+    def keep_epoch_1(event):
+        if event.kind == "epoch" and event.task == "fine-tune" and event.completed == 1:
+            named = Path(json.loads(state_file.read_text())["fine_tune"]["last_checkpoint"])
+            at_epoch_1.update({f.name: f.read_bytes() for f in named.parent.glob(named.name + ".*")})
+
+    monkeypatch.setattr(run_state.RunState, "save", save_then_stop)
+    with pytest.raises(Interrupted, match="--resume"):
+        tlcli.train(dataset, out=str(out), progress=keep_epoch_1, fine_tune=True, fine_tune_epochs=3,
+                    fine_tune_patience=10, mirror=False, **train_args)
+    st = json.loads(state_file.read_text())["fine_tune"]
+    assert st["epochs_run"] == 1 and at_epoch_1
+    named = Path(st["last_checkpoint"])
+    assert {f.name: f.read_bytes() for f in named.parent.glob(named.name + ".*")} == at_epoch_1

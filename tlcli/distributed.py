@@ -21,6 +21,7 @@ from pathlib import Path
 from tlcli import cluster as clusters
 from tlcli import features, run_state
 from tlcli.config import TrainConfig
+from tlcli.errors import Interrupted, UsageError
 
 
 @dataclass
@@ -39,7 +40,8 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     strategy now, before anything starts TensorFlow. Returns (the config this worker runs, the
     node), or (``cfg``, None) on one machine. A non-chief worker
     gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
-    the chief's resume state, so ``--out`` must be on a folder every worker sees."""
+    the chief's resume state, so ``--out`` must be on a folder every worker sees (``UsageError``,
+    one line naming ``--out``, when the chief's state is not there)."""
     from tlcli import strategy
 
     found = strategy.wants_cluster(cfg.strategy)
@@ -48,10 +50,14 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     strategy.choose(cfg.strategy)
     if found.is_chief:
         return cfg, Node(found, cfg, cfg.out)
+    chief_partial = run_state.partial_dir(cfg.out)
+    if cfg.resume and not (chief_partial / run_state.STATE_FILE).is_file():
+        raise UsageError(f"--resume: no interrupted run to continue for --out {cfg.out} ({found.name(found.index)} "
+                         "continues from the chief's progress beside it, so --out must be on a folder every worker "
+                         "sees); run without --resume")
     scratch = Path(tempfile.mkdtemp(prefix=f"tlcli-worker{found.index}-"))
     mine = cfg.replace(out=str(scratch / "model"), tensorboard=None)
-    chief_partial = run_state.partial_dir(cfg.out)
-    if cfg.resume and chief_partial.is_dir():
+    if cfg.resume:  # the chief writes its progress only after every worker has joined: the copy is whole
         shutil.copytree(chief_partial, run_state.partial_dir(mine.out))
     return mine, Node(found, mine, cfg.out, scratch)
 
@@ -66,15 +72,34 @@ def run(node: Node | None, recipe, *args):
 
     try:
         with clusters.Watch(node.cluster):
-            result = recipe(*args)
             chosen = strategy.choose(node.config.strategy)
+            _same_start(chosen.strategy, node)
+            result = recipe(*args)
             counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
+    except Interrupted:
+        if node.cluster.is_chief:
+            raise
+        # Its own folder is a private one, about to go: what counts is what the chief left beside --out.
+        raise Interrupted(f"interrupted: {node.cluster.name(node.cluster.index)} writes nothing into --out; "
+                          f"{run_state.left_behind(node.out)}") from None
     finally:
         if node.scratch is not None:
             shutil.rmtree(node.scratch, ignore_errors=True)
     return dataclasses.replace(
         result, model_dir=result.model_dir if node.cluster.is_chief else None, worker=node.cluster.index,
         extracted_by_worker=[row[0] for row in counts])
+
+
+def _same_start(strategy, node: Node) -> None:
+    """A barrier before the recipe that also checks that every worker was started with
+    ``--resume``, or none: a worker that starts over while another continues would run other
+    steps than it, and the collectives would pair the wrong ones. Raises ``UsageError`` naming them."""
+    started = [row[0] for row in clusters.gather_counts(strategy, node.cluster, [int(node.config.resume)])]
+    if len(set(started)) > 1:
+        with_, without = ([node.cluster.name(i) for i, f in enumerate(started) if f == flag] for flag in (1, 0))
+        raise UsageError(f"--resume: {', '.join(with_)} started with --resume and {', '.join(without)} without; "
+                         "start every worker with the same command (all with --resume to continue the chief's "
+                         "run, or none)")
 
 
 def views_step(chosen):

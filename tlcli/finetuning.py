@@ -133,6 +133,9 @@ def _fit(m, train, callback, *, validation, class_weight) -> None:
     """Keras fit from where ``callback.restore`` says, with its progress events."""
     initial = callback.restore(validation)
     st, phase, epochs = callback.state.fine_tune, callback.phase, callback.epochs
+    if initial:  # a resumed run: say where it picks up (on a cluster, every worker from the chief's epoch)
+        callback.progress(Info(f"fine-tuning continues after epoch {initial} of {epochs}, from its checkpoint"
+                               + (" (it had already stopped early)" if st.stopped else "")))
     if initial < epochs and not st.stopped:
         callback.progress(Start(phase, total=epochs, completed=initial))
         m.fit(x=train, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[callback],
@@ -255,8 +258,9 @@ def _epoch_callback_class():
                 if loss < (math.inf if st.best is None else st.best):
                     st.best, st.best_epoch, st.wait = loss, epoch, 0
                     self.best_weights = self.m.get_weights()
-                    # One file per epoch: state.json (saved below) never names a file that a later
-                    # epoch overwrote before the state caught up; the one it replaces goes after.
+                    # One file per epoch (the last checkpoint too): state.json (saved below) never names
+                    # a file that a later epoch overwrote before the state caught up; the ones it
+                    # replaces go after.
                     superseded = st.best_checkpoint
                     st.best_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / f"best-{epoch + 1}"))
                 else:
@@ -264,11 +268,13 @@ def _epoch_callback_class():
                     if self.patience is not None and st.wait >= self.patience:
                         st.stopped = True
                         self.model.stop_training = True
-            st.last_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / "last"))
+            superseded = [superseded, st.last_checkpoint]
+            st.last_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / f"last-{epoch + 1}"))
             self.save_state()
-            if superseded and superseded != st.best_checkpoint:
-                for f in Path(superseded).parent.glob(Path(superseded).name + ".*"):
-                    f.unlink(missing_ok=True)
+            for old in superseded:
+                if old and old not in (st.best_checkpoint, st.last_checkpoint):
+                    for f in Path(old).parent.glob(Path(old).name + ".*"):
+                        f.unlink(missing_ok=True)
             self.progress(Epoch(self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
 
         def finish(self) -> None:

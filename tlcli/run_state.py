@@ -199,10 +199,21 @@ def resume(cfg: TrainConfig, given: set[str], progress: Callback) -> tuple[Train
                          "--resume to start over")
     cache = cfg.cache_dir if "cache_dir" in given else saved.cache_dir
     cfg = saved.replace(out=mine.out, resume=True, force=cfg.force or saved.force, cache_dir=cache)
+    _rebase_checkpoints(state.fine_tune, partial_dir(theirs.out), partial_dir(cfg.out))
     progress(Info(f"resuming the interrupted run into {cfg.out} with the settings it started "
                    f"with (DIR {cfg.data_dir})"))
     state.config = absolute(cfg)
     return cfg, state
+
+
+def _rebase_checkpoints(st: FineTuneState, was: Path, now: Path) -> None:
+    """Point the checkpoints that lay in the run's work folder ``was`` at the same files in
+    ``now``, the work folder read on this resume: the folder beside a renamed ``--out``, or a
+    cluster worker's copy of the chief's (``distributed.join``), so that no worker reads another's."""
+    for name in ("last_checkpoint", "best_checkpoint"):
+        path = getattr(st, name)
+        if path and was != now and Path(path).is_relative_to(was):
+            setattr(st, name, str(now / Path(path).relative_to(was)))
 
 
 def left_behind(out: str | os.PathLike) -> str:
