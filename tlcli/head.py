@@ -375,21 +375,29 @@ def _cv_sample(labels: np.ndarray, rows_per_group: float, k: int, rng) -> tuple[
 
 
 def fit_views(views, samples, num_classes: int, **options) -> HeadFit:
-    """``fit_head`` on the feature views of ``samples`` (objects with ``.label``): ``views.of``
-    gives their plain features and their mirror views' (or None); both views of an image are one
-    group, so cross-validation keeps them in one fold. ``options`` are fit_head's."""
-    X, mirror = views.of(samples)
+    """``fit_head`` on the feature views of ``samples`` (objects with ``.label``):
+    ``views.stacked`` gives their plain features followed by their mirror views' (when there
+    are some), in RAM or as the feature store's rows, which fit_head streams without copying;
+    both views of an image are one group, so cross-validation keeps them in one fold.
+    ``options`` are fit_head's."""
+    X = views.stacked(samples)
     y, groups = [s.label for s in samples], None
-    if mirror is not None:
-        X, y, groups = np.vstack([X, mirror]), y + y, np.tile(np.arange(len(samples)), 2)
+    if len(X) != len(samples):  # the mirror rows follow
+        y, groups = y + y, np.tile(np.arange(len(samples)), 2)
     return fit_head(X, y, num_classes, groups=groups, **options)
 
 
 def predict_views(views, samples, fit: HeadFit) -> np.ndarray:
     """The head's probabilities [n, k] for ``samples`` from their feature views, mirror views
-    averaged as the saved classifier averages them."""
-    plain, mirror = views.of(samples)
-    return predict_proba(plain, fit.kernel, fit.bias, mirror_features=mirror)
+    averaged as the saved classifier averages them; read in blocks of ``CHUNK_ROWS`` images."""
+    plain, mirror = views.of(samples, lazy=True)
+    if len(plain) <= CHUNK_ROWS:
+        return predict_proba(np.asarray(plain), fit.kernel, fit.bias,
+                             mirror_features=None if mirror is None else np.asarray(mirror))
+    blocks = [predict_proba(plain[i:i + CHUNK_ROWS], fit.kernel, fit.bias,
+                            mirror_features=None if mirror is None else mirror[i:i + CHUNK_ROWS])
+              for i in range(0, len(plain), CHUNK_ROWS)]
+    return np.concatenate(blocks)
 
 
 def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
