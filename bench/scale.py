@@ -12,8 +12,9 @@ from /proc/PID/status every 20 ms:
 
 The physical limit, measured first in the same run: the machine's GFLOP/s at the refit's float32
 block products (with the children's BLAS threads); the refit's floor is (epochs x 4 n d k + n d^2,
-the Gram pass) / that rate, printed next to each fit's wall. The baseline, run in the same run, is today's in-memory solver at the smallest size
-(``fit_head`` on the float32 matrix in RAM, which it copies to float64). The scan builds
+the Gram pass) / that rate, printed next to each fit's wall. The baseline, run in the same
+run, is the in-memory solver at the smallest size (``fit_head`` on the float32 matrix in RAM,
+which it copies to float64). The scan builds
 100,000 16x16 PNG files (100 classes) and 10,000 of them in another folder (the linearity
 baseline), and times ``data.scan`` over each in a child process, with the same sampling.
 

@@ -6,7 +6,9 @@ L2 on the kernel, label smoothing and per-class weights in the loss (the head's 
 while fine-tuning). Two settings are chosen from the training images alone, by stratified k-fold
 cross-validation: the L2 strength (from a log grid) and the number of
 epochs (early stopping on each held-out fold's loss, best weights restored; the epoch count
-is where the mean held-out loss is lowest). The head is then refit on every training image.
+is where the mean held-out loss is lowest), on every image up to ``CV_MAX_IMAGES`` and on a
+stratified sample of them above (``_cv_sample``: at least ``CV_MIN_PER_CLASS`` of each class).
+The head is then refit on every training image.
 
 All folds and L2 values train at once as one batched numpy computation in the row space of the
 features (exact for an L2-regularised linear model, and much smaller when images < features).
