@@ -46,6 +46,7 @@ def test_out_of_fold_probabilities_come_from_fits_that_did_not_see_the_row():
 
 def test_out_of_fold_probabilities_cover_the_sample_when_cross_validation_subsamples(monkeypatch):
     monkeypatch.setattr(head, "CV_MAX_IMAGES", 40)
+    monkeypatch.setattr(head, "CV_MIN_PER_CLASS", 5)  # below each class's share (13 of its 33)
     X, y = _blobs(n=100, seed=2)
     fit = head.fit_head(X, y, 3)
     assert 30 <= len(fit.oof_rows) <= 50 and len(set(fit.oof_rows.tolist())) == len(fit.oof_rows)
@@ -66,3 +67,21 @@ def test_predict_proba_averages_the_mirror_views_before_the_head():
     np.testing.assert_allclose(both, head.predict_proba((a + b) / 2, kernel, bias), atol=1e-6)
     assert not np.allclose(both, head.predict_proba(a, kernel, bias))
     assert head.predict_proba(np.zeros((0, 4)), kernel, bias).shape == (0, 3)
+
+
+def test_cross_validation_samples_every_class_of_many_small_ones_and_keeps_their_balance():
+    # 60 classes of 30 images: a uniform sample of CV_MAX_IMAGES would hold about 17 a class (and
+    # some class fewer than FOLDS); the stratified one takes CV_MIN_PER_CLASS of each.
+    k, rng = 60, np.random.default_rng(7)
+    y = np.arange(30 * k) % k
+    X = rng.normal(0, 1, (k, 6))[y] * 3 + rng.normal(0, 1, (len(y), 6))
+    fit = head.fit_head(X, y, k, epochs=40)
+    counts = np.bincount(y[fit.oof_rows], minlength=k)
+    assert (counts == head.CV_MIN_PER_CLASS).all(), counts
+    assert len(set(fit.oof_rows.tolist())) == len(fit.oof_rows) and set(fit.cv_loss) == set(head.L2_GRID)
+    # One class twice as large: sampled at the same share of CV_MAX_IMAGES (not raised), so the
+    # sample's balance is the data's.
+    y2 = np.r_[np.zeros(1000, int), np.ones(1000, int), np.full(2000, 2)]
+    X2 = rng.normal(0, 1, (3, 6))[y2] * 3 + rng.normal(0, 1, (len(y2), 6))
+    counts2 = np.bincount(y2[head.fit_head(X2, y2, 3, epochs=20).oof_rows], minlength=3)
+    assert counts2.tolist() == [250, 250, 500]

@@ -122,6 +122,37 @@ def test_a_second_run_extracts_nothing_and_a_grown_folder_only_the_new_images(tm
     assert (third.extracted, third.cached) == (6, 18)
 
 
+def test_large_views_are_fitted_from_the_store_without_an_in_memory_copy(tmp_path, pooling, monkeypatch):
+    monkeypatch.setattr(store, "CHUNK_ROWS", 7)  # several shards per view
+    root = make_colour_dataset(tmp_path / "ds", per_class=8)
+    samples = data.scan(root, image_size=SIZE).samples
+    train = samples[::2] + samples[1::4]  # a subset, out of order: rows spread over the shards
+
+    def views(cache_dir):
+        return features.compute_views(samples, extractors=(pooling, pooling), cache_key="pool", cache_dir=cache_dir,
+                                      image_size=SIZE, batch_size=4, max_pixels=TrainConfig().max_pixels, mirror=True)
+
+    in_memory = views(tmp_path / "a")
+    assert isinstance(in_memory.plain, np.ndarray) and isinstance(in_memory.mirror, np.ndarray)
+    monkeypatch.setattr(features, "VIEWS_IN_MEMORY_BYTES", 0)  # every view counts as large
+    cold = views(tmp_path / "b")  # extracted in this process: read back from the shards it wrote
+    warm = views(tmp_path / "b")
+    assert (cold.extracted, warm.extracted) == (2 * len(samples), 0)
+    for large in (cold, warm):
+        assert isinstance(large.plain, store.StoredRows) and isinstance(large.mirror, store.StoredRows)
+        np.testing.assert_array_equal(np.asarray(large.plain), in_memory.plain)
+    handed = []
+    real_fit = head.fit_head
+    monkeypatch.setattr(head, "fit_head", lambda X, *a, **kw: handed.append(X) or real_fit(X, *a, **kw))
+    options = dict(class_weight={1: 2.0}, epochs=60)
+    fits = [head.fit_views(v, train, 3, **options) for v in (in_memory, warm)]
+    assert isinstance(handed[0], np.ndarray) and isinstance(handed[1], store.StoredRows)
+    assert handed[1].shape == (2 * len(train), 3)
+    _same_fit(*fits)
+    np.testing.assert_allclose(head.predict_views(warm, train, fits[1]), head.predict_views(in_memory, train, fits[1]),
+                               atol=1e-6)
+
+
 def test_the_scan_reports_progress_a_bounded_number_of_times(tmp_path):
     import io
 

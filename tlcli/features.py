@@ -23,9 +23,12 @@ import numpy as np
 from tlcli import images
 from tlcli.errors import DatasetError, ImageError
 from tlcli.progress import Advance, Callback, End, Start, Warn, silent
-from tlcli.store import FeatureStore
+from tlcli.store import FeatureStore, StoredRows
 
 DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes
+# A view larger than this is read from the feature store's mapped shards instead of held in RAM
+# (100,000 vectors of 1,280 floats; hymenoptera's are 2 MB).
+VIEWS_IN_MEMORY_BYTES = 512 << 20
 
 
 ENGINE_SUFFIX = {"tf": "", "litert": "-litert"}  # the cache key's suffix of each engine's features
@@ -65,6 +68,18 @@ class FeatureCache(FeatureStore):
     def __init__(self, root: str | os.PathLike | None, model_key: str, *, dim: int | None = None):
         super().__init__(Path(root or default_cache_dir()) / "store" / f"{model_key}-d{DECODER_VERSION}", dim=dim)
 
+    def gather(self, samples, found: list) -> np.ndarray | StoredRows:
+        """The features [n, d] of ``samples`` once every one is stored, ``found[i]`` the vector
+        of ``samples[i]`` (stored under its digest): one float32 array in memory when that is at
+        most ``VIEWS_IN_MEMORY_BYTES``, else the store's rows of their digests (``StoredRows``,
+        mapped from the shards, not loaded). In memory too when some could not be written."""
+        if len(found) * len(found[0]) * 4 > VIEWS_IN_MEMORY_BYTES:
+            try:
+                return self.rows([s.digest for s in samples])
+            except KeyError:  # not written (a full or read-only disk): the vectors are all in found
+                pass
+        return np.stack(found).astype(np.float32)
+
 
 class NoCache:
     """For features that must not be cached (a backbone being fine-tuned)."""
@@ -79,6 +94,9 @@ class NoCache:
 
     def flush(self) -> None:
         pass
+
+    def gather(self, samples, found: list) -> np.ndarray:
+        return np.stack(found).astype(np.float32)
 
 
 def _feature_dim(extractor) -> int | None:
@@ -135,7 +153,7 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
         progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
-    return np.stack(found).astype(np.float32), len(todo)
+    return cache.gather(samples, found), len(todo)
 
 
 def _with_digests(extractor):
@@ -190,12 +208,14 @@ def _store(sample, vec: np.ndarray, digest: str, cache) -> None:
 @dataclass
 class FeatureViews:
     """The features of ``samples``, row i for ``samples[i]``: ``plain`` [n, d] float32 from the
-    images, ``mirror`` [n, d] from their left-right mirror images or None. ``extracted`` counts
-    the vectors that went through the backbone, ``cached`` those read from the cache or kept."""
+    images, ``mirror`` [n, d] from their left-right mirror images or None. Each is a numpy array,
+    or, for a view over ``VIEWS_IN_MEMORY_BYTES``, the feature store's ``StoredRows`` (mapped,
+    not loaded). ``extracted`` counts the vectors that went through the backbone, ``cached``
+    those read from the cache or kept."""
 
     samples: list
-    plain: np.ndarray
-    mirror: np.ndarray | None
+    plain: np.ndarray | StoredRows
+    mirror: np.ndarray | StoredRows | None
     extracted: int
     cached: int
     engine: str = "tf"  # what ran the backbone for the views computed here: "tf" or "litert"
@@ -208,10 +228,27 @@ class FeatureViews:
         """Row indices of ``samples`` (a subset, by path): ``views.plain[views.rows(some)]``."""
         return np.array([self._index[s.path] for s in samples], int)
 
-    def of(self, samples) -> tuple[np.ndarray, np.ndarray | None]:
-        """(plain, mirror or None): the rows of ``samples``."""
+    def of(self, samples, *, lazy: bool = False) -> tuple:
+        """(plain, mirror or None): the rows of ``samples``, as float32 arrays; with ``lazy``,
+        a view in the store stays ``StoredRows`` (unread)."""
         rows = self.rows(samples)
-        return self.plain[rows], None if self.mirror is None else self.mirror[rows]
+
+        def pick(view):
+            if view is None:
+                return None
+            return view.take(rows) if lazy and isinstance(view, StoredRows) else view[rows]
+
+        return pick(self.plain), pick(self.mirror)
+
+    def stacked(self, samples):
+        """The rows of ``samples``' plain views followed by their mirror views' (when there are
+        some) [n or 2n, d]: a float32 array, or ``StoredRows`` for views in the store (no copy)."""
+        plain, mirror = self.of(samples, lazy=True)
+        if mirror is None:
+            return plain
+        if isinstance(plain, StoredRows) and isinstance(mirror, StoredRows):
+            return plain.stacked(mirror)
+        return np.vstack([np.asarray(plain), np.asarray(mirror)])
 
 
 def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size: int, batch_size: int,
@@ -349,4 +386,4 @@ def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size
         progress(End(task, total=len(todo), completed=len(todo)))
     if not samples:
         return np.zeros((0, 0), np.float32), 0
-    return np.stack(found).astype(np.float32), len(todo)
+    return cache.gather(samples, found), len(todo)

@@ -6,7 +6,9 @@ L2 on the kernel, label smoothing and per-class weights in the loss (the head's 
 while fine-tuning). Two settings are chosen from the training images alone, by stratified k-fold
 cross-validation: the L2 strength (from a log grid) and the number of
 epochs (early stopping on each held-out fold's loss, best weights restored; the epoch count
-is where the mean held-out loss is lowest). The head is then refit on every training image.
+is where the mean held-out loss is lowest), on every image up to ``CV_MAX_IMAGES`` and on a
+stratified sample of them above (``_cv_sample``: at least ``CV_MIN_PER_CLASS`` of each class).
+The head is then refit on every training image.
 
 All folds and L2 values train at once as one batched numpy computation in the row space of the
 features (exact for an L2-regularised linear model, and much smaller when images < features).
@@ -27,7 +29,8 @@ from tlcli.errors import TlcliError
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
-CV_MAX_IMAGES = 1000  # cross-validate on a random sample of at most this many vectors
+CV_MAX_IMAGES = 1000  # cross-validate on a stratified sample of about this many vectors (see _cv_sample)
+CV_MIN_PER_CLASS = 5 * FOLDS  # but at least this many images of each class: 5 held out in every fold
 CHUNK_ROWS = 16384    # rows per block of the streamed refit (80 MB of float32 at 1,280-d)
 IN_MEMORY_BYTES = 256 << 20  # a plain array whose float64 copy fits in this is fit in memory
 
@@ -62,22 +65,23 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     targets; weights [g, n] per-fit sample weights (0 = not in this fit's training part); l2 [g].
     Returns W [g, r, k], b [g, k] (the best epoch's when val_mask [g, n] is given), per-epoch
     held-out losses and accuracies [epochs, g], and the first fit's per-epoch training
-    (loss, accuracy)."""
+    (loss, accuracy). Computed in Z's dtype (float64, or float32 for a large CV sample)."""
     g, n = weights.shape
     r, k = Z.shape[1], Y.shape[1]
+    dtype = Z.dtype
     wn = (weights / weights.sum(axis=1, keepdims=True)).T[:, :, None]   # [n, g, 1], columns sum to 1
     # Softmax cross-entropy has curvature <= 1/2 along any logit direction.
-    Zb = np.hstack([Z, np.ones((n, 1))])
+    Zb = np.hstack([Z, np.ones((n, 1), dtype)])
     if step:
-        lr = np.full(g, step)
+        lr = np.full(g, step, dtype)
     else:  # one eigenvalue per distinct weighting (a fold's fits differ only in l2), fanned out
         distinct, which = np.unique(weights, axis=0, return_inverse=True)
         dn = distinct / distinct.sum(axis=1, keepdims=True)
         top = np.array([_top_eigenvalue(Zb, w) for w in dn])
         lr = 1.0 / (0.5 * top[np.ravel(which)] + 2 * l2)
     lr = lr[None, :, None]
-    decay = 2.0 * l2[None, :, None] * np.r_[np.ones(r), 0.0][:, None, None]  # no L2 on the bias row
-    W = np.zeros((r + 1, g, k))
+    decay = (2.0 * l2[None, :, None] * np.r_[np.ones(r), 0.0][:, None, None]).astype(dtype)  # no L2 on the bias
+    W = np.zeros((r + 1, g, k), dtype)
     prev = W.copy()
     labels = Y.argmax(axis=1)
     best, best_W = np.full(g, np.inf), W.copy()
@@ -139,43 +143,66 @@ def _top_eigenvalue(Zb: np.ndarray, w: np.ndarray, *, tolerance: float = 1e-9, m
 
 def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
     """``_train`` for one fit without held-out rows, in feature space, streaming X in float32
-    blocks of ``chunk`` rows (each epoch one pass; the step's Gram matrix one more). Only the
-    parameters [d + 1, k] and the per-row weights and labels are held, never an [n, ...] matrix
-    but those. Returns (kernel [d, k] float32, bias [k] float32, per-epoch training (loss, accuracy))."""
+    blocks of at most ``chunk`` rows (each epoch one pass; the step's Gram matrix one more).
+    Each block costs its two products (logits, gradient) in float32 into buffers kept across
+    blocks, the softmax and the gradient of the loss computed in place; only the sums over
+    blocks (gradient, loss) are float64. Held: the parameters [d + 1, k], the buffers
+    [chunk, k], and per row a float32 weight and an int label, never an [n, d] matrix.
+    Returns (kernel [d, k] float32, bias [k] float32, per-epoch training (loss, accuracy))."""
     n, d = X.shape
-    wn = sw / sw.sum()
+    wn = (sw / sw.sum()).astype(np.float32)
     labels = y if label_smoothing < 1 else np.zeros_like(y)  # the argmax of the soft targets
-    if step:
-        lr = step
-    else:  # the same Lipschitz bound as _train: the top eigenvalue of the weighted [X 1] Gram matrix
-        gram = np.zeros((d + 1, d + 1))
-        for start, block in _chunks(X, chunk):
-            w = wn[start:start + len(block)].astype(np.float32)
-            scaled = block * np.sqrt(w)[:, None]
-            gram[:d, :d] += scaled.T @ scaled  # A.T @ A: numpy's symmetric product, half the work
-            gram[:d, d] += block.T @ w
-        gram[d, :d], gram[d, d] = gram[:d, d], wn.sum()
-        lr = 1.0 / (0.5 * np.linalg.eigvalsh(gram)[-1] + 2 * l2)
+    lr = step or 1.0 / (0.5 * _top_eigenvalue(_weighted_gram(X, wn, chunk)) + 2 * l2)
     decay = 2.0 * l2 * np.r_[np.ones(d), 0.0][:, None]  # no L2 on the bias row
     W = np.zeros((d + 1, k))
     prev, train_log = W.copy(), []
+    logits, part = np.empty((chunk, k), np.float32), np.empty((d, k), np.float32)
+    every = np.arange(chunk)
+    off, hit = np.float32(label_smoothing / k), np.float32(1.0 - label_smoothing)
     for epoch in range(1, epochs + 1):
         look = W + (epoch - 1) / (epoch + 2) * (W - prev)
         kernel, bias = look[:-1].astype(np.float32), look[-1].astype(np.float32)
         grad, loss, acc = np.zeros_like(W), 0.0, 0.0
         for start, block in _chunks(X, chunk):
-            rows = slice(start, start + len(block))
-            P = softmax(block @ kernel + bias)
-            w = wn[rows].astype(np.float32)
-            G = (P - _targets(y[rows], k, label_smoothing, np.float32)) * w[:, None]
-            grad[:-1] += block.T @ G
-            grad[-1] += G.sum(axis=0)
-            p0 = P[np.arange(len(block)), labels[rows]]
-            loss -= float((np.log(np.clip(p0, 1e-12, 1.0)) * w).sum(dtype=np.float64))
-            acc += float(((P.argmax(axis=1) == labels[rows]) * w).sum(dtype=np.float64))
+            m = len(block)
+            P, w, lab, at = logits[:m], wn[start:start + m], labels[start:start + m], every[:m]
+            np.matmul(block, kernel, out=P)
+            P += bias
+            P -= P.max(axis=1, keepdims=True)
+            np.exp(P, out=P)
+            P /= P.sum(axis=1, keepdims=True)
+            p0 = P[at, lab]
+            loss -= float(np.dot(np.log(np.maximum(p0, 1e-12)), w))
+            acc += float(w[P.argmax(axis=1) == lab].sum(dtype=np.float64))
+            # The loss's gradient in the logits, in place: w * (P - targets), the targets
+            # label_smoothing / k everywhere plus 1 - label_smoothing at the label.
+            P -= off
+            P[at, y[start:start + m]] -= hit
+            P *= w[:, None]
+            np.matmul(block.T, P, out=part)
+            grad[:-1] += part
+            grad[-1] += P.sum(axis=0, dtype=np.float64)
         train_log.append((loss, acc))
         prev, W = W, look - lr * (grad + decay * look)
     return W[:-1].astype(np.float32), W[-1].astype(np.float32), train_log
+
+
+def _weighted_gram(X, wn, chunk: int) -> np.ndarray:
+    """The Gram matrix [d + 1, d + 1] (float64) of [X 1] with rows weighted by ``wn``, in float32
+    block products (A.T @ A: numpy's symmetric product, half the work)."""
+    d = X.shape[1]
+    gram = np.zeros((d + 1, d + 1))
+    for start, block in _chunks(X, chunk):
+        w = wn[start:start + len(block)]
+        scaled = block * np.sqrt(w)[:, None]
+        gram[:d, :d] += scaled.T @ scaled
+        gram[:d, d] += block.T @ w
+    gram[d, :d], gram[d, d] = gram[:d, d], wn.sum(dtype=np.float64)
+    return gram
+
+
+def _top_eigenvalue(gram: np.ndarray) -> float:
+    return float(np.linalg.eigvalsh(gram)[-1])
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -291,11 +318,13 @@ def _targets(y: np.ndarray, k: int, label_smoothing: float, dtype=np.float64) ->
 
 
 def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, learning_rate, patience, seed):
-    """Stratified k-fold CV over ``grid`` (on a sample of at most about CV_MAX_IMAGES rows, whole
-    groups, gathered from X in float64), all fits batched. ``Z``: X's row space when X is in
-    memory (used when the sample is every row), else None. Returns (chosen l2, epoch count,
-    mean held-out (loss, accuracy) per epoch, l2 -> best mean held-out loss, CV row indices,
-    their out-of-fold probabilities), or None when some class has fewer than 2 groups."""
+    """Stratified k-fold CV over ``grid`` on the sample ``_cv_sample`` draws (whole groups,
+    gathered from X), all fits batched: in float64 when the sample is at most CV_MAX_IMAGES rows
+    (as it always was), else in float32 (half the time; its rounding is far below the
+    differences cross-validation decides on). ``Z``: X's row space when X is in memory (used
+    when the sample is every row), else None. Returns (chosen l2, epoch count, mean held-out
+    (loss, accuracy) per epoch, l2 -> best mean held-out loss, CV row indices, their
+    out-of-fold probabilities), or None when some class has fewer than 2 groups."""
     n = len(y)
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -305,15 +334,16 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
         if (y[first][group] != y).any():
             raise ValueError("fit_head: every row of a group must have the same label")
     n_groups = len(first)  # first: the first row of each group, for its label
-    chosen = np.arange(n_groups)
-    if n > CV_MAX_IMAGES:  # whole groups, about CV_MAX_IMAGES rows
-        take = min(n_groups, max(2, int(CV_MAX_IMAGES * n_groups / n)))
-        chosen = np.sort(rng.choice(n_groups, take, replace=False))
+    chosen, rate = _cv_sample(y[first], n / max(n_groups, 1), k, rng)
     sample = np.nonzero(np.isin(group, chosen))[0]
     counts = np.bincount(y[first[chosen]], minlength=k)
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
     if folds < 2:
         return None
+    # Each row stands for 1 / (its class's sampling rate) rows of X, in the fits and in the
+    # held-out loss, so the CV's class balance is X's (all 1 when every row is used).
+    row_weight = 1.0 / rate[y[sample]]
+    dtype = np.float64 if len(sample) <= CV_MAX_IMAGES else np.float32
     Zs = Z if Z is not None and len(sample) == n else _row_space(np.asarray(X[sample], np.float64))
     gfold = np.zeros(n_groups, int)
     gfold[chosen] = stratified_folds(y[first[chosen]], folds, seed)
@@ -321,9 +351,10 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
     g_l2 = np.repeat(np.asarray(grid, np.float64), folds)
     g_fold = np.tile(np.arange(folds), len(grid))
     train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
-    weights = train_mask * sw[sample][None, :]
-    W, b, losses, accs, _ = _train(Zs, _targets(y[sample], k, label_smoothing), weights, g_l2, epochs=epochs,
-                                   step=learning_rate, val_mask=1.0 - train_mask, patience=patience)
+    weights = train_mask * (sw[sample] * row_weight)[None, :]
+    W, b, losses, accs, _ = _train(Zs.astype(dtype, copy=False), _targets(y[sample], k, label_smoothing, dtype),
+                                   weights.astype(dtype), g_l2.astype(dtype), epochs=epochs, step=learning_rate,
+                                   val_mask=((1.0 - train_mask) * row_weight).astype(dtype), patience=patience)
     losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
     # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
     # restored by early stopping); a fold that stopped keeps its best loss.
@@ -343,22 +374,52 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
     return grid[best_i], int(np.argmin(raw[:, best_i])) + 1, val_curve, cv_loss, sample, oof
 
 
+def _cv_sample(labels: np.ndarray, rows_per_group: float, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The groups cross-validation uses (sorted indices into ``labels``, each group's label) and
+    each class's sampling rate [k] (the share of its groups taken). Every group when they hold
+    at most CV_MAX_IMAGES rows. Else a stratified random sample: each class its share of
+    CV_MAX_IMAGES rows, but at least CV_MIN_PER_CLASS groups (or all it has), so that every
+    class is in every fold often enough to score (a uniform sample of 1,000 rows over 100
+    classes left some class with one row, and no cross-validation at all). The sample's size
+    then depends on the classes' sizes only up to CV_MAX_IMAGES and CV_MIN_PER_CLASS, not on
+    n, so data drawn from one distribution at any n gets the same kind of sample."""
+    n_groups = len(labels)
+    counts = np.bincount(labels, minlength=k)
+    if n_groups * rows_per_group <= CV_MAX_IMAGES:
+        return np.arange(n_groups), np.ones(k)
+    share = np.round(CV_MAX_IMAGES / rows_per_group * counts / n_groups).astype(int)
+    quota = np.minimum(counts, np.maximum(share, CV_MIN_PER_CLASS))
+    order = rng.permutation(n_groups)
+    order = order[np.argsort(labels[order], kind="stable")]  # by class, random within each
+    rank = np.arange(n_groups) - (np.cumsum(counts) - counts)[labels[order]]
+    chosen = np.sort(order[rank < quota[labels[order]]])
+    return chosen, np.where(counts > 0, quota / np.maximum(counts, 1), 1.0)
+
+
 def fit_views(views, samples, num_classes: int, **options) -> HeadFit:
-    """``fit_head`` on the feature views of ``samples`` (objects with ``.label``): ``views.of``
-    gives their plain features and their mirror views' (or None); both views of an image are one
-    group, so cross-validation keeps them in one fold. ``options`` are fit_head's."""
-    X, mirror = views.of(samples)
+    """``fit_head`` on the feature views of ``samples`` (objects with ``.label``):
+    ``views.stacked`` gives their plain features followed by their mirror views' (when there
+    are some), in RAM or as the feature store's rows, which fit_head streams without copying;
+    both views of an image are one group, so cross-validation keeps them in one fold.
+    ``options`` are fit_head's."""
+    X = views.stacked(samples)
     y, groups = [s.label for s in samples], None
-    if mirror is not None:
-        X, y, groups = np.vstack([X, mirror]), y + y, np.tile(np.arange(len(samples)), 2)
+    if len(X) != len(samples):  # the mirror rows follow
+        y, groups = y + y, np.tile(np.arange(len(samples)), 2)
     return fit_head(X, y, num_classes, groups=groups, **options)
 
 
 def predict_views(views, samples, fit: HeadFit) -> np.ndarray:
     """The head's probabilities [n, k] for ``samples`` from their feature views, mirror views
-    averaged as the saved classifier averages them."""
-    plain, mirror = views.of(samples)
-    return predict_proba(plain, fit.kernel, fit.bias, mirror_features=mirror)
+    averaged as the saved classifier averages them; read in blocks of ``CHUNK_ROWS`` images."""
+    plain, mirror = views.of(samples, lazy=True)
+    if len(plain) <= CHUNK_ROWS:
+        return predict_proba(np.asarray(plain), fit.kernel, fit.bias,
+                             mirror_features=None if mirror is None else np.asarray(mirror))
+    blocks = [predict_proba(plain[i:i + CHUNK_ROWS], fit.kernel, fit.bias,
+                            mirror_features=None if mirror is None else mirror[i:i + CHUNK_ROWS])
+              for i in range(0, len(plain), CHUNK_ROWS)]
+    return np.concatenate(blocks)
 
 
 def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,

@@ -181,11 +181,12 @@ class FeatureStore:
             shard.remove()
 
     def get(self, digest: str) -> np.ndarray | None:
-        """The stored vector of ``digest`` (a fresh float32 array), or None when missing or invalid."""
+        """The stored vector of ``digest`` (float32; a read-only row of its mapped shard, so
+        holding many costs no anonymous memory), or None when missing or invalid."""
         vec = self._pending.get(digest)
         if vec is None:
             found = self._locate(digest)
-            vec = None if found is None else np.array(found[0][found[1]])
+            vec = None if found is None else found[0][found[1]].view(np.ndarray)
         return vec if valid(vec, self.dim) else None
 
     def rows(self, digests) -> StoredRows:
@@ -252,9 +253,7 @@ def _write_shard(folder: Path, pending: dict[str, np.ndarray]) -> _Shard | None:
         files.write_atomic(path, json.dumps(meta).encode())  # last: the shard now exists
     except OSError:
         return None
-    shard = _Shard(path, meta)
-    shard._array, shard.ok = array, True
-    return shard
+    return _Shard(path, meta)  # mapped from its file when read (not kept: a long run's would fill RAM)
 
 
 def _refs(starts: list[int], numbers: np.ndarray) -> np.ndarray:
@@ -270,8 +269,11 @@ class StoredRows:
     """Rows of several memory-mapped shards, seen as one read-only float32 matrix [n, dim]
     without loading it: ``refs`` [n, 2] holds (shard, row) for each row. ``X[index]`` (an integer
     array, or a slice) gathers those rows into a new array; ``chunks(size)`` yields consecutive
-    blocks of at most ``size`` rows, so memory stays bounded by the block. ``head.fit_head``
-    accepts it as X."""
+    blocks of at most ``size`` rows, so memory stays bounded by the block; ``take`` and
+    ``stacked`` make other StoredRows without reading anything. ``np.asarray(X)`` loads it all
+    (for code that needs an array). ``head.fit_head`` accepts it as X."""
+
+    ndim = 2
 
     def __init__(self, arrays: list, refs: np.ndarray, dim: int):
         self.arrays, self.refs = arrays, refs
@@ -280,6 +282,18 @@ class StoredRows:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:].astype(dtype or self.dtype, copy=False)
+
+    def take(self, index) -> StoredRows:
+        """The rows ``index`` (integer array or slice), still unread."""
+        return StoredRows(self.arrays, self.refs[index], self.shape[1])
+
+    def stacked(self, other: StoredRows) -> StoredRows:
+        """These rows followed by ``other``'s (of the same width), still unread."""
+        refs = other.refs + np.array([len(self.arrays), 0])
+        return StoredRows(self.arrays + other.arrays, np.concatenate([self.refs, refs]), self.shape[1])
 
     def __getitem__(self, index) -> np.ndarray:
         refs = self.refs[index]
@@ -290,5 +304,25 @@ class StoredRows:
         return out
 
     def chunks(self, size: int):
-        for start in range(0, len(self), size):
-            yield self[start:start + size]
+        """Consecutive blocks of at most ``size`` rows, in order. A run of at least ``size // 4``
+        rows that are consecutive in one shard comes as that shard's own mapped rows (no copy);
+        shorter runs are gathered into copied blocks."""
+        refs = self.refs
+        ends = np.r_[np.flatnonzero((refs[1:, 0] != refs[:-1, 0]) | (refs[1:, 1] != refs[:-1, 1] + 1)) + 1,
+                     len(refs)].tolist() if len(refs) else []
+        start, pending = 0, 0  # pending: rows start - pending .. start wait to be gathered
+        for end in ends:
+            if end - start >= max(1, size // 4):
+                yield from self._gathered(start - pending, start, size)
+                shard, first = int(refs[start, 0]), int(refs[start, 1])
+                for i in range(start, end, size):
+                    yield self.arrays[shard][first + i - start:first + min(end, i + size) - start]
+                pending = 0
+            else:
+                pending += end - start
+            start = end
+        yield from self._gathered(start - pending, start, size)
+
+    def _gathered(self, start: int, stop: int, size: int):
+        for i in range(start, stop, size):
+            yield self[i:min(stop, i + size)]
