@@ -152,7 +152,7 @@ def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
     n, d = X.shape
     wn = (sw / sw.sum()).astype(np.float32)
     labels = y if label_smoothing < 1 else np.zeros_like(y)  # the argmax of the soft targets
-    lr = step or 1.0 / (0.5 * _top_eigenvalue(_weighted_gram(X, wn, chunk)) + 2 * l2)
+    lr = step or 1.0 / (0.5 * np.linalg.eigvalsh(_weighted_gram(X, wn, chunk))[-1] + 2 * l2)
     decay = 2.0 * l2 * np.r_[np.ones(d), 0.0][:, None]  # no L2 on the bias row
     W = np.zeros((d + 1, k))
     prev, train_log = W.copy(), []
@@ -199,10 +199,6 @@ def _weighted_gram(X, wn, chunk: int) -> np.ndarray:
         gram[:d, d] += block.T @ w
     gram[d, :d], gram[d, d] = gram[:d, d], wn.sum(dtype=np.float64)
     return gram
-
-
-def _top_eigenvalue(gram: np.ndarray) -> float:
-    return float(np.linalg.eigvalsh(gram)[-1])
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
