@@ -557,9 +557,13 @@ def model_pixels(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def as_model_input(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels [..., 3] (``model_pixels``) -> the float32 model input in [0, 1]."""
-    return pixels.astype(np.float32) / 255.0
+def as_model_input(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 pixels [..., 3] (``model_pixels``) -> the float32 model input in [0, 1], written
+    into ``out`` (float32, of the same shape) when given: the same values, bit for bit, with
+    no new array (a batch's worth of fresh pages costs more than the division)."""
+    if out is None:
+        return pixels.astype(np.float32) / 255.0
+    return np.divide(pixels, np.float32(255.0), out=out, dtype=np.float32)
 
 
 def decode_size(size: int) -> int:

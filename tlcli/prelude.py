@@ -126,6 +126,7 @@ def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, size: int, progress
     if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
         views.append((True, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
                                                   dim=runner.feature_dim)))
+    buffer = np.empty((AHEAD_BATCH, size, size, 3), np.float32)  # reused: no fresh pages per batch
     progress(Start("extract", total=None))
     try:
         while not prelude.stopping.is_set():
@@ -135,7 +136,9 @@ def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, size: int, progress
             kept = [(d, p) for d in digests if (p := pixels.peek(d)) is not None
                     and any(cache.get(d) is None for _, cache in views)]  # not what a run before stored
             if kept:
-                batch = images.as_model_input(np.stack([p for _, p in kept]))
+                batch = buffer[:len(kept)]
+                for row, (_, p) in zip(batch, kept):
+                    images.as_model_input(p, out=row)
                 for flip, cache in views:
                     for (digest, _), vec in zip(kept, runner(np.flip(batch, axis=2) if flip else batch)):
                         if np.isfinite(vec).all():  # else left to the extraction proper, which names the file
