@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import make_colour_dataset
 from tlcli import data, features, head, store
 from tlcli.config import TrainConfig
+from tlcli.errors import TlcliError
 
 SIZE = 32
 
@@ -151,6 +152,46 @@ def test_large_views_are_fitted_from_the_store_without_an_in_memory_copy(tmp_pat
     _same_fit(*fits)
     np.testing.assert_allclose(head.predict_views(warm, train, fits[1]), head.predict_views(in_memory, train, fits[1]),
                                atol=1e-6)
+
+
+def test_a_large_cold_view_keeps_no_fresh_vector_in_memory_so_an_unwritable_store_is_one_clear_error(
+        tmp_path, pooling, monkeypatch):
+    root = make_colour_dataset(tmp_path / "ds", per_class=4)
+    samples = data.scan(root, image_size=SIZE).samples
+    (tmp_path / "a-file").write_text("not a folder")
+    unwritable = tmp_path / "a-file" / "cache"  # under a regular file: no store can be written, even as root
+
+    def views():
+        return features.compute_views(samples, extractors=(pooling, None), cache_key="pool", cache_dir=unwritable,
+                                      image_size=SIZE, batch_size=4, max_pixels=TrainConfig().max_pixels)
+
+    small = views()  # small views are gathered in memory: the store is only an optimisation
+    assert isinstance(small.plain, np.ndarray) and small.extracted == len(samples)
+    monkeypatch.setattr(features, "VIEWS_IN_MEMORY_BYTES", 0)
+    with pytest.raises(TlcliError, match=r"feature store could not be written .* --cache-dir") as err:
+        views()  # had the fresh vectors been kept, this would have fallen back to them
+    assert str(unwritable) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_static_extraction_batches_all_have_the_batch_size_and_the_same_features(tmp_path, pooling):
+    import tf_keras as k
+
+    seen = []
+
+    class Recording(k.Model):  # records the batch dimension each traced call sees
+        def call(self, x):
+            seen.append(x.shape[0])
+            return pooling(x)
+
+    root = make_colour_dataset(tmp_path / "ds", per_class=4)
+    samples = data.scan(root, image_size=SIZE).samples  # 12 images: batches of 5 leave 2
+    common = dict(extractor=Recording(), image_size=SIZE, batch_size=5, max_pixels=TrainConfig().max_pixels)
+    loose, n = features.extract(samples, cache=features.NoCache(), **common)
+    assert None in seen  # a dynamic batch dimension
+    seen.clear()
+    padded, m = features.extract(samples, cache=features.NoCache(), static=True, **common)
+    assert set(seen) == {5} and (n, m) == (12, 12)
+    np.testing.assert_array_equal(padded, loose)
 
 
 def test_the_scan_reports_progress_a_bounded_number_of_times(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import images
-from tlcli.errors import DatasetError, ImageError
+from tlcli.errors import DatasetError, ImageError, TlcliError
 from tlcli.progress import Advance, Callback, End, Start, Warn, silent
 from tlcli.store import FeatureStore, StoredRows
 
@@ -73,12 +73,21 @@ class FeatureCache(FeatureStore):
         of ``samples[i]`` (stored under its digest): one float32 array in memory when that is at
         most ``VIEWS_IN_MEMORY_BYTES``, else the store's rows of their digests (``StoredRows``,
         mapped from the shards, not loaded). In memory too when some could not be written."""
-        if len(found) * len(found[0]) * 4 > VIEWS_IN_MEMORY_BYTES:
+        if not self.in_memory(len(found)):
             try:
                 return self.rows([s.digest for s in samples])
-            except KeyError:  # not written (a full or read-only disk): the vectors are all in found
-                pass
+            except KeyError:  # not written (a full or read-only disk)
+                if any(f is None for f in found):  # fresh vectors were not kept (``in_memory``)
+                    raise TlcliError(f"{self.dir}: the feature store could not be written (disk full or read-only?) "
+                                     f"and the features of {len(found)} images are too many to hold in memory "
+                                     "instead; free space there, or give --cache-dir on a writable disk") from None
         return np.stack(found).astype(np.float32)
+
+    def in_memory(self, n: int) -> bool:
+        """Whether the features of ``n`` images are gathered in memory (at most
+        ``VIEWS_IN_MEMORY_BYTES``); beyond that an extraction keeps no fresh vector, only the
+        store does, so its memory does not grow with ``n``."""
+        return n * (self.dim or 0) * 4 <= VIEWS_IN_MEMORY_BYTES
 
 
 class NoCache:
@@ -98,6 +107,9 @@ class NoCache:
     def gather(self, samples, found: list) -> np.ndarray:
         return np.stack(found).astype(np.float32)
 
+    def in_memory(self, n: int) -> bool:
+        return True  # nowhere else to keep them
+
 
 def _feature_dim(extractor) -> int | None:
     try:
@@ -109,7 +121,7 @@ def _feature_dim(extractor) -> int | None:
 
 def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
             max_pixels: int, progress: Callback = silent, task: str = "extract", runner=None, flip: bool = False,
-            pixels: images.KeptPixels | None = None) -> tuple[np.ndarray, int]:
+            pixels: images.KeptPixels | None = None, static: bool = False) -> tuple[np.ndarray, int]:
     """Features [n, d] for ``samples`` (objects with .path and .digest), running the backbone only
     on files missing from the cache (or whose entry is invalid), in one streamed tf.data pass.
     Each batch is cached as soon as it is extracted, under the digest of the bytes actually
@@ -117,6 +129,9 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
 
     With a LiteRT ``runner`` (``litert_backbone.LiteRTBackbone``) the backbone is that instead
     of the Keras ``extractor`` (``extract_litert``: ``flip`` and ``pixels`` are its options).
+    ``static``: every batch the Keras extractor sees has ``batch_size`` images (a TPU's static
+    shapes), the last one padded. Fresh vectors stay in memory only while ``cache.in_memory``
+    says so; otherwise the result is the store's rows.
 
     Raises DatasetError, naming the file, when a file became unreadable after the scan or now
     holds other bytes than the scan checked (its features would belong to another image)."""
@@ -128,20 +143,23 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
     if cache.dim is None:
         cache.dim = _feature_dim(extractor)
     found = [cache.get(s.digest) for s in samples]
-    todo = [i for i, f in enumerate(found) if f is None]
+    todo, keep = [i for i, f in enumerate(found) if f is None], cache.in_memory(len(samples))
     if todo:
         ds = image_dataset([samples[i].path for i in todo], image_size, batch_size=batch_size,
                            max_pixels=max_pixels, unreadable_fill=np.nan, digests=True)
+        if static:
+            ds = _static_batches(ds, batch_size)
         progress(Start(task, total=len(todo)))
         done = 0
 
         def store(vecs, digests):  # one batch, as soon as the backbone has run on it
             nonlocal done
             vecs = np.asarray(vecs, np.float32)
+            # zip ends at todo's end: a static last batch's padding rows are dropped
             for i, vec, digest in zip(todo[done:done + len(vecs)], vecs, np.asarray(digests)):
                 _store(samples[i], vec, digest.decode(), cache)
-                found[i] = vec
-            done += len(vecs)
+                found[i] = vec if keep else None
+            done = min(len(todo), done + len(vecs))
             progress(Advance(task, completed=done, total=len(todo)))
 
         # Keras' own predict loop (the steps run in one tf.function over the dataset, spread over
@@ -154,6 +172,20 @@ def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: in
     if not samples:
         return np.zeros((0, 0), np.float32), 0
     return cache.gather(samples, found), len(todo)
+
+
+def _static_batches(ds, batch_size: int):
+    """``ds`` ((images, digests) batches) as batches of exactly ``batch_size`` (a TPU's static
+    shapes): the last one filled up with zero images of empty digest, whose outputs ``extract``
+    drops (it stores only as many rows as it asked for)."""
+    from tlcli._tf import tf
+
+    t = tf()
+    flat = ds.unbatch()
+    images_spec, _ = flat.element_spec
+    filler = t.data.Dataset.from_tensors((t.zeros(images_spec.shape, images_spec.dtype), t.constant(b"")))
+    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches holding an image.
+    return flat.concatenate(filler.repeat(batch_size - 1)).batch(batch_size, drop_remainder=True)
 
 
 def _with_digests(extractor):
@@ -254,7 +286,7 @@ class FeatureViews:
 def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size: int, batch_size: int,
                   max_pixels: int, progress: Callback = silent, mirror: bool = False, frozen: bool = True,
                   keep: FeatureViews | None = None, task: str = "extract", litert=None,
-                  pixels: images.KeptPixels | None = None) -> FeatureViews:
+                  pixels: images.KeptPixels | None = None, static: bool = False) -> FeatureViews:
     """The feature views of ``samples`` (see ``extract``). ``extractors`` is (plain, mirror): Keras
     models from images to features (``model.build_extractor``), the mirror one used only with
     ``mirror``. A ``frozen`` backbone's features go through the feature store (``FeatureCache``)
@@ -267,7 +299,8 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
     comes from it (``extract``'s ``runner``, keys ``...-litert``) once ``agrees`` has found its
     features equal to TensorFlow's on the first batch, else from TensorFlow with a warning.
     ``pixels``: model inputs the file check kept (``images.KeptPixels``), used instead of
-    decoding again and dropped once the views are computed. Raises what ``extract`` raises."""
+    decoding again and dropped once the views are computed. ``static``: see ``extract``.
+    Raises what ``extract`` raises."""
     plain_extractor, mirror_extractor = extractors
     if not frozen or litert is not None and not agrees(litert, plain_extractor, samples[:batch_size],
                                                        image_size=image_size, max_pixels=max_pixels, pixels=pixels,
@@ -278,7 +311,8 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
     if mirror:
         todo.append(("mirror", mirror_extractor, view_key(cache_key, engine, mirror=True), f"{task} (mirror)", True))
     found, extracted = {}, 0
-    common = dict(image_size=image_size, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
+    common = dict(image_size=image_size, batch_size=batch_size, max_pixels=max_pixels, progress=progress,
+                  static=static)
     for view, extractor, key, name, flip in todo:
         cache = FeatureCache(cache_dir, key) if frozen else NoCache()
         found[view], n = extract(samples, extractor=extractor, cache=cache, task=name, runner=litert,
@@ -366,7 +400,7 @@ def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size
     if cache.dim is None:
         cache.dim = runner.feature_dim
     found = [cache.get(s.digest) for s in samples]
-    todo = [i for i, f in enumerate(found) if f is None]
+    todo, keep = [i for i, f in enumerate(found) if f is None], cache.in_memory(len(samples))
     if todo:
         progress(Start(task, total=len(todo)))
         done = 0
@@ -378,7 +412,7 @@ def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size
                 for i, (x, digest) in zip(batch, loaded):
                     vec = next(vecs) if x is not None else np.full(runner.feature_dim, np.nan, np.float32)
                     _store(samples[i], vec, digest, cache)
-                    found[i] = vec
+                    found[i] = vec if keep else None
                 done += len(batch)
                 progress(Advance(task, completed=done, total=len(todo)))
         finally:  # as in ``extract``: what was extracted is kept, even on interrupt

@@ -127,7 +127,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             distributed.views_step(chosen), splits.train + splits.val,
             extractors=(models.extractor, models.flip_extractor),
             cache_key=features.cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
-            image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert)
+            image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert,
+            static=chosen.static_shapes)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
         early.finish()  # what it extracted is in the store now, and its runner is free
