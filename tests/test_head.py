@@ -85,3 +85,20 @@ def test_cross_validation_samples_every_class_of_many_small_ones_and_keeps_their
     X2 = rng.normal(0, 1, (3, 6))[y2] * 3 + rng.normal(0, 1, (len(y2), 6))
     counts2 = np.bincount(y2[head.fit_head(X2, y2, 3, epochs=20).oof_rows], minlength=3)
     assert counts2.tolist() == [250, 250, 500]
+
+
+def test_with_many_classes_the_cross_validation_sample_shrinks_to_its_cell_budget(monkeypatch):
+    # 200 classes of 12: each class's share of CV_MAX_IMAGES is 5, so CV_MIN_PER_CLASS (25, or all
+    # 12) sets the sample; a budget of [2,000 rows x 20 fits x 200 classes] cells lowers it to 10
+    # a class, and a tiny one to FOLDS, never fewer.
+    k, rng = 200, np.random.default_rng(3)
+    y = np.arange(12 * k) % k
+    X = rng.normal(0, 1, (k, 6))[y] * 3 + rng.normal(0, 1, (len(y), 6))
+    counts = np.bincount(y[head.fit_head(X, y, k, epochs=5).oof_rows], minlength=k)
+    assert (counts == 12).all(), counts
+    monkeypatch.setattr(head, "CV_MAX_CELLS", 10 * 20 * k * k)
+    counts = np.bincount(y[head.fit_head(X, y, k, epochs=5).oof_rows], minlength=k)
+    assert (counts == 10).all(), counts
+    monkeypatch.setattr(head, "CV_MAX_CELLS", 1)
+    counts = np.bincount(y[head.fit_head(X, y, k, epochs=5).oof_rows], minlength=k)
+    assert (counts == head.FOLDS).all(), counts

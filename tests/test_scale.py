@@ -258,3 +258,19 @@ def test_metrics_read_the_probabilities_in_blocks_with_the_same_result(monkeypat
     assert blocks.top_k_accuracy == pytest.approx(np.mean((np.argsort(-p64, axis=1)[:, :3] == y[:, None]).any(axis=1)))
     assert blocks.loss == pytest.approx(-np.mean(np.log(p64[np.arange(n), y])), rel=1e-12)
     assert whole.loss == pytest.approx(blocks.loss, rel=1e-12)
+
+
+def test_above_its_image_limit_train_skips_its_pairwise_data_check_with_one_line(
+        tmp_path, colour_data, train_args, monkeypatch):
+    import tlcli
+    from tlcli import audit, bundle
+    from tlcli.progress import Info
+
+    monkeypatch.setattr(audit, "TRAIN_CHECK_MAX_IMAGES", 23)  # the colour data has 24 images
+    said = []
+    tlcli.train(colour_data, out=str(tmp_path / "m"), cache_dir=str(tmp_path / "c"), extractor="tf",
+                progress=lambda e: said.append(e.message) if isinstance(e, Info) else None, **train_args)
+    assert bundle.load(tmp_path / "m").meta.audit is None
+    assert [m for m in said if m.startswith("data check skipped")] == [
+        f"data check skipped: more than 23 images make it too slow here; run 'tlcli audit {colour_data}' to check "
+        "for duplicates and mislabelled images"]

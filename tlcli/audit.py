@@ -472,8 +472,13 @@ def findings(splits, features: np.ndarray, *, extractor, image_size: int, max_pi
 
 # ---- train's cheap part ------------------------------------------------------------------------
 
+# train's check compares every pair of images (O(n^2 d): 100,000 took 1.5 min here, a million
+# would take hours and hold its views twice); above this many it is left to 'tlcli audit'.
+TRAIN_CHECK_MAX_IMAGES = 100_000
+
+
 def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size: int, cache_key: str | None,
-                progress: Callback = silent) -> dict:
+                progress: Callback = silent) -> dict | None:
     """``train``'s cheap part of the audit. When it finds something, one warning line (through
     ``progress`` and in ``splits.warnings``) points to ``tlcli audit``. Returns what ``train``
     records in tlcli.json under ``audit``: {"train_val_duplicates": groups of
@@ -483,7 +488,12 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     "cross_validated": how many images those were}. ``cfg``: the run's TrainConfig;
     ``cache_key``: its frozen features' (the calibration copies are cached beside them), or None
     (with fine-tuning: the copies are made afresh). ``extractors``: (the Keras extractor, the
-    LiteRT runner or None); the copies go through the engine that made ``views``."""
+    LiteRT runner or None); the copies go through the engine that made ``views``. None, with
+    one Info line, above ``TRAIN_CHECK_MAX_IMAGES`` images."""
+    if len(splits.train) + len(splits.val) > TRAIN_CHECK_MAX_IMAGES:
+        progress(Info(f"data check skipped: more than {TRAIN_CHECK_MAX_IMAGES:,} images make it too slow here; "
+                      f"run 'tlcli audit {cfg.data_dir}' to check for duplicates and mislabelled images"))
+        return None
     plain, _ = views.of(splits.train + splits.val)
     extractor, key = engine_of(views.engine, extractors, cache_key)
     result = findings(splits, plain, extractor=extractor, image_size=image_size, max_pixels=cfg.max_pixels,

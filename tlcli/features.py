@@ -72,7 +72,8 @@ class FeatureCache(FeatureStore):
         """The features [n, d] of ``samples`` once every one is stored, ``found[i]`` the vector
         of ``samples[i]`` (stored under its digest): one float32 array in memory when that is at
         most ``VIEWS_IN_MEMORY_BYTES``, else the store's rows of their digests (``StoredRows``,
-        mapped from the shards, not loaded). In memory too when some could not be written."""
+        mapped from the shards, not loaded). In memory too when some could not be written, if the
+        extraction kept them (``in_memory``); else one TlcliError line."""
         if not self.in_memory(len(found)):
             try:
                 return self.rows([s.digest for s in samples])
@@ -121,7 +122,7 @@ def _feature_dim(extractor) -> int | None:
 
 def extract(samples, *, extractor, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
             max_pixels: int, progress: Callback = silent, task: str = "extract", runner=None, flip: bool = False,
-            pixels: images.KeptPixels | None = None, static: bool = False) -> tuple[np.ndarray, int]:
+            pixels: images.KeptPixels | None = None, static: bool = False) -> tuple[np.ndarray | StoredRows, int]:
     """Features [n, d] for ``samples`` (objects with .path and .digest), running the backbone only
     on files missing from the cache (or whose entry is invalid), in one streamed tf.data pass.
     Each batch is cached as soon as it is extracted, under the digest of the bytes actually
@@ -297,12 +298,14 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
 
     ``litert``: the frozen backbone as a ``litert_backbone.LiteRTBackbone``; a frozen view then
     comes from it (``extract``'s ``runner``, keys ``...-litert``) once ``agrees`` has found its
-    features equal to TensorFlow's on the first batch, else from TensorFlow with a warning.
+    features equal to TensorFlow's on the first ``PARITY_IMAGES`` images, else from TensorFlow with a warning.
     ``pixels``: model inputs the file check kept (``images.KeptPixels``), used instead of
     decoding again and dropped once the views are computed. ``static``: see ``extract``.
     Raises what ``extract`` raises."""
     plain_extractor, mirror_extractor = extractors
-    if not frozen or litert is not None and not agrees(litert, plain_extractor, samples[:batch_size],
+    from tlcli.litert_backbone import PARITY_IMAGES
+
+    if not frozen or litert is not None and not agrees(litert, plain_extractor, samples[:PARITY_IMAGES],
                                                        image_size=image_size, max_pixels=max_pixels, pixels=pixels,
                                                        progress=progress):
         litert = None
@@ -341,7 +344,7 @@ def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixe
         runner.parity = litert_backbone.parity_error(_tf_features(extractor, batch), runner(batch))
         if runner.parity > litert_backbone.PARITY_TOLERANCE:
             progress(Warn(f"--extractor litert: LiteRT's features differ from TensorFlow's by {runner.parity:.2g} "
-                          f"of their scale on the first batch (tolerance {litert_backbone.PARITY_TOLERANCE:g}); "
+                          f"of their scale on the first images (tolerance {litert_backbone.PARITY_TOLERANCE:g}); "
                           "using TensorFlow"))
     return runner.parity <= litert_backbone.PARITY_TOLERANCE
 
@@ -392,7 +395,7 @@ def _decoded_batches(samples, todo, *, size: int, batch_size: int, max_pixels: i
 
 def extract_litert(samples, *, runner, cache: FeatureCache | NoCache, image_size: int, batch_size: int,
                    max_pixels: int, flip: bool = False, pixels=None, progress: Callback = silent,
-                   task: str = "extract") -> tuple[np.ndarray, int]:
+                   task: str = "extract") -> tuple[np.ndarray | StoredRows, int]:
     """``extract`` through a LiteRT ``runner`` (``litert_backbone.LiteRTBackbone``), of the
     images' left-right mirror images with ``flip``; ``pixels`` as in ``compute_views``. The same
     contract: (features [n, d], extracted), each batch cached as it is done under the digest of

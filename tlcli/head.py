@@ -31,6 +31,10 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
 CV_MAX_IMAGES = 1000  # cross-validate on a stratified sample of about this many vectors (see _cv_sample)
 CV_MIN_PER_CLASS = 5 * FOLDS  # but at least this many images of each class: 5 held out in every fold
+# ... unless that makes the batched fits' arrays [sample rows, fits, classes] larger than this many
+# cells (400 MB each in float32; the fit holds about four): then fewer per class, down to FOLDS
+# (one held out in every fold), so that a thousand classes cross-validate on 5,000 rows, not 25,000.
+CV_MAX_CELLS = 100_000_000
 CHUNK_ROWS = 16384    # rows per block of the streamed refit (80 MB of float32 at 1,280-d)
 IN_MEMORY_BYTES = 256 << 20  # a plain array whose float64 copy fits in this is fit in memory
 
@@ -330,7 +334,7 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
         if (y[first][group] != y).any():
             raise ValueError("fit_head: every row of a group must have the same label")
     n_groups = len(first)  # first: the first row of each group, for its label
-    chosen, rate = _cv_sample(y[first], n / max(n_groups, 1), k, rng)
+    chosen, rate = _cv_sample(y[first], n / max(n_groups, 1), k, rng, fits=len(grid) * FOLDS)
     sample = np.nonzero(np.isin(group, chosen))[0]
     counts = np.bincount(y[first[chosen]], minlength=k)
     folds = min(FOLDS, int(counts[counts > 0].min())) if n else 0
@@ -370,7 +374,8 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
     return grid[best_i], int(np.argmin(raw[:, best_i])) + 1, val_curve, cv_loss, sample, oof
 
 
-def _cv_sample(labels: np.ndarray, rows_per_group: float, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _cv_sample(labels: np.ndarray, rows_per_group: float, k: int, rng, *,
+               fits: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The groups cross-validation uses (sorted indices into ``labels``, each group's label) and
     each class's sampling rate [k] (the share of its groups taken). Every group when they hold
     at most CV_MAX_IMAGES rows. Else a stratified random sample: each class its share of
@@ -378,13 +383,16 @@ def _cv_sample(labels: np.ndarray, rows_per_group: float, k: int, rng) -> tuple[
     class is in every fold often enough to score (a uniform sample of 1,000 rows over 100
     classes left some class with one row, and no cross-validation at all). The sample's size
     then depends on the classes' sizes only up to CV_MAX_IMAGES and CV_MIN_PER_CLASS, not on
-    n, so data drawn from one distribution at any n gets the same kind of sample."""
+    n, so data drawn from one distribution at any n gets the same kind of sample. With many
+    classes the minimum shrinks (to FOLDS at least) so that the ``fits`` batched fits' arrays
+    stay within CV_MAX_CELLS cells."""
     n_groups = len(labels)
     counts = np.bincount(labels, minlength=k)
     if n_groups * rows_per_group <= CV_MAX_IMAGES:
         return np.arange(n_groups), np.ones(k)
     share = np.round(CV_MAX_IMAGES / rows_per_group * counts / n_groups).astype(int)
-    quota = np.minimum(counts, np.maximum(share, CV_MIN_PER_CLASS))
+    per_class = min(CV_MIN_PER_CLASS, max(FOLDS, int(CV_MAX_CELLS / (fits * k * k * rows_per_group))))
+    quota = np.minimum(counts, np.maximum(share, per_class))
     order = rng.permutation(n_groups)
     order = order[np.argsort(labels[order], kind="stable")]  # by class, random within each
     rank = np.arange(n_groups) - (np.cumsum(counts) - counts)[labels[order]]

@@ -633,7 +633,7 @@ class KeptPixels:
     ``peek`` reads one, ``clear`` drops them all. Thread-safe (the check runs in threads).
 
     With ``feed``, each digest kept is also queued, once, for a consumer that runs while the
-    check goes on (``features_ahead``): ``next_digests`` hands them over, ``drop`` frees the
+    check goes on (``prelude``'s extraction ahead): ``next_digests`` hands them over, ``drop`` frees the
     room of one it is done with, and ``close`` (the check has ended) lets it finish."""
 
     def __init__(self, size: int, budget: int | None = None, *, feed: bool = False):

@@ -10,7 +10,7 @@ size with the TFLite identifier, that loads and gives ``feature_dim`` features; 
 (truncated, damaged, foreign) is converted again. A backbone that cannot be converted gives a
 one-line ``Warn`` and None: its features come from TensorFlow.
 
-Parity (``parity_error``): each run compares the two engines' features on its first batch;
+Parity (``parity_error``): each run compares the two engines' features on its first images;
 above ``PARITY_TOLERANCE`` the run falls back to TensorFlow with a warning (``features``).
 
 Reproducibility: the thread count is fixed (the cores this process may use), and XNNPACK splits
@@ -33,6 +33,9 @@ from tlcli.quiet import native_stderr_silenced
 # (at least 1). Float32 kernels that sum in another order differ by ~1e-5 of the scale
 # (MobileNetV2: 4e-5 of 5.7); 1e-3 leaves room for deeper backbones and refuses a wrong graph.
 PARITY_TOLERANCE = 1e-3
+# The images of the parity batch: one LiteRT chunk (RUN_BATCH, below). A wrong conversion shows
+# on any image; TensorFlow's eager pass over a 32-image batch held ~0.5 GB more at its peak.
+PARITY_IMAGES = 8
 MAX_TFLITE_BYTES = 2 << 30  # the flatbuffer format's own limit
 MIN_TFLITE_BYTES = 16       # the header alone
 

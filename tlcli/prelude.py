@@ -31,9 +31,10 @@ from tlcli.config import TrainConfig
 from tlcli.progress import Advance, Callback, End, Start
 
 AHEAD_BATCH = 4 * litert_backbone.RUN_BATCH  # images handed to LiteRT at a time, at most
-# Device files of a GPU or TPU: with --extractor auto, their presence means TensorFlow will
-# probably list an accelerator (and use itself), so nothing is extracted ahead.
-ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+# Device files of a GPU or TPU (NVIDIA, TPU VMs, ROCm, WSL2's GPU): with --extractor auto, their
+# presence means TensorFlow will probably list an accelerator (and use itself), so nothing is
+# extracted ahead.
+ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd", "/dev/dxg")
 TPU_ENVIRONMENT = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE")
 
 
@@ -58,7 +59,9 @@ class Prelude:
     scan: futures.Future
     pixels: images.KeptPixels | None
     runner: litert_backbone.LiteRTBackbone | None
-    stopping: threading.Event
+    stopping: threading.Event  # set: the check gives up
+    size: int  # the image size the check decodes for, and the ahead extracts at
+    halted: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: the ahead stops
     extracted: int = 0
     _thread: threading.Thread | None = None
     _error: BaseException | None = None
@@ -66,19 +69,25 @@ class Prelude:
     def splits(self) -> data.Splits:
         return self.scan.result()
 
+    def cancel(self) -> None:
+        """Stop the extraction ahead (the run's engine is not LiteRT after all, or not this
+        runner); what it did stays in the store. The check goes on."""
+        self.halted.set()
+
     def finish(self) -> int:
         """Wait for the extraction ahead to drain (the check has ended) and return
-        ``extracted``; raise what it raised (a store that cannot be written)."""
+        ``extracted``; raise what the thread raised."""
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
             raise self._error
         return self.extracted
 
-    def credit(self, views: features.FeatureViews) -> features.FeatureViews:
-        """``views`` counting the vectors extracted ahead as extracted (the store gave them to
-        ``compute_views`` as cached), when they came from the same engine."""
-        if views.engine != "litert" or not self.extracted:
+    def credit(self, views: features.FeatureViews, image_size: int) -> features.FeatureViews:
+        """``views`` (at ``image_size``) counting the vectors extracted ahead as extracted (the
+        store gave them to ``compute_views`` as cached), when they came from the same engine at
+        the same size (else the ahead's entries were under another key, and none was used)."""
+        if views.engine != "litert" or not self.extracted or image_size != self.size:
             return views
         moved = min(self.extracted, views.cached)
         return dataclasses.replace(views, extracted=views.extracted + moved, cached=views.cached - moved)
@@ -101,7 +110,7 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
         scan = pool.submit(data.scan_splits, cfg, image_size=size, progress=progress, stopping=stopping, keep=pixels)
         if pixels is not None:
             scan.add_done_callback(lambda _: pixels.close())
-        prelude = Prelude(scan, pixels, runner, stopping)
+        prelude = Prelude(scan, pixels, runner, stopping, size)
         if runner is not None:
             prelude._thread = threading.Thread(target=_extract_ahead, name="tlcli-ahead", daemon=True,
                                                args=(prelude, cfg, spec, size, progress))
@@ -109,6 +118,8 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
         yield prelude
     finally:
         stopping.set()
+        if prelude is not None:
+            prelude.halted.set()
         if pixels is not None:
             pixels.close()
         pool.shutdown(wait=True)  # what the check raised after a failure elsewhere is moot
@@ -118,41 +129,47 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
 
 def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, size: int, progress: Callback) -> None:
     """The extraction thread: every image the check keeps, through ``prelude.runner``, into the
-    store (plain view, and the mirror view when the head will fit it), until the check ends or
-    ``stopping`` is set. What it extracted is flushed to the store however it ends."""
-    runner, pixels = prelude.runner, prelude.pixels
-    key = features.cache_key(spec, size)
-    views = [(False, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert"), dim=runner.feature_dim))]
-    if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
-        views.append((True, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
-                                                  dim=runner.feature_dim)))
-    buffer = np.empty((AHEAD_BATCH, size, size, 3), np.float32)  # reused: no fresh pages per batch
-    progress(Start("extract", total=None))
+    store (plain view, and the mirror view when the head will fit it), each view only where the
+    store lacks it, until the check ends or ``halted`` is set. What it extracted is flushed to
+    the store however it ends; an error is kept for ``finish``."""
+    views, started = [], False
     try:
-        while not prelude.stopping.is_set():
+        runner, pixels, key = prelude.runner, prelude.pixels, features.cache_key(spec, size)
+        views.append((False, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert"),
+                                                   dim=runner.feature_dim)))
+        if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
+            views.append((True, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
+                                                      dim=runner.feature_dim)))
+        buffer = np.empty((AHEAD_BATCH, size, size, 3), np.float32)  # reused: no fresh pages per batch
+        while not prelude.halted.is_set():
             digests = pixels.next_digests(AHEAD_BATCH)
             if digests is None:
                 break
-            kept = [(d, p) for d in digests if (p := pixels.peek(d)) is not None
-                    and any(cache.get(d) is None for _, cache in views)]  # not what a run before stored
-            if kept:
-                batch = buffer[:len(kept)]
-                for row, (_, p) in zip(batch, kept):
-                    images.as_model_input(p, out=row)
-                for flip, cache in views:
-                    for (digest, _), vec in zip(kept, runner(np.flip(batch, axis=2) if flip else batch)):
-                        if np.isfinite(vec).all():  # else left to the extraction proper, which names the file
-                            cache.put(digest, vec)
-                            prelude.extracted += 1
+            kept = [(d, p) for d in digests if (p := pixels.peek(d)) is not None]
+            batch = buffer[:len(kept)]
+            for row, (_, p) in zip(batch, kept):
+                images.as_model_input(p, out=row)
+            for flip, cache in views:
+                rows = [i for i, (d, _) in enumerate(kept) if cache.get(d) is None]  # not what a run before stored
+                if not rows:
+                    continue
+                if not started:
+                    started = True
+                    progress(Start("extract", total=None))
+                for i, vec in zip(rows, runner(np.flip(batch[rows], axis=2) if flip else batch[rows])):
+                    if np.isfinite(vec).all():  # else left to the extraction proper, which names the file
+                        cache.put(kept[i][0], vec)
+                        prelude.extracted += 1
+                progress(Advance("extract", completed=prelude.extracted))
             for digest in digests:
                 pixels.drop(digest)  # done with: its room goes to the images still being checked
-            progress(Advance("extract", completed=prelude.extracted))
     except BaseException as exc:  # noqa: BLE001  (handed to finish(), in the run's thread)
         prelude._error = exc
     finally:
         try:
             for _, cache in views:
                 cache.flush()
+            if started:
+                progress(End("extract", completed=prelude.extracted, total=prelude.extracted))
         except BaseException as exc:  # noqa: BLE001
             prelude._error = prelude._error or exc
-        progress(End("extract", completed=prelude.extracted, total=prelude.extracted))

@@ -7,8 +7,9 @@ import sys
 import threading
 
 _lock = threading.Lock()
-_depth = 0        # blocks open now, in any thread
-_saved = None     # (the real fd 2 duplicated, sys.stderr before the first block, its stand-in)
+_depth = 0          # blocks open now, in any thread
+_before = None      # sys.stderr when the first of them opened
+_real = None        # (a duplicate of the original fd 2, the text stream on it): made once, never closed
 
 
 @contextlib.contextmanager
@@ -22,63 +23,74 @@ def native_stderr_silenced():
 
     What Python writes to ``sys.stderr`` meanwhile (another thread's progress display, a
     warning) still reaches the real stderr: ``sys.stderr`` stands in for it on a duplicate of
-    the original descriptor. Blocks may overlap across threads (the file check runs while
-    TensorFlow is imported): the first one in silences, the last one out restores."""
-    if not _enter():
-        yield
-        return
+    the original descriptor, made once per process and never closed, so a writer that kept it
+    (a logging handler made inside the block, a display thread) never writes to a closed or
+    reused descriptor. Blocks may overlap across threads (the file check runs while TensorFlow
+    is imported): the first one in silences, the last one out restores."""
+    entered = False
     try:
+        entered = _enter()
         yield
     finally:
-        _leave()
+        if entered:
+            _leave()
 
 
 def _enter() -> bool:
-    global _depth, _saved
+    global _depth, _before, _real
     with _lock:
         if _depth:
             _depth += 1
             return True
         try:
             sys.stderr.flush()
-            saved = os.dup(2)
+            if _real is None:
+                fd = os.dup(2)
+                _real = (fd, _stand_in(fd))
         except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to silence
             return False
-        stand_in = _stand_in(saved)
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        _saved, _depth = (saved, sys.stderr, stand_in), 1
-        if stand_in is not None:
-            sys.stderr = stand_in
+        _depth, _before = 1, sys.stderr
+        try:
+            if _real[1] is not None and _is_fd2(sys.stderr):
+                sys.stderr = _real[1]
+            os.dup2(devnull, 2)
+        except BaseException:  # a Ctrl-C in the middle: leave nothing half done
+            _depth, sys.stderr = 0, _before
+            os.dup2(_real[0], 2)
+            raise
+        finally:
+            os.close(devnull)
         return True
 
 
 def _leave() -> None:
-    global _depth, _saved
+    global _depth, _before
     with _lock:
         _depth -= 1
         if _depth:
             return
-        saved, before, stand_in = _saved
-        _saved = None
-        if stand_in is not None:
+        os.dup2(_real[0], 2)
+        if sys.stderr is _real[1]:  # nobody replaced it meanwhile
             with contextlib.suppress(OSError, ValueError):
-                stand_in.flush()
-            if sys.stderr is stand_in:  # nobody replaced it meanwhile
-                sys.stderr = before
-        os.dup2(saved, 2)
-        os.close(saved)
+                sys.stderr.flush()
+            sys.stderr = _before
+        _before = None
+
+
+def _is_fd2(stream) -> bool:
+    """Whether ``stream`` writes to the process's fd 2 (not a test's capture or a redirect)."""
+    try:
+        return stream.fileno() == 2
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
 
 def _stand_in(fd: int):
     """A text stream like ``sys.stderr`` writing to ``fd`` (not closing it), or None when
-    ``sys.stderr`` is not the process's fd 2 (a test's capture, a redirect): left alone then."""
-    try:
-        if sys.stderr.fileno() != 2:
-            return None
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+    ``sys.stderr`` is not the process's fd 2: it is left alone then."""
+    if not _is_fd2(sys.stderr):
         return None
-    return open(fd, "w", encoding=getattr(sys.stderr, "encoding", None) or "utf-8",  # noqa: SIM115 (lives across the block)
+    return open(fd, "w", encoding=getattr(sys.stderr, "encoding", None) or "utf-8",  # noqa: SIM115 (lives as long as the process)
                 errors=getattr(sys.stderr, "errors", None) or "backslashreplace", closefd=False,
                 buffering=1)

@@ -131,10 +131,12 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             static=chosen.static_shapes)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
+        if litert is None or litert is not early.runner:
+            early.cancel()  # its work would not be used: do not wait for it
         early.finish()  # what it extracted is in the store now, and its runner is free
         with chosen.strategy.scope():
             # (fine-tuning changes the mirror views: they wait for it)
-            views = early.credit(views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels))
+            views = early.credit(views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels), loaded.image_size)
             extracted, cached, engine = views.extracted, views.cached, views.engine
             progress(Info(f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
