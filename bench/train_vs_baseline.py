@@ -159,7 +159,8 @@ def tlcli_train(args, out: Path, cache: Path, *extra: str, data: Path | None = N
     where = [str(data)] if data else [args.train, "--val-dir", args.val]
     wall, stdout, peak = run_process(
         "module", "tlcli.cli", "train", *where, "--backbone", args.backbone, "--image-size", str(args.size),
-        "--out", str(out), "--cache-dir", str(cache), "--force", "--json", *extra)
+        "--out", str(out), "--cache-dir", str(cache), "--force", "--json",
+        *(["--extractor", args.extractor] if args.extractor else []), *extra)
     return wall, json.loads(stdout), peak
 
 
@@ -232,6 +233,8 @@ def main():
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--memory-fine-tune-epochs", type=int, default=1, help="0 skips the --fine-tune memory run")
     ap.add_argument("--skip", default="", help="comma list of: baseline, keras, finetune, ablation")
+    ap.add_argument("--extractor", choices=["auto", "tf", "litert"],
+                    help="tlcli's --extractor (default: tlcli's own; 'tf' compares with checkouts before it existed)")
     ap.add_argument("--child", choices=["floor", "baseline", "baseline-keras"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()

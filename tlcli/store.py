@@ -238,8 +238,8 @@ def _list_shards(folder: Path) -> list[_Shard]:
 
 def _write_shard(folder: Path, pending: dict[str, np.ndarray]) -> _Shard | None:
     """Write ``pending`` (digest -> vector) as a new shard of ``folder``, its .f32 first and its
-    sidecar last, each atomically, under a name no other process uses. Returns the shard (its
-    vectors in memory), or None when it could not be written: the store is an optimisation, and
+    sidecar last, each atomically, under a name no other process uses. Returns the shard (mapped
+    from its file when read), or None when it could not be written: the store is an optimisation, and
     these vectors are extracted again next time."""
     digests = list(pending)
     array = np.ascontiguousarray(np.stack([pending[d] for d in digests]), dtype="<f4")
