@@ -2,6 +2,8 @@
 # Alternating A/B of head-only `tlcli train` between two checkouts of tlcli, each run in a fresh
 # process with a fresh feature cache; prints "side pair wall_s val_accuracy" per run.
 #   bench/ab_head_only.sh BEFORE_CHECKOUT AFTER_CHECKOUT [PAIRS]
+# AB_ARGS: more `tlcli train` options for both sides (e.g. --fine-tune); AFTER_ARGS: for the
+# after side only (e.g. --extractor tf, against a checkout from before that option existed).
 # Needs ../shared (hymenoptera and MobileNetV2) and the venv of the current checkout.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +20,8 @@ for i in $(seq "$pairs"); do
     start=$(date +%s.%N)
     (cd "$src" && PYTHONPATH="$src" "$py" -c 'from tlcli.cli import run; run()' train \
       "$data/train" --val-dir "$data/val" --backbone "$backbone" --image-size 224 \
-      --cache-dir "$tmp/cache" --out "$tmp/out" --force --json > "$tmp/result.json" 2>/dev/null)
+      --cache-dir "$tmp/cache" --out "$tmp/out" --force --json ${AB_ARGS:-} \
+      $([ "$side" = after ] && echo "${AFTER_ARGS:-}") > "$tmp/result.json" 2>/dev/null)
     end=$(date +%s.%N)
     acc=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["val_accuracy"])' "$tmp/result.json")
     echo "$side $i $(echo "$end - $start" | bc) $acc"
