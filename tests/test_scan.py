@@ -325,3 +325,24 @@ def test_skipped_table_shows_paths_and_reasons_literally():
     assert "Skipped 2 unusable file(s)" in text
     assert "ds/[raw]/a.jpg" in text and "truncated (ends early)" in text
     assert "ds/cats/b.jpg" in text and "zero bytes" in text and "zero bytes (" not in text
+
+
+def test_a_file_check_given_up_before_it_starts_decodes_nothing(tmp_path):
+    # train() starts the check beside the backbone's download; a failed download sets stopping,
+    # and the check must end before decoding anything (it used to list every file and decode a
+    # window of them before its first progress report looked).
+    import threading
+
+    from tests.helpers import make_colour_dataset
+    from tlcli.config import TrainConfig
+    from tlcli.errors import Interrupted
+
+    root = make_colour_dataset(tmp_path / "images", per_class=4)
+    stopping, kept = threading.Event(), images.KeptPixels(32)
+    stopping.set()
+    with pytest.raises(Interrupted):
+        data.scan_splits(TrainConfig(data_dir=str(root)), image_size=32, stopping=stopping, keep=kept)
+    assert kept.used == 0
+    ran = threading.Event()
+    assert data.scan_splits(TrainConfig(data_dir=str(root)), image_size=32, stopping=ran, keep=kept).labels
+    assert kept.used > 0  # the same check, not given up, decodes and keeps

@@ -94,10 +94,12 @@ class _Walker:
     iterative, so any depth works. A file reached twice (a symlink to a file already in the
     dataset) counts once, at its real location when that is in the dataset. Sockets, FIFOs and
     devices are never opened (reading them would block or never end): they are listed in
-    ``special`` as (path, what it is), for the skipped list."""
+    ``special`` as (path, what it is), for the skipped list. ``check`` runs before each folder
+    is listed and may raise to abandon the walk."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, check: Callable[[], None] | None = None):
         self.root = os.path.realpath(root)
+        self.check = check
         self.seen_dirs: set = set()
         self.special: list[tuple[Path, str]] = []
 
@@ -107,6 +109,8 @@ class _Walker:
         out: list[tuple[Path, bool]] = []
         stack = [(class_dir, class_dir.is_symlink())]
         while stack:
+            if self.check is not None:
+                self.check()
             d, linked = stack.pop()
             try:
                 st = os.stat(d)
@@ -203,7 +207,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
 def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
          max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
          progress: Callable[[int, int], None] | None = None, option: str = "DIR",
-         keep: images.KeptPixels | None = None) -> ImageFolder:
+         keep: images.KeptPixels | None = None, check: Callable[[], None] | None = None) -> ImageFolder:
     """Scan ``root/<class>/...`` and check every file before any expensive work.
 
     Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
@@ -215,13 +219,15 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
     warning in ``warnings``. With ``keep`` (of ``image_size``), the model inputs decoded here
     are offered to it while it has room, so that the feature extraction need not decode again.
+    ``check`` runs before each folder is listed (``progress`` runs only once files are being
+    checked) and may raise to abandon the scan.
     """
     root_p = check_folder(root, option)
     class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
     found = [d.name for d in class_dirs]
     index = {name: i for i, name in enumerate(labels)}
 
-    walker = _Walker(root_p)
+    walker = _Walker(root_p, check)
     listed: list[tuple[Path, int, bool]] = []
     for d in class_dirs:
         listed += [(p, index[d.name], linked) for p, linked in walker.files(d)]
@@ -384,11 +390,12 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
         return counter(progress, task, check=abandoned)
 
     train = scan(cfg.data_dir, image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict,
-                 progress=report("scan"), keep=keep)
+                 progress=report("scan"), keep=keep, check=abandoned)
     skipped, warnings = list(train.skipped), list(train.warnings)
     if cfg.val_dir:
         val = scan(cfg.val_dir, image_size=image_size, labels=train.labels, max_pixels=cfg.max_pixels,
-                   strict=cfg.strict, progress=report("scan val"), option="--val-dir", keep=keep)
+                   strict=cfg.strict, progress=report("scan val"), option="--val-dir", keep=keep,
+                   check=abandoned)
         skipped += val.skipped
         warnings += val.warnings
         train_samples, val_samples = train.samples, val.samples
