@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
+from tests.helpers import free_ports  # noqa: E402
 
 WORKER = r"""
 import json, sys, time
@@ -91,19 +91,9 @@ print(json.dumps({"seconds": (time.perf_counter() - began) / steps}))
 """
 
 
-def _ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    found = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return found
-
-
 def _launch(code, argv, workers: int):
     """Run ``code`` in ``workers`` processes (a TF_CONFIG cluster when more than one); their JSON."""
-    addresses = [f"127.0.0.1:{p}" for p in _ports(workers)]
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(workers)]
     procs = []
     for i in range(workers):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,16 @@ def install_saved_model(src, bundle_dir):
         shutil.rmtree(bundle_dir / name, ignore_errors=True)
     for p in src.iterdir():
         (shutil.copytree if p.is_dir() else shutil.copyfile)(p, bundle_dir / p.name)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 just now (each bound at once, then released), for
+    local worker processes' TF_CONFIG."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -6,33 +6,22 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import make_colour_dataset
+from tests.helpers import free_ports, make_colour_dataset
 
 CLI = "import sys; from tlcli.cli import run; sys.argv[0] = 'tlcli'; run()"
 TRAIN = ["--image-size", "32", "--epochs", "60", "--batch-size", "4", "--tensorboard", "none", "--json"]
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start_cluster(tmp_path, args, n=2, extra=None):
     """``n`` worker processes running ``tlcli train args`` (+ ``extra[i]`` for worker i), each
     with its own TMPDIR."""
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
     procs = []
     for i in range(n):
         tmp = tmp_path / f"tmp{i}"
@@ -508,7 +497,7 @@ def test_summary_of_a_non_chief_worker_says_the_chief_writes_the_model():
 
 
 def _tf_config(monkeypatch, index, n=2):
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker",
                                                                                          "index": index}}))
 
