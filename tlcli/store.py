@@ -162,16 +162,14 @@ class FeatureStore:
         if row is None:
             return None
         i = bisect.bisect_right(self._starts, row) - 1
-        shard = self._shards[i]
-        array = shard.array()
-        if array is None or (self.dim is not None and shard.dim != self.dim):
-            self._drop(shard)
-            return None
-        return array, row - self._starts[i]
+        return (self._shards[i].array(), row - self._starts[i]) if self._usable(self._shards[i]) else None
 
-    def _drop(self, shard: _Shard) -> None:
-        """Forget a damaged (or foreign-sized) shard, and remove a damaged one so it is not
-        verified again; its vectors read as missing and are recomputed."""
+    def _usable(self, shard: _Shard) -> bool:
+        """Whether ``shard`` verifies and holds vectors of this store's ``dim``. If not, it is
+        forgotten, and a damaged one removed so it is not verified again; its vectors read as
+        missing and are recomputed."""
+        if shard.array() is not None and (self.dim is None or shard.dim == self.dim):
+            return True
         start = self._starts[self._shards.index(shard)]
         for digest in shard.meta["digests"]:
             row = self._index.get(digest)
@@ -179,6 +177,7 @@ class FeatureStore:
                 del self._index[digest]
         if shard.ok is False:
             shard.remove()
+        return False
 
     def get(self, digest: str) -> np.ndarray | None:
         """The stored vector of ``digest`` (float32; a read-only row of its mapped shard, so
@@ -201,9 +200,7 @@ class FeatureStore:
             raise KeyError(exc.args[0]) from None
         refs = _refs(self._starts, np.array(found if len(digests) != 1 else (found,), np.int64))
         for i in np.unique(refs[:, 0]).tolist():  # verify each shard used, once
-            shard = self._shards[i]
-            if shard.array() is None or (self.dim is not None and shard.dim != self.dim):
-                self._drop(shard)
+            if not self._usable(self._shards[i]):
                 raise KeyError(next(d for d, r in zip(digests, refs[:, 0].tolist()) if r == i))
         arrays = [s._array for s in self._shards]
         dim = self.dim or (self._shards[refs[0, 0]].dim if len(refs) else 0)
