@@ -485,6 +485,17 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
 PREFETCH_BATCHES = 2
 
 
+def padded_batches(flat, batch_size: int, filler: tuple):
+    """``flat`` (a dataset of single elements) in batches of exactly ``batch_size`` (a TPU's
+    static shapes), the last one filled up with copies of ``filler`` (tensors of ``flat``'s
+    element structure) for the caller to mask or drop. Never a batch of filler alone."""
+    from tlcli._tf import tf
+
+    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches holding an element.
+    return flat.concatenate(tf().data.Dataset.from_tensors(filler).repeat(batch_size - 1)).batch(
+        batch_size, drop_remainder=True)
+
+
 def _decode_threads() -> int:
     """One decoder per usable core, at most 16 (each may hold a large image while decoding)."""
     try:

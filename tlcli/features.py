@@ -180,13 +180,11 @@ def _static_batches(ds, batch_size: int):
     shapes): the last one filled up with zero images of empty digest, whose outputs ``extract``
     drops (it stores only as many rows as it asked for)."""
     from tlcli._tf import tf
+    from tlcli.data import padded_batches
 
-    t = tf()
     flat = ds.unbatch()
     images_spec, _ = flat.element_spec
-    filler = t.data.Dataset.from_tensors((t.zeros(images_spec.shape, images_spec.dtype), t.constant(b"")))
-    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches holding an image.
-    return flat.concatenate(filler.repeat(batch_size - 1)).batch(batch_size, drop_remainder=True)
+    return padded_batches(flat, batch_size, (tf().zeros(images_spec.shape, images_spec.dtype), tf().constant(b"")))
 
 
 def _with_digests(extractor):

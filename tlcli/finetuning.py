@@ -124,9 +124,8 @@ def static_batches(ds, batch_size: int, *, pad: bool = False):
         return flat.batch(batch_size, drop_remainder=True)
     flat = flat.map(lambda x, y: (x, y, t.constant(1.0)))
     x, y, _ = flat.element_spec
-    filler = t.data.Dataset.from_tensors((t.zeros(x.shape, x.dtype), t.zeros(y.shape, y.dtype), t.constant(0.0)))
-    # batch_size - 1 fillers at most: drop_remainder then keeps exactly the batches that hold an image.
-    return flat.concatenate(filler.repeat(batch_size - 1)).batch(batch_size, drop_remainder=True)
+    filler = (t.zeros(x.shape, x.dtype), t.zeros(y.shape, y.dtype), t.constant(0.0))
+    return data.padded_batches(flat, batch_size, filler)
 
 
 def _fit(m, train, callback, *, validation, class_weight) -> None:
