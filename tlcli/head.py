@@ -124,7 +124,6 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     return out[:-1].transpose(1, 0, 2), out[-1], np.array(losses), np.array(accs), train_log
 
 
-@np.errstate(over="ignore", invalid="ignore")
 def _top_eigenvalue(Zb: np.ndarray, w: np.ndarray, *, tolerance: float = 1e-9, most: int = 300) -> float:
     """The largest eigenvalue of the weighted Gram matrix ``(Zb * w[:, None]).T @ Zb`` (Zb [n, r],
     w [n] >= 0), by power iteration on products with Zb, never forming the [r, r] matrix: ``most``
@@ -145,6 +144,7 @@ def _top_eigenvalue(Zb: np.ndarray, w: np.ndarray, *, tolerance: float = 1e-9, m
     return float(np.linalg.eigvalsh((Zb * w[:, None]).T @ Zb)[-1])
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
     """``_train`` for one fit without held-out rows, in feature space, streaming X in float32
     blocks of at most ``chunk`` rows (each epoch one pass; the step's Gram matrix one more).
