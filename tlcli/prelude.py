@@ -113,7 +113,7 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
         prelude = Prelude(scan, pixels, runner, stopping, size)
         if runner is not None:
             prelude._thread = threading.Thread(target=_extract_ahead, name="tlcli-ahead", daemon=True,
-                                               args=(prelude, cfg, spec, size, progress))
+                                               args=(prelude, cfg, spec, progress))
             prelude._thread.start()
         yield prelude
     finally:
@@ -127,14 +127,15 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
             prelude._thread.join()
 
 
-def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, size: int, progress: Callback) -> None:
+def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, progress: Callback) -> None:
     """The extraction thread: every image the check keeps, through ``prelude.runner``, into the
     store (plain view, and the mirror view when the head will fit it), each view only where the
     store lacks it, until the check ends or ``halted`` is set. What it extracted is flushed to
     the store however it ends; an error is kept for ``finish``."""
     views, started = [], False
     try:
-        runner, pixels, key = prelude.runner, prelude.pixels, features.cache_key(spec, size)
+        runner, pixels, size = prelude.runner, prelude.pixels, prelude.size
+        key = features.cache_key(spec, size)
         views.append((False, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert"),
                                                    dim=runner.feature_dim)))
         if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
