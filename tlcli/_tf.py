@@ -9,6 +9,9 @@ from tlcli.quiet import native_stderr_silenced
 def tf():
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # tlcli's Keras is tf_keras. Without this, the import also loads Keras 3 (tf.keras's
+        # default), and with it scikit-learn and SciPy when installed: 1.7 s of CPU at every start.
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         # The import and the first device scan print absl / oneDNN / CUDA-probe lines that no
         # setting hides; a real failure still surfaces as the Python exception.
         with native_stderr_silenced(), _interrupt_kept():
