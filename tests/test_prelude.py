@@ -134,6 +134,51 @@ def test_ctrl_c_during_the_extraction_ahead_keeps_the_old_bundle_and_what_was_ex
     assert (rest.extracted, rest.cached) == (24 - kept, kept)
 
 
+def test_parity_is_measured_once_before_the_run_waits_for_the_extraction_ahead(
+        tmp_path, colour_data, train_args, converted, monkeypatch):
+    from tlcli import features
+
+    _, cache = converted
+    order, tf_pass, finish = [], features._tf_features, prelude.Prelude.finish
+    monkeypatch.setattr(features, "_tf_features", lambda *a: order.append("parity") or tf_pass(*a))
+    monkeypatch.setattr(prelude.Prelude, "finish", lambda self: order.append("finish") or finish(self))
+    run = tlcli.train(colour_data, out=str(tmp_path / "p"), extractor="litert",
+                      cache_dir=str(fresh_cache_with_conversion(tmp_path, cache)), **train_args)
+    assert run.extractor == "litert" and order == ["parity", "finish"]
+
+
+def test_a_runner_that_disagrees_with_tensorflow_stops_the_extraction_ahead_before_it_is_waited_for(
+        tmp_path, colour_data, train_args, converted, monkeypatch):
+    from tlcli import litert_backbone
+
+    _, cache = converted
+    order, cancel, finish = [], prelude.Prelude.cancel, prelude.Prelude.finish
+    monkeypatch.setattr(litert_backbone, "parity_error", lambda a, b: 1.0)
+    monkeypatch.setattr(prelude.Prelude, "cancel", lambda self: order.append("cancel") or cancel(self))
+    monkeypatch.setattr(prelude.Prelude, "finish", lambda self: order.append("finish") or finish(self))
+    progress, seen = recorder()
+    run = tlcli.train(colour_data, out=str(tmp_path / "p"), extractor="litert", progress=progress,
+                      cache_dir=str(fresh_cache_with_conversion(tmp_path, cache)), **train_args)
+    assert (run.extractor, run.extracted) == ("tf", 24)
+    assert order[:2] == ["cancel", "finish"]
+    assert sum("differ from TensorFlow's" in getattr(e, "message", "") for e, _ in seen) == 1
+
+
+def test_the_litert_runner_serialises_calls_from_several_threads(converted):
+    from concurrent import futures
+
+    from tlcli import litert_backbone
+
+    _, cache = converted
+    model = next((cache / "backbones").glob("*.tflite")).read_bytes()
+    runner = litert_backbone.LiteRTBackbone(model, image_size=32)
+    batches = [np.random.default_rng(i).random((11, 32, 32, 3), dtype=np.float32) for i in range(6)]
+    alone = [runner(b) for b in batches]
+    with futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(runner, batches))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
 def test_a_machine_with_accelerator_device_files_extracts_nothing_ahead_but_still_picks_litert_when_tf_lists_none(
         tmp_path, colour_data, train_args, converted, monkeypatch):
     _, cache = converted

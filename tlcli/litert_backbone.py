@@ -21,6 +21,7 @@ gives the same features, hence the same metrics.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,8 @@ class LiteRTBackbone:
     """A converted backbone: float32 images [n, size, size, 3] in [0, 1] -> features [n, dim]
     float32, ``threads()`` threads, in chunks of ``RUN_BATCH`` images. Raises
     ``ValueError`` when ``model`` is not a .tflite of that input and output (see ``prepare``).
-    One call at a time. ``parity``: its ``parity_error`` against TensorFlow once measured
+    Calls from several threads run one at a time (the extraction ahead, and the parity check
+    beside it). ``parity``: its ``parity_error`` against TensorFlow once measured
     (``features.agrees``), else None."""
 
     name = "litert"
@@ -104,9 +106,13 @@ class LiteRTBackbone:
                              f"[-1, {image_size}, {image_size}, 3] float32 -> [-1, {feature_dim}]")
         self.batch, self.image_size, self.feature_dim = int(inp[0]["shape"][0]), image_size, feature_dim
         self.parity: float | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, np.float32)
+        with self._lock:
+            return self._run(np.ascontiguousarray(batch, np.float32))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.batch != RUN_BATCH:
             self.interp.resize_tensor_input(self.inp, [RUN_BATCH, self.image_size, self.image_size, 3])
             self.interp.allocate_tensors()

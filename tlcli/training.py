@@ -201,8 +201,10 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
     """(strategy, loaded backbone, splits, models, LiteRT runner, pixels kept for it; None without LiteRT):
-    TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs."""
-    from tlcli import backbone, litert_backbone, model, strategy
+    TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs, and
+    LiteRT's parity with TensorFlow is measured while its extraction ahead runs (a runner that
+    disagrees stops it)."""
+    from tlcli import backbone, features, litert_backbone, model, strategy
     from tlcli._tf import keras
 
     keras().utils.set_random_seed(cfg.seed)
@@ -218,6 +220,10 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
                        f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
                                     seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
+    if litert is not None and litert is early.runner and not features.agrees(  # compute_views reuses the verdict
+            litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
+            image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
+        early.cancel()
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
