@@ -102,6 +102,35 @@ def test_a_damaged_cached_conversion_is_converted_again(tmp_path, loaded, damage
         assert starts == []  # valid now: read, not converted
 
 
+def test_the_backbone_is_converted_frozen_in_memory_and_through_a_savedmodel_only_when_that_fails(
+        loaded, monkeypatch):
+    _, backbone_ = loaded
+    batch = np.random.default_rng(0).random((3, SIZE, SIZE, 3), np.float32)
+    want = np.asarray(backbone_.layer(batch, training=False))
+    converted, tried = litert_backbone._converted, []
+
+    def recording(converter, *, frozen):
+        tried.append(frozen)
+        return converted(converter, frozen=frozen)
+
+    monkeypatch.setattr(litert_backbone, "_converted", recording)
+    frozen = litert_backbone.LiteRTBackbone(litert_backbone.convert(backbone_.layer, SIZE), image_size=SIZE)
+    assert tried == [True]
+
+    def freezing_fails(converter, *, frozen):
+        tried.append(frozen)
+        if frozen:
+            raise ValueError("cannot freeze")
+        return converted(converter, frozen=frozen)
+
+    tried.clear()
+    monkeypatch.setattr(litert_backbone, "_converted", freezing_fails)
+    saved = litert_backbone.LiteRTBackbone(litert_backbone.convert(backbone_.layer, SIZE), image_size=SIZE)
+    assert tried == [True, False]
+    np.testing.assert_array_equal(frozen(batch), saved(batch))
+    assert litert_backbone.parity_error(want, frozen(batch)) <= litert_backbone.PARITY_TOLERANCE
+
+
 def _keras_backbone(dim):
     """A Keras model from images to ``dim`` features (not the tiny backbone's)."""
     import tf_keras as k
