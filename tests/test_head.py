@@ -102,3 +102,26 @@ def test_with_many_classes_the_cross_validation_sample_shrinks_to_its_cell_budge
     monkeypatch.setattr(head, "CV_MAX_CELLS", 1)
     counts = np.bincount(y[head.fit_head(X, y, k, epochs=5).oof_rows], minlength=k)
     assert (counts == head.FOLDS).all(), counts
+
+
+@pytest.mark.parametrize("n", [300, 40], ids=["several blocks and a short one", "one short block"])
+def test_an_epoch_in_row_blocks_gives_the_fit_of_one_block(monkeypatch, n):
+    """Batched CV fits (g > 1, k > 2, held-out rows, early stopping): blocks of 7 rows against one
+    block of every row give the same weights, held-out curves and training log."""
+    rng = np.random.default_rng(3)
+    k, g = 3, 4
+    Z = rng.normal(size=(n, 9)).astype(np.float32)
+    y = rng.integers(0, k, n)
+    Y = head._targets(y, k, 0.1, np.float32)
+    held = (np.arange(n)[None, :] % g == np.arange(g)[:, None]).astype(np.float64)
+    args = dict(epochs=40, val_mask=held, patience=5)
+    l2 = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    monkeypatch.setattr(head, "BLOCK_ROWS", 10 ** 6)
+    whole = head._train(Z, Y, 1.0 - held, l2, **args)
+    monkeypatch.setattr(head, "BLOCK_ROWS", 7)
+    blocked = head._train(Z, Y, 1.0 - held, l2, **args)
+    assert whole[0].shape == (g, 9, k) and whole[1].shape == (g, k) and whole[2].shape[1] == g
+    for a, b in zip(whole[:4], blocked[:4]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(whole[4], blocked[4], rtol=1e-4)
+    assert len(whole[2]) < 40 or (whole[2][-1] > whole[2].min()).any()  # early stopping was exercised

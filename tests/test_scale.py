@@ -35,7 +35,7 @@ def _same_fit(a: head.HeadFit, b: head.HeadFit, tol=2e-5):
 @pytest.mark.parametrize("n,d", [(1200, 24), (90, 200)], ids=["images > features", "images < features"])
 def test_the_streamed_refit_equals_the_in_memory_fit(n, d):
     X, y = _blobs(n, d, 4)
-    in_memory = head.fit_head(X, y, 4)  # small and in memory: the float64 row-space solver
+    in_memory = head.fit_head(X, y, 4)  # small and in memory: the row-space solver
     streamed = head.fit_head(X, y, 4, chunk_rows=97)
     assert in_memory.epochs > 3 and in_memory.l2 in head.L2_GRID
     _same_fit(in_memory, streamed)

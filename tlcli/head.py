@@ -31,9 +31,10 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FOLDS = 5
 CV_MAX_IMAGES = 1000  # cross-validate on a stratified sample of about this many vectors (see _cv_sample)
 CV_MIN_PER_CLASS = 5 * FOLDS  # but at least this many images of each class: 5 held out in every fold
-# ... unless that makes the batched fits' arrays [sample rows, fits, classes] larger than this many
-# cells (400 MB each in float32; the fit holds about four): then fewer per class, down to FOLDS
-# (one held out in every fold), so that a thousand classes cross-validate on 5,000 rows, not 25,000.
+# ... unless that makes the batched fits' logits [sample rows, classes, fits] more than this many
+# cells an epoch (computed a block of rows at a time, but each cell costs a product with the
+# features three times an epoch): then fewer per class, down to FOLDS (one held out in every
+# fold), so that a thousand classes cross-validate on 5,000 rows, not 25,000.
 CV_MAX_CELLS = 100_000_000
 CHUNK_ROWS = 16384    # rows per block of the streamed refit (80 MB of float32 at 1,280-d)
 # Rows per block of an in-memory fit's epoch: a block's logits and its share of the gradient
@@ -91,7 +92,7 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
         dn = distinct / distinct.sum(axis=1, keepdims=True)
         top = np.array([_top_eigenvalue(Zb, w) for w in dn])
         lr = 1.0 / (0.5 * top[np.ravel(which)] + 2 * l2)
-    lr = lr[None, None, :]
+    lr = lr.astype(dtype)[None, None, :]  # a float64 step would make every epoch's update float64
     decay = (2.0 * l2[None, None, :] * np.r_[np.ones(r), 0.0][:, None, None]).astype(dtype)  # no L2 on the bias
     W = np.zeros((r + 1, k, g), dtype)
     prev = W.copy()
@@ -156,6 +157,7 @@ def _top_eigenvalue(Zb: np.ndarray, w: np.ndarray, *, tolerance: float = 1e-9, m
     quotient rho within far less than that of the eigenvalue (the error is quadratic in the
     residual). Features' Gram matrices have one dominant direction (their mean), so a few tens
     of products suffice; where they do not, the answer is ``np.linalg.eigvalsh``'s."""
+    Zb = np.asarray(Zb, np.float64)  # once: float32 products would not reach the tolerance
     v = np.ones(Zb.shape[1]) / np.sqrt(Zb.shape[1])  # deterministic: the same run gives the same step
     for _ in range(most):
         u = Zb.T @ (w * (Zb @ v))
