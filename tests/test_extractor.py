@@ -155,7 +155,10 @@ def _unconvertible_backbone(path):
 
 
 def test_a_backbone_that_cannot_be_converted_falls_back_to_tensorflow_with_a_warning(tmp_path, colour_data,
-                                                                                     train_args):
+                                                                                     train_args, monkeypatch):
+    converted, tried = litert_backbone._converted, []
+    monkeypatch.setattr(litert_backbone, "_converted",
+                        lambda converter, *, frozen: tried.append(frozen) or converted(converter, frozen=frozen))
     progress, warnings = events(Warn)
     args = dict(train_args, backbone=str(_unconvertible_backbone(tmp_path / "bessel")))
     result = tlcli.train(colour_data, out=str(tmp_path / "m"), extractor="litert", cache_dir=str(tmp_path / "cache"),
@@ -166,6 +169,7 @@ def test_a_backbone_that_cannot_be_converted_falls_back_to_tensorflow_with_a_war
     assert warnings[0].message.startswith("--extractor litert: the backbone cannot be converted to LiteRT")
     assert warnings[0].message.endswith("its features come from TensorFlow")
     assert not (tmp_path / "cache" / "backbones").exists() or not any((tmp_path / "cache" / "backbones").iterdir())
+    assert tried == [True]  # an op LiteRT lacks is not tried a second time through a SavedModel
 
 
 def test_auto_picks_tensorflow_when_a_gpu_is_listed(tmp_path, colour_data, train_args, monkeypatch):

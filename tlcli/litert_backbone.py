@@ -136,7 +136,8 @@ def convert(layer, image_size: int) -> bytes:
     The function is frozen in memory (its variables made constants) and converted: MobileNetV2
     in 3.4 s of CPU. The converter's default first saves it as a SavedModel in a temporary
     folder and loads that back, which took 11 s for a bit-identical model (the same 65 ops, the
-    same features); that path remains the fallback for a graph that cannot be frozen."""
+    same features); that path remains the fallback for a graph that cannot be frozen (not for
+    one with an op LiteRT lacks, which it refuses as well)."""
     from tlcli._tf import tf
 
     t = tf()
@@ -148,7 +149,11 @@ def convert(layer, image_size: int) -> bytes:
     function = features.get_concrete_function()
     try:
         return _converted(t.lite.TFLiteConverter.from_concrete_functions([function], layer), frozen=True)
-    except Exception:  # noqa: BLE001  (the SavedModel path converts more)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a graph that cannot be frozen: the SavedModel path)
+        if any(c.__name__ == "ConverterError" for c in type(exc).__mro__):
+            raise  # LiteRT lacks an op: the other path would refuse it too, after as long again
         return _converted(t.lite.TFLiteConverter.from_concrete_functions([function], layer), frozen=False)
 
 
