@@ -17,8 +17,21 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, tiny_backbone, c
         r = tlcli.train({str(colour_data)!r}, out={str(out)!r}, backbone={str(tiny_backbone)!r}, image_size=32,
                         epochs=40, batch_size=4, learning_rate=0.05, strategy="mirrored", fine_tune=True,
                         fine_tune_epochs=1, cache_dir={str(tmp_path / "cache")!r}, tensorboard=None)
+        # Head-only through LiteRT (it converts), then again with only that conversion cached: the
+        # extraction ahead runs, and parity is measured beside it, in the mirrored strategy's scope.
+        import shutil
+        def lite(name):
+            return tlcli.train({str(colour_data)!r}, out={str(tmp_path)!r} + "/" + name,
+                               backbone={str(tiny_backbone)!r}, image_size=32, epochs=40, batch_size=4,
+                               strategy="mirrored", extractor="litert",
+                               cache_dir={str(tmp_path)!r} + "/cache-" + name, tensorboard=None)
+        converted = lite("converted")
+        shutil.copytree({str(tmp_path / "cache-converted" / "backbones")!r},
+                        {str(tmp_path / "cache-again" / "backbones")!r})
+        again = lite("again")
         print(json.dumps(dict(replicas=r.replicas, batch=r.global_batch_size, strategy=r.strategy,
-                              val=r.val_accuracy)))
+                              val=r.val_accuracy, converted=converted.extractor,
+                              again=[again.extractor, again.extracted, again.val_accuracy])))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -28,6 +41,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, tiny_backbone, c
     assert "MirroredStrategy" in r["strategy"] and "CPU:1" in r["strategy"]
     assert r["val"] >= 0.8
     assert (out / "saved_model.pb").exists()
+    assert r["converted"] == "litert" and r["again"][:2] == ["litert", 24] and r["again"][2] >= 0.8
 
 
 def test_auto_picks_default_strategy_on_a_single_cpu():

@@ -211,19 +211,23 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     chosen, litert = strategy.choose(cfg.strategy), None
     with chosen.strategy.scope():
         loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
-        if litert_backbone.engine_for(cfg.extractor) == "litert" \
-                and not (chosen.accelerator and cfg.extractor == "auto"):  # a TPU found only now
-            litert = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, runner=early.runner,
-                                             progress=progress)
+    # Converted out of the strategy's scope: traced in a mirrored one, the function captures the
+    # distributed variables, which the converter cannot lift (UnliftableError: TensorFlow's features).
+    if litert_backbone.engine_for(cfg.extractor) == "litert" \
+            and not (chosen.accelerator and cfg.extractor == "auto"):  # a TPU found only now
+        litert = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, runner=early.runner,
+                                         progress=progress)
+    with chosen.strategy.scope():
         splits = early.splits()
         progress(Info(f"strategy: {chosen.description}; global batch "
                        f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
                                     seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
-    if litert is not None and litert is early.runner and not features.agrees(  # compute_views reuses the verdict
-            litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
-            image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
-        early.cancel()
+        # In the scope, as compute_views would measure it (which then reuses the verdict).
+        if litert is not None and litert is early.runner and not features.agrees(
+                litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
+                image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
+            early.cancel()
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
