@@ -60,10 +60,17 @@ class HeadFit:
     oof_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
-def softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax(z, axis: int = -1, *, overwrite: bool = False):
+    """Softmax of the logits ``z`` along ``axis``; with ``overwrite``, computed in ``z``'s own
+    memory (a fresh logits array or a reused buffer the caller is done with)."""
+    top = z.max(axis=axis, keepdims=True)
+    if overwrite:
+        z -= top
+    else:
+        z = z - top
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 # A diverging step overflows: fit_head reports that as one error, not as numpy warnings.
@@ -102,11 +109,7 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
     vm = (val_mask.T / val_mask.sum(axis=1)).astype(dtype) if val_mask is not None else None  # [n, g]
 
     def probs(M, rows):  # [m, k, g] for a block of rows, one matmul for every fit
-        z = (Zb[rows] @ M.reshape(r + 1, k * g)).reshape(-1, k, g)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+        return softmax((Zb[rows] @ M.reshape(r + 1, k * g)).reshape(-1, k, g), axis=1, overwrite=True)
 
     for epoch in range(1, epochs + 1):
         look = W + (epoch - 1) / (epoch + 2) * (W - prev)
@@ -198,9 +201,7 @@ def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
             P, w, lab, at = logits[:m], wn[start:start + m], labels[start:start + m], every[:m]
             np.matmul(block, kernel, out=P)
             P += bias
-            P -= P.max(axis=1, keepdims=True)
-            np.exp(P, out=P)
-            P /= P.sum(axis=1, keepdims=True)
+            softmax(P, axis=1, overwrite=True)
             p0 = P[at, lab]
             loss -= float(np.dot(np.log(np.maximum(p0, 1e-12)), w))
             acc += float(w[P.argmax(axis=1) == lab].sum(dtype=np.float64))
