@@ -78,7 +78,7 @@ def inject(root: Path, n: int, seed: int = 0) -> dict:
 
 
 def run_audit(root: Path, cache: Path):
-    from tlcli.audit import audit
+    from tlcli.insight.audit import audit
 
     start = time.perf_counter()
     r = audit(root / "train", val_dir=root / "val", backbone=str(MOBILENET_V2), image_size=224, cache_dir=cache)
@@ -87,14 +87,15 @@ def run_audit(root: Path, cache: Path):
 
 def time_kinds(root: Path, cache: Path) -> dict:
     """Seconds of each kind's step on cached features (the scan and backbone load excluded)."""
-    from tlcli import audit as A
-    from tlcli.backbone import resolve_spec
     from tlcli.config import TrainConfig
+    from tlcli.insight import audit
+    from tlcli.insight import findings as A
+    from tlcli.model.backbone import resolve_spec
 
     cfg = TrainConfig(data_dir=str(root / "train"), val_dir=str(root / "val"), backbone=str(MOBILENET_V2),
                       image_size=224, cache_dir=str(cache))
     spec = resolve_spec(cfg.backbone, 224)
-    views, splits, extractor, size = A.dataset_features(cfg, spec, spec.handle)
+    views, splits, extractor, size, _ = audit.dataset_features(cfg, spec, spec.handle)
     X, n = views.plain, len(splits.train)
     y = np.array([s.label for s in splits.train + splits.val])
     centre = X[:n].mean(axis=0)
@@ -167,7 +168,7 @@ def real(n: int) -> None:
 
 
 def synthetic(n: int, d: int = 1280) -> None:
-    from tlcli import neighbours
+    from tlcli.insight import neighbours
 
     rng = np.random.default_rng(0)
     X = np.abs(rng.normal(size=(n, d))).astype(np.float32)  # non-negative, like pooled ReLU features

@@ -87,7 +87,7 @@ def cold_start(bundle: Path, engine: str, image: Path, repeats: int) -> float:
 def throughput(bundle: Path, engine: str, files: list[str], tflite: Path | None = None) -> float:
     """Images per second over ``files``, model already loaded, as ``tlcli predict`` times it."""
     from tlcli import bundle as bundles
-    from tlcli import inference
+    from tlcli.deploy import inference
 
     b = bundles.load(bundle)
     eng = inference.open_engine(b, engine, tflite_path=tflite)
@@ -112,7 +112,7 @@ def main() -> None:
 
     import tlcli
     from tlcli import bundle as bundles
-    from tlcli.inference import expand
+    from tlcli.data.walk import expand
 
     print(machine_line())
     with tempfile.TemporaryDirectory(prefix="tlcli-deploy-") as tmp:

@@ -40,6 +40,7 @@ import json, sys, time
 import tlcli
 from tlcli.progress import End, Start
 marks = {}
+
 def progress(e):
     if isinstance(e, (Start, End)) and e.task in ("extract", "fine-tune"):
         marks[f"{e.task}:{type(e).__name__}"] = time.perf_counter()
@@ -53,7 +54,7 @@ COMM = r"""
 import json, sys, time
 import numpy as np
 import tensorflow as tf
-from tlcli import strategy
+from tlcli.training import strategy
 chosen = strategy.choose("multi_worker")
 s, vec = chosen.strategy, tf.ones([int(sys.argv[1])], tf.float32)
 
@@ -71,7 +72,9 @@ print(json.dumps({"seconds": (time.perf_counter() - began) / int(sys.argv[2])}))
 STEP = r"""
 import json, sys, time
 import numpy as np
-from tlcli import backbone, model, precision
+from tlcli.model import backbone
+from tlcli.model import classifier as model
+from tlcli.training import precision
 from tlcli._tf import keras
 policy, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 k = keras()
@@ -89,6 +92,21 @@ with precision.policy(policy, kind="CPU"):
         trained.train_on_batch(x, y)
 print(json.dumps({"seconds": (time.perf_counter() - began) / steps}))
 """
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU reports native bfloat16 arithmetic (``amx_bf16`` or ``avx512_bf16`` in
+    /proc/cpuinfo's flags; False where there is no such file)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def _launch(code, argv, workers: int):
@@ -140,9 +158,9 @@ def main() -> None:
                     help="comma-separated: which of extract, fine-tune, comm, precision to run")
     a = ap.parse_args()
     require(HYMENOPTERA / "train", MOBILENET_V2)
-    from tlcli import precision
+    from tlcli.training import precision
 
-    print(f"cores: {os.cpu_count()}; CPU bfloat16 flags (amx_bf16/avx512_bf16): {precision.cpu_has_bf16()}")
+    print(f"cores: {os.cpu_count()}; CPU bfloat16 flags (amx_bf16/avx512_bf16): {cpu_has_bf16()}")
     with tempfile.TemporaryDirectory(prefix="tlcli-bench-") as t:
         tmp = Path(t)
         data = _subset(tmp / "images", a.images)

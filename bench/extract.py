@@ -1,5 +1,5 @@
 """Frozen-backbone features on the CPU: TensorFlow against LiteRT (XNNPACK), and what it does to
-a cold `tlcli train` (issue #12).
+a cold `tlcli train`.
 
     .venv/bin/python bench/extract.py [--images 3000] [--throughput-images 256] [--skip train,accuracy]
 
@@ -63,7 +63,10 @@ def throughput(args) -> None:
     """Section 1, in this process."""
     import numpy as np
 
-    from tlcli import backbone, images, litert_backbone, model
+    from tlcli.data import images
+    from tlcli.model import backbone
+    from tlcli.model import classifier as model
+    from tlcli.model import litert as litert_backbone
 
     paths = sorted(str(p) for d in ("train", "val") for p in (HYMENOPTERA / d).rglob("*") if p.is_file())
     paths = (paths * (args.throughput_images // len(paths) + 1))[:args.throughput_images]

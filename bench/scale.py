@@ -1,8 +1,8 @@
-"""A million images on one machine (issue #14): the feature store and the head fit at 10k, 100k
+"""A million images on one machine: the feature store and the head fit at 10k, 100k
 and 1M synthetic feature vectors, and the scan of a folder of 100,000 small image files.
 
 For each size n the vectors (1,280-d float32, 100 classes: class centres plus unit noise) are
-written through ``tlcli.store.FeatureStore`` into a folder on disk, and then, each in a fresh
+written through ``tlcli.features.store.FeatureStore`` into a folder on disk, and then, each in a fresh
 child process whose RssAnon (anonymous memory: memory-mapped file pages do not count) is sampled
 from /proc/PID/status every 20 ms:
 
@@ -71,7 +71,7 @@ def features(start: int, stop: int, spread: float) -> np.ndarray:
 
 
 def write_store(folder: Path, n: int, spread: float) -> float:
-    from tlcli import store
+    from tlcli.features import store
 
     t = time.perf_counter()
     s = store.FeatureStore(folder, dim=DIM)
@@ -104,7 +104,8 @@ def peak_child() -> dict:
 
 
 def child(args) -> dict:
-    from tlcli import head, store
+    from tlcli.features import store
+    from tlcli.model import head
 
     n = args.n
     t = time.perf_counter()
@@ -126,7 +127,7 @@ def child(args) -> dict:
 
 def _accuracy(fit, spread: float) -> float:
     """Accuracy on 5,000 fresh vectors (rows the fit never saw)."""
-    from tlcli import head
+    from tlcli.model import head
 
     X = features(10**8, 10**8 + 5000, spread)
     y = labels(10**8 + 5000, 10**8)

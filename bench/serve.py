@@ -143,7 +143,7 @@ def main() -> None:
     data_dir = args.data or HYMENOPTERA / "val"
 
     import tlcli
-    from tlcli.inference import expand
+    from tlcli.data.walk import expand
 
     print(machine_line())
     with tempfile.TemporaryDirectory(prefix="tlcli-serve-") as tmp:

@@ -105,11 +105,11 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audited(defects, histogram_backbone, cache, tmp_path_factory):
     """The library audit of ``defects``, with its report, and the dataset before it ran."""
-    import tlcli.audit
+    import tlcli
 
     before = snapshot(defects["root"])
     report = tmp_path_factory.mktemp("audit-report") / "report"
-    r = tlcli.audit.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
+    r = tlcli.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
                           image_size=32, cache_dir=cache, batch_size=16, report_dir=report)
     return r, report, before
 
@@ -137,10 +137,10 @@ def test_the_audit_changes_nothing_in_the_dataset(audited, defects):
 
 
 def test_a_clean_set_has_no_near_duplicates_and_no_mislabels(tmp_path, histogram_backbone, cache):
-    import tlcli.audit
+    import tlcli
 
     make_pictures(tmp_path / "clean", 12)
-    r = tlcli.audit.audit(tmp_path / "clean", backbone=str(histogram_backbone), image_size=32, cache_dir=cache,
+    r = tlcli.audit(tmp_path / "clean", backbone=str(histogram_backbone), image_size=32, cache_dir=cache,
                           batch_size=16)
     assert r.near_duplicates == [] and r.likely_mislabeled == []
     assert sum(r.class_counts["val"].values()) == 6  # the default --val-split, as train splits it
@@ -181,7 +181,7 @@ def test_tables_show_paths_relative_to_dir(audited, defects, histogram_backbone,
 
 def test_report_folder_holds_the_page_and_one_csv_per_kind_and_is_not_overwritten(audited, defects,
                                                                                  histogram_backbone, cache):
-    import tlcli.audit
+    import tlcli
     from tlcli.errors import OutputExistsError, UsageError
 
     r, report, _ = audited
@@ -193,9 +193,9 @@ def test_report_folder_holds_the_page_and_one_csv_per_kind_and_is_not_overwritte
     assert page.count('<img src="data:image/jpeg;base64,') == 6 + 1 + 1 and "http" not in page
     options = dict(val_dir=defects["val"], backbone=str(histogram_backbone), image_size=32, cache_dir=cache)
     with pytest.raises(OutputExistsError, match="--report .*not empty.*--force"):
-        tlcli.audit.audit(defects["train"], report_dir=report, **options)
+        tlcli.audit(defects["train"], report_dir=report, **options)
     with pytest.raises(UsageError, match="--report .*image folder"):
-        tlcli.audit.audit(defects["train"], report_dir=defects["train"] / "report", **options)
+        tlcli.audit(defects["train"], report_dir=defects["train"] / "report", **options)
     assert not (defects["train"] / "report").exists()
 
 
@@ -217,9 +217,9 @@ def test_train_warns_in_one_line_and_records_the_counts(defects, histogram_backb
     meta = bundle.load(tmp_path / "model").meta
     assert meta.audit == {"train_val_duplicates": 2, "likely_mislabeled": 1, "cross_validated": 32}
     # An audit after training extracts nothing: the same scan, split and feature cache.
-    import tlcli.audit
+    import tlcli
 
-    a = tlcli.audit.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
+    a = tlcli.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
                           image_size=32, cache_dir=tmp_path / "cache", batch_size=16)
     assert (a.extracted, a.cached) == (0, 46)
 
@@ -238,7 +238,7 @@ def test_a_bundle_made_before_the_audit_field_loads(bundle_copy):
 # ---- the pieces ------------------------------------------------------------------------------
 
 def test_blocked_search_equals_the_full_matrix_and_groups_join_chains():
-    from tlcli import neighbours
+    from tlcli.insight import neighbours
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 20)).astype(np.float32)
@@ -264,7 +264,7 @@ def test_blocked_search_equals_the_full_matrix_and_groups_join_chains():
 
 
 def test_confident_learning_flags_only_what_another_class_claims():
-    from tlcli.audit import confident_learning
+    from tlcli.insight.findings import confident_learning
 
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.05, 0.95],   # labelled 0: the third looks like a 1
                       [0.2, 0.8], [0.1, 0.9], [0.5, 0.5]])    # labelled 1: the last is merely unsure

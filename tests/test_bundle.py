@@ -150,7 +150,7 @@ def test_bundle_files_get_normal_permissions(trained_bundle):
 
 
 def test_corrupt_splits_file_is_a_one_line_error(bundle_copy):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     (bundle_copy / "splits.json").write_text("{oops")
     with pytest.raises(BundleError, match=r"splits.json: unreadable or corrupt.*--data DIR"):

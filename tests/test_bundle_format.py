@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import run_cli
 from tlcli import bundle, files
-from tlcli.bundle import BundleMeta
+from tlcli.bundle.format import BundleMeta
 from tlcli.errors import BundleError, TlcliError
 
 RELEASE_0_1_0 = Path(__file__).parent / "data" / "bundle-0.1.0"  # tlcli.json etc. as 0.1.0 wrote them
@@ -202,13 +202,15 @@ def test_the_atomic_writer_keeps_the_old_file_when_writing_fails(tmp_path, monke
 
 
 def test_mistakes_csv_and_cache_entries_are_written_atomically(tmp_path, monkeypatch):
-    from tlcli import evaluation, features, metrics
+    from tlcli import metrics
+    from tlcli.features import store as feature_store
+    from tlcli.insight import evaluation
 
     mistake = metrics.Mistake(path="a.jpg", true_label="cat", predicted_label="dog", probability=0.9)
     csv_path = evaluation.write_mistakes([mistake], tmp_path / "mistakes.csv")
     assert csv_path.read_text().splitlines() == ["path,true_label,predicted_label,probability",
                                                  "a.jpg,cat,dog,0.900000"]
-    cache = features.FeatureCache(tmp_path / "cache", "m", dim=3)
+    cache = feature_store.model_store(tmp_path / "cache", "m", dim=3)
     cache.put("ab" * 16, np.ones(3, np.float32))
     cache.flush()
     fail_fsync(monkeypatch)
@@ -218,7 +220,7 @@ def test_mistakes_csv_and_cache_entries_are_written_atomically(tmp_path, monkeyp
     cache.put("cd" * 16, np.zeros(3, np.float32))
     cache.flush()
     assert csv_path.read_text().count("\n") == 2, "the previous report was damaged"
-    reread = features.FeatureCache(tmp_path / "cache", "m", dim=3)
+    reread = feature_store.model_store(tmp_path / "cache", "m", dim=3)
     np.testing.assert_array_equal(reread.get("ab" * 16), np.ones(3, np.float32))
     assert reread.get("cd" * 16) is None
     leftovers = [p.name for p in tmp_path.rglob("*.tmp")]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import make_colour_dataset
 from tests.helpers import run_cli as run
-from tlcli.cli import app
+from tlcli.cli.app import app
 
 
 def test_every_command_has_help_text():

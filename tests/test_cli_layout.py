@@ -17,7 +17,7 @@ from rich.console import Console
 
 from tests.helpers import run_cli as run
 from tlcli.errors import DatasetError, UsageError
-from tlcli.presets import PRESETS
+from tlcli.model.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_HANDLE = "https://tfhub.dev/google/no-such-model/feature_vector/1"
@@ -75,8 +75,7 @@ def test_a_typo_in_a_choice_is_refused_before_any_work(args, tmp_path, colour_da
     def must_not_run(*a, **k):
         raise AssertionError("the library was called")
 
-    for name in ("train", "validate"):
-        monkeypatch.setattr(tlcli.training, name, must_not_run)
+    monkeypatch.setattr(tlcli.training, "train", must_not_run)
     out = tmp_path / "m"
     result = run(*[a.format(data=colour_data, out=out) for a in args])
     assert result.exit_code == 2, result.output
@@ -89,7 +88,7 @@ def test_a_typo_in_a_choice_is_refused_before_any_work(args, tmp_path, colour_da
 
 def test_the_library_checks_choices_with_the_same_enums():
     from tlcli.config import Engine, Strategy, TrainConfig, validate
-    from tlcli.inference import check_engine
+    from tlcli.deploy.inference import check_engine
 
     with pytest.raises(UsageError, match="--strategy mirorred") as strategy:
         validate(TrainConfig(strategy="mirorred"))
@@ -217,8 +216,8 @@ class Clock:
 
 
 def test_progress_in_a_log_shows_counts_and_elapsed_time_at_a_bounded_rate():
+    from tlcli.cli.render import LogProgress
     from tlcli.progress import Advance, End, Epoch, Start
-    from tlcli.render import LogProgress
 
     buf, clock = io.StringIO(), Clock()
     progress = LogProgress(Console(file=buf, width=120), interval=10.0, clock=clock)
@@ -243,7 +242,7 @@ def test_progress_in_a_log_shows_counts_and_elapsed_time_at_a_bounded_rate():
 
 
 def test_progress_is_bars_on_a_terminal_and_lines_in_a_log():
-    from tlcli.render import BarProgress, LogProgress, progress_display
+    from tlcli.cli.render import BarProgress, LogProgress, progress_display
 
     assert isinstance(progress_display(Console(file=io.StringIO(), force_terminal=True)), BarProgress)
     assert isinstance(progress_display(Console(file=io.StringIO(), force_terminal=False)), LogProgress)
@@ -270,8 +269,8 @@ def test_train_progress_on_a_non_terminal_stderr_has_counts(tmp_path, colour_dat
 
 
 def test_quiet_progress_prints_no_task_lines_but_keeps_warnings():
+    from tlcli.cli.render import LogProgress
     from tlcli.progress import End, Start, Warn
-    from tlcli.render import LogProgress
 
     buf = io.StringIO()
     progress = LogProgress(Console(file=buf, width=120), quiet=True)
@@ -377,13 +376,13 @@ def test_only_the_cli_and_render_modules_import_rich():
     import ast
 
     importers = set()
-    for path in sorted((ROOT / "tlcli").glob("*.py")):
+    for path in sorted((ROOT / "tlcli").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "rich" or n.startswith("rich.") for n in names):
-                importers.add(path.name)
-    assert importers == {"cli.py", "render.py"}
+                importers.add(path.relative_to(ROOT / "tlcli").as_posix())
+    assert importers == {"cli/app.py", "cli/render.py"}
 
 
 def test_every_progress_event_names_its_kind():
@@ -395,8 +394,8 @@ def test_every_progress_event_names_its_kind():
 
 
 def test_progress_bars_render_on_a_terminal():
+    from tlcli.cli.render import progress_display
     from tlcli.progress import Advance, End, Epoch, Start
-    from tlcli.render import progress_display
 
     buf = io.StringIO()
     with progress_display(Console(file=buf, force_terminal=True, width=120)) as progress:

@@ -260,7 +260,7 @@ def test_when_the_chief_stops_the_watch_ends_the_worker_with_one_line_naming_it(
 
 
 def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
-    from tlcli import cluster
+    from tlcli.training import cluster
 
     spec = {"cluster": {"worker": ["h1:1001", "h2:1002"], "chief": ["h0:1000"]}, "task": {"type": "worker", "index": 1}}
     c = cluster.from_env({"TF_CONFIG": json.dumps(spec)})
@@ -280,8 +280,8 @@ def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
     ('{"cluster": {"worker": ["a:1"]}}', '"task"'),
 ])
 def test_bad_tf_config_is_one_line_naming_it(raw, why):
-    from tlcli import cluster
     from tlcli.errors import UsageError
+    from tlcli.training import cluster
 
     with pytest.raises(UsageError) as info:
         cluster.from_env({"TF_CONFIG": raw})
@@ -290,8 +290,8 @@ def test_bad_tf_config_is_one_line_naming_it(raw, why):
 
 
 def test_multi_worker_without_tf_config_is_a_usage_error(monkeypatch):
-    from tlcli import strategy
     from tlcli.errors import UsageError
+    from tlcli.training import strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(UsageError, match="--strategy multi_worker: TF_CONFIG is not set"):
@@ -334,15 +334,13 @@ def test_fine_tuning_under_a_mixed_policy_saves_a_float32_model(tmp_path, train_
 
 
 def test_auto_precision_follows_the_hardware():
-    from tlcli import precision
+    from tlcli.training import precision
 
     assert precision.resolve("auto", kind="CPU") == "float32"
     assert precision.resolve("auto", kind="TPU") == "mixed_bfloat16"
     assert precision.resolve("auto", kind="GPU", capability=(8, 0)) == "mixed_float16"
     assert precision.resolve("auto", kind="GPU", capability=(6, 1)) == "float32"
     assert precision.resolve("mixed_bfloat16", kind="CPU") == "mixed_bfloat16"
-    assert precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert not precision.cpu_has_bf16("processor: 0\nflags\t\t: fpu avx512f avx512_vnni\n")
 
 
 def test_unknown_precision_is_a_usage_error(train_args, colour_data, tmp_path):
@@ -368,7 +366,7 @@ def _batches(n, batch):
 def test_static_batches_drop_the_remainder_or_pad_it_with_zero_weights():
     import numpy as np
 
-    from tlcli.finetuning import static_batches
+    from tlcli.training.finetuning import static_batches
 
     dropped = list(static_batches(_batches(10, 4), 4))
     assert [b[0].shape[0] for b in dropped] == [4, 4]
@@ -385,7 +383,7 @@ def test_static_batches_drop_the_remainder_or_pad_it_with_zero_weights():
 
 def test_padding_is_masked_out_of_the_accuracy():
     from tlcli._tf import keras
-    from tlcli.finetuning import static_batches
+    from tlcli.training.finetuning import static_batches
 
     k = keras()
     inputs = k.Input((2, 2, 3))
@@ -402,9 +400,9 @@ def test_padding_is_masked_out_of_the_accuracy():
 def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
     """No TPU here: auto falls back, --strategy tpu is one line. With a resolver that finds one
     (faked), the system is initialised and TPUStrategy is built on it, loading from the host."""
-    from tlcli import strategy
     from tlcli._tf import tf
     from tlcli.errors import UsageError
+    from tlcli.training import strategy
 
     t = tf()
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -441,8 +439,8 @@ def test_a_tpu_run_on_the_cpu_fine_tunes_on_static_batches_with_the_padding_mask
     import numpy as np
 
     import tlcli
-    from tlcli import finetuning, strategy
     from tlcli._tf import tf
+    from tlcli.training import finetuning, strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     fake = strategy.Chosen(tf().distribute.get_strategy(), "tpu", "TPUStrategy (faked)", accelerator=True)
@@ -472,7 +470,7 @@ def test_a_tpu_run_on_the_cpu_fine_tunes_on_static_batches_with_the_padding_mask
 
 
 def test_backbone_loads_through_the_host_io_device(tiny_backbone):
-    from tlcli import backbone
+    from tlcli.model import backbone
 
     spec = backbone.resolve_spec(str(tiny_backbone), 32)
     loaded = backbone.load(spec, io_device="/job:localhost")
@@ -482,8 +480,8 @@ def test_backbone_loads_through_the_host_io_device(tiny_backbone):
 def test_summary_of_a_non_chief_worker_says_the_chief_writes_the_model():
     from rich.console import Console
 
-    from tlcli import render
-    from tlcli.training import TrainResult
+    from tlcli.cli import render
+    from tlcli.training.recipe import TrainResult
 
     r = TrainResult(model_dir=None, labels=["a", "b"], train_counts={"a": 2, "b": 2}, val_counts={}, train_accuracy=1.0,
                     val_accuracy=None, val_loss=None, head_epochs=3, fine_tune_epochs=0, extracted=2, cached=0,
@@ -503,8 +501,8 @@ def _tf_config(monkeypatch, index, n=2):
 
 
 def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chiefs_state(tmp_path, monkeypatch):
-    from tlcli import distributed, run_state, strategy
     from tlcli.config import TrainConfig
+    from tlcli.training import distributed, run_state, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -532,8 +530,8 @@ def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chie
 
 
 def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chiefs(tmp_path):
-    from tlcli import run_state
     from tlcli.config import TrainConfig
+    from tlcli.training import run_state
 
     chief_out, worker_out = tmp_path / "shared" / "model", tmp_path / "worker1" / "model"
     chief_partial, copy = run_state.partial_dir(chief_out), run_state.partial_dir(worker_out)
@@ -549,9 +547,9 @@ def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chief
 
 
 def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
-    from tlcli import distributed, strategy
     from tlcli.config import TrainConfig
     from tlcli.errors import UsageError
+    from tlcli.training import distributed, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
     _tf_config(monkeypatch, 1)
@@ -566,9 +564,9 @@ def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tm
 
 
 def test_joining_a_cluster_after_tensorflow_started_is_one_line(monkeypatch):
-    from tlcli import strategy
     from tlcli._tf import tf
     from tlcli.errors import UsageError
+    from tlcli.training import strategy
 
     tf().constant(1.0) + 1  # this process's runtime is up
     _tf_config(monkeypatch, 0)

@@ -183,7 +183,7 @@ def test_tflite_engine_without_an_export_says_how_to_make_one(trained_bundle, co
 
 def test_auto_engine_without_an_export_loads_tensorflow_only_after_the_scan(trained_bundle, tmp_path, monkeypatch):
     import tlcli
-    from tlcli import inference
+    from tlcli.deploy import inference
     from tlcli.errors import DatasetError
 
     loaded = []
@@ -242,7 +242,7 @@ def _synthetic_report(k: int) -> Report:
 
 @pytest.mark.parametrize("k", [2, 20])
 def test_confusion_matrix_png_grows_with_the_classes(tmp_path, k):
-    from tlcli import plots
+    from tlcli.insight import plots
 
     path = plots.confusion_matrix(_synthetic_report(k), tmp_path / "cm.png")
     img = Image.open(path)
@@ -257,7 +257,7 @@ def test_confusion_matrix_png_grows_with_the_classes(tmp_path, k):
 
 
 def test_training_curves_png_from_a_history_with_all_phases(tmp_path):
-    from tlcli import plots
+    from tlcli.insight import plots
 
     row = lambda e, val=True: {"epoch": e, "loss": 1 / e, "accuracy": 1 - 0.5 / e,  # noqa: E731
                                **({"val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e} if val else {})}

@@ -41,8 +41,8 @@ def exported(trained_bundle, tmp_path_factory):
 def reference(exported, colour_data):
     """SavedModel probabilities on every colour image, and the inputs and labels."""
     from tlcli import bundle as bundles
-    from tlcli import images
-    from tlcli.inference import TFEngine
+    from tlcli.data import images
+    from tlcli.deploy.inference import TFEngine
 
     b = bundles.load(exported[0])
     items = colour_images(colour_data)
@@ -55,7 +55,7 @@ def test_each_quantization_mode_agrees_with_the_saved_model(exported, reference,
     from tensorflow.lite.python.util import get_conversion_metadata
 
     from tlcli import bundle as bundles
-    from tlcli.inference import TFLiteEngine
+    from tlcli.deploy.inference import TFLiteEngine
 
     bundle, results = exported
     r = results[(quantize, io_type)]
@@ -81,7 +81,7 @@ def test_each_quantization_mode_agrees_with_the_saved_model(exported, reference,
 def test_integer_input_is_the_raw_8_bit_pixels(exported):
     """Calibration pins the input range to [0, 1], so integer inputs need no rescaling by apps."""
     from tlcli import bundle as bundles
-    from tlcli.inference import TFLiteEngine
+    from tlcli.deploy.inference import TFLiteEngine
 
     bundle, results = exported
     b = bundles.load(bundle)
@@ -92,7 +92,7 @@ def test_integer_input_is_the_raw_8_bit_pixels(exported):
 
 def test_labels_travel_beside_and_inside_every_exported_file(exported):
     from tlcli import bundle as bundles
-    from tlcli.inference import tflite_labels
+    from tlcli.deploy.tflite_meta import labels_in as tflite_labels
 
     bundle, results = exported
     labels = bundles.load(bundle).labels
@@ -109,7 +109,7 @@ def test_labels_travel_beside_and_inside_every_exported_file(exported):
 
 @pytest.mark.parametrize("io_type", ["int8", "uint8"])
 def test_int8_with_integer_io_exports_and_predicts_end_to_end(bundle_copy, colour_data, io_type):
-    from tlcli.inference import tflite_labels
+    from tlcli.deploy.tflite_meta import labels_in as tflite_labels
 
     result = run("export", "--tflite", "--model", bundle_copy, "--quantize", "int8", "--io-type", io_type, "--json")
     assert result.exit_code == 0, result.output
@@ -145,7 +145,7 @@ def test_output_inside_the_bundle_under_another_name_gets_its_own_labels(bundle_
 
 def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle_copy, colour_data,
                                                                         monkeypatch):
-    from tlcli import export
+    from tlcli.deploy import export
 
     scans = []
     real_scan = export.data.scan

@@ -29,8 +29,8 @@ def gated(trained_bundle, tmp_path_factory):
     SavedModel's red/green boundary, each labelled with the SavedModel's own answer: the
     SavedModel scores 100% there, and every image int8 quantization flips is an accuracy drop."""
     from tlcli import bundle as bundles
-    from tlcli import images
-    from tlcli.inference import TFEngine
+    from tlcli.data import images
+    from tlcli.deploy.inference import TFEngine
 
     root = tmp_path_factory.mktemp("gate")
     bundle = root / "model"

@@ -9,9 +9,14 @@ import pytest
 
 import tlcli
 from tests.helpers import run_cli
-from tlcli import backbone, bundle, data, features, images, litert_backbone, model
+from tlcli import bundle, data, features
 from tlcli.config import TrainConfig
+from tlcli.data import image_files, images
 from tlcli.errors import UsageError
+from tlcli.features import store as feature_store
+from tlcli.model import backbone
+from tlcli.model import classifier as model
+from tlcli.model import litert as litert_backbone
 from tlcli.progress import Start, Warn
 
 SIZE = 32
@@ -48,13 +53,13 @@ def test_litert_and_tf_extractors_give_the_same_labels_and_predictions(tmp_path,
                        **train_args)
     assert (warm.extracted, warm.cached, warm.val_loss) == (0, 24, lite.val_loss)  # LiteRT's features were stored
     # The two engines' features are cached apart, and the converted backbone once.
-    key = features.cache_key(backbone.resolve_spec(str(tiny_backbone), SIZE), SIZE)
+    key = backbone.cache_key(backbone.resolve_spec(str(tiny_backbone), SIZE), SIZE)
     stored = sorted(p.name for p in (tmp_path / "cache" / "store").iterdir())
     assert [n for n in stored if "-copy" not in n] == \
-        [f"{key}-d{features.DECODER_VERSION}", f"{key}-litert-d{features.DECODER_VERSION}"]
+        [f"{key}-d{feature_store.DECODER_VERSION}", f"{key}-litert-d{feature_store.DECODER_VERSION}"]
     # train's audit check caches its calibration copies beside each engine's features, apart too
     assert [n for n in stored if "-copy0" in n] == \
-        [f"{key}-copy0-d{features.DECODER_VERSION}", f"{key}-litert-copy0-d{features.DECODER_VERSION}"]
+        [f"{key}-copy0-d{feature_store.DECODER_VERSION}", f"{key}-litert-copy0-d{feature_store.DECODER_VERSION}"]
     assert [p.name for p in (tmp_path / "cache" / "backbones").iterdir()] == [f"{key}.tflite"]
 
     tf_preds, lite_preds = predictions(tmp_path / "tf", colour_data), predictions(tmp_path / "litert", colour_data)
@@ -78,7 +83,7 @@ def test_litert_and_tf_extractors_give_the_same_labels_and_predictions(tmp_path,
 def test_a_damaged_cached_conversion_is_converted_again(tmp_path, loaded, damage):
     spec, backbone_ = loaded
     first = litert_backbone.prepare(backbone_, spec, cache_dir=tmp_path)
-    path = litert_backbone.cached_path(tmp_path, features.cache_key(spec, SIZE))
+    path = litert_backbone.cached_path(tmp_path, backbone.cache_key(spec, SIZE))
     good = path.read_bytes()
     assert good[4:8] == b"TFL3"
     if damage == "truncated":
@@ -247,7 +252,7 @@ def test_a_file_unreadable_after_the_check_is_named_unless_the_check_kept_its_in
 
     def flaky(path, size, **kw):  # passes the file check, then fails whenever the image is read again
         if str(path) == victim:
-            raise images.ImageError(path, images.TRUNCATED)
+            raise images.ImageError(path, image_files.TRUNCATED)
         return real(path, size, **kw)
 
     monkeypatch.setattr(images, "load_for_model", flaky)

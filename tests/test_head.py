@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tlcli import head
+from tlcli.model import head
 
 
 def _blobs(n=90, d=6, k=3, seed=0, spread=1.5):

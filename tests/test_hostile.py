@@ -1,4 +1,4 @@
-"""Variants of issue #10's hostile cases that the first fixes missed: each test failed before
+"""Variants of the hostile cases that the first fixes missed: each test failed before
 its fix."""
 
 import os
@@ -9,8 +9,10 @@ import pytest
 
 import tlcli
 from tests.helpers import deadline, install_saved_model
-from tlcli import bundle, evaluation, export
+from tlcli import bundle
+from tlcli.deploy import export
 from tlcli.errors import BundleError, UsageError
+from tlcli.insight import evaluation
 
 
 def _replace(path, make):
@@ -135,7 +137,8 @@ def test_a_class_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, 
 def test_an_image_whose_file_name_is_not_utf8_goes_through_the_tensorflow_pipeline(tmp_path, colour_data):
     import numpy as np
 
-    from tlcli import data, images
+    from tlcli import data
+    from tlcli.data import images
 
     name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))  # Latin-1, a lone surrogate
     shutil.copyfile(colour_data / "red" / "red_1.png", name)
@@ -201,9 +204,9 @@ def test_ctrl_c_inside_the_tensorflow_import_exits_130_without_a_traceback(tmp_p
 def test_a_cache_entry_that_is_not_a_regular_file_reads_as_missing_without_blocking(tmp_path, make):
     import numpy as np
 
-    from tlcli import features
+    from tlcli.features import store as feature_store
 
-    cache = features.FeatureCache(tmp_path / "cache", "m", dim=3)
+    cache = feature_store.model_store(tmp_path / "cache", "m", dim=3)
     digest = "ab" * 16
     cache.put(digest, np.ones(3, np.float32))
     cache.flush()
@@ -216,6 +219,6 @@ def test_a_cache_entry_that_is_not_a_regular_file_reads_as_missing_without_block
         make(entry)  # planted in a shared cache
         start = time.monotonic()
         with deadline(20):  # (get swallows the deadline's error: the time taken tells)
-            assert features.FeatureCache(tmp_path / "cache", "m", dim=3).get(digest) is None
+            assert feature_store.model_store(tmp_path / "cache", "m", dim=3).get(digest) is None
         assert time.monotonic() - start < 10, "blocked on the entry"
         entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcli import images
+from tlcli.data import image_files, images
 from tlcli.errors import ImageError
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -242,7 +242,7 @@ def test_truncated_jpeg_is_rejected_as_truncated(tmp_path, min_size):
     for keep in (len(data) // 2, len(data) - 2, 200):  # mid-scan, only EOI lost, mid-header
         (tmp_path / "cut.jpg").write_bytes(data[:keep])
         err = rejection(tmp_path / "cut.jpg", min_size=min_size)
-        assert err.reason == images.TRUNCATED, (keep, err)
+        assert err.reason == image_files.TRUNCATED, (keep, err)
         assert err.path == str(tmp_path / "cut.jpg")
 
 
@@ -251,7 +251,7 @@ def test_truncated_png_is_rejected_as_truncated(tmp_path):
     data = (tmp_path / "full.png").read_bytes()
     for keep in (len(data) // 2, 60, 30):  # inside the pixel data, the IHDR, the signature chunk
         (tmp_path / "cut.png").write_bytes(data[:keep])
-        assert rejection(tmp_path / "cut.png").reason == images.TRUNCATED, keep
+        assert rejection(tmp_path / "cut.png").reason == image_files.TRUNCATED, keep
 
 
 def test_damaged_png_data_is_corrupt_not_truncated(tmp_path):
@@ -259,20 +259,20 @@ def test_damaged_png_data_is_corrupt_not_truncated(tmp_path):
     data = bytearray((tmp_path / "full.png").read_bytes())
     data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
     (tmp_path / "bad.png").write_bytes(bytes(data))
-    assert rejection(tmp_path / "bad.png").reason == images.CORRUPT
+    assert rejection(tmp_path / "bad.png").reason == image_files.CORRUPT
 
 
 def test_truncated_webp_is_rejected_as_truncated(tmp_path):
     random_rgb(64, 64).save(tmp_path / "full.webp")
     data = (tmp_path / "full.webp").read_bytes()
     (tmp_path / "cut.webp").write_bytes(data[:len(data) // 2])
-    assert rejection(tmp_path / "cut.webp").reason == images.TRUNCATED
+    assert rejection(tmp_path / "cut.webp").reason == image_files.TRUNCATED
 
 
 def test_zero_byte_file_is_rejected(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     err = rejection(tmp_path / "empty.jpg")
-    assert err.reason == images.ZERO_BYTES
+    assert err.reason == image_files.ZERO_BYTES
     assert str(err) == f"{tmp_path / 'empty.jpg'}: zero bytes"
 
 
@@ -289,19 +289,19 @@ def test_non_images_named_jpg_are_rejected(tmp_path):
                "photo.jpg": "an HTML page (a failed download?)", ".DS_Store": ""}
     for name, detail in details.items():
         err = rejection(tmp_path / name)
-        assert (err.reason, err.detail) == (images.NOT_AN_IMAGE, detail), name
+        assert (err.reason, err.detail) == (image_files.NOT_AN_IMAGE, detail), name
 
 
 def test_heic_is_unsupported_with_the_fix(tmp_path):
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     err = rejection(tmp_path / "IMG_0001.HEIC")
-    assert err.reason == images.UNSUPPORTED
+    assert err.reason == image_files.UNSUPPORTED
     assert "HEIC" in err.detail and "convert" in err.detail
 
 
 def test_missing_file_is_unreadable(tmp_path):
     err = rejection(tmp_path / "gone.jpg")
-    assert err.reason == images.UNREADABLE
+    assert err.reason == image_files.UNREADABLE
     assert "No such file" in err.detail
 
 
@@ -317,13 +317,13 @@ def test_pixel_bomb_is_rejected_before_decoding(tmp_path):
     bomb = pixel_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 100
     err = rejection(bomb)
-    assert err.reason == images.OVER_PIXEL_LIMIT
+    assert err.reason == image_files.OVER_PIXEL_LIMIT
     assert "100000x100000" in err.detail and "--max-pixels" in err.detail
 
 
 def test_max_pixels_is_the_limit(tmp_path):
     Image.new("RGB", (100, 100), RED).save(tmp_path / "square.png")
-    assert rejection(tmp_path / "square.png", max_pixels=9_999).reason == images.OVER_PIXEL_LIMIT
+    assert rejection(tmp_path / "square.png", max_pixels=9_999).reason == image_files.OVER_PIXEL_LIMIT
     assert rgb(tmp_path / "square.png", max_pixels=10_000).shape == (100, 100, 3)
 
 
@@ -332,7 +332,7 @@ def test_jpeg_draft_decodes_at_reduced_scale_and_the_limit_counts_decoded_pixels
     small = images.load_rgb(tmp_path / "big.jpg", min_size=64, max_pixels=20_000)
     assert small.size == (100, 75)  # 1/8 scale keeps both sides >= 64
     assert images.load_rgb(tmp_path / "big.jpg", min_size=100).size == (200, 150)  # 1/4 scale
-    assert rejection(tmp_path / "big.jpg", max_pixels=20_000).reason == images.OVER_PIXEL_LIMIT
+    assert rejection(tmp_path / "big.jpg", max_pixels=20_000).reason == image_files.OVER_PIXEL_LIMIT
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def test_check_returns_the_bytes_or_the_error(tmp_path):
     data, err = images.check(tmp_path / "ok.png", size=8)
     assert err is None and data == (tmp_path / "ok.png").read_bytes()
     data, err = images.check(tmp_path / "bad.jpg", size=8)
-    assert data is None and err.reason == images.NOT_AN_IMAGE
+    assert data is None and err.reason == image_files.NOT_AN_IMAGE
 
 
 def test_training_pipeline_and_prediction_preprocess_identically(tmp_path):

@@ -15,8 +15,11 @@ import pytest
 from PIL import Image
 
 from tests.helpers import make_colour_dataset, run_cli, solid_image
-from tlcli import data, images, inference
+from tlcli import data
+from tlcli.data import image_files, images, walk
+from tlcli.deploy import inference
 from tlcli.errors import DatasetError, ImageError
+from tlcli.features.store import model_store
 
 SIZE = 32
 
@@ -67,7 +70,7 @@ def uniform_engine(batch):
 
 
 def predictions(paths):
-    return [p for p, _ in inference.iter_predict(inference.expand(paths), bundle=fake_bundle(),
+    return [p for p, _ in inference.iter_predict(walk.expand(paths), bundle=fake_bundle(),
                                                  engine=uniform_engine)]
 
 
@@ -77,14 +80,14 @@ def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     err = within(10, lambda: rejection(fifo), unblock=open_writer(fifo))
-    assert err.reason == images.NOT_REGULAR and "FIFO" in err.detail
+    assert err.reason == image_files.NOT_REGULAR and "FIFO" in err.detail
 
 
 def test_a_symlink_to_dev_zero_is_refused_without_reading_it(tmp_path):
     link = tmp_path / "zero.png"
     link.symlink_to("/dev/zero")
     err = within(10, lambda: rejection(link))
-    assert err.reason == images.NOT_REGULAR and err.detail == "a device"
+    assert err.reason == image_files.NOT_REGULAR and err.detail == "a device"
 
 
 def test_predict_gives_fifos_and_devices_in_a_folder_their_own_error(tmp_path):
@@ -104,8 +107,8 @@ def test_fifos_and_devices_in_class_folders_are_in_the_skip_report_unopened(tmp_
     (root / "blue" / "zero.jpg").symlink_to("/dev/zero")
     folder = within(30, lambda: data.scan(root, image_size=SIZE), unblock=open_writer(root / "red" / "pipe.png"))
     skipped = {Path(s.path).name: (s.reason, s.detail) for s in folder.skipped}
-    assert skipped["pipe.png"] == (images.NOT_REGULAR, "a FIFO (named pipe)")
-    assert skipped["zero.jpg"] == (images.NOT_REGULAR, "a device")
+    assert skipped["pipe.png"] == (image_files.NOT_REGULAR, "a FIFO (named pipe)")
+    assert skipped["zero.jpg"] == (image_files.NOT_REGULAR, "a device")
     assert len(folder.samples) == 6
 
 
@@ -129,24 +132,24 @@ def sparse_after(tmp_path, name, head: bytes, total: int) -> Path:
 def test_a_file_far_larger_than_its_declared_image_is_refused(tmp_path):
     png = tmp_path / "small.png"
     solid_image((20, 40, 220), size=(64, 48)).save(png)
-    big = sparse_after(tmp_path, "padded.png", png.read_bytes(), images.METADATA_ALLOWANCE + (1 << 20))
+    big = sparse_after(tmp_path, "padded.png", png.read_bytes(), image_files.METADATA_ALLOWANCE + (1 << 20))
     err = rejection(big)
-    assert err.reason == images.TOO_LARGE and "64x48" in err.detail
+    assert err.reason == image_files.TOO_LARGE and "64x48" in err.detail
     assert images.check(png, size=SIZE)[1] is None, "the image itself is fine"
 
 
 def test_a_huge_file_without_a_readable_header_is_refused_before_reading_it(tmp_path):
     big = sparse_after(tmp_path, "fake.jpg", b"\xff\xd8\xff\xe0", 3 << 30)  # 3 GB, almost all zeros
     err = within(10, lambda: rejection(big))
-    assert err.reason == images.CORRUPT and "header" in err.detail
+    assert err.reason == image_files.CORRUPT and "header" in err.detail
 
 
 def test_a_huge_file_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
     png = tmp_path / "wide.png"
     Image.new("L", (5000, 5000)).save(png)
-    big = sparse_after(tmp_path, "wide_big.png", png.read_bytes(), images.METADATA_ALLOWANCE + 1)
+    big = sparse_after(tmp_path, "wide_big.png", png.read_bytes(), image_files.METADATA_ALLOWANCE + 1)
     err = within(10, lambda: rejection(big, max_pixels=1_000_000))
-    assert err.reason == images.OVER_PIXEL_LIMIT
+    assert err.reason == image_files.OVER_PIXEL_LIMIT
 
 
 # ---- item 9: decompression bombs within the limit ---------------------------------------------
@@ -257,7 +260,7 @@ def test_symlink_loops_in_the_dataset_are_reported_not_a_crash(tmp_path):
     (root / "green" / "up").symlink_to("..")
     folder = data.scan(root, image_size=SIZE)
     skipped = {Path(s.path).name: s for s in folder.skipped}
-    assert skipped["self.jpg"].reason == images.BROKEN_SYMLINK
+    assert skipped["self.jpg"].reason == image_files.BROKEN_SYMLINK
     assert {"one", "two", "loop"} <= set(skipped)
     assert len(folder.samples) == 6
 
@@ -289,7 +292,7 @@ def test_folders_a_thousand_deep_are_walked(tmp_path, deep_tree):
     deep_tree(root / "red", 1100)
     folder = data.scan(root, image_size=SIZE)
     assert sum(Path(s.path).name == "deep.png" for s in folder.samples) == 1
-    found = inference.expand([root / "red"])
+    found = walk.expand([root / "red"])
     assert [Path(p).name for p in found].count("deep.png") == 1
 
 
@@ -343,23 +346,22 @@ def scanned(tmp_path):
 
 
 def test_an_image_replaced_after_the_check_is_not_cached_under_the_old_hash(scanned, extractor, tmp_path):
-    from tlcli import features
 
     victim = next(s for s in scanned.samples if Path(s.path).name == "red_1.png")
     solid_image((20, 40, 220), seed=5).save(victim.path)  # now a blue image, under red's old hash
-    cache = features.FeatureCache(tmp_path / "cache", "m")
+    cache = model_store(tmp_path / "cache", "m")
     with pytest.raises(DatasetError, match=r"red_1.png: changed after the file check"):
         extract(scanned, extractor, cache)
     assert cache.get(victim.digest) is None, "the new image's features under the old image's hash"
-    new = cache.get(images.digest(Path(victim.path).read_bytes()))
+    new = cache.get(image_files.digest(Path(victim.path).read_bytes()))
     assert new is not None and new[2] > new[0], "the bytes that were decoded (blue) keep their features"
 
 
 def test_damaged_cache_entries_are_recomputed(scanned, extractor, tmp_path, monkeypatch):
-    from tlcli import features, store
+    from tlcli.features import store
 
     monkeypatch.setattr(store, "CHUNK_ROWS", 4)  # three shards of four vectors
-    cache = features.FeatureCache(tmp_path / "cache", "m")
+    cache = model_store(tmp_path / "cache", "m")
     first, extracted = extract(scanned, extractor, cache)
     assert extracted == 12 and first.shape == (12, 3)
     shards = sorted(cache.dir.glob("*.f32"))
@@ -368,23 +370,22 @@ def test_damaged_cache_entries_are_recomputed(scanned, extractor, tmp_path, monk
     raw[0] ^= 0x01  # one bit of one vector
     shards[0].write_bytes(bytes(raw))
     shards[1].write_bytes(b"")  # what a crash of an older writer could leave
-    again, extracted = extract(scanned, extractor, features.FeatureCache(tmp_path / "cache", "m"))
+    again, extracted = extract(scanned, extractor, model_store(tmp_path / "cache", "m"))
     assert extracted == 8
     np.testing.assert_array_equal(again, first)
-    _, extracted = extract(scanned, extractor, features.FeatureCache(tmp_path / "cache", "m"))
+    _, extracted = extract(scanned, extractor, model_store(tmp_path / "cache", "m"))
     assert extracted == 0, "the recomputed vectors were stored again"
 
 
 def test_an_interrupted_extraction_keeps_the_batches_it_finished(scanned, extractor, tmp_path):
-    from tlcli import features
 
     def stop_at_second_batch(event):
         if event.kind == "advance" and event.completed >= 8:
             raise KeyboardInterrupt
 
-    cache = features.FeatureCache(tmp_path / "cache", "m")
+    cache = model_store(tmp_path / "cache", "m")
     with pytest.raises(KeyboardInterrupt):
         extract(scanned, extractor, cache, progress=stop_at_second_batch)
-    assert len(features.FeatureCache(tmp_path / "cache", "m").rows([s.digest for s in scanned.samples[:8]])) == 8
+    assert len(model_store(tmp_path / "cache", "m").rows([s.digest for s in scanned.samples[:8]])) == 8
     _, extracted = extract(scanned, extractor, cache)
     assert extracted == 4

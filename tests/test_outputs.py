@@ -125,7 +125,7 @@ def test_unwritable_absolute_tensorboard_is_refused_before_any_work(dataset, tmp
 @pytest.mark.parametrize("name", ["saved_model.pb", "labels.txt", "tlcli.json", "variables/variables.index",
                                   "variables/model.tflite"])
 def test_export_refuses_to_overwrite_the_bundles_own_files(bundle_copy, name):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     before = snapshot(bundle_copy)
     with pytest.raises(UsageError, match=r"--output .*is a file of the model"):
@@ -134,7 +134,7 @@ def test_export_refuses_to_overwrite_the_bundles_own_files(bundle_copy, name):
 
 
 def test_export_refuses_an_existing_file_that_is_not_tflite(bundle_copy, tmp_path, colour_data):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     image = tmp_path / "photo.jpg"
     shutil.copy(colour_data / "red" / "red_0.jpg", image)
@@ -229,9 +229,10 @@ def disk_full(*args, **kwargs):
 @pytest.mark.parametrize("where", ["extract", "save"])
 def test_a_full_disk_is_one_line_and_keeps_the_previous_bundle(bundle_copy, dataset, train_args, monkeypatch,
                                                               where):
-    from tlcli import features, plots
+    from tlcli.features import extraction
+    from tlcli.insight import plots
 
-    monkeypatch.setattr(features, "extract", disk_full) if where == "extract" \
+    monkeypatch.setattr(extraction, "extract", disk_full) if where == "extract" \
         else monkeypatch.setattr(plots, "training_curves", disk_full)
     before = snapshot(bundle_copy)
     with pytest.raises(TlcliError, match=r"no space left on the disk .*free some space.*previous model .* untouched"):
@@ -243,7 +244,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_bundle(bundle_copy, data
 def test_a_full_disk_under_tensorflow_is_one_line(tmp_path, dataset, train_args, monkeypatch):
     import tensorflow as tf
 
-    from tlcli import plots
+    from tlcli.insight import plots
 
     def tf_disk_full(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "/x/variables.data: No space left on device")

@@ -1,5 +1,5 @@
 """The part of a training run that starts before TensorFlow: the file check at once and, with a
-cached LiteRT conversion, the frozen features of what it decodes (tlcli/prelude.py), and the
+cached LiteRT conversion, the frozen features of what it decodes (tlcli/training/prelude.py), and the
 stderr silencing that lets both run beside the TensorFlow import (tlcli/quiet.py)."""
 
 import os
@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import tlcli
-from tlcli import bundle, images, prelude
+from tlcli import bundle
+from tlcli.data import images
 from tlcli.errors import Interrupted
+from tlcli.features.store import FeatureStore
 from tlcli.progress import Advance, End, Start
-from tlcli.store import FeatureStore
+from tlcli.training import prelude
 
 
 def recorder():
@@ -136,11 +138,11 @@ def test_ctrl_c_during_the_extraction_ahead_keeps_the_old_bundle_and_what_was_ex
 
 def test_parity_is_measured_once_before_the_run_waits_for_the_extraction_ahead(
         tmp_path, colour_data, train_args, converted, monkeypatch):
-    from tlcli import features
+    from tlcli.features import extraction
 
     _, cache = converted
-    order, tf_pass, finish = [], features._tf_features, prelude.Prelude.finish
-    monkeypatch.setattr(features, "_tf_features", lambda *a: order.append("parity") or tf_pass(*a))
+    order, tf_pass, finish = [], extraction.tf_features, prelude.Prelude.finish
+    monkeypatch.setattr(extraction, "tf_features", lambda *a: order.append("parity") or tf_pass(*a))
     monkeypatch.setattr(prelude.Prelude, "finish", lambda self: order.append("finish") or finish(self))
     run = tlcli.train(colour_data, out=str(tmp_path / "p"), extractor="litert",
                       cache_dir=str(fresh_cache_with_conversion(tmp_path, cache)), **train_args)
@@ -149,7 +151,7 @@ def test_parity_is_measured_once_before_the_run_waits_for_the_extraction_ahead(
 
 def test_a_runner_that_disagrees_with_tensorflow_stops_the_extraction_ahead_before_it_is_waited_for(
         tmp_path, colour_data, train_args, converted, monkeypatch):
-    from tlcli import litert_backbone
+    from tlcli.model import litert as litert_backbone
 
     _, cache = converted
     order, cancel, finish = [], prelude.Prelude.cancel, prelude.Prelude.finish
@@ -167,7 +169,7 @@ def test_a_runner_that_disagrees_with_tensorflow_stops_the_extraction_ahead_befo
 def test_the_litert_runner_serialises_calls_from_several_threads(converted):
     from concurrent import futures
 
-    from tlcli import litert_backbone
+    from tlcli.model import litert as litert_backbone
 
     _, cache = converted
     model = next((cache / "backbones").glob("*.tflite")).read_bytes()

@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 
 import tlcli
-from tlcli import data, features, head, run_state
+from tlcli import data, features
 from tlcli.config import TrainConfig
 from tlcli.errors import UsageError
+from tlcli.model import head
+from tlcli.training import run_state
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def extractors(tiny_backbone):
-    from tlcli import backbone, model
+    from tlcli.model import backbone
+    from tlcli.model import classifier as model
 
     loaded = backbone.load(backbone.resolve_spec(str(tiny_backbone), SIZE))
     return model.build_extractor(loaded.layer, SIZE), model.build_extractor(loaded.layer, SIZE, flip=True)
@@ -42,7 +45,7 @@ def test_predict_proba_on_the_feature_views_equals_the_saved_model(tmp_path, col
                                                                   train_args, extractors, mirror):
     import tensorflow as tf
 
-    from tlcli import images
+    from tlcli.data import images
 
     bundle = trained_bundle
     if mirror:

@@ -39,7 +39,7 @@ def column(output: str, index: int) -> str:
 # ---- escaping --------------------------------------------------------------------------------
 
 def test_safe_shows_control_characters_as_escapes():
-    from tlcli.render import safe
+    from tlcli.cli.render import safe
 
     text = safe(f"a{ESC_TITLE}b{ESC_CLEAR}\n\t\r\x00\x7f\x9b\u2028\u2029\u202e\u2066\udcff[bold]x[/]é")
     assert text.plain == ("a\\x1b]0;pwned\\x07b\\x1b[2J\\n\\t\\r\\x00\\x7f\\x9b\\u2028\\u2029\\u202e\\u2066"
@@ -104,7 +104,7 @@ def test_evaluate_escapes_names_in_every_table_warning_and_line(trained_bundle, 
 def test_json_is_written_without_colour_codes_even_when_colour_is_forced(trained_bundle, colour_data):
     from typer.testing import CliRunner
 
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     result = CliRunner().invoke(app, ["evaluate", str(colour_data), "--model", str(trained_bundle), "--json"],
                                 env={"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "200"})
@@ -114,7 +114,7 @@ def test_json_is_written_without_colour_codes_even_when_colour_is_forced(trained
 
 
 def test_json_output_maps_non_finite_numbers_to_null(monkeypatch, tmp_path):
-    import tlcli.evaluation
+    import tlcli.insight
 
     class Result:
         skipped = ()
@@ -123,7 +123,7 @@ def test_json_output_maps_non_finite_numbers_to_null(monkeypatch, tmp_path):
             return {"report": {"loss": math.nan, "accuracy": 1.0, "per_class": [{"f1": math.inf}]},
                     "label": "a\x1b[2J"}
 
-    monkeypatch.setattr(tlcli.evaluation, "evaluate", lambda *a, **k: Result())
+    monkeypatch.setattr(tlcli.insight, "evaluate", lambda *a, **k: Result())
     result = run("evaluate", tmp_path, "--json")
     assert result.exit_code == 0, result.output
     assert "NaN" not in result.stdout and "Infinity" not in result.stdout and "\x1b" not in result.stdout
@@ -142,7 +142,7 @@ def test_bundle_json_files_are_standard_json(tmp_path):
 # ---- long paths fold -------------------------------------------------------------------------
 
 def test_long_paths_fold_at_80_columns_in_predict(trained_bundle, colour_data, tmp_path, monkeypatch):
-    from tlcli import inference
+    from tlcli.deploy import inference
 
     deep = tmp_path / "a_rather_long_folder_name_to_force_folding" / "and_another_long_folder_name_here"
     deep.mkdir(parents=True)
@@ -211,15 +211,14 @@ def test_library_refuses_non_finite_fractions(field, value, tmp_path, train_args
 
 
 def test_largest_seed_is_accepted_by_validation():
-    from tlcli.config import TrainConfig
-    from tlcli.training import validate
+    from tlcli.config import TrainConfig, validate
 
     validate(TrainConfig(seed=2**32 - 1))  # what numpy's and TensorFlow's seeding accept
 
 
 def test_head_fit_that_diverges_raises_naming_the_learning_rate():
-    from tlcli import head
     from tlcli.errors import TlcliError
+    from tlcli.model import head
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 5))

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from tests.helpers import make_colour_dataset
-from tlcli import data, features, head, store
+from tlcli import data, features
 from tlcli.config import TrainConfig
 from tlcli.errors import TlcliError
+from tlcli.features import store
+from tlcli.features import store as feature_store
+from tlcli.model import head
 
 SIZE = 32
 
@@ -135,7 +138,7 @@ def test_large_views_are_fitted_from_the_store_without_an_in_memory_copy(tmp_pat
 
     in_memory = views(tmp_path / "a")
     assert isinstance(in_memory.plain, np.ndarray) and isinstance(in_memory.mirror, np.ndarray)
-    monkeypatch.setattr(features, "VIEWS_IN_MEMORY_BYTES", 0)  # every view counts as large
+    monkeypatch.setattr(feature_store, "VIEWS_IN_MEMORY_BYTES", 0)  # every view counts as large
     cold = views(tmp_path / "b")  # extracted in this process: read back from the shards it wrote
     warm = views(tmp_path / "b")
     assert (cold.extracted, warm.extracted) == (2 * len(samples), 0)
@@ -167,7 +170,7 @@ def test_a_large_cold_view_keeps_no_fresh_vector_in_memory_so_an_unwritable_stor
 
     small = views()  # small views are gathered in memory: the store is only an optimisation
     assert isinstance(small.plain, np.ndarray) and small.extracted == len(samples)
-    monkeypatch.setattr(features, "VIEWS_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(feature_store, "VIEWS_IN_MEMORY_BYTES", 0)
     with pytest.raises(TlcliError, match=r"feature store could not be written .* --cache-dir") as err:
         views()  # had the fresh vectors been kept, this would have fallen back to them
     assert str(unwritable) in str(err.value) and "\n" not in str(err.value)
@@ -186,10 +189,10 @@ def test_static_extraction_batches_all_have_the_batch_size_and_the_same_features
     root = make_colour_dataset(tmp_path / "ds", per_class=4)
     samples = data.scan(root, image_size=SIZE).samples  # 12 images: batches of 5 leave 2
     common = dict(extractor=Recording(), image_size=SIZE, batch_size=5, max_pixels=TrainConfig().max_pixels)
-    loose, n = features.extract(samples, cache=features.NoCache(), **common)
+    loose, n = features.extract(samples, cache=feature_store.NoStore(), **common)
     assert None in seen  # a dynamic batch dimension
     seen.clear()
-    padded, m = features.extract(samples, cache=features.NoCache(), static=True, **common)
+    padded, m = features.extract(samples, cache=feature_store.NoStore(), static=True, **common)
     assert set(seen) == {5} and (n, m) == (12, 12)
     np.testing.assert_array_equal(padded, loose)
 
@@ -215,7 +218,7 @@ def test_the_scan_reports_progress_a_bounded_number_of_times(tmp_path):
 def test_the_skipped_table_lists_the_first_files_and_counts_the_rest():
     from rich.console import Console
 
-    from tlcli import render
+    from tlcli.cli import render
 
     skipped = [{"path": f"ds/c/{i}.jpg", "reason": "truncated" if i % 3 else "zero bytes", "detail": ""}
                for i in range(10_000)]
@@ -263,10 +266,11 @@ def test_metrics_read_the_probabilities_in_blocks_with_the_same_result(monkeypat
 def test_above_its_image_limit_train_skips_its_pairwise_data_check_with_one_line(
         tmp_path, colour_data, train_args, monkeypatch):
     import tlcli
-    from tlcli import audit, bundle
+    from tlcli import bundle
+    from tlcli.insight import findings
     from tlcli.progress import Info
 
-    monkeypatch.setattr(audit, "TRAIN_CHECK_MAX_IMAGES", 23)  # the colour data has 24 images
+    monkeypatch.setattr(findings, "TRAIN_CHECK_MAX_IMAGES", 23)  # the colour data has 24 images
     said = []
     tlcli.train(colour_data, out=str(tmp_path / "m"), cache_dir=str(tmp_path / "c"), extractor="tf",
                 progress=lambda e: said.append(e.message) if isinstance(e, Info) else None, **train_args)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tlcli import data, images
+from tlcli import data
+from tlcli.data import image_files, images
 from tlcli.errors import DatasetError
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
@@ -56,11 +57,11 @@ def add_bad_files(class_dir):
     (class_dir / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     (class_dir / ".thumbnails").mkdir()
     (class_dir / ".thumbnails" / "t.jpg").write_text("not an image")
-    return {str(class_dir / "empty.jpg"): images.ZERO_BYTES,
-            str(class_dir / "letter.jpg"): images.NOT_AN_IMAGE,
-            str(class_dir / "download.jpg"): images.TRUNCATED,
-            str(class_dir / "bomb.png"): images.OVER_PIXEL_LIMIT,
-            str(class_dir / "broken-link.jpg"): images.BROKEN_SYMLINK}
+    return {str(class_dir / "empty.jpg"): image_files.ZERO_BYTES,
+            str(class_dir / "letter.jpg"): image_files.NOT_AN_IMAGE,
+            str(class_dir / "download.jpg"): image_files.TRUNCATED,
+            str(class_dir / "bomb.png"): image_files.OVER_PIXEL_LIMIT,
+            str(class_dir / "broken-link.jpg"): image_files.BROKEN_SYMLINK}
 
 
 def scan(root, **kw):
@@ -158,7 +159,7 @@ def test_max_pixels_is_applied_by_the_scan(tmp_path):
     Image.new("RGB", (100, 100)).save(root / "cats" / "large.png")
     folder = scan(root, max_pixels=5000)
     assert [(os.path.basename(s.path), s.reason) for s in folder.skipped] == [
-        ("large.png", images.OVER_PIXEL_LIMIT)]
+        ("large.png", image_files.OVER_PIXEL_LIMIT)]
 
 
 # ---- dataset errors ----------------------------------------------------------------------------
@@ -270,10 +271,10 @@ def messy_copy(colour_data, dst):
     shutil.copytree(colour_data, dst, symlinks=True)
     bad = add_bad_files(dst / "red")
     (dst / "green" / "report.jpg").write_bytes(b"PK\x03\x04" + bytes(100))  # a renamed .docx
-    bad[str(dst / "green" / "report.jpg")] = images.NOT_AN_IMAGE
+    bad[str(dst / "green" / "report.jpg")] = image_files.NOT_AN_IMAGE
     (dst / "blue" / "[raw]").mkdir()  # brackets: Rich markup must not eat them in messages
     (dst / "blue" / "[raw]" / "IMG_1.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
-    bad[str(dst / "blue" / "[raw]" / "IMG_1.jpg")] = images.TRUNCATED
+    bad[str(dst / "blue" / "[raw]" / "IMG_1.jpg")] = image_files.TRUNCATED
     (dst / ".DS_Store").write_bytes(b"Bud1")
     return bad
 
@@ -296,7 +297,7 @@ def test_training_on_a_messy_folder_succeeds_and_records_exactly_the_bad_files(t
 
 
 def test_train_strict_fails_before_training_naming_every_bad_file(tmp_path, colour_data, tiny_backbone):
-    from tlcli.cli import app
+    from tlcli.cli.app import app
 
     root = tmp_path / "images"
     bad = messy_copy(colour_data, root)
@@ -316,7 +317,7 @@ def test_train_strict_fails_before_training_naming_every_bad_file(tmp_path, colo
 def test_skipped_table_shows_paths_and_reasons_literally():
     from rich.console import Console
 
-    from tlcli.render import skipped_table
+    from tlcli.cli.render import skipped_table
 
     console = Console(record=True, width=200)
     console.print(skipped_table([{"path": "ds/[raw]/a.jpg", "reason": "truncated", "detail": "ends early"},

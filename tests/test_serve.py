@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import run_cli
-from tlcli import images
+from tlcli.data import image_files, images
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_BODY = 300_000
@@ -48,7 +48,7 @@ def running(app):
     """``app`` served by uvicorn on a free loopback port, in a thread; yields the base URL."""
     import uvicorn
 
-    from tlcli.server import listen
+    from tlcli.deploy.server import listen
 
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
@@ -66,7 +66,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def url(served_bundle):
-    from tlcli.server import make_app
+    from tlcli.deploy.server import make_app
 
     with running(make_app(served_bundle, engine="auto", workers=2, max_pixels=MAX_PIXELS,
                           max_body_bytes=MAX_BODY)) as base:
@@ -206,7 +206,7 @@ def test_predict_endpoint_answers_the_objects_of_tlcli_predict_json(url, served_
 
 
 def test_predict_on_the_tensorflow_engine_equals_tlcli_predict_engine_tf(served_bundle, files):
-    from tlcli.server import make_app
+    from tlcli.deploy.server import make_app
 
     want = cli_predictions(files, served_bundle, "tf")
     with running(make_app(served_bundle, engine="tf", workers=2)) as base:
@@ -259,9 +259,9 @@ def test_every_client_mistake_gets_its_status_and_a_one_line_json_error(url, tmp
         assert isinstance(body, dict) and isinstance(body["error"], str), (i, body)
         assert "\n" not in body["error"] and "Traceback" not in body["error"], (i, body)
     assert "not an image" in cases[2][1][-1]["error"]
-    assert images.OVER_PIXEL_LIMIT in cases[3][1][-1]["error"]
+    assert image_files.OVER_PIXEL_LIMIT in cases[3][1][-1]["error"]
     assert "not an image" in cases[4][1][-1]["error"]
-    assert images.OVER_PIXEL_LIMIT in cases[5][1][-1]["error"]
+    assert image_files.OVER_PIXEL_LIMIT in cases[5][1][-1]["error"]
     assert cases[7][1][-1]["error"].startswith("JSON Parse error")
     assert cases[18][1][-1] == {"error": "Servable not found for request: Latest(other)"}
     assert cases[20][1][1]["allow"] == "POST"
@@ -425,7 +425,7 @@ def test_page_in_headless_chromium_shows_the_label_of_an_uploaded_image(url, fil
 
 
 def test_floats_are_written_with_tf_servings_digits():
-    from tlcli.server import tf_serving_float
+    from tlcli.deploy.tf_serving import tf_serving_float
 
     shown = [json.dumps(tf_serving_float(np.float32(v))) for v in (0.2, 0.9300001, 1.0, 1e-5, 0.0)]
     assert shown == ["0.2", "0.930000126", "1.0", "1e-05", "0.0"]  # not 0.20000000298023224
@@ -448,7 +448,7 @@ def test_a_body_over_the_limit_is_413_also_in_chunks_and_multipart(url, files):
 
 
 def test_name_option_sets_the_model_name_of_the_urls(served_bundle, files):
-    from tlcli.server import make_app
+    from tlcli.deploy.server import make_app
 
     with running(make_app(served_bundle, name="tlcli", workers=1)) as base:
         assert call(base + "/v1/models/tlcli")[0] == 200

@@ -49,7 +49,7 @@ def test_bytes_signature_classifies_jpeg_and_png_like_the_tensor_signature(serve
     import tensorflow as tf
 
     from tlcli import bundle as bundles
-    from tlcli import images
+    from tlcli.data import images
 
     b = bundles.load(trained_bundle)
     files = sorted(colour_data.glob("*/*"))
@@ -107,8 +107,8 @@ CASES = _cases()
 def test_in_graph_decoder_matches_the_pillow_decoder(name, size, tmp_path):
     import tensorflow as tf
 
-    from tlcli import images
-    from tlcli.serving import decode_image_bytes
+    from tlcli.bundle.savedmodel import decode_image_bytes
+    from tlcli.data import images
 
     data = CASES[name]
     (tmp_path / "image").write_bytes(data)
@@ -122,7 +122,7 @@ def test_in_graph_decoder_matches_the_pillow_decoder(name, size, tmp_path):
 
 def test_orientation_cases_are_really_different_images():
     """Guards the test above: the orientations must change what Pillow decodes."""
-    from tlcli import images
+    from tlcli.data import images
 
     decoded = {n: images.to_model_input(images.decode(CASES[f"jpeg-exif-orientation-{n}"]), 32) for n in range(1, 9)}
     for a in range(1, 9):

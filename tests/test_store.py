@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlcli import features, store
+from tlcli.features import store
+from tlcli.features import store as feature_store
 
 DIM = 8
 
@@ -132,14 +133,14 @@ def test_invalid_vectors_in_a_whole_shard_are_refused(tmp_path):
 
 def test_the_old_per_image_cache_is_ignored(tmp_path):
     digest = "ab" * 16
-    old = tmp_path / "cache" / "features" / f"m-d{features.DECODER_VERSION}" / digest[:2] / f"{digest}.npy"
+    old = tmp_path / "cache" / "features" / f"m-d{feature_store.DECODER_VERSION}" / digest[:2] / f"{digest}.npy"
     old.parent.mkdir(parents=True)
     np.save(old, _vec(0))
-    cache = features.FeatureCache(tmp_path / "cache", "m", dim=DIM)
+    cache = feature_store.model_store(tmp_path / "cache", "m", dim=DIM)
     assert cache.get(digest) is None
     cache.put(digest, _vec(1))
     cache.flush()
-    np.testing.assert_array_equal(features.FeatureCache(tmp_path / "cache", "m", dim=DIM).get(digest), _vec(1))
+    np.testing.assert_array_equal(feature_store.model_store(tmp_path / "cache", "m", dim=DIM).get(digest), _vec(1))
     assert old.exists(), "the old entry is left for the user to delete"
     assert cache.dir.parent.name == "store"
 

@@ -45,7 +45,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, tiny_backbone, c
 
 
 def test_auto_picks_default_strategy_on_a_single_cpu():
-    from tlcli import strategy
+    from tlcli.training import strategy
 
     chosen = strategy.choose("auto")
     assert chosen.name == "default" and chosen.replicas == 1
@@ -54,8 +54,8 @@ def test_auto_picks_default_strategy_on_a_single_cpu():
 def test_unknown_strategy_is_a_usage_error():
     import pytest
 
-    from tlcli import strategy
     from tlcli.errors import UsageError
+    from tlcli.training import strategy
 
     with pytest.raises(UsageError, match="--strategy"):
         strategy.choose("warp")

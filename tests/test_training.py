@@ -8,8 +8,9 @@ import pytest
 
 import tlcli
 from tests.helpers import make_colour_dataset, solid_image
-from tlcli import data, head
+from tlcli import data
 from tlcli.errors import Interrupted
+from tlcli.model import head
 
 
 @pytest.fixture
@@ -85,9 +86,9 @@ def test_epoch_callback_restores_the_best_weights(tmp_path):
     """Keras phases (fine-tuning) restore the weights of the epoch with the lowest val_loss."""
     import tf_keras
 
-    from tlcli import finetuning
     from tlcli.config import TrainConfig
-    from tlcli.run_state import RunState
+    from tlcli.training import finetuning
+    from tlcli.training.run_state import RunState
 
     k = tf_keras
     k.utils.set_random_seed(0)
@@ -147,11 +148,11 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
 
 def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone,
                                                         monkeypatch):
-    from tlcli import features
+    from tlcli.features.store import FeatureStore
 
     reads = []
-    real_get = features.FeatureCache.get
-    monkeypatch.setattr(features.FeatureCache, "get",
+    real_get = FeatureStore.get
+    monkeypatch.setattr(FeatureStore, "get",
                         lambda self, digest: reads.append(digest) or real_get(self, digest))
     original = _backbone_kernel(tiny_backbone)
     result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
@@ -230,14 +231,14 @@ def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
 
 
 def test_a_file_unreadable_after_the_check_is_named_not_cached(tmp_path, dataset, train_args, monkeypatch):
-    from tlcli import images
+    from tlcli.data import image_files, images
 
     victim = str(dataset / "green" / "green_1.png")
     real = images.load_for_model
 
     def flaky(path, size, **kw):  # passes the pre-pass check, then fails when extraction decodes it
         if str(path) == victim:
-            raise images.ImageError(path, images.TRUNCATED)
+            raise images.ImageError(path, image_files.TRUNCATED)
         return real(path, size, **kw)
 
     monkeypatch.setattr(images, "load_for_model", flaky)
@@ -262,7 +263,7 @@ def test_resume_with_a_damaged_state_file_is_a_clear_error(tmp_path):
 def test_micro_batches_make_the_same_update_as_the_whole_batch():
     import tf_keras as k
 
-    from tlcli import finetuning
+    from tlcli.training import finetuning
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 5)).astype("float32")
@@ -294,7 +295,7 @@ def test_micro_batches_make_the_same_update_as_the_whole_batch():
 
 def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, dataset, train_args, tiny_backbone,
                                                                   monkeypatch):
-    from tlcli import finetuning
+    from tlcli.training import finetuning
 
     sliced = []
     real_step = finetuning.MicroBatchModel.train_step
@@ -315,7 +316,7 @@ def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, data
 
 def test_micro_batch_is_8_on_the_cpu_and_off_for_small_batches():
     from tlcli.config import TrainConfig
-    from tlcli.finetuning import micro_batch_size
+    from tlcli.training.finetuning import micro_batch_size
 
     def micro(accelerator=False, **kw):
         return micro_batch_size(TrainConfig(fine_tune=True, **kw), accelerator=accelerator)
@@ -334,7 +335,7 @@ def test_an_interrupt_between_an_epochs_checkpoint_and_its_state_leaves_the_stat
     names epoch 1's checkpoint, and those files still hold epoch 1 (they were not overwritten)."""
     from pathlib import Path
 
-    from tlcli import run_state
+    from tlcli.training import run_state
 
     out = tmp_path / "model"
     state_file = run_state.partial_dir(out) / run_state.STATE_FILE

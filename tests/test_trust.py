@@ -81,7 +81,7 @@ def make_load_time_writer(path, target, size=32, classes=3):
 # ---- item 3: the SavedModel is checked against an op allowlist before TensorFlow runs it ----
 
 def test_a_real_tlcli_bundle_passes_the_op_check(trained_bundle):
-    from tlcli import graphcheck
+    from tlcli.bundle import graphcheck
 
     proto = graphcheck.check_saved_model(trained_bundle)
     ops = graphcheck.reachable_ops(proto.meta_graphs[0])
@@ -96,7 +96,7 @@ def test_a_real_tlcli_bundle_passes_the_op_check(trained_bundle):
 
 def test_a_signature_that_reads_and_writes_files_is_refused_everywhere(bundle_copy, colour_data, secret,
                                                                         tmp_path):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     target = tmp_path / "outside" / "stolen.txt"
     target.parent.mkdir()
@@ -275,7 +275,7 @@ def test_a_fifo_in_the_saved_model_is_an_error_not_a_hang(bundle_copy, colour_da
 @pytest.fixture(scope="module")
 def exported_bundle(trained_bundle, tmp_path_factory):
     """A copy of the trained bundle with its own model.tflite, exported once."""
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     path = tmp_path_factory.mktemp("trust-export") / "model"
     shutil.copytree(trained_bundle, path)
@@ -291,7 +291,7 @@ def test_export_regenerates_a_missing_labels_txt_from_the_metadata(exported_bund
 
 
 def test_a_labels_txt_link_is_never_copied_out(bundle_copy, secret, tmp_path):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     (bundle_copy / "labels.txt").unlink()
     (bundle_copy / "labels.txt").symlink_to(secret)
@@ -329,7 +329,7 @@ def test_a_tflite_from_another_bundle_with_the_same_labels_is_refused(bundle_cop
 def test_embedded_labels_split_on_newline_only(exported_bundle, tmp_path):
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from tlcli.inference import tflite_labels
+    from tlcli.deploy.tflite_meta import labels_in as tflite_labels
 
     model = flatbuffer_utils.read_model(str(exported_bundle[0] / "model.tflite"))
     entry = next(m for m in model.metadata if m.name == b"labels")
@@ -341,7 +341,7 @@ def test_embedded_labels_split_on_newline_only(exported_bundle, tmp_path):
 
 
 def test_a_fifo_or_device_named_in_splits_is_skipped_by_export(bundle_copy, tmp_path):
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     fifo = tmp_path / "fifo.jpg"
     os.mkfifo(fifo)

@@ -7,6 +7,7 @@ The library functions are imported lazily so that ``import tlcli`` stays cheap::
     tlcli.predict(["cat.jpg"], model_dir="my-model")
     tlcli.export_tflite("my-model", quantize="int8")
     tlcli.evaluate("test-images/", model_dir="my-model")
+    tlcli.audit("images/")
     tlcli.load_bundle("my-model").meta.metrics.val_accuracy
 """
 
@@ -14,21 +15,23 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute): the public API, imported on first use.
 _LAZY = {
-    "train": ("tlcli.training", "train"),
+    "train": ("tlcli.training.recipe", "train"),
     "TrainConfig": ("tlcli.config", "TrainConfig"),
-    "TrainResult": ("tlcli.training", "TrainResult"),
-    "predict": ("tlcli.inference", "predict"),
-    "Prediction": ("tlcli.inference", "Prediction"),
-    "export_tflite": ("tlcli.export", "export_tflite"),
-    "ExportResult": ("tlcli.export", "ExportResult"),
-    "evaluate": ("tlcli.evaluation", "evaluate"),
-    "EvaluateResult": ("tlcli.evaluation", "EvaluateResult"),
-    "load_bundle": ("tlcli.bundle", "load"),
-    "Bundle": ("tlcli.bundle", "Bundle"),
-    "BundleMeta": ("tlcli.bundle", "BundleMeta"),
+    "TrainResult": ("tlcli.training.recipe", "TrainResult"),
+    "predict": ("tlcli.deploy.inference", "predict"),
+    "Prediction": ("tlcli.deploy.inference", "Prediction"),
+    "export_tflite": ("tlcli.deploy.export", "export_tflite"),
+    "ExportResult": ("tlcli.deploy.export", "ExportResult"),
+    "evaluate": ("tlcli.insight.evaluation", "evaluate"),
+    "EvaluateResult": ("tlcli.insight.evaluation", "EvaluateResult"),
+    "audit": ("tlcli.insight.audit", "audit"),
+    "AuditResult": ("tlcli.insight.audit", "AuditResult"),
+    "load_bundle": ("tlcli.bundle.format", "load"),
+    "Bundle": ("tlcli.bundle.format", "Bundle"),
+    "BundleMeta": ("tlcli.bundle.format", "BundleMeta"),
     "TlcliError": ("tlcli.errors", "TlcliError"),
-    "serve": ("tlcli.server", "serve"),
-    "make_app": ("tlcli.server", "make_app"),
+    "serve": ("tlcli.deploy.server", "serve"),
+    "make_app": ("tlcli.deploy.server", "make_app"),
 }
 
 
@@ -41,7 +44,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'tlcli' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = list(_LAZY) + ["__version__"]
 
-# Modules are named training/inference/evaluation (not train/predict/evaluate) so that importing
-# them never shadows the functions of the same name on this package.
+# The stages are subpackages (data, model, features, bundle, training, deploy, insight, cli) and
+# none is named like a function above, so importing one never shadows the function.

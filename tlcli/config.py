@@ -7,11 +7,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
+from pathlib import Path
 
 from tlcli.errors import UsageError
-from tlcli.presets import DEFAULT_PRESET
+
+DEFAULT_PRESET = "mobilenet_v2_100_224"  # the row of model/presets.PRESETS used by default
 
 # Decoded pixels allowed per image. 128 MP is above any phone photo after JPEG draft
 # downscaling. Pillow holds RGB in 4 bytes a pixel, so one decode at the limit peaks at about
@@ -19,10 +22,21 @@ from tlcli.presets import DEFAULT_PRESET
 # share images.DECODE_MEMORY_BUDGET, so the largest run one at a time.
 DEFAULT_MAX_PIXELS = 128_000_000
 DEFAULT_MODEL_DIR = "tlcli-model"
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # the model input sides training accepts (and a bundle may hold)
+
+
+def default_cache_dir() -> Path:
+    """tlcli's cache folder (features, converted backbones): ``$TLCLI_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/tlcli``, else ``~/.cache/tlcli``."""
+    env = os.environ.get("TLCLI_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tlcli"
 
 
 class Strategy(StrEnum):
-    """``--strategy``: how training is distributed (see tlcli/strategy.py)."""
+    """``--strategy``: how training is distributed (see tlcli/training/strategy.py)."""
 
     AUTO = "auto"
     DEFAULT = "default"
@@ -32,7 +46,7 @@ class Strategy(StrEnum):
 
 
 class Precision(StrEnum):
-    """``--precision`` of fine-tuning (see tlcli/precision.py): ``auto`` is mixed_float16 on a GPU of
+    """``--precision`` of fine-tuning (see tlcli/training/precision.py): ``auto`` is mixed_float16 on a GPU of
     compute capability >= 7.0, mixed_bfloat16 on a TPU, float32 on a CPU."""
 
     AUTO = "auto"
@@ -51,7 +65,7 @@ class Engine(StrEnum):
 
 class Extractor(StrEnum):
     """``--extractor`` of train: what runs the frozen backbone for its features (see
-    tlcli/litert_backbone.py). ``auto`` is LiteRT when TensorFlow lists no GPU or TPU."""
+    tlcli/model/litert.py). ``auto`` is LiteRT when TensorFlow lists no GPU or TPU."""
 
     AUTO = "auto"
     TF = "tf"
@@ -87,7 +101,7 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "tf"
 EVALUATE_MISTAKES = 10
-# Defaults of serve (tlcli/server.py): loopback only unless asked; TF Serving's REST port.
+# Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8501
 SERVE_MAX_BODY_BYTES = 64 << 20
@@ -104,7 +118,7 @@ class TrainConfig:
     val_split: float = 0.2
     val_dir: str | None = None
     seed: int = 0
-    # Head phase, on cached features (tlcli/head.py): an epoch is one full-batch step, so the cap
+    # Head phase, on cached features (tlcli/model/head.py): an epoch is one full-batch step, so the cap
     # is cheap. Early stopping on held-out folds of the training images picks the epoch count,
     # cross-validation picks the L2 strength (None = auto), then the head is refit on all of them.
     epochs: int = 300
@@ -150,6 +164,16 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def from_options(cls, options: dict, *, renamed: dict[str, str] | None = None) -> "TrainConfig":
+        """A config from parsed options named as a command's parameters (``renamed`` maps those
+        whose name differs from the field's): enums give their values, paths their text, and
+        names that are not fields (``json_out``, ``ctx``) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        renamed = renamed or {}
+        values = {renamed.get(k, k): v for k, v in options.items()}
+        return cls(**{k: _plain(v) for k, v in values.items() if k in known})
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -158,6 +182,21 @@ DEFAULTS = TrainConfig()
 
 
 MAX_SEED = 2**32 - 1  # what numpy's global seed (set by keras' set_random_seed) accepts
+
+
+def _plain(value):
+    """An option's value as the config stores it: an enum's value, a path's text."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    """Raise ``UsageError`` unless ``max_pixels`` is None (the bundle's own limit) or >= 1."""
+    if max_pixels is not None and not (_integer(max_pixels) and max_pixels >= 1):
+        raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
 
 
 def _number(x) -> bool:
@@ -188,7 +227,8 @@ def validate(cfg: TrainConfig) -> None:
         ("--fine-tune-micro-batch", cfg.fine_tune_micro_batch, cfg.fine_tune_micro_batch is None
          or _integer(cfg.fine_tune_micro_batch) and cfg.fine_tune_micro_batch >= 0, "must be >= 0 (0 = whole batches)"),
         ("--image-size", cfg.image_size, cfg.image_size is None
-         or _integer(cfg.image_size) and 8 <= cfg.image_size <= 1024, "must be in [8, 1024]"),
+         or _integer(cfg.image_size) and MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE,
+         f"must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"),
         ("--max-pixels", cfg.max_pixels, _integer(cfg.max_pixels) and cfg.max_pixels >= 1, "must be >= 1"),
         ("--dropout", cfg.dropout, _number(cfg.dropout) and 0.0 <= cfg.dropout < 1.0, fraction),
         ("--label-smoothing", cfg.label_smoothing, _number(cfg.label_smoothing)

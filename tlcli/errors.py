@@ -1,4 +1,4 @@
-"""The one error family. The library raises these; only ``cli.py`` prints them."""
+"""The one error family. The library raises these; only ``tlcli.cli`` prints them."""
 
 
 class TlcliError(Exception):

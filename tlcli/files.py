@@ -13,7 +13,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from tlcli.errors import TlcliError
+from tlcli.errors import TlcliError, UsageError
 
 
 class NotRegularFile(OSError):
@@ -117,3 +117,25 @@ def make_folder(path: Path, option: str) -> Path:
     if not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path}: not writable; choose another folder")
     return path
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """The path with every symbolic link and ``..`` resolved (also for a path that does not exist yet)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_apart(path: str | os.PathLike, option: str, data) -> None:
+    """Refuse an output ``path`` that is, lies inside or contains one of the image folders
+    ``data`` (pairs such as ("DIR", path); None paths are skipped), comparing real paths: outputs
+    inside the images are trained on at the next run, and replacing a folder that holds them
+    deletes them. Raises ``UsageError``."""
+    real = real_path(path)
+    for name, folder in data:
+        if not folder:
+            continue
+        other = real_path(folder)
+        why = ("is" if real == other else "lies inside" if other in real.parents
+               else "contains" if real in other.parents else None)
+        if why:
+            raise UsageError(f"{option} {path}: {why} the image folder {name} {folder}; "
+                             f"choose another {option}, outside the image folders")

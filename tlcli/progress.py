@@ -2,7 +2,9 @@
 
 An event is one of eight small frozen dataclasses. A task (scan, extract, head, fine-tune, save,
 convert, ...) is ``Start``, then ``Advance`` or ``Epoch`` events, then ``End``; the others are
-one-off reports. A callback dispatches on the type (``match event: case Epoch(): ...``).
+one-off reports. A callback dispatches on the type (``match event: case Epoch(): ...``); each
+event also names itself in the class attribute ``kind`` ("start", "epoch", ...), for callbacks
+that filter by name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import ClassVar
 class Start:
     """``task`` begins: ``total`` steps (None when unknown), ``completed`` already done (a resumed run)."""
 
-    kind: ClassVar[str] = "start"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "start"
 
     task: str
     total: int | None = None
@@ -27,7 +29,7 @@ class Start:
 class Advance:
     """``task`` has done ``completed`` of ``total`` steps."""
 
-    kind: ClassVar[str] = "advance"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "advance"
 
     task: str
     completed: int = 0
@@ -38,7 +40,7 @@ class Advance:
 class End:
     """``task`` is finished, having done ``completed`` of ``total`` steps."""
 
-    kind: ClassVar[str] = "end"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "end"
 
     task: str
     completed: int = 0
@@ -50,7 +52,7 @@ class Epoch:
     """Epoch ``completed`` (1-based) of ``total`` of a training phase ``task``; ``logs`` holds its
     metrics (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ...)."""
 
-    kind: ClassVar[str] = "epoch"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "epoch"
 
     task: str
     completed: int = 0
@@ -60,13 +62,13 @@ class Epoch:
 
 @dataclass(frozen=True)
 class Info:
-    kind: ClassVar[str] = "info"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "info"
     message: str
 
 
 @dataclass(frozen=True)
 class Warn:
-    kind: ClassVar[str] = "warning"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "warning"
     message: str
 
 
@@ -74,7 +76,7 @@ class Warn:
 class Counts:
     """Images per class of the training and the validation split, label -> count."""
 
-    kind: ClassVar[str] = "counts"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "counts"
 
     train: dict
     val: dict
@@ -84,7 +86,7 @@ class Counts:
 class Skipped:
     """Unusable files: rows with ``path``, ``reason`` and ``detail``."""
 
-    kind: ClassVar[str] = "skipped"  # the event's name, for callbacks that filter by it
+    kind: ClassVar[str] = "skipped"
 
     files: list
 

@@ -25,3 +25,9 @@ def dumps(data, *, indent: int | None = None) -> str:
     """``data`` as standard JSON text: non-finite floats become null, and non-ASCII and control
     characters are written as \\u escapes (so the text is safe to print on a terminal)."""
     return json.dumps(finite(data), indent=indent, allow_nan=False, ensure_ascii=True)
+
+
+def show(value, limit: int = 60) -> str:
+    """``value`` as short, escaped JSON, safe to print on one line."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -93,7 +93,7 @@ def parse(model_dir: str | os.PathLike):
     not a SavedModel)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from tlcli.bundle import read_regular
+    from tlcli.bundle.schema import read_regular
 
     path = Path(model_dir) / SAVED_MODEL_FILE
     raw = read_regular(path, MAX_SAVED_MODEL_BYTES)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from tlcli._tf import tf
-from tlcli.images import CENTRAL_FRACTION, decode_size
+from tlcli.data.images import CENTRAL_FRACTION, decode_size
 
 # ---- the bytes signature's decoder --------------------------------------------------------------
 # TF Serving clients post encoded files, so the SavedModel decodes them itself. This mirrors
-# tlcli/images.py (the Pillow decoder that training and the CLI use) step by step, so a file
+# tlcli/data/images.py (the Pillow decoder that training and the CLI use) step by step, so a file
 # posted to ``serving_bytes`` is classified as ``tlcli predict`` classifies it:
 #   * JPEG: decoded at 1/2, 1/4 or 1/8 scale exactly when Pillow's draft mode would be;
 #   * EXIF orientation (JPEG, PNG, WebP), or XMP tiff:Orientation when EXIF has none;
@@ -124,7 +124,7 @@ def _decode_png(t, data):
 
 
 def decode_image_bytes(data, image_size: int):
-    """In-graph twin of the project's Pillow decoder (tlcli/images.py), for the bytes signature:
+    """In-graph twin of the project's Pillow decoder (tlcli/data/images.py), for the bytes signature:
     one encoded JPEG/PNG/GIF/BMP/WebP string -> float32 [size, size, 3] in [0, 1].
     Raises ``InvalidArgumentError`` at run time for bytes that are not such an image."""
     t = tf()

@@ -10,31 +10,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import unicodedata
+import os
 from pathlib import Path
 
+from tlcli import files
+from tlcli.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from tlcli.errors import BundleError
+from tlcli.labels import label_problem
+from tlcli.strict_json import show
 
 MAX_META_BYTES = 64 << 20      # tlcli.json: config, metrics, history, skipped files
 MAX_SPLITS_BYTES = 512 << 20   # splits.json: two paths per training image, millions of images
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # what training accepts (config.validate)
 SPLITS_FIX = ("unreadable or corrupt", "delete it and pass --data DIR to export, or retrain")
-# Characters a label may not hold: control characters and every line or paragraph separator
-# (labels.txt and the .tflite's labels are one label per line).
-_FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
 
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``limit``
+    bytes. A FIFO, socket or device is refused without blocking on it or reading it. Raises
+    ``BundleError`` naming the file."""
+    path = Path(path)
+    try:
+        fd, st = files.open_regular(path)
+    except files.NotRegularFile as exc:
+        raise BundleError(f"{path}: not a regular file ({exc.kind}); the bundle is damaged "
+                          "or crafted; retrain it or restore the file") from None
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; the bundle is incomplete; retrain it or restore the file") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            raise BundleError(f"{path}: larger than {limit // (1 << 20)} MiB, far beyond what tlcli writes; "
+                              "the bundle is damaged or crafted; retrain it or restore the file")
+    return data
 
-def show(value, limit: int = 60) -> str:
-    """``value`` as short, escaped JSON, safe to print on one line."""
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_json(path: Path, limit: int, problem: str, fix: str):
     """Parse ``path`` (a regular file of at most ``limit`` bytes, UTF-8 JSON). Raises
     ``BundleError``: "<path>: <problem> (<why>); <fix>"."""
-    from tlcli.bundle import read_regular
-
     raw = read_regular(path, limit)
     try:
         return json.loads(raw.decode("utf-8"))
@@ -49,22 +63,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def forbidden_char(text: str) -> str | None:
-    """The first character of ``text`` that no label may hold (see ``_FORBIDDEN_CATEGORIES``:
-    controls, line and paragraph separators, lone surrogates from bytes that are not UTF-8), or None."""
-    return next((c for c in text if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
-
-
-def label_problem(label) -> str | None:
-    """Why ``label`` cannot be a label (not a non-empty one-line string), or None."""
-    if not isinstance(label, str):
-        return f"{show(label)} is not a string"
-    if not label:
-        return f"{show(label)} is empty"
-    bad = forbidden_char(label)
-    if bad is not None:
-        return f"{show(label)} holds the control character or line separator U+{ord(bad):04X}"
-    return None
 
 
 def check_labels(labels, where: str) -> list[str]:
@@ -130,7 +128,7 @@ def check_fields(obj, cls, where: str, prefix: str = "") -> None:
 
 def check_config(config, where: str) -> None:
     """``config`` must be a dict whose known ``TrainConfig`` fields have their declared types,
-    with ``max_pixels`` >= 1 and ``image_size`` (when set) in [8, 1024]. Unknown keys are
+    with ``max_pixels`` >= 1 and ``image_size`` (when set) in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]. Unknown keys are
     allowed (a newer tlcli may add some)."""
     from tlcli.config import TrainConfig
 

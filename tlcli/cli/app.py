@@ -1,4 +1,4 @@
-"""The command line: parse options, call the library, render (tlcli/render.py). Nothing else lives here.
+"""The command line: parse options, call the library, render (``render``). Nothing else lives here.
 
 Exit codes: 0 success; 1 a user error (one line on stderr) or, for predict/evaluate, at least one
 input file that could not be used; 2 a bad option; 130 interrupted.
@@ -13,13 +13,17 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from tlcli import __version__, render
+from tlcli import __version__
+from tlcli.cli import render
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
+    DEFAULT_PRESET,
     DEFAULTS,
     EVALUATE_ENGINE,
     EVALUATE_MISTAKES,
     EVALUATE_TOP_K,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
     PREDICT_ENGINE,
     PREDICT_TOP_K,
     SERVE_HOST,
@@ -30,9 +34,10 @@ from tlcli.config import (
     Precision,
     Quantize,
     Strategy,
+    TrainConfig,
 )
 from tlcli.errors import TlcliError, UsageError
-from tlcli.presets import DEFAULT_PRESET, PRESETS
+from tlcli.model.presets import PRESETS
 
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
@@ -153,11 +158,12 @@ def train(
                                             metavar="DIR")] = None,
     seed: Annotated[int, _opt(DATA, "Seed for the split, shuffling and initialisation.")] = DEFAULTS.seed,
     strict: Annotated[bool, _opt(DATA, "Fail on any unusable file instead of skipping it.", "--strict")] = False,
-    max_pixels: Annotated[int, _opt(DATA, "Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    max_pixels: Annotated[int, _opt(DATA, "Largest image (decoded pixels) accepted.", min=1)] = DEFAULTS.max_pixels,
     backbone: Annotated[str, _opt(MODEL, f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https handle, or "
                                          "local SavedModel directory.")] = DEFAULT_PRESET,
     image_size: Annotated[Optional[int], _opt(MODEL, "Input size; default: the preset's or the backbone's "
-                                                     "declared size.")] = None,
+                                                     "declared size.", min=MIN_IMAGE_SIZE,
+                                              max=MAX_IMAGE_SIZE)] = None,
     mirror: Annotated[Optional[bool], _opt(
         MODEL, "Learn from each image and its left-right mirror image, and average both in the model (twice "
                "the backbone work per image); default: on with --fine-tune. Turn it off when mirroring changes "
@@ -210,23 +216,15 @@ def train(
     json_out: Annotated[bool, _opt(OUTPUT, "Print the result as JSON on stdout.", "--json")] = False,
 ):
     """Train a classifier on DIR (one subfolder per class) and write a model bundle."""
-    from tlcli.config import TrainConfig
+    from tlcli import training
 
     if data_dir is None and not resume:
         fail(UsageError("DIR: give the image folder to train on (one subfolder per class)"))
-    cfg = TrainConfig(
-        data_dir=_path(data_dir) or "", val_split=val_split, val_dir=_path(val_dir), seed=seed, strict=strict,
-        max_pixels=max_pixels, backbone=backbone, image_size=image_size, mirror=mirror, epochs=epochs,
-        patience=patience, learning_rate=learning_rate, l2=l2, label_smoothing=label_smoothing,
-        class_weights=class_weights, fine_tune=fine_tune, fine_tune_epochs=fine_tune_epochs,
-        fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_patience=fine_tune_patience, holdout=holdout,
-        dropout=dropout, fine_tune_micro_batch=fine_tune_micro_batch, batch_size=batch_size, precision=precision.value,
-        strategy=strategy.value, cache_dir=_path(cache_dir), out=str(out_dir), force=force, resume=resume,
-        extractor=extractor.value,
-        tensorboard=None if tensorboard.strip().lower() in ("", "none") else tensorboard)
-    from tlcli.training import train as run_train
+    logs = None if tensorboard.strip().lower() in ("", "none") else tensorboard
+    cfg = TrainConfig.from_options({**ctx.params, "data_dir": data_dir or "", "tensorboard": logs},
+                                   renamed={"out_dir": "out"})
 
-    result = _with_progress(run_train, config=cfg, given=_given(ctx, {"out_dir": "out"}))
+    result = _with_progress(training.train, config=cfg, given=_given(ctx, {"out_dir": "out"}))
     if json_out:
         render.print_json(result.to_dict())
     else:
@@ -244,7 +242,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
     engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
                                                 "tf.")] = Engine(PREDICT_ENGINE),
-    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
+    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
@@ -252,7 +250,7 @@ def predict(
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
 
-    from tlcli import inference
+    from tlcli.deploy import inference
 
     try:
         b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
@@ -303,7 +301,7 @@ def export(
     json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""
-    from tlcli.export import export_tflite
+    from tlcli.deploy.export import export_tflite
 
     if not tflite:
         fail(UsageError("export: choose a format; --tflite is the one available"))
@@ -334,9 +332,9 @@ def evaluate(
 ):
     """Evaluate a trained bundle on a labelled folder: accuracy, per-class metrics, confusion matrix
     and the most confident mistakes. Exit code 1 if any file had to be skipped."""
-    from tlcli.evaluation import evaluate as run_evaluate
+    from tlcli import insight
 
-    r = _with_progress(run_evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine.value, top_k=top_k,
+    r = _with_progress(insight.evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine.value, top_k=top_k,
                        report_dir=report, max_mistakes=mistakes)
     if json_out:
         render.print_json(r.to_dict())
@@ -361,13 +359,13 @@ def serve(
                                                 "tf.")] = Engine(PREDICT_ENGINE),
     workers: Annotated[Optional[int], typer.Option(help="Requests classified at once (LiteRT interpreters); "
                                                         "default: the number of CPUs.", show_default=False)] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image (decoded pixels) accepted; default: "
+    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
 ):
     """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
     Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
-    from tlcli.server import serve as run_serve
+    from tlcli.deploy.server import serve as run_serve
 
     try:
         r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
@@ -388,11 +386,13 @@ def audit(
         DEFAULTS.val_split),
     seed: Annotated[int, typer.Option(help="The seed of the split, as given to train.")] = DEFAULTS.seed,
     backbone: Annotated[str, typer.Option(help="The backbone, as given to train.")] = DEFAULT_PRESET,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size, as given to train.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE,
+                                                          help="Input size, as given to train.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         metavar="DIR", help="Feature cache (default $TLCLI_CACHE_DIR or ~/.cache/tlcli).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size of the feature extraction.")] = DEFAULTS.batch_size,
-    max_pixels: Annotated[int, typer.Option(help="Largest image (decoded pixels) accepted.")] = DEFAULTS.max_pixels,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (decoded pixels) "
+                                                       "accepted.")] = DEFAULTS.max_pixels,
     extractor: Annotated[Extractor, typer.Option(help="What runs the backbone, as given to train.")] = Extractor(
         DEFAULTS.extractor),
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write audit.html (thumbnails) "
@@ -403,7 +403,7 @@ def audit(
 ):
     """Find exact and near-duplicates, train/val leaks, likely mislabels and outliers in DIR, from the
     features train computes (an audit after train extracts nothing). Never changes the images."""
-    from tlcli.audit import audit as run_audit
+    from tlcli.insight.audit import audit as run_audit
 
     r = _with_progress(run_audit, data_dir, quiet=json_out, val_dir=_path(val_dir), val_split=val_split, seed=seed,
                        backbone=backbone, image_size=image_size, cache_dir=_path(cache_dir), batch_size=batch_size,
@@ -419,7 +419,7 @@ def audit(
 def models_list(json_out: JsonFlag = False):
     """List the backbone presets: handle, input size, feature size, and whether each is in the TF Hub
     cache ($TFHUB_CACHE_DIR) with its size on disk."""
-    from tlcli import models
+    from tlcli.model import hub_cache as models
 
     listing = models.list_models()
     if json_out:
@@ -436,7 +436,7 @@ def models_fetch(
     json_out: JsonFlag = False,
 ):
     """Download a backbone into the TF Hub cache ($TFHUB_CACHE_DIR), so train works offline later."""
-    from tlcli import models
+    from tlcli.model import hub_cache as models
 
     r = _with_progress(models.fetch_model, name, quiet=json_out)
     if json_out:
@@ -469,6 +469,3 @@ def run() -> None:
         os._exit(code)
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    run()

@@ -404,7 +404,7 @@ _AUDIT_ACTIONS = {"train_val_leak": "remove the copies from one split",
 
 def _under(path: str, roots) -> str:
     """``path`` relative to the first of ``roots`` it lies under, else as given."""
-    from tlcli.html_report import shown_path
+    from tlcli.insight.html_report import shown_path
 
     return next((shown_path(path, root) for root in roots if root and shown_path(path, root) != str(path)), str(path))
 

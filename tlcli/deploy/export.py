@@ -11,7 +11,7 @@ Quantization modes (``--quantize``):
 
 Labels travel with the file twice: ``labels.txt`` beside it (the bundle's own when the file is
 the bundle's ``model.tflite``, else ``<name>.labels.txt``), and a ``labels`` entry in the
-flatbuffer's metadata, written with TensorFlow's own flatbuffer tools (see ``tflite_labels``).
+flatbuffer's metadata, written with TensorFlow's own flatbuffer tools (see ``tflite_meta``).
 Both are written from the validated labels in tlcli.json, never copied from the bundle's files.
 A ``tlcli_bundle`` metadata entry holds the bundle's fingerprint, so that predict refuses the
 file in another bundle even when the labels are the same.
@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli import data, files, images
-from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE
+from tlcli import data, files
+from tlcli.bundle.schema import read_regular
+from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE, check_max_pixels
+from tlcli.data import images
+from tlcli.deploy import tflite_meta
 from tlcli.errors import TlcliError, UsageError
-from tlcli.inference import BUNDLE_METADATA, LABELS_METADATA
 from tlcli.progress import Callback, End, Start, Warn, silent
 from tlcli.quiet import native_stderr_silenced
 
@@ -115,41 +117,10 @@ class _Labelled:
 
 
 def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for p, y in items:
-        try:
-            xs.append(images.load_for_model(p, size, max_pixels=max_pixels))
-            ys.append(y)
-        except images.ImageError:
-            continue
-    if not xs:
+    x, errors = images.decode_batch(items, lambda item: images.load_for_model(item[0], size, max_pixels=max_pixels))
+    if x is None:
         return np.zeros((0, size, size, 3), np.float32), np.zeros(0, np.int64)
-    return np.stack(xs), np.asarray(ys)
-
-
-def _embed_metadata(flat: bytes, entries: dict[str, bytes]) -> bytes | None:
-    """``flat`` with the named metadata ``entries`` added (replacing any of the same name), or
-    None when this TensorFlow lacks the flatbuffer tools. TFLite Support's metadata schema would
-    need the unmaintained tflite-support package, so these are plain entries of the TFLite schema."""
-    try:
-        from tensorflow.lite.python import schema_py_generated as schema
-        from tensorflow.lite.tools import flatbuffer_utils
-    except ImportError:
-        return None
-    model = flatbuffer_utils.convert_bytearray_to_object(flat)
-    if any(m.name == b"buffer_location" for m in model.metadata or []):
-        return None  # over-2 GB layout: buffers live outside the flatbuffer
-    names = {name.encode() for name in entries}
-    model.metadata = [m for m in model.metadata or [] if m.name not in names]
-    for name, payload in entries.items():
-        buffer = schema.BufferT()
-        buffer.data = np.frombuffer(payload, np.uint8)
-        model.buffers.append(buffer)
-        entry = schema.MetadataT()
-        entry.name = name
-        entry.buffer = len(model.buffers) - 1
-        model.metadata.append(entry)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return x, np.asarray([y for (_, y), err in zip(items, errors) if err is None])
 
 
 def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
@@ -158,7 +129,7 @@ def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
     payload = b.labels_text().encode("utf-8")
     if labels_path.absolute() == (b.path / bundles.LABELS_FILE).absolute() and not labels_path.is_symlink():
         try:
-            if bundles.read_regular(labels_path, len(payload)) == payload:
+            if read_regular(labels_path, len(payload)) == payload:
                 return
         except TlcliError:
             pass  # missing, not a regular file, or too long: regenerate it
@@ -206,7 +177,7 @@ def _write(path: Path, payload: bytes) -> None:
 
 
 def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
-    from tlcli import graphcheck
+    from tlcli.bundle import graphcheck
 
     # The converter loads the SavedModel and may constant-fold its ops: check it first.
     graphcheck.check_signature(graphcheck.check_saved_model(b.path), b)
@@ -254,9 +225,9 @@ def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: st
 def _parity(b: bundles.Bundle, path: Path, x: np.ndarray, y: np.ndarray) -> dict:
     """Top-1 agreement, both accuracies (overall and per label) and the largest probability
     difference of the .tflite at ``path`` against the SavedModel on images ``x`` labelled ``y``."""
-    from tlcli.inference import TFEngine, TFLiteEngine
+    from tlcli.deploy.inference import open_engine
 
-    ref, lite = TFEngine(b), TFLiteEngine(b, path)
+    ref, lite = open_engine(b, "tf"), open_engine(b, "tflite", tflite_path=path)
     p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
     p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
     right_ref, right_lite = p_ref.argmax(1) == y, p_lite.argmax(1) == y
@@ -285,7 +256,8 @@ def _check_drop(result: ExportResult, out: Path) -> None:
                          "kept); allow a larger drop or choose another --quantize")
 
 
-def _check_options(quantize: str, io_type: str, max_accuracy_drop: float | None) -> None:
+def _check_options(quantize: str, io_type: str, max_accuracy_drop: float | None, max_pixels: int | None) -> None:
+    check_max_pixels(max_pixels)
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
     if io_type not in IO_TYPES:
@@ -314,7 +286,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     output directory, no calibration images, a gate without labelled images), ``BundleError`` for
     a bad bundle, ``TlcliError`` when conversion fails or the gate refuses the model.
     """
-    _check_options(quantize, io_type, max_accuracy_drop)
+    _check_options(quantize, io_type, max_accuracy_drop, max_pixels)
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
     out = _check_output(Path(output) if output else b.tflite_path, b)
@@ -336,11 +308,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     t = tf()
     progress(Start("convert", total=1))
     flat = _convert(t, b, quantize, io_type, calibration)
-    entries = {LABELS_METADATA: b.labels_text().encode("utf-8")}
-    fingerprint = b.fingerprint()
-    if fingerprint:
-        entries[BUNDLE_METADATA] = fingerprint.encode()
-    with_labels = _embed_metadata(flat, entries)
+    with_labels = tflite_meta.embed(flat, tflite_meta.entries_for(b))
     payload = with_labels or flat
     progress(End("convert", total=1, completed=1))
 

@@ -14,8 +14,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli import images
-from tlcli.config import DEFAULT_MODEL_DIR, ENGINES, PREDICT_ENGINE, PREDICT_TOP_K
+from tlcli.bundle.schema import read_regular
+from tlcli.config import DEFAULT_MODEL_DIR, ENGINES, PREDICT_ENGINE, PREDICT_TOP_K, check_max_pixels
+from tlcli.data import image_files, images, walk
+from tlcli.deploy import tflite_meta
 from tlcli.errors import BundleError, ImageError, UsageError
 from tlcli.quiet import native_stderr_silenced
 
@@ -33,45 +35,6 @@ class Prediction:
         return asdict(self)
 
 
-def expand(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given, folders expanded recursively (sorted, depth first, hidden entries and
-    symlinked folders skipped; any depth). Never raises: a missing path, a folder with no files
-    and a folder that cannot be listed are kept, so that each gets its own error."""
-    out: list[str] = []
-    for p in paths:
-        p = str(p)
-        if not os.path.isdir(p):  # os.path: False for any OSError (no permission), no exception
-            out.append(p)
-            continue
-        found, stack = [], [p]
-        while stack:
-            d = stack.pop()
-            try:
-                entries = sorted(os.scandir(d), key=lambda e: e.name)
-            except OSError:
-                found.append(d)  # reported as a folder that cannot be read
-                continue
-            dirs = []
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                if _is_dir(e):
-                    if not e.is_symlink():
-                        dirs.append(e.path)
-                else:
-                    found.append(e.path)
-            stack += reversed(dirs)  # the first folder is listed next: os.walk's top-down order
-        out += found or [p]
-    return out
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
 def _file_error(p: str, exc: ImageError) -> str:
     """The per-file message for a path that could not be loaded."""
     if os.path.isdir(p):
@@ -81,7 +44,7 @@ def _file_error(p: str, exc: ImageError) -> str:
         except OSError as err:
             return f"{p}: cannot read this folder ({err.strerror})"
         return f"{p}: folder with no files to classify"
-    if exc.reason == images.UNREADABLE and not os.path.lexists(p):
+    if exc.reason == image_files.UNREADABLE and not os.path.lexists(p):
         return f"{p}: no such file"
     return str(exc)
 
@@ -95,8 +58,8 @@ class TFEngine:
     name = "tf"
 
     def __init__(self, bundle: bundles.Bundle):
-        from tlcli import graphcheck
         from tlcli._tf import tf
+        from tlcli.bundle import graphcheck
 
         t = tf()  # first, so that TensorFlow's import noise is silenced (graphcheck's proto needs TF)
         proto = graphcheck.check_saved_model(bundle.path)
@@ -140,11 +103,6 @@ def checked_probabilities(probs, rows: int, classes: int, where: Path) -> np.nda
     return probs
 
 
-MAX_TFLITE_BYTES = 2 << 30  # the flatbuffer format's own limit
-LABELS_METADATA = "labels"  # the .tflite metadata entry with the labels (split_labels)
-BUNDLE_METADATA = "tlcli_bundle"  # the .tflite metadata entry with the bundle's fingerprint
-
-
 class TFLiteEngine:
     """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
     TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
@@ -163,18 +121,18 @@ class TFLiteEngine:
         if not path.exists() and not path.is_symlink():
             raise BundleError(f"--model {bundle.path}: no {path.name}; run 'tlcli export --tflite --model "
                               f"{bundle.path}' first, or use --engine tf")
-        buf = bundles.read_regular(path, MAX_TFLITE_BYTES)
+        buf = read_regular(path, tflite_meta.MAX_TFLITE_BYTES)
         try:
             self.interp = Interpreter(model_content=buf, num_threads=num_threads or os.cpu_count())
             with native_stderr_silenced():
                 self.interp.allocate_tensors()
-            metadata = tflite_metadata(buf)
+            metadata = tflite_meta.read_entries(buf)
         except Exception as exc:
             raise BundleError(f"{path}: cannot load the TFLite model ({' '.join(str(exc).split())[:200]}); "
                               "re-export it") from None
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
-        _check_tflite_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1]), metadata)
+        tflite_meta.check_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1]), metadata)
         self.batch = int(self.inp["shape"][0])
         self.path, self.classes = path, len(bundle.labels)
 
@@ -207,55 +165,6 @@ class TFLiteEngine:
         return checked_probabilities(probs, len(batch), self.classes, self.path)
 
 
-def _check_tflite_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict) -> None:
-    """Refuse a .tflite made for another model than ``bundle`` (one line, saying to re-export)."""
-    fix = f"re-export it with 'tlcli export --tflite --model {bundle.path}'"
-    if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
-        raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
-                          f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); {fix}")
-    try:
-        embedded = split_labels(metadata[LABELS_METADATA]) if LABELS_METADATA in metadata else bundle.labels
-    except UnicodeDecodeError:
-        embedded = None
-    if embedded != bundle.labels:
-        raise BundleError(f"{path}: made for another model (its embedded labels differ from the bundle's "
-                          f"{len(bundle.labels)} labels in {bundles.META_FILE}); {fix}")
-    theirs, mine = metadata.get(BUNDLE_METADATA), bundle.fingerprint()
-    if theirs is not None and mine is not None and theirs != mine.encode():
-        raise BundleError(f"{path}: made for another model (exported from another bundle's SavedModel, "
-                          f"with the same labels); {fix}")
-
-
-def split_labels(data: bytes) -> list[str]:
-    """Labels stored one per line ("\\n"-terminated, UTF-8): split on "\\n" only, so that no
-    other line separator (U+2028, U+0085 ...) inside a label can split it."""
-    text = data.decode("utf-8")
-    if not text:
-        return []
-    return (text[:-1] if text.endswith("\n") else text).split("\n")
-
-
-def tflite_metadata(buf: bytes) -> dict[str, bytes]:
-    """The named metadata entries of a .tflite flatbuffer, read without TensorFlow."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(buf, 0)
-    entries = {}
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        data = model.Buffers(entry.Buffer()).DataAsNumpy()
-        entries[entry.Name().decode("utf-8", "replace")] = b"" if isinstance(data, int) else data.tobytes()
-    return entries
-
-
-def tflite_labels(path: str | os.PathLike) -> list[str] | None:
-    """The labels embedded in a .tflite written by ``tlcli export`` (its ``labels`` metadata
-    entry), or None when the file has none. Reads the flatbuffer (a regular file) without
-    TensorFlow."""
-    data = tflite_metadata(bundles.read_regular(path, MAX_TFLITE_BYTES)).get(LABELS_METADATA)
-    return None if data is None else split_labels(data)
-
-
 def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: unknown; choose one of {', '.join(ENGINES)}")
@@ -274,10 +183,12 @@ def resolve_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tfli
     return "tf"
 
 
-def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None):
-    """The engine ``resolve_engine`` picks, loaded."""
+def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None,
+                num_threads: int | None = None):
+    """The engine ``resolve_engine`` picks, loaded: every command that runs a bundle opens its
+    engine here. ``num_threads``: LiteRT's threads (default one per CPU)."""
     if resolve_engine(bundle, engine, tflite_path=tflite_path) == "tflite":
-        return TFLiteEngine(bundle, tflite_path)
+        return TFLiteEngine(bundle, tflite_path, num_threads=num_threads)
     return TFEngine(bundle)
 
 
@@ -290,21 +201,12 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
     k = max(1, min(top_k, len(bundle.labels)))
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        arrays, errors = [], []
-        for p in chunk:
-            try:
-                arrays.append(images.load_for_model(p, size, max_pixels=max_pixels))
-                errors.append(None)
-            except ImageError as exc:
-                errors.append(_file_error(p, exc))
-        probs = engine(np.stack(arrays)) if arrays else np.zeros((0, len(bundle.labels)))
-        it = iter(probs)
-        for p, err in zip(chunk, errors):
+        x, errors = images.decode_batch(chunk, lambda p: images.load_for_model(p, size, max_pixels=max_pixels))
+        for p, err, row in zip(chunk, errors, images.paired(errors, None if x is None else engine(x))):
             if err is not None:
-                yield Prediction(p, [], err), None
-                continue
-            row = next(it)
-            yield Prediction(p, ranked(row, bundle.labels, k)), row
+                yield Prediction(p, [], _file_error(p, err)), None
+            else:
+                yield Prediction(p, ranked(row, bundle.labels, k)), row
 
 
 def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
@@ -328,7 +230,6 @@ def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike,
     """Check the options, load the bundle and its engine, and expand folders: everything that can
     fail as a whole before the first image is classified. Returns (bundle, engine, files)."""
     check_top_k(top_k)
-    if max_pixels is not None and max_pixels < 1:
-        raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
+    check_max_pixels(max_pixels)
     b = bundles.load(model_dir)
-    return b, open_engine(b, engine), expand(paths)
+    return b, open_engine(b, engine), walk.expand(paths)

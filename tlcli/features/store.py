@@ -1,7 +1,7 @@
 """The feature store: feature vectors kept in sharded arrays, found by the content digest of
 their image.
 
-Layout of one store folder (one per backbone key, image size and view; ``features.FeatureCache``
+Layout of one store folder (one per backbone key, image size and view; ``model_store``
 names it)::
 
     <folder>/<name>.f32    the vectors of one shard: raw little-endian float32, [rows, dim], C order
@@ -38,12 +38,18 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import files
+from tlcli.config import default_cache_dir
+from tlcli.errors import TlcliError
 
 FORMAT = 1
 CHUNK_ROWS = 4096          # vectors per shard written by a long extraction (16-20 MB at 1,280-d)
 FLUSH_SECONDS = 60.0       # and at least this often, so a killed run loses at most a minute's work
 MAX_FEATURE = 1e6          # a vector with a larger component is damaged (no backbone's come near it)
 _MAX_SIDECAR_BYTES = 256 << 20
+DECODER_VERSION = 2  # bump whenever decoding or preprocessing changes: a new store folder
+# A view larger than this is read from the feature store's mapped shards instead of held in RAM
+# (100,000 vectors of 1,280 floats; hymenoptera's are 2 MB).
+VIEWS_IN_MEMORY_BYTES = 512 << 20
 
 
 def valid(vec, dim: int | None) -> bool:
@@ -124,67 +130,74 @@ def _read_sidecar(path: Path) -> dict | None:
     return meta if ok else None
 
 
-class FeatureStore:
-    """The vectors of one store folder (see the module docstring), read and appended to.
+class _ShardIndex:
+    """Where each digest's vector lies over the shards of one folder: the shards in name order
+    (a later shard's entry wins), shard i holding rows ``starts[i]`` .. of all shards, and
+    digest -> row number. Loaded on first use; a shard that fails verification is forgotten."""
 
-    ``get(digest)`` returns a valid vector (see ``valid``; of length ``dim`` when set) or None;
-    ``put(digest, vec)`` buffers one and writes a shard every ``CHUNK_ROWS`` vectors or
-    ``FLUSH_SECONDS``; ``flush()`` writes what is buffered now (call it when a run ends or is
-    interrupted). Writing never raises: the store is an optimisation and a read-only or full disk
-    must not stop training (what could not be written is extracted again next time).
-    ``rows(digests)`` gives the stored vectors of many digests at once without loading them."""
+    def __init__(self, folder: Path, dim: int | None):
+        self.dir, self.dim = folder, dim
+        self.shards: list[_Shard] | None = None
+        self.starts: list[int] = []
+        self.rows: dict[str, int] = {}
 
-    def __init__(self, folder: str | os.PathLike, *, dim: int | None = None):
-        self.dir = Path(folder)
-        self.dim = dim
-        self._shards: list[_Shard] | None = None
-        self._starts: list[int] = []          # shard i holds the rows _starts[i] .. of all shards
-        self._index: dict[str, int] = {}      # digest -> row number over all shards
-        self._pending: dict[str, np.ndarray] = {}
-        self._since = time.monotonic()
+    def load(self) -> None:
+        if self.shards is None:
+            self.shards = []
+            for shard in _list_shards(self.dir):
+                self.add(shard)
 
-    # -- reading
-    def _load(self) -> None:
-        if self._shards is None:
-            self._shards = []
-            for shard in _list_shards(self.dir):  # in name order (time first): a later shard's entry wins
-                self._add(shard)
+    def add(self, shard: _Shard) -> None:
+        start = self.starts[-1] + self.shards[-1].rows if self.shards else 0
+        self.shards.append(shard)
+        self.starts.append(start)
+        self.rows.update(zip(shard.meta["digests"], range(start, start + shard.rows)))  # no Python loop
 
-    def _add(self, shard: _Shard) -> None:
-        start = self._starts[-1] + self._shards[-1].rows if self._shards else 0
-        self._shards.append(shard)
-        self._starts.append(start)
-        self._index.update(zip(shard.meta["digests"], range(start, start + shard.rows)))  # no Python loop
-
-    def _locate(self, digest: str) -> tuple[np.ndarray, int] | None:
-        self._load()
-        row = self._index.get(digest)
+    def locate(self, digest: str) -> tuple[np.ndarray, int] | None:
+        self.load()
+        row = self.rows.get(digest)
         if row is None:
             return None
-        i = bisect.bisect_right(self._starts, row) - 1
-        return (self._shards[i].array(), row - self._starts[i]) if self._usable(self._shards[i]) else None
+        i = bisect.bisect_right(self.starts, row) - 1
+        return (self.shards[i].array(), row - self.starts[i]) if self.usable(self.shards[i]) else None
 
-    def _usable(self, shard: _Shard) -> bool:
+    def usable(self, shard: _Shard) -> bool:
         """Whether ``shard`` verifies and holds vectors of this store's ``dim``. If not, it is
         forgotten, and a damaged one removed so it is not verified again; its vectors read as
         missing and are recomputed."""
         if shard.array() is not None and (self.dim is None or shard.dim == self.dim):
             return True
-        start = self._starts[self._shards.index(shard)]
+        start = self.starts[self.shards.index(shard)]
         for digest in shard.meta["digests"]:
-            row = self._index.get(digest)
+            row = self.rows.get(digest)
             if row is not None and start <= row < start + shard.rows:
-                del self._index[digest]
+                del self.rows[digest]
         if shard.ok is False:
             shard.remove()
         return False
+
+
+class FeatureStore:
+    """The vectors of one store folder (see the module docstring), read and appended to.
+
+    ``get`` returns a valid vector (``valid``, of length ``dim`` when set) or None; ``put``
+    buffers one, ``flush`` writes what is buffered. Writing never raises: the store is an
+    optimisation, and a read-only or full disk must not stop training (what could not be written
+    is extracted again next time). ``rows`` and ``gather`` give many vectors at once."""
+
+    def __init__(self, folder: str | os.PathLike, *, dim: int | None = None):
+        self.dir = Path(folder)
+        self.dim = dim
+        self._index = _ShardIndex(self.dir, dim)
+        self._pending: dict[str, np.ndarray] = {}
+        self._since = time.monotonic()
 
     def get(self, digest: str) -> np.ndarray | None:
         """The stored vector of ``digest`` (float32; a read-only row of its mapped shard, so
         holding many costs no anonymous memory), or None when missing or invalid."""
         vec = self._pending.get(digest)
         if vec is None:
-            found = self._locate(digest)
+            found = self._index.locate(digest)
             vec = None if found is None else found[0][found[1]].view(np.ndarray)
         return vec if valid(vec, self.dim) else None
 
@@ -192,21 +205,20 @@ class FeatureStore:
         """The stored vectors of ``digests`` as a ``StoredRows`` [n, dim] read lazily from the
         shards. Raises KeyError naming the first digest that is missing (or in a damaged shard)."""
         self.flush()
-        self._load()
+        index = self._index
+        index.load()
         digests = list(digests)
         try:  # itemgetter: the lookups in C (a million digests in well under a second)
-            found = operator.itemgetter(*digests)(self._index) if digests else ()
+            found = operator.itemgetter(*digests)(index.rows) if digests else ()
         except KeyError as exc:
             raise KeyError(exc.args[0]) from None
-        refs = _refs(self._starts, np.array(found if len(digests) != 1 else (found,), np.int64))
+        refs = _refs(index.starts, np.array(found if len(digests) != 1 else (found,), np.int64))
         for i in np.unique(refs[:, 0]).tolist():  # verify each shard used, once
-            if not self._usable(self._shards[i]):
+            if not index.usable(index.shards[i]):
                 raise KeyError(next(d for d, r in zip(digests, refs[:, 0].tolist()) if r == i))
-        arrays = [s._array for s in self._shards]
-        dim = self.dim or (self._shards[refs[0, 0]].dim if len(refs) else 0)
-        return StoredRows(arrays, refs, dim)
+        dim = self.dim or (index.shards[refs[0, 0]].dim if len(refs) else 0)
+        return StoredRows([s._array for s in index.shards], refs, dim)
 
-    # -- writing
     def put(self, digest: str, vec: np.ndarray) -> None:
         """Buffer ``vec`` (1-D, float32) as the vector of ``digest``; see the class docstring."""
         self._pending[digest] = np.asarray(vec, np.float32).copy()
@@ -220,8 +232,59 @@ class FeatureStore:
             return
         pending, self._pending = self._pending, {}
         shard = _write_shard(self.dir, pending)
-        if shard is not None and self._shards is not None:
-            self._add(shard)
+        if shard is not None and self._index.shards is not None:
+            self._index.add(shard)
+
+    def gather(self, samples, found: list) -> np.ndarray | StoredRows:
+        """The features [n, d] of ``samples`` once every one is stored, ``found[i]`` the vector
+        of ``samples[i]`` (stored under its digest): one float32 array in memory when that is at
+        most ``VIEWS_IN_MEMORY_BYTES``, else the store's rows of their digests (mapped from the
+        shards, not loaded). In memory too when some could not be written, if the extraction kept
+        them (``in_memory``); else one TlcliError line."""
+        if not self.in_memory(len(found)):
+            try:
+                return self.rows([s.digest for s in samples])
+            except KeyError:  # not written (a full or read-only disk)
+                if any(f is None for f in found):  # fresh vectors were not kept (``in_memory``)
+                    raise TlcliError(f"{self.dir}: the feature store could not be written (disk full or read-only?) "
+                                     f"and the features of {len(found)} images are too many to hold in memory "
+                                     "instead; free space there, or give --cache-dir on a writable disk") from None
+        return np.stack(found).astype(np.float32)
+
+    def in_memory(self, n: int) -> bool:
+        """Whether the features of ``n`` images are gathered in memory (at most
+        ``VIEWS_IN_MEMORY_BYTES``); beyond that an extraction keeps no fresh vector, only the
+        store does, so its memory does not grow with ``n``."""
+        return n * (self.dim or 0) * 4 <= VIEWS_IN_MEMORY_BYTES
+
+
+def model_store(root: str | os.PathLike | None, model_key: str, *, dim: int | None = None) -> FeatureStore:
+    """The store of one model key (a backbone, image size and view): ``root/store/<model
+    key>-d<DECODER_VERSION>/`` (``root`` None: the default cache folder). The per-image ``.npy``
+    files of earlier versions (``root/features/``) are not read: they are left for the user to
+    delete."""
+    return FeatureStore(Path(root or default_cache_dir()) / "store" / f"{model_key}-d{DECODER_VERSION}", dim=dim)
+
+
+class NoStore:
+    """For features that must not be stored (a backbone being fine-tuned)."""
+
+    dim = None
+
+    def get(self, digest: str):
+        return None
+
+    def put(self, digest: str, vec) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def gather(self, samples, found: list) -> np.ndarray:
+        return np.stack(found).astype(np.float32)
+
+    def in_memory(self, n: int) -> bool:
+        return True  # nowhere else to keep them
 
 
 def _list_shards(folder: Path) -> list[_Shard]:

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli import data, files, inference, metrics
+from tlcli import data, files, metrics
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
     EVALUATE_ENGINE,
     EVALUATE_MISTAKES,
     EVALUATE_TOP_K,
 )
+from tlcli.deploy import inference
 from tlcli.errors import DatasetError, UsageError
 from tlcli.progress import Advance, Callback, End, Skipped, Start, Warn, counter, silent
 
@@ -56,7 +57,7 @@ def _prepare_report_dir(report_dir, data_dir) -> Path | None:
     if report_dir is None:
         return None
     p = Path(report_dir)
-    bundles.check_apart(p, "--report", [("DIR", data_dir)])
+    files.check_apart(p, "--report", [("DIR", data_dir)])
     if p.exists() and not p.is_dir():
         raise UsageError(f"--report {p}: is a file; give a folder for {CONFUSION_PNG} and {MISTAKES_CSV}")
     return files.make_folder(p, "--report")
@@ -79,7 +80,7 @@ def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike
                         accuracy: float) -> Path:
     """``html_report``'s page of the most confident ``mistakes`` (at most ``HTML_MISTAKES``), each
     image with its true and predicted label, paths shown relative to ``data_dir``. Raises ``TlcliError``."""
-    from tlcli import html_report
+    from tlcli.insight import html_report
 
     shown = mistakes[:HTML_MISTAKES]
     cards = [html_report.Card(m.path, [f"true {m.true_label}, predicted {m.predicted_label}",
@@ -89,6 +90,18 @@ def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike
                                   "A confident mistake is often a wrong label rather than a wrong model.", [cards])
     return html_report.write_page(path, "tlcli evaluate", [f"model {model_dir} on {data_dir}",
                                                            f"accuracy {100 * accuracy:.1f}%"], [section])
+
+
+def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[str]:
+    """What the evaluation folder lacks: labels without a folder, classes with few images."""
+    missing = [label for label, n in counts.items() if n == 0]
+    warnings = []
+    if missing:
+        warnings.append(f"{len(missing)} of the model's {n_labels} labels have no folder in {data_dir}: "
+                        f"{', '.join(missing)}; they have support 0 and count as 0 in the macro averages "
+                        "(the weighted averages are unaffected)")
+    return warnings + [f"class '{label}' has only {n} image(s) in {data_dir}; its metrics are noisy"
+                       for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
 
 
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
@@ -127,15 +140,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
                        progress=counter(progress, "scan"))
     skipped = [s.to_dict() for s in folder.skipped]
-    counts = folder.counts()
-    missing = [label for label, n in counts.items() if n == 0]
-    warnings = []
-    if missing:
-        warnings.append(f"{len(missing)} of the model's {len(b.labels)} labels have no folder in {data_dir}: "
-                        f"{', '.join(missing)}; they have support 0 and count as 0 in the macro averages "
-                        "(the weighted averages are unaffected)")
-    warnings += [f"class '{label}' has only {n} image(s) in {data_dir}; its metrics are noisy"
-                 for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
+    warnings = _coverage_warnings(folder.counts(), data_dir, len(b.labels))
     for w in warnings:
         progress(Warn(w))
     if eng is None:
@@ -169,7 +174,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     report = dataclasses.replace(report, mistakes=every_mistake[:max_mistakes])
     files = {}
     if out_dir is not None:
-        from tlcli import plots
+        from tlcli.insight import plots
 
         files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
         files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlcli import bundle, files, images
+from tlcli import files
+from tlcli.data import images
 from tlcli.errors import OutputExistsError, UsageError
 
 THUMBNAIL = 160  # the longer side of a thumbnail, in pixels
@@ -135,7 +136,7 @@ def prepare_dir(report_dir: str | os.PathLike, *, data, force: bool, option: str
     the image folders ``data`` ((name, path) pairs); ``OutputExistsError`` for a folder that is
     not empty, unless ``force`` (its files of the same names are then replaced, nothing else)."""
     p = Path(report_dir)
-    bundle.check_apart(p, option, data)
+    files.check_apart(p, option, data)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{option} {p}: is a file; give a folder for the report")
     if p.is_dir() and any(p.iterdir()) and not force:

@@ -9,9 +9,15 @@ from pathlib import Path
 
 from tlcli._tf import hub, tf
 from tlcli.errors import BackboneError
-from tlcli.presets import PRESETS
+from tlcli.model.presets import PRESETS
 
 REMOTE_PREFIXES = ("http://", "https://", "gs://")  # handles that tensorflow_hub resolves, not local paths
+
+
+def cache_key(spec: "BackboneSpec", image_size: int) -> str:
+    """The cache key of a backbone's features at ``image_size``, as ``train``, ``audit`` and the
+    cached LiteRT conversion use it; the feature step adds each view's and engine's suffix."""
+    return f"{spec.cache_key()}-{image_size}"
 
 
 @dataclass(frozen=True)

@@ -490,12 +490,3 @@ def _row_space(X, return_basis=False):
     return (Z, V) if return_basis else Z
 
 
-def view_reports(views, fit: HeadFit, labels: list[str], train, val) -> tuple:
-    """(report of ``train``, report of ``val`` or None when it is empty): ``metrics.compute`` on
-    ``predict_views`` of those samples (the val report lists their paths)."""
-    from tlcli import metrics
-
-    def report(samples, **options):
-        return metrics.compute([s.label for s in samples], predict_views(views, samples, fit), labels, **options)
-
-    return report(train), report(val, paths=[s.path for s in val]) if val else None

@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlcli.backbone import REMOTE_PREFIXES, BackboneSpec
 from tlcli.errors import UsageError
-from tlcli.presets import PRESETS
+from tlcli.model.backbone import REMOTE_PREFIXES, BackboneSpec
+from tlcli.model.presets import PRESETS
 from tlcli.progress import Callback, End, Start, silent
 
 
@@ -112,7 +112,7 @@ def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchRes
     """Download a preset (by name) or a TF Hub / Kaggle handle into the TF Hub cache, unless it
     is there already. Raises ``UsageError`` for a name that is neither, and ``BackboneError``
     (the one-line error of ``train``) when it cannot be fetched, e.g. offline."""
-    from tlcli.backbone import fetch
+    from tlcli.model.backbone import fetch
 
     name, handle = _handle(name_or_handle)
     start = time.perf_counter()

@@ -66,7 +66,7 @@ def engine_for(requested: str) -> str:
 
 def cached_path(cache_dir: str | os.PathLike | None, cache_key: str) -> Path:
     """Where the converted backbone of ``cache_key`` is cached (``cache_dir`` None: the default)."""
-    from tlcli.features import default_cache_dir  # the same layer; the feature cache's root
+    from tlcli.config import default_cache_dir
 
     return Path(cache_dir or default_cache_dir()) / "backbones" / f"{cache_key}.tflite"
 
@@ -171,7 +171,7 @@ def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None, runner:
     docstring), else converted now and cached (a "convert" task). None, with one ``Warn``, when
     the backbone cannot be converted or run by LiteRT. Never raises for the cache (a read-only
     one just is not written)."""
-    from tlcli.features import cache_key as feature_key  # the same layer; the feature cache's key rule
+    from tlcli.model.backbone import cache_key as feature_key
 
     size, dim = loaded.image_size, loaded.feature_dim
     if runner is not None and (runner.image_size, runner.feature_dim) == (size, dim):
@@ -199,7 +199,7 @@ def prepare(loaded, spec, *, cache_dir: str | os.PathLike | None = None, runner:
 
 
 def cached_runner(cache_dir: str | os.PathLike | None, cache_key: str, image_size: int) -> LiteRTBackbone | None:
-    """The runner of the valid cached conversion of ``cache_key`` (``features.cache_key``) for
+    """The runner of the valid cached conversion of ``cache_key`` (``backbone.cache_key``) for
     ``image_size`` inputs, giving as many features as it does, or None; needs no TensorFlow."""
     return _cached(cached_path(cache_dir, cache_key), image_size, None)
 

@@ -40,4 +40,3 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 
-DEFAULT_PRESET = "mobilenet_v2_100_224"

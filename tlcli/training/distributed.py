@@ -10,6 +10,7 @@ at the end (tf.distribute's rule for saving from non-chief workers), so they nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import shutil
@@ -18,10 +19,11 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlcli import cluster as clusters
-from tlcli import features, run_state
+from tlcli import features
 from tlcli.config import TrainConfig
 from tlcli.errors import Interrupted, UsageError
+from tlcli.training import cluster as clusters
+from tlcli.training import run_state
 
 
 @dataclass
@@ -42,7 +44,7 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
     the chief's resume state, so ``--out`` must be on a folder every worker sees (``UsageError``,
     one line naming ``--out``, when the chief's state is not there)."""
-    from tlcli import strategy
+    from tlcli.training import strategy
 
     found = strategy.wants_cluster(cfg.strategy)
     if found is None:
@@ -62,20 +64,24 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     return mine, Node(found, mine, cfg.out, scratch)
 
 
-def run(node: Node | None, recipe, *args):
-    """``recipe(*args)`` (the TrainResult of ``training._run``) under the cluster's ``Watch``,
-    then a last collective that tells every worker the others' extraction counts (and keeps the
-    cluster together until all are done). Without a cluster: ``recipe(*args)``."""
+@contextlib.contextmanager
+def session(node: Node | None):
+    """The cluster around one run of the recipe: inside, the cluster's ``Watch`` (a dead worker
+    stops the others) after a barrier that checks every worker started alike. Yields
+    ``finish(result)``, which the recipe calls on its TrainResult: a last collective that tells
+    every worker the others' extraction counts (and keeps the cluster together until all are
+    done), returning the result as this worker reports it. Without a cluster ``finish`` returns
+    the result as it is."""
     if node is None:
-        return recipe(*args)
-    from tlcli import strategy
+        yield lambda result: result
+        return
+    from tlcli.training import strategy
 
     try:
         with clusters.Watch(node.cluster):
             chosen = strategy.choose(node.config.strategy)
             _same_start(chosen.strategy, node)
-            result = recipe(*args)
-            counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
+            yield functools.partial(_finish, chosen, node)
     except Interrupted:
         if node.cluster.is_chief:
             raise
@@ -85,6 +91,10 @@ def run(node: Node | None, recipe, *args):
     finally:
         if node.scratch is not None:
             shutil.rmtree(node.scratch, ignore_errors=True)
+
+
+def _finish(chosen, node: Node, result):
+    counts = clusters.gather_counts(chosen.strategy, node.cluster, [result.extracted])
     return dataclasses.replace(
         result, model_dir=result.model_dir if node.cluster.is_chief else None, worker=node.cluster.index,
         extracted_by_worker=[row[0] for row in counts])

@@ -19,12 +19,13 @@ from typing import Callable
 
 import numpy as np
 
-from tlcli import data, precision
+from tlcli import data
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig
 from tlcli.errors import UsageError
 from tlcli.progress import Callback, End, Epoch, Info, Start
-from tlcli.run_state import FineTuneState, RunState
+from tlcli.training import precision
+from tlcli.training.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
 
@@ -92,7 +93,7 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
     (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
     ``one_view``'s head at the end. ``masked``: the holdout's batches carry weights (padding: 0),
     so accuracy is a weighted metric."""
-    from tlcli import model
+    from tlcli.model import classifier as model
 
     k = keras()
     head = one_view.get_layer("head")
@@ -200,6 +201,14 @@ def _micro_batch_model_class():
     return MicroBatchModel
 
 
+def _remove_checkpoints(paths, *, keep) -> None:
+    """Delete the files of each checkpoint prefix in ``paths`` (None entries skipped) not in ``keep``."""
+    for old in paths:
+        if old and old not in keep:
+            for f in Path(old).parent.glob(Path(old).name + ".*"):
+                f.unlink(missing_ok=True)
+
+
 @functools.cache
 def _epoch_callback_class():
     k, t = keras(), tf()
@@ -257,9 +266,8 @@ def _epoch_callback_class():
                 if loss < (math.inf if st.best is None else st.best):
                     st.best, st.best_epoch, st.wait = loss, epoch, 0
                     self.best_weights = self.m.get_weights()
-                    # One file per epoch (the last checkpoint too): state.json (saved below) never names
-                    # a file that a later epoch overwrote before the state caught up; the ones it
-                    # replaces go after.
+                    # One file per epoch (the last too): state.json never names a file that a later
+                    # epoch overwrote before the state caught up; the ones it replaces go after.
                     superseded = st.best_checkpoint
                     st.best_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / f"best-{epoch + 1}"))
                 else:
@@ -270,10 +278,7 @@ def _epoch_callback_class():
             superseded = [superseded, st.last_checkpoint]
             st.last_checkpoint = self._checkpoint().write(str(self.checkpoint_dir / f"last-{epoch + 1}"))
             self.save_state()
-            for old in superseded:
-                if old and old not in (st.best_checkpoint, st.last_checkpoint):
-                    for f in Path(old).parent.glob(Path(old).name + ".*"):
-                        f.unlink(missing_ok=True)
+            _remove_checkpoints(superseded, keep=(st.best_checkpoint, st.last_checkpoint))
             self.progress(Epoch(self.phase, total=self.epochs, completed=epoch + 1, logs=logs))
 
         def finish(self) -> None:

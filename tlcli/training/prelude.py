@@ -26,8 +26,12 @@ from concurrent import futures
 
 import numpy as np
 
-from tlcli import data, features, images, litert_backbone
+from tlcli import data, features
 from tlcli.config import TrainConfig
+from tlcli.data import images
+from tlcli.features.store import model_store
+from tlcli.model import litert as litert_backbone
+from tlcli.model.backbone import cache_key
 from tlcli.progress import Advance, Callback, End, Start
 
 AHEAD_BATCH = 4 * litert_backbone.RUN_BATCH  # images handed to LiteRT at a time, at most
@@ -101,7 +105,7 @@ def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
     workers each extract their own share)."""
     size = spec.image_size or 224
     likely = likely_litert(cfg.extractor)
-    runner = litert_backbone.cached_runner(cfg.cache_dir, features.cache_key(spec, size), size) \
+    runner = litert_backbone.cached_runner(cfg.cache_dir, cache_key(spec, size), size) \
         if likely and ahead else None
     pixels = images.KeptPixels(size, feed=runner is not None) if likely else None
     stopping, prelude = threading.Event(), None
@@ -135,11 +139,11 @@ def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, progress: Callback)
     views, started = [], False
     try:
         runner, pixels, size = prelude.runner, prelude.pixels, prelude.size
-        key = features.cache_key(spec, size)
-        views.append((False, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert"),
+        key = cache_key(spec, size)
+        views.append((False, model_store(cfg.cache_dir, features.view_key(key, "litert"),
                                                    dim=runner.feature_dim)))
         if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
-            views.append((True, features.FeatureCache(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
+            views.append((True, model_store(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
                                                       dim=runner.feature_dim)))
         buffer = np.empty((AHEAD_BATCH, size, size, 3), np.float32)  # reused: no fresh pages per batch
         while not prelude.halted.is_set():

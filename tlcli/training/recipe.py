@@ -14,12 +14,14 @@ import shutil
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from tlcli import bundle, data, distributed, files, prelude, run_state, summaries
-from tlcli.backbone import resolve_spec
+from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
+from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Callback, End, Epoch, Info, Start, silent
+from tlcli.training import distributed, prelude, run_state, summaries
 
 
 @dataclass
@@ -92,14 +94,15 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         folders = [("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)]
         summaries.check_target(cfg.tensorboard, data=folders)
         bundle.check_output(cfg.out, force=cfg.force, data=folders)
-        from tlcli.backbone import fetch
+        from tlcli.model.backbone import fetch
 
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
         with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
             path = fetch(spec)
             bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
-            return distributed.run(node, _run, cfg, spec, path, state, early, progress)
+            with distributed.session(node) as finish:
+                return finish(_run(cfg, spec, path, state, early, progress))
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
@@ -107,7 +110,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli import audit, features, finetuning, head, plots, serving
+    from tlcli.bundle import savedmodel as serving
+    from tlcli.insight import findings, plots
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -126,7 +130,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val,
             extractors=(models.extractor, models.flip_extractor),
-            cache_key=features.cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
+            cache_key=cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert,
             static=chosen.static_shapes)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
@@ -143,26 +147,18 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             state.save(partial)
             if cfg.fine_tune:
                 graph.result()  # fine-tuning must not run while the graph is being traced
-                improved = finetuning.fine_tune(
-                    models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
-                    accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-                    state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
-                # Kept its starting weights (the holdout never improved): the plain features still hold.
-                views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views,
-                                 task="re-extract")
+                views = _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, batch=batch, mirror=mirror,
+                                    state=state, partial=partial, progress=progress, scalars=scalars)
                 extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
-                progress(Info(f"features after fine-tuning: {views.extracted} extracted, "
-                               f"{views.cached} from cache or kept"
-                               + ("" if improved else " (the backbone kept its starting weights)")))
                 fit = fit_head(views, splits.train, "head refit")
-        reports = head.view_reports(views, fit, splits.labels, splits.train, splits.val)
-        checks = audit.train_check(  # out of the strategy's scope: 128 calibration copies, on this worker only
+        reports = view_reports(views, fit, splits.labels, splits.train, splits.val)
+        checks = findings.train_check(  # out of the strategy's scope: 128 calibration copies, on this worker only
             cfg, splits, views, fit, extractors=(models.extractor, litert), image_size=loaded.image_size,
             progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
-        meta = bundle.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                               mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                               seconds=time.perf_counter() - start, extractor=engine)
+        meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
+                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
+                        seconds=time.perf_counter() - start, extractor=engine)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -187,14 +183,38 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         progress(End("save", total=1, completed=1))
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
+    return _result(cfg, out, splits, reports, state, chosen, batch=batch, seconds=time.perf_counter() - start,
+                   mirror=mirror, counts=(extracted, cached), engine=engine)
+
+
+def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
+                progress: Callback, scalars):
+    """Fine-tune the backbone (``finetuning.fine_tune``), then the feature views the head is
+    refit on: re-extracted, or ``views`` kept when the backbone kept its starting weights (the
+    holdout never improved), since the plain features still hold then."""
+    from tlcli.training import finetuning
+
+    improved = finetuning.fine_tune(
+        models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
+        accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
+        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
+    views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
+    progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
+                  + ("" if improved else " (the backbone kept its starting weights)")))
+    return views
+
+
+def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
+            engine: str) -> TrainResult:
+    """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
     train_report, val_report = reports
     return TrainResult(
         model_dir=str(out), labels=splits.labels, train_counts=splits.counts(splits.train),
         val_counts=splits.counts(splits.val), train_accuracy=train_report.accuracy,
         val_accuracy=val_report.accuracy if val_report else None, val_loss=val_report.loss if val_report else None,
-        head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run, extracted=extracted,
-        cached=cached, strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
-        seconds=time.perf_counter() - start, mirror=mirror, extractor=engine,
+        head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run, extracted=counts[0],
+        cached=counts[1], strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
+        seconds=seconds, mirror=mirror, extractor=engine,
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history)
 
@@ -204,8 +224,12 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs, and
     LiteRT's parity with TensorFlow is measured while its extraction ahead runs (a runner that
     disagrees stops it)."""
-    from tlcli import backbone, features, litert_backbone, model, strategy
+    from tlcli import features
     from tlcli._tf import keras
+    from tlcli.model import backbone
+    from tlcli.model import classifier as model
+    from tlcli.model import litert as litert_backbone
+    from tlcli.training import strategy
 
     keras().utils.set_random_seed(cfg.seed)
     chosen, litert = strategy.choose(cfg.strategy), None
@@ -238,7 +262,8 @@ def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
     """The head step (``head.fit_views``), recorded in ``state`` and ``scalars`` and loaded into
     ``keras_head``."""
-    from tlcli import head, model
+    from tlcli.model import classifier as model
+    from tlcli.model import head
 
     progress(Start(phase, total=None))
     fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
@@ -254,3 +279,42 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     state.head = run_state.HeadState(fit.epochs, fit.l2, {str(k): v for k, v in fit.cv_loss.items()})
     model.load_head_weights(keras_head, fit.kernel, fit.bias, fit.l2)
     return fit
+
+
+def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
+             global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
+    """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
+    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None) metrics
+    reports, ``chosen`` the strategy, ``state`` the run_state.RunState, ``extractor`` the engine
+    of the frozen features. The TensorBoard folder is filled in when the bundle is written."""
+    from tlcli._tf import tf
+
+    train_report, val = reports
+    return bundle.BundleMeta(
+        tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
+        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
+        mirror_average=mirror, config=cfg.to_dict(),
+        data=bundle.DataMeta(train_dir=str(Path(cfg.data_dir).absolute()),
+                             val_dir=str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
+                             train_counts=splits.counts(splits.train), val_counts=splits.counts(splits.val)),
+        metrics=bundle.MetricsMeta(train_accuracy=train_report.accuracy,
+                                   val_accuracy=val.accuracy if val else None,
+                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None),
+        training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
+                                     global_batch_size=global_batch, head_epochs=state.head.epochs,
+                                     fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
+                                     history=state.history, extractor=extractor),
+        skipped=[s.to_dict() for s in splits.skipped])
+
+
+def view_reports(views, fit, labels: list[str], train, val) -> tuple:
+    """(report of ``train``, report of ``val`` or None when it is empty): ``metrics.compute`` on
+    ``predict_views`` of those samples (the val report lists their paths)."""
+    from tlcli import metrics
+    from tlcli.model import head
+
+    def report(samples, **options):
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **options)
+
+    return report(train), report(val, paths=[s.path for s in val]) if val else None

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcli import files
-from tlcli.backbone import REMOTE_PREFIXES
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import TlcliError, UsageError
-from tlcli.presets import PRESETS
+from tlcli.model.backbone import REMOTE_PREFIXES
+from tlcli.model.presets import PRESETS
 from tlcli.progress import Callback, Info
 
 STATE_FILE = "state.json"

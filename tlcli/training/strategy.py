@@ -6,11 +6,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from tlcli import cluster as clusters
 from tlcli._tf import tf
 from tlcli.config import STRATEGIES
 from tlcli.errors import UsageError
 from tlcli.quiet import native_stderr_silenced
+from tlcli.training import cluster as clusters
 
 
 @dataclass

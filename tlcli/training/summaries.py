@@ -40,9 +40,8 @@ def check_target(target: str | os.PathLike | None, *, data=()) -> None:
     if not t.is_absolute():
         _check_relative(t)
         return
-    from tlcli import bundle
 
-    bundle.check_apart(t, "--tensorboard", data)
+    files.check_apart(t, "--tensorboard", data)
     existing = t
     try:
         while not existing.exists():  # the folder is created with its parents: they need a writable one

@@ -1,0 +1,5 @@
+"""``python -m tlcli.cli``: the same as the ``tlcli`` command."""
+
+from tlcli.cli.app import run
+
+run()

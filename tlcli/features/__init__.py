@@ -1,0 +1,17 @@
+"""The feature stage: the frozen backbone's vectors of each image, computed once (TensorFlow or
+LiteRT) and kept in the feature store by content digest, and the feature views the head is fit
+on. It owns the store's format and keys, so users' caches stay warm across releases."""
+
+from tlcli.features.extraction import extract, extract_litert
+from tlcli.features.store import (
+    DECODER_VERSION,
+    VIEWS_IN_MEMORY_BYTES,
+    FeatureStore,
+    NoStore,
+    StoredRows,
+    model_store,
+)
+from tlcli.features.views import FeatureViews, agrees, compute_views, view_key
+
+__all__ = ["DECODER_VERSION", "VIEWS_IN_MEMORY_BYTES", "FeatureStore", "FeatureViews", "NoStore", "StoredRows",
+           "agrees", "compute_views", "extract", "extract_litert", "model_store", "view_key"]
