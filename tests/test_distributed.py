@@ -225,7 +225,7 @@ def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_b
 WATCH = """
 import socket, sys, time
 sys.modules["tensorflow"] = None
-from tlcli import cluster
+from tlcli.training import cluster
 peer = socket.socket()
 peer.bind(("127.0.0.1", 0))
 peer.listen(8)

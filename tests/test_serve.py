@@ -307,7 +307,7 @@ def test_page_has_no_external_assets(url):
 
 SERVE_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, threading, urllib.request
-    from tlcli import server
+    from tlcli.deploy import server
     from tlcli.progress import Info
 
     def ask(url):

@@ -37,7 +37,7 @@ def _filled(folder, n, *, chunk=None, monkeypatch=None):
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from tlcli import store
+    from tlcli.features import store
     store.CHUNK_ROWS = 37
     folder, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     s = store.FeatureStore(folder)
