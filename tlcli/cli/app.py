@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from tlcli import __version__
-from tlcli.cli import render
+from tlcli.cli import render, reports, shell
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
     DEFAULT_PRESET,
@@ -39,41 +39,12 @@ from tlcli.config import (
 from tlcli.errors import TlcliError, UsageError
 from tlcli.model.presets import PRESETS
 
-
-class _OneLineUsageErrors(typer.core.TyperGroup):
-    """Command-line mistakes Typer finds itself (an unknown choice, a value of the wrong type, a
-    missing argument) are one line like every other tlcli error, not a boxed block, with exit 2."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        from typer import _click
-
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except _click.exceptions.NoArgsIsHelpError as exc:
-            exc.show()
-            code = exc.exit_code
-        except _click.exceptions.ClickException as exc:
-            if not standalone_mode:
-                raise
-            where = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else ""
-            message = exc.format_message().replace("Value error, ", "").rstrip(".")
-            Console(stderr=True).print(render.error_line(UsageError(message + where)),
-                                       highlight=False, soft_wrap=True)
-            code = exc.exit_code
-        except _click.exceptions.Abort:
-            if not standalone_mode:
-                raise
-            code = 1
-        if not standalone_mode:
-            return code
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train, predict, export, evaluate.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  cls=_OneLineUsageErrors)
+app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train a classifier on a folder of "
+                       "photos, predict, evaluate, audit the data, export for phones, and serve it.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  cls=shell.OneLineUsageErrors)
 models_app = typer.Typer(help="Backbone presets and the TF Hub cache, for offline machines.",
-                         no_args_is_help=True, add_completion=False)
+                         no_args_is_help=True, add_completion=False, cls=shell.Group)
 app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
@@ -82,8 +53,15 @@ err = Console(stderr=True)
 DATA, MODEL, HEAD, FINE_TUNING, HARDWARE, OUTPUT = "Data", "Model", "Head", "Fine-tuning", "Hardware", "Output"
 
 
-def fail(exc: TlcliError):
+def fail(exc: TlcliError, *, json_out: bool = False):
+    """End the command on a library error: the files behind it (if it names some) and its one
+    line on stderr; with ``json_out`` also ``{"error", "skipped"}`` on stdout, for a script."""
+    skipped = getattr(exc, "skipped", None) or []
+    if skipped:
+        err.print(render.skipped_table(skipped))
     err.print(render.error_line(exc), highlight=False, soft_wrap=True)
+    if json_out:
+        render.print_json({"error": str(exc), "exit_code": exc.exit_code, "skipped": skipped})
     raise typer.Exit(exc.exit_code)
 
 
@@ -118,14 +96,14 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     out, err = Console(), Console(stderr=True)
 
 
-def _with_progress(fn, *args, quiet: bool = False, **kwargs):
+def _with_progress(fn, *args, quiet: bool = False, json_out: bool = False, **kwargs):
     """Call a library function with a progress display on stderr (bars on a terminal, timed
-    lines in a log); a TlcliError becomes one line and its exit code."""
+    lines in a log); a TlcliError becomes one line and its exit code (see ``fail``)."""
     try:
         with render.progress_display(err, quiet=quiet) as progress:
             return fn(*args, progress=progress, **kwargs)
     except TlcliError as exc:
-        fail(exc)
+        fail(exc, json_out=json_out)
 
 
 def _given(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
@@ -147,7 +125,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON
 ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle directory.")]
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Train a classifier on DIR (one subfolder per class).")
 @interruptible
 def train(
     ctx: typer.Context,
@@ -224,14 +202,14 @@ def train(
     cfg = TrainConfig.from_options({**ctx.params, "data_dir": data_dir or "", "tensorboard": logs},
                                    renamed={"out_dir": "out"})
 
-    result = _with_progress(training.train, config=cfg, given=_given(ctx, {"out_dir": "out"}))
+    result = _with_progress(training.train, config=cfg, given=_given(ctx, {"out_dir": "out"}), json_out=json_out)
     if json_out:
         render.print_json(result.to_dict())
     else:
         out.print(render.train_summary(result, tensorboard=cfg.tensorboard))
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Classify images with a trained bundle.")
 @interruptible
 def predict(
     # readable=False: an unreadable file gets its own error from the library, not exit 2 for all.
@@ -259,7 +237,7 @@ def predict(
         fail(exc)
     start = time.perf_counter()
     failed = 0
-    table = render.predictions_table(eng.name, min(top_k, len(b.labels)))
+    table = render.predictions_table(eng.name, min(top_k, len(b.labels)), out.width)
     try:
         for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
             failed += p.error is not None
@@ -281,7 +259,7 @@ def predict(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Export the bundle to TFLite, checked against the SavedModel.")
 @interruptible
 def export(
     tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
@@ -305,15 +283,16 @@ def export(
 
     if not tflite:
         fail(UsageError("export: choose a format; --tflite is the one available"))
-    r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize.value,
-                       io_type=io_type.value, data_dir=_path(data), max_accuracy_drop=max_accuracy_drop)
+    r = _with_progress(export_tflite, model, quiet=json_out, json_out=json_out, output=output,
+                       quantize=quantize.value, io_type=io_type.value, data_dir=_path(data),
+                       max_accuracy_drop=max_accuracy_drop)
     if json_out:
         render.print_json(r.to_dict())
     else:
         out.print(render.export_summary(r))
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Score a bundle on a labelled folder.")
 @interruptible
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False,
@@ -334,19 +313,19 @@ def evaluate(
     and the most confident mistakes. Exit code 1 if any file had to be skipped."""
     from tlcli import insight
 
-    r = _with_progress(insight.evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine.value, top_k=top_k,
-                       report_dir=report, max_mistakes=mistakes)
+    r = _with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
+                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes)
     if json_out:
         render.print_json(r.to_dict())
     else:
-        for shown in render.evaluation(r):
+        for shown in reports.evaluation(r):
             out.print(shown, highlight=False)
     if r.skipped:
         err.print(render.note(f"{len(r.skipped)} file(s) skipped", style="yellow"), highlight=False)
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Serve a bundle over HTTP (TF Serving's REST API and a page).")
 @interruptible
 def serve(
     model: ModelDir = Path(DEFAULT_MODEL_DIR),
@@ -375,11 +354,16 @@ def serve(
     err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)
 
 
-@app.command()
+@app.command(cls=shell.Command, short_help="Find duplicates, leaks, likely mislabels and outliers in DIR.")
 @interruptible
 def audit(
-    data_dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False,
-                                             help="Folder with one subfolder of images per class.")],
+    data_dir: Annotated[Optional[Path], typer.Argument(
+        metavar="DIR", show_default=False,
+        help="Folder with one subfolder of images per class (with --model: the one it was trained "
+             "on).")] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="A trained bundle: audit with its training settings (folders, split, seed, backbone, "
+                            "image size, cache), instead of the options below.")] = None,
     val_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Validation folder, as given to "
                                                                         "train.")] = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out, as train splits it.")] = (
@@ -405,17 +389,18 @@ def audit(
     features train computes (an audit after train extracts nothing). Never changes the images."""
     from tlcli.insight.audit import audit as run_audit
 
-    r = _with_progress(run_audit, data_dir, quiet=json_out, val_dir=_path(val_dir), val_split=val_split, seed=seed,
+    r = _with_progress(run_audit, data_dir, quiet=json_out, json_out=json_out, model_dir=model, val_dir=_path(val_dir),
+                       val_split=val_split, seed=seed,
                        backbone=backbone, image_size=image_size, cache_dir=_path(cache_dir), batch_size=batch_size,
                        max_pixels=max_pixels, extractor=extractor.value, report_dir=report, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:
-        for shown in render.audit(r):
+        for shown in reports.audit(r):
             out.print(shown, highlight=False)
 
 
-@models_app.command("list")
+@models_app.command("list", cls=shell.Command, short_help="The backbone presets, and which are cached.")
 def models_list(json_out: JsonFlag = False):
     """List the backbone presets: handle, input size, feature size, and whether each is in the TF Hub
     cache ($TFHUB_CACHE_DIR) with its size on disk."""
@@ -428,7 +413,7 @@ def models_list(json_out: JsonFlag = False):
         out.print(render.models_table(listing))
 
 
-@models_app.command("fetch")
+@models_app.command("fetch", cls=shell.Command, short_help="Download a backbone into the TF Hub cache.")
 @interruptible
 def models_fetch(
     name: Annotated[str, typer.Argument(metavar="NAME|HANDLE", show_default=False,
@@ -438,7 +423,7 @@ def models_fetch(
     """Download a backbone into the TF Hub cache ($TFHUB_CACHE_DIR), so train works offline later."""
     from tlcli.model import hub_cache as models
 
-    r = _with_progress(models.fetch_model, name, quiet=json_out)
+    r = _with_progress(models.fetch_model, name, quiet=json_out, json_out=json_out)
     if json_out:
         render.print_json(r.to_dict())
     else:
