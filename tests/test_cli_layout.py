@@ -30,10 +30,10 @@ def help_text(*command: str) -> str:
 
 
 def panels(text: str) -> dict[str, list[str]]:
-    """The flags of a Rich help screen, by panel title."""
+    """The flags of a help screen, by section title ("Data:")."""
     found, panel = {}, None
     for line in text.splitlines():
-        title = re.match(r"\s*╭─ (.+?) ─", line)
+        title = re.match(r"([A-Z][\w -]*):$", line)
         if title:
             panel = title.group(1)
             found.setdefault(panel, [])
@@ -232,13 +232,13 @@ def test_progress_in_a_log_shows_counts_and_elapsed_time_at_a_bounded_rate():
         progress(Epoch("fine-tune", completed=epoch, total=3, logs={"loss": 0.5 / epoch, "val_accuracy": 0.9}))
     progress(End("fine-tune", completed=3, total=3))
     lines = buf.getvalue().splitlines()
-    assert lines[:2] == ["extract 20/245 0:00:10", "extract 40/245 0:00:20"]
+    assert lines[:2] == ["extract 20/245 0:00:10 2.0/s", "extract 40/245 0:00:20 2.0/s"]  # count, total, rate
     assert len([line for line in lines if line.startswith("extract")]) == 13  # 12 timed lines and the end
-    assert "extract 245/245 0:02:02" in lines
-    assert lines[-4:] == ["fine-tune 1/3 0:01:01  loss 0.5000  val_accuracy 0.9000",
-                          "fine-tune 2/3 0:02:02  loss 0.2500  val_accuracy 0.9000",
-                          "fine-tune 3/3 0:03:03  loss 0.1667  val_accuracy 0.9000",
-                          "fine-tune 3/3 0:03:03  loss 0.1667  val_accuracy 0.9000"]
+    assert "extract 245/245 0:02:02 2.0/s" in lines
+    assert lines[-4:] == ["fine-tune 1/3 0:01:01 61s each  loss 0.500  holdout 90.0%",
+                          "fine-tune 2/3 0:02:02 61s each  loss 0.250  holdout 90.0%",
+                          "fine-tune 3/3 0:03:03 61s each  loss 0.167  holdout 90.0%",
+                          "fine-tune 3/3 0:03:03 61s each  loss 0.167  holdout 90.0%"]
 
 
 def test_progress_is_bars_on_a_terminal_and_lines_in_a_log():
@@ -382,7 +382,7 @@ def test_only_the_cli_and_render_modules_import_rich():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "rich" or n.startswith("rich.") for n in names):
                 importers.add(path.relative_to(ROOT / "tlcli").as_posix())
-    assert importers == {"cli/app.py", "cli/render.py"}
+    assert importers == {"cli/app.py", "cli/render.py", "cli/reports.py", "cli/shell.py"}
 
 
 def test_every_progress_event_names_its_kind():
@@ -406,4 +406,4 @@ def test_progress_bars_render_on_a_terminal():
         progress(Epoch("head", completed=5, total=5, logs={"loss": 0.25}))
         progress(End("head", completed=5, total=5))
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
-    assert "extract" in shown and "4/4" in shown and "loss 0.2500" in shown
+    assert "extract" in shown and "4/4" in shown and "loss 0.250" in shown

@@ -1,7 +1,9 @@
-"""Everything tlcli shows: every Rich table, the progress display, and ``safe`` escaping.
+"""What tlcli shows: the summary tables, the progress display, ``safe`` escaping and paths that
+wrap after a "/" (``path_cell``); the evaluate and audit screens are in ``reports``.
 
-The functions take library results and return Rich renderables; ``cli.py`` prints them. Only this
-module and ``cli.py`` import Rich.
+The functions take library results and return Rich renderables; ``app`` prints them. Only the
+``tlcli.cli`` package imports Rich, and everything is readable at 80 columns: no table cuts a
+label or a number, and a progress row keeps its count, rate and times.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from tlcli.progress import (
 # overrides and isolates, and lone surrogates (undecodable bytes of a file name).
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def _escape(match: re.Match) -> str:
@@ -44,6 +45,44 @@ def safe(text, style: str = "") -> Text:
     as markup, with each character that could move the cursor, retitle the window or reorder what
     is shown written as a visible escape (ESC as \\x1b, a newline as \\n, U+2028 as \\u2028)."""
     return Text(_UNSAFE.sub(_escape, str(text)), style=style)
+
+
+def _cuts(text: str, width: int) -> list[int]:
+    """Where to break ``text`` into lines of at most ``width`` cells: after a "/" when one is in
+    reach, else (a part longer than the width) within the part."""
+    cuts, start, last = [], 0, 0
+    for end in [i + 1 for i, c in enumerate(text) if c == "/"] + [len(text)]:
+        if end - start > width and last > start:
+            cuts.append(last)
+            start = last
+        while end - start > width:
+            start += width
+            cuts.append(start)
+        last = end
+    return [c for c in cuts if 0 < c < len(text)]
+
+
+class PathText(Text):
+    """A path that wraps after a "/" rather than within a name (``path``)."""
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        parts = [p for p in re.split(r"(?<=/)", self.plain) if p] or [""]
+        return Measurement(min(max(map(len, parts)), options.max_width), min(self.cell_len, options.max_width))
+
+    def wrap(self, console, width, **kwargs):
+        from rich.containers import Lines
+
+        lines = Lines()
+        for line in self.split("\n", allow_blank=True):
+            lines.extend(line.divide(_cuts(line.plain, max(1, width))))
+        return lines
+
+
+def path_cell(text, style: str = "") -> PathText:
+    """A file or folder path for a table cell: escaped like ``safe``, wrapped after a "/"."""
+    return PathText(_UNSAFE.sub(_escape, str(text)), style=style)
 
 
 def error_line(message) -> Text:
@@ -67,7 +106,7 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _num(x) -> str:
+def num(x) -> str:
     return f"{x:.3f}"
 
 
@@ -82,8 +121,23 @@ def _elapsed(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _epoch_info(logs: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in _EPOCH_METRICS)
+def _epoch_info(task: str, logs: dict) -> str:
+    """An epoch's metrics in a few characters. The held-out part is named for what it is: the
+    head's cross-validation folds (``cv``) or fine-tuning's holdout, never "val" (that is the
+    validation split, reported once training ends)."""
+    held = "holdout" if task.startswith("fine-tune") else "cv"
+    shown = [f"loss {logs['loss']:.3f}"] if "loss" in logs else []
+    if "val_accuracy" in logs:
+        shown.append(f"{held} {100 * logs['val_accuracy']:.1f}%")
+    return "  ".join(shown)
+
+
+def _rate(done: int, seconds: float) -> str:
+    """Steps per second (images/s for the image tasks), or seconds per step when slower than one
+    a second; "" before a rate means anything."""
+    if seconds <= 0.5 or not done:
+        return ""
+    return f"{done / seconds:.1f}/s" if done >= seconds else f"{seconds / done:.0f}s each"
 
 
 # ---- progress --------------------------------------------------------------------------------
@@ -109,10 +163,10 @@ class _Display:
         match e:
             case Start() | Advance() | Epoch() | End():
                 self.task_event(e)
-            case Info(message) if not self.quiet:
-                self.console.print(safe(message, style="dim"))
+            case Info(message) if not self.quiet:  # soft_wrap: never a line break inside a hint
+                self.console.print(safe(message, style="dim"), soft_wrap=True)
             case Warn(message):
-                self.console.print(Text.assemble(("warning: ", "yellow"), safe(message)))
+                self.console.print(Text.assemble(("warning: ", "yellow"), safe(message)), soft_wrap=True)
             case Counts() if not self.quiet:
                 self.console.print(counts_table(e.train, e.val))
             case Skipped(files):
@@ -133,9 +187,19 @@ class BarProgress(_Display):
         from rich.progress import Progress as RichProgress
 
         super().__init__(console, quiet)
-        self.bar = RichProgress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=console, disable=quiet, transient=False)
+        from rich.table import Column
+
+        # At 80 columns the count, rate, elapsed time and ETA always fit (60 cells); an epoch's
+        # metrics get what is left, and are shortened with an ellipsis rather than pushing the
+        # numbers off the line.
+        bar = [BarColumn(bar_width=10)] if console.width >= 100 else []  # below 100 columns: numbers first
+        self.bar = RichProgress(TextColumn("{task.description}", table_column=Column(min_width=10, no_wrap=True)),
+                                *bar, MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}", table_column=Column(min_width=7, no_wrap=True)),
+                                TimeElapsedColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}",
+                                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                                console=console, disable=quiet, transient=False, expand=True)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
@@ -150,17 +214,22 @@ class BarProgress(_Display):
             if e.task in self.tasks:
                 self.bar.reset(self.tasks[e.task], total=e.total, completed=e.completed)
             else:
-                self.tasks[e.task] = self.bar.add_task(e.task, total=e.total, completed=e.completed, info="")
+                self.tasks[e.task] = self.bar.add_task(e.task, total=e.total, completed=e.completed, info="",
+                                                       rate="")
         elif e.task in self.tasks:
-            info = _epoch_info(e.logs) if isinstance(e, Epoch) else ""
+            task = self.tasks[e.task]
+            info = _epoch_info(e.task, e.logs) if isinstance(e, Epoch) else ""
             fields = {"info": info} if info else {}
-            self.bar.update(self.tasks[e.task], completed=e.completed, total=e.total, **fields)
+            self.bar.update(task, completed=e.completed, total=e.total, **fields)
+            shown = next(t for t in self.bar.tasks if t.id == task)
+            self.bar.update(task, rate=_rate(shown.completed, shown.elapsed or 0.0))
 
 
 class LogProgress(_Display):
-    """Plain lines for a log file or CI, where a bar cannot redraw: ``extract 64/245 0:00:03``
-    (task, steps done of total, time since the task started, the last epoch's metrics), at most
-    one line per task every ``interval`` seconds, and always the line of a task's end."""
+    """Plain lines for a log file or CI, where a bar cannot redraw: ``extract 64/245 0:00:03
+    21.3/s`` (task, steps done of total, time since the task started, steps per second, the last
+    epoch's metrics), at most one line per task every ``interval`` seconds, and always the line
+    of a task's end."""
 
     def __init__(self, console: Console, quiet: bool = False, *, interval: float = 10.0, clock=time.monotonic):
         super().__init__(console, quiet)
@@ -177,11 +246,12 @@ class LogProgress(_Display):
             self.info[e.task] = ""
             return
         if isinstance(e, Epoch):
-            self.info[e.task] = _epoch_info(e.logs)
+            self.info[e.task] = _epoch_info(e.task, e.logs)
         if not self.quiet and (isinstance(e, End) or now - self.printed[e.task] >= self.interval):
             self.printed[e.task] = now
             done = f"{e.completed}/{e.total}" if e.total is not None else str(e.completed)
-            line = f"{e.task} {done} {_elapsed(now - self.started[e.task])}"
+            seconds = now - self.started[e.task]
+            line = " ".join(filter(None, (e.task, done, _elapsed(seconds), _rate(e.completed, seconds))))
             if self.info[e.task]:
                 line += "  " + self.info[e.task]
             self.console.print(safe(line), highlight=False, soft_wrap=True)
@@ -237,7 +307,7 @@ def skipped_table(skipped: list[dict]) -> Table:
     t.add_column("file", overflow="fold", min_width=20)
     t.add_column("reason", overflow="fold")
     for s in skipped[:SKIPPED_ROWS]:
-        t.add_row(safe(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
+        t.add_row(path_cell(s["path"]), safe(s["reason"] + (f" ({s['detail']})" if s.get("detail") else "")))
     rest = Counter(s["reason"] for s in skipped[SKIPPED_ROWS:])
     if rest:
         counts = ", ".join(f"{n} {reason}" for reason, n in rest.most_common())
@@ -266,35 +336,45 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     if result.model_dir is None:  # a cluster's other worker: the chief writes the bundle
         t.add_row("model", "written by the chief (worker 0)")
         return t
-    t.add_row("model", safe(result.model_dir))
-    t.add_row("curves", safe(Path(result.model_dir) / "training_curves.png"))
+    t.add_row("model", path_cell(result.model_dir))
+    t.add_row("curves", path_cell(Path(result.model_dir) / "training_curves.png"))
     if tensorboard:
         t.add_row("tensorboard", safe(f"tensorboard --logdir {Path(result.model_dir) / tensorboard}"))
     return t
 
 
-def predictions_table(engine: str, columns: int) -> Table:
+RANK_CELLS = 16  # what a ranked class needs beside the others ("a_label 99.9%" and the border)
+
+
+def predictions_table(engine: str, columns: int, width: int = 80) -> Table:
     """An empty table of predictions; ``columns`` ranked classes per file (no empty columns
-    beyond the number of classes). Fill it with ``add_prediction``."""
+    beyond the number of classes). Fill it with ``add_prediction``. When the ranks do not fit
+    ``width`` side by side beside the file, they are stacked in one column, one per line, so
+    no label or number is ever cut."""
     table = Table(title=f"Predictions ({engine})", title_justify="left")
     # The file keeps some width whatever the other cells hold; an error message folds in "#1".
     table.add_column("file", overflow="fold", min_width=20)
-    for i in range(columns):
-        table.add_column(f"#{i + 1}", overflow="fold")
+    if 24 + RANK_CELLS * columns > width:
+        table.add_column(f"top {columns}", overflow="fold")
+    else:
+        for i in range(columns):
+            table.add_column(f"#{i + 1}", overflow="fold")
     return table
 
 
 def add_prediction(table: Table, p) -> None:
     """One ``inference.Prediction`` as a row: its ranked classes, or its error in red."""
     if p.error:
-        table.add_row(safe(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
-    else:
-        table.add_row(safe(p.path), *[safe(f"{q['label']} {100 * q['probability']:.1f}%") for q in p.predictions])
+        table.add_row(path_cell(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
+        return
+    ranked = [safe(f"{q['label']} {100 * q['probability']:.1f}%") for q in p.predictions]
+    stacked = len(table.columns) == 2 and str(table.columns[1].header).startswith("top")
+    table.add_row(path_cell(p.path), *([Text("\n").join(ranked)] if stacked else ranked))
 
 
 def export_summary(r) -> Table:
     t = kv_table("TFLite export")
-    t.add_row("file", safe(r.path))
+    t.add_row("file", path_cell(r.path))
     t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
     t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
@@ -311,62 +391,6 @@ def export_summary(r) -> Table:
     else:
         t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
     return t
-
-
-def _per_class_table(rep) -> Table:
-    pc = Table(title="Per class", title_justify="left")
-    pc.add_column("class", overflow="fold")
-    for name in ("precision", "recall", "F1", "support"):
-        pc.add_column(name, justify="right")
-    for c in rep.per_class:
-        pc.add_row(safe(c.label), _num(c.precision), _num(c.recall), _num(c.f1), str(c.support),
-                   style="dim" if c.support == 0 else None)
-    pc.add_section()
-    for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
-        pc.add_row(name, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), str(rep.count),
-                   style="bold")
-    return pc
-
-
-def _confusion_table(rep) -> Table:
-    numbered = len(rep.labels) > 8
-    cm = Table(title="Confusion matrix", title_justify="left",
-               caption="columns numbered as the rows" if numbered else None, caption_justify="left")
-    cm.add_column("true \\ predicted", overflow="fold")
-    for j, label in enumerate(rep.labels):
-        cm.add_column(str(j) if numbered else safe(label), justify="right", overflow="fold")
-    for i, label in enumerate(rep.labels):
-        cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
-                 for j, n in enumerate(rep.confusion[i])]
-        cm.add_row(safe(f"{i} {label}" if numbered else label), *cells)
-    return cm
-
-
-def _mistakes_table(rep, root=None) -> Table:
-    """The most confident mistakes, paths relative to ``root`` (the evaluated DIR) when under it."""
-    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
-    mt.add_column("file", overflow="fold", min_width=20)
-    mt.add_column("true", overflow="fold")
-    mt.add_column("predicted", overflow="fold")
-    mt.add_column("probability", justify="right")
-    for m in rep.mistakes:
-        mt.add_row(safe(_under(m.path, (root,))), safe(m.true_label), safe(m.predicted_label), pct(m.probability))
-    return mt
-
-
-def evaluation(r) -> list:
-    """The renderables of an ``EvaluateResult``, in order: summary, per class, confusion matrix,
-    mistakes, and a 'wrote' line per report file."""
-    rep = r.report
-    t = kv_table("Evaluation")
-    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
-    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
-    t.add_row("accuracy", pct(rep.accuracy))
-    t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
-    t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
-    shown = [t, _per_class_table(rep), _confusion_table(rep),
-             _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
-    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
 
 
 def models_table(listing) -> Table:
@@ -390,78 +414,8 @@ def fetch_summary(r) -> Table:
     if r.name:
         t.add_row("name", safe(r.name))
     t.add_row("handle", safe(r.handle))
-    t.add_row("path", safe(r.path))
+    t.add_row("path", path_cell(r.path))
     t.add_row("size", _size(r.size_bytes))
     return t
 
 
-# ---- audit -----------------------------------------------------------------------------------
-
-_AUDIT_ACTIONS = {"train_val_leak": "remove the copies from one split",
-                  "across_classes": "keep one, with the right label", "exact": "delete the extra copies",
-                  "within_class": "delete the extra copies (redundant)"}
-
-
-def _under(path: str, roots) -> str:
-    """``path`` relative to the first of ``roots`` it lies under, else as given."""
-    from tlcli.insight.html_report import shown_path
-
-    return next((shown_path(path, root) for root in roots if root and shown_path(path, root) != str(path)), str(path))
-
-
-def audit(r) -> list:
-    """The renderables of an ``audit.AuditResult``: a summary line per kind, the groups of
-    near-duplicates, the likely mislabels, the outliers, image sizes and skipped files (the
-    progress display has shown the counts per class).
-    Paths are shown relative to DIR (or --val-dir) when they lie under it."""
-    roots = (r.val_dir, r.data_dir) if r.val_dir else (r.data_dir,)
-    counts = r.counts()
-    t = kv_table("Audit")
-    t.add_row("data", safe(r.data_dir + (f" (val: {r.val_dir})" if r.val_dir else "")))
-    for kind in ("train_val_leak", "across_classes", "exact", "within_class"):
-        t.add_row(f"duplicates: {kind}", Text(str(counts[kind]), style="red" if counts[kind] else "green"))
-    for kind in ("likely_mislabeled", "outliers", "skipped"):
-        t.add_row(kind.replace("_", " "), Text(str(counts[kind]), style="yellow" if counts[kind] else "green"))
-    t.add_row("imbalance", "-" if r.imbalance is None else f"{r.imbalance:.2f} (largest / smallest class, train)")
-    t.add_row("near-duplicate at", f"similarity >= {r.thresholds.get('near_duplicate', float('nan')):.3f}")
-    t.add_row("features", f"{r.extracted} extracted, {r.cached} cached")
-    t.add_row("time", f"{r.seconds:.1f} s")
-    shown = [t]
-    if r.near_duplicates:
-        d = Table(title=f"Near-duplicate groups ({len(r.near_duplicates)})", title_justify="left")
-        for name in ("#", "kind", "similarity", "files (label, split)", "action"):
-            d.add_column(name, overflow="fold")
-        for i, g in enumerate(r.near_duplicates, 1):
-            files = Text("\n").join(safe(f"{_under(p, roots)} ({label}, {split})")
-                                     for p, label, split in zip(g.paths, g.labels, g.splits))
-            d.add_row(str(i), g.kind, f"{g.similarity:.3f}", files, _AUDIT_ACTIONS[g.kind])
-        shown.append(d)
-    if r.likely_mislabeled:
-        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
-        for name in ("file", "label", "suggested", "score", "action"):
-            m.add_column(name, overflow="fold")
-        for x in r.likely_mislabeled:
-            m.add_row(safe(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}",
-                      safe(f"look; move it to {x.suggested_label} if that is right"))
-        shown.append(m)
-    if r.outliers:
-        o = Table(title=f"Outliers ({len(r.outliers)}): far from every class; junk, or a class the data lacks",
-                  title_justify="left")
-        for name in ("file", "label", "score", "action"):
-            o.add_column(name, overflow="fold")
-        for x in r.outliers:
-            o.add_row(safe(_under(x.path, roots)), safe(x.label), f"{x.score:.3f}", "look; remove it if it is junk")
-        shown.append(o)
-    if r.image_stats:
-        s = Table(title=f"Image sizes ({r.image_stats['images']} images; "
-                        f"{r.image_stats['smaller_than_input']} smaller than the model input)", title_justify="left")
-        for name in ("", "min", "median", "max"):
-            s.add_column(name, justify="right")
-        for name in ("width", "height", "aspect_ratio"):
-            v = r.image_stats[name]
-            digits = 2 if name == "aspect_ratio" else 0
-            s.add_row(name, *(f"{v[k]:.{digits}f}" for k in ("min", "median", "max")))
-        shown.append(s)
-    if r.skipped:
-        shown.append(skipped_table([dict(s, path=_under(s["path"], roots)) for s in r.skipped]))
-    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]

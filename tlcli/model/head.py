@@ -75,14 +75,14 @@ def softmax(z, axis: int = -1, *, overwrite: bool = False):
 
 # A diverging step overflows: fit_head reports that as one error, not as numpy warnings.
 @np.errstate(over="ignore", invalid="ignore")
-def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None):
+def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None, on_epoch=None):
     """Batched full-batch Nesterov gradient descent, one step per epoch, step size 1/L from the
     loss's Lipschitz bound (so it converges whatever the feature scale). Z [n, r]; Y [n, k] soft
     targets; weights [g, n] per-fit sample weights (0 = not in this fit's training part); l2 [g].
     Returns W [g, r, k], b [g, k] (the best epoch's when val_mask [g, n] is given), per-epoch
     held-out losses and accuracies [epochs, g], and the first fit's per-epoch training
     (loss, accuracy). Computed in Z's dtype (``fit_head`` gives float32), an epoch in blocks of
-    ``BLOCK_ROWS`` rows."""
+    ``BLOCK_ROWS`` rows. ``on_epoch(epoch)`` is called after each epoch."""
     g, n = weights.shape
     r, k = Z.shape[1], Y.shape[1]
     dtype = Z.dtype
@@ -141,8 +141,10 @@ def _train(Z, Y, weights, l2, *, epochs, step=None, val_mask=None, patience=None
             wait[~improved & active] += 1
             if patience is not None:
                 stopped |= wait >= patience
-                if stopped.all():
-                    break
+        if on_epoch is not None:
+            on_epoch(epoch)
+        if stopped.all():
+            break
     out = best_W if vm is not None else W
     return out[:-1].transpose(2, 0, 1), out[-1].T, np.array(losses), np.array(accs), train_log
 
@@ -174,7 +176,7 @@ def _top_eigenvalue(Zb: np.ndarray, w: np.ndarray, *, tolerance: float = 1e-9, m
 
 
 @np.errstate(over="ignore", invalid="ignore")
-def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
+def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk, on_epoch=None):
     """``_train`` for one fit without held-out rows, in feature space, streaming X in float32
     blocks of at most ``chunk`` rows (each epoch one pass; the step's Gram matrix one more).
     Each block costs its two products (logits, gradient) in float32 into buffers kept across
@@ -215,6 +217,8 @@ def _train_streamed(X, y, k, label_smoothing, sw, l2, *, epochs, step, chunk):
             grad[-1] += P.sum(axis=0, dtype=np.float64)
         train_log.append((loss, acc))
         prev, W = W, look - lr * (grad + decay * look)
+        if on_epoch is not None:
+            on_epoch(epoch)
     return W[:-1].astype(np.float32), W[-1].astype(np.float32), train_log
 
 
@@ -247,7 +251,7 @@ def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = 
              epochs: int = 300, learning_rate: float | None = None, label_smoothing: float = 0.1,
              patience: int = 20, seed: int = 0, l2: float | None = None,
              groups: np.ndarray | None = None, fixed_epochs: bool = False,
-             chunk_rows: int | None = None) -> HeadFit:
+             chunk_rows: int | None = None, on_epoch=None) -> HeadFit:
     """Fit the head on features X [n, d] with integer labels y [n] -> kernel [d, k], bias [k].
 
     X is a numpy array (float32 or float64), an ``np.memmap``, or rows of the feature store
@@ -262,6 +266,7 @@ def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = 
     keeps each group within one fold, so no image is scored by a fit that saw another view of it.
     The result keeps the out-of-fold probabilities of every cross-validated row (``oof_rows``,
     ``oof_probs``): each from the fold fit, at the chosen L2, that did not see it.
+    ``on_epoch(stage, epoch, epochs, fits)`` follows the work: "cross-validation", then "refit".
     Raises ``TlcliError`` naming the learning rate and L2 when a loss or weight is not finite
     (a step too large for the features, or features that are not finite).
     """
@@ -284,7 +289,7 @@ def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = 
     cv = None
     if not (fixed_epochs and l2 is not None):
         cv = _cross_validate(X, Z, y, k, label_smoothing, sw, grid, groups=groups, epochs=epochs,
-                             learning_rate=learning_rate, patience=patience, seed=seed)
+                             learning_rate=learning_rate, patience=patience, seed=seed, on_epoch=on_epoch)
     if cv is None:
         chosen_l2, best_epochs, val_curve, cv_loss = (grid[len(grid) // 2] if l2 is None else l2), epochs, [], {}
         oof_rows, oof_probs = np.zeros(0, int), np.zeros((0, k))
@@ -294,14 +299,15 @@ def fit_head(X, y: np.ndarray, num_classes: int, *, class_weight: dict | None = 
             best_epochs = epochs
     # Refit on every image: in memory in the row space of all of them (the kernel mapped back to
     # features), or streamed in feature space.
+    refit = None if on_epoch is None else (lambda e: on_epoch("refit", e, best_epochs, 1))
     with np.errstate(over="ignore", invalid="ignore"):  # a diverged fit is reported just below
         if stream:
             kernel, bias, train_log = _train_streamed(X, y, k, label_smoothing, sw, chosen_l2, epochs=best_epochs,
-                                                      step=learning_rate, chunk=chunk)
+                                                      step=learning_rate, chunk=chunk, on_epoch=refit)
         else:
             W, b, _, _, train_log = _train(Z.astype(np.float32), _targets(y, k, label_smoothing, np.float32),
                                            sw[None, :], np.array([chosen_l2]),
-                                           epochs=best_epochs, step=learning_rate)
+                                           epochs=best_epochs, step=learning_rate, on_epoch=refit)
             kernel, bias = (V @ W[0]).astype(np.float32), b[0].astype(np.float32)
     _check_finite([kernel, bias, train_log, [cv_loss.get(chosen_l2, 0.0)]], learning_rate, chosen_l2)
     history = []
@@ -345,7 +351,8 @@ def _targets(y: np.ndarray, k: int, label_smoothing: float, dtype=np.float64) ->
     return (np.eye(k, dtype=dtype)[y] * (1.0 - label_smoothing) + label_smoothing / k).astype(dtype)
 
 
-def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, learning_rate, patience, seed):
+def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, learning_rate, patience, seed,
+                    on_epoch=None):
     """Stratified k-fold CV over ``grid`` on the sample ``_cv_sample`` draws (whole groups,
     gathered from X), all fits batched, in float32 (half float64's time; its rounding is far
     below the differences cross-validation decides on). ``Z``: X's row space when X is in memory (used
@@ -378,9 +385,10 @@ def _cross_validate(X, Z, y, k, label_smoothing, sw, grid, *, groups, epochs, le
     g_fold = np.tile(np.arange(folds), len(grid))
     train_mask = (fold[None, :] != g_fold[:, None]).astype(np.float64)
     weights = train_mask * (sw[sample] * row_weight)[None, :]
+    step = None if on_epoch is None else (lambda e: on_epoch("cross-validation", e, epochs, len(g_l2)))
     W, b, losses, accs, _ = _train(Zs.astype(np.float32), _targets(y[sample], k, label_smoothing, np.float32),
                                    weights, g_l2, epochs=epochs, step=learning_rate,
-                                   val_mask=(1.0 - train_mask) * row_weight, patience=patience)
+                                   val_mask=(1.0 - train_mask) * row_weight, patience=patience, on_epoch=step)
     losses = np.where(np.isnan(losses), np.inf, losses)  # a diverged fit is never the one chosen
     # Mean held-out loss per (l2, epoch), each fold counted at its best epoch so far (as
     # restored by early stopping); a fold that stopped keeps its best loss.

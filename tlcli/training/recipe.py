@@ -20,7 +20,7 @@ from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
 from tlcli.model.backbone import cache_key, resolve_spec
-from tlcli.progress import Callback, End, Epoch, Info, Start, silent
+from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, silent
 from tlcli.training import distributed, prelude, run_state, summaries
 
 
@@ -265,10 +265,20 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     from tlcli.model import classifier as model
     from tlcli.model import head
 
-    progress(Start(phase, total=None))
+    cv, done = f"{phase} cv", [0]
+    progress(Start(cv, total=cfg.epochs))
+
+    def on_epoch(stage: str, epoch: int, epochs: int, fits: int) -> None:
+        if stage == "cross-validation":  # its fits run together: each epoch advances all of them
+            done[0] = epoch
+            progress(Advance(cv, completed=epoch, total=epochs))
+        elif epoch == 1:  # early stopping ended the cross-validation at done[0] epochs
+            progress(End(cv, completed=done[0], total=cfg.epochs))
+            progress(Start(phase, total=epochs))
+
     fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
                          epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
+                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
     state.history[phase] = fit.history
     for row in fit.history:
         scalars.write(phase, row["epoch"], row)

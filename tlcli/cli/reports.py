@@ -1,0 +1,138 @@
+"""The report screens: what ``tlcli evaluate`` and ``tlcli audit`` show, as Rich renderables."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from tlcli.cli.render import kv_table, num, path_cell, pct, safe, skipped_table
+
+
+def _per_class_table(rep) -> Table:
+    pc = Table(title="Per class", title_justify="left")
+    pc.add_column("class", overflow="fold")
+    for name in ("precision", "recall", "F1", "support"):
+        pc.add_column(name, justify="right")
+    for c in rep.per_class:
+        pc.add_row(safe(c.label), num(c.precision), num(c.recall), num(c.f1), str(c.support),
+                   style="dim" if c.support == 0 else None)
+    pc.add_section()
+    for name, avg in (("macro avg", rep.macro), ("weighted avg", rep.weighted)):
+        pc.add_row(name, num(avg["precision"]), num(avg["recall"]), num(avg["f1"]), str(rep.count),
+                   style="bold")
+    return pc
+
+
+
+def _confusion_table(rep) -> Table:
+    numbered = len(rep.labels) > 8
+    cm = Table(title="Confusion matrix", title_justify="left",
+               caption="columns numbered as the rows" if numbered else None, caption_justify="left")
+    cm.add_column("true \\ predicted", overflow="fold")
+    for j, label in enumerate(rep.labels):
+        cm.add_column(str(j) if numbered else safe(label), justify="right", overflow="fold")
+    for i, label in enumerate(rep.labels):
+        cells = [f"[green]{n}[/]" if i == j and n else f"[red]{n}[/]" if n else "[dim]0[/]"
+                 for j, n in enumerate(rep.confusion[i])]
+        cm.add_row(safe(f"{i} {label}" if numbered else label), *cells)
+    return cm
+
+
+
+def _mistakes_table(rep, root=None) -> Table:
+    """The most confident mistakes, paths relative to ``root`` (the evaluated DIR) when under it."""
+    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
+    mt.add_column("file", overflow="fold", min_width=20)
+    mt.add_column("true", overflow="fold")
+    mt.add_column("predicted", overflow="fold")
+    mt.add_column("probability", justify="right")
+    for m in rep.mistakes:
+        mt.add_row(path_cell(_under(m.path, (root,))), safe(m.true_label), safe(m.predicted_label), pct(m.probability))
+    return mt
+
+
+
+def evaluation(r) -> list:
+    """The renderables of an ``EvaluateResult``, in order: summary, per class, confusion matrix,
+    mistakes, and a 'wrote' line per report file."""
+    rep = r.report
+    t = kv_table("Evaluation")
+    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
+    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
+    t.add_row("accuracy", pct(rep.accuracy))
+    t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
+    t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
+    shown = [t, _per_class_table(rep), _confusion_table(rep),
+             _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
+    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+
+_AUDIT_ACTIONS = {"train_val_leak": "remove the copies from one split",
+                  "across_classes": "keep one, with the right label", "exact": "delete the extra copies",
+                  "within_class": "delete the extra copies (redundant)"}
+
+
+def _under(path: str, roots) -> str:
+    """``path`` relative to the first of ``roots`` it lies under, else as given."""
+    from tlcli.insight.html_report import shown_path
+
+    return next((shown_path(path, root) for root in roots if root and shown_path(path, root) != str(path)), str(path))
+
+
+
+def audit(r) -> list:
+    """The renderables of an ``audit.AuditResult``: a summary line per kind, the groups of
+    near-duplicates, the likely mislabels, the outliers, image sizes and skipped files (the
+    progress display has shown the counts per class).
+    Paths are shown relative to DIR (or --val-dir) when they lie under it."""
+    roots = (r.val_dir, r.data_dir) if r.val_dir else (r.data_dir,)
+    counts = r.counts()
+    t = kv_table("Audit")
+    t.add_row("data", safe(r.data_dir + (f" (val: {r.val_dir})" if r.val_dir else "")))
+    for kind in ("train_val_leak", "across_classes", "exact", "within_class"):
+        t.add_row(f"duplicates: {kind}", Text(str(counts[kind]), style="red" if counts[kind] else "green"))
+    for kind in ("likely_mislabeled", "outliers", "skipped"):
+        t.add_row(kind.replace("_", " "), Text(str(counts[kind]), style="yellow" if counts[kind] else "green"))
+    t.add_row("imbalance", "-" if r.imbalance is None else f"{r.imbalance:.2f} (largest / smallest class, train)")
+    t.add_row("near-duplicate at", f"similarity >= {r.thresholds.get('near_duplicate', float('nan')):.3f}")
+    t.add_row("features", f"{r.extracted} extracted, {r.cached} cached")
+    t.add_row("time", f"{r.seconds:.1f} s")
+    shown = [t]
+    if r.near_duplicates:
+        d = Table(title=f"Near-duplicate groups ({len(r.near_duplicates)})", title_justify="left")
+        for name in ("#", "kind", "similarity", "files (label, split)", "action"):
+            d.add_column(name, overflow="fold")
+        for i, g in enumerate(r.near_duplicates, 1):
+            files = Text("\n").join(safe(f"{_under(p, roots)} ({label}, {split})")
+                                     for p, label, split in zip(g.paths, g.labels, g.splits))
+            d.add_row(str(i), g.kind, f"{g.similarity:.3f}", files, _AUDIT_ACTIONS[g.kind])
+        shown.append(d)
+    if r.likely_mislabeled:
+        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
+        for name in ("file", "label", "suggested", "score", "action"):
+            m.add_column(name, overflow="fold")
+        for x in r.likely_mislabeled:
+            m.add_row(path_cell(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}",
+                      safe(f"look; move it to {x.suggested_label} if that is right"))
+        shown.append(m)
+    if r.outliers:
+        o = Table(title=f"Outliers ({len(r.outliers)}): far from every class; junk, or a class the data lacks",
+                  title_justify="left")
+        for name in ("file", "label", "score", "action"):
+            o.add_column(name, overflow="fold")
+        for x in r.outliers:
+            o.add_row(path_cell(_under(x.path, roots)), safe(x.label), f"{x.score:.3f}",
+                      "look; remove it if it is junk")
+        shown.append(o)
+    if r.image_stats:
+        s = Table(title=f"Image sizes ({r.image_stats['images']} images; "
+                        f"{r.image_stats['smaller_than_input']} smaller than the model input)", title_justify="left")
+        for name in ("", "min", "median", "max"):
+            s.add_column(name, justify="right")
+        for name in ("width", "height", "aspect_ratio"):
+            v = r.image_stats[name]
+            digits = 2 if name == "aspect_ratio" else 0
+            s.add_row(name, *(f"{v[k]:.{digits}f}" for k in ("min", "median", "max")))
+        shown.append(s)
+    if r.skipped:
+        shown.append(skipped_table([dict(s, path=_under(s["path"], roots)) for s in r.skipped]))
+    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
