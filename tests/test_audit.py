@@ -211,17 +211,22 @@ def test_train_warns_in_one_line_and_records_the_counts(defects, histogram_backb
                     progress=lambda e: warnings.append(e.message) if isinstance(e, Warn) else None)
     ours = [w for w in warnings if "tlcli audit" in w]
     assert ours == [f"2 group(s) of identical or near-identical images across train and val and 1 likely "
-                    f"mislabelled training image(s); run 'tlcli audit {defects['train']} --val-dir "
-                    f"{defects['val']}' to see them"]
+                    f"mislabeled training image(s); run 'tlcli audit --model {tmp_path / 'model'}' to see them"]
     assert ours[0] in r.warnings
     meta = bundle.load(tmp_path / "model").meta
     assert meta.audit == {"train_val_duplicates": 2, "likely_mislabeled": 1, "cross_validated": 32}
     # An audit after training extracts nothing: the same scan, split and feature cache.
-    import tlcli
-
     a = tlcli.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),
-                          image_size=32, cache_dir=tmp_path / "cache", batch_size=16)
+                    image_size=32, cache_dir=tmp_path / "cache", batch_size=16)
     assert (a.extracted, a.cached) == (0, 46)
+    # The hint, run as printed, audits with the training's own settings: same backbone, size and
+    # folders, so the same cached features and the same findings.
+    hinted = run_cli("audit", "--model", tmp_path / "model", "--json")
+    assert hinted.exit_code == 0, hinted.output
+    found = json.loads(hinted.stdout)
+    assert (found["extracted"], found["cached"]) == (0, 46)
+    assert found["data_dir"] == str(defects["train"]) and found["val_dir"] == str(defects["val"])
+    assert len(found["likely_mislabeled"]) == len(a.likely_mislabeled)
 
 
 def test_a_bundle_made_before_the_audit_field_loads(bundle_copy):

@@ -51,6 +51,9 @@ def keras():
 
 
 def hub():
+    from tlcli.config import hub_cache_dir
+
+    os.environ.setdefault("TFHUB_CACHE_DIR", str(hub_cache_dir()))  # read by tensorflow_hub when it resolves
     keras()
     with _interrupt_kept():
         import tensorflow_hub

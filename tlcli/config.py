@@ -25,6 +25,12 @@ DEFAULT_MODEL_DIR = "tlcli-model"
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # the model input sides training accepts (and a bundle may hold)
 
 
+def hub_cache_dir() -> Path:
+    """Where TF Hub models are cached: ``$TFHUB_CACHE_DIR``, else ``tfhub`` in tlcli's cache folder
+    (tensorflow_hub's own default is in /tmp, which a reboot empties)."""
+    return Path(os.environ.get("TFHUB_CACHE_DIR") or default_cache_dir() / "tfhub")
+
+
 def default_cache_dir() -> Path:
     """tlcli's cache folder (features, converted backbones): ``$TLCLI_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/tlcli``, else ``~/.cache/tlcli``."""

@@ -14,7 +14,12 @@ class UsageError(TlcliError):
 
 
 class DatasetError(TlcliError):
-    """The image folder cannot be used for training or evaluation."""
+    """The image folder cannot be used for training or evaluation. ``skipped``: the unusable files
+    behind it, if any (``{path, reason, detail}`` each), for the caller to list."""
+
+    def __init__(self, message: str, *, skipped: list[dict] | None = None):
+        super().__init__(message)
+        self.skipped = skipped or []
 
 
 class ImageError(TlcliError):

@@ -119,13 +119,13 @@ def check_output(out: str | os.PathLike, *, force: bool, need_bytes: int = 0, da
     be writable with ``need_bytes`` free."""
     out = check_place(out)
     check_apart(out, "--out", data)
-    if out.exists() and not force:
-        raise OutputExistsError(f"--out {out}: already exists; pass --force to replace it, "
-                                "or choose another --out")
     if out.exists() and not out.is_dir():
         raise TlcliError(f"--out {out}: is a file, not a model directory; choose another --out")
     if out.exists():
-        check_replaceable(out)
+        check_replaceable(out)  # first: --force is suggested only where it would work
+    if out.exists() and not force:
+        raise OutputExistsError(f"--out {out}: already exists; pass --force to replace it, "
+                                "or choose another --out")
     parent = out.absolute().parent
     try:
         probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".tlcli-probe-")

@@ -178,9 +178,9 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
                            "Remove or fix them, or drop --strict to skip them")
     for i, (label, n) in enumerate(folder.counts().items()):
         if n == 0 and label in found:
-            why = f"{bad_in[i]} unusable file(s), see the skipped list" if bad_in.get(i) else "it is empty"
+            why = f"{bad_in[i]} unusable file(s), listed above" if bad_in.get(i) else "it is empty"
             raise DatasetError(f"{option} {root_p / label}: no usable image in this class folder ({why}); "
-                               "add images or remove the folder")
+                               "add images or remove the folder", skipped=[s.to_dict() for s in skipped])
         if n == 0:
             folder.warnings.append(f"label '{label}' has no folder in {root}")
         elif n < FEW_IMAGES:

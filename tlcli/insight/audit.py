@@ -15,6 +15,7 @@ from PIL import Image
 
 from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
+from tlcli.errors import UsageError
 from tlcli.insight import html_report
 from tlcli.insight.findings import AuditResult, analyse, engine_of
 from tlcli.progress import Callback, Info, silent
@@ -47,7 +48,8 @@ def image_stats(samples, image_size: int) -> dict:
     return stats | {"images": len(sizes), "smaller_than_input": int((np.minimum(w, h) < image_size).sum())}
 
 
-def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
+def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.PathLike | None = None,
+          val_dir: str | os.PathLike | None = None,
           val_split: float = DEFAULTS.val_split, seed: int = DEFAULTS.seed, backbone: str = DEFAULTS.backbone,
           image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           batch_size: int = DEFAULTS.batch_size, max_pixels: int = DEFAULTS.max_pixels, strict: bool = False,
@@ -58,14 +60,22 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     ``backbone`` through the same cache, then the findings of the module docstring.
     ``report_dir``: also write ``REPORT_HTML`` (thumbnails side by side) and ``CSV_FILES`` there;
     a folder that is not empty is refused unless ``force``. Never writes into the image folders.
+    ``model_dir``: a bundle whose training settings (data folders, split, seed, backbone, image
+    size, cache, extractor) are used instead of those options, so the audit sees what that
+    training saw; ``data_dir`` then overrides only the folder.
     Raises ``UsageError`` for a bad option, ``DatasetError`` / ``BackboneError`` as ``train``."""
     from tlcli.model.backbone import fetch, resolve_spec
 
     start = time.perf_counter()
-    cfg = TrainConfig(data_dir=str(data_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
-                      seed=seed, backbone=backbone, image_size=image_size,
-                      cache_dir=str(cache_dir) if cache_dir else None, batch_size=batch_size,
-                      max_pixels=max_pixels, strict=strict, extractor=extractor, tensorboard=None)
+    if model_dir is not None:
+        cfg = _trained_config(model_dir, data_dir)
+    elif data_dir is None:
+        raise UsageError("DIR: give the image folder to audit, or --model BUNDLE to audit what it was trained on")
+    else:
+        cfg = TrainConfig(data_dir=str(data_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
+                          seed=seed, backbone=backbone, image_size=image_size,
+                          cache_dir=str(cache_dir) if cache_dir else None, batch_size=batch_size,
+                          max_pixels=max_pixels, strict=strict, extractor=extractor, tensorboard=None)
     validate(cfg)
     data.check_folder(cfg.data_dir)
     if cfg.val_dir:
@@ -79,13 +89,30 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     result = analyse(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
                       seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress)
-    result.data_dir, result.val_dir = str(data_dir), cfg.val_dir
+    result.data_dir, result.val_dir = cfg.data_dir, cfg.val_dir
     result.extracted, result.cached = views.extracted, views.cached
     result.image_stats = image_stats(splits.train + splits.val, size)
     if out_dir is not None:
         result.files = write_report(result, out_dir)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _trained_config(model_dir, data_dir) -> TrainConfig:
+    """The TrainConfig of the bundle at ``model_dir`` for an audit (``data_dir`` replacing its
+    image folder when given): its backbone as it was resolved, at its image size."""
+    from tlcli import bundle
+
+    b = bundle.load(model_dir)
+    cfg = TrainConfig.from_dict(b.meta.config)
+    trained = b.meta.data  # the folders as absolute paths
+    if data_dir is None and not trained.train_dir:
+        raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
+                         "give that folder as DIR too")
+    return cfg.replace(data_dir=str(data_dir) if data_dir is not None else trained.train_dir,
+                       val_dir=trained.val_dir if data_dir is None else cfg.val_dir,
+                       backbone=b.meta.backbone.handle, image_size=b.image_size, tensorboard=None, resume=False,
+                       fine_tune=False)
 
 
 def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = silent):

@@ -29,6 +29,7 @@ Every threshold comes from the training images themselves (printed under ``thres
 from __future__ import annotations
 
 import io
+import shlex
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -400,7 +401,8 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     one Info line, above ``TRAIN_CHECK_MAX_IMAGES`` images."""
     if len(splits.train) + len(splits.val) > TRAIN_CHECK_MAX_IMAGES:
         progress(Info(f"data check skipped: more than {TRAIN_CHECK_MAX_IMAGES:,} images make it too slow here; "
-                      f"run 'tlcli audit {cfg.data_dir}' to check for duplicates and mislabelled images"))
+                      f"run 'tlcli audit --model {shlex.quote(str(cfg.out))}' to check for duplicates and "
+                      "mislabeled images"))
         return None
     plain, _ = views.of(splits.train + splits.val)
     extractor, key = engine_of(views.engine, extractors, cache_key)
@@ -418,8 +420,8 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
         ranked, _ = confident_learning(probs, np.array([splits.train[i].label for i in seen]))
         mislabeled, checked = len(ranked), len(seen)
     found = [f"{leaks} group(s) of identical or near-identical images across train and val"] if leaks else []
-    found += [f"{mislabeled} likely mislabelled training image(s)"] if mislabeled else []
-    command = f"tlcli audit {cfg.data_dir}" + (f" --val-dir {cfg.val_dir}" if cfg.val_dir else "")
+    found += [f"{mislabeled} likely mislabeled training image(s)"] if mislabeled else []
+    command = f"tlcli audit --model {shlex.quote(str(cfg.out))}"  # the same backbone, size, split and cache
     if found:
         warning = f"{' and '.join(found)}; run '{command}' to see them"
         progress(Warn(warning))

@@ -64,8 +64,9 @@ def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
                         "TF Hub or Kaggle handle, or an existing SavedModel directory")
 
 
-def fetch(spec: BackboneSpec) -> str:
-    """Local path of the backbone, downloading into the TF Hub cache (TFHUB_CACHE_DIR) if needed."""
+def fetch(spec: BackboneSpec, *, option: str = "--backbone") -> str:
+    """Local path of the backbone, downloading into the TF Hub cache (TFHUB_CACHE_DIR) if needed;
+    an error names ``option``, the argument that gave the backbone."""
     if spec.is_local:
         return spec.handle
     try:
@@ -73,7 +74,7 @@ def fetch(spec: BackboneSpec) -> str:
     except Exception as exc:  # urllib, HTTP and tarfile errors all mean "could not fetch"
         cache = os.environ.get("TFHUB_CACHE_DIR", "the default TF Hub cache")
         raise BackboneError(
-            f"--backbone {spec.handle}: could not fetch it ({type(exc).__name__}: {str(exc)[:120]}). "
+            f"{option} {spec.handle}: could not fetch it ({type(exc).__name__}: {str(exc)[:120]}). "
             f"To work offline, pass a local SavedModel directory with --backbone PATH, or point "
             f"TFHUB_CACHE_DIR at a cache that already holds this model (looked in {cache})") from None
 

@@ -1,7 +1,7 @@
 """Offline model management: which backbone presets are already in the TF Hub cache, and
 fetching one into it ahead of time (for an air-gapped machine, fill the cache, then copy it).
 
-The cache is tensorflow_hub's: ``$TFHUB_CACHE_DIR``, else ``<temp dir>/tfhub_modules``, with each
+The cache is tensorflow_hub's: ``$TFHUB_CACHE_DIR``, else ``~/.cache/tlcli/tfhub``, with each
 model in a folder named by the SHA-1 of its handle. Listing reads that folder only and never
 imports TensorFlow.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,8 +62,10 @@ class FetchResult:
 
 
 def hub_cache_dir() -> Path:
-    """The folder tensorflow_hub caches models in (as its resolver chooses it)."""
-    return Path(os.environ.get("TFHUB_CACHE_DIR") or Path(tempfile.gettempdir()) / "tfhub_modules")
+    """The folder TF Hub models are cached in (``config.hub_cache_dir``)."""
+    from tlcli.config import hub_cache_dir as configured
+
+    return configured()
 
 
 def cache_path(handle: str) -> Path:
@@ -121,6 +122,6 @@ def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchRes
         return FetchResult(before.name, handle, before.path, before.size_bytes or 0, False,
                            time.perf_counter() - start)
     progress(Start("fetch", total=None))  # tensorflow_hub reports no byte counts
-    path = fetch(BackboneSpec(handle, None, name))
+    path = fetch(BackboneSpec(handle, None, name), option="NAME")
     progress(End("fetch", completed=1, total=1))
     return FetchResult(before.name, handle, path, _disk_size(Path(path)), True, time.perf_counter() - start)

@@ -175,7 +175,9 @@ def load(out: str | os.PathLike) -> RunState:
     file) when there is none or it is unreadable."""
     state_file = partial_dir(out) / STATE_FILE
     if not state_file.exists():
-        raise UsageError(f"--resume: no interrupted run to continue for --out {out}; run without --resume")
+        raise UsageError(f"--resume: no interrupted run to continue for --out {out} (a run stopped before "
+                         "fine-tuning keeps only the features it extracted, in the feature cache); run the same "
+                         "command without --resume, which reuses them")
     try:
         return RunState.from_json(json.loads(state_file.read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
@@ -218,8 +220,10 @@ def _rebase_checkpoints(st: FineTuneState, was: Path, now: Path) -> None:
 
 def left_behind(out: str | os.PathLike) -> str:
     """What an interrupted or failed run into ``out`` leaves: the previous bundle, and the resume state."""
-    kept = "; progress kept: run the same command with --resume to continue" \
-        if (partial_dir(out) / STATE_FILE).exists() else ""
+    kept = ("; progress kept: run the same command with --resume to continue"
+            if (partial_dir(out) / STATE_FILE).exists() else
+            "; the features extracted so far are in the feature cache: run the same command again (without "
+            "--resume) and it starts from them")
     where = f"the previous model at {out} is untouched" if Path(out).exists() else f"nothing was written to {out}"
     return where + kept
 
