@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import COLOURS, solid_image
+from tests.helpers import COLOURS, page_sections, solid_image
 from tests.helpers import run_cli as run
 from tlcli.metrics import ClassMetrics, Report
 
@@ -107,9 +107,34 @@ def test_report_dir_holds_every_mistake_most_confident_first(twin_bundle, twin_e
         [(row[0], row[1], row[2]) for row in rows[1:3]]
     png = Image.open(tmp_path / "report" / "confusion_matrix.png")
     assert png.format == "PNG" and 400 <= png.width <= 2000 and 400 <= png.height <= 2000
+    per_class = page_sections((tmp_path / "report" / "mistakes.html").read_text())["Per class"]["rows"]
+    assert [row[0] for row in per_class] == ["class", "a", "b", "c", "macro avg", "weighted avg"]
     assert r.files == {"confusion_matrix.png": str(tmp_path / "report" / "confusion_matrix.png"),
                        "mistakes.csv": str(tmp_path / "report" / "mistakes.csv"),
                        "mistakes.html": str(tmp_path / "report" / "mistakes.html")}
+
+
+def test_mistakes_page_has_the_per_class_table_and_links_to_each_full_image(tmp_path):
+    import numpy as np
+
+    from tlcli import metrics
+    from tlcli.insight import evaluation
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    paths = [str(tmp_path / "data" / name) for name in ("cat/c 1.png", "cat/c2.png", "dog/d1.png", "dog/d2.png")]
+    solid_image((200, 40, 40)).save(paths[0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    report = metrics.compute([0, 0, 1, 1], probs, ["cat", "dog"], paths=paths, max_mistakes=4)
+    page = evaluation.write_mistakes_page(report.mistakes, tmp_path / "mistakes.html", data_dir=tmp_path / "data",
+                                          model_dir="model", report=report)
+    sections = page_sections(page.read_text())
+    assert sections["Per class"]["rows"] == [
+        ["class", "precision", "recall", "F1", "support"],
+        ["cat", "0.500", "0.500", "0.500", "2"], ["dog", "0.500", "0.500", "0.500", "2"],
+        ["macro avg", "0.500", "0.500", "0.500", "4"], ["weighted avg", "0.500", "0.500", "0.500", "4"]]
+    # Each mistake (most confident first) links to its full image, thumbnail and text alike.
+    mistakes = sections["Most confident mistakes (2 of 2)"]
+    assert mistakes["links"] == [Path(paths[1]).as_uri()] * 2 + [Path(paths[3]).as_uri()] * 2
 
 
 def test_json_output_round_trips_to_the_library_report(twin_bundle, twin_eval, tmp_path):
