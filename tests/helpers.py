@@ -111,3 +111,44 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def page_sections(text: str) -> dict[str, dict]:
+    """An ``html_report`` page read back: {h2 title: {"notes": [paragraph texts], "rows": [[cell
+    texts], ...] of its table (the header row first), "links": [href of every link]}}."""
+    from html.parser import HTMLParser
+
+    sections: dict[str, dict] = {}
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.section, self.tag, self.text = None, None, ""
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "h2":
+                self.tag, self.text = "h2", ""
+            elif self.section is not None:
+                if tag == "p" or tag in ("td", "th"):
+                    self.tag, self.text = tag, ""
+                if tag == "tr":
+                    self.section["rows"].append([])
+                if tag == "a":
+                    self.section["links"].append(dict(attrs)["href"])
+
+        def handle_data(self, data):
+            self.text += data
+
+        def handle_endtag(self, tag):
+            if tag != self.tag:
+                return
+            if tag == "h2":
+                self.section = sections.setdefault(self.text, {"notes": [], "rows": [], "links": []})
+            elif tag == "p":
+                self.section["notes"].append(self.text)
+            else:
+                self.section["rows"][-1].append(self.text)
+            self.tag = None
+
+    Reader().feed(text)
+    return sections

@@ -279,6 +279,42 @@ def test_confident_learning_flags_only_what_another_class_claims():
     assert flagged == [(2, 1, pytest.approx(0.95))]
 
 
+def test_report_page_shows_sizes_readable_thresholds_and_no_empty_tables(tmp_path):
+    from tests.helpers import page_sections, solid_image
+    from tlcli.insight import audit, html_report
+    from tlcli.insight.findings import AuditResult, Outlier
+
+    (tmp_path / "data" / "red").mkdir(parents=True)
+    solid_image((200, 40, 40), size=(64, 48)).save(odd := tmp_path / "data" / "red" / "odd one.png")
+    result = AuditResult(
+        data_dir=str(tmp_path / "data"), val_dir=None, labels=["blue", "red"], near_duplicates=[],
+        likely_mislabeled=[], outliers=[Outlier(str(odd), "red", 0.41234)],
+        class_counts={"train": {"blue": 5, "red": 6}, "val": {"blue": 1}}, skipped=[],
+        thresholds={"near_duplicate": 0.9123456789012345, "calibration_copies": 128,
+                    "mislabel": {"blue": 0.7345678901234567, "red": 0.5}, "outlier": 0.30000000000000004},
+        image_stats={"width": {"min": 64.0, "median": 300.5, "max": 1024.0},
+                     "height": {"min": 48.0, "median": 200.0, "max": 768.0},
+                     "aspect_ratio": {"min": 0.75, "median": 1.3333333333333333, "max": 2.0},
+                     "images": 12, "smaller_than_input": 3})
+    audit.write_report(result, html_report.prepare_dir(tmp_path / "report", data=[], force=False))
+    sections = page_sections((tmp_path / "report" / "audit.html").read_text())
+    # Nothing skipped: one line, no table header above nothing.
+    assert sections["Skipped files"] == {"notes": ["None found."], "rows": [], "links": []}
+    assert sections["Thresholds"]["rows"] == [
+        ["name", "value", "meaning"],
+        ["near_duplicate", "0.912", "near-duplicates at or above this similarity (cosine, centred features)"],
+        ["calibration_copies", "128", "edited copies made to measure copy_similarity"],
+        ["mislabel: blue", "0.735", "mean probability of blue over the images labelled blue"],
+        ["mislabel: red", "0.500", "mean probability of red over the images labelled red"],
+        ["outlier", "0.300", "outliers below this similarity to the nearest class centre"]]
+    sizes = sections["Image sizes"]
+    assert sizes["rows"] == [["", "min", "median", "max"], ["width", "64", "300", "1024"],
+                             ["height", "48", "200", "768"], ["aspect ratio", "0.75", "1.33", "2.00"]]
+    assert "12 images, 3 of them smaller than the model input" in sizes["notes"][0]
+    # The card links to the full image (a file: URL, nothing fetched when the page opens).
+    assert sections["Outliers"]["links"] == [odd.as_uri()] * 2 and "%20" in odd.as_uri()
+
+
 # ---- the pages in a real browser ---------------------------------------------------------------
 
 def test_reports_open_in_headless_chromium_with_every_thumbnail(audited, trained_bundle, colour_data, tmp_path):

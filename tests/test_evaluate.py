@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import COLOURS, solid_image
+from tests.helpers import COLOURS, page_sections, solid_image
 from tests.helpers import run_cli as run
 from tlcli.metrics import ClassMetrics, Report
 
@@ -107,9 +107,34 @@ def test_report_dir_holds_every_mistake_most_confident_first(twin_bundle, twin_e
         [(row[0], row[1], row[2]) for row in rows[1:3]]
     png = Image.open(tmp_path / "report" / "confusion_matrix.png")
     assert png.format == "PNG" and 400 <= png.width <= 2000 and 400 <= png.height <= 2000
+    per_class = page_sections((tmp_path / "report" / "mistakes.html").read_text())["Per class"]["rows"]
+    assert [row[0] for row in per_class] == ["class", "a", "b", "c", "macro avg", "weighted avg"]
     assert r.files == {"confusion_matrix.png": str(tmp_path / "report" / "confusion_matrix.png"),
                        "mistakes.csv": str(tmp_path / "report" / "mistakes.csv"),
                        "mistakes.html": str(tmp_path / "report" / "mistakes.html")}
+
+
+def test_mistakes_page_has_the_per_class_table_and_links_to_each_full_image(tmp_path):
+    import numpy as np
+
+    from tlcli import metrics
+    from tlcli.insight import evaluation
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    paths = [str(tmp_path / "data" / name) for name in ("cat/c 1.png", "cat/c2.png", "dog/d1.png", "dog/d2.png")]
+    solid_image((200, 40, 40)).save(paths[0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    report = metrics.compute([0, 0, 1, 1], probs, ["cat", "dog"], paths=paths, max_mistakes=4)
+    page = evaluation.write_mistakes_page(report.mistakes, tmp_path / "mistakes.html", data_dir=tmp_path / "data",
+                                          model_dir="model", report=report)
+    sections = page_sections(page.read_text())
+    assert sections["Per class"]["rows"] == [
+        ["class", "precision", "recall", "F1", "support"],
+        ["cat", "0.500", "0.500", "0.500", "2"], ["dog", "0.500", "0.500", "0.500", "2"],
+        ["macro avg", "0.500", "0.500", "0.500", "4"], ["weighted avg", "0.500", "0.500", "0.500", "4"]]
+    # Each mistake (most confident first) links to its full image, thumbnail and text alike.
+    mistakes = sections["Most confident mistakes (2 of 2)"]
+    assert mistakes["links"] == [Path(paths[1]).as_uri()] * 2 + [Path(paths[3]).as_uri()] * 2
 
 
 def test_json_output_round_trips_to_the_library_report(twin_bundle, twin_eval, tmp_path):
@@ -256,26 +281,41 @@ def test_confusion_matrix_png_grows_with_the_classes(tmp_path, k):
     assert colours is None or len(colours) > 50  # text, shading and colour bar, not a blank canvas
 
 
-def test_training_curves_png_from_a_history_with_all_phases(tmp_path):
+def test_training_curves_give_each_phase_its_axis_train_and_validation_alike_and_the_legend_apart(tmp_path):
     from tlcli.insight import plots
 
     row = lambda e, val=True: {"epoch": e, "loss": 1 / e, "accuracy": 1 - 0.5 / e,  # noqa: E731
                                **({"val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e} if val else {})}
-    # As training records it: the head's validation curve runs on past the chosen epoch (7).
+    # As training records it: the head's cross-validation curve runs on past the chosen epoch
+    # (7, patience 5), while the head itself is fit for 7 epochs.
     head_rows = [row(e) if e <= 7 else {"epoch": e, "val_loss": 1.2 / e, "val_accuracy": 0.9} for e in range(1, 13)]
     history = {"head": head_rows, "fine-tune": [row(e) for e in range(1, 4)],
                "head refit": [row(e, False) for e in range(1, 6)]}
+    fig = plots.curves_figure(history)
+    fig.draw_without_rendering()
+    axes = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(axes) == 6  # loss and accuracy of each phase
+    spans = {}
+    for ax in axes:
+        phase = ax.get_lines()[0].get_label().split(":")[0]
+        ends = {line.get_label(): (min(line.get_xdata()), max(line.get_xdata())) for line in ax.get_lines()}
+        assert len(set(ends.values())) == 1, ends  # train and validation over the same epochs
+        spans.setdefault(phase, set()).add((next(iter(ends.values())), ax.get_xlim()))
+    assert spans == {"head": {((1, 7), (0.5, 7.5))}, "fine-tune": {((1, 3), (0.5, 3.5))},
+                     "head refit": {((1, 5), (0.5, 5.5))}}
+    width = fig.bbox.width
+    assert all(ax.get_window_extent().width > width / 5 for ax in axes)  # a 3-epoch phase is as readable
+    [legend] = fig.legends
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "head: train", "head: validation (cross-validation folds)", "fine-tune: train",
+        "fine-tune: validation (holdout)", "head refit: train"]
     img = Image.open(plots.training_curves(history, tmp_path / "curves.png"))
     img.load()
-    assert img.format == "PNG" and (img.width, img.height) == (1200, 460)
-    colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
-    assert colours is None or len(colours) > 50  # curves, shading, labels: not a blank canvas
-    # One colour per phase: C0, C1 and C2 of matplotlib's cycle all appear.
-    rgb = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
-    for hex_colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):
-        assert tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)) in rgb, hex_colour
-    empty = Image.open(plots.training_curves({}, tmp_path / "empty.png"))
-    assert empty.format == "PNG" and empty.width == 1200
+    assert img.format == "PNG" and (img.width, img.height) == (1300, 660)
+    empty = plots.curves_figure({})
+    assert [ax.texts[0].get_text() for ax in empty.axes] == ["no epochs recorded"] * 2 and not empty.legends
 
 
 # ---- what training leaves for watching --------------------------------------------------------

@@ -424,6 +424,31 @@ def test_page_in_headless_chromium_shows_the_label_of_an_uploaded_image(url, fil
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, bars and the photo, not a blank page
 
 
+def test_page_shows_a_rejected_file_by_name_and_error_instead_of_a_broken_image(url, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing; CI must run the browser test (.ci/run installs chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "notes.jpg").write_bytes(b"hello\n")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 600})
+            page.goto(url + "/")
+            page.set_input_files("#files", str(tmp_path / "notes.jpg"))
+            page.wait_for_selector(".result .error", timeout=30_000)
+            page.wait_for_selector(".result .missing", timeout=10_000)
+            shown = page.eval_on_selector(".result", "e => [e.querySelectorAll('img').length, "
+                                          "e.querySelector('.file').textContent, e.querySelector('.error').textContent,"
+                                          " e.querySelector('.missing').textContent]")
+        finally:
+            browser.close()
+    assert shown[0] == 0 and shown[1] == "notes.jpg" and shown[3] == "no preview"
+    assert shown[2].startswith("notes.jpg: not an image")
+
+
 def test_floats_are_written_with_tf_servings_digits():
     from tlcli.deploy.tf_serving import tf_serving_float
 

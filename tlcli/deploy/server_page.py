@@ -19,7 +19,8 @@ cursor:pointer;background:#fff;margin:1rem 0}
 #drop.over{border-color:#2a6fdb;background:#eef4ff}
 .result{display:flex;gap:1rem;margin:.8rem 0;padding:.8rem;background:#fff;border-radius:10px;
 box-shadow:0 1px 3px rgba(0,0,0,.15)}
-.result img{width:112px;height:112px;object-fit:cover;border-radius:8px;background:#ddd}
+.result img,.result .missing{width:112px;height:112px;flex:none;object-fit:cover;border-radius:8px;background:#ddd}
+.result .missing{display:flex;align-items:center;justify-content:center;text-align:center;color:#666;font-size:12px}
 .bars{flex:1;min-width:0}.file{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .row{display:flex;align-items:center;gap:.5rem;margin:.3rem 0}
 .label{width:11rem;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
@@ -57,7 +58,10 @@ drop.addEventListener("drop", (e) => {
 async function classifyAll(files) { for (const f of Array.from(files)) await classify(f); }
 async function classify(file) {
   const card = el("div", "result"), img = el("img"), bars = el("div", "bars");
-  img.src = URL.createObjectURL(file); img.alt = file.name;
+  // A file the browser cannot show (not an image, or a format it lacks): a grey box, not a
+  // broken-image icon; its name and the server's error are beside it.
+  img.addEventListener("error", () => img.replaceWith(el("div", "missing", "no preview")), {once: true});
+  img.alt = file.name; img.src = URL.createObjectURL(file);
   bars.append(el("div", "file", file.name));
   card.append(img, bars); $("results").prepend(card);
   const form = new FormData(); form.append("file", file, file.name);

@@ -17,7 +17,7 @@ from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import UsageError
 from tlcli.insight import html_report
-from tlcli.insight.findings import AuditResult, analyse, engine_of
+from tlcli.insight.findings import COPY_QUANTILE, FLOOR_QUANTILE, AuditResult, analyse, engine_of
 from tlcli.progress import Callback, Info, silent
 
 REPORT_HTML = "audit.html"
@@ -46,6 +46,42 @@ def image_stats(samples, image_size: int) -> dict:
     stats = {name: {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
              for name, v in (("width", w), ("height", h), ("aspect_ratio", w / h))}
     return stats | {"images": len(sizes), "smaller_than_input": int((np.minimum(w, h) < image_size).sum())}
+
+
+def image_size_rows(stats: dict) -> list[list[str]]:
+    """The rows of ``image_stats``' table: [name, min, median, max] for the width and height (in
+    pixels) and the aspect ratio (width / height, two decimals); [] for empty ``stats``."""
+    return [[name.replace("_", " "), *(f"{stats[name][k]:.{2 if name == 'aspect_ratio' else 0}f}"
+                                       for k in ("min", "median", "max"))]
+            for name in ("width", "height", "aspect_ratio") if name in stats]
+
+
+_THRESHOLD_MEANINGS = {
+    "near_duplicate": "near-duplicates at or above this similarity (cosine, centred features)",
+    "copy_similarity": f"edited copies' similarity to their originals ({COPY_QUANTILE:.0%} quantile)",
+    "distinct_similarity": f"what distinct training images reach ({FLOOR_QUANTILE:.0%} quantile of the nearest "
+                           "other)",
+    "calibration_copies": "edited copies made to measure copy_similarity",
+    "outlier": "outliers below this similarity to the nearest class centre",
+    "outlier_median": "median similarity of the training images to their nearest class centre",
+    "outlier_mad": "median absolute deviation of that similarity",
+}
+
+
+def threshold_rows(thresholds: dict) -> list[list[str]]:
+    """The rows of ``AuditResult.thresholds``' table: [name, value, meaning], numbers with three
+    decimals (counts whole), the per-class mislabel thresholds one row per class."""
+    def shown(v):
+        return str(v) if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = []
+    for name, value in thresholds.items():
+        if isinstance(value, dict):
+            rows += [[f"{name}: {label}", shown(v), f"mean probability of {label} over the images labelled {label}"]
+                     for label, v in value.items()]
+        else:
+            rows.append([name, shown(value), _THRESHOLD_MEANINGS.get(name, "")])
+    return rows
 
 
 def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.PathLike | None = None,
@@ -139,6 +175,13 @@ def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = sil
     return views, splits, embed, loaded.image_size, key
 
 
+def _sizes_note(stats: dict) -> str:
+    if not stats:
+        return ""
+    return (f"{stats['images']} images, {stats['smaller_than_input']} of them smaller than the model input "
+            "(upscaled). Read from the file headers.")
+
+
 def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     """``REPORT_HTML`` and the ``CSV_FILES`` of ``result`` in ``out_dir``; returns {name: path}.
     Paths in the page are shown relative to DIR (or --val-dir) when under it. Raises ``TlcliError``."""
@@ -180,10 +223,12 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         Section("Images per class", "", header=["class", "train", "val"],
                 rows=[[label, n, result.class_counts["val"].get(label, 0)]
                       for label, n in result.class_counts["train"].items()]),
+        Section("Image sizes", _sizes_note(result.image_stats), header=["", "min", "median", "max"],
+                rows=image_size_rows(result.image_stats)),
         Section("Skipped files", "", header=["file", "reason"],
                 rows=[[rel(s["path"]), s["reason"]] for s in result.skipped]),
-        Section("Thresholds", "", header=["name", "value"],
-                rows=[[k, v] for k, v in result.thresholds.items()]),
+        Section("Thresholds", "Each finding was judged against these values, measured on the training images.",
+                header=["name", "value", "meaning"], rows=threshold_rows(result.thresholds)),
     ]
     counts = result.counts()
     summary = [f"{result.data_dir}" + (f" (val: {result.val_dir})" if result.val_dir else ""),

@@ -76,20 +76,37 @@ def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> 
     return path
 
 
+def class_rows(report: metrics.Report) -> list[list[str]]:
+    """[label, precision, recall, F1, support] per class, then the macro and weighted averages
+    (support: every image); the scores with three decimals."""
+    def scores(d):
+        return [f"{d['precision']:.3f}", f"{d['recall']:.3f}", f"{d['f1']:.3f}"]
+
+    rows = [[c.label, *scores(asdict(c)), str(c.support)] for c in report.per_class]
+    return rows + [[f"{name} avg", *scores(avg), str(report.count)]
+                   for name, avg in (("macro", report.macro), ("weighted", report.weighted))]
+
+
 def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike, *, data_dir, model_dir,
-                        accuracy: float) -> Path:
-    """``html_report``'s page of the most confident ``mistakes`` (at most ``HTML_MISTAKES``), each
-    image with its true and predicted label, paths shown relative to ``data_dir``. Raises ``TlcliError``."""
+                        report: metrics.Report) -> Path:
+    """``html_report``'s page of an evaluation: the per-class table of ``report`` (``class_rows``),
+    then the most confident ``mistakes`` (at most ``HTML_MISTAKES``), each image with its true and
+    predicted label and a link to the full image, paths shown relative to ``data_dir``. Raises
+    ``TlcliError``."""
     from tlcli.insight import html_report
 
     shown = mistakes[:HTML_MISTAKES]
     cards = [html_report.Card(m.path, [f"true {m.true_label}, predicted {m.predicted_label}",
                                        f"probability {100 * m.probability:.1f}%",
                                        html_report.shown_path(m.path, data_dir)]) for m in shown]
-    section = html_report.Section(f"Most confident mistakes ({len(shown)} of {len(mistakes)})",
-                                  "A confident mistake is often a wrong label rather than a wrong model.", [cards])
+    sections = [html_report.Section("Per class", "Precision: of the images predicted as the class, the share that "
+                                    "are; recall: of the images of the class, the share found; F1: their harmonic "
+                                    "mean; support: the images of the class.",
+                                    header=["class", "precision", "recall", "F1", "support"], rows=class_rows(report)),
+                html_report.Section(f"Most confident mistakes ({len(shown)} of {len(mistakes)})",
+                                    "A confident mistake is often a wrong label rather than a wrong model.", [cards])]
     return html_report.write_page(path, "tlcli evaluate", [f"model {model_dir} on {data_dir}",
-                                                           f"accuracy {100 * accuracy:.1f}%"], [section])
+                                                           f"accuracy {100 * report.accuracy:.1f}%"], sections)
 
 
 def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[str]:
@@ -179,7 +196,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
         files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))
         files[MISTAKES_HTML] = str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
-                                                       model_dir=b.path, accuracy=report.accuracy))
+                                                       model_dir=b.path, report=report))
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)

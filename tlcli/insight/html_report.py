@@ -1,9 +1,10 @@
 """One self-contained HTML page of image findings, for ``audit --report`` and ``evaluate --report``.
 
 A page is a title, a few summary lines and sections; a section holds groups of cards shown side
-by side, a card one image (a JPEG thumbnail made by Pillow, embedded as a ``data:`` URI) with
-caption lines. Nothing is fetched from anywhere, so the page opens offline; every text is
-HTML-escaped. ``write_csv`` writes the one-row-per-finding tables beside it.
+by side, a card one image (a JPEG thumbnail made by Pillow, embedded as a ``data:`` URI, linked to
+the full image as a ``file:`` URL) with caption lines, and may end with a table. Nothing is
+fetched from anywhere, so the page opens offline; every text is HTML-escaped. ``write_csv``
+writes the one-row-per-finding tables beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import html
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ class Section:
     title: str
     note: str = ""
     groups: list[list[Card]] = field(default_factory=list)
-    # A plain table instead of (or after) the cards: header and rows of text.
+    # A plain table instead of (or after) the cards: header and rows of text; none without rows.
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
 
@@ -74,9 +76,25 @@ border:1px solid #ddd;border-radius:6px;background:#fafafa}
 .card{width:170px;font-size:12px;overflow-wrap:anywhere}
 .card img{display:block;max-width:160px;max-height:160px;border:1px solid #bbb}
 .missing{width:160px;height:100px;display:flex;align-items:center;justify-content:center;
-background:#eee;color:#888}
+background:#eee;color:#888}.card a{color:#2a5db0}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
+
+
+def file_url(path: str | os.PathLike) -> str:
+    """The ``file:`` URL of ``path`` (made absolute against the current folder), percent-encoded."""
+    return Path(os.path.abspath(path)).as_uri()
+
+
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?%?")
+
+
+def _cell(value) -> str:
+    """A table cell; a number (or one written as text, like "0.912" or "75.0%") right-aligned."""
+    text = str(value)
+    numeric = _NUMBER.fullmatch(text) is not None
+    return f'<td class="num">{html.escape(text)}</td>' if numeric else f"<td>{html.escape(text)}</td>"
 
 
 def page(title: str, summary: list[str], sections: list[Section]) -> str:
@@ -99,16 +117,17 @@ def page(title: str, summary: list[str], sections: list[Section]) -> str:
             for card in group:
                 if card.path not in cache:
                     cache[card.path] = thumbnail(card.path)
-                uri = cache[card.path]
+                uri, url = cache[card.path], esc(file_url(card.path))
                 img = (f'<img src="{uri}" alt="{esc(card.path)}">' if uri
                        else '<div class="missing">no preview</div>')
                 caption = "".join(f"<div>{'<b>' if i == 0 else ''}{esc(line)}{'</b>' if i == 0 else ''}</div>"
                                   for i, line in enumerate(card.lines))
-                out.append(f'<div class="card">{img}{caption}</div>')
+                out.append(f'<div class="card"><a href="{url}" title="open the full image">{img}</a>{caption}'
+                           f'<div><a href="{url}">full image</a></div></div>')
             out.append("</div>")
-        if s.header:
+        if s.header and s.rows:
             out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.header) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in s.rows]
+            out += ["<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in s.rows]
             out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from tlcli.metrics import Report
 
-# Phases that retrain from scratch over the same epochs as another phase are drawn on top of it.
 _MAX_LABEL = 22
 
 
@@ -67,59 +66,65 @@ def confusion_matrix(report: Report, path: str | os.PathLike, *, dpi: int = 110)
     return path
 
 
-def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, dpi: int = 100) -> Path:
-    """Write loss and accuracy against epoch, train (solid) and validation (dashed), one colour
-    per phase, each phase's span shaded and named.
+def _phase_rows(rows: list[dict]) -> list[dict]:
+    """A phase's rows up to its last trained epoch. The head's validation numbers come from its
+    cross-validation folds, which run ``patience`` epochs past the epoch count they choose; the
+    head itself is then fit for only that count, so those epochs have no train numbers."""
+    trained = [int(r["epoch"]) for r in rows if r.get("loss") is not None or r.get("accuracy") is not None]
+    return [r for r in rows if int(r["epoch"]) <= max(trained)] if trained else rows
 
-    ``history`` is ``{phase: [{"epoch": 1, "loss": .., "accuracy": .., "val_loss": ..,
-    "val_accuracy": ..}, ...]}`` in training order, as recorded in ``tlcli.json``; phases follow
-    one another on the epoch axis. Validation numbers come from the training images only: the
-    head's are the mean over cross-validation folds, fine-tuning's are on the holdout."""
+
+def _validation_name(phase: str) -> str:
+    return "validation (cross-validation folds)" if phase.startswith("head") else "validation (holdout)"
+
+
+def curves_figure(history: dict[str, list[dict]], *, dpi: int = 100):
+    """The ``matplotlib.figure.Figure`` of ``training_curves``: one column per phase (its own
+    epoch axis, so a short phase is as readable as a long one), loss above accuracy (each row
+    sharing its y axis, so the phases compare), train solid and validation dashed in the phase's
+    colour, and one legend below every plot."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(12, 4.6), dpi=dpi, layout="constrained")
-    axes = fig.subplots(1, 2)
-    spans: dict[str, tuple[int, int]] = {}
-    end = 0
-    for phase, rows in history.items():
-        if not rows:
-            continue
-        epochs = [int(r["epoch"]) for r in rows]
-        spans[phase] = (end, end + max(epochs))
-        end += max(epochs)
-    colours = {phase: f"C{i}" for i, phase in enumerate(spans)}
-    shades = ["#f2f2f2", "#e3ecf7"]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for i, phase in enumerate(spans):
-            a, b = spans[phase]
-            ax.axvspan(a + 0.5, b + 0.5, color=shades[i % 2], zorder=0)
-            ax.text((a + b + 1) / 2, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=9, color="#404040")
-            if i:
-                ax.axvline(a + 0.5, color="#808080", linestyle=":", linewidth=1)
-        for phase, rows in history.items():
-            if phase not in spans:
-                continue
-            offset = spans[phase][0]
-            for key, style, name in ((metric, "-", "train"), (f"val_{metric}", "--", "val (held out)")):
-                points = [(offset + int(r["epoch"]), r[key]) for r in rows if r.get(key) is not None]
+    phases = {phase: _phase_rows(rows) for phase, rows in history.items() if rows}
+    columns = max(1, len(phases))
+    fig = Figure(figsize=(max(9.0, 1.0 + 4.0 * columns), 6.6), dpi=dpi, layout="constrained")
+    axes = fig.subplots(2, columns, sharey="row", squeeze=False)
+    if not phases:
+        for ax in axes[:, 0]:
+            ax.text(0.5, 0.5, "no epochs recorded", transform=ax.transAxes, ha="center", va="center")
+    for column, (phase, rows) in enumerate(phases.items()):
+        last = max(int(r["epoch"]) for r in rows)
+        for ax, metric in zip(axes[:, column], ("loss", "accuracy")):
+            for key, style, name in ((metric, "-", "train"), (f"val_{metric}", "--", _validation_name(phase))):
+                points = [(int(r["epoch"]), r[key]) for r in rows if r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, style, color=colours[phase], marker="o" if style == "-" else "s",
+                    ax.plot(xs, ys, style, color=f"C{column}", marker="o" if style == "-" else "s",
                             markersize=3 if len(xs) < 40 else 0, linewidth=1.5, label=f"{phase}: {name}")
-        ax.set_xlabel("epoch (phases in training order)")
-        ax.set_ylabel(metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if metric == "accuracy":
-            ax.set_ylim(-0.02, 1.02)
-        if spans:
-            ax.set_xlim(0.5, max(b for _, b in spans.values()) + 0.5)
-            ax.legend(fontsize=8, loc="best")
-        else:
-            ax.text(0.5, 0.5, "no epochs recorded", transform=ax.transAxes, ha="center", va="center")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Training curves")
+            ax.set_xlim(0.5, last + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0, column].set_title(f"{phase} ({last} epoch{'s' if last != 1 else ''})", fontsize=10)
+        axes[1, column].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("loss")
+    axes[1, 0].set_ylabel("accuracy")
+    axes[1, 0].set_ylim(-0.02, 1.02)
+    # One entry per line of a phase (loss and accuracy share them), a legend column per phase.
+    handles = list({h.get_label(): h for ax in axes.T.flat for h in ax.get_lines()}.values())
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=8)
+    fig.suptitle("Training curves" + (" (phases in training order, left to right)" if columns > 1 else ""))
+    return fig
+
+
+def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Write the loss and accuracy of every phase against its epochs (``curves_figure``).
+
+    ``history`` is ``{phase: [{"epoch": 1, "loss": .., "accuracy": .., "val_loss": ..,
+    "val_accuracy": ..}, ...]}`` in training order, as recorded in ``tlcli.json``. Validation
+    numbers come from the training images only: the head's are the mean over cross-validation
+    folds, fine-tuning's are on the holdout. Raises ``OSError``."""
     path = Path(path)
-    fig.savefig(path, format="png")
+    curves_figure(history, dpi=dpi).savefig(path, format="png")
     return path
