@@ -199,7 +199,8 @@ import json, sys
 from typer.testing import CliRunner
 from tlcli.cli import app
 import tlcli
-from tlcli import bundle, inference
+from tlcli import bundle
+from tlcli.deploy import inference
 
 result = CliRunner().invoke(app, ["predict", {str(colour_data)!r}, "--model", {str(bundle_copy)!r}, "--json"])
 assert result.exit_code == 0, result.output

@@ -158,7 +158,7 @@ def test_signature_and_metadata_must_agree(bundle_copy, colour_data):
 
 
 def test_graphcheck_and_schema_import_no_tensorflow():
-    code = ("import sys, tlcli.graphcheck, tlcli.schema, tlcli.bundle, tlcli.inference; "
+    code = ("import sys, tlcli.bundle.graphcheck, tlcli.bundle.schema, tlcli.bundle, tlcli.deploy.inference; "
             "print([m for m in ('tensorflow', 'tf_keras') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
