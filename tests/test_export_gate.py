@@ -81,7 +81,9 @@ def test_gate_refuses_a_larger_drop_and_keeps_the_previous_model(gated, ungated)
     before = sorted(p.name for p in bundle.iterdir())
 
     refused = export(bundle, folder, "--max-accuracy-drop", f"{drop / 2:.3f}", "--json")
-    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.exit_code == 1
+    answer = json.loads(refused.stdout)  # --json: the error as JSON too, for a script
+    assert answer["exit_code"] == 1 and answer["error"].startswith("--max-accuracy-drop ")
     lines = [line for line in refused.stderr.strip().splitlines() if not line.startswith(("convert", "parity"))]
     assert len(lines) == 1 and "Traceback" not in refused.output  # besides the progress lines
     assert lines[0].startswith("error: --max-accuracy-drop ")

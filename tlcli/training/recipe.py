@@ -98,11 +98,14 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
 
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
-        with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
-            path = fetch(spec)
-            bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
-            with distributed.session(node) as finish:
-                return finish(_run(cfg, spec, path, state, early, progress))
+        try:
+            with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
+                path = fetch(spec)
+                bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
+                with distributed.session(node) as finish:
+                    return finish(_run(cfg, spec, path, state, early, progress))
+        except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
+            raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
