@@ -277,4 +277,4 @@ def test_above_its_image_limit_train_skips_its_pairwise_data_check_with_one_line
     assert bundle.load(tmp_path / "m").meta.audit is None
     assert [m for m in said if m.startswith("data check skipped")] == [
         f"data check skipped: more than 23 images make it too slow here; run 'tlcli audit {colour_data}' to check "
-        "for duplicates and mislabelled images"]
+        "for duplicates and mislabeled images"]
