@@ -327,6 +327,8 @@ def evaluate(
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
                                                                        "mistakes.csv (every mistake) and mistakes.html "
                                                                        "(thumbnails) into.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
+                                                        "not empty.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -335,7 +337,7 @@ def evaluate(
     from tlcli import insight
 
     r = _with_progress(insight.evaluate, data_dir, quiet=json_out, model_dir=model, engine=engine.value, top_k=top_k,
-                       report_dir=report, max_mistakes=mistakes)
+                       report_dir=report, max_mistakes=mistakes, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:
