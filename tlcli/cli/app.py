@@ -298,6 +298,8 @@ def export(
     max_accuracy_drop: Annotated[Optional[float], typer.Option(
         metavar="POINTS", help="Fail (exit 1, nothing written) when the TFLite model's accuracy on the parity "
                                "images is more than POINTS below the SavedModel's.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing .tflite file (the bundle's "
+                                                        "model.tflite, or --output).")] = False,
     json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""
@@ -306,7 +308,7 @@ def export(
     if not tflite:
         fail(UsageError("export: choose a format; --tflite is the one available"))
     r = _with_progress(export_tflite, model, quiet=json_out, output=output, quantize=quantize.value,
-                       io_type=io_type.value, data_dir=_path(data), max_accuracy_drop=max_accuracy_drop)
+                       io_type=io_type.value, data_dir=_path(data), max_accuracy_drop=max_accuracy_drop, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:

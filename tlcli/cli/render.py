@@ -301,7 +301,8 @@ def add_prediction(table: Table, p) -> None:
 def export_summary(r) -> Table:
     t = kv_table("TFLite export")
     t.add_row("file", safe(r.path))
-    t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
+    t.add_row("labels", "inside the .tflite" if r.labels_path is None
+              else safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
     t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:
