@@ -80,6 +80,16 @@ def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike
                                                            f"accuracy {100 * accuracy:.1f}%"], [section])
 
 
+def _write_report(out_dir: Path, report: metrics.Report, every_mistake, *, data_dir, model_dir) -> dict[str, str]:
+    """The report files in ``out_dir`` (see ``evaluate``), by name. Raises ``TlcliError``, ``OSError``."""
+    from tlcli.insight import plots
+
+    return {CONFUSION_PNG: str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG)),
+            MISTAKES_CSV: str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV)),
+            MISTAKES_HTML: str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
+                                                   model_dir=model_dir, accuracy=report.accuracy))}
+
+
 def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[str]:
     """What the evaluation folder lacks: labels without a folder, classes with few images."""
     missing = [label for label, n in counts.items() if n == 0]
@@ -166,14 +176,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))
     every_mistake = report.mistakes
     report = dataclasses.replace(report, mistakes=every_mistake[:max_mistakes])
-    files = {}
-    if out_dir is not None:
-        from tlcli.insight import plots
-
-        files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
-        files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))
-        files[MISTAKES_HTML] = str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
-                                                       model_dir=b.path, accuracy=report.accuracy))
+    files = {} if out_dir is None else _write_report(out_dir, report, every_mistake, data_dir=data_dir,
+                                                     model_dir=b.path)
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)
