@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
-from tlcli.errors import Interrupted, UsageError
+from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Callback, End, Epoch, Info, Start, silent
 from tlcli.training import distributed, prelude, run_state, summaries
@@ -79,7 +79,8 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     interrupted run into ``out`` continues with the settings it was started with; ``given``
     names the fields the caller set (default: ``options``, ``data_dir`` and the fields of
     ``config`` that differ from the defaults), and one that differs from that run is refused.
-    A second run into the same ``out`` fails at once. Raises a ``TlcliError`` subclass for every
+    A second run into the same ``out`` fails at once. Missing parent folders of ``out`` are created
+    (and removed again when the run ends without a bundle). Raises a ``TlcliError`` subclass for every
     user error, and ``Interrupted`` on Ctrl-C or SIGTERM (the previous bundle is left intact and
     progress is kept for ``resume=True``).
     """
@@ -87,7 +88,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
-    with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
+    if not cfg.resume:  # before any folder of --out is made
+        files.check_apart(cfg.out, "--out", [("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)], error=TlcliError)
+    with run_state.sigterm_as_interrupt(), bundle.parents_made(cfg.out), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
             progress(Info(note))
         if cfg.resume:
