@@ -96,9 +96,9 @@ def test_class_folders_one_level_too_deep_are_refused_naming_the_layout(tmp_path
     with pytest.raises(DatasetError) as err:
         scanned(root)
     message = str(err.value)
-    assert message.startswith(f"DIR {root}: the folders extra/, train/, val/ hold only folders (blue, red), so the "
-                              "classes are one level down and the labels would be extra, train, val; give one of "
-                              f"them as DIR, such as {root / 'extra'}")
+    assert message.startswith(f"DIR {root}: the folders extra/, train/, val/ hold only folders (blue, red): those "
+                              "are the classes, one level down, not extra, train, val; give one of them as DIR, "
+                              f"such as {root / 'train'}")
     assert "train/, val/ (or valid/, validation/) and test/" in message and "\n" not in message
 
 
@@ -150,3 +150,16 @@ def test_train_on_a_dataset_root_trains_its_classes_and_reports_on_test(tmp_path
     words = " ".join(result.output.replace("│", " ").split())
     assert "test accuracy 100.0% on 9 test images (the final report)" in words
     assert "┃ class ┃ train ┃ val ┃ test ┃" in result.output
+
+
+def test_evaluate_on_a_dataset_root_is_one_line_naming_the_folder_to_give(tmp_path, trained_bundle):
+    from tests.helpers import run_cli
+
+    root = tmp_path / "ds"
+    for name in ("train", "val"):
+        make_colour_dataset(root / name, per_class=2)
+    result = run_cli("evaluate", root, "--model", trained_bundle)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == (
+        f"error: DIR {root}: the folders train/, val/ hold only folders (blue, green, red): those are the classes, "
+        f"one level down, not train, val; give one of them as DIR, such as {root / 'val'}")

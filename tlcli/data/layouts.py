@@ -73,12 +73,14 @@ def split_folders(root: str | os.PathLike, *, val_dir: str | os.PathLike | None 
     return SplitFolders(str(root), folders["train"], folders.get("val"), folders.get("test"))
 
 
-def check_not_nested(root: str | os.PathLike, class_dirs: list[Path], option: str = "DIR") -> None:
+def check_not_nested(root: str | os.PathLike, class_dirs: list[Path], option: str = "DIR", *,
+                     training: bool = True) -> None:
     """Refuse (``DatasetError``) class folders one level too deep: when two or more of
     ``class_dirs`` hold folders and no file, and they share two or more folder names
     (``DIR/train/{ants,bees}``, ``DIR/val/{ants,bees}``), the classes are the folders inside them
     (one shared name, such as ``cats/images`` and ``dogs/images``, is a way to store a class). The
-    message names the layout and the fix."""
+    message names the layout and the fix: the folder to give (for ``training`` a train folder, else
+    a test or validation one, when there is one), and for training the split layout."""
     inner: dict[str, list[str]] = {}
     for d in class_dirs:
         names = _only_folders(d)
@@ -87,14 +89,17 @@ def check_not_nested(root: str | os.PathLike, class_dirs: list[Path], option: st
     shared = sorted(set.intersection(*(set(n) for n in inner.values()))) if len(inner) >= 2 else []
     if len(shared) < 2:
         return
-    groups, first = sorted(inner), Path(root) / sorted(inner)[0]
+    groups = sorted(inner)
+    roles = ("train",) if training else ("test", "val")
+    first = Path(root) / min(groups, key=lambda g: (roles.index(SPLIT_ROLES[g.lower()])
+                                                   if SPLIT_ROLES.get(g.lower()) in roles else len(roles), g))
     shown = ", ".join(f"{g}/" for g in groups[:4]) + (", ..." if len(groups) > 4 else "")
     classes = ", ".join(shared[:4]) + (", ..." if len(shared) > 4 else "")
     hint = ("; or keep only train/, val/ (or valid/, validation/) and test/ in it, which tlcli reads as the "
-            "splits" if option == "DIR" and any(g.lower() in SPLIT_ROLES for g in groups) else "")
-    raise DatasetError(f"{option} {root}: the folders {shown} hold only folders ({classes}), so the classes are "
-                       f"one level down and the labels would be {', '.join(groups[:4])}; give one of them as "
-                       f"{option}, such as {first}{hint}")
+            "splits" if training and option == "DIR" and any(g.lower() in SPLIT_ROLES for g in groups) else "")
+    raise DatasetError(f"{option} {root}: the folders {shown} hold only folders ({classes}): those are the "
+                       f"classes, one level down, not {', '.join(groups[:4])}; give one of them as {option}, "
+                       f"such as {first}{hint}")
 
 
 def _only_folders(folder: Path) -> list[str]:

@@ -76,7 +76,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
                                f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
         raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
                            f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
-    layouts.check_not_nested(root, class_dirs, option)
+    layouts.check_not_nested(root, class_dirs, option, training=labels is None)
     found = [d.name for d in class_dirs]
     for name in found:
         check_label(name, f"{option} {root}: class folder")
