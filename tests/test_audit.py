@@ -132,6 +132,26 @@ def test_finds_exactly_the_injected_defects(audited, defects):
     assert r.image_stats["images"] == 46 and r.image_stats["width"]["max"] == round(48 * 1.3)
 
 
+def test_a_dataset_root_of_split_folders_is_audited_as_its_splits(audited, defects, histogram_backbone, cache,
+                                                                   tmp_path):
+    import tlcli
+
+    root = shutil.copytree(defects["root"], tmp_path / "dataset")
+    (root / "test" / "red").mkdir(parents=True)
+    (root / "test" / "blue").mkdir(parents=True)
+    leaked = shutil.copyfile(root / "train/red/red_04.jpg", root / "test/red/red_04.jpg")
+    picture(CLASSES["blue"], seed=999).save(root / "test/blue/new.jpg", quality=92)
+    events = []
+    r = tlcli.audit(root, backbone=str(histogram_backbone), image_size=32, cache_dir=cache, batch_size=16,
+                    progress=events.append)
+    assert f"DIR {root}: split folders found; using train/ for training, val/ for validation, test/ for a final " \
+           "test report" in [e.message for e in events if e.kind == "info"]
+    assert r.labels == ["blue", "green", "red"]
+    assert r.class_counts == dict(audited[0].class_counts, test={"blue": 1, "green": 0, "red": 1})
+    assert [(g.kind, g.paths, g.splits) for g in r.near_duplicates if "test" in g.splits] == \
+        [("train_val_leak", [str(root / "train/red/red_04.jpg"), str(leaked)], ["train", "test"])]
+
+
 def test_the_audit_changes_nothing_in_the_dataset(audited, defects):
     assert snapshot(defects["root"]) == audited[2]
 

@@ -137,6 +137,24 @@ def test_mistakes_page_has_the_per_class_table_and_links_to_each_full_image(tmp_
     assert mistakes["links"] == [Path(paths[1]).as_uri()] * 2 + [Path(paths[3]).as_uri()] * 2
 
 
+def test_a_report_folder_that_is_not_empty_is_refused_without_force(twin_bundle, twin_eval, tmp_path):
+    report = tmp_path / "mine"
+    report.mkdir()
+    (report / "notes.txt").write_text("my notes")
+    refused = run("evaluate", twin_eval, "--model", twin_bundle, "--report", report)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert refused.stderr.strip() == f"error: --report {report}: the folder is not empty; choose another, or pass " \
+                                     "--force to replace the report files in it"
+    assert [p.name for p in report.iterdir()] == ["notes.txt"]
+    forced = run("evaluate", twin_eval, "--model", twin_bundle, "--report", report, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert sorted(p.name for p in report.iterdir()) == ["confusion_matrix.png", "mistakes.csv", "mistakes.html",
+                                                        "notes.txt"]
+    assert (report / "notes.txt").read_text() == "my notes"
+    again = run("evaluate", twin_eval, "--model", twin_bundle, "--report", report)  # over an old report
+    assert again.exit_code == 1 and "--force" in again.stderr
+
+
 def test_json_output_round_trips_to_the_library_report(twin_bundle, twin_eval, tmp_path):
     import tlcli
 
@@ -194,6 +212,9 @@ def test_tflite_engine_agrees_with_tf_engine(bundle_copy, colour_data):
     tf_rep = tlcli.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
     lite = tlcli.evaluate(colour_data, model_dir=bundle_copy, engine="tflite")
     assert (tf_rep.engine, lite.engine) == ("tf", "tflite")
+    # The default is auto, as predict's and serve's: the export when there is one.
+    assert tlcli.evaluate(colour_data, model_dir=bundle_copy).engine == "tflite"
+    assert json.loads(run("evaluate", colour_data, "--model", bundle_copy, "--json").stdout)["engine"] == "tflite"
     assert lite.report.count == tf_rep.report.count == 24
     assert lite.report.confusion == tf_rep.report.confusion
     assert lite.report.accuracy == tf_rep.report.accuracy

@@ -1,10 +1,12 @@
-"""TFLite export: every quantization mode, labels beside and inside the file, integer I/O through
-predict, option errors, and predicting through LiteRT without importing TensorFlow."""
+"""TFLite export: every quantization mode, labels inside the file, integer I/O through predict, an
+existing file replaced only with --force, option errors, and predicting through LiteRT without
+importing TensorFlow."""
 
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,17 +92,17 @@ def test_integer_input_is_the_raw_8_bit_pixels(exported):
         assert scale == pytest.approx(1 / 255) and zero_point == zero
 
 
-def test_labels_travel_beside_and_inside_every_exported_file(exported):
+def test_labels_travel_inside_every_exported_file_and_nothing_unasked_is_written_beside_it(exported):
     from tlcli import bundle as bundles
     from tlcli.deploy.tflite_meta import labels_in as tflite_labels
 
     bundle, results = exported
     labels = bundles.load(bundle).labels
     assert labels == ["blue", "green", "red"]
-    for (q, io), r in results.items():
-        assert r.labels_path.endswith(f"{q}-{io}.labels.txt")
-        assert open(r.labels_path).read().splitlines() == labels
-        assert r.labels_embedded and tflite_labels(r.path) == labels
+    for r in results.values():
+        assert r.labels_path is None and r.labels_embedded and tflite_labels(r.path) == labels
+    out = Path(next(iter(results.values())).path).parent
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{q}-{io}.tflite" for q, io in MODES)
     # Every export is recorded in the bundle, by absolute path when outside it.
     recorded = json.loads((bundle / "tlcli.json").read_text())["exports"]
     assert set(recorded) == {r.path for r in results.values()}
@@ -131,12 +133,12 @@ def test_int8_with_integer_io_exports_and_predicts_end_to_end(bundle_copy, colou
         assert lite["predictions"][0]["probability"] == pytest.approx(ref["predictions"][0]["probability"], abs=0.02)
 
 
-def test_output_inside_the_bundle_under_another_name_gets_its_own_labels(bundle_copy):
+def test_output_inside_the_bundle_under_another_name_holds_its_labels_inside(bundle_copy):
     result = run("export", "--tflite", "--model", bundle_copy, "--output", bundle_copy / "small.tflite",
                  "--quantize", "float16")
     assert result.exit_code == 0, result.output
-    assert (bundle_copy / "small.labels.txt").read_text() == (bundle_copy / "labels.txt").read_text()
-    assert "small.labels.txt (also inside the .tflite)" in result.output
+    assert not (bundle_copy / "small.labels.txt").exists()
+    assert "labels inside the .tflite" in " ".join(result.output.replace("│", " ").split())
     assert "100.0% on 6 validation images" in result.output
     assert not (bundle_copy / "model.tflite").exists()
     assert not list(bundle_copy.glob(".small.tflite.*")), "temporary file left behind"
@@ -162,6 +164,25 @@ def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle
     assert r["parity_images"] == 24 and r["parity_data"] == f"images in {colour_data}"
     assert r["agreement"] == 1.0 and r["tflite_accuracy"] == 1.0
     assert len(scans) == 1, "calibration and parity share one scan of --data"
+
+
+def test_an_existing_export_is_replaced_only_with_force_naming_its_quantization(bundle_copy, tmp_path):
+    assert run("export", "--tflite", "--model", bundle_copy, "--quantize", "float16").exit_code == 0
+    before = (bundle_copy / "model.tflite").read_bytes()
+    refused = run("export", "--tflite", "--model", bundle_copy, "--quantize", "dynamic")
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert refused.stderr.strip() == f"error: --model {bundle_copy}: its model.tflite already exists (exported with " \
+                                     "--quantize float16); pass --force to replace it, or choose another --output"
+    assert (bundle_copy / "model.tflite").read_bytes() == before
+    forced = run("export", "--tflite", "--model", bundle_copy, "--quantize", "dynamic", "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((bundle_copy / "tlcli.json").read_text())["exports"]["model.tflite"]["quantize"] == "dynamic"
+    elsewhere = tmp_path / "phone.tflite"
+    assert run("export", "--tflite", "--model", bundle_copy, "--output", elsewhere).exit_code == 0
+    again = run("export", "--tflite", "--model", bundle_copy, "--output", elsewhere)
+    assert again.exit_code == 1
+    assert again.stderr.strip() == f"error: --output {elsewhere}: already exists (exported with --quantize none); " \
+                                   "pass --force to replace it, or choose another --output"
 
 
 @pytest.mark.parametrize("args,named", [

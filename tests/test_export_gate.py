@@ -60,7 +60,7 @@ def gated(trained_bundle, tmp_path_factory):
 
 
 def export(bundle, folder, *extra):
-    return run_cli("export", "--tflite", "--model", bundle, "--quantize", "int8", "--data", folder, *extra)
+    return run_cli("export", "--tflite", "--model", bundle, "--quantize", "int8", "--data", folder, "--force", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_gate_options_that_cannot_work_are_usage_errors(gated, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(bundle, bare)
     (bare / "splits.json").unlink()
-    nothing = run_cli("export", "--tflite", "--model", bare, "--max-accuracy-drop", "1")
+    nothing = run_cli("export", "--tflite", "--model", bare, "--max-accuracy-drop", "1", "--force")
     assert nothing.exit_code == 2
     assert "no labelled images" in nothing.stderr and "--data DIR" in nothing.stderr
     assert len(nothing.stderr.strip().splitlines()) == 1

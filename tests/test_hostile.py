@@ -104,9 +104,9 @@ def test_export_refuses_an_image_renamed_to_tflite(bundle_copy, colour_data, tmp
 def test_export_still_replaces_a_real_tflite_and_a_damaged_model_tflite(bundle_copy, colour_data, tmp_path):
     # (a guard for the check above: what it must keep allowing)
     first = export.export_tflite(bundle_copy, output=tmp_path / "a.tflite")
-    export.export_tflite(bundle_copy, output=first.path)  # a .tflite flatbuffer: replaced
+    export.export_tflite(bundle_copy, output=first.path, force=True)  # a .tflite flatbuffer: replaced
     (bundle_copy / "model.tflite").write_bytes(b"truncated")  # predict says: re-export it
-    export.export_tflite(bundle_copy)
+    export.export_tflite(bundle_copy, force=True)
     [p] = tlcli.predict([colour_data / "red" / "red_1.png"], model_dir=bundle_copy, engine="tflite")
     assert p.error is None and p.predictions[0]["label"] == "red"
 

@@ -73,9 +73,39 @@ def test_out_overlapping_the_images_is_refused(tmp_path, dataset, train_args, wh
     out = {"is-dir": dataset, "inside-dir": dataset / "red" / "model", "contains-dir": tmp_path,
            "is-val-dir": val, "via-symlink": tmp_path / "link" / "model"}[where]
     before = snapshot(tmp_path)
-    with pytest.raises(UsageError, match=r"--out .*the image folder (DIR|--val-dir)"):
+    with pytest.raises(TlcliError, match=r"--out .*the image folder (DIR|--val-dir)") as err:
         tlcli.train(dataset, out=str(out), force=True, val_dir=str(val), **train_args)
+    assert err.value.exit_code == 1  # as every other --out error
     assert snapshot(tmp_path) == before
+
+
+def test_out_inside_the_images_exits_1_in_one_line_like_the_other_out_errors(dataset, tiny_backbone):
+    result = run_cli("train", dataset, "--backbone", tiny_backbone, "--out", dataset / "red" / "new" / "model")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: --out {dataset / 'red' / 'new' / 'model'}: lies inside the image " \
+                                    f"folder DIR {dataset}; choose another --out, outside the image folders"
+    assert not (dataset / "red" / "new").exists()
+
+
+def test_out_in_folders_that_do_not_exist_creates_them_as_mkdir_p(tmp_path, dataset, train_args):
+    out = tmp_path / "runs" / "exp1" / "model"
+    result = tlcli.train(dataset, out=str(out), **train_args)
+    assert result.model_dir == str(out) and (out / "tlcli.json").is_file()
+
+
+def test_a_run_that_ends_before_its_bundle_removes_the_folders_it_made(tmp_path, dataset, train_args):
+    def stop_at_scan(event):
+        if event.kind == "start":
+            raise KeyboardInterrupt
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(Interrupted):
+        tlcli.train(dataset, out=str(tmp_path / "runs" / "exp1" / "deeper" / "model"), progress=stop_at_scan,
+                    **train_args)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == []  # runs/ was there before: kept
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TlcliError, match=r"--out .*file/sub/model: cannot create its folder .*file/sub"):
+        tlcli.train(dataset, out=str(tmp_path / "file" / "sub" / "model"), **train_args)
 
 
 @pytest.mark.parametrize("which", ["root", "home", "cwd"])
@@ -85,13 +115,13 @@ def test_root_home_and_current_folder_are_refused_as_out(tmp_path, dataset, trai
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(home)
     out = {"root": "/", "home": str(home), "cwd": "."}[which]
-    with pytest.raises(UsageError, match=r"--out .*: is the (root|home|current) folder"):
+    with pytest.raises(TlcliError, match=r"--out .*: is the (root|home|current) folder"):
         tlcli.train(dataset, out=out, force=True, **train_args)
 
 
 def test_out_root_with_force_on_the_command_line_is_one_line(dataset, tiny_backbone):
     result = run_cli("train", dataset, "--backbone", tiny_backbone, "--out", "/", "--force")
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1 and "--out /" in result.output
 

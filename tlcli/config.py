@@ -105,7 +105,7 @@ IO_TYPES = tuple(t.value for t in IOType)
 PREDICT_TOP_K = 3
 PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
-EVALUATE_ENGINE = "tf"
+EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
 SERVE_HOST = "127.0.0.1"

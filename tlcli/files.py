@@ -124,11 +124,11 @@ def real_path(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def check_apart(path: str | os.PathLike, option: str, data) -> None:
+def check_apart(path: str | os.PathLike, option: str, data, *, error: type[TlcliError] = UsageError) -> None:
     """Refuse an output ``path`` that is, lies inside or contains one of the image folders
     ``data`` (pairs such as ("DIR", path); None paths are skipped), comparing real paths: outputs
     inside the images are trained on at the next run, and replacing a folder that holds them
-    deletes them. Raises ``UsageError``."""
+    deletes them. Raises ``error`` (the class the option's other placement errors use)."""
     real = real_path(path)
     for name, folder in data:
         if not folder:
@@ -137,5 +137,5 @@ def check_apart(path: str | os.PathLike, option: str, data) -> None:
         why = ("is" if real == other else "lies inside" if other in real.parents
                else "contains" if real in other.parents else None)
         if why:
-            raise UsageError(f"{option} {path}: {why} the image folder {name} {folder}; "
-                             f"choose another {option}, outside the image folders")
+            raise error(f"{option} {path}: {why} the image folder {name} {folder}; "
+                        f"choose another {option}, outside the image folders")

@@ -74,12 +74,14 @@ class Warn:
 
 @dataclass(frozen=True)
 class Counts:
-    """Images per class of the training and the validation split, label -> count."""
+    """Images per class of the training and the validation split, and of the test split when
+    DIR has a test/ folder (else None), label -> count."""
 
     kind: ClassVar[str] = "counts"
 
     train: dict
     val: dict
+    test: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from tlcli.bundle.place import (
     commit,
     foreign_entries,
     lock,
+    parents_made,
     space_needed,
     staging_dir,
 )
@@ -42,5 +43,5 @@ from tlcli.bundle.schema import read_regular
 __all__ = ["FINGERPRINT_FILE", "FORMAT_VERSION", "LABELS_FILE", "META_FILE", "SIGNATURES", "SPLITS_FILE",
            "TFLITE_FILE", "BackboneMeta", "Bundle", "BundleMeta", "DataMeta", "MetricsMeta", "TrainingMeta",
            "check_free_space", "check_output", "check_place", "check_replaceable", "check_version", "clean_stale",
-           "commit", "foreign_entries", "input_spec", "load", "lock", "read_regular", "record_export", "save",
-           "space_needed", "splits_text", "staging_dir", "tf_readable"]
+           "commit", "foreign_entries", "input_spec", "load", "lock", "parents_made", "read_regular", "record_export",
+           "save", "space_needed", "splits_text", "staging_dir", "tf_readable"]

@@ -95,23 +95,34 @@ class BackboneMeta(_Section):
 
 @dataclass(kw_only=True)
 class DataMeta(_Section):
-    """The image folders trained on (absolute paths) and the images per class of each split."""
+    """The image folders trained on (absolute paths) and the images per class of each split;
+    ``test_dir`` and ``test_counts``: DIR's test/ folder (``data.split_folders``), else None
+    and not written (a tlcli before them keeps them as unknown keys)."""
 
     train_dir: str | None = None
     val_dir: str | None = None
     train_counts: dict = field(default_factory=dict)
     val_counts: dict = field(default_factory=dict)
+    test_dir: str | None = None
+    test_counts: dict | None = None
+
+    _optional: ClassVar[tuple] = ("test_dir", "test_counts")
 
 
 @dataclass(kw_only=True)
 class MetricsMeta(_Section):
     """Accuracy on the training images, and on the validation images (None without them);
-    ``val`` is the full ``metrics.Report.to_dict()``."""
+    ``val`` is the full ``metrics.Report.to_dict()``. ``test_accuracy`` and ``test``: the same
+    on DIR's test/ folder, the final report (None, and not written, without one)."""
 
     train_accuracy: float | None = None
     val_accuracy: float | None = None
     val_loss: float | None = None
     val: dict | None = None
+    test_accuracy: float | None = None
+    test: dict | None = None
+
+    _optional: ClassVar[tuple] = ("test_accuracy", "test")
 
 
 @dataclass(kw_only=True)

@@ -1,9 +1,11 @@
 """Where a bundle may be written, and writing it there safely.
 
 ``check_output`` refuses an ``--out`` that is not a bundle tlcli wrote (unless it is new) or that
-no run may replace; ``staging_dir`` gives the sibling folder a run writes into, ``lock`` keeps two
-runs off one ``--out``, and ``commit`` swaps the finished staging folder in, so an interrupted run
-leaves any previous bundle intact. ``clean_stale`` removes what a killed run left.
+no run may replace; ``parents_made`` creates its missing parent folders for a run (and removes
+them again if the run leaves nothing there); ``staging_dir`` gives the sibling folder a run writes
+into, ``lock`` keeps two runs off one ``--out``, and ``commit`` swaps the finished staging folder
+in, so an interrupted run leaves any previous bundle intact. ``clean_stale`` removes what a
+killed run left. Every refusal of an ``--out`` is a ``TlcliError`` (exit 1).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import uuid
 from pathlib import Path
 
 from tlcli.bundle.format import LABELS_FILE, META_FILE, SPLITS_FILE, TFLITE_FILE
-from tlcli.errors import OutputExistsError, TlcliError, UsageError
+from tlcli.errors import OutputExistsError, TlcliError
 from tlcli.files import check_apart, real_path
 
 
 def check_place(out: str | os.PathLike) -> Path:
     """Refuse an ``--out`` that no run may replace or write beside: the root, home or current
-    folder or one that contains them, a symbolic link, or one whose parent folder is missing.
-    Raises ``UsageError`` or ``TlcliError``."""
+    folder or one that contains them, or a symbolic link. Raises ``TlcliError``."""
     from tlcli.config import DEFAULT_MODEL_DIR
 
     out = Path(out)
@@ -37,14 +38,46 @@ def check_place(out: str | os.PathLike) -> Path:
                          ("the current folder", real_path(Path.cwd()))):
         if folder is not None and (real == folder or real in folder.parents):
             why = "is" if real == folder else "contains"
-            raise UsageError(f"--out {out}: {why} {name}; give a folder of its own for the model, "
+            raise TlcliError(f"--out {out}: {why} {name}; give a folder of its own for the model, "
                              f"such as --out {DEFAULT_MODEL_DIR}")
     if out.is_symlink():
-        raise UsageError(f"--out {out}: is a symbolic link; give the folder itself ({real})")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise TlcliError(f"--out {out}: parent directory {parent} does not exist; create it first")
+        raise TlcliError(f"--out {out}: is a symbolic link; give the folder itself ({real})")
     return out
+
+
+@contextlib.contextmanager
+def parents_made(out: str | os.PathLike):
+    """Create the missing parent folders of ``out`` for the block, as ``mkdir -p`` does (as Keras
+    and ``tf.saved_model.save`` do). When the block ends, those of them that are empty go again:
+    nothing is left of a run that ended before its bundle was in (a run stopped with progress kept
+    for ``--resume`` keeps the folders that hold it). Raises ``TlcliError`` when one cannot be
+    created (a file in the way, no permission)."""
+    parent = Path(out).absolute().parent
+    made = []  # the deepest first
+    missing = parent
+    while not (missing.exists() or missing.is_symlink()):
+        made.append(missing)
+        missing = missing.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        made = [d for d in made if d.is_dir()]
+        _remove_empty(made)
+        raise TlcliError(f"--out {out}: cannot create its folder {parent} ({exc.strerror or exc}); create it, "
+                         "or choose another --out") from None
+    try:
+        yield
+    finally:
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 # What a bundle holds, as 'tlcli train' and 'tlcli export' write it; '--force' replaces only a
 # folder holding tlcli.json and nothing else, so that it never deletes anything tlcli did not write.
@@ -118,7 +151,7 @@ def check_output(out: str | os.PathLike, *, force: bool, need_bytes: int = 0, da
     ``check_apart`` (with the image folders ``data``) and ``check_replaceable``; its folder must
     be writable with ``need_bytes`` free."""
     out = check_place(out)
-    check_apart(out, "--out", data)
+    check_apart(out, "--out", data, error=TlcliError)
     if out.exists() and not out.is_dir():
         raise TlcliError(f"--out {out}: is a file, not a model directory; choose another --out")
     if out.exists():

@@ -276,6 +276,8 @@ def export(
     max_accuracy_drop: Annotated[Optional[float], typer.Option(
         metavar="POINTS", help="Fail (exit 1, nothing written) when the TFLite model's accuracy on the parity "
                                "images is more than POINTS below the SavedModel's.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing .tflite file (the bundle's "
+                                                        "model.tflite, or --output).")] = False,
     json_out: JsonFlag = False,
 ):
     """Export the bundle to TFLite and check it agrees with the SavedModel."""
@@ -285,7 +287,7 @@ def export(
         fail(UsageError("export: choose a format; --tflite is the one available"))
     r = _with_progress(export_tflite, model, quiet=json_out, json_out=json_out, output=output,
                        quantize=quantize.value, io_type=io_type.value, data_dir=_path(data),
-                       max_accuracy_drop=max_accuracy_drop)
+                       max_accuracy_drop=max_accuracy_drop, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:
@@ -306,6 +308,8 @@ def evaluate(
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
                                                                        "mistakes.csv (every mistake) and mistakes.html "
                                                                        "(thumbnails) into.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
+                                                        "not empty.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -314,7 +318,7 @@ def evaluate(
     from tlcli import insight
 
     r = _with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
-                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes)
+                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force)
     if json_out:
         render.print_json(r.to_dict())
     else:

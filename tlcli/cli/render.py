@@ -168,7 +168,7 @@ class _Display:
             case Warn(message):
                 self.console.print(Text.assemble(("warning: ", "yellow"), safe(message)), soft_wrap=True)
             case Counts() if not self.quiet:
-                self.console.print(counts_table(e.train, e.val))
+                self.console.print(counts_table(e.train, e.val, e.test))
             case Skipped(files):
                 self.console.print(skipped_table(files))
 
@@ -284,13 +284,16 @@ def kv_table(title: str) -> Table:
     return t
 
 
-def counts_table(train: dict, val: dict) -> Table:
+def counts_table(train: dict, val: dict, test: dict | None = None) -> Table:
+    """Images per class of each split; a test column only when there is a test split."""
     t = Table(title="Images per class", title_justify="left")
     t.add_column("class", overflow="fold")
     t.add_column("train", justify="right")
     t.add_column("val", justify="right")
+    if test is not None:
+        t.add_column("test", justify="right")
     for label, n in train.items():
-        t.add_row(safe(label), str(n), str(val.get(label, 0)))
+        t.add_row(safe(label), str(n), str(val.get(label, 0)), *([str(test.get(label, 0))] if test is not None else []))
     return t
 
 
@@ -319,6 +322,9 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t = kv_table("Training summary")
     t.add_row("train accuracy", pct(result.train_accuracy))
     t.add_row("val accuracy", pct(result.val_accuracy))
+    if result.test_accuracy is not None:
+        t.add_row("test accuracy", f"{pct(result.test_accuracy)} on {sum(result.test_counts.values())} test images "
+                  "(the final report)")
     epochs = f"head {result.head_epochs}"
     if result.fine_tune_epochs:
         epochs += f", fine-tune {result.fine_tune_epochs}"
@@ -375,7 +381,8 @@ def add_prediction(table: Table, p) -> None:
 def export_summary(r) -> Table:
     t = kv_table("TFLite export")
     t.add_row("file", path_cell(r.path))
-    t.add_row("labels", safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
+    t.add_row("labels", "inside the .tflite" if r.labels_path is None
+              else safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
     t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:

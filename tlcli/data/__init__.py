@@ -1,7 +1,8 @@
 """The data stage: the one image decoder, bounded file reading, the folder scan, the splits and
-the tf.data pipelines. It owns what counts as a usable image, how folders are walked, and which
-file lands in which split; it knows nothing of models."""
+the tf.data pipelines. It owns what counts as a usable image, how folders are walked, which dataset
+layouts DIR may have, and which file lands in which split; it knows nothing of models."""
 
+from tlcli.data.layouts import SplitFolders, split_folders
 from tlcli.data.pipeline import PREFETCH_BATCHES, augmenter, image_dataset, padded_batches
 from tlcli.data.scanning import (
     FEW_IMAGES,
@@ -16,6 +17,6 @@ from tlcli.data.scanning import (
 )
 from tlcli.data.splits import Splits, class_weights, scan_splits, split
 
-__all__ = ["FEW_IMAGES", "NOT_IN_CLASS_FOLDER", "PREFETCH_BATCHES", "ImageFolder", "Sample", "Skipped", "Splits",
-           "augmenter", "bounded_map", "check_folder", "class_weights", "count_by_label", "image_dataset",
-           "padded_batches", "scan", "scan_splits", "split"]
+__all__ = ["FEW_IMAGES", "NOT_IN_CLASS_FOLDER", "PREFETCH_BATCHES", "ImageFolder", "Sample", "Skipped", "SplitFolders",
+           "Splits", "augmenter", "bounded_map", "check_folder", "class_weights", "count_by_label", "image_dataset",
+           "padded_batches", "scan", "scan_splits", "split", "split_folders"]

@@ -8,16 +8,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from tlcli.config import DEFAULT_MAX_PIXELS
-from tlcli.data import image_files, images, walk
+from tlcli.data import image_files, images, layouts, walk
 from tlcli.errors import DatasetError
 from tlcli.labels import check_label, ordered
-
-if TYPE_CHECKING:
-
-    pass
 
 FEW_IMAGES = 5  # a class with fewer usable images than this gets a warning
 
@@ -80,6 +76,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
                                f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
         raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
                            f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
+    layouts.check_not_nested(root, class_dirs, option, training=labels is None)
     found = [d.name for d in class_dirs]
     for name in found:
         check_label(name, f"{option} {root}: class folder")
@@ -125,8 +122,9 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     ``labels`` fixes the label list (for evaluation or a validation folder); folders must match.
     Unusable files are skipped (and listed in ``skipped`` with the reason), or with ``strict`` all
     named in one DatasetError. Raises DatasetError, naming the folder and the fix, for a missing
-    or unreadable folder, no class folders, images directly in ``root``, a single class, or a
-    class folder without a usable image. A class with fewer than ``FEW_IMAGES`` images gets a
+    or unreadable folder, no class folders, images directly in ``root``, class folders one level
+    too deep (``layouts.check_not_nested``), a single class, or a class folder without a usable
+    image. A class with fewer than ``FEW_IMAGES`` images gets a
     warning in ``warnings``. With ``keep`` (of ``image_size``), the model inputs decoded here
     are offered to it while it has room, so that the feature extraction need not decode again.
     ``check`` runs before each folder is listed (``progress`` runs only once files are being

@@ -9,9 +9,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tlcli.data import images
+from tlcli.data import images, layouts
+from tlcli.data.scanning import Sample, Skipped, count_by_label, scan
 from tlcli.errors import Interrupted
-from tlcli.progress import Callback, Counts, Warn, counter, silent
+from tlcli.progress import Callback, Counts, Info, Warn, counter, silent
 from tlcli.progress import Skipped as SkippedFiles
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 
     from tlcli.config import TrainConfig
 
-
-from tlcli.data.scanning import Sample, Skipped, count_by_label, scan
 
 
 def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -54,10 +53,13 @@ def class_weights(labels: list[int], num_classes: int) -> dict[int, float]:
 
 @dataclass
 class Splits:
-    """The images of a run. ``labels``: the sorted class folder names of DIR; ``train`` and
-    ``val``: the --val-dir images, or a stratified --val-split of DIR; ``fit`` and ``holdout``:
-    ``train`` split again (``holdout``), for fine-tuning, whose early stopping the holdout
-    drives. ``skipped``: files left out, ``warnings``: what the user should know."""
+    """The images of a run. ``labels``: the sorted class folder names of DIR (of its train/
+    folder when ``layout`` is set); ``train`` and ``val``: the --val-dir (or DIR's own validation
+    folder) images, or a stratified --val-split of DIR; ``fit`` and ``holdout``: ``train`` split
+    again (``holdout``), for fine-tuning, whose early stopping the holdout drives; ``test``: the
+    images of DIR's test/ folder (empty without one), for a final report, never trained or
+    validated on. ``skipped``: files left out, ``warnings``: what the user should know;
+    ``layout``: DIR's split folders, or None."""
 
     labels: list[str]
     train: list[Sample]
@@ -66,9 +68,18 @@ class Splits:
     holdout: list[Sample]
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)
+    layout: layouts.SplitFolders | None = None
 
     def counts(self, samples) -> dict[str, int]:
         return count_by_label(samples, self.labels)
+
+    def folders(self, cfg: TrainConfig) -> tuple[str, str | None, str | None]:
+        """(training folder, validation folder or None, test folder or None) of a run of ``cfg``."""
+        if self.layout is None:
+            return cfg.data_dir, cfg.val_dir, None
+        lay = self.layout
+        return str(lay.train), str(lay.val) if lay.val else cfg.val_dir, str(lay.test) if lay.test else None
 
     def recorded(self) -> dict:
         """What splits.json records: {"train": [[absolute path, label], ...], "val": [...]}."""
@@ -85,9 +96,11 @@ class Splits:
 def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silent,
                 stopping: threading.Event | None = None, keep: images.KeptPixels | None = None) -> Splits:
     """Scan DIR (and --val-dir) of ``cfg`` and split them (seeded by ``cfg.seed``), reporting the
-    scan, the warnings, the skipped files and the counts through ``progress``. Once ``stopping``
-    is set the scan gives up with ``Interrupted``. ``keep``: see ``scan``. Raises what ``scan``
-    raises."""
+    scan, the warnings, the skipped files and the counts through ``progress``. DIR laid out in
+    split folders (``layouts.split_folders``) gives its train/ folder as DIR, its validation
+    folder as --val-dir and its test/ folder as ``test``, said in one Info line. Once
+    ``stopping`` is set the scan gives up with ``Interrupted``. ``keep``: see ``scan``. Raises
+    what ``scan`` and ``split_folders`` raise."""
     def abandoned():
         if stopping is not None and stopping.is_set():
             raise Interrupted("the file check was abandoned")
@@ -95,38 +108,52 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
     def report(task):
         return counter(progress, task, check=abandoned)
 
-    train = scan(cfg.data_dir, image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict,
-                 progress=report("scan"), keep=keep, check=abandoned)
+    layout = layouts.split_folders(cfg.data_dir, val_dir=cfg.val_dir)
+    if layout is not None:
+        progress(Info(layout.describe()))
+    options = dict(image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict, keep=keep, check=abandoned)
+    train = scan(layout.train if layout else cfg.data_dir, progress=report("scan"), **options)
     skipped, warnings = list(train.skipped), list(train.warnings)
-    if cfg.val_dir:
-        val = scan(cfg.val_dir, image_size=image_size, labels=train.labels, max_pixels=cfg.max_pixels,
-                   strict=cfg.strict, progress=report("scan val"), option="--val-dir", keep=keep,
-                   check=abandoned)
-        skipped += val.skipped
-        warnings += val.warnings
-        train_samples, val_samples = train.samples, val.samples
+
+    def held_out(folder, task: str, option: str) -> list[Sample]:
+        found = scan(folder, labels=train.labels, progress=report(task), option=option, **options)
+        skipped.extend(found.skipped)
+        warnings.extend(found.warnings)
+        return found.samples
+
+    if layout is not None and layout.val is not None:
+        train_samples, val_samples = train.samples, held_out(layout.val, "scan val", "DIR")
+    elif cfg.val_dir:
+        train_samples, val_samples = train.samples, held_out(cfg.val_dir, "scan val", "--val-dir")
     else:
         train_samples, val_samples = split(train.samples, cfg.val_split, cfg.seed)
+    test = held_out(layout.test, "scan test", "DIR") if layout is not None and layout.test else []
     fit, holdout = split(train_samples, cfg.holdout, cfg.seed + 1)
-    warnings += _leak_warnings(train_samples, val_samples, cfg)
-    splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings)
+    splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings, test, layout)
+    splits.warnings += _leak_warnings(splits, cfg)
     for w in warnings:
         progress(Warn(w))
     if skipped:
         progress(SkippedFiles([s.to_dict() for s in skipped]))
-    progress(Counts(train=splits.counts(splits.train), val=splits.counts(splits.val)))
+    progress(Counts(train=splits.counts(splits.train), val=splits.counts(splits.val),
+                    test=splits.counts(test) if layout is not None and layout.test else None))
     return splits
 
 
 
-def _leak_warnings(train: list, val: list, cfg: TrainConfig) -> list[str]:
-    """A warning when validation images have the same content as training images (by digest):
-    the validation accuracy then overstates how the model does on new images."""
-    seen = {s.digest for s in train}
-    leaked = sum(s.digest in seen for s in val)
-    if not leaked:
-        return []
-    where = f"--val-dir {cfg.val_dir} overlaps DIR {cfg.data_dir}" if cfg.val_dir \
-        else f"DIR {cfg.data_dir} holds copies of the same image"
-    return [f"{leaked} of the {len(val)} validation images are also training images (same content): {where}, "
-            "so the validation accuracy overstates how the model does on new images; remove the copies"]
+def _leak_warnings(splits: Splits, cfg: TrainConfig) -> list[str]:
+    """A warning when validation or test images have the same content as training images (by
+    digest): their accuracy then overstates how the model does on new images."""
+    seen = {s.digest for s in splits.train}
+    train_dir, val_dir, test_dir = splits.folders(cfg)
+    out = []
+    for name, samples, folder in (("validation", splits.val, val_dir), ("test", splits.test, test_dir)):
+        leaked = sum(s.digest in seen for s in samples)
+        if not leaked:
+            continue
+        option = "--val-dir" if folder == cfg.val_dir else "DIR"
+        where = f"{option} {folder} overlaps DIR {train_dir}" if folder \
+            else f"DIR {train_dir} holds copies of the same image"
+        out.append(f"{leaked} of the {len(samples)} {name} images are also training images (same content): "
+                   f"{where}, so the {name} accuracy overstates how the model does on new images; remove the copies")
+    return out

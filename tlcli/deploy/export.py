@@ -9,10 +9,11 @@ Quantization modes (``--quantize``):
   ``io_type`` int8 / uint8 makes the input and output tensors integer too (for integer-only
   accelerators); float32 keeps float input and output around the integer graph.
 
-Labels travel with the file twice: ``labels.txt`` beside it (the bundle's own when the file is
-the bundle's ``model.tflite``, else ``<name>.labels.txt``), and a ``labels`` entry in the
-flatbuffer's metadata, written with TensorFlow's own flatbuffer tools (see ``tflite_meta``).
-Both are written from the validated labels in tlcli.json, never copied from the bundle's files.
+Labels travel inside the file, as a ``labels`` entry in the flatbuffer's metadata, written with
+TensorFlow's own flatbuffer tools (see ``tflite_meta``); the bundle's ``model.tflite`` also has
+the bundle's ``labels.txt`` beside it. Only when this TensorFlow cannot embed them does a file
+elsewhere get a ``<name>.labels.txt`` beside it (and a warning says so). Both are written from the
+validated labels in tlcli.json, never copied from the bundle's files.
 A ``tlcli_bundle`` metadata entry holds the bundle's fingerprint, so that predict refuses the
 file in another bundle even when the labels are the same.
 
@@ -36,7 +37,7 @@ from tlcli.bundle.schema import read_regular
 from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE, check_max_pixels
 from tlcli.data import images
 from tlcli.deploy import tflite_meta
-from tlcli.errors import TlcliError, UsageError
+from tlcli.errors import OutputExistsError, TlcliError, UsageError
 from tlcli.progress import Callback, End, Start, Warn, silent
 from tlcli.quiet import native_stderr_silenced
 
@@ -50,8 +51,8 @@ class ExportResult:
     no labelled images were available (``parity_images`` 0)."""
 
     path: str
-    labels_path: str
-    labels_embedded: bool          # labels also stored in the .tflite metadata
+    labels_path: str | None        # the labels.txt beside the file; None: the labels are only inside it
+    labels_embedded: bool          # labels stored in the .tflite metadata
     quantize: str
     io_type: str
     size_bytes: int
@@ -72,13 +73,14 @@ class ExportResult:
         return asdict(self)
 
 
-def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle) -> Path:
-    """Where the labels of an exported file go: the bundle's labels.txt for its model.tflite,
-    ``<name>.labels.txt`` beside any other file."""
+def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle, *, embedded: bool = True) -> Path | None:
+    """Where the labels of an exported file go besides the file itself: the bundle's labels.txt
+    for its model.tflite; for any other file, None when they are ``embedded`` in it, else
+    ``<name>.labels.txt`` beside it."""
     p = Path(tflite_path)
     if os.path.realpath(p) == os.path.realpath(b.tflite_path):  # also when reached through a link
         return b.path / bundles.LABELS_FILE
-    return p.with_name(p.stem + ".labels.txt")
+    return None if embedded else p.with_name(p.stem + ".labels.txt")
 
 
 class _Labelled:
@@ -136,11 +138,13 @@ def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
     _write(labels_path, payload)
 
 
-def _check_output(out: Path, b: bundles.Bundle) -> Path:
+def _check_output(out: Path, b: bundles.Bundle, *, force: bool, given: bool) -> Path:
     """Refuse an ``--output`` that export must not write: a folder, one in a missing folder, a
     file of the bundle other than its model.tflite (compared by real path), or an existing file
-    that is not a ``.tflite`` flatbuffer (an image, a document, even one renamed to .tflite).
-    Raises ``UsageError``."""
+    that is not a ``.tflite`` flatbuffer (an image, a document, even one renamed to .tflite):
+    ``UsageError``. An existing .tflite file (the bundle's model.tflite too) is replaced only
+    with ``force``, as ``train`` replaces a bundle: ``OutputExistsError`` naming its quantization
+    when the bundle recorded it. ``given``: ``out`` is the user's --output (else the default)."""
     if out.is_dir():
         raise UsageError(f"--output {out}: is a directory; give a file name such as {out / 'model.tflite'}")
     if not out.absolute().parent.is_dir():
@@ -156,7 +160,19 @@ def _check_output(out: Path, b: bundles.Bundle) -> Path:
     if not own and (out.exists() or out.is_symlink()) and not replaceable:
         raise UsageError(f"--output {out}: already exists and is not a .tflite file; export replaces only "
                          ".tflite files: choose a new name ending in .tflite")
+    if (out.exists() or out.is_symlink()) and not force:
+        was = b.meta.exports.get(_export_name(out, b), {})
+        how = f" (exported with --quantize {was['quantize']})" if isinstance(was.get("quantize"), str) else ""
+        where = f"--output {out}:" if given else f"--model {b.path}: its {out.name}"
+        raise OutputExistsError(f"{where} already exists{how}; pass --force to replace it, or choose another --output")
     return out
+
+
+def _export_name(out: Path, b: bundles.Bundle) -> str:
+    """The key of the export to ``out`` under ``exports`` in tlcli.json: its name inside the
+    bundle, else its absolute path."""
+    inside = os.path.realpath(out.absolute().parent) == os.path.realpath(b.path)
+    return out.name if inside else str(out.absolute())
 
 
 def _is_tflite(path: Path) -> bool:
@@ -270,26 +286,28 @@ def _check_options(quantize: str, io_type: str, max_accuracy_drop: float | None,
 
 def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: str | os.PathLike | None = None,
                   quantize: str = "none", io_type: str = "float32", data_dir: str | None = None,
-                  max_pixels: int | None = None, max_accuracy_drop: float | None = None,
+                  max_pixels: int | None = None, max_accuracy_drop: float | None = None, force: bool = False,
                   progress: Callback = silent) -> ExportResult:
     """Convert the bundle's SavedModel (``serving_default``) to TFLite, measure top-1 agreement
     and both accuracies (overall and per label) against the SavedModel on up to 500 of the
     bundle's validation images (or of ``data_dir``, a labelled folder that then also provides int8
     calibration), and write it to the bundle's ``model.tflite`` or ``output`` with its labels (see
-    module docstring). The file is measured before it is put in place: with
+    module docstring); an existing file is replaced only with ``force``. The file is measured
+    before it is put in place: with
     ``max_accuracy_drop`` (accuracy points), a model more than that below the SavedModel is not
     written, and any previous file stays. The result is also recorded under ``exports`` in the
     bundle's tlcli.json (``bundle.record_export``); when that fails (a read-only bundle exported
     elsewhere), the export still succeeds and ``warnings`` says why, also sent as a warning event.
 
     Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
-    output directory, no calibration images, a gate without labelled images), ``BundleError`` for
-    a bad bundle, ``TlcliError`` when conversion fails or the gate refuses the model.
+    output directory, no calibration images, a gate without labelled images), ``OutputExistsError``
+    for an existing file without ``force``, ``BundleError`` for a bad bundle, ``TlcliError`` when
+    conversion fails or the gate refuses the model.
     """
     _check_options(quantize, io_type, max_accuracy_drop, max_pixels)
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
-    out = _check_output(Path(output) if output else b.tflite_path, b)
+    out = _check_output(Path(output) if output else b.tflite_path, b, force=force, given=bool(output))
     labelled = _Labelled(b, data_dir, max_pixels)
     calibration = None
     if quantize == "int8":
@@ -312,7 +330,8 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     payload = with_labels or flat
     progress(End("convert", total=1, completed=1))
 
-    result = ExportResult(str(out), str(labels_path_for(out, b)), with_labels is not None, quantize, io_type,
+    labels_path = labels_path_for(out, b, embedded=with_labels is not None)
+    result = ExportResult(str(out), labels_path and str(labels_path), with_labels is not None, quantize, io_type,
                           len(payload), None, 0, None, None, None, None, max_accuracy_drop=max_accuracy_drop)
     if len(x):
         progress(Start("parity", total=len(items)))
@@ -325,12 +344,18 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         if max_accuracy_drop is not None:
             _check_drop(result, out)
     _write(out, payload)
-    _write_labels(Path(result.labels_path), b)
-    inside = os.path.realpath(out.absolute().parent) == os.path.realpath(b.path)
-    name = out.name if inside else str(out.absolute())
+    if labels_path is not None:
+        _write_labels(labels_path, b)
+    if with_labels is None:
+        _warn(result, progress, f"this TensorFlow cannot store the labels inside {out.name}; they are in "
+                                f"{labels_path} beside it")
     entry = {k: v for k, v in result.to_dict().items() if k != "warnings"}
-    warning = bundles.record_export(b, name, entry)  # a read-only bundle exported elsewhere fails here
+    warning = bundles.record_export(b, _export_name(out, b), entry)  # a read-only bundle exported elsewhere fails
     if warning:
-        result.warnings.append(warning)
-        progress(Warn(warning))
+        _warn(result, progress, warning)
     return result
+
+
+def _warn(result: ExportResult, progress: Callback, warning: str) -> None:
+    result.warnings.append(warning)
+    progress(Warn(warning))

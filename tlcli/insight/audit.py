@@ -92,7 +92,8 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
           extractor: str = DEFAULTS.extractor, report_dir: str | os.PathLike | None = None, force: bool = False,
           progress: Callback = silent) -> AuditResult:
     """Audit ``data_dir/<class>/*`` (and ``val_dir``, or the ``val_split`` that ``train`` with the
-    same ``seed`` makes): scan and split exactly as ``tlcli train`` does, features of the frozen
+    same ``seed`` makes; or ``data_dir``'s split folders, train/, val/ and test/, as ``train``
+    reads them): scan and split exactly as ``tlcli train`` does, features of the frozen
     ``backbone`` through the same cache, then the findings of the module docstring.
     ``report_dir``: also write ``REPORT_HTML`` (thumbnails side by side) and ``CSV_FILES`` there;
     a folder that is not empty is refused unless ``force``. Never writes into the image folders.
@@ -116,6 +117,7 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
     data.check_folder(cfg.data_dir)
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
+    data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
     out_dir = None
     if report_dir is not None:
         out_dir = html_report.prepare_dir(report_dir, data=[("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)],
@@ -127,7 +129,7 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
                       seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress)
     result.data_dir, result.val_dir = cfg.data_dir, cfg.val_dir
     result.extracted, result.cached = views.extracted, views.cached
-    result.image_stats = image_stats(splits.train + splits.val, size)
+    result.image_stats = image_stats(splits.train + splits.val + splits.test, size)
     if out_dir is not None:
         result.files = write_report(result, out_dir)
     result.seconds = time.perf_counter() - start
@@ -152,7 +154,7 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
 
 
 def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = silent):
-    """(plain feature views of train + val, data.Splits, what embeds images, image size, cache
+    """(plain feature views of train + val + test, data.Splits, what embeds images, image size, cache
     key): the scan, split, engine (``--extractor``) and cache key of ``training.train``, so that
     its cached features are found."""
     from tlcli import features
@@ -167,7 +169,7 @@ def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = sil
     if litert_backbone.engine_for(cfg.extractor) == "litert":
         runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
     key = backbone.cache_key(spec, loaded.image_size)
-    views = features.compute_views(splits.train + splits.val, extractors=(extractor, None), cache_key=key,
+    views = features.compute_views(splits.train + splits.val + splits.test, extractors=(extractor, None), cache_key=key,
                                    cache_dir=cfg.cache_dir, image_size=loaded.image_size, batch_size=cfg.batch_size,
                                    max_pixels=cfg.max_pixels, progress=progress, litert=runner)
     progress(Info(f"features: {views.extracted} extracted, {views.cached} from cache"))
@@ -220,9 +222,9 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
                 [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
                   for o in result.outliers[:HTML_FINDINGS]]]),
-        Section("Images per class", "", header=["class", "train", "val"],
-                rows=[[label, n, result.class_counts["val"].get(label, 0)]
-                      for label, n in result.class_counts["train"].items()]),
+        Section("Images per class", "", header=["class", *result.class_counts],
+                rows=[[label, *(counts.get(label, 0) for counts in result.class_counts.values())]
+                      for label in result.class_counts["train"]]),
         Section("Image sizes", _sizes_note(result.image_stats), header=["", "min", "median", "max"],
                 rows=image_size_rows(result.image_stats)),
         Section("Skipped files", "", header=["file", "reason"],

@@ -51,18 +51,6 @@ class EvaluateResult:
         return asdict(self)
 
 
-def _prepare_report_dir(report_dir, data_dir) -> Path | None:
-    """Create the report folder; refuse one that is a file, unwritable, or that is, lies inside
-    or contains the images (its files would be scanned with them). Raises ``UsageError``."""
-    if report_dir is None:
-        return None
-    p = Path(report_dir)
-    files.check_apart(p, "--report", [("DIR", data_dir)])
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"--report {p}: is a file; give a folder for {CONFUSION_PNG} and {MISTAKES_CSV}")
-    return files.make_folder(p, "--report")
-
-
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:
     """CSV with a header ``path,true_label,predicted_label,probability``, most confident first,
     written atomically (``files.write_atomic``). Raises ``OSError``."""
@@ -109,6 +97,16 @@ def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike
                                                            f"accuracy {100 * report.accuracy:.1f}%"], sections)
 
 
+def _write_report(out_dir: Path, report: metrics.Report, every_mistake, *, data_dir, model_dir) -> dict[str, str]:
+    """The report files in ``out_dir`` (see ``evaluate``), by name. Raises ``TlcliError``, ``OSError``."""
+    from tlcli.insight import plots
+
+    return {CONFUSION_PNG: str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG)),
+            MISTAKES_CSV: str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV)),
+            MISTAKES_HTML: str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
+                                                   model_dir=model_dir, report=report))}
+
+
 def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[str]:
     """What the evaluation folder lacks: labels without a folder, classes with few images."""
     missing = [label for label, n in counts.items() if n == 0]
@@ -124,14 +122,16 @@ def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
-             batch_size: int = 32, max_pixels: int | None = None,
+             batch_size: int = 32, max_pixels: int | None = None, force: bool = False,
              progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
     ``engine``: tf (the SavedModel), tflite (the bundle's model.tflite, e.g. to check a quantized
     export) or auto. ``report_dir``: also write ``confusion_matrix.png``, ``mistakes.csv`` (all
-    mistakes, most confident first) and ``mistakes.html`` (the most confident, with thumbnails) there.
+    mistakes, most confident first) and ``mistakes.html`` (the most confident, with thumbnails) there;
+    as ``audit``'s, a folder that is not empty (an old report, the user's files) is refused
+    (``OutputExistsError``) unless ``force``, and then only the report's files are replaced.
 
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
@@ -148,7 +148,11 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     start = time.perf_counter()
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
-    out_dir = _prepare_report_dir(report_dir, data_dir)
+    out_dir = None
+    if report_dir is not None:
+        from tlcli.insight import html_report
+
+        out_dir = html_report.prepare_dir(report_dir, data=[("DIR", data_dir)], force=force)
     kind = inference.resolve_engine(b, engine)
     eng = None
     if kind == "tflite":  # cheap to open, and a missing model.tflite should fail before the scan
@@ -189,14 +193,8 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))
     every_mistake = report.mistakes
     report = dataclasses.replace(report, mistakes=every_mistake[:max_mistakes])
-    files = {}
-    if out_dir is not None:
-        from tlcli.insight import plots
-
-        files[CONFUSION_PNG] = str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG))
-        files[MISTAKES_CSV] = str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))
-        files[MISTAKES_HTML] = str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
-                                                       model_dir=b.path, report=report))
+    files = {} if out_dir is None else _write_report(out_dir, report, every_mistake, data_dir=data_dir,
+                                                     model_dir=b.path)
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)

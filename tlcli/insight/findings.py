@@ -341,13 +341,14 @@ def engine_of(engine: str, extractors, cache_key: str | None):
 
 def analyse(splits, features: np.ndarray, *, extractor, image_size: int, max_pixels: int, seed: int = 0,
              cache=None, progress: Callback = silent, mislabels: bool = True) -> AuditResult:
-    """The findings on ``splits`` (a ``data.Splits``) whose train + val images have the plain
-    ``features`` (rows in that order). ``extractor`` makes the calibration copies' features,
-    cached under ``cache`` (see ``copy_similarities``).
-    Without ``mislabels`` the out-of-fold fits are skipped (``train`` has its own)."""
-    samples = splits.train + splits.val
+    """The findings on ``splits`` (a ``data.Splits``) whose train + val + test images have the
+    plain ``features`` (rows in that order; a group across splits is a ``train_val_leak``).
+    ``extractor`` makes the calibration copies' features, cached under ``cache`` (see
+    ``copy_similarities``). Without ``mislabels`` the out-of-fold fits are skipped (``train``
+    has its own)."""
+    samples = splits.train + splits.val + splits.test
     n_train, labels = len(splits.train), splits.labels
-    where = ["train"] * n_train + ["val"] * len(splits.val)
+    where = ["train"] * n_train + ["val"] * len(splits.val) + ["test"] * len(splits.test)
     y = np.array([s.label for s in samples], int)
     centre = features[:n_train].mean(axis=0)
     centred = features - centre
@@ -372,9 +373,12 @@ def analyse(splits, features: np.ndarray, *, extractor, image_size: int, max_pix
     progress(End("audit", total=None))
     train_counts = splits.counts(splits.train)
     present = [n for n in train_counts.values() if n]
+    class_counts = {"train": train_counts, "val": splits.counts(splits.val)}
+    if splits.test:
+        class_counts["test"] = splits.counts(splits.test)
     return AuditResult(
         data_dir="", val_dir=None, labels=labels, near_duplicates=dups, likely_mislabeled=flagged,
-        outliers=outliers, class_counts={"train": train_counts, "val": splits.counts(splits.val)},
+        outliers=outliers, class_counts=class_counts,
         skipped=[s.to_dict() for s in splits.skipped], thresholds=thresholds,
         imbalance=round(max(present) / min(present), 4) if present else None, warnings=list(splits.warnings))
 
@@ -399,12 +403,12 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     (with fine-tuning: the copies are made afresh). ``extractors``: (the Keras extractor, the
     LiteRT runner or None); the copies go through the engine that made ``views``. None, with
     one Info line, above ``TRAIN_CHECK_MAX_IMAGES`` images."""
-    if len(splits.train) + len(splits.val) > TRAIN_CHECK_MAX_IMAGES:
+    if len(splits.train) + len(splits.val) + len(splits.test) > TRAIN_CHECK_MAX_IMAGES:
         progress(Info(f"data check skipped: more than {TRAIN_CHECK_MAX_IMAGES:,} images make it too slow here; "
                       f"run 'tlcli audit --model {shlex.quote(str(cfg.out))}' to check for duplicates and "
                       "mislabeled images"))
         return None
-    plain, _ = views.of(splits.train + splits.val)
+    plain, _ = views.of(splits.train + splits.val + splits.test)
     extractor, key = engine_of(views.engine, extractors, cache_key)
     result = analyse(splits, plain, extractor=extractor, image_size=image_size, max_pixels=cfg.max_pixels,
                       seed=cfg.seed, cache=(cfg.cache_dir, key) if key else None, mislabels=False)
@@ -419,7 +423,8 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
         probs = sums[seen] / np.bincount(image, minlength=n)[seen][:, None]
         ranked, _ = confident_learning(probs, np.array([splits.train[i].label for i in seen]))
         mislabeled, checked = len(ranked), len(seen)
-    found = [f"{leaks} group(s) of identical or near-identical images across train and val"] if leaks else []
+    across = "train and val" + (" or test" if splits.test else "")
+    found = [f"{leaks} group(s) of identical or near-identical images across {across}"] if leaks else []
     found += [f"{mislabeled} likely mislabeled training image(s)"] if mislabeled else []
     command = f"tlcli audit --model {shlex.quote(str(cfg.out))}"  # the same backbone, size, split and cache
     if found:

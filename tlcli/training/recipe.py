@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
-from tlcli.errors import Interrupted, UsageError
+from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, silent
 from tlcli.training import distributed, prelude, run_state, summaries
@@ -51,6 +51,9 @@ class TrainResult:
     # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
     worker: int | None = None
     extracted_by_worker: list[int] | None = None
+    # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
+    test_counts: dict[str, int] | None = None
+    test_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +67,7 @@ def _check_inputs(cfg: TrainConfig):
     data.check_folder(cfg.data_dir)  # cheap checks first: a typo in DIR is not a network problem
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
+    data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
     return resolve_spec(cfg.backbone, cfg.image_size)
 
 
@@ -75,7 +79,8 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     interrupted run into ``out`` continues with the settings it was started with; ``given``
     names the fields the caller set (default: ``options``, ``data_dir`` and the fields of
     ``config`` that differ from the defaults), and one that differs from that run is refused.
-    A second run into the same ``out`` fails at once. Raises a ``TlcliError`` subclass for every
+    A second run into the same ``out`` fails at once. Missing parent folders of ``out`` are created
+    (and removed again when the run ends without a bundle). Raises a ``TlcliError`` subclass for every
     user error, and ``Interrupted`` on Ctrl-C or SIGTERM (the previous bundle is left intact and
     progress is kept for ``resume=True``).
     """
@@ -83,7 +88,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
-    with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
+    if not cfg.resume:  # before any folder of --out is made
+        files.check_apart(cfg.out, "--out", [("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)], error=TlcliError)
+    with run_state.sigterm_as_interrupt(), bundle.parents_made(cfg.out), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
             progress(Info(note))
         if cfg.resume:
@@ -131,7 +138,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
-            distributed.views_step(chosen), splits.train + splits.val,
+            distributed.views_step(chosen), splits.train + splits.val + splits.test,
             extractors=(models.extractor, models.flip_extractor),
             cache_key=cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
             image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert,
@@ -154,7 +161,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                                     state=state, partial=partial, progress=progress, scalars=scalars)
                 extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
                 fit = fit_head(views, splits.train, "head refit")
-        reports = view_reports(views, fit, splits.labels, splits.train, splits.val)
+        reports = view_reports(views, fit, splits.labels, splits.train, splits.val, splits.test)
         checks = findings.train_check(  # out of the strategy's scope: 128 calibration copies, on this worker only
             cfg, splits, views, fit, extractors=(models.extractor, litert), image_size=loaded.image_size,
             progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
@@ -210,7 +217,7 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
             engine: str) -> TrainResult:
     """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
-    train_report, val_report = reports
+    train_report, val_report, test_report = reports
     return TrainResult(
         model_dir=str(out), labels=splits.labels, train_counts=splits.counts(splits.train),
         val_counts=splits.counts(splits.val), train_accuracy=train_report.accuracy,
@@ -219,7 +226,9 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         cached=counts[1], strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
         seconds=seconds, mirror=mirror, extractor=engine,
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
-        skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history)
+        skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
+        test_counts=splits.counts(splits.test) if test_report else None,
+        test_accuracy=test_report.accuracy if test_report else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -297,23 +306,27 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
              global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
-    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None) metrics
-    reports, ``chosen`` the strategy, ``state`` the run_state.RunState, ``extractor`` the engine
-    of the frozen features. The TensorBoard folder is filled in when the bundle is written."""
+    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
+    None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
+    ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
+    the bundle is written."""
     from tlcli._tf import tf
 
-    train_report, val = reports
+    train_report, val, test = reports
+    train_dir, val_dir, test_dir = (str(Path(d).absolute()) if d else None for d in splits.folders(cfg))
     return bundle.BundleMeta(
         tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
         backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
         mirror_average=mirror, config=cfg.to_dict(),
-        data=bundle.DataMeta(train_dir=str(Path(cfg.data_dir).absolute()),
-                             val_dir=str(Path(cfg.val_dir).absolute()) if cfg.val_dir else None,
-                             train_counts=splits.counts(splits.train), val_counts=splits.counts(splits.val)),
+        data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
+                             val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
+                             test_counts=splits.counts(splits.test) if test else None),
         metrics=bundle.MetricsMeta(train_accuracy=train_report.accuracy,
                                    val_accuracy=val.accuracy if val else None,
-                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None),
+                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None,
+                                   test_accuracy=test.accuracy if test else None,
+                                   test=test.to_dict() if test else None),
         training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
@@ -321,13 +334,17 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
         skipped=[s.to_dict() for s in splits.skipped])
 
 
-def view_reports(views, fit, labels: list[str], train, val) -> tuple:
-    """(report of ``train``, report of ``val`` or None when it is empty): ``metrics.compute`` on
-    ``predict_views`` of those samples (the val report lists their paths)."""
+def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
+    """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
+    None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
+    and test reports list their paths). The test images were neither trained nor validated on."""
     from tlcli import metrics
     from tlcli.model import head
 
-    def report(samples, **options):
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **options)
+    def report(samples, *, paths: bool = True):
+        if not samples:
+            return None
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels,
+                               **({"paths": [s.path for s in samples]} if paths else {}))
 
-    return report(train), report(val, paths=[s.path for s in val]) if val else None
+    return report(train, paths=False), report(val), report(test)
