@@ -284,8 +284,8 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
         if stage == "cross-validation":  # its fits run together: each epoch advances all of them
             done[0] = epoch
             progress(Advance(cv, completed=epoch, total=epochs))
-        elif epoch == 1:  # early stopping ended the cross-validation at done[0] epochs
-            progress(End(cv, completed=done[0], total=cfg.epochs))
+        elif epoch == 1:  # early stopping ended the cross-validation at done[0] epochs: it is complete
+            progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
     fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
