@@ -141,11 +141,15 @@ class TrainingMeta(_Section):
     history: dict = field(default_factory=dict)
     tensorboard: str | None = None
     extractor: str | None = None
+    # The temperature folded into the head and the out-of-fold calibration error before and
+    # after it (``model.calibration``); None in a bundle of an older tlcli.
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if out.get("extractor") is None:
-            del out["extractor"]  # a bundle of an older tlcli is written back as it was read
+        for key in ("extractor", "calibration"):
+            if out.get(key) is None:
+                del out[key]  # a bundle of an older tlcli is written back as it was read
         return out
 
 

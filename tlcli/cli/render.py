@@ -325,6 +325,10 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     if result.test_accuracy is not None:
         t.add_row("test accuracy", f"{pct(result.test_accuracy)} on {sum(result.test_counts.values())} test images "
                   "(the final report)")
+    cal = result.calibration
+    if cal and cal.get("oof_ece_before") is not None:
+        t.add_row("calibration", f"temperature {cal['temperature']:.2f} folded into the head (held-out "
+                                 f"calibration error {cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f})")
     epochs = f"head {result.head_epochs}"
     if result.fine_tune_epochs:
         epochs += f", fine-tune {result.fine_tune_epochs}"

@@ -61,7 +61,9 @@ def evaluation(r) -> list:
     t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
     t.add_row("accuracy", pct(rep.accuracy))
     t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
-    t.add_row("loss", f"{rep.loss:.4f} (cross-entropy)")
+    t.add_row("loss", f"{rep.loss:.4f} (cross-entropy: the negative log-likelihood)")
+    t.add_row("calibration", f"ECE {rep.ece:.3f} (expected calibration error, {len(rep.reliability)} bins used), "
+                             f"Brier {rep.brier:.3f}")
     shown = [t, _per_class_table(rep), _confusion_table(rep),
              _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
     return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]

@@ -1,5 +1,6 @@
 """Evaluate a bundle on a labelled folder: the same ``metrics.compute`` as the end of training,
-plus an optional report folder with ``confusion_matrix.png``, ``mistakes.csv`` and ``mistakes.html``."""
+plus an optional report folder with ``confusion_matrix.png``, ``reliability.png``, ``mistakes.csv`` and
+``mistakes.html``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tlcli.errors import DatasetError, UsageError
 from tlcli.progress import Advance, Callback, End, Skipped, Start, Warn, counter, silent
 
 CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
 MISTAKES_CSV = "mistakes.csv"
 MISTAKES_HTML = "mistakes.html"
 HTML_MISTAKES = 200  # the most confident mistakes shown in MISTAKES_HTML (mistakes.csv has every one)
@@ -102,6 +104,7 @@ def _write_report(out_dir: Path, report: metrics.Report, every_mistake, *, data_
     from tlcli.insight import plots
 
     return {CONFUSION_PNG: str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG)),
+            RELIABILITY_PNG: str(plots.reliability_diagram(report, out_dir / RELIABILITY_PNG)),
             MISTAKES_CSV: str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV)),
             MISTAKES_HTML: str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
                                                    model_dir=model_dir, report=report))}

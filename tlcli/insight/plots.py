@@ -128,3 +128,27 @@ def training_curves(history: dict[str, list[dict]], path: str | os.PathLike, *, 
     path = Path(path)
     curves_figure(history, dpi=dpi).savefig(path, format="png")
     return path
+
+
+def reliability_diagram(report: Report, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write the reliability diagram of ``report``: per bin of the top probability, the accuracy
+    against the mean confidence (on the diagonal when calibrated), with each bin's images as
+    bars below, and the expected calibration error in the title."""
+    from matplotlib.figure import Figure
+
+    rows = report.reliability
+    fig = Figure(figsize=(5.5, 6.0), dpi=dpi, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="#999999", linestyle="--", label="calibrated")
+    centres = [(lo + hi) / 2 for lo, hi, *_ in rows]
+    top.bar(centres, [acc for *_, acc in rows], width=1 / 10 * 0.9, color="#4878d0", alpha=0.8, label="accuracy")
+    top.plot([conf for *_, conf, _ in rows], [acc for *_, acc in rows], "o", color="#d65f5f",
+             label="mean confidence, accuracy")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+            title=f"Reliability: ECE {report.ece:.3f} over {report.count} images")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, [count for _, _, count, *_ in rows], width=1 / 10 * 0.9, color="#888888")
+    bottom.set(xlabel="top probability", ylabel="images")
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path

@@ -48,6 +48,7 @@ class TrainResult:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
+    calibration: dict | None = None  # the temperature folded into the head (model.calibration)
     # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
     worker: int | None = None
     extracted_by_worker: list[int] | None = None
@@ -228,7 +229,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
-        test_accuracy=test_report.accuracy if test_report else None)
+        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -273,9 +274,9 @@ def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
 
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
     """The head step (``head.fit_views``), recorded in ``state`` and ``scalars`` and loaded into
-    ``keras_head``."""
+    ``keras_head``; the final head of the model is calibrated (``model.calibration``)."""
+    from tlcli.model import calibration, head
     from tlcli.model import classifier as model
-    from tlcli.model import head
 
     cv, done = f"{phase} cv", [0]
     progress(Start(cv, total=cfg.epochs))
@@ -291,6 +292,9 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
                          epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
                          patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
+    if phase == "head refit" or not cfg.fine_tune:  # the model's final head (fine-tuning starts uncalibrated)
+        y = [s.label for s in samples]
+        fit, state.calibration = calibration.calibrate(fit, [y[i % len(y)] for i in fit.oof_rows.tolist()])
     state.history[phase] = fit.history
     for row in fit.history:
         scalars.write(phase, row["epoch"], row)
@@ -330,7 +334,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
         training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
-                                     history=state.history, extractor=extractor),
+                                     history=state.history, extractor=extractor, calibration=state.calibration),
         skipped=[s.to_dict() for s in splits.skipped])
 
 

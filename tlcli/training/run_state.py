@@ -94,6 +94,7 @@ class RunState:
     history: dict[str, list] = field(default_factory=dict)
     head: HeadState = field(default_factory=HeadState)
     fine_tune: FineTuneState = field(default_factory=FineTuneState)
+    calibration: dict | None = None  # the last head fit's (model.calibration); not saved: every run refits
 
     def to_json(self) -> dict:
         return {"config": self.config.to_dict(), "history": self.history, "head_epochs": self.head.epochs,
