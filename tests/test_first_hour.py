@@ -16,7 +16,7 @@ def test_a_class_of_non_images_lists_its_files_and_gives_json(tmp_path, tiny_bac
     result = run_cli("train", data, "--backbone", tiny_backbone, "--image-size", 32, "--out", tmp_path / "m",
                      "--json", columns=80)
     assert result.exit_code == 1
-    assert "no usable image in this class folder (4 unusable file(s), listed above)" in result.stderr
+    assert "no usable image in this class folder (4 unusable file(s): 4 not an image)" in result.stderr
     assert "Skipped 4 unusable file(s)" in result.stderr and "red_0.jpg" in result.stderr
     answer = json.loads(result.stdout)
     assert answer["exit_code"] == 1 and "no usable image" in answer["error"]
@@ -40,7 +40,7 @@ def test_models_fetch_names_its_own_argument_when_offline(tmp_path, monkeypatch)
     result = run_cli("models", "fetch", "https://127.0.0.1:9/nothing/here/1")
     assert result.exit_code == 1
     assert "NAME https://127.0.0.1:9/nothing/here/1: could not fetch it" in result.output
-    assert "--backbone" not in result.output.split("could not fetch it")[0]
+    assert "To work offline, train with a local SavedModel directory as --backbone PATH" in result.output
 
 
 def test_the_tf_hub_cache_defaults_to_a_folder_that_survives_a_reboot(tmp_path, monkeypatch):
@@ -68,3 +68,16 @@ def test_an_interrupted_run_says_what_a_rerun_reuses(tmp_path, stopped):
         assert said.endswith("run the same command with --resume to continue")
     else:
         assert "features extracted so far are in the feature cache" in said and "(without --resume)" in said
+
+
+def test_audit_model_refuses_the_options_it_takes_from_the_bundle(trained_bundle):
+    result = run_cli("audit", "--model", trained_bundle, "--seed", 3, "--image-size", 64, "--json")
+    assert result.exit_code == 2  # an option that cannot work: a usage error
+    assert json.loads(result.stdout)["error"] == (f"--model {trained_bundle}: takes --image-size, --seed from the "
+                                                  "bundle; drop them, or audit without --model")
+
+
+def test_predict_gives_its_error_as_json_with_json(tmp_path):
+    result = run_cli("predict", tmp_path, "--model", tmp_path / "missing", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"].startswith(f"--model {tmp_path / 'missing'}: no such directory")

@@ -53,7 +53,8 @@ def keras():
 def hub():
     from tlcli.config import hub_cache_dir
 
-    os.environ.setdefault("TFHUB_CACHE_DIR", str(hub_cache_dir()))  # read by tensorflow_hub when it resolves
+    if not os.environ.get("TFHUB_CACHE_DIR"):  # read by tensorflow_hub when it resolves (unset or empty)
+        os.environ["TFHUB_CACHE_DIR"] = str(hub_cache_dir())
     keras()
     with _interrupt_kept():
         import tensorflow_hub

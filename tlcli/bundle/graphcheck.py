@@ -12,7 +12,7 @@ recursively, every function those call through a function-valued attribute (``f`
 ``PartitionedCall``, branches of ``If`` / ``Case``, ``cond`` / ``body`` of ``While`` ...).
 Every op found must be in ``ALLOWED_OPS``: what a tlcli classifier (an image backbone such as
 TF Hub's MobileNets, EfficientNets, Inception or ResNet, the Keras head and mirror average) and
-the ``serving_bytes`` decoder (``tlcli.serving.decode_image_bytes``, ``map_fn``) use. Pure tensor
+the ``serving_bytes`` decoder (``tlcli.bundle.savedmodel.decode_image_bytes``, ``map_fn``) use. Pure tensor
 computation only: no op that touches files, the network, processes or Python.
 
 The checkpoint functions that only ``saver_def`` reaches (``SaveV2``, ``RestoreV2``,

@@ -197,7 +197,7 @@ def train(
     from tlcli import training
 
     if data_dir is None and not resume:
-        fail(UsageError("DIR: give the image folder to train on (one subfolder per class)"))
+        fail(UsageError("DIR: give the image folder to train on (one subfolder per class)"), json_out=json_out)
     logs = None if tensorboard.strip().lower() in ("", "none") else tensorboard
     cfg = TrainConfig.from_options({**ctx.params, "data_dir": data_dir or "", "tensorboard": logs},
                                    renamed={"out_dir": "out"})
@@ -234,7 +234,7 @@ def predict(
         b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
                                           max_pixels=max_pixels)
     except TlcliError as exc:
-        fail(exc)
+        fail(exc, json_out=json_out)
     start = time.perf_counter()
     failed = 0
     table = render.predictions_table(eng.name, min(top_k, len(b.labels)), out.width)
@@ -246,7 +246,7 @@ def predict(
             else:
                 render.add_prediction(table, p)
     except TlcliError as exc:  # the model itself failed (a damaged or crafted bundle)
-        fail(exc)
+        fail(exc, json_out=json_out)
     seconds = time.perf_counter() - start
     if not json_out:
         out.print(table)
@@ -284,7 +284,7 @@ def export(
     from tlcli.deploy.export import export_tflite
 
     if not tflite:
-        fail(UsageError("export: choose a format; --tflite is the one available"))
+        fail(UsageError("export: choose a format; --tflite is the one available"), json_out=json_out)
     r = _with_progress(export_tflite, model, quiet=json_out, json_out=json_out, output=output,
                        quantize=quantize.value, io_type=io_type.value, data_dir=_path(data),
                        max_accuracy_drop=max_accuracy_drop, force=force)
@@ -361,6 +361,7 @@ def serve(
 @app.command(cls=shell.Command, short_help="Find duplicates, leaks, likely mislabels and outliers in DIR.")
 @interruptible
 def audit(
+    ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Argument(
         metavar="DIR", show_default=False,
         help="Folder with one subfolder of images per class (with --model: the one it was trained "
@@ -393,6 +394,11 @@ def audit(
     features train computes (an audit after train extracts nothing). Never changes the images."""
     from tlcli.insight.audit import audit as run_audit
 
+    taken = sorted(_given(ctx, {}) & {"val_dir", "val_split", "seed", "backbone", "image_size", "cache_dir",
+                                       "extractor"})
+    if model is not None and taken:
+        fail(UsageError(f"--model {model}: takes {', '.join('--' + t.replace('_', '-') for t in taken)} from the "
+                        "bundle; drop them, or audit without --model"), json_out=json_out)
     r = _with_progress(run_audit, data_dir, quiet=json_out, json_out=json_out, model_dir=model, val_dir=_path(val_dir),
                        val_split=val_split, seed=seed,
                        backbone=backbone, image_size=image_size, cache_dir=_path(cache_dir), batch_size=batch_size,
@@ -407,7 +413,7 @@ def audit(
 @models_app.command("list", cls=shell.Command, short_help="The backbone presets, and which are cached.")
 def models_list(json_out: JsonFlag = False):
     """List the backbone presets: handle, input size, feature size, and whether each is in the TF Hub
-    cache ($TFHUB_CACHE_DIR) with its size on disk."""
+    cache ($TFHUB_CACHE_DIR, else ~/.cache/tlcli/tfhub) with its size on disk."""
     from tlcli.model import hub_cache as models
 
     listing = models.list_models()
@@ -424,7 +430,8 @@ def models_fetch(
                                         help="A preset name or an https:// TF Hub / Kaggle handle.")],
     json_out: JsonFlag = False,
 ):
-    """Download a backbone into the TF Hub cache ($TFHUB_CACHE_DIR), so train works offline later."""
+    """Download a backbone into the TF Hub cache ($TFHUB_CACHE_DIR, else ~/.cache/tlcli/tfhub), so train
+    works offline later."""
     from tlcli.model import hub_cache as models
 
     r = _with_progress(models.fetch_model, name, quiet=json_out, json_out=json_out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
                                f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
         raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
                            f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
-    layouts.check_not_nested(root, class_dirs, option, training=labels is None)
+    nested = layouts.check_not_nested(root, class_dirs, option, training=labels is None)
     found = [d.name for d in class_dirs]
     for name in found:
         check_label(name, f"{option} {root}: class folder")
@@ -90,7 +90,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
         if extra:
             raise DatasetError(f"{option} {root}: class folder(s) {', '.join(extra)} are not labels of the "
                                f"model ({', '.join(labels)}); rename or remove them")
-    return class_dirs, loose, labels
+    return class_dirs, loose, labels, nested
 
 
 def _listed(root: Path, class_dirs: list[Path], index: dict[str, int], loose: list[Path], check):
@@ -131,7 +131,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     checked) and may raise to abandon the scan.
     """
     root_p = check_folder(root, option)
-    class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
+    class_dirs, loose, labels, nested = _class_folders(root, root_p, labels, option)
     found = [d.name for d in class_dirs]
     index = {name: i for i, name in enumerate(labels)}
 
@@ -176,13 +176,17 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
                            "Remove or fix them, or drop --strict to skip them")
     for i, (label, n) in enumerate(folder.counts().items()):
         if n == 0 and label in found:
-            why = f"{bad_in[i]} unusable file(s), listed above" if bad_in.get(i) else "it is empty"
+            reasons = Counter(s.reason for s in skipped if Path(s.path).is_relative_to(root_p / label))
+            why = (f"{bad_in[i]} unusable file(s): " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+                   if bad_in.get(i) else "it is empty")
             raise DatasetError(f"{option} {root_p / label}: no usable image in this class folder ({why}); "
                                "add images or remove the folder", skipped=[s.to_dict() for s in skipped])
         if n == 0:
             folder.warnings.append(f"label '{label}' has no folder in {root}")
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
+    if nested:
+        folder.warnings.insert(0, nested)
     return folder
 
 

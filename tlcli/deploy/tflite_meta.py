@@ -25,7 +25,7 @@ BUNDLE_METADATA = "tlcli_bundle"  # the .tflite metadata entry with the bundle's
 
 def check_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict) -> None:
     """Refuse a .tflite made for another model than ``bundle`` (one line, saying to re-export)."""
-    fix = f"re-export it with 'tlcli export --tflite --model {bundle.path}'"
+    fix = f"re-export it with 'tlcli export --tflite --force --model {bundle.path}'"
     if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
         raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
                           f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); {fix}")

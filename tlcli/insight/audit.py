@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -147,8 +148,10 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
     if data_dir is None and not trained.train_dir:
         raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
                          "give that folder as DIR too")
-    return cfg.replace(data_dir=str(data_dir) if data_dir is not None else trained.train_dir,
-                       val_dir=trained.val_dir if data_dir is None else cfg.val_dir,
+    root = str(Path(trained.train_dir).parent) if getattr(trained, "test_dir", None) else None  # split folders
+    return cfg.replace(data_dir=str(data_dir) if data_dir is not None else root or trained.train_dir,
+                       val_dir=None if root and data_dir is None else trained.val_dir if data_dir is None
+                       else cfg.val_dir,
                        backbone=b.meta.backbone.handle, image_size=b.image_size, tensorboard=None, resume=False,
                        fine_tune=False)
 

@@ -72,11 +72,12 @@ def fetch(spec: BackboneSpec, *, option: str = "--backbone") -> str:
     try:
         return hub().resolve(spec.handle)
     except Exception as exc:  # urllib, HTTP and tarfile errors all mean "could not fetch"
-        cache = os.environ.get("TFHUB_CACHE_DIR", "the default TF Hub cache")
+        cache = os.environ.get("TFHUB_CACHE_DIR") or "the default TF Hub cache"
         raise BackboneError(
             f"{option} {spec.handle}: could not fetch it ({type(exc).__name__}: {str(exc)[:120]}). "
-            f"To work offline, pass a local SavedModel directory with --backbone PATH, or point "
-            f"TFHUB_CACHE_DIR at a cache that already holds this model (looked in {cache})") from None
+            f"To work offline, {'pass' if option == '--backbone' else 'train with'} a local SavedModel directory "
+            f"as --backbone PATH, or point TFHUB_CACHE_DIR at a cache that already holds this model (looked in "
+            f"{cache})") from None
 
 
 @dataclass

@@ -279,14 +279,16 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     from tlcli.model import classifier as model
 
     cv, done = f"{phase} cv", [0]
-    progress(Start(cv, total=cfg.epochs))
 
     def on_epoch(stage: str, epoch: int, epochs: int, fits: int) -> None:
         if stage == "cross-validation":  # its fits run together: each epoch advances all of them
+            if not done[0]:
+                progress(Start(cv, total=epochs))
             done[0] = epoch
             progress(Advance(cv, completed=epoch, total=epochs))
-        elif epoch == 1:  # early stopping ended the cross-validation at done[0] epochs: it is complete
-            progress(End(cv, completed=done[0], total=done[0]))
+        elif epoch == 1:
+            if done[0]:  # early stopping ended the cross-validation at done[0] epochs: it is complete
+                progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
     fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
