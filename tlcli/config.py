@@ -101,6 +101,8 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "tf"
 EVALUATE_MISTAKES = 10
+# A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
+FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8501
