@@ -19,6 +19,7 @@ from pathlib import Path
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, UsageError
+from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Callback, End, Epoch, Info, Start, silent
 from tlcli.training import distributed, prelude, run_state, summaries
@@ -83,7 +84,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
-    with run_state.sigterm_as_interrupt(), bundle.lock(cfg.out):
+    with sigterm_as_interrupt(), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
             progress(Info(note))
         if cfg.resume:
