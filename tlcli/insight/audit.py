@@ -6,9 +6,11 @@ per kind. The audit only reads the images; it never changes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -17,6 +19,7 @@ from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.insight import html_report
 from tlcli.insight.findings import AuditResult, analyse, engine_of
+from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, Info, silent
 
 REPORT_HTML = "audit.html"
@@ -58,9 +61,8 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     ``backbone`` through the same cache, then the findings of the module docstring.
     ``report_dir``: also write ``REPORT_HTML`` (thumbnails side by side) and ``CSV_FILES`` there;
     a folder that is not empty is refused unless ``force``. Never writes into the image folders.
-    Raises ``UsageError`` for a bad option, ``DatasetError`` / ``BackboneError`` as ``train``."""
-    from tlcli.model.backbone import fetch, resolve_spec
-
+    Raises ``UsageError`` for a bad option, ``DatasetError`` / ``BackboneError`` as ``train``, and
+    ``KeyboardInterrupt`` on Ctrl-C or SIGTERM (a report folder it created is removed then)."""
     start = time.perf_counter()
     cfg = TrainConfig(data_dir=str(data_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
                       seed=seed, backbone=backbone, image_size=image_size,
@@ -70,21 +72,44 @@ def audit(data_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = No
     data.check_folder(cfg.data_dir)
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
-    out_dir = None
+    out_dir, created = None, report_dir is not None and not os.path.lexists(report_dir)
     if report_dir is not None:
         out_dir = html_report.prepare_dir(report_dir, data=[("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)],
                                           force=force)
+    try:
+        with sigterm_as_interrupt():
+            result = _audit(cfg, out_dir, progress)
+    except BaseException:
+        if created:
+            _remove_report(out_dir)
+        raise
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _remove_report(out_dir: Path) -> None:
+    """Remove the report folder an audit that failed had created, with the report files in it; a
+    file someone else put there meanwhile keeps it."""
+    for name in (*CSV_FILES.values(), REPORT_HTML):
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
+
+
+def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditResult:
+    from tlcli.model.backbone import fetch, resolve_spec
+
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     result = analyse(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
                       seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress)
-    result.data_dir, result.val_dir = str(data_dir), cfg.val_dir
+    result.data_dir, result.val_dir = cfg.data_dir, cfg.val_dir
     result.extracted, result.cached = views.extracted, views.cached
     result.image_stats = image_stats(splits.train + splits.val, size)
     if out_dir is not None:
         result.files = write_report(result, out_dir)
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -115,8 +140,6 @@ def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = sil
 def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     """``REPORT_HTML`` and the ``CSV_FILES`` of ``result`` in ``out_dir``; returns {name: path}.
     Paths in the page are shown relative to DIR (or --val-dir) when under it. Raises ``TlcliError``."""
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     roots = [r for r in (result.val_dir, result.data_dir) if r]
 
