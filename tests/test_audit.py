@@ -1,6 +1,7 @@
 """tlcli audit: exact findings on small datasets with known defects, none on a clean one, the
 JSON schema, train's one-line check, the near-neighbour search, and the HTML report in Chromium."""
 
+import csv
 import hashlib
 import io
 import json
@@ -376,3 +377,71 @@ def test_bad_options_and_folders_are_one_line_errors(tmp_path, defects):
     result = run_cli("audit", tmp_path / "missing")
     assert result.exit_code == 1 and "no such directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+HOSTILE_CLASSES = {"red": '=HYPERLINK("example.invalid?leak","red")', "green": "+green", "blue": "@blue"}
+
+
+def formula_cells(path: Path) -> list[str]:
+    """The cells of a CSV file that a spreadsheet would run as a formula."""
+    with open(path, newline="", encoding="utf-8") as f:
+        cells = [cell for row in csv.reader(f) for cell in row]
+    return [c for c in cells if c.startswith(FORMULA_START) and not c.lstrip("+-").replace(".", "", 1).isdigit()]
+
+
+def test_csv_cells_that_start_like_a_formula_are_marked_as_text(defects, histogram_backbone, cache, tmp_path,
+                                                                monkeypatch):
+    import tlcli
+
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "val"):  # relative paths under "-set": the path cells start with "-" too
+        for old, new in HOSTILE_CLASSES.items():
+            shutil.copytree(defects[split] / old, tmp_path / "-set" / split / new)
+    r = tlcli.audit("-set/train", val_dir="-set/val", backbone=str(histogram_backbone), image_size=32,
+                    cache_dir=cache, batch_size=16, report_dir="report")
+    assert r.near_duplicates and r.likely_mislabeled and r.outliers  # every CSV has rows
+    for name in ("near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv"):
+        assert formula_cells(tmp_path / "report" / name) == [], name
+    with open(tmp_path / "report" / "likely_mislabeled.csv", newline="", encoding="utf-8") as f:
+        row = list(csv.reader(f))[1]
+    assert row[0].startswith("'-set/") and row[1:3] == ["'+green", "'" + HOSTILE_CLASSES["red"]]
+
+
+def test_evaluate_mistakes_csv_marks_formula_starts_as_text_and_keeps_numbers(tmp_path):
+    from tlcli.insight import evaluation
+    from tlcli.metrics import Mistake
+
+    labels = [*FORMULA_START, "-12", "cat"]
+    path = evaluation.write_mistakes([Mistake(f"{c}x.jpg", c + "1", c, 0.5) for c in labels], tmp_path / "m.csv")
+    assert formula_cells(path) == []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [row[2] for row in rows] == ["'=", "'+", "'-", "'@", "'\t", "'\r", "-12", "cat"]
+    assert [row[3] for row in rows] == ["0.500000"] * len(labels)
+
+
+def test_sigterm_stops_the_audit_like_ctrl_c_removing_the_report_folder_it_made(defects, histogram_backbone, cache,
+                                                                                tmp_path):
+    import signal
+
+    import tlcli
+    from tlcli.progress import Info
+
+    def reached_default(signum, frame):
+        raise RuntimeError("SIGTERM was not handled by audit")
+
+    def terminate_after_the_features(event):
+        if isinstance(event, Info) and event.message.startswith("features"):
+            signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, reached_default)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tlcli.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone), image_size=32,
+                        cache_dir=cache, batch_size=16, report_dir=tmp_path / "report",
+                        progress=terminate_after_the_features)
+        assert signal.getsignal(signal.SIGTERM) is reached_default
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []  # the report folder it had made is gone

@@ -290,7 +290,7 @@ def test_a_second_run_into_the_same_out_fails_at_once(tmp_path, dataset, train_a
     staging.mkdir()
     events = []
     with bundle.lock(out):
-        with pytest.raises(TlcliError, match=r"--out .*another tlcli train is writing"):
+        with pytest.raises(TlcliError, match=r"--out .*another tlcli train or export is writing"):
             tlcli.train(dataset, out=str(out), progress=events.append, **train_args)
         assert events == [] and staging.exists()
     tlcli.train(dataset, out=str(out), **train_args)  # released: the next run works, and cleans up

@@ -44,14 +44,15 @@ def served_bundle(trained_bundle, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(app):
-    """``app`` served by uvicorn on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
+def running(app, header_seconds: float = 10.0):
+    """``app`` served as ``tlcli serve`` serves it, on a free loopback port, in a thread; yields
+    the base URL."""
+    from tlcli.deploy.receipt import uvicorn_server
     from tlcli.deploy.server import listen
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn_server(app, header_seconds=header_seconds, log_level="warning", access_log=False,
+                            lifespan="off")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -107,10 +107,15 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
+# A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
+FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8501
 SERVE_MAX_BODY_BYTES = 64 << 20
+SERVE_MAX_IMAGES = 256  # images in one request; they are decoded and classified BATCH at a time
+SERVE_HEADER_SECONDS = 10.0  # a request's headers must arrive within this, from the connection or last answer
+SERVE_BODY_SECONDS = 60.0  # and its body within this, once the headers are in
 
 
 @dataclass

@@ -61,20 +61,36 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
     the disk (fsync), then renamed over ``path``. The file gets the umask's permissions (not
     ``mkstemp``'s 0600), like any other file the user creates. Raises ``OSError``; no temporary
     file is left behind."""
-    path = Path(path)
-    tmp = temp_name(path)
+    write_together([(path, payload)])
+
+
+def write_together(items) -> None:
+    """Write each (path, payload) of ``items`` as ``write_atomic`` does, all or none: every one is
+    written to its temporary file first, and only then are they renamed into place, in order.
+    A failure (a full disk, a folder in place of a file) leaves every path as it was, as far as
+    the renames go (they rarely fail once the files are written). Raises ``OSError`` whose
+    ``filename`` is the path that could not be written; no temporary file is left behind."""
+    staged: list[Path] = []
+    path = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        for path, payload in items:
+            tmp = temp_name(Path(path))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            staged.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
+        for (path, _), tmp in zip(items, staged):
+            os.replace(tmp, path)
+    except BaseException as exc:
+        for tmp in staged:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and path is not None:
+            exc.filename = str(path)
         raise
 
 

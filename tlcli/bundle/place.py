@@ -11,6 +11,7 @@ killed run left. Every refusal of an ``--out`` is a ``TlcliError`` (exit 1).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -199,10 +200,12 @@ def staging_dir(out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def lock(out: str | os.PathLike):
+def lock(out: str | os.PathLike, *, option: str = "--out", required: bool = True):
     """Hold an exclusive lock on the working folder of ``out`` (``.<name>.lock`` beside it) for
-    the block: a second run into the same ``out`` fails at once with ``TlcliError``. The lock
-    file is removed on exit. Without ``fcntl`` (Windows) runs are not serialised."""
+    the block: a second train or export of the same ``out`` fails at once with ``TlcliError``
+    (naming ``option``). The lock file is removed on exit. Without ``fcntl`` (Windows) runs are
+    not serialised, nor, unless ``required``, where the lock file cannot be created (a read-only
+    folder: nothing else can write there either)."""
     try:
         import fcntl
     except ImportError:
@@ -213,14 +216,18 @@ def lock(out: str | os.PathLike):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
-            raise TlcliError(f"--out {out}: cannot create the lock file {path} ({exc.strerror}); "
-                             "choose another --out") from None
+            if not required and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                yield
+                return
+            raise TlcliError(f"{option} {out}: cannot create the lock file {path} ({exc.strerror}); "
+                             f"choose another {option}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise TlcliError(f"--out {out}: another tlcli train is writing this model (it holds {path}); "
-                             "wait for it to finish, or choose another --out") from None
+            raise TlcliError(f"{option} {out}: another tlcli train or export is writing this model (it holds "
+                             f"{path}); wait for it to finish" + (", or choose another --out" if option == "--out"
+                                                                  else "")) from None
         try:  # the run that held it may have removed the file before we got the lock: lock the new one
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break

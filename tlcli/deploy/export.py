@@ -38,6 +38,7 @@ from tlcli.config import DEFAULT_MODEL_DIR, IO_TYPES, QUANTIZE, check_max_pixels
 from tlcli.data import images
 from tlcli.deploy import tflite_meta
 from tlcli.errors import OutputExistsError, TlcliError, UsageError
+from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, End, Start, Warn, silent
 from tlcli.quiet import native_stderr_silenced
 
@@ -125,17 +126,28 @@ def _load_batch(items, size, max_pixels) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray([y for (_, y), err in zip(items, errors) if err is None])
 
 
-def _write_labels(labels_path: Path, b: bundles.Bundle) -> None:
-    """Write ``labels_path`` from the bundle's validated labels. The bundle's own labels.txt is
-    rewritten only when it is not already exactly that (missing, changed, or a link)."""
+def _labels_update(labels_path: Path, b: bundles.Bundle) -> bytes | None:
+    """What to write to ``labels_path``: the bundle's validated labels, or None for the bundle's
+    own labels.txt when it is already exactly that (not missing, changed, or a link)."""
     payload = b.labels_text().encode("utf-8")
     if labels_path.absolute() == (b.path / bundles.LABELS_FILE).absolute() and not labels_path.is_symlink():
         try:
             if read_regular(labels_path, len(payload)) == payload:
-                return
+                return None
         except TlcliError:
             pass  # missing, not a regular file, or too long: regenerate it
-    _write(labels_path, payload)
+    return payload
+
+
+def _put_in_place(out: Path, payload: bytes, labels_path: Path | None, b: bundles.Bundle) -> None:
+    """Write the .tflite ``out`` and its labels file together: both, or neither (the previous
+    ones stay). Raises ``TlcliError`` naming the file that could not be written."""
+    labels = None if labels_path is None else _labels_update(labels_path, b)
+    try:
+        files.write_together(([(labels_path, labels)] if labels is not None else []) + [(out, payload)])
+    except OSError as exc:
+        raise TlcliError(f"{exc.filename}: cannot write ({exc.strerror}); {out} was not written (any previous one "
+                         "is kept); check that folder, or choose another --output") from None
 
 
 def _check_output(out: Path, b: bundles.Bundle, *, force: bool, given: bool) -> Path:
@@ -183,13 +195,6 @@ def _is_tflite(path: Path) -> bool:
             return f.read(8)[4:8] == b"TFL3"
     except OSError:
         return False
-
-
-def _write(path: Path, payload: bytes) -> None:
-    try:
-        files.write_atomic(path, payload)
-    except OSError as exc:
-        raise TlcliError(f"--output {path}: cannot write ({exc.strerror}); choose another --output") from None
 
 
 def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
@@ -302,10 +307,18 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
     Raises ``UsageError`` for a bad option (unknown mode, integer I/O without int8, a missing
     output directory, no calibration images, a gate without labelled images), ``OutputExistsError``
     for an existing file without ``force``, ``BundleError`` for a bad bundle, ``TlcliError`` when
-    conversion fails or the gate refuses the model.
+    conversion fails, the gate refuses the model, or another export or train is writing the
+    bundle, and ``KeyboardInterrupt`` on Ctrl-C or SIGTERM (its temporary files are removed, and
+    nothing is replaced).
     """
     _check_options(quantize, io_type, max_accuracy_drop, max_pixels)
     b = bundles.load(model_dir)
+    with sigterm_as_interrupt(), bundles.lock(b.path, option="--model", required=False):
+        return _export(b, output, quantize, io_type, data_dir, max_pixels, max_accuracy_drop, force, progress)
+
+
+def _export(b: bundles.Bundle, output, quantize: str, io_type: str, data_dir: str | None, max_pixels: int | None,
+            max_accuracy_drop: float | None, force: bool, progress: Callback) -> ExportResult:
     max_pixels = max_pixels or b.max_pixels
     out = _check_output(Path(output) if output else b.tflite_path, b, force=force, given=bool(output))
     labelled = _Labelled(b, data_dir, max_pixels)
@@ -343,9 +356,7 @@ def export_tflite(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, output: s
         progress(End("parity", total=len(items), completed=len(items)))
         if max_accuracy_drop is not None:
             _check_drop(result, out)
-    _write(out, payload)
-    if labels_path is not None:
-        _write_labels(labels_path, b)
+    _put_in_place(out, payload, labels_path, b)
     if with_labels is None:
         _warn(result, progress, f"this TensorFlow cannot store the labels inside {out.name}; they are in "
                                 f"{labels_path} beside it")

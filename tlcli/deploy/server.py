@@ -21,9 +21,16 @@ Every request goes through the project's one decoder (``images.model_input_from_
 ``inference.resolve_engine`` picks; with LiteRT nothing imports TensorFlow.
 
 Status codes: 400 a malformed request (bad JSON, an unknown signature or input, a file that is
-not an image or is over the pixel limit, with the decoder's reason), 404 an unknown model or
-path, 405 a known path with the wrong method, 413 a body over ``max_body_bytes``. A client's
-mistake never gets a 500; a 500 (one line, no traceback) means the model itself failed.
+not an image or is over the pixel limit, with the decoder's reason, more than ``max_images``
+images), 404 an unknown model or path, 405 a known path with the wrong method, 408 headers or a
+body not received in time, 413 a body over ``max_body_bytes``. A client's mistake never gets a
+500; a 500 (one line, no traceback) means the model itself failed.
+
+Bounds, so that no client holds the server or its memory: the body's size (``max_body_bytes``),
+the images in one request (``max_images``, decoded and classified ``BATCH`` at a time, so a
+request holds at most ``BATCH`` model inputs), the time to send the headers (``serve``'s
+``header_seconds``, see ``receipt``) and the body (``body_seconds``), and JSON nesting (Python's
+recursion limit: deeper is a 400).
 
 Why Starlette on uvicorn: a maintained, small ASGI stack with no TensorFlow in it (it starts in
 about 0.2 s, so a LiteRT server answers within a second), multipart parsing through
@@ -33,6 +40,7 @@ built in (in-flight requests finish, then the process exits).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -52,18 +60,28 @@ from tlcli.config import (
     DEFAULT_MODEL_DIR,
     PREDICT_ENGINE,
     PREDICT_TOP_K,
+    SERVE_BODY_SECONDS,
+    SERVE_HEADER_SECONDS,
     SERVE_HOST,
     SERVE_MAX_BODY_BYTES,
+    SERVE_MAX_IMAGES,
     SERVE_PORT,
     check_max_pixels,
 )
 from tlcli.data import images
 from tlcli.deploy import inference
-from tlcli.deploy.tf_serving import VERSION, ClientError, model_metadata, model_status, rest_predict, signature_defs
+from tlcli.deploy.tf_serving import (
+    BATCH,
+    VERSION,
+    ClientError,
+    model_metadata,
+    model_status,
+    rest_predict,
+    signature_defs,
+)
 from tlcli.errors import TlcliError, UsageError
 from tlcli.progress import Callback, Info, Warn, silent
 
-BATCH = 32  # images per engine call, as in tlcli predict
 GRACE_SECONDS = 4.0  # in-flight requests get this long after SIGINT/SIGTERM (exit within 5 s)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -73,15 +91,17 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class ServedModel:
     """One bundle being served: ``name``, ``engine`` ("tf" or "tflite"), ``workers`` (how many
-    requests run the model at once), ``max_pixels`` (the decoder's limit).
+    requests run the model at once), ``max_pixels`` (the decoder's limit), ``max_images`` (the
+    most images one request may hold).
 
     LiteRT interpreters are not thread-safe, so each request borrows one from a pool that grows
     on demand up to ``workers`` (only the first is loaded before the server is ready), each with
     an equal share of the CPUs. TensorFlow runs concurrent calls of one SavedModel itself: one
     engine is shared."""
 
-    def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None):
-        self.bundle, self.name, self.workers = b, name, workers
+    def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
+                 max_images: int = SERVE_MAX_IMAGES):
+        self.bundle, self.name, self.workers, self.max_images = b, name, workers, max_images
         self.engine = inference.resolve_engine(b, engine)
         self.max_pixels = max_pixels or b.max_pixels
         self.signatures = signature_defs(b)
@@ -121,14 +141,26 @@ class ServedModel:
         """The model input for one encoded file; raises ``ImageError`` (named ``path``)."""
         return images.model_input_from_bytes(data, self.bundle.image_size, path=path, max_pixels=self.max_pixels)
 
+    def check_count(self, n: int, what: str) -> None:
+        """Refuse (400) a request of more than ``max_images`` images."""
+        if n > self.max_images:
+            raise ClientError(400, f"{what}: {n} images in one request, over the limit of {self.max_images}; "
+                                   "send them in several requests")
+
     def predict_files(self, uploads: list[tuple[str, bytes]], top_k: int) -> list[inference.Prediction]:
-        """``tlcli predict``'s result for each (name, bytes), in order; bad files get ``error``."""
+        """``tlcli predict``'s result for each (name, bytes), in order; bad files get ``error``.
+        Decoded and classified ``BATCH`` at a time: the model inputs held stay bounded."""
+        self.check_count(len(uploads), "upload")
         k = max(1, min(top_k, len(self.bundle.labels)))
-        x, errors = images.decode_batch(uploads, lambda upload: self.decode(upload[1], upload[0]))
-        rows = images.paired(errors, None if x is None else self.classify(x))
-        return [inference.Prediction(name, [], str(err)) if err else
-                inference.Prediction(name, inference.ranked(row, self.bundle.labels, k))
-                for (name, _), err, row in zip(uploads, errors, rows)]
+        results = []
+        for start in range(0, len(uploads), BATCH):
+            part = uploads[start:start + BATCH]
+            x, errors = images.decode_batch(part, lambda upload: self.decode(upload[1], upload[0]))
+            rows = images.paired(errors, None if x is None else self.classify(x))
+            results += [inference.Prediction(name, [], str(err)) if err else
+                        inference.Prediction(name, inference.ranked(row, self.bundle.labels, k))
+                        for (name, _), err, row in zip(part, errors, rows)]
+        return results
 
 
 # ---- the ASGI app -----------------------------------------------------------------------------
@@ -143,6 +175,12 @@ def _json(data, status: int = 200, headers: dict | None = None):
     return Response(strict_json.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x00``): a request's path or
+    query can carry them, and an error message stays one line."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: m[0].encode("unicode_escape").decode(), text)
+
+
 async def _limited(stream, limit: int):
     """``stream``'s chunks, refusing (413) once more than ``limit`` bytes have come."""
     size = 0
@@ -153,27 +191,48 @@ async def _limited(stream, limit: int):
         yield chunk
 
 
-async def _body(request, limit: int) -> bytes:
+async def _in_time(read, seconds: float):
+    """The result of awaiting ``read`` (the reading of a request's body), refused with 408 after
+    ``seconds`` (a client that sends its body slowly, or stops), or 400 when the client went away."""
+    from starlette.requests import ClientDisconnect
+
+    try:
+        async with asyncio.timeout(seconds):
+            return await read
+    except TimeoutError:
+        raise ClientError(408, f"request body not received within {seconds:g} s; send it at once",
+                          {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientError(400, "the client closed the connection before sending the whole body") from None
+
+
+def _declared(request, limit: int) -> None:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ClientError(413, f"request body of {declared} bytes is over the limit of {limit} bytes; "
-                               "send fewer or smaller images")
-    return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
+                               "send fewer or smaller images", {"Connection": "close"})
 
 
-async def _uploads(request, limit: int) -> list[tuple[str, bytes]]:
+async def _body(request, limit: int, seconds: float) -> bytes:
+    _declared(request, limit)
+
+    async def read():
+        return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
+
+    return await _in_time(read(), seconds)
+
+
+async def _uploads(request, limit: int, seconds: float, max_files: int) -> list[tuple[str, bytes]]:
     """(file name, bytes) of every file of a multipart upload, or the raw body as one file."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return [(request.query_params.get("name") or "<body>", await _body(request, limit))]
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        await _body(request, limit)  # raises the 413
+        return [(request.query_params.get("name") or "<body>", await _body(request, limit, seconds))]
+    _declared(request, limit)
     try:
-        form = await MultiPartParser(request.headers, _limited(request.stream(), limit),
-                                     max_part_size=limit).parse()
+        form = await _in_time(MultiPartParser(request.headers, _limited(request.stream(), limit),
+                                              max_files=max_files, max_part_size=limit).parse(), seconds)
     except MultiPartException as exc:
         raise ClientError(400, f"multipart upload: {exc.message}") from None
     files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -184,14 +243,16 @@ async def _uploads(request, limit: int) -> list[tuple[str, bytes]]:
 
 
 def _top_k(request) -> int:
+    """The request's ``top_k``: ASCII digits, >= 1; a huge one means every label."""
     raw = request.query_params.get("top_k", str(PREDICT_TOP_K))
-    if not raw.isdigit() or int(raw) < 1:
-        raise ClientError(400, f"top_k={raw}: must be an integer >= 1")
-    return int(raw)
+    if not re.fullmatch(r"[0-9]+", raw) or not raw.strip("0"):
+        raise ClientError(400, f"top_k={raw[:40]}: must be a whole number >= 1")
+    return int(raw) if len(raw) <= 9 else 10 ** 9
 
 
-def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K):
-    """The Starlette app serving ``model`` (see the module docstring for the endpoints)."""
+def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K,
+              body_seconds: float = SERVE_BODY_SECONDS):
+    """The Starlette app serving ``model`` (see the module docstring for the endpoints and bounds)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -209,13 +270,13 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     async def predict(request):
         k = _top_k(request)
-        uploads = await _uploads(request, max_body_bytes)
+        uploads = await _uploads(request, max_body_bytes, body_seconds, model.max_images)
         start = time.perf_counter()
         results = [p.to_dict() for p in await run_in_threadpool(model.predict_files, uploads, k)]
         timing = {"Server-Timing": f"predict;dur={1000 * (time.perf_counter() - start):.1f}"}
         failed = [r for r in results if r["error"]]
         if failed:
-            return _json({"error": failed[0]["error"], "results": results}, 400, timing)
+            return _json({"error": one_line(failed[0]["error"]), "results": results}, 400, timing)
         return _json(results, 200, timing)
 
     def served(name: str, version: str | None, what: str) -> None:
@@ -232,7 +293,7 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
             served(m[1], m[2], "predict")
             if m[3] != "predict":
                 raise ClientError(400, f":{m[3]}: not served; the bundle's signatures answer :predict")
-            body = await _body(request, max_body_bytes)
+            body = await _body(request, max_body_bytes, body_seconds)
             return _json(await run_in_threadpool(rest_predict, model, body))
         if m := _STATUS_PATH.fullmatch(path):
             if method not in ("GET", "HEAD"):
@@ -242,15 +303,16 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
         raise ClientError(404, f"Malformed request: {method} {path}")
 
     async def client_error(request, exc: ClientError):
-        return _json({"error": exc.message}, exc.status, exc.headers)
+        return _json({"error": one_line(exc.message)}, exc.status, exc.headers)
 
     async def http_error(request, exc: HTTPException):  # Starlette's own 404 / 405
         words = {404: "no such endpoint", 405: "method not allowed"}.get(exc.status_code, exc.detail)
-        return _json({"error": f"{request.method} {request.url.path}: {words}"}, exc.status_code, exc.headers)
+        return _json({"error": one_line(f"{request.method} {request.url.path}: {words}")}, exc.status_code,
+                     exc.headers)
 
     async def server_error(request, exc: Exception):  # the model failed: one line, no traceback
         message = str(exc) if isinstance(exc, TlcliError) else f"internal error ({type(exc).__name__})"
-        return _json({"error": message}, 500)
+        return _json({"error": one_line(message)}, 500)
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     app = Starlette(routes=[Route("/", home, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
@@ -263,17 +325,20 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
 def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
              engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
-             max_body_bytes: int = SERVE_MAX_BODY_BYTES):
+             max_body_bytes: int = SERVE_MAX_BODY_BYTES, max_images: int = SERVE_MAX_IMAGES,
+             body_seconds: float = SERVE_BODY_SECONDS):
     """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
     defaults to the bundle folder's name, ``workers`` to the number of CPUs. Raises
     ``BundleError`` / ``UsageError``."""
     workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
+    if max_images < 1 or not body_seconds > 0:
+        raise UsageError(f"max_images {max_images}, body_seconds {body_seconds}: both must be positive")
     b = bundles.load(model_dir)
     name = name if name is not None else Path(os.path.abspath(model_dir)).name
     if not re.fullmatch(r"[^/:\s]+", name):
         raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
-    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels)
-    return build_app(model, max_body_bytes=max_body_bytes)
+    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images)
+    return build_app(model, max_body_bytes=max_body_bytes, body_seconds=body_seconds)
 
 
 def check_options(*, workers: int | None, max_pixels: int | None, max_body_bytes: int) -> int:
@@ -329,7 +394,7 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
     the network can then use it; there is no authentication). Raises ``BundleError`` /
     ``UsageError`` before it starts."""
-    import uvicorn
+    from tlcli.deploy.receipt import uvicorn_server
 
     app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
                    max_body_bytes=max_body_bytes)
@@ -340,8 +405,8 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/"
     model: ServedModel = app.state.model
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=GRACE_SECONDS, server_header=False))
+    server = uvicorn_server(app, header_seconds=SERVE_HEADER_SECONDS, log_level="warning", access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=GRACE_SECONDS, server_header=False)
     started = time.monotonic()
 
     def announce():

@@ -15,6 +15,7 @@ import numpy as np
 from tlcli import bundle as bundles
 from tlcli.errors import ImageError
 
+BATCH = 32  # encoded images decoded and classified at a time, as in tlcli predict
 VERSION = "1"  # TF Serving numbers versions; a bundle is one model, served as version 1
 
 
@@ -85,8 +86,9 @@ def _batch_of(req: dict, input_name: str, is_bytes: bool) -> tuple[list, str]:
 
 def _float_images(values: list, size: int) -> np.ndarray:
     try:
-        x = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError):
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range numbers become inf: refused below
+            x = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
         raise ClientError(400, f"input images: expected numbers in nested lists of shape [-1,{size},{size},3]") \
             from None
     if x.shape[1:] != (size, size, 3):
@@ -95,6 +97,15 @@ def _float_images(values: list, size: int) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ClientError(400, "input images: values must be finite numbers (RGB in [0, 1])")
     return x
+
+
+def _decoded(model, values: list, where: str, start: int) -> np.ndarray:
+    """The model inputs of ``values[start:start + BATCH]`` (encoded files); raises ``ClientError``."""
+    try:
+        return np.stack([model.decode(_as_bytes(v, where.format(i)), where.format(i))
+                         for i, v in enumerate(values[start:start + BATCH], start)])
+    except ImageError as exc:
+        raise ClientError(400, str(exc)) from None
 
 
 def rest_predict(model, body: bytes) -> dict:
@@ -106,6 +117,8 @@ def rest_predict(model, body: bytes) -> dict:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(400, f"JSON Parse error: {exc}") from None
+    except RecursionError:
+        raise ClientError(400, "JSON Parse error: nested too deeply; a predict request needs a few levels") from None
     if not isinstance(req, dict):
         raise ClientError(400, "JSON Value is not an object: send {\"instances\": [...]} or {\"inputs\": ...}")
     sig_name = req.get("signature_name") or "serving_default"
@@ -116,14 +129,13 @@ def rest_predict(model, body: bytes) -> dict:
     (input_name,) = model.signatures[sig_name]["inputs"]
     is_bytes = sig_name == "serving_bytes"
     values, where = _batch_of(req, input_name, is_bytes)
+    model.check_count(len(values), where.partition("[")[0])
     if is_bytes:
-        try:
-            x = np.stack([model.decode(_as_bytes(v, where.format(i)), where.format(i)) for i, v in enumerate(values)])
-        except ImageError as exc:
-            raise ClientError(400, str(exc)) from None
+        probs = np.concatenate([model.classify(_decoded(model, values, where, start))
+                                for start in range(0, len(values), BATCH)])
     else:
-        x = _float_images(values, model.bundle.image_size)
-    probs = [[tf_serving_float(v) for v in row] for row in model.classify(x)]
+        probs = model.classify(_float_images(values, model.bundle.image_size))
+    probs = [[tf_serving_float(v) for v in row] for row in probs]
     outputs = {"probabilities": probs}
     if is_bytes:
         outputs["labels"] = [list(model.bundle.labels) for _ in probs]

@@ -6,6 +6,7 @@ per kind. The audit only reads the images; it never changes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import UsageError
 from tlcli.insight import html_report
 from tlcli.insight.findings import COPY_QUANTILE, FLOOR_QUANTILE, AuditResult, analyse, engine_of
+from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, Info, silent
 
 REPORT_HTML = "audit.html"
@@ -101,9 +103,8 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
     ``model_dir``: a bundle whose training settings (data folders, split, seed, backbone, image
     size, cache, extractor) are used instead of those options, so the audit sees what that
     training saw; ``data_dir`` then overrides only the folder.
-    Raises ``UsageError`` for a bad option, ``DatasetError`` / ``BackboneError`` as ``train``."""
-    from tlcli.model.backbone import fetch, resolve_spec
-
+    Raises ``UsageError`` for a bad option, ``DatasetError`` / ``BackboneError`` as ``train``, and
+    ``KeyboardInterrupt`` on Ctrl-C or SIGTERM (a report folder it created is removed then)."""
     start = time.perf_counter()
     if model_dir is not None:
         cfg = _trained_config(model_dir, data_dir)
@@ -119,10 +120,34 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
-    out_dir = None
+    out_dir, created = None, report_dir is not None and not os.path.lexists(report_dir)
     if report_dir is not None:
         out_dir = html_report.prepare_dir(report_dir, data=[("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)],
                                           force=force)
+    try:
+        with sigterm_as_interrupt():
+            result = _audit(cfg, out_dir, progress)
+    except BaseException:
+        if created:
+            _remove_report(out_dir)
+        raise
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _remove_report(out_dir: Path) -> None:
+    """Remove the report folder an audit that failed had created, with the report files in it; a
+    file someone else put there meanwhile keeps it."""
+    for name in (*CSV_FILES.values(), REPORT_HTML):
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
+
+
+def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditResult:
+    from tlcli.model.backbone import fetch, resolve_spec
+
     spec = resolve_spec(cfg.backbone, cfg.image_size)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
@@ -133,7 +158,6 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
     result.image_stats = image_stats(splits.train + splits.val + splits.test, size)
     if out_dir is not None:
         result.files = write_report(result, out_dir)
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -190,8 +214,6 @@ def _sizes_note(stats: dict) -> str:
 def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     """``REPORT_HTML`` and the ``CSV_FILES`` of ``result`` in ``out_dir``; returns {name: path}.
     Paths in the page are shown relative to DIR (or --val-dir) when under it. Raises ``TlcliError``."""
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     roots = [r for r in (result.val_dir, result.data_dir) if r]
 

@@ -4,9 +4,7 @@ plus an optional report folder with ``confusion_matrix.png``, ``reliability.png`
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,14 +53,13 @@ class EvaluateResult:
 
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:
     """CSV with a header ``path,true_label,predicted_label,probability``, most confident first,
-    written atomically (``files.write_atomic``). Raises ``OSError``."""
+    cells that start like a formula marked as text (``html_report.csv_cell``), written atomically
+    (``files.write_atomic``). Raises ``OSError``."""
+    from tlcli.insight import html_report
+
     path = Path(path)
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(MISTAKES_COLUMNS)
-    for m in mistakes:
-        w.writerow([m.path, m.true_label, m.predicted_label, f"{m.probability:.6f}"])
-    files.write_atomic(path, text.getvalue().encode("utf-8"))
+    files.write_atomic(path, html_report.csv_bytes(MISTAKES_COLUMNS, [
+        [m.path, m.true_label, m.predicted_label, f"{m.probability:.6f}"] for m in mistakes]))
     return path
 
 

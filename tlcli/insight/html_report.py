@@ -139,13 +139,31 @@ def write_page(path: str | os.PathLike, title: str, summary: list[str], sections
     return Path(path)
 
 
-def write_csv(path: str | os.PathLike, header, rows) -> Path:
-    """A CSV file (UTF-8, a header row), written atomically (``files.write_file``)."""
+# What a spreadsheet takes for the start of a formula (OWASP's list), and a plain number.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def csv_cell(value) -> str:
+    """``value`` as a CSV cell that a spreadsheet shows as text: one that starts like a formula
+    (``= + - @``, tab, carriage return; a class folder named ``=HYPERLINK(...)``) gets a leading
+    apostrophe, the spreadsheets' mark for text. Numbers are left as they are."""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) and not _NUMBER.fullmatch(text) else text
+
+
+def csv_bytes(header, rows) -> bytes:
+    """A CSV file's bytes (UTF-8, a header row), every cell through ``csv_cell``."""
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(header)
-    w.writerows(rows)
-    files.write_file(path, text.getvalue().encode("utf-8"))
+    w.writerow([csv_cell(v) for v in header])
+    w.writerows([csv_cell(v) for v in row] for row in rows)
+    return text.getvalue().encode("utf-8")
+
+
+def write_csv(path: str | os.PathLike, header, rows) -> Path:
+    """``csv_bytes``, written atomically (``files.write_file``)."""
+    files.write_file(path, csv_bytes(header, rows))
     return Path(path)
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlcli import files
 from tlcli._tf import hub, tf
+from tlcli.config import FETCH_TIMEOUT_SECONDS
 from tlcli.errors import BackboneError
 from tlcli.model.presets import PRESETS
 
@@ -64,17 +70,94 @@ def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
                         "TF Hub or Kaggle handle, or an existing SavedModel directory")
 
 
-def fetch(spec: BackboneSpec, *, option: str = "--backbone") -> str:
+def hub_cache_dir() -> Path:
+    """The folder TF Hub models are cached in (``config.hub_cache_dir``)."""
+    from tlcli.config import hub_cache_dir as configured
+
+    return configured()
+
+
+def cache_path(handle: str) -> Path:
+    """Where tensorflow_hub keeps ``handle``: a folder named by the SHA-1 of the handle."""
+    return hub_cache_dir() / hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def _running_here(host: str, pid: int) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's (a shared cache): only tensorflow_hub's own rule can tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
+
+
+def clear_stale_download(handle: str) -> list[str]:
+    """Remove the lock file of a download of ``handle`` left by a process of this machine that no
+    longer runs (killed mid-download), and its temporary folder. tensorflow_hub would wait for
+    such a lock until its folder had not grown for 10 minutes. A lock of a running process, or of
+    another machine, is left alone. Returns what was removed. Raises ``BackboneError`` when the
+    lock is not a regular file (tensorflow_hub would block reading it)."""
+    module = cache_path(handle)
+    lock = Path(f"{module}.lock")
+    try:
+        fd, _st = files.open_regular(lock)
+    except files.NotRegularFile as exc:
+        raise BackboneError(f"--backbone {handle}: the TF Hub cache's lock file {lock} is {exc.kind}, not a "
+                            "regular file; remove it") from None
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        content = f.read(4096).decode("utf-8", "replace")
+    m = re.fullmatch(r"(.+)\.([0-9]+)\.([0-9a-f]{32})", content)  # tensorflow_hub's "host.pid.uid"
+    if not m or _running_here(m[1], int(m[2])):
+        return []
+    removed = []
+    tmp = Path(f"{module}.{m[3]}.tmp")
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(str(tmp))
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+        removed.append(str(lock))
+    return removed
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """tensorflow_hub opens its URLs with no timeout; the process's default socket timeout is the
+    one setting it follows (for the connection and each read)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
+def fetch(spec: BackboneSpec, *, option: str = "--backbone", timeout: float = FETCH_TIMEOUT_SECONDS) -> str:
     """Local path of the backbone, downloading into the TF Hub cache (TFHUB_CACHE_DIR) if needed;
-    an error names ``option``, the argument that gave the backbone."""
+    an error names ``option``, the argument that gave the backbone.
+    The download ends (``BackboneError``) when the server sends nothing for ``timeout`` seconds;
+    tensorflow_hub then removes its lock and temporary folder, and ``clear_stale_download``
+    removes those a killed download left."""
     if spec.is_local:
         return spec.handle
+    clear_stale_download(spec.handle)
     try:
-        return hub().resolve(spec.handle)
+        with _socket_timeout(timeout):
+            return hub().resolve(spec.handle)
     except Exception as exc:  # urllib, HTTP and tarfile errors all mean "could not fetch"
         cache = os.environ.get("TFHUB_CACHE_DIR") or "the default TF Hub cache"
+        why = f"no answer within {timeout:g} s" if _timed_out(exc) else f"{type(exc).__name__}: {str(exc)[:120]}"
         raise BackboneError(
-            f"{option} {spec.handle}: could not fetch it ({type(exc).__name__}: {str(exc)[:120]}). "
+            f"{option} {spec.handle}: could not fetch it ({why}). "
             f"To work offline, {'pass' if option == '--backbone' else 'train with'} a local SavedModel directory "
             f"as --backbone PATH, or point TFHUB_CACHE_DIR at a cache that already holds this model (looked in "
             f"{cache})") from None

@@ -8,14 +8,14 @@ imports TensorFlow.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tlcli.config import FETCH_TIMEOUT_SECONDS
 from tlcli.errors import UsageError
-from tlcli.model.backbone import REMOTE_PREFIXES, BackboneSpec
+from tlcli.model.backbone import REMOTE_PREFIXES, BackboneSpec, cache_path, hub_cache_dir
 from tlcli.model.presets import PRESETS
 from tlcli.progress import Callback, End, Start, silent
 
@@ -61,21 +61,11 @@ class FetchResult:
         return asdict(self)
 
 
-def hub_cache_dir() -> Path:
-    """The folder TF Hub models are cached in (``config.hub_cache_dir``)."""
-    from tlcli.config import hub_cache_dir as configured
-
-    return configured()
-
-
-def cache_path(handle: str) -> Path:
-    """Where tensorflow_hub keeps ``handle``: a folder named by the SHA-1 of the handle."""
-    return hub_cache_dir() / hashlib.sha1(handle.encode("utf8")).hexdigest()
-
-
 def _disk_size(folder: Path) -> int:
+    """The size of the files in ``folder``. Links to folders inside it are not followed: one
+    that leads back up (a folder linking to itself) would be walked without end."""
     total = 0
-    for root, _dirs, files in os.walk(folder, followlinks=True):
+    for root, _dirs, files in os.walk(folder):
         for f in files:
             try:
                 total += (Path(root) / f).stat().st_size
@@ -109,10 +99,12 @@ def _handle(name_or_handle: str) -> tuple[str | None, str]:
                      "or Kaggle handle; 'tlcli models list' shows the presets")
 
 
-def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchResult:
+def fetch_model(name_or_handle: str, *, timeout: float = FETCH_TIMEOUT_SECONDS,
+                progress: Callback = silent) -> FetchResult:
     """Download a preset (by name) or a TF Hub / Kaggle handle into the TF Hub cache, unless it
     is there already. Raises ``UsageError`` for a name that is neither, and ``BackboneError``
-    (the one-line error of ``train``) when it cannot be fetched, e.g. offline."""
+    (the one-line error of ``train``) when it cannot be fetched, e.g. offline, or the server
+    sends nothing for ``timeout`` seconds (nothing is left in the cache then)."""
     from tlcli.model.backbone import fetch
 
     name, handle = _handle(name_or_handle)
@@ -122,6 +114,6 @@ def fetch_model(name_or_handle: str, *, progress: Callback = silent) -> FetchRes
         return FetchResult(before.name, handle, before.path, before.size_bytes or 0, False,
                            time.perf_counter() - start)
     progress(Start("fetch", total=None))  # tensorflow_hub reports no byte counts
-    path = fetch(BackboneSpec(handle, None, name), option="NAME")
+    path = fetch(BackboneSpec(handle, None, name), option="NAME", timeout=timeout)
     progress(End("fetch", completed=1, total=1))
     return FetchResult(before.name, handle, path, _disk_size(Path(path)), True, time.perf_counter() - start)

@@ -19,6 +19,7 @@ from pathlib import Path
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, silent
 from tlcli.training import distributed, prelude, run_state, summaries
@@ -91,7 +92,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
         files.check_apart(cfg.out, "--out", [("DIR", cfg.data_dir), ("--val-dir", cfg.val_dir)], error=TlcliError)
-    with run_state.sigterm_as_interrupt(), bundle.parents_made(cfg.out), bundle.lock(cfg.out):
+    with sigterm_as_interrupt(), bundle.parents_made(cfg.out), bundle.lock(cfg.out):
         for note in bundle.clean_stale(cfg.out):
             progress(Info(note))
         if cfg.resume:

@@ -14,12 +14,10 @@ stands (its checkpoints are files beside ``state.json``). The file layout is tha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import numbers
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,23 +234,3 @@ def write_error(exc: BaseException, out: str | os.PathLike) -> TlcliError:
         return TlcliError(f"no space left on the disk while writing {name}: free some space, then train again; "
                           f"{left_behind(out)}")
     return TlcliError(f"{name}: {getattr(exc, 'strerror', None) or exc}; {left_behind(out)}")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM (docker stop, a CI job cancelled) stops it as Ctrl-C does:
-    the previous bundle stays intact and progress is kept. Main thread only; elsewhere a no-op."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
