@@ -31,7 +31,7 @@ def test_a_labels_file_that_cannot_be_written_leaves_the_previous_tflite(bundle_
     (bundle_copy / "labels.txt").unlink()
     (bundle_copy / "labels.txt").mkdir()  # a folder in its place: the rename onto it fails
     with pytest.raises(TlcliError) as err:
-        tlcli.export_tflite(bundle_copy, quantize="float16")
+        tlcli.export_tflite(bundle_copy, quantize="float16", force=True)
     assert (bundle_copy / "model.tflite").read_bytes() == before
     assert "labels.txt: cannot write (Is a directory); " in str(err.value) and "\n" not in str(err.value)
     assert "model.tflite was not written (any previous one is kept)" in str(err.value)
@@ -43,7 +43,7 @@ def test_a_second_export_or_a_train_of_a_bundle_being_exported_fails_at_once(bun
 
     def start_others_during_the_parity_check(event):
         if isinstance(event, Start) and event.task == "parity" and not refused:
-            for other in (lambda: tlcli.export_tflite(bundle_copy, quantize="dynamic"),
+            for other in (lambda: tlcli.export_tflite(bundle_copy, quantize="dynamic", force=True),
                           lambda: tlcli.train(colour_data, out=str(bundle_copy), force=True, **train_args)):
                 with pytest.raises(TlcliError) as err:
                     other()
@@ -55,7 +55,7 @@ def test_a_second_export_or_a_train_of_a_bundle_being_exported_fails_at_once(bun
     assert refused[0].startswith(f"--model {bundle_copy}: another tlcli train or export is writing this model")
     assert refused[1].startswith(f"--out {bundle_copy}: another tlcli train or export is writing this model")
     assert hidden(bundle_copy.parent) == []  # the lock is gone
-    tlcli.export_tflite(bundle_copy, quantize="dynamic")  # and the next export runs
+    tlcli.export_tflite(bundle_copy, quantize="dynamic", force=True)  # and the next export runs
 
 
 def test_sigterm_during_the_parity_check_exits_130_and_leaves_no_temporary_folder(bundle_copy, tmp_path):
@@ -64,7 +64,7 @@ def test_sigterm_during_the_parity_check_exits_130_and_leaves_no_temporary_folde
     temp = tmp_path / "temp"
     temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", "from tlcli.cli import run; run()", "export", "--tflite",
-                             "--model", str(bundle_copy), "--quantize", "float16"],
+                             "--model", str(bundle_copy), "--quantize", "float16", "--force"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(ROOT), "NO_COLOR": "1"})
     sent = threading.Event()

@@ -222,6 +222,8 @@ def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None
         options = t.saved_model.LoadOptions(experimental_io_device=io_device) if io_device else None
         obj = hub().load(path, options=options)
     except Exception as exc:
+        if "KeyboardInterrupt" in str(exc):  # Ctrl-C inside the native loader comes back wrapped (pybind11)
+            raise KeyboardInterrupt from None
         raise BackboneError(f"--backbone {spec.handle}: cannot load the SavedModel at {path} "
                             f"({type(exc).__name__}: {str(exc)[:160]})") from None
     if not callable(obj):
