@@ -165,13 +165,13 @@ def test_evaluate_on_a_dataset_root_is_one_line_naming_the_folder_to_give(tmp_pa
         f"one level down, not train, val; give one of them as DIR, such as {root / 'val'}")
 
 
-def test_classes_stored_in_shared_subfolders_train_with_a_warning_naming_the_other_reading(tmp_path):
+def test_classes_in_shared_subfolders_are_refused_with_the_fix_for_each_reading(tmp_path):
     root = tmp_path / "ds"
     for label in TWO:
         for part in ("day", "night"):
             make_colour_dataset(root / label, per_class=2, colours={part: TWO[label]})
-    folder = data.scan(root, image_size=8)
-    assert folder.labels == ["blue", "red"] and folder.counts() == {"blue": 4, "red": 4}
-    assert folder.warnings[0] == (f"DIR {root}: the class folders blue/, red/ each hold only the folders day, night; "
-                                  "their images are read as the classes blue, red. If day, night are the classes, "
-                                  "give one of those class folders as DIR instead")
+    with pytest.raises(DatasetError) as err:
+        data.scan(root, image_size=8)
+    assert str(err.value) == (f"DIR {root}: the folders blue/, red/ hold only the folders day, night, so the classes "
+                              "are ambiguous; if day, night are the classes, give one of blue/, red/ as DIR; if blue, "
+                              "red are, move each one's images out of its sub-folders")

@@ -74,15 +74,15 @@ def split_folders(root: str | os.PathLike, *, val_dir: str | os.PathLike | None 
 
 
 def check_not_nested(root: str | os.PathLike, class_dirs: list[Path], option: str = "DIR", *,
-                     training: bool = True) -> str | None:
-    """Class folders one level too deep: when two or more of ``class_dirs`` hold folders and no
-    file, and they share two or more folder names, the classes may be the folders inside them.
-    Refused (``DatasetError``) when one of those class folders is named like a split
-    (``DIR/train/{ants,bees}``, ``DIR/val/{ants,bees}``): the classes are certainly inside. Else
-    (``cats/{day,night}``, ``dogs/{day,night}`` is a way to store classes) the one-line warning
-    to show, naming the other reading; None when the layout is plain (one shared name, such as
-    ``cats/images``, is a common way to store a class). The refusal names the fix: the folder to
-    give (for ``training`` a train folder, else a test or validation one), and the split layout."""
+                     training: bool = True) -> None:
+    """Refuse (``DatasetError``) class folders one level too deep: when two or more of
+    ``class_dirs`` hold folders and no file, and they share two or more folder names, the classes
+    may be the folders inside them (one shared name, such as ``cats/images`` and ``dogs/images``,
+    is a common way to store a class, and passes). Folders named like splits
+    (``DIR/train/{ants,bees}``, ``DIR/val/{ants,bees}``) certainly hold the classes: the message
+    names the folder to give (for ``training`` a train folder, else a test or validation one) and
+    the split layout. Other folders (``{2019,2020}/{cats,dogs}`` or ``cats/{day,night}``) can be
+    read either way: the message gives the fix for each reading."""
     inner: dict[str, list[str]] = {}
     for d in class_dirs:
         names = _only_folders(d)
@@ -90,13 +90,14 @@ def check_not_nested(root: str | os.PathLike, class_dirs: list[Path], option: st
             inner[d.name] = names
     shared = sorted(set.intersection(*(set(n) for n in inner.values()))) if len(inner) >= 2 else []
     if len(shared) < 2:
-        return None
+        return
     groups = sorted(inner)
-    if not any(g.lower() in SPLIT_ROLES for g in groups):
-        return (f"{option} {root}: the class folders {', '.join(g + '/' for g in groups[:4])} each hold only the "
-                f"folders {', '.join(shared[:4])}; their images are read as the classes "
-                f"{', '.join(groups[:4])}. If {', '.join(shared[:4])} are the classes, give one of those class "
-                f"folders as {option} instead")
+    if not any(g.lower() in SPLIT_ROLES for g in groups):  # two readings: say both fixes
+        raise DatasetError(
+            f"{option} {root}: the folders {', '.join(g + '/' for g in groups[:4])} hold only the folders "
+            f"{', '.join(shared[:4])}, so the classes are ambiguous; if {', '.join(shared[:4])} are the classes, "
+            f"give one of {', '.join(g + '/' for g in groups[:4])} as {option}; if "
+            f"{', '.join(groups[:4])} are, move each one's images out of its sub-folders")
     roles = ("train",) if training else ("test", "val")
     first = Path(root) / min(groups, key=lambda g: (roles.index(SPLIT_ROLES[g.lower()])
                                                    if SPLIT_ROLES.get(g.lower()) in roles else len(roles), g))

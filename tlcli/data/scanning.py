@@ -76,7 +76,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
                                f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
         raise DatasetError(f"{option} {root}: no class folders; put the images in one subfolder per "
                            f"class ({root_p / 'cats'}/..., {root_p / 'dogs'}/...)")
-    nested = layouts.check_not_nested(root, class_dirs, option, training=labels is None)
+    layouts.check_not_nested(root, class_dirs, option, training=labels is None)
     found = [d.name for d in class_dirs]
     for name in found:
         check_label(name, f"{option} {root}: class folder")
@@ -90,7 +90,7 @@ def _class_folders(root, root_p: Path, labels: list[str] | None, option: str):
         if extra:
             raise DatasetError(f"{option} {root}: class folder(s) {', '.join(extra)} are not labels of the "
                                f"model ({', '.join(labels)}); rename or remove them")
-    return class_dirs, loose, labels, nested
+    return class_dirs, loose, labels
 
 
 def _listed(root: Path, class_dirs: list[Path], index: dict[str, int], loose: list[Path], check):
@@ -131,7 +131,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     checked) and may raise to abandon the scan.
     """
     root_p = check_folder(root, option)
-    class_dirs, loose, labels, nested = _class_folders(root, root_p, labels, option)
+    class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
     found = [d.name for d in class_dirs]
     index = {name: i for i, name in enumerate(labels)}
 
@@ -185,8 +185,6 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
             folder.warnings.append(f"label '{label}' has no folder in {root}")
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
-    if nested:
-        folder.warnings.insert(0, nested)
     return folder
 
 
