@@ -87,7 +87,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     progress is kept for ``resume=True``).
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
-    cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
+    cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from tlcli._tf import tf
+from tlcli._tf import imported, tf
 from tlcli.config import STRATEGIES
 from tlcli.errors import UsageError
 from tlcli.quiet import native_stderr_silenced
@@ -64,10 +64,9 @@ def wants_cluster(name: str) -> clusters.Cluster | None:
 def _multi_worker(found: clusters.Cluster) -> Chosen:
     # Created before TensorFlow starts its runtime (tf() lists the devices, which starts it):
     # collectives can only be configured at program startup. Once per process.
+    t = imported()
     try:
         with native_stderr_silenced():
-            import tensorflow as t
-
             s = t.distribute.MultiWorkerMirroredStrategy(
                 cluster_resolver=t.distribute.cluster_resolver.TFConfigClusterResolver(),
                 communication_options=t.distribute.experimental.CommunicationOptions(
