@@ -530,8 +530,10 @@ def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
 
     t = tf()
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver"):
+    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver") as info:
         strategy.choose("tpu")
+    assert "has no TPU runtime (tensorflow-tpu on PyPI stops at 2.20, Cloud TPU's runtime table at 2.18)" in str(
+        info.value)
     calls = []
 
     class Resolver:
