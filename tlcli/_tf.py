@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 from tlcli.quiet import native_stderr_silenced
 
@@ -73,3 +74,21 @@ def hub():
         import tensorflow_hub
 
     return tensorflow_hub
+
+
+AUTOGRAPH_PREFIX = "__autograph_generated_file"  # TensorFlow's autograph/pyct/loader.py
+
+
+def remove_autograph_files() -> None:
+    """Remove the modules TensorFlow's autograph wrote into the temporary folder for this process
+    (those of its modules in ``sys.modules``): autograph removes them in an atexit hook, which a
+    process that ends with ``os._exit`` (the CLI, a cluster worker the watch ends) skips."""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) if name.startswith(AUTOGRAPH_PREFIX) else None
+        if path and os.path.basename(path).startswith(AUTOGRAPH_PREFIX) \
+                and os.path.dirname(os.path.realpath(path)) == tmp:
+            try:
+                os.remove(path)
+            except OSError:
+                pass

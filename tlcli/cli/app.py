@@ -460,6 +460,9 @@ def run() -> None:
     if code == 130 or any(name.partition(".")[0] == "tensorflow" for name in sys.modules):
         import os
 
+        from tlcli._tf import remove_autograph_files
+
+        remove_autograph_files()  # os._exit skips autograph's own atexit removal
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

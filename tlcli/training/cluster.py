@@ -407,6 +407,9 @@ class Watch:
         except Exception:  # TensorFlow not started yet, or collectives not configured
             pass
         if not self._stop.wait(self.grace):
+            from tlcli._tf import remove_autograph_files
+
             sys.stderr.write(f"tlcli: {self.dead}\n")
             sys.stderr.flush()
+            remove_autograph_files()  # os._exit skips autograph's own atexit removal
             os._exit(1)
