@@ -332,6 +332,28 @@ def test_a_worker_whose_peer_never_comes_up_stops_with_one_line_in_time(tmp_path
     assert not (tmp_path / "model").exists()
 
 
+TWICE = """
+import json, sys
+import tlcli
+for name in ("first", "second"):
+    r = tlcli.train(sys.argv[1], out=sys.argv[2] + "/" + name, backbone=sys.argv[3], image_size=32, epochs=20,
+                    batch_size=4, strategy="multi_worker", tensorboard=None)
+    print(r.strategy)
+"""
+
+
+@CLUSTER
+def test_a_second_run_in_the_process_trains_on_the_cluster_it_joined(tmp_path, colour_data, tiny_backbone):
+    """The join listens on the worker's port before TensorFlow's server takes it: a second run of
+    the same process, whose server holds the port, must not try again."""
+    [port] = free_ports(1)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}))
+    p = subprocess.run([sys.executable, "-c", TWICE, str(colour_data), str(tmp_path), str(tiny_backbone)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("MultiWorkerMirroredStrategy: worker 0") == 2
+
 @CLUSTER
 def test_sigterm_while_joining_ends_the_worker_with_one_line(tmp_path, colour_data, tiny_backbone):
     import socket

@@ -54,11 +54,13 @@ def join(cfg: TrainConfig, progress: Callback = silent) -> tuple[TrainConfig, No
     found = strategy.wants_cluster(cfg.strategy)
     if found is None:
         return cfg, None
-    progress(Info(f"cluster: {found.name(found.index)} of {found.size}, joining; every worker named in TF_CONFIG "
-                  f"must start within {clusters.STARTUP_SECONDS:.0f} s"))
-    progress(Warn(clusters.exposure(found)))
-    imported()  # first, so that the workers' wait for each other does not include it
-    clusters.join(found, functools.partial(strategy.choose, cfg.strategy))
+    if not strategy.joined():  # a later run of this process trains on the cluster it joined
+        progress(Info(f"cluster: {found.name(found.index)} of {found.size}, joining; every worker named in "
+                      f"TF_CONFIG must start within {clusters.STARTUP_SECONDS:.0f} s"))
+        progress(Warn(clusters.exposure(found)))
+        imported()  # first, so that the workers' wait for each other does not include it
+        clusters.join(found, functools.partial(strategy.choose, cfg.strategy))
+    strategy.choose(cfg.strategy)
     if found.is_chief:
         return cfg, Node(found, cfg, cfg.out)
     chief_partial = run_state.partial_dir(cfg.out)

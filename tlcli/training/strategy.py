@@ -106,6 +106,11 @@ def wants_cluster(name: str) -> clusters.Cluster | None:
     return found if name == "multi_worker" or (found and found.size > 1) else None
 
 
+def joined() -> bool:
+    """Whether this process has joined its cluster already (``choose`` returns that strategy)."""
+    return _multi_worker.cache_info().currsize > 0
+
+
 @functools.cache
 def _multi_worker(found: clusters.Cluster) -> Chosen:
     # Created before TensorFlow starts its runtime (tf() lists the devices, which starts it):
