@@ -270,7 +270,9 @@ TF_NOTICES_FIRST = """
 import socket, sys, time
 sys.modules["tensorflow"] = None
 from tlcli.training import cluster
-UnavailableError = type("UnavailableError", (Exception,), {"__module__": "tensorflow.python.framework.errors_impl"})
+ERRORS = {"__module__": "tensorflow.python.framework.errors_impl"}
+UnavailableError, ResourceExhaustedError = (type(name, (Exception,), ERRORS)
+                                           for name in ("UnavailableError", "ResourceExhaustedError"))
 peer = socket.socket()
 peer.bind(("127.0.0.1", 0))
 peer.listen(256)  # the probes while the watch decides are never accepted: room for all of them
@@ -279,18 +281,24 @@ try:
     with cluster.Watch(c, interval=0.1, failures=3, grace=60, seen=[0]):
         if sys.argv[1] == "stopped":
             peer.close()
+        if sys.argv[1] == "other":  # not a collective's: not the cluster's to explain
+            raise ResourceExhaustedError("OOM when allocating tensor")
         raise UnavailableError("Collective ops is aborted by: failed to connect to all addresses\\nmore")
 except cluster.ClusterError as exc:
     print(f"ClusterError: {exc}")
+except ResourceExhaustedError as exc:
+    print(f"ResourceExhaustedError: {exc}")
 """
 
 
-@pytest.mark.parametrize("peer", ["stopped", "up"])
+@pytest.mark.parametrize("peer", ["stopped", "up", "other"])
 def test_a_collective_that_tensorflow_fails_first_becomes_one_line(peer):
     p = subprocess.run([sys.executable, "-c", TF_NOTICES_FIRST, peer], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     [line] = p.stdout.splitlines()
-    if peer == "stopped":  # the watch is given the time to name the worker
+    if peer == "other":
+        assert line == "ResourceExhaustedError: OOM when allocating tensor"
+    elif peer == "stopped":  # the watch is given the time to name the worker
         assert re.match(r"ClusterError: cluster: worker 0 \(127\.0\.0\.1:\d+, the chief\) stopped", line), line
     else:
         assert line.startswith("ClusterError: cluster: a collective operation with the other workers failed "
@@ -321,7 +329,8 @@ def test_a_worker_whose_peer_never_comes_up_stops_with_one_line_in_time(tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1 and out == "", err[-3000:]
+    assert proc.returncode == 1, err[-3000:]
+    assert json.loads(out)["error"].startswith("cluster: worker 1 (127.0.0.1:")  # --json: the error for scripts
     assert time.monotonic() - began < 60 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert re.fullmatch(r"error: cluster: worker 1 \(127\.0\.0\.1:\d+\) did not come up within 4 s; start every "
@@ -651,9 +660,10 @@ def _tf_config(monkeypatch, index, n=2):
 
 def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chiefs_state(tmp_path, monkeypatch):
     from tlcli.config import TrainConfig
-    from tlcli.training import distributed, run_state, strategy
+    from tlcli.training import cluster, distributed, run_state, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setattr(cluster, "join", lambda found, create: create())  # and the other workers
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     import tempfile
@@ -698,9 +708,10 @@ def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chief
 def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
     from tlcli.config import TrainConfig
     from tlcli.errors import UsageError
-    from tlcli.training import distributed, strategy
+    from tlcli.training import cluster, distributed, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setattr(cluster, "join", lambda found, create: create())  # and the other workers
     _tf_config(monkeypatch, 1)
     out = tmp_path / "model"
     with pytest.raises(UsageError) as info:

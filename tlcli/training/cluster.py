@@ -352,6 +352,16 @@ def _from_tensorflow(exc: BaseException) -> bool:
     return type(exc).__module__.partition(".")[0] == "tensorflow"
 
 
+# What a collective raises when a peer is gone or the watch aborted it.
+_COLLECTIVE_ERRORS = ("UnavailableError", "AbortedError", "CancelledError", "DeadlineExceededError")
+
+
+def _collective_failed(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is TensorFlow's error for a collective with the other workers that failed."""
+    return exc is not None and _from_tensorflow(exc) and (
+        type(exc).__name__ in _COLLECTIVE_ERRORS or "ollective" in str(exc)[:500])
+
+
 def _first_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
@@ -360,8 +370,8 @@ def _first_line(exc: BaseException) -> str:
 class Watch:
     """The watch on the other workers (see the module docstring). ``dead`` is the message once
     one has stopped. Use as a context manager around the cluster's work; on the way out, an
-    exception raised after a death becomes the ``ClusterError`` that names the worker, and a
-    TensorFlow error (a collective that failed) a one-line ``ClusterError`` too: it waits first,
+    exception raised after a death becomes the ``ClusterError`` that names the worker, and
+    TensorFlow's error for a collective that failed a one-line ``ClusterError`` too: it waits first,
     a few intervals at most, for the watch to name the worker that stopped. ``seen``: the peers
     known to be up (those that joined): one that stops is named as stopped, not as absent."""
 
@@ -379,7 +389,7 @@ class Watch:
         return self
 
     def __exit__(self, kind, exc, tb):
-        failed = exc is not None and _from_tensorflow(exc)
+        failed = _collective_failed(exc)
         if failed and self.dead is None:  # TensorFlow may notice before FAILURES probes have missed
             self._decided.wait((self.failures + 2) * max(self.interval, 1.0))
         self._stop.set()
