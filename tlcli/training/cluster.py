@@ -29,7 +29,6 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import socket
 import struct
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.interrupts import sigterm_as_interrupt
 
 JOBS = ("chief", "worker")  # the jobs MultiWorkerMirroredStrategy trains with
 INTERVAL_SECONDS = 1.0
@@ -243,7 +243,7 @@ def join(cluster: Cluster, create, *, interval: float = INTERVAL_SECONDS, startu
     afterwards. Returns what ``create`` returned."""
     startup = STARTUP_SECONDS if startup is None else startup
     me = cluster.name(cluster.index)
-    with _sigterm_interrupts():
+    with sigterm_as_interrupt():  # its end also takes SIGTERM back from TensorFlow's coordination service
         try:
             _rendezvous(cluster, interval=interval, startup=startup)
             with _backstop(startup):
@@ -327,25 +327,6 @@ def _backstop(seconds: float):
     finally:
         faulthandler.cancel_dump_traceback_later()
         stream.close()
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """While the block runs, SIGTERM raises KeyboardInterrupt, as Ctrl-C does (main thread only;
-    elsewhere nothing changes). Afterwards SIGTERM is handled as before the block, also when
-    native code (TensorFlow's coordination service) took it over meanwhile."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _from_tensorflow(exc: BaseException) -> bool:
