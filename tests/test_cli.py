@@ -1,6 +1,7 @@
 """The command line end to end, through typer's CliRunner, on a tiny backbone and colour images."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -159,3 +160,18 @@ def test_train_summary_says_when_fine_tuning_was_undone(tmp_path, tiny_backbone)
                  "--fine-tune-epochs", 1, "--fine-tune-learning-rate", 50.0)  # a step that wrecks the model
     assert result.exit_code == 0, result.output
     assert "fine-tune 1 (undone: the holdout loss never improved" in " ".join(result.output.split())
+
+
+def test_a_successful_run_leaves_no_autograph_modules_in_tmpdir(tmp_path, tiny_backbone, colour_data):
+    """TensorFlow's autograph writes a module into TMPDIR per converted function and removes them
+    at exit, in an atexit hook that the CLI's fast exit (os._exit) skipped: dozens were left."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = "import sys; from tlcli.cli import run; sys.argv[0] = 'tlcli'; run()"
+    env = dict(os.environ, TMPDIR=str(tmp), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(colour_data), "--backbone", str(tiny_backbone),
+                           "--image-size", "32", "--epochs", "40", "--batch-size", "4", "--fine-tune",
+                           "--fine-tune-epochs", "1", "--tensorboard", "none", "--out", str(tmp_path / "model")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp.iterdir()) == []

@@ -84,8 +84,9 @@ def test_only_the_chief_writes_the_bundle(cluster_run):
     assert chief["model_dir"] == str(tmp / "out" / "model") and other["model_dir"] is None
     assert sorted(p.name for p in (tmp / "out").iterdir()) == ["model"]  # no lock, partial or staging left
     assert (tmp / "out" / "model" / "saved_model.pb").is_file()
-    # The other worker's private place (under its TMPDIR) is gone; the chief had none.
-    assert [p for i in (0, 1) for p in (tmp / f"tmp{i}").glob("tlcli-*")] == []
+    # The other worker's private place (under its TMPDIR) is gone, the chief had none, and
+    # neither left TensorFlow's autograph modules there.
+    assert [p for i in (0, 1) for p in (tmp / f"tmp{i}").iterdir()] == []
 
 
 @CLUSTER
@@ -194,8 +195,11 @@ def test_an_interrupted_cluster_resumes_from_the_chiefs_last_epoch(tmp_path, tin
 
 
 @CLUSTER
-def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_backbone, colour_data):
-    out = tmp_path / "model"
+@pytest.mark.parametrize("dead", [1, 0], ids=["worker", "chief"])
+def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_backbone, colour_data, dead):
+    """Either way round: when the chief dies, TensorFlow's collective fails first, and that
+    worker's error too is the one line naming the chief, not TensorFlow's traceback."""
+    out, alive = tmp_path / "model", 1 - dead
     procs = _start_cluster(tmp_path, [colour_data, "--backbone", tiny_backbone, *TRAIN, "--fine-tune",
                                       "--fine-tune-epochs", "500", "--fine-tune-patience", "500", "--cache-dir",
                                       tmp_path / "cache", "--out", out])
@@ -205,18 +209,19 @@ def test_a_dead_worker_stops_the_others_with_one_line_naming_it(tmp_path, tiny_b
         while not partial.exists() and time.monotonic() < deadline and procs[0].poll() is None:
             time.sleep(0.2)
         assert partial.exists(), procs[0].communicate(timeout=30)[1][-3000:]  # the chief is fine-tuning
-        procs[1].kill()
+        procs[dead].kill()
         killed = time.monotonic()
-        _, err = procs[0].communicate(timeout=90)
+        _, err = procs[alive].communicate(timeout=90)
         assert time.monotonic() - killed < 45
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    assert procs[0].returncode == 1
-    lines = [line for line in err.splitlines() if "worker 1" in line]
-    assert lines and "stopped" in lines[-1] and "127.0.0.1:" in lines[-1], err[-3000:]
+    assert procs[alive].returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(rf"error: cluster: worker {dead} \(127\.0\.0\.1:\d+(, the chief)?\) stopped", last), err[-3000:]
+    assert "Traceback" not in err
     assert not out.exists()
 
 
@@ -259,6 +264,131 @@ def test_when_the_chief_stops_the_watch_ends_the_worker_with_one_line_naming_it(
         assert re.fullmatch("tlcli: " + named + r".*--resume to continue from the chief's last epoch\n", p.stderr)
 
 
+# TensorFlow notices first: the chief is gone, and the collective fails at once with TensorFlow's
+# error, before the watch has missed it 3 times (the run that showed this printed a traceback).
+TF_NOTICES_FIRST = """
+import socket, sys, time
+sys.modules["tensorflow"] = None
+from tlcli.training import cluster
+ERRORS = {"__module__": "tensorflow.python.framework.errors_impl"}
+UnavailableError, ResourceExhaustedError = (type(name, (Exception,), ERRORS)
+                                           for name in ("UnavailableError", "ResourceExhaustedError"))
+peer = socket.socket()
+peer.bind(("127.0.0.1", 0))
+peer.listen(256)  # the probes while the watch decides are never accepted: room for all of them
+c = cluster.Cluster((f"127.0.0.1:{peer.getsockname()[1]}", "127.0.0.1:1"), 1)
+try:
+    with cluster.Watch(c, interval=0.1, failures=3, grace=60, seen=[0]):
+        if sys.argv[1] == "stopped":
+            peer.close()
+        if sys.argv[1] == "other":  # not a collective's: not the cluster's to explain
+            raise ResourceExhaustedError("OOM when allocating tensor")
+        raise UnavailableError("Collective ops is aborted by: failed to connect to all addresses\\nmore")
+except cluster.ClusterError as exc:
+    print(f"ClusterError: {exc}")
+except ResourceExhaustedError as exc:
+    print(f"ResourceExhaustedError: {exc}")
+"""
+
+
+@pytest.mark.parametrize("peer", ["stopped", "up", "other"])
+def test_a_collective_that_tensorflow_fails_first_becomes_one_line(peer):
+    p = subprocess.run([sys.executable, "-c", TF_NOTICES_FIRST, peer], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    [line] = p.stdout.splitlines()
+    if peer == "other":
+        assert line == "ResourceExhaustedError: OOM when allocating tensor"
+    elif peer == "stopped":  # the watch is given the time to name the worker
+        assert re.match(r"ClusterError: cluster: worker 0 \(127\.0\.0\.1:\d+, the chief\) stopped", line), line
+    else:
+        assert line.startswith("ClusterError: cluster: a collective operation with the other workers failed "
+                               "(UnavailableError: Collective ops is aborted by: failed to connect"), line
+        assert "--resume" in line
+
+# One worker of two, alone: tf.distribute waits in native code for the other to start.
+JOIN = ("import sys; from tlcli.training import cluster; cluster.STARTUP_SECONDS = float(sys.argv.pop(1)); "
+        "from tlcli.cli import run; sys.argv[0] = 'tlcli'; run()")
+
+
+def _join_alone(tmp_path, colour_data, tiny_backbone, startup):
+    mine, absent = free_ports(2)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_path), TF_CONFIG=json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{mine}", f"127.0.0.1:{absent}"]}, "task": {"type": "worker", "index": 0}}))
+    args = [colour_data, "--backbone", tiny_backbone, *TRAIN, "--out", tmp_path / "model"]
+    proc = subprocess.Popen([sys.executable, "-c", JOIN, str(startup), "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, mine
+
+
+@CLUSTER
+def test_a_worker_whose_peer_never_comes_up_stops_with_one_line_in_time(tmp_path, colour_data, tiny_backbone):
+    proc, mine = _join_alone(tmp_path, colour_data, tiny_backbone, startup=4)
+    began = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert json.loads(out)["error"].startswith("cluster: worker 1 (127.0.0.1:")  # --json: the error for scripts
+    assert time.monotonic() - began < 60 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"error: cluster: worker 1 \(127\.0\.0\.1:\d+\) did not come up within 4 s; start every "
+                        r"worker named in TF_CONFIG", lines[-1]), err[-3000:]
+    said = " ".join(" ".join(err.split()).split(" "))
+    assert "worker 0 (127.0.0.1:" in said and "joining; every worker named in TF_CONFIG must start within 4 s" in said
+    assert f"port {mine} of every network interface, not only 127.0.0.1" in said  # TensorFlow binds 0.0.0.0
+    assert not (tmp_path / "model").exists()
+
+
+TWICE = """
+import json, sys
+import tlcli
+for name in ("first", "second"):
+    r = tlcli.train(sys.argv[1], out=sys.argv[2] + "/" + name, backbone=sys.argv[3], image_size=32, epochs=20,
+                    batch_size=4, strategy="multi_worker", tensorboard=None)
+    print(r.strategy)
+"""
+
+
+@CLUSTER
+def test_a_second_run_in_the_process_trains_on_the_cluster_it_joined(tmp_path, colour_data, tiny_backbone):
+    """The join listens on the worker's port before TensorFlow's server takes it: a second run of
+    the same process, whose server holds the port, must not try again."""
+    [port] = free_ports(1)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
+        {"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}))
+    p = subprocess.run([sys.executable, "-c", TWICE, str(colour_data), str(tmp_path), str(tiny_backbone)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("MultiWorkerMirroredStrategy: worker 0") == 2
+
+@CLUSTER
+def test_sigterm_while_joining_ends_the_worker_with_one_line(tmp_path, colour_data, tiny_backbone):
+    import socket
+
+    proc, mine = _join_alone(tmp_path, colour_data, tiny_backbone, startup=120)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:  # its server is up: it waits inside TensorFlow
+            try:
+                socket.create_connection(("127.0.0.1", mine), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted while worker 0 (127.0.0.1:"), err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "model").exists()
+
 def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
     from tlcli.training import cluster
 
@@ -278,6 +408,32 @@ def test_tf_config_names_workers_chief_first_and_shares_cover_the_list():
     ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
     ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task worker 2"),
     ('{"cluster": {"worker": ["a:1"]}}', '"task"'),
+    # Every field's type: a bool is an int in Python, and the worker would then wait silently.
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": true}}', "N an integer"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": "1"}}', "N an integer"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1.0}}', "N an integer"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": ["worker"], "index": 1}}', '"type"'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": -1}}', "task worker -1"),
+    ('{"cluster": {"worker": [12345]}, "task": {"type": "worker", "index": 0}}', "12345"),
+    ('{"cluster": {"worker": ["a:1", ["b:2"]]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": {"0": "a:1"}}, "task": {"type": "worker", "index": 0}}', "must be a list"),
+    ('{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}', "must be a list"),
+    ('{"cluster": {"chief": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}', "one entry"),
+    ('{"cluster": {"worker": ["a:0"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:65536"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:\\uff11"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a b:1"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": [":1"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:1", "a:1"]}, "task": {"type": "worker", "index": 0}}', "named twice"),
+    ('{"cluster": {"chief": ["a:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "named twice"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}, "rpc_layer": 1}', '"rpc_layer"'),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}, "rpc_layer": "grpc+verbs"}',
+     "not supported"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}, "environment": []}',
+     '"environment"'),
+    ('{"cluster": {"worker": ["a:1"]}, "task": "worker"}', '"task"'),
+    ('{"cluster": [], "task": {"type": "worker", "index": 0}}', '"cluster"'),
+    ('[1, 2]', '"cluster"'),
 ])
 def test_bad_tf_config_is_one_line_naming_it(raw, why):
     from tlcli.errors import UsageError
@@ -406,8 +562,10 @@ def test_tpu_resolver_path_up_to_the_tpu(monkeypatch):
 
     t = tf()
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver"):
+    with pytest.raises(UsageError, match="--strategy tpu: no TPU found by TPUClusterResolver") as info:
         strategy.choose("tpu")
+    assert "has no TPU runtime (tensorflow-tpu on PyPI stops at 2.20, Cloud TPU's runtime table at 2.18)" in str(
+        info.value)
     calls = []
 
     class Resolver:
@@ -502,9 +660,10 @@ def _tf_config(monkeypatch, index, n=2):
 
 def test_a_non_chief_worker_runs_into_a_private_folder_and_resumes_from_the_chiefs_state(tmp_path, monkeypatch):
     from tlcli.config import TrainConfig
-    from tlcli.training import distributed, run_state, strategy
+    from tlcli.training import cluster, distributed, run_state, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setattr(cluster, "join", lambda found, create: create())  # and the other workers
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     import tempfile
@@ -549,9 +708,10 @@ def test_resume_reads_the_checkpoints_in_the_work_folder_it_loaded_not_the_chief
 def test_a_non_chief_worker_with_nothing_to_resume_is_one_line_naming_the_out(tmp_path, monkeypatch):
     from tlcli.config import TrainConfig
     from tlcli.errors import UsageError
-    from tlcli.training import distributed, strategy
+    from tlcli.training import cluster, distributed, strategy
 
     monkeypatch.setattr(strategy, "choose", lambda name: None)  # the strategy itself needs a fresh process
+    monkeypatch.setattr(cluster, "join", lambda found, create: create())  # and the other workers
     _tf_config(monkeypatch, 1)
     out = tmp_path / "model"
     with pytest.raises(UsageError) as info:

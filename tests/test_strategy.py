@@ -59,3 +59,57 @@ def test_unknown_strategy_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--strategy"):
         strategy.choose("warp")
+
+
+# ---- an NVIDIA GPU that TensorFlow does not see (faked: no GPU is needed) ----------------------
+
+def _fake_driver(root, model="NVIDIA H100 80GB HBM3"):
+    gpu = root / "0000:01:00.0"
+    gpu.mkdir(parents=True)
+    (gpu / "information").write_text(f"Model: \t\t {model}\nIRQ:   \t\t 150\nBus Type: \t PCIe\n")
+    return root
+
+
+def test_an_nvidia_gpu_is_found_without_tensorflow(tmp_path, monkeypatch):
+    from tlcli.training import strategy
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nvidia-smi
+    monkeypatch.setattr(strategy, "NVIDIA_GPUS", tmp_path / "none")
+    assert strategy.nvidia_gpu() is None
+    monkeypatch.setattr(strategy, "NVIDIA_GPUS", _fake_driver(tmp_path / "gpus"))
+    assert strategy.nvidia_gpu() == "NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose: nothing to say
+    assert strategy.nvidia_gpu() is None
+
+
+def test_nvidia_smi_finds_the_gpu_when_the_driver_has_no_proc_files(tmp_path, monkeypatch):
+    from tlcli.training import strategy
+
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 5090 (UUID: GPU-1234)'\n")
+    smi.chmod(0o755)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(strategy, "NVIDIA_GPUS", tmp_path / "none")
+    assert strategy.nvidia_gpu() == "NVIDIA GeForce RTX 5090"
+
+
+def test_train_says_in_one_line_that_tensorflow_does_not_see_the_gpu(tmp_path, monkeypatch, train_args, colour_data):
+    import tlcli
+    from tlcli.progress import Warn
+    from tlcli.training import strategy
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(strategy, "NVIDIA_GPUS", _fake_driver(tmp_path / "gpus"))
+    assert strategy.choose("auto").hint.startswith("NVIDIA H100 80GB HBM3 found, but TensorFlow does not see it")
+    events = []
+    tlcli.train(colour_data, out=str(tmp_path / "m"), **train_args, progress=events.append)
+    [hint] = [e.message for e in events if isinstance(e, Warn) and "NVIDIA" in e.message]
+    assert "\n" not in hint and "pip install 'tensorflow[and-cuda]'" in hint and "tensorflow#88122" in hint
+    assert "training runs on the CPU" in hint
+    monkeypatch.setattr(strategy, "NVIDIA_GPUS", tmp_path / "none")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert strategy.choose("auto").hint is None  # no GPU here: nothing to say

@@ -9,6 +9,7 @@ The library functions are imported lazily so that ``import tlcli`` stays cheap::
     tlcli.evaluate("test-images/", model_dir="my-model")
     tlcli.audit("images/")
     tlcli.load_bundle("my-model").meta.metrics.val_accuracy
+    tlcli.share_bundle("my-model", out="my-model-shared")  # without the folders it was trained from
 """
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ _LAZY = {
     "load_bundle": ("tlcli.bundle.format", "load"),
     "Bundle": ("tlcli.bundle.format", "Bundle"),
     "BundleMeta": ("tlcli.bundle.format", "BundleMeta"),
+    "share_bundle": ("tlcli.bundle.share", "share"),
+    "ShareResult": ("tlcli.bundle.share", "ShareResult"),
     "TlcliError": ("tlcli.errors", "TlcliError"),
     "serve": ("tlcli.deploy.server", "serve"),
     "make_app": ("tlcli.deploy.server", "make_app"),

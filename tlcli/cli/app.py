@@ -410,6 +410,24 @@ def audit(
             out.print(shown, highlight=False)
 
 
+@app.command(cls=shell.Command, short_help="Copy a bundle for others, without the folders it was trained from.")
+@interruptible
+def share(
+    model: ModelDir = Path(DEFAULT_MODEL_DIR),
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where to write the copy to share.")] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing copy at --out.")] = False,
+    json_out: JsonFlag = False,
+):
+    """Copy the bundle for others, without the folders it was trained from (see docs/security.md)."""
+    from tlcli.bundle.share import share as share_bundle
+
+    try:
+        r = share_bundle(model, out=out_dir, force=force)
+    except TlcliError as exc:
+        fail(exc, json_out=json_out)
+    render.print_json(r.to_dict()) if json_out else out.print(render.share_summary(r))
+
+
 @models_app.command("list", cls=shell.Command, short_help="The backbone presets, and which are cached.")
 def models_list(json_out: JsonFlag = False):
     """List the backbone presets: handle, input size, feature size, and whether each is in the TF Hub
@@ -460,6 +478,9 @@ def run() -> None:
     if code == 130 or any(name.partition(".")[0] == "tensorflow" for name in sys.modules):
         import os
 
+        from tlcli._tf import remove_autograph_files
+
+        remove_autograph_files()  # os._exit skips autograph's own atexit removal
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -430,3 +430,12 @@ def fetch_summary(r) -> Table:
     return t
 
 
+def share_summary(r) -> Table:
+    """A ``bundle.share.ShareResult``."""
+    t = kv_table("Bundle to share: no absolute path, images relative to their folder")
+    t.add_row("path", path_cell(r.path))
+    t.add_row("files", str(r.files))
+    t.add_row("images", f"{r.images} in splits.json (export --data DIR finds them under DIR)")
+    if r.left_out:
+        t.add_row("left out", safe(", ".join(r.left_out)))
+    return t

@@ -85,8 +85,10 @@ def labels_path_for(tflite_path: str | os.PathLike, b: bundles.Bundle, *, embedd
 
 
 class _Labelled:
-    """Labelled images for calibration and parity: the --data folder, else the bundle's recorded
-    splits. Each source is scanned (or splits.json read and checked) once, when first needed."""
+    """Labelled images for calibration and parity: the bundle's recorded splits, or the --data
+    folder. With --data, a shared bundle's splits (``tlcli share``: paths relative to the image
+    folder) are looked up under it, and the folder is scanned only when none is there; without
+    it, the recorded absolute paths are used. Each source is read once, when first needed."""
 
     def __init__(self, b: bundles.Bundle, data_dir: str | None, max_pixels: int):
         self.b, self.data_dir, self.max_pixels = b, data_dir, max_pixels
@@ -95,25 +97,38 @@ class _Labelled:
 
     def _pool(self, key: str) -> list[tuple[str, int]]:
         if key not in self._pools:
-            if self.data_dir:
+            if key == "data":
                 folder = data.scan(self.data_dir, image_size=self.b.image_size, labels=self.b.labels,
                                    max_pixels=self.max_pixels, option="--data")
                 self._pools[key] = [(s.path, s.label) for s in folder.samples]
             else:
                 if self._splits is None:
                     self._splits = self.b.splits()
+                located = (self._located(p) for p, _ in self._splits.get(key) or [])
                 # is_file: a FIFO or device named in a crafted splits.json is skipped, never opened
-                self._pools[key] = [(p, y) for p, y in self._splits.get(key) or [] if Path(p).is_file()]
+                self._pools[key] = [(p, y) for p, (_, y) in zip(located, self._splits.get(key) or [])
+                                    if p is not None and Path(p).is_file()]
         return self._pools[key]
+
+    def _located(self, path: str) -> str | None:
+        """A recorded path to open: an absolute one without --data, a relative one (a shared
+        bundle's) under --data DIR and inside it; else None."""
+        if os.path.isabs(path):
+            return None if self.data_dir else path
+        if not self.data_dir or Path(path).is_absolute() or ".." in Path(path).parts:
+            return None
+        return str(Path(self.data_dir) / path)
 
     def sample(self, which: str, limit: int, seed: int) -> tuple[list[tuple[str, int]], str]:
         """Up to ``limit`` (path, label) pairs, sampled with ``seed``, and where they came from."""
+        items, source = self._pool(which), ("validation" if which == "val" else "training") + " images"
+        if not items and which != "train":
+            items, source = self._pool("train"), "training images (the bundle has no validation images)"
         if self.data_dir:
-            items, source = self._pool("data"), f"images in {self.data_dir}"
-        else:
-            items, source = self._pool(which), ("validation" if which == "val" else "training") + " images"
-            if not items and which != "train":
-                items, source = self._pool("train"), "training images (the bundle has no validation images)"
+            if items:
+                source += f" recorded in {bundles.SPLITS_FILE}, found in {self.data_dir}"
+            else:
+                items, source = self._pool("data"), f"images in {self.data_dir}"
         if len(items) > limit:
             items = random.Random(seed).sample(items, limit)
         return items, source

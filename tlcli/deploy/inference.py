@@ -19,6 +19,7 @@ from tlcli.config import DEFAULT_MODEL_DIR, ENGINES, PREDICT_ENGINE, PREDICT_TOP
 from tlcli.data import image_files, images, walk
 from tlcli.deploy import tflite_meta
 from tlcli.errors import BundleError, ImageError, UsageError
+from tlcli.model import tflite_check
 from tlcli.quiet import native_stderr_silenced
 
 
@@ -107,8 +108,9 @@ class TFLiteEngine:
     """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
     TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
     uint8) get their inputs quantized and their outputs dequantized with the file's own scale and
-    zero point. The file is read once, only if it is a regular file. Raises ``BundleError`` for a
-    missing, unreadable or mismatched file: another input size or class count, other embedded
+    zero point. The file is read once, only if it is a regular file, and checked before LiteRT
+    opens it (``model.tflite_check``). Raises ``BundleError`` for a missing, unreadable, crafted
+    or mismatched file: another input size or class count, other embedded
     labels, or another bundle's fingerprint. ``num_threads``: LiteRT's threads for this
     interpreter (default: one per CPU; a server running several interpreters splits them)."""
 
@@ -123,6 +125,7 @@ class TFLiteEngine:
                               f"{bundle.path}' first, or use --engine tf")
         buf = read_regular(path, tflite_meta.MAX_TFLITE_BYTES)
         try:
+            tflite_check.check(buf)  # before LiteRT: an index out of place crashes it (SIGSEGV)
             self.interp = Interpreter(model_content=buf, num_threads=num_threads or os.cpu_count())
             with native_stderr_silenced():
                 self.interp.allocate_tensors()

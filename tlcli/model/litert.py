@@ -6,8 +6,9 @@ features (``--extractor``); ``prepare`` gives the runner: the backbone converted
 .tflite (no quantization), cached once per backbone under ``<cache dir>/backbones/<key>.tflite``
 with the feature cache's key (handle, or local path + file times; the image size), written
 atomically (``files.write_atomic``). A cached file is used only if it is a regular file of sane
-size with the TFLite identifier, that loads and gives ``feature_dim`` features; anything else
-(truncated, damaged, foreign) is converted again. A backbone that cannot be converted gives a
+size whose indices and shapes pass ``tflite_check`` (a crafted file in a shared cache would
+crash LiteRT), that loads and gives ``feature_dim`` features; anything else (truncated, damaged,
+foreign, crafted) is converted again. A backbone that cannot be converted gives a
 one-line ``Warn`` and None: its features come from TensorFlow.
 
 Parity (``parity_error``): each run compares the two engines' features on its first images;
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcli import files
+from tlcli.model import tflite_check
 from tlcli.progress import Callback, End, Start, Warn, silent
 from tlcli.quiet import native_stderr_silenced
 
@@ -90,8 +92,9 @@ class LiteRTBackbone:
     def __init__(self, model: bytes, *, image_size: int, feature_dim: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        if not (MIN_TFLITE_BYTES <= len(model) <= MAX_TFLITE_BYTES and model[4:8] == b"TFL3"):
+        if not MIN_TFLITE_BYTES <= len(model) <= MAX_TFLITE_BYTES:
             raise ValueError("not a TFLite flatbuffer")
+        tflite_check.check(model)  # before LiteRT: an index out of place crashes it (SIGSEGV)
         with native_stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate" and the like
             self.interp = Interpreter(model_content=model, num_threads=threads())
             self.interp.allocate_tensors()

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcli import features
+from tlcli._tf import imported
 from tlcli.config import TrainConfig
 from tlcli.errors import Interrupted, UsageError
+from tlcli.progress import Callback, Info, Warn, silent
 from tlcli.training import cluster as clusters
 from tlcli.training import run_state
 
@@ -37,10 +39,13 @@ class Node:
     scratch: Path | None = None
 
 
-def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
+def join(cfg: TrainConfig, progress: Callback = silent) -> tuple[TrainConfig, Node | None]:
     """Join the cluster ``cfg.strategy`` asks for (``strategy.wants_cluster``), creating the
-    strategy now, before anything starts TensorFlow. Returns (the config this worker runs, the
-    node), or (``cfg``, None) on one machine. A non-chief worker
+    strategy now, before anything starts TensorFlow's runtime, within ``cluster.STARTUP_SECONDS``
+    (``cluster.join``: ``ClusterError`` for a worker that does not come up, ``Interrupted`` on
+    Ctrl-C or SIGTERM meanwhile). Says so first, and warns that TensorFlow's server of this worker
+    listens on every network interface (``cluster.exposure``). Returns (the config this worker
+    runs, the node), or (``cfg``, None) on one machine. A non-chief worker
     gets a private ``out`` (and no TensorBoard log); with ``--resume`` it starts from a copy of
     the chief's resume state, so ``--out`` must be on a folder every worker sees (``UsageError``,
     one line naming ``--out``, when the chief's state is not there)."""
@@ -49,6 +54,12 @@ def join(cfg: TrainConfig) -> tuple[TrainConfig, Node | None]:
     found = strategy.wants_cluster(cfg.strategy)
     if found is None:
         return cfg, None
+    if not strategy.joined():  # a later run of this process trains on the cluster it joined
+        progress(Info(f"cluster: {found.name(found.index)} of {found.size}, joining; every worker named in "
+                      f"TF_CONFIG must start within {clusters.STARTUP_SECONDS:.0f} s"))
+        progress(Warn(clusters.exposure(found)))
+        imported()  # first, so that the workers' wait for each other does not include it
+        clusters.join(found, functools.partial(strategy.choose, cfg.strategy))
     strategy.choose(cfg.strategy)
     if found.is_chief:
         return cfg, Node(found, cfg, cfg.out)
@@ -78,7 +89,7 @@ def session(node: Node | None):
     from tlcli.training import strategy
 
     try:
-        with clusters.Watch(node.cluster):
+        with clusters.Watch(node.cluster, seen=range(node.cluster.size)):  # all of them joined
             chosen = strategy.choose(node.config.strategy)
             _same_start(chosen.strategy, node)
             yield functools.partial(_finish, chosen, node)

@@ -21,7 +21,7 @@ from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validat
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
-from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, silent
+from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, Warn, silent
 from tlcli.training import distributed, prelude, run_state, summaries
 
 
@@ -87,7 +87,7 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     progress is kept for ``resume=True``).
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
-    cfg, node = distributed.join(cfg)  # first: a cluster's strategy is created before TensorFlow starts
+    cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
@@ -259,6 +259,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         splits = early.splits()
         progress(Info(f"strategy: {chosen.description}; global batch "
                        f"{cfg.batch_size * chosen.replicas} ({cfg.batch_size} per replica)"))
+        if chosen.hint:
+            progress(Warn(chosen.hint))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
                                     seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
         # In the scope, as compute_views would measure it (which then reuses the verdict).

@@ -1,12 +1,16 @@
 """Pick a tf.distribute strategy for the hardware: several machines (TF_CONFIG), TPU, several
-GPUs, or the default."""
+GPUs, or the default; and say when an NVIDIA GPU is here that TensorFlow does not see."""
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
-from tlcli._tf import tf
+from tlcli._tf import imported, tf
 from tlcli.config import STRATEGIES
 from tlcli.errors import UsageError
 from tlcli.quiet import native_stderr_silenced
@@ -20,6 +24,7 @@ class Chosen:
     description: str  # what and where, for the user
     accelerator: bool = False  # GPU or TPU (else the CPU)
     cluster: clusters.Cluster | None = None  # with multi_worker: this worker's place
+    hint: str | None = None  # a warning for the user: an NVIDIA GPU TensorFlow does not see (gpu_hint)
 
     @property
     def io_device(self) -> str | None:
@@ -34,6 +39,47 @@ class Chosen:
     @property
     def replicas(self) -> int:
         return int(self.strategy.num_replicas_in_sync)
+
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while NVIDIA's driver is loaded
+
+
+def nvidia_gpu() -> str | None:
+    """The model name of an NVIDIA GPU of this machine, found without TensorFlow (the driver's
+    /proc files, else ``nvidia-smi -L`` within 5 s), or None: none, or hidden on purpose with an
+    empty ``CUDA_VISIBLE_DEVICES`` (or -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None
+    try:
+        for info in sorted(NVIDIA_GPUS.glob("*/information")):
+            models = [line.partition(":")[2].strip() for line in info.read_text(errors="replace").splitlines()
+                      if line.startswith("Model:")]
+            return (models or ["NVIDIA GPU"])[0] or "NVIDIA GPU"
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        lines = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=5).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = [line.partition(":")[2].partition("(UUID")[0].strip() for line in lines if line.startswith("GPU ")]
+    return (gpus[0] or "NVIDIA GPU") if gpus else None
+
+
+def gpu_hint(gpus) -> str | None:
+    """The one-line warning for a machine whose NVIDIA GPU TensorFlow does not see (``gpus``:
+    TensorFlow's GPU devices): the commonest "TensorFlow does not use my GPU" case, a TensorFlow
+    without its CUDA libraries, or a GPU newer than this TensorFlow supports. None otherwise."""
+    if gpus:
+        return None
+    name = nvidia_gpu()
+    if name is None:
+        return None
+    return (f"{name} found, but TensorFlow does not see it: training runs on the CPU. Install TensorFlow's CUDA "
+            "libraries with pip install 'tensorflow[and-cuda]'; a GPU newer than this TensorFlow supports stays "
+            "unseen (tensorflow#88122)")
 
 
 def _tpu():
@@ -60,14 +106,18 @@ def wants_cluster(name: str) -> clusters.Cluster | None:
     return found if name == "multi_worker" or (found and found.size > 1) else None
 
 
+def joined() -> bool:
+    """Whether this process has joined its cluster already (``choose`` returns that strategy)."""
+    return _multi_worker.cache_info().currsize > 0
+
+
 @functools.cache
 def _multi_worker(found: clusters.Cluster) -> Chosen:
     # Created before TensorFlow starts its runtime (tf() lists the devices, which starts it):
     # collectives can only be configured at program startup. Once per process.
+    t = imported()
     try:
         with native_stderr_silenced():
-            import tensorflow as t
-
             s = t.distribute.MultiWorkerMirroredStrategy(
                 cluster_resolver=t.distribute.cluster_resolver.TFConfigClusterResolver(),
                 communication_options=t.distribute.experimental.CommunicationOptions(
@@ -78,7 +128,7 @@ def _multi_worker(found: clusters.Cluster) -> Chosen:
     tf()
     gpus = t.config.list_logical_devices("GPU")
     return Chosen(s, "multi_worker", f"MultiWorkerMirroredStrategy: {found.name(found.index)} of {found.size}, "
-                  f"{s.num_replicas_in_sync} replicas", accelerator=bool(gpus), cluster=found)
+                  f"{s.num_replicas_in_sync} replicas", accelerator=bool(gpus), cluster=found, hint=gpu_hint(gpus))
 
 
 def choose(name: str = "auto") -> Chosen:
@@ -97,13 +147,15 @@ def choose(name: str = "auto") -> Chosen:
         if tpu is not None:
             return Chosen(tpu, "tpu", f"TPUStrategy ({tpu.num_replicas_in_sync} cores)", accelerator=True)
         if name == "tpu":
-            raise UsageError("--strategy tpu: no TPU found by TPUClusterResolver; use --strategy auto")
+            raise UsageError(f"--strategy tpu: no TPU found by TPUClusterResolver; and TensorFlow {t.__version__}, "
+                             "which tlcli needs, has no TPU runtime (tensorflow-tpu on PyPI stops at 2.20, Cloud "
+                             "TPU's runtime table at 2.18); use --strategy auto")
     gpus = t.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in t.config.list_logical_devices("CPU")]
         s = t.distribute.MirroredStrategy(devices=devices)
         return Chosen(s, "mirrored", f"MirroredStrategy over {len(devices)} device(s): {', '.join(devices)}",
-                      accelerator=bool(gpus))
+                      accelerator=bool(gpus), hint=gpu_hint(gpus))
     s = t.distribute.get_strategy()
     where = gpus[0].name if gpus else "CPU"
-    return Chosen(s, "default", f"default strategy on {where}", accelerator=bool(gpus))
+    return Chosen(s, "default", f"default strategy on {where}", accelerator=bool(gpus), hint=gpu_hint(gpus))
