@@ -55,9 +55,7 @@ def test_five_ranked_classes_keep_every_label_and_number_at_80_columns():
     labels = ["outwear", "trousers", "longsleeve", "t-shirt", "dress"]
     p = Prediction("photos/2024/holiday/beach/IMG_0001.jpg",
                    [{"label": label, "probability": 0.2 - i * 0.01} for i, label in enumerate(labels)])
-    table = render.predictions_table("tflite", 5, 80)
-    render.add_prediction(table, p)
-    buf, _ = _screen(table)
+    buf, _ = _screen(render.predictions_table("tflite", 5, [p], 80))
     lines = _lines(buf)
     shown = "\n".join(lines)
     assert all(len(line) <= 80 for line in lines)
@@ -74,3 +72,16 @@ def test_paths_wrap_after_a_slash_not_inside_a_name():
     cells = [line.split("│")[2].strip() for line in _lines(buf) if line.count("│") == 3]
     assert "".join(cells) == long
     assert all(cell.endswith("/") for cell in cells[:-1]), cells
+
+
+def test_three_long_labels_stack_rather_than_lose_a_column():
+    p = Prediction("sample_data/images/green_stripes/green_stripes_00.jpg",
+                   [{"label": "green_stripes", "probability": 1.0}, {"label": "blue_checks", "probability": 0.0},
+                    {"label": "red_discs", "probability": 0.0}])
+    buf, _ = _screen(render.predictions_table("tflite", 3, [p], 80))
+    lines = _lines(buf)
+    assert all(len(line) <= 80 and line.endswith(("┓", "┃", "┩", "│", "┘")) for line in lines[1:])
+    assert "red_discs 0.0%" in "\n".join(lines)
+    short = Prediction("bees/1.jpg", [{"label": "bees", "probability": 0.9}, {"label": "ants", "probability": 0.1}])
+    buf, _ = _screen(render.predictions_table("tf", 2, [short], 80))
+    assert "#2" in buf.getvalue(), "short labels stay side by side"

@@ -237,19 +237,19 @@ def predict(
         fail(exc, json_out=json_out)
     start = time.perf_counter()
     failed = 0
-    table = render.predictions_table(eng.name, min(top_k, len(b.labels)), out.width)
+    shown = []
     try:
         for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
             failed += p.error is not None
             if json_out:
                 render.print_json(p.to_dict(), indent=None)  # JSON Lines
             else:
-                render.add_prediction(table, p)
+                shown.append(p)
     except TlcliError as exc:  # the model itself failed (a damaged or crafted bundle)
         fail(exc, json_out=json_out)
     seconds = time.perf_counter() - start
     if not json_out:
-        out.print(table)
+        out.print(render.predictions_table(eng.name, min(top_k, len(b.labels)), shown, out.width))
     if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
         done = len(files) - failed
         err.print(render.note(f"{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "

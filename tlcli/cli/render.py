@@ -353,33 +353,29 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     return t
 
 
-RANK_CELLS = 16  # what a ranked class needs beside the others ("a_label 99.9%" and the border)
+def _ranked(p) -> list[str]:
+    return [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions]
 
 
-def predictions_table(engine: str, columns: int, width: int = 80) -> Table:
-    """An empty table of predictions; ``columns`` ranked classes per file (no empty columns
-    beyond the number of classes). Fill it with ``add_prediction``. When the ranks do not fit
-    ``width`` side by side beside the file, they are stacked in one column, one per line, so
-    no label or number is ever cut."""
+def predictions_table(engine: str, columns: int, predictions, width: int = 80) -> Table:
+    """The table of ``predictions`` (``inference.Prediction``): each file with its ``columns``
+    ranked classes, or its error in red. When the ranks do not fit ``width`` side by side beside
+    the file (24 cells), they are stacked in one column, one per line, so that no label or number
+    is ever cut."""
+    cells = max((len(cell) for p in predictions for cell in _ranked(p)), default=0)
+    stacked = columns > 1 and 24 + (cells + 3) * columns > width
     table = Table(title=f"Predictions ({engine})", title_justify="left")
     # The file keeps some width whatever the other cells hold; an error message folds in "#1".
     table.add_column("file", overflow="fold", min_width=20)
-    if 24 + RANK_CELLS * columns > width:
-        table.add_column(f"top {columns}", overflow="fold")
-    else:
-        for i in range(columns):
-            table.add_column(f"#{i + 1}", overflow="fold")
+    for header in [f"top {columns}"] if stacked else [f"#{i + 1}" for i in range(columns)]:
+        table.add_column(header, overflow="fold")
+    for p in predictions:
+        if p.error:
+            table.add_row(path_cell(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
+        else:
+            ranked = [safe(cell) for cell in _ranked(p)]
+            table.add_row(path_cell(p.path), *([Text("\n").join(ranked)] if stacked else ranked))
     return table
-
-
-def add_prediction(table: Table, p) -> None:
-    """One ``inference.Prediction`` as a row: its ranked classes, or its error in red."""
-    if p.error:
-        table.add_row(path_cell(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
-        return
-    ranked = [safe(f"{q['label']} {100 * q['probability']:.1f}%") for q in p.predictions]
-    stacked = len(table.columns) == 2 and str(table.columns[1].header).startswith("top")
-    table.add_row(path_cell(p.path), *([Text("\n").join(ranked)] if stacked else ranked))
 
 
 def export_summary(r) -> Table:
