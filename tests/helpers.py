@@ -70,7 +70,7 @@ def run_cli(*args, columns: int = 200):
     """Invoke the tlcli Typer app in-process with a fixed terminal width and no colour."""
     from typer.testing import CliRunner
 
-    from tlcli.cli.app import app
+    from tlcli.cli.commands import app
 
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns), "NO_COLOR": "1"})
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import make_colour_dataset
 from tests.helpers import run_cli as run
-from tlcli.cli.app import app
+from tlcli.cli.commands import app
 
 
 def test_every_command_has_help_text():

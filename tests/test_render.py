@@ -104,7 +104,7 @@ def test_evaluate_escapes_names_in_every_table_warning_and_line(trained_bundle, 
 def test_json_is_written_without_colour_codes_even_when_colour_is_forced(trained_bundle, colour_data):
     from typer.testing import CliRunner
 
-    from tlcli.cli.app import app
+    from tlcli.cli.commands import app
 
     result = CliRunner().invoke(app, ["evaluate", str(colour_data), "--model", str(trained_bundle), "--json"],
                                 env={"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "200"})

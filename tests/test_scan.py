@@ -297,7 +297,7 @@ def test_training_on_a_messy_folder_succeeds_and_records_exactly_the_bad_files(t
 
 
 def test_train_strict_fails_before_training_naming_every_bad_file(tmp_path, colour_data, tiny_backbone):
-    from tlcli.cli.app import app
+    from tlcli.cli.commands import app
 
     root = tmp_path / "images"
     bad = messy_copy(colour_data, root)

@@ -1,5 +1,5 @@
 """``python -m tlcli.cli``: the same as the ``tlcli`` command."""
 
-from tlcli.cli.app import run
+from tlcli.cli.commands import run
 
 run()
