@@ -81,3 +81,23 @@ def test_predict_gives_its_error_as_json_with_json(tmp_path):
     result = run_cli("predict", tmp_path, "--model", tmp_path / "missing", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["error"].startswith(f"--model {tmp_path / 'missing'}: no such directory")
+
+
+def test_a_likely_mislabel_is_advice_to_review_never_to_move(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tlcli.cli import reports
+    from tlcli.insight.findings import AuditResult, Mislabel
+
+    r = AuditResult(data_dir=str(tmp_path), val_dir=None, labels=["dress", "shorts"], near_duplicates=[],
+                    likely_mislabeled=[Mislabel(str(tmp_path / "dress" / "skirt.jpg"), "dress", "shorts", 0.93)],
+                    outliers=[], class_counts={"train": {"dress": 1, "shorts": 1}, "val": {}}, skipped=[],
+                    thresholds={})
+    buf = io.StringIO()
+    console = Console(file=buf, width=120, color_system=None)
+    for shown in reports.audit(r):
+        console.print(shown)
+    text = buf.getvalue()
+    assert "review: is it shorts? (keep it if not)" in text and "move" not in text

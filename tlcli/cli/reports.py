@@ -114,7 +114,7 @@ def audit(r) -> list:
             m.add_column(name, overflow="fold")
         for x in r.likely_mislabeled:
             m.add_row(path_cell(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}",
-                      safe(f"look; move it to {x.suggested_label} if that is right"))
+                      safe(f"review: is it {x.suggested_label}? (keep it if not)"))
         shown.append(m)
     if r.outliers:
         o = Table(title=f"Outliers ({len(r.outliers)}): far from every class; junk, or a class the data lacks",

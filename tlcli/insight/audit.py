@@ -241,7 +241,8 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
                   for p, label, split in zip(d.paths, d.labels, d.splits)]
                  for d in result.near_duplicates[:HTML_FINDINGS]]),
         Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
-                "label; check the image and move it if the suggestion is right.",
+                "label. Review each one: a model that is sometimes wrong also doubts correct labels, so "
+                "change a label only when the image itself shows it is wrong.",
                 [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
