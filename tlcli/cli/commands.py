@@ -40,7 +40,7 @@ from tlcli.errors import TlcliError, UsageError
 from tlcli.model.presets import PRESETS
 
 app = typer.Typer(help="Transfer learning from TF Hub image feature vectors: train a classifier on a folder of "
-                       "photos, predict, evaluate, audit the data, export for phones, and serve it.",
+                       "photos, predict, evaluate, audit the data, export for phones, serve it, and share it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   cls=shell.OneLineUsageErrors)
 models_app = typer.Typer(help="Backbone presets and the TF Hub cache, for offline machines.",
