@@ -130,7 +130,7 @@ ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle direct
 def train(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Argument(metavar="DIR", show_default=False,
-                                                       help="Folder with one subfolder of images per class.")] = None,
+                                                       help="Folder of class subfolders, or a labels CSV.")] = None,
     val_split: Annotated[float, _opt(DATA, "Fraction of each class held out for validation.")] = DEFAULTS.val_split,
     val_dir: Annotated[Optional[Path], _opt(DATA, "Explicit validation folder (overrides --val-split).",
                                             metavar="DIR")] = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from tlcli.config import DEFAULT_MAX_PIXELS
-from tlcli.data import image_files, images, layouts, walk
+from tlcli.data import image_files, images, label_csv, layouts, walk
 from tlcli.errors import DatasetError
 from tlcli.labels import check_label, ordered
 
@@ -114,8 +114,10 @@ def _listed(root: Path, class_dirs: list[Path], index: dict[str, int], loose: li
 def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None = None,
          max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False,
          progress: Callable[[int, int], None] | None = None, option: str = "DIR",
-         keep: images.KeptPixels | None = None, check: Callable[[], None] | None = None) -> ImageFolder:
-    """Scan ``root/<class>/...`` and check every file before any expensive work.
+         keep: images.KeptPixels | None = None, check: Callable[[], None] | None = None,
+         split: str | None = None) -> ImageFolder:
+    """Scan ``root/<class>/...`` (or the rows of the labels CSV ``root``, ``label_csv``: those of
+    ``split`` when given) and check every file before any expensive work.
 
     Every candidate file is decoded once (threaded) exactly as training will decode it, so a bad
     file is found here and never in the middle of an epoch. Hidden files and folders are ignored.
@@ -130,12 +132,16 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     ``check`` runs before each folder is listed (``progress`` runs only once files are being
     checked) and may raise to abandon the scan.
     """
-    root_p = check_folder(root, option)
-    class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
-    found = [d.name for d in class_dirs]
-    index = {name: i for i, name in enumerate(labels)}
-
-    candidates, skipped = _listed(root_p, class_dirs, index, loose, check)
+    if label_csv.is_label_csv(root):  # labels from a CSV: its rows of ``split`` (all when None)
+        rows = label_csv.read(root, option)
+        candidates, labels, lines = label_csv.candidates(rows, labels, split, Path(root), option)
+        root_p, skipped = Path(root).parent, []
+        found = sorted({labels[label] for _, label in candidates})
+    else:
+        root_p = check_folder(root, option)
+        class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
+        found, lines = [d.name for d in class_dirs], {}
+        candidates, skipped = _listed(root_p, class_dirs, {name: i for i, name in enumerate(labels)}, loose, check)
 
     def check(item):
         path, _ = item
@@ -161,7 +167,9 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
                 if progress and (done % every == 0 or done == len(candidates) or done == 1):
                     progress(done, len(candidates))  # may raise to abandon the scan
                 if err is not None:
-                    skipped.append(Skipped(str(path), err.reason, err.detail))
+                    line = lines.get(str(path))
+                    detail = f"CSV line {line}" + (f": {err.detail}" if err.detail else "") if line else err.detail
+                    skipped.append(Skipped(str(path), err.reason, detail))
                     bad_in[label] = bad_in.get(label, 0) + 1
                 else:
                     samples.append(Sample(str(path), label, digest))
@@ -169,28 +177,41 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
             pool.shutdown(wait=False, cancel_futures=True)  # don't check the rest first
             raise
     folder = ImageFolder(str(root), list(labels), samples, skipped)
+    _check_classes(folder, found, bad_in, root_p, option, strict=strict, lines=lines)
+    return folder
+
+
+def _check_classes(folder: ImageFolder, found, bad_in: dict[int, int], root_p: Path, option: str, *,
+                   strict: bool, lines: dict) -> None:
+    """Refuse what ``scan`` documents (--strict with unusable files, a class with files but no
+    usable image), and add the warnings of labels with no photo and classes with few."""
+    root, skipped = folder.root, folder.skipped
     bad = [s for s in skipped if s.reason != NOT_IN_CLASS_FOLDER] if strict else []
     if bad:
-        lines = "; ".join(f"{s.path} ({s.reason})" for s in bad)
-        raise DatasetError(f"{option} {root}: {len(bad)} unusable file(s) and --strict is set: {lines}. "
+        listed = "; ".join(f"{s.path} ({s.reason})" for s in bad)
+        raise DatasetError(f"{option} {root}: {len(bad)} unusable file(s) and --strict is set: {listed}. "
                            "Remove or fix them, or drop --strict to skip them")
     for i, (label, n) in enumerate(folder.counts().items()):
         if n == 0 and label in found:
-            reasons = Counter(s.reason for s in skipped if Path(s.path).is_relative_to(root_p / label))
+            mine = [s for s in skipped if lines or Path(s.path).is_relative_to(root_p / label)]
+            reasons = Counter(s.reason for s in mine)
             why = (f"{bad_in[i]} unusable file(s): " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
                    if bad_in.get(i) else "it is empty")
-            raise DatasetError(f"{option} {root_p / label}: no usable image in this class folder ({why}); "
-                               "add images or remove the folder", skipped=[s.to_dict() for s in skipped])
+            where = f"label {label!r} of {root}" if lines else f"{root_p / label}"
+            raise DatasetError(f"{option} {where}: no usable image in this class {'' if lines else 'folder '}"
+                               f"({why}); add images or remove the {'rows' if lines else 'folder'}",
+                               skipped=[s.to_dict() for s in skipped])
         if n == 0:
-            folder.warnings.append(f"label '{label}' has no folder in {root}")
+            folder.warnings.append(f"label '{label}' has no {'row' if lines else 'folder'} in {root}")
         elif n < FEW_IMAGES:
             folder.warnings.append(f"class '{label}' has only {n} image(s); add more for a reliable model")
-    return folder
 
 
 def check_folder(root: str | os.PathLike, option: str = "DIR") -> Path:
     """The dataset folder as a Path; a DatasetError naming ``option`` if it is missing or a file."""
     root_p = Path(root)
+    if label_csv.is_label_csv(root_p) and root_p.is_file():
+        return root_p  # a labels CSV (label_csv) in the place of class folders
     if not root_p.exists():
         raise DatasetError(f"{option} {root}: no such directory; give the folder that holds one subfolder "
                            "of images per class")

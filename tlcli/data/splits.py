@@ -7,11 +7,12 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlcli.data import images, layouts
+from tlcli.data import images, label_csv, layouts
 from tlcli.data.scanning import Sample, Skipped, count_by_label, scan
-from tlcli.errors import Interrupted
+from tlcli.errors import Interrupted, UsageError
 from tlcli.progress import Callback, Counts, Info, Warn, counter, silent
 from tlcli.progress import Skipped as SkippedFiles
 
@@ -93,6 +94,30 @@ class Splits:
 
 
 
+def _layout(cfg: TrainConfig):
+    """The splits DIR gives itself: its split folders (``layouts.split_folders``), or the
+    ``split`` column of a labels CSV (``label_csv``: DIR stands for each part); else None."""
+    if not label_csv.is_label_csv(cfg.data_dir):
+        return layouts.split_folders(cfg.data_dir, val_dir=cfg.val_dir)
+    parts = {r.split for r in label_csv.read(cfg.data_dir) if r.split}
+    if not parts:
+        return None
+    if "val" in parts and cfg.val_dir:
+        raise UsageError(f"--val-dir {cfg.val_dir}: DIR {cfg.data_dir} gives its own validation rows (split val); "
+                         "drop --val-dir, or drop those rows")
+    csv = Path(cfg.data_dir)
+    return _CsvSplits(str(csv), csv, csv if "val" in parts else None, csv if "test" in parts else None)
+
+
+class _CsvSplits(layouts.SplitFolders):
+    """The parts of a labels CSV given by its ``split`` column, in the place of split folders."""
+
+    def describe(self) -> str:
+        parts = ["train rows for training"] + (["val rows for validation"] if self.val else [])
+        parts += ["test rows for a final test report"] if self.test else []
+        return f"DIR {self.root}: its split column gives the splits; using {', '.join(parts)}"
+
+
 def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silent,
                 stopping: threading.Event | None = None, keep: images.KeptPixels | None = None) -> Splits:
     """Scan DIR (and --val-dir) of ``cfg`` and split them (seeded by ``cfg.seed``), reporting the
@@ -108,15 +133,17 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
     def report(task):
         return counter(progress, task, check=abandoned)
 
-    layout = layouts.split_folders(cfg.data_dir, val_dir=cfg.val_dir)
+    layout = _layout(cfg)
     if layout is not None:
         progress(Info(layout.describe()))
     options = dict(image_size=image_size, max_pixels=cfg.max_pixels, strict=cfg.strict, keep=keep, check=abandoned)
-    train = scan(layout.train if layout else cfg.data_dir, progress=report("scan"), **options)
+    in_csv = {"split": "train"} if isinstance(layout, _CsvSplits) else {}
+    train = scan(layout.train if layout else cfg.data_dir, progress=report("scan"), **in_csv, **options)
     skipped, warnings = list(train.skipped), list(train.warnings)
 
     def held_out(folder, task: str, option: str) -> list[Sample]:
-        found = scan(folder, labels=train.labels, progress=report(task), option=option, **options)
+        part = {"split": task.split()[-1]} if in_csv and Path(folder) == Path(cfg.data_dir) else {}
+        found = scan(folder, labels=train.labels, progress=report(task), option=option, **part, **options)
         skipped.extend(found.skipped)
         warnings.extend(found.warnings)
         return found.samples
