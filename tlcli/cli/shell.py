@@ -1,6 +1,7 @@
 """The Typer plumbing under the app: help that names values and never cuts an option, command-line
-mistakes as one line (exit 2), and a closed stdout (``tlcli ... | head``) ended quietly.
-Only public Typer and Click names are used."""
+mistakes as one line (exit 2). A closed stdout (``tlcli ... | head``) Typer itself ends quietly
+with exit code 1, in every version ``pyproject.toml`` allows (``tests/test_pipes.py``). Only
+public Typer and Click names are used."""
 
 from __future__ import annotations
 
@@ -55,15 +56,12 @@ def _tidy_metavar(param, ctx) -> None:
             param.metavar = f"<{shown}>" if "|" in shown else _KINDS.get(shown.split(" ")[0], shown.upper())
 
 
-
 class Command(TidyHelp, typer.core.TyperCommand):
     """A command with tidy help."""
 
 
-
 class Group(TidyHelp, typer.core.TyperGroup):
     """A group of commands with tidy help."""
-
 
 
 class OneLineUsageErrors(Group):
@@ -77,8 +75,6 @@ class OneLineUsageErrors(Group):
             if not standalone_mode:
                 raise
             code = 1
-        except BrokenPipeError:
-            code = _closed_pipe()
         except Exception as exc:
             if not _is_usage_error(exc) or not standalone_mode:
                 raise
@@ -88,13 +84,11 @@ class OneLineUsageErrors(Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-
 def _is_usage_error(exc: Exception) -> bool:
     """Whether ``exc`` is one of the command-line errors Typer raises (Click's exception family,
     which Typer vendors since 0.26 without exporting its base): it has an int ``exit_code`` and a
     ``format_message()``. Only documented attributes are read, never Typer's private modules."""
     return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
-
 
 
 def _show_usage_error(exc: Exception) -> int:
@@ -106,17 +100,3 @@ def _show_usage_error(exc: Exception) -> int:
     message = exc.format_message().replace("Value error, ", "").rstrip(".")
     Console(stderr=True).print(render.error_line(UsageError(message + where)), highlight=False, soft_wrap=True)
     return exc.exit_code
-
-CLOSED_PIPE = 1  # as Click ends a command whose stdout closed: quietly, exit code 1
-
-
-def _closed_pipe() -> int:
-    """The reader of stdout went away (``tlcli ... | head``): stop quietly, as git does. Later
-    writes (Python's own flush at exit) go to /dev/null instead of raising again."""
-    import os
-
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # no real stdout (a test's capture)
-        pass
-    return CLOSED_PIPE

@@ -172,7 +172,7 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
     if data_dir is None and not trained.train_dir:
         raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
                          "give that folder as DIR too")
-    root = str(Path(trained.train_dir).parent) if getattr(trained, "test_dir", None) else None  # split folders
+    root = str(Path(trained.train_dir).parent) if trained.test_dir else None  # split folders
     return cfg.replace(data_dir=str(data_dir) if data_dir is not None else root or trained.train_dir,
                        val_dir=None if root and data_dir is None else trained.val_dir if data_dir is None
                        else cfg.val_dir,

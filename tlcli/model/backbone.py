@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tlcli import files
 from tlcli._tf import hub, tf
-from tlcli.config import FETCH_TIMEOUT_SECONDS
+from tlcli.config import FETCH_TIMEOUT_SECONDS, hub_cache_dir
 from tlcli.errors import BackboneError
 from tlcli.model.presets import PRESETS
 
@@ -68,13 +68,6 @@ def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
         return BackboneSpec(str(path.absolute()), image_size)
     raise BackboneError(f"--backbone {backbone}: not a preset ({', '.join(PRESETS)}), an https:// "
                         "TF Hub or Kaggle handle, or an existing SavedModel directory")
-
-
-def hub_cache_dir() -> Path:
-    """The folder TF Hub models are cached in (``config.hub_cache_dir``)."""
-    from tlcli.config import hub_cache_dir as configured
-
-    return configured()
 
 
 def cache_path(handle: str) -> Path:

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlcli.config import FETCH_TIMEOUT_SECONDS
+from tlcli.config import FETCH_TIMEOUT_SECONDS, hub_cache_dir
 from tlcli.errors import UsageError
-from tlcli.model.backbone import REMOTE_PREFIXES, BackboneSpec, cache_path, hub_cache_dir
+from tlcli.model.backbone import REMOTE_PREFIXES, BackboneSpec, cache_path
 from tlcli.model.presets import PRESETS
 from tlcli.progress import Callback, End, Start, silent
 
