@@ -382,7 +382,7 @@ def test_only_the_cli_and_render_modules_import_rich():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "rich" or n.startswith("rich.") for n in names):
                 importers.add(path.relative_to(ROOT / "tlcli").as_posix())
-    assert importers == {"cli/commands.py", "cli/render.py", "cli/reports.py", "cli/shell.py"}
+    assert importers == {"cli/common.py", "cli/render.py", "cli/reports.py", "cli/shell.py"}
 
 
 def test_every_progress_event_names_its_kind():

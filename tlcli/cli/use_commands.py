@@ -1,0 +1,174 @@
+"""The commands that run a bundle: predict, export, evaluate and serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tlcli.cli import common, render, reports, shell
+from tlcli.config import (
+    DEFAULT_MODEL_DIR,
+    EVALUATE_ENGINE,
+    EVALUATE_MISTAKES,
+    EVALUATE_TOP_K,
+    PREDICT_ENGINE,
+    PREDICT_TOP_K,
+    SERVE_HOST,
+    SERVE_PORT,
+    Engine,
+    IOType,
+    Quantize,
+)
+from tlcli.errors import TlcliError, UsageError
+
+
+@common.app.command(cls=shell.Command, short_help="Classify images with a trained bundle.")
+@common.interruptible
+def predict(
+    # readable=False: an unreadable file gets its own error from the library, not exit 2 for all.
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files and/or folders.",
+                                                show_default=False,
+                                                readable=False)],
+    model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
+    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
+                                                "tf.")] = Engine(PREDICT_ENGINE),
+    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
+                                                           "the limit the model was trained with.",
+                                                      show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
+):
+    """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
+    import time
+
+    from tlcli.deploy import inference
+
+    try:
+        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
+                                          max_pixels=max_pixels)
+    except TlcliError as exc:
+        common.fail(exc, json_out=json_out)
+    start = time.perf_counter()
+    failed = 0
+    shown = []
+    try:
+        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
+            failed += p.error is not None
+            if json_out:
+                render.print_json(p.to_dict(), indent=None)  # JSON Lines
+            else:
+                shown.append(p)
+    except TlcliError as exc:  # the model itself failed (a damaged or crafted bundle)
+        common.fail(exc, json_out=json_out)
+    seconds = time.perf_counter() - start
+    if not json_out:
+        common.out.print(render.predictions_table(eng.name, min(top_k, len(b.labels)), shown,
+                                                          common.out.width))
+    if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
+        done = len(files) - failed
+        common.err.print(render.note(f"{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
+                              f"images/s, engine {eng.name})"), highlight=False)
+    if failed:
+        common.err.print(render.note(f"{failed} of {len(files)} input(s) failed", style="yellow"), highlight=False)
+        raise typer.Exit(1)
+
+
+@common.app.command(cls=shell.Command, short_help="Export the bundle to TFLite, checked against the SavedModel.")
+@common.interruptible
+def export(
+    tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
+    model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
+    output: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output .tflite file (default: "
+                                                                        "model.tflite in the bundle).")] = None,
+    quantize: Annotated[Quantize, typer.Option(help="float16: half size; dynamic: int8 weights; int8: full "
+                                                    "integer, calibrated on training images.")] = Quantize.NONE,
+    io_type: Annotated[IOType, typer.Option(help="With --quantize int8: the type of the input and output "
+                                                 "tensors.")] = IOType.FLOAT32,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and "
+                                                                     "parity (default: the bundle's recorded "
+                                                                     "images).")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(
+        metavar="POINTS", help="Fail (exit 1, nothing written) when the TFLite model's accuracy on the parity "
+                               "images is more than POINTS below the SavedModel's.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing .tflite file (the bundle's "
+                                                        "model.tflite, or --output).")] = False,
+    json_out: common.JsonFlag = False,
+):
+    """Export the bundle to TFLite and check it agrees with the SavedModel."""
+    from tlcli.deploy.export import export_tflite
+
+    if not tflite:
+        common.fail(UsageError("export: choose a format; --tflite is the one available"), json_out=json_out)
+    r = common.with_progress(export_tflite, model, quiet=json_out, json_out=json_out, output=output,
+                       quantize=quantize.value, io_type=io_type.value, data_dir=common.path_str(data),
+                       max_accuracy_drop=max_accuracy_drop, force=force)
+    if json_out:
+        render.print_json(r.to_dict())
+    else:
+        common.out.print(render.export_summary(r))
+
+
+@common.app.command(cls=shell.Command, short_help="Score a bundle on a labelled folder.")
+@common.interruptible
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False,
+                                             help="Labelled folder: one subfolder per class, named like the "
+                                                  "model's labels.")],
+    model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
+    engine: Annotated[Engine, typer.Option(help="tf: the SavedModel; tflite: the bundle's model.tflite; "
+                                                "auto: tflite if there is one.")] = Engine(EVALUATE_ENGINE),
+    top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
+    mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
+                                                                       "mistakes.csv (every mistake) and mistakes.html "
+                                                                       "(thumbnails) into.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
+                                                        "not empty.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
+                                                          "stdout.")] = False,
+):
+    """Evaluate a trained bundle on a labelled folder: accuracy, per-class metrics, confusion matrix
+    and the most confident mistakes. Exit code 1 if any file had to be skipped."""
+    from tlcli import insight
+
+    r = common.with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
+                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force)
+    if json_out:
+        render.print_json(r.to_dict())
+    else:
+        for shown in reports.evaluation(r):
+            common.out.print(shown, highlight=False)
+    if r.skipped:
+        common.err.print(render.note(f"{len(r.skipped)} file(s) skipped", style="yellow"), highlight=False)
+        raise typer.Exit(1)
+
+
+@common.app.command(cls=shell.Command, short_help="Serve a bundle over HTTP (TF Serving's REST API and a page).")
+@common.interruptible
+def serve(
+    model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 makes the (unauthenticated) server "
+                                           "reachable from the network.")] = SERVE_HOST,
+    port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = SERVE_PORT,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the /v1/models/NAME URLs; default: the "
+                                                     "bundle folder's name.", show_default=False)] = None,
+    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
+                                                "tf.")] = Engine(PREDICT_ENGINE),
+    workers: Annotated[Optional[int], typer.Option(help="Requests classified at once (LiteRT interpreters); "
+                                                        "default: the number of CPUs.", show_default=False)] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
+                                                           "the limit the model was trained with.",
+                                                      show_default=False)] = None,
+):
+    """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
+    Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
+    from tlcli.deploy.server import serve as run_serve
+
+    try:
+        r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
+                      max_pixels=max_pixels, progress=render.line_events(common.err))
+    except TlcliError as exc:
+        common.fail(exc)
+    common.err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)
