@@ -415,7 +415,7 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     leaks = sum(g.kind == "train_val_leak" for g in result.near_duplicates)
     n = len(splits.train)
     mislabeled = checked = 0
-    if len(fit.oof_rows):
+    if len(fit.oof_rows) and not cfg.multi_label:  # a multi-label fit's missing or extra labels: 'tlcli audit''s
         image = np.asarray(fit.oof_rows) % n  # fit_views stacks the mirror rows after the plain ones
         sums = np.zeros((n, fit.oof_probs.shape[1]))
         np.add.at(sums, image, fit.oof_probs)
