@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tlcli import bundle, data, files
-from tlcli.data import label_csv
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.data import label_csv
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -174,11 +174,9 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
+                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
                         seconds=time.perf_counter() - start, extractor=engine)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
-        if cfg.multi_label:
-            meta.task, meta.thresholds = bundle.TASK_MULTI_LABEL, [round(float(t), 6) for t in fit.thresholds]
         graph.result()
         export.write_variables()
         meta.training.tensorboard = scalars.finish(staging)
@@ -334,12 +332,12 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
+             global_batch: int, state, seconds: float, extractor: str = "tf", fit=None) -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
     None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
-    ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
-    the bundle is written."""
+    ``extractor`` the engine of the frozen features, ``fit`` the final head fit (of which a multi-label
+    run records the thresholds). The TensorBoard folder is filled in when the bundle is written."""
     from tlcli._tf import tf
 
     train_report, val, test = reports
@@ -361,7 +359,9 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped])
+        skipped=[s.to_dict() for s in splits.skipped],
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None,
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:

@@ -1,0 +1,160 @@
+"""Multi-label: tlcli's sigmoid head with cross-validated thresholds against one scikit-learn
+logistic regression per label on the same features, in the same run.
+
+    nice -n 10 .venv/bin/python bench/multilabel.py [--digits 4]
+
+The set is built from two public single-label sets found offline: the hymenoptera photos
+(ants, bees: ../shared/data/hymenoptera_data) and scikit-learn's bundled handwritten digits
+(UCI's optical digits, 8x8 grey, scaled up). Each image is a tile of two halves side by side, in
+a random order: a hymenoptera photo and a digit (labels: both); one tile in five has a grey half
+instead of the digit (one label). Training tiles use the hymenoptera train/ photos and the first
+half of the digits, held-out tiles the val/ photos and the other half: no photo is in both.
+
+tlcli: `tlcli train train.csv` (path,labels: multi-label) with mobilenet_v2
+(../shared/models/mobilenet_v2_100_224_feature_vector, the TF Hub model) and --val-split 0,
+then `tlcli evaluate test.csv` at the bundle's thresholds. Baseline: the same frozen
+mobilenet_v2 features (TensorFlow, the same decoder), ``LogisticRegression()`` per label
+(scikit-learn's defaults: C=1, L2), predicting a label at probability >= 0.5. Both are scored by
+``tlcli.multilabel_metrics`` (micro-F1 and mean average precision) on the held-out tiles.
+Prints both, the ratios, and the issue's targets as MET / NOT MET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import HYMENOPTERA, MOBILENET_V2, require  # noqa: E402
+
+HALF = 224
+
+
+def _half(image):
+    from PIL import Image
+
+    return image.convert("RGB").resize((HALF, HALF), Image.Resampling.BILINEAR)
+
+
+def _digit(pixels: np.ndarray):
+    from PIL import Image
+
+    grey = (255 - pixels / 16.0 * 255).astype(np.uint8)  # dark strokes on white, as ink on paper
+    return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB").resize((HALF, HALF), Image.Resampling.BICUBIC)
+
+
+def build(folder: Path, photos: list[tuple[Path, str]], digits, rng, name: str) -> Path:
+    """Write the tiles of ``photos`` (path, label) and ``digits`` (images, labels) under
+    ``folder`` and their labels CSV (path,labels); returns the CSV."""
+    from PIL import Image
+
+    images, targets = digits
+    rows = ["path,labels"]
+    for i, (path, label) in enumerate(photos):
+        with Image.open(path) as photo:
+            left = _half(photo)
+        labels = [label]
+        if rng.random() < 0.8:
+            j = rng.integers(len(images))
+            right = _digit(images[j])
+            labels.append(f"digit_{targets[j]}")
+        else:
+            right = Image.new("RGB", (HALF, HALF), (128, 128, 128))
+        halves = [left, right] if rng.random() < 0.5 else [right, left]
+        tile = Image.new("RGB", (2 * HALF, HALF))
+        tile.paste(halves[0], (0, 0))
+        tile.paste(halves[1], (HALF, 0))
+        file = f"{name}_{i:04d}.jpg"
+        tile.save(folder / file, quality=92)
+        rows.append(f"{file},{';'.join(labels)}")
+    csv = folder / f"{name}.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def features(paths: list[str], size: int) -> np.ndarray:
+    """The frozen mobilenet_v2 features of ``paths`` through TensorFlow, as tlcli extracts them."""
+    from tlcli import data
+    from tlcli.model import backbone, classifier
+
+    spec = backbone.resolve_spec(str(MOBILENET_V2), size)
+    loaded = backbone.load(spec, trainable=False, path=backbone.fetch(spec))
+    extractor = classifier.build_extractor(loaded.layer, size)
+    return extractor.predict(data.image_dataset(paths, size, batch_size=32), verbose=0)
+
+
+def baseline(train_csv: Path, test_csv: Path, labels: list[str], size: int):
+    """(micro-F1, mAP) of one LogisticRegression per label on the frozen features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tlcli import multilabel_metrics as mm
+
+    def read(csv):
+        rows = [line.split(",") for line in csv.read_text().splitlines()[1:]]
+        return ([str(csv.parent / r[0]) for r in rows],
+                mm.multi_hot([[labels.index(n) for n in r[1].split(";")] for r in rows], len(labels)))
+
+    (train_paths, y_train), (test_paths, y_test) = read(train_csv), read(test_csv)
+    x_train, x_test = features(train_paths, size), features(test_paths, size)
+    probs = np.stack([LogisticRegression(max_iter=5000).fit(x_train, y_train[:, j]).predict_proba(x_test)[:, 1]
+                      for j in range(len(labels))], axis=1)
+    report = mm.compute(y_test, probs, labels, [0.5] * len(labels))
+    return report.micro_f1, report.mean_average_precision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--digits", type=int, default=4, help="digit classes used (0 .. N-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    require(HYMENOPTERA, MOBILENET_V2)
+    from sklearn.datasets import load_digits
+
+    import tlcli
+
+    rng = np.random.default_rng(args.seed)
+    digits = load_digits(n_class=args.digits)
+    half = len(digits.images) // 2
+    order = rng.permutation(len(digits.images))
+    train_digits = (digits.images[order[:half]], digits.target[order[:half]])
+    test_digits = (digits.images[order[half:]], digits.target[order[half:]])
+
+    def photos(split):
+        return [(p, p.parent.name) for p in sorted((HYMENOPTERA / split).glob("*/*")) if p.is_file()]
+
+    with tempfile.TemporaryDirectory(prefix="tlcli-multilabel-") as tmp:
+        tmp = Path(tmp)
+        train_csv = build(tmp, photos("train"), train_digits, rng, "train")
+        test_csv = build(tmp, photos("val"), test_digits, rng, "test")
+        print(f"tiles: {len(train_csv.read_text().splitlines()) - 1} train, "
+              f"{len(test_csv.read_text().splitlines()) - 1} held out")
+        start = time.perf_counter()
+        result = tlcli.train(train_csv, out=str(tmp / "model"), backbone=str(MOBILENET_V2), image_size=HALF,
+                             val_split=0.0, extractor="tf", tensorboard=None, cache_dir=str(tmp / "cache"))
+        seconds = time.perf_counter() - start
+        report = tlcli.evaluate(test_csv, model_dir=tmp / "model", engine="tf").report
+        meta = tlcli.load_bundle(tmp / "model").meta
+        print(f"tlcli: trained in {seconds:.1f} s; thresholds "
+              + ", ".join(f"{label} {t:.2f}" for label, t in zip(meta.labels, meta.thresholds)))
+        base_f1, base_map = baseline(train_csv, test_csv, result.labels, meta.image_size)
+    print(f"{'':24}{'micro-F1':>10}{'mAP':>10}")
+    print(f"{'tlcli (CV thresholds)':24}{report.micro_f1:10.4f}{report.mean_average_precision:10.4f}")
+    print(f"{'LogisticRegression/label':24}{base_f1:10.4f}{base_map:10.4f}")
+    ratios = report.micro_f1 / base_f1, report.mean_average_precision / base_map
+    print(f"{'ratio tlcli / baseline':24}{ratios[0]:10.4f}{ratios[1]:10.4f}")
+    print(f"subset accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f}")
+    met = lambda ok: "MET" if ok else "NOT MET"  # noqa: E731
+    print(f"target micro-F1 >= baseline's: {met(report.micro_f1 >= base_f1)}")
+    print(f"target mAP >= 0.93: {met(report.mean_average_precision >= 0.93)}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()
