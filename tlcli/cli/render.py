@@ -320,8 +320,9 @@ def skipped_table(skipped: list[dict]) -> Table:
 
 def train_summary(result, *, tensorboard: str | None) -> Table:
     t = kv_table("Training summary")
-    t.add_row("train accuracy", pct(result.train_accuracy))
-    t.add_row("val accuracy", pct(result.val_accuracy))
+    kind = " subset" if getattr(result, "task", None) == "multi_label" else ""  # every label of a photo right
+    t.add_row(f"train{kind} accuracy", pct(result.train_accuracy))
+    t.add_row(f"val{kind} accuracy", pct(result.val_accuracy))
     if result.test_accuracy is not None:
         t.add_row("test accuracy", f"{pct(result.test_accuracy)} on {sum(result.test_counts.values())} test images "
                   "(the final report)")

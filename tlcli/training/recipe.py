@@ -58,6 +58,8 @@ class TrainResult:
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
+    # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
+    task: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,7 +238,8 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
-        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration)
+        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
