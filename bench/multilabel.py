@@ -9,7 +9,8 @@ The set is built from two public single-label sets found offline: the hymenopter
 (labels: both), in a random order: side by side (--layout side) or in two random cells of a 2 x 2
 grid (--layout grid); one tile in five has no digit (one label). Training tiles use the
 hymenoptera train/ photos and the first half of the digits, held-out tiles the val/ photos and
-the other half: no photo is in both.
+the other half: no photo is in both. With --digits 0 the second part is another hymenoptera
+photo of the same split (labels: ants, bees or both): photos only.
 
 tlcli: `tlcli train train.csv` (path,labels: multi-label) with mobilenet_v2
 (../shared/models/mobilenet_v2_100_224_feature_vector, the TF Hub model) and --val-split 0,
@@ -59,14 +60,19 @@ def build(folder: Path, photos: list[tuple[Path, str]], digits, rng, name: str, 
     undistorted)."""
     from PIL import Image
 
-    images, targets = digits
+    images, targets = digits or (None, None)
     side = SIZE if layout == "side" else SIZE // 2
     rows = ["path,labels"]
     for i, (path, label) in enumerate(photos):
         with Image.open(path) as photo:
             parts = [_square(photo, side)]
         labels = [label]
-        if rng.random() < 0.8:
+        if images is None and rng.random() < 0.8:  # --digits 0: another hymenoptera photo
+            other, kind = photos[rng.integers(len(photos))]
+            with Image.open(other) as photo:
+                parts.append(_square(photo, side))
+            labels = sorted({label, kind})
+        elif images is not None and rng.random() < 0.8:
             j = rng.integers(len(images))
             parts.append(_digit(images[j], side))
             labels.append(f"digit_{targets[j]}")
@@ -118,7 +124,8 @@ def baseline(train_csv: Path, test_csv: Path, labels: list[str], size: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--digits", type=int, default=4, help="digit classes used (0 .. N-1)")
+    parser.add_argument("--digits", type=int, default=4, help="digit classes used (0 .. N-1); 0: tile two "
+                                                               "hymenoptera photos instead (labels ants, bees)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("side", "grid"), default="side", help="how the two are tiled")
     args = parser.parse_args()
@@ -128,11 +135,13 @@ def main() -> None:
     import tlcli
 
     rng = np.random.default_rng(args.seed)
-    digits = load_digits(n_class=args.digits)
-    half = len(digits.images) // 2
-    order = rng.permutation(len(digits.images))
-    train_digits = (digits.images[order[:half]], digits.target[order[:half]])
-    test_digits = (digits.images[order[half:]], digits.target[order[half:]])
+    train_digits = test_digits = None
+    if args.digits:
+        digits = load_digits(n_class=args.digits)
+        half = len(digits.images) // 2
+        order = rng.permutation(len(digits.images))
+        train_digits = (digits.images[order[:half]], digits.target[order[:half]])
+        test_digits = (digits.images[order[half:]], digits.target[order[half:]])
 
     def photos(split):
         return [(p, p.parent.name) for p in sorted((HYMENOPTERA / split).glob("*/*")) if p.is_file()]

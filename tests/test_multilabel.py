@@ -184,10 +184,16 @@ def test_audit_names_a_missing_and_an_extra_label(multi_csv, tiny_backbone, tmp_
 
 # ---- single-label bundles --------------------------------------------------------------------
 
-def test_single_label_bundles_and_answers_are_unchanged(trained_bundle, colour_data):
-    meta = json.loads((trained_bundle / "tlcli.json").read_text())
-    assert "task" not in meta and "thresholds" not in meta
-    [p] = tlcli.predict([colour_data / "red" / "red_0.jpg"], model_dir=trained_bundle, engine="tf")
-    assert p.labels is None and set(p.to_dict()) == {"path", "predictions", "error"}
-    refused = run_cli("predict", colour_data / "red" / "red_0.jpg", "--model", trained_bundle, "--threshold", "0.5")
+def test_single_label_bundles_old_and_new_answer_as_before(bundle_copy, colour_data):
+    meta = json.loads((bundle_copy / "tlcli.json").read_text())
+    assert meta["task"] == "single_label" and "thresholds" not in meta
+    photo = colour_data / "red" / "red_0.jpg"
+    [new] = tlcli.predict([photo], model_dir=bundle_copy, engine="tf")
+    del meta["task"]  # as a bundle of a tlcli before multi-label models
+    (bundle_copy / "tlcli.json").write_text(json.dumps(meta))
+    old = tlcli.load_bundle(bundle_copy)
+    assert not old.meta.multi_label and "task" not in old.meta.to_dict()
+    [p] = tlcli.predict([photo], model_dir=bundle_copy, engine="tf")
+    assert p == new and p.labels is None and set(p.to_dict()) == {"path", "predictions", "error"}
+    refused = run_cli("predict", photo, "--model", bundle_copy, "--threshold", "0.5")
     assert refused.exit_code != 0 and "single-label" in refused.output

@@ -160,7 +160,7 @@ class BundleMeta(_Section):
     evaluate need to know about a trained model, and the record of how it was trained.
 
     ``task``: "multi_label" for a model of one sigmoid per label, with ``thresholds`` (one per
-    label, in [0, 1]); absent for one label a photo (softmax).
+    label, in [0, 1]); "single_label" (softmax), or absent in an older bundle, for one label a photo.
 
     ``labels`` (>= 2 distinct one-line names, index = output unit) and ``image_size`` (in
     ``config.MIN_IMAGE_SIZE`` .. ``MAX_IMAGE_SIZE``) are required. ``config`` is
@@ -195,7 +195,7 @@ class BundleMeta(_Section):
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
     # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
-    # and not written, in a single-label bundle (as every bundle before it): see ``multi_label``.
+    # and not written back, in a bundle made before it (single-label): see ``multi_label``.
     task: str | None = None
     # A multi-label bundle's threshold per label (in label order): a label is predicted when its
     # probability is at least its threshold. None, and not written, for a single-label bundle.

@@ -363,7 +363,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
         skipped=[s.to_dict() for s in splits.skipped],
-        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
         thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None)
 
 
