@@ -240,3 +240,28 @@ def explain(paths, *, out_dir: str | os.PathLike, model_dir: str | os.PathLike =
     explainer, found, plan, _ = prepare(paths, out_dir=out_dir, model_dir=model_dir, top_k=top_k, engine=engine,
                                         max_pixels=max_pixels, force=force)
     return [p for p, _ in iter_explained(found, explainer=explainer, plan=plan, top_k=top_k, max_pixels=max_pixels)]
+
+
+# ---- serve's /explain -------------------------------------------------------------------------
+
+class Explanations:
+    """Overlays for a server (``serve``'s ``/explain``): ``available`` when the bundle has its
+    SavedModel. The ``Explainer`` is made on the first request, through ``engine`` when the server
+    runs the SavedModel already (a LiteRT server imports TensorFlow only then); maps are computed
+    one at a time, each already using every core."""
+
+    def __init__(self, bundle: bundles.Bundle, *, engine: inference.TFEngine | None = None,
+                 max_pixels: int | None = None):
+        import threading
+
+        self.bundle, self.engine, self.max_pixels = bundle, engine, max_pixels
+        self.available = (bundle.path / SAVED_MODEL_FILE).exists()
+        self._explainer: Explainer | None = None
+        self._lock = threading.Lock()
+
+    def overlay_png(self, data: bytes, name: str) -> tuple[bytes, int]:
+        """``Explainer.overlay_png`` of one upload; raises ``ImageError`` (named ``name``), ``BundleError``."""
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = Explainer(self.bundle, engine=self.engine)
+            return self._explainer.overlay_png(data, path=name, max_pixels=self.max_pixels)
