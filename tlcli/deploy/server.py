@@ -256,13 +256,34 @@ def _top_k(request) -> int:
     return int(raw) if len(raw) <= 9 else 10 ** 9
 
 
+def _explain_endpoint(model: ServedModel, max_body_bytes: int, body_seconds: float):
+    """The handler of ``POST /explain`` (see the module docstring)."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    async def explain(request):
+        if not model.explanations.available:
+            raise ClientError(404, f"POST /explain: the bundle has no {SAVED_MODEL_FILE}, whose gradients "
+                                   "a saliency map needs")
+        (name, data), = await _uploads(request, max_body_bytes, body_seconds, 1)
+        start = time.perf_counter()
+        try:
+            png, c = await run_in_threadpool(model.explanations.overlay_png, data, name)
+        except ImageError as exc:
+            raise ClientError(400, str(exc)) from None
+        return Response(png, media_type="image/png", headers={
+            "X-Explained-Class": str(c), "Server-Timing": f"explain;dur={1000 * (time.perf_counter() - start):.1f}"})
+
+    return explain
+
+
 def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K,
               body_seconds: float = SERVE_BODY_SECONDS):
     """The Starlette app serving ``model`` (see the module docstring for the endpoints and bounds)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.responses import HTMLResponse, Response
+    from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
     from tlcli.deploy.server_page import page
@@ -285,19 +306,6 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
         if failed:
             return _json({"error": one_line(failed[0]["error"]), "results": results}, 400, timing)
         return _json(results, 200, timing)
-
-    async def explain(request):
-        if not model.explanations.available:
-            raise ClientError(404, f"POST /explain: the bundle has no {SAVED_MODEL_FILE}, whose gradients "
-                                   "a saliency map needs")
-        (name, data), = await _uploads(request, max_body_bytes, body_seconds, 1)
-        start = time.perf_counter()
-        try:
-            png, c = await run_in_threadpool(model.explanations.overlay_png, data, name)
-        except ImageError as exc:
-            raise ClientError(400, str(exc)) from None
-        return Response(png, media_type="image/png", headers={
-            "X-Explained-Class": str(c), "Server-Timing": f"explain;dur={1000 * (time.perf_counter() - start):.1f}"})
 
     def served(name: str, version: str | None, what: str) -> None:
         if name != model.name or (version is not None and version != VERSION):
@@ -336,7 +344,8 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     app = Starlette(routes=[Route("/", home, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
-                            Route("/explain", explain, methods=["POST"]),
+                            Route("/explain", _explain_endpoint(model, max_body_bytes, body_seconds),
+                                  methods=["POST"]),
                              Route("/v1/{rest:path}", tf_serving, methods=every)],
                      exception_handlers={ClientError: client_error, HTTPException: http_error,
                                          Exception: server_error})

@@ -150,6 +150,16 @@ def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[
                        for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
 
 
+def _check_options(*, top_k: int, max_mistakes: int, overlays: int, batch_size: int, engine: str) -> None:
+    """Raise ``UsageError`` for an option of ``evaluate`` that cannot work."""
+    inference.check_top_k(top_k)
+    for option, value, least in (("--mistakes", max_mistakes, 0), ("--overlays", overlays, 0),
+                                 ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise UsageError(f"{option} {value}: must be >= {least}")
+    inference.check_engine(engine)
+
+
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
@@ -172,14 +182,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
     missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
     """
-    inference.check_top_k(top_k)
-    if max_mistakes < 0:
-        raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
-    if overlays < 0:
-        raise UsageError(f"--overlays {overlays}: must be >= 0")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    inference.check_engine(engine)
+    _check_options(top_k=top_k, max_mistakes=max_mistakes, overlays=overlays, batch_size=batch_size, engine=engine)
     start = time.perf_counter()
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
