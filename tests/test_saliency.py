@@ -130,6 +130,22 @@ def test_explain_refuses_litert_and_a_folder_inside_the_photos(corner_bundle, ph
     inside = run_cli("predict", photos, "--model", corner_bundle, "--explain", photos / "why")
     assert inside.exit_code == 2 and "outside the image folders" in inside.stderr
     assert not (photos / "why").exists()
+    bare = shutil.copytree(corner_bundle, tmp_path / "bare")
+    (bare / "saved_model.pb").unlink()
+    lacking = run_cli("predict", photos, "--model", bare, "--explain", tmp_path / "o")
+    assert lacking.exit_code == 1 and "saved_model.pb" in lacking.stderr
+    assert len(lacking.stderr.strip().splitlines()) == 1
+
+
+def test_python_explain_returns_the_predictions_with_their_overlays(corner_bundle, photos, tmp_path):
+    import tlcli
+
+    paths = [photos / "blue" / "2.png", tmp_path / "missing.png"]
+    got = tlcli.explain(paths, out_dir=tmp_path / "why", model_dir=corner_bundle, top_k=1)
+    assert [p.predictions for p in got] == [p.predictions for p in tlcli.predict(paths, model_dir=corner_bundle,
+                                                                                  engine="tf", top_k=1)]
+    assert got[0].overlay == str(tmp_path / "why" / Path(got[0].overlay).name) and Path(got[0].overlay).is_file()
+    assert got[1].error and got[1].overlay is None and "overlay" not in got[1].to_dict()
 
 
 def test_evaluate_report_shows_an_overlay_beside_the_most_confident_mistakes(corner_bundle, photos, tmp_path):
