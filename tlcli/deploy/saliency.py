@@ -125,6 +125,12 @@ class Explainer:
         return Path(out), c
 
 
+def can_explain(bundle: bundles.Bundle) -> bool:
+    """Whether the bundle has its SavedModel, whose gradients a map needs (a bundle could keep
+    only model.tflite)."""
+    return (bundle.path / SAVED_MODEL_FILE).exists()
+
+
 def overlay(photo: Image.Image, saliency: np.ndarray, *, side: int = OVERLAY_SIDE) -> Image.Image:
     """``photo`` (RGB) scaled so that its longer side is ``side``, with ``saliency`` (float
     [h, w], >= 0, any scale) stretched over it and blended in: alpha and colour rise with the
@@ -215,7 +221,7 @@ def prepare(paths, *, out_dir: str | os.PathLike, model_dir: str | os.PathLike =
     if engine == "tflite":
         raise UsageError("--explain: saliency needs the SavedModel's gradients, which LiteRT lacks; "
                          "use --engine tf (or auto)")
-    if not (b.path / SAVED_MODEL_FILE).exists():
+    if not can_explain(b):
         raise BundleError(f"--model {b.path}: no {SAVED_MODEL_FILE}; --explain needs the bundle's SavedModel")
     found = walk.expand(paths)
     plan = plan_overlays(found, out_dir, inputs=[str(p) for p in paths], force=force)
@@ -265,7 +271,7 @@ class Explanations:
         import threading
 
         self.bundle, self.engine, self.max_pixels = bundle, engine, max_pixels
-        self.available = (bundle.path / SAVED_MODEL_FILE).exists()
+        self.available = can_explain(bundle)
         self._explainer: Explainer | None = None
         self._lock = threading.Lock()
 

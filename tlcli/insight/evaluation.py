@@ -126,13 +126,12 @@ def _overlays(paths: list[str], out_dir: Path, *, b: bundles.Bundle, max_pixels:
     """``saliency.write_overlays`` of ``paths`` (through ``engine`` when it is the SavedModel's),
     or nothing (with a ``Warn``) for a bundle without its SavedModel, whose gradients the maps
     need."""
-    from tlcli.bundle.graphcheck import SAVED_MODEL_FILE
     from tlcli.deploy import saliency
 
     if not paths:
         return {}
-    if not (b.path / SAVED_MODEL_FILE).exists():
-        progress(Warn(f"--model {b.path}: no {SAVED_MODEL_FILE}, so no saliency overlays in the report"))
+    if not saliency.can_explain(b):
+        progress(Warn(f"--model {b.path}: no {saliency.SAVED_MODEL_FILE}, so no saliency overlays in the report"))
         return {}
     return saliency.write_overlays(paths, out_dir, bundle=b, max_pixels=max_pixels, progress=progress,
                                    engine=engine if isinstance(engine, inference.TFEngine) else None)
