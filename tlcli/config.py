@@ -107,6 +107,8 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
+# Saliency overlays in evaluate's report: the most confident mistakes of mistakes.html (about a second each).
+EVALUATE_OVERLAYS = 24
 # A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
 FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
