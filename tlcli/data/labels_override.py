@@ -71,7 +71,8 @@ def read(path: str | os.PathLike) -> Review:
             raise DatasetError(f"{where}: line 1: the header must name at least path and action (as review.csv "
                                f"has: {','.join(COLUMNS)}), not {','.join(header) or 'empty'}")
         column = {name: header.index(name) for name in reversed(header)}  # the first of a repeated name
-        rows = [_row(values, reader.line_num, column, where) for values in reader if any(v.strip() for v in values)]
+        rows = [_row(values, reader.line_num, len(header), column, where) for values in reader
+                if any(v.strip() for v in values)]
     except csv.Error as exc:
         raise DatasetError(f"{where}: line {reader.line_num}: not valid CSV ({exc}); fix the quoting there") from None
     except UnicodeDecodeError:
@@ -79,14 +80,15 @@ def read(path: str | os.PathLike) -> Review:
     return Review(str(file.absolute()), hashlib.sha256(raw).hexdigest(), _one_a_photo(rows, where))
 
 
-def _row(values: list[str], line: int, column: dict[str, int], where: str) -> Row:
+def _row(values: list[str], line: int, width: int, column: dict[str, int], where: str) -> Row:
+    """One line of the file; missing trailing cells are empty (as some spreadsheets write them)."""
     def cell(name: str) -> str:
         i = column.get(name)
         return values[i].strip() if i is not None and i < len(values) else ""
 
-    if len(values) < len(column):
-        raise DatasetError(f"{where}: line {line}: {len(values)} field(s) where the header has {len(column)}; "
-                           "quote a value that holds a comma")
+    if len(values) > width:
+        raise DatasetError(f"{where}: line {line}: {len(values)} fields where the header has {width}; quote a "
+                           "value that holds a comma")
     path, action = cell("path"), cell("action").lower()
     if not path:
         raise DatasetError(f"{where}: line {line}: the path is empty; give the photo's path or remove the line")
