@@ -238,7 +238,7 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     written[review.REVIEW_CSV] = review.write_csv(rows, out_dir / review.REVIEW_CSV)
     controls = review.Controls(rows, result.labels)
 
-    def Card(path, lines):  # noqa: N802  (html_report.Card, with the review's picker)
+    def card(path, lines):  # an image with the review's action picker under it
         return html_report.Card(path, lines, controls.control(path))
 
     Section = html_report.Section
@@ -246,16 +246,16 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         Section("Near-duplicates", "Each row is one group: identical files, or the same photo resized, "
                 "recompressed, cropped or mirrored. train_val_leak inflates the validation accuracy; "
                 "across_classes means conflicting labels; within_class is redundant.",
-                [[Card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
+                [[card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
                   for p, label, split in zip(d.paths, d.labels, d.splits)]
                  for d in result.near_duplicates[:HTML_FINDINGS]]),
         Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
                 "label. Review each one: a model that is sometimes wrong also doubts correct labels, so "
                 "change a label only when the image itself shows it is wrong.",
-                [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
+                [[card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
-                [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
+                [[card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
                   for o in result.outliers[:HTML_FINDINGS]]]),
         Section("Images per class", "", header=["class", *result.class_counts],
                 rows=[[label, *(counts.get(label, 0) for counts in result.class_counts.values())]
