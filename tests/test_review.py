@@ -118,7 +118,7 @@ def test_the_summary_names_the_override(planted, tiny_backbone, tmp_path):
     ("{flip},blue,,,relabel,", "line 2: relabel to what? Fill in new_label"),
     ("{flip},blue,red,,relabel,purple", "line 2: label 'purple' is not a label of the data (blue, green, red)"),
     ("{root}/train/blue/nope.png,blue,red,,drop,", "line 2: {root}/train/blue/nope.png is not one of the images"),
-    ("{flip},green,red,,relabel,", "line 2: {flip} is labelled 'blue' now, not 'green'"),
+    ("{flip},green,red,,relabel,", "line 2: {flip} is labelled 'blue' in the data, not 'green' as the review says"),
 ])
 def test_a_bad_review_line_is_a_one_line_error_naming_the_line(planted, tmp_path, row, message):
     from tlcli import data

@@ -139,8 +139,9 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
                                "have been skipped as unusable, or the review is of other data); remove the line")
         given = _text(row.given, index)
         if given and ";" not in given and given != labels[sample.label]:
-            raise DatasetError(f"{where}: line {row.line}: {row.path} is labelled {labels[sample.label]!r} now, not "
-                               f"{given!r}; audit the data again for a fresh review.csv")
+            raise DatasetError(f"{where}: line {row.line}: {row.path} is labelled {labels[sample.label]!r} in the "
+                               f"data, not {given!r} as the review says (the data changed, or the review came from "
+                               "a run with another --labels-override); audit the data again, or fix the label column")
         if row.action == "drop":
             changes[os.path.abspath(sample.path)], dropped = None, dropped + 1
         elif row.action == "relabel":
