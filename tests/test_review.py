@@ -118,6 +118,8 @@ def test_the_summary_names_the_override(planted, tiny_backbone, tmp_path):
     ("{flip},blue,,,relabel,", "line 2: relabel to what? Fill in new_label"),
     ("{flip},blue,red,,relabel,purple", "line 2: label 'purple' is not a label of the data (blue, green, red)"),
     ("{root}/train/blue/nope.png,blue,red,,drop,", "line 2: {root}/train/blue/nope.png is not one of the images"),
+    ("{flip},blue,red,,relabel,\ntrain/blue/red_3.png,blue,,,drop,",
+     "line 3: train/blue/red_3.png is also on line 2 with another action"),  # one photo, written two ways
     ("{flip},green,red,,relabel,", "line 2: {flip} is labelled 'blue' in the data, not 'green' as the review says"),
 ])
 def test_a_bad_review_line_is_a_one_line_error_naming_the_line(planted, tmp_path, row, message):

@@ -120,8 +120,8 @@ def _text(cell: str, known) -> str:
 def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: str | os.PathLike,
           option: str = OPTION) -> tuple[dict[str, list], dict]:
     """``parts`` ({split name: [data.Sample]}) with the relabels and drops of ``review``, and what
-    the bundle records under ``labels_override``: {file, sha256, rows, relabelled, dropped,
-    kept}. ``labels``: the data's labels (a relabel target must be one); ``root``: what a relative
+    the bundle records under ``labels_override``: {file, sha256, rows (photos the review names),
+    relabelled, dropped, kept}. ``labels``: the data's labels (a relabel target must be one); ``root``: what a relative
     path is relative to. Raises ``DatasetError`` naming the line of an unknown path or label, of
     a row whose label column no longer matches the photo's, and for a class left without
     training images."""
@@ -129,6 +129,7 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
     index = {label: i for i, label in enumerate(labels)}
     by_path = {os.path.abspath(s.path): s for samples in parts.values() for s in samples}
     changes: dict[str, int | None] = {}  # photo -> its new label index, or None to drop it
+    lines: dict[str, Row] = {}  # photo -> the row that named it (a path may be written two ways)
     relabelled = dropped = 0
     for row in review.rows:
         sample = by_path.get(_resolved(row.path, root))
@@ -137,6 +138,12 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
         if sample is None:
             raise DatasetError(f"{where}: line {row.line}: {row.path} is not one of the images of the data (it may "
                                "have been skipped as unusable, or the review is of other data); remove the line")
+        first = lines.setdefault(os.path.abspath(sample.path), row)
+        if first is not row:
+            if (first.action, first.label) != (row.action, row.label):
+                raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
+                                   "action; keep one of the two lines")
+            continue
         given = _text(row.given, index)
         if given and ";" not in given and given != labels[sample.label]:
             raise DatasetError(f"{where}: line {row.line}: {row.path} is labelled {labels[sample.label]!r} in the "
@@ -157,8 +164,8 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
     if empty:
         raise DatasetError(f"{where}: leaves no training image labelled {empty[0]!r}; keep some of them, or "
                            "take that class out of the data")
-    return out, {"file": review.file, "sha256": review.sha256, "rows": len(review.rows), "relabelled": relabelled,
-                 "dropped": dropped, "kept": len(review.rows) - relabelled - dropped}
+    return out, {"file": review.file, "sha256": review.sha256, "rows": len(lines), "relabelled": relabelled,
+                 "dropped": dropped, "kept": len(lines) - relabelled - dropped}
 
 
 def _resolved(path: str, root) -> str:
