@@ -95,11 +95,11 @@ class Controls:
 
     @property
     def toolbar(self) -> str:
-        return ('<div class="toolbar"><button type="button" id="review-download">Download review.csv</button> '
-                '<span id="review-count">no action chosen</span><p class="note">Choose an action on an image '
-                "(keep, relabel to the label shown beside it, or drop), download review.csv, then train with "
-                "<code>tlcli train DIR --labels-override review.csv</code>: the images themselves are never "
-                "changed. Images not chosen here keep their label.</p></div>")
+        return ('<p class="note">Choose an action under an image (keep, relabel to the label shown beside it, '
+                "or drop), download review.csv, then train with <code>tlcli train DIR --labels-override "
+                "review.csv</code>: the images themselves are never changed. Images not chosen here keep their "
+                'label.</p><div class="toolbar"><button type="button" id="review-download">Download review.csv'
+                '</button> <span id="review-count">no action chosen</span></div>')
 
     @property
     def script(self) -> str:
