@@ -206,7 +206,7 @@ def test_report_folder_holds_the_page_and_one_csv_per_kind_and_is_not_overwritte
     from tlcli.errors import OutputExistsError, UsageError
 
     r, report, _ = audited
-    assert set(r.files) == {"audit.html", "near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv"}
+    assert set(r.files) == {"audit.html", "near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv", "review.csv"}
     rows = (report / "near_duplicates.csv").read_text().splitlines()
     assert rows[0] == "group,kind,similarity,path,label,split" and len(rows) == 1 + 6
     assert (report / "likely_mislabeled.csv").read_text().splitlines()[1].startswith(f"{defects['flipped']},green,red,")

@@ -166,6 +166,8 @@ class BundleMeta(_Section):
     the head sees the mean features of each image and its left-right mirror image. ``audit``:
     what training's own data check found (``findings.train_check``: counts of train/val duplicate
     groups and likely mislabels; None, and not written, in bundles made before it).
+    ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
+    relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -190,12 +192,13 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    labels_override: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit",)
+    _optional: ClassVar[tuple] = ("audit", "labels_override")
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":

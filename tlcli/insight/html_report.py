@@ -33,6 +33,7 @@ class Card:
     lines: list[str] = field(default_factory=list)
     # An image about this one (a saliency overlay), shown beside it and linked to its file.
     overlay: str | None = None
+    control: str = ""  # HTML under the caption (audit's review picker), made escaped by its maker
 
 
 @dataclass
@@ -82,6 +83,8 @@ border:1px solid #ddd;border-radius:6px;background:#fafafa}
 background:#eee;color:#888}.card a{color:#2a5db0}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+.review{margin-top:4px}.review select{font-size:12px;max-width:160px}
+.toolbar{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:1px solid #ddd}
 """
 
 
@@ -118,17 +121,19 @@ def _card(card: Card, cache: dict[str, str | None]) -> str:
     caption = "".join(f"<div>{'<b>' if i == 0 else ''}{esc(line)}{'</b>' if i == 0 else ''}</div>"
                       for i, line in enumerate(card.lines))
     return (f'<div class="card{" pair" if card.overlay else ""}">{pictures}{caption}'
-            f'<div><a href="{esc(file_url(card.path))}">full image</a></div></div>')
+            f'<div><a href="{esc(file_url(card.path))}">full image</a></div>{card.control}</div>')
 
 
-def page(title: str, summary: list[str], sections: list[Section]) -> str:
+def page(title: str, summary: list[str], sections: list[Section], *, toolbar: str = "", script: str = "") -> str:
     """The HTML text of a page (see the module docstring). Each distinct image path is
-    thumbnailed once."""
+    thumbnailed once. ``toolbar`` (HTML below the summary) and ``script`` (an inline ``<script>``
+    at the end) are inserted as given: their maker escapes them, and they fetch nothing."""
     esc = html.escape
     cache: dict[str, str | None] = {}
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     out += [f'<p class="note">{esc(line)}</p>' for line in summary]
+    out += [toolbar] if toolbar else []
     for s in sections:
         out.append(f"<h2>{esc(s.title)}</h2>")
         if s.note:
@@ -145,13 +150,15 @@ def page(title: str, summary: list[str], sections: list[Section]) -> str:
             out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.header) + "</tr>")
             out += ["<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in s.rows]
             out.append("</table>")
+    out += [script] if script else []
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
-def write_page(path: str | os.PathLike, title: str, summary: list[str], sections: list[Section]) -> Path:
-    """Write ``page(...)`` to ``path`` atomically (``files.write_file``; raises ``TlcliError``)."""
-    files.write_file(path, page(title, summary, sections).encode("utf-8"))
+def write_page(path: str | os.PathLike, title: str, summary: list[str], sections: list[Section], **extra) -> Path:
+    """Write ``page(...)`` (``extra``: its toolbar and script) to ``path`` atomically
+    (``files.write_file``; raises ``TlcliError``)."""
+    files.write_file(path, page(title, summary, sections, **extra).encode("utf-8"))
     return Path(path)
 
 

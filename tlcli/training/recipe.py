@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.data import labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -56,6 +57,8 @@ class TrainResult:
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
+    # With --labels-override: its file, SHA-256 and counts (``data.labels_override.apply``).
+    labels_override: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +73,8 @@ def _check_inputs(cfg: TrainConfig):
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
+    if cfg.labels_override:  # its form now; its paths and labels once the scan has found them
+        labels_override.read(cfg.labels_override)
     return resolve_spec(cfg.backbone, cfg.image_size)
 
 
@@ -230,7 +235,8 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
-        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration)
+        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
+        labels_override=splits.override)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -340,7 +346,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped])
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
