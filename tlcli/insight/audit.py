@@ -239,7 +239,7 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     controls = review.Controls(rows, result.labels)
 
     def card(path, lines):  # an image with the review's action picker under it
-        return html_report.Card(path, lines, controls.control(path))
+        return html_report.Card(path, lines, control=controls.control(path))
 
     Section = html_report.Section
     sections = [
