@@ -206,7 +206,7 @@ def test_report_folder_holds_the_page_and_one_csv_per_kind_and_is_not_overwritte
     from tlcli.errors import OutputExistsError, UsageError
 
     r, report, _ = audited
-    assert set(r.files) == {"audit.html", "near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv"}
+    assert set(r.files) == {"audit.html", "near_duplicates.csv", "likely_mislabeled.csv", "outliers.csv", "review.csv"}
     rows = (report / "near_duplicates.csv").read_text().splitlines()
     assert rows[0] == "group,kind,similarity,path,label,split" and len(rows) == 1 + 6
     assert (report / "likely_mislabeled.csv").read_text().splitlines()[1].startswith(f"{defects['flipped']},green,red,")
@@ -351,7 +351,7 @@ def test_reports_open_in_headless_chromium_with_every_thumbnail(audited, trained
     shutil.copytree(colour_data, tmp_path / "eval")
     shutil.copyfile(colour_data / "red" / "red_0.jpg", tmp_path / "eval" / "blue" / "filed_wrong.jpg")
     e = tlcli.evaluate(tmp_path / "eval", model_dir=trained_bundle, report_dir=tmp_path / "eval-report")
-    pages = {audited[1] / "audit.html": 8, Path(e.files["mistakes.html"]): 1}
+    pages = {audited[1] / "audit.html": 8, Path(e.files["mistakes.html"]): 2}  # the mistake and its saliency overlay
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         try:

@@ -197,3 +197,20 @@ def test_single_label_bundles_old_and_new_answer_as_before(bundle_copy, colour_d
     assert p == new and p.labels is None and set(p.to_dict()) == {"path", "predictions", "error"}
     refused = run_cli("predict", photo, "--model", bundle_copy, "--threshold", "0.5")
     assert refused.exit_code != 0 and "single-label" in refused.output
+
+
+def test_a_review_relabels_a_multi_label_photo_to_a_label_set(tmp_path):
+    from tlcli.data import labels_override
+
+    csv = make_multilabel_set(tmp_path / "photos", per_set=2)
+    folder = data.scan(csv, image_size=8)
+    review = tmp_path / "review.csv"
+    review.write_text("path,label,suggested_label,evidence,action,new_label\n"
+                      "green_1.png,green,green;red,,relabel,\n"
+                      "blue_red_0.png,blue;red,blue,,relabel,\n"
+                      "red_0.png,red,,,drop,\n")
+    parts, record = labels_override.apply(labels_override.read(review), {"train": folder.samples}, folder.labels,
+                                          root=csv.parent)
+    sets = {Path(s.path).name: [folder.labels[i] for i in s.label_set()] for s in parts["train"]}
+    assert sets["green_1.png"] == ["green", "red"] and sets["blue_red_0.png"] == ["blue"]
+    assert "red_0.png" not in sets and (record["relabelled"], record["dropped"]) == (2, 1)

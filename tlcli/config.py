@@ -107,6 +107,8 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
+# Saliency overlays in evaluate's report: the most confident mistakes of mistakes.html (about a second each).
+EVALUATE_OVERLAYS = 24
 # A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
 FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
@@ -129,6 +131,9 @@ class TrainConfig:
     val_split: float = 0.2
     val_dir: str | None = None
     seed: int = 0
+    # A review file (``tlcli audit``'s review.csv, its actions filled in): relabels and drops applied
+    # to the scanned images, never to the files (tlcli/data/labels_override.py).
+    labels_override: str | None = None
     # Head phase, on cached features (tlcli/model/head.py): an epoch is one full-batch step, so the cap
     # is cheap. Early stopping on held-out folds of the training images picks the epoch count,
     # cross-validation picks the L2 strength (None = auto), then the head is refit on all of them.

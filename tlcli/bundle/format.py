@@ -170,6 +170,8 @@ class BundleMeta(_Section):
     the head sees the mean features of each image and its left-right mirror image. ``audit``:
     what training's own data check found (``findings.train_check``: counts of train/val duplicate
     groups and likely mislabels; None, and not written, in bundles made before it).
+    ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
+    relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -194,6 +196,7 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    labels_override: dict | None = None
     # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
     # and not written back, in a bundle made before it (single-label): see ``multi_label``.
     task: str | None = None
@@ -205,7 +208,7 @@ class BundleMeta(_Section):
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "task", "thresholds")
+    _optional: ClassVar[tuple] = ("audit", "labels_override", "task", "thresholds")
 
     @property
     def multi_label(self) -> bool:

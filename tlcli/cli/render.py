@@ -339,6 +339,11 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
+    o = result.labels_override
+    if o:
+        t.add_row("labels override", f"{o['relabelled']} relabelled, {o['dropped']} dropped, {o['kept']} kept "
+                  f"(no file changed); sha256 {o['sha256'][:16]}")
+        t.add_row("review file", path_cell(o["file"]))
     t.add_row("strategy", safe(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
     if result.extracted_by_worker:

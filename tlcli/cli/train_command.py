@@ -35,6 +35,9 @@ ValDirOption = Annotated[Optional[Path], opt(DATA, "Explicit validation folder (
 SeedOption = Annotated[int, opt(DATA, "Seed for the split, shuffling and initialisation.")]
 StrictOption = Annotated[bool, opt(DATA, "Fail on any unusable file instead of skipping it.", "--strict")]
 MaxPixelsOption = Annotated[int, opt(DATA, "Largest image (decoded pixels) accepted.", min=1)]
+LabelsOverrideOption = Annotated[Optional[Path], opt(
+        DATA, "A review.csv of 'tlcli audit --report' with its actions filled in: relabel and drop photos for "
+              "this run only (the files are never changed).", metavar="FILE", show_default=False)]
 BackboneOption = Annotated[str, opt(MODEL, f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https handle, or "
                                          "local SavedModel directory.")]
 ImageSizeOption = Annotated[Optional[int], opt(MODEL, "Input size; default: the preset's or the backbone's "
@@ -101,6 +104,7 @@ def train(
     seed: SeedOption = DEFAULTS.seed,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = DEFAULTS.max_pixels,
+    labels_override: LabelsOverrideOption = None,
     backbone: BackboneOption = DEFAULT_PRESET,
     image_size: ImageSizeOption = None,
     mirror: MirrorOption = DEFAULTS.mirror,

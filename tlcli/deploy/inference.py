@@ -26,20 +26,23 @@ from tlcli.quiet import native_stderr_silenced
 @dataclass
 class Prediction:
     """``predictions`` is a list of {"label", "probability"}, best first; ``error`` is None or a
-    message (the file could not be used). ``labels``: of a multi-label model, the names of every
-    label at or above its threshold, most probable first (each also in ``predictions``); None,
-    and not in ``to_dict``, for a single-label model."""
+    message (the file could not be used); ``overlay`` the saliency overlay written for it
+    (``predict --explain``), else None and left out of ``to_dict``. ``labels``: of a multi-label
+    model, the names of every label at or above its threshold, most probable first (each also in
+    ``predictions``); None, and not in ``to_dict``, for a single-label model."""
 
     path: str
     predictions: list[dict] = field(default_factory=list)
     error: str | None = None
     labels: list[str] | None = None
+    overlay: str | None = None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        if self.labels is None:
-            del out["labels"]
-        return out
+        d = asdict(self)
+        for key in ("labels", "overlay"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def _file_error(p: str, exc: ImageError) -> str:

@@ -1,7 +1,8 @@
 """``tlcli audit``: the duplicates, train/val leaks, likely mislabels and outliers of a dataset
 (``findings``), from the backbone features training computes (same scan, split and feature
-cache, so an audit after ``train`` extracts nothing), with its report: ``audit.html`` and one CSV
-per kind. The audit only reads the images; it never changes them.
+cache, so an audit after ``train`` extracts nothing), with its report: ``audit.html``, one CSV per
+kind and ``review.csv`` (``review``: the actions to take, chosen on the page or in the file, for
+``tlcli train --labels-override``). The audit only reads the images; it never changes them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import UsageError
-from tlcli.insight import html_report
+from tlcli.insight import html_report, review
 from tlcli.insight.findings import COPY_QUANTILE, FLOOR_QUANTILE, AuditResult, analyse, engine_of
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, Info, silent
@@ -140,7 +141,7 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
 def _remove_report(out_dir: Path) -> None:
     """Remove the report folder an audit that failed had created, with the report files in it; a
     file someone else put there meanwhile keeps it."""
-    for name in (*CSV_FILES.values(), REPORT_HTML):
+    for name in (*CSV_FILES.values(), review.REVIEW_CSV, REPORT_HTML):
         with contextlib.suppress(OSError):
             (out_dir / name).unlink()
     with contextlib.suppress(OSError):
@@ -221,8 +222,9 @@ def _sizes_note(stats: dict) -> str:
 
 
 def write_report(result: AuditResult, out_dir) -> dict[str, str]:
-    """``REPORT_HTML`` and the ``CSV_FILES`` of ``result`` in ``out_dir``; returns {name: path}.
-    Paths in the page are shown relative to DIR (or --val-dir) when under it. Raises ``TlcliError``."""
+    """``REPORT_HTML``, the ``CSV_FILES`` of ``result`` and ``review.REVIEW_CSV`` in ``out_dir``;
+    returns {name: path}. Paths in the page are shown relative to DIR (or --val-dir) when under
+    it; each image on it has the review's action picker. Raises ``TlcliError``."""
     out_dir = Path(out_dir)
     roots = [r for r in (result.val_dir, result.data_dir) if r]
 
@@ -241,21 +243,28 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
     written[CSV_FILES["outliers"]] = html_report.write_csv(
         out_dir / CSV_FILES["outliers"], ("path", "label", "score"),
         [(o.path, o.label, f"{o.score:.6f}") for o in result.outliers])
-    Card, Section = html_report.Card, html_report.Section
+    rows = review.review_rows(result)
+    written[review.REVIEW_CSV] = review.write_csv(rows, out_dir / review.REVIEW_CSV)
+    controls = review.Controls(rows, result.labels)
+
+    def card(path, lines):  # an image with the review's action picker under it
+        return html_report.Card(path, lines, control=controls.control(path))
+
+    Section = html_report.Section
     sections = [
         Section("Near-duplicates", "Each row is one group: identical files, or the same photo resized, "
                 "recompressed, cropped or mirrored. train_val_leak inflates the validation accuracy; "
                 "across_classes means conflicting labels; within_class is redundant.",
-                [[Card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
+                [[card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
                   for p, label, split in zip(d.paths, d.labels, d.splits)]
                  for d in result.near_duplicates[:HTML_FINDINGS]]),
         Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
                 "label. Review each one: a model that is sometimes wrong also doubts correct labels, so "
                 "change a label only when the image itself shows it is wrong.",
-                [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
+                [[card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
-                [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
+                [[card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
                   for o in result.outliers[:HTML_FINDINGS]]]),
         Section("Images per class", "", header=["class", *result.class_counts],
                 rows=[[label, *(counts.get(label, 0) for counts in result.class_counts.values())]
@@ -272,5 +281,7 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
                ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()),
                f"At most {HTML_FINDINGS} findings of each kind are shown, most suspicious first; the CSV files "
                "beside this page list every one."]
-    written[REPORT_HTML] = html_report.write_page(out_dir / REPORT_HTML, "tlcli audit", summary, sections)
+    review_page = {"toolbar": controls.toolbar, "script": controls.script} if rows else {}
+    written[REPORT_HTML] = html_report.write_page(out_dir / REPORT_HTML, "tlcli audit", summary, sections,
+                                                  **review_page)
     return {name: str(p) for name, p in written.items()}

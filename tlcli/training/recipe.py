@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
-from tlcli.data import label_csv
+from tlcli.data import label_csv, labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -58,6 +58,8 @@ class TrainResult:
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
+    # With --labels-override: its file, SHA-256 and counts (``data.labels_override.apply``).
+    labels_override: dict | None = None
     # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
     task: str | None = None
 
@@ -74,6 +76,8 @@ def _check_inputs(cfg: TrainConfig):
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
+    if cfg.labels_override:  # its form now; its paths and labels once the scan has found them
+        labels_override.read(cfg.labels_override)
     return resolve_spec(cfg.backbone, cfg.image_size)
 
 
@@ -239,7 +243,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
-        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
+        labels_override=splits.override, task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -362,7 +366,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped],
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
         task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
         thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None)
 

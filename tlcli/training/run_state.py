@@ -30,7 +30,7 @@ from tlcli.progress import Callback, Info
 
 STATE_FILE = "state.json"
 # Paths of a run, stored absolute so that --resume from another folder trains the same images.
-_PATHS = ("data_dir", "val_dir", "out", "cache_dir")
+_PATHS = ("data_dir", "val_dir", "out", "cache_dir", "labels_override")
 # What a command may still change on --resume: where the bundle goes (it names the run being
 # resumed), whether it may replace one, and where features are cached (the results are the same).
 _RESUME_MAY_CHANGE = {"out", "force", "resume", "cache_dir"}
