@@ -353,6 +353,23 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     return t
 
 
+def choice_table(choice: dict) -> Table:
+    """The leaderboard of ``--backbone A,B`` / ``auto`` (``choice.BackboneChoice.to_dict``), best
+    first, with why the winner won and the notes below."""
+    t = Table(title="Backbone choice (head cross-validated on the training images)", title_justify="left",
+              caption=Text("\n").join([safe(f"kept {choice['reason']}"),
+                                        *(safe(n, "dim") for n in choice.get("notes", []))]),
+              caption_justify="left")
+    t.add_column("backbone", overflow="fold")
+    for header in ("CV accuracy", "CV loss", "ms/image", "features"):
+        t.add_column(header, justify="right")
+    for i, c in enumerate(choice["candidates"]):
+        ms = "-" if c.get("ms_per_image") is None else f"{c['ms_per_image']:.3g}"
+        t.add_row(safe(c["name"], "bold" if i == 0 else ""), pct(c["cv_accuracy"]), f"{c['cv_loss']:.3f}", ms,
+                  str(c["feature_dim"]))
+    return t
+
+
 def _ranked(p) -> list[str]:
     return [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions]
 
