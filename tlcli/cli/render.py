@@ -418,17 +418,22 @@ def export_summary(r) -> Table:
 
 
 def models_table(listing) -> Table:
-    """A ``models.ModelList``: each preset, its sizes, and whether (and how big) it is cached."""
+    """A ``models.ModelList``: each preset, its sizes, licence, measured CPU time, and whether
+    (and how big) it is cached; the handles are in ``--json``."""
     t = Table(title="Backbone presets", title_justify="left",
-              caption=Text.assemble("TF Hub cache: ", safe(listing.cache_dir)), caption_justify="left")
+              caption=Text.assemble("ms: CPU time per image through LiteRT on the 2-core development machine "
+                                    "(-: not measured there). Handles: --json. TF Hub cache: ",
+                                    safe(listing.cache_dir)), caption_justify="left")
     t.add_column("name", overflow="fold")
     t.add_column("input", justify="right")
     t.add_column("features", justify="right")
+    t.add_column("licence")
+    t.add_column("ms", justify="right")
     t.add_column("cached", justify="right")
-    t.add_column("handle", overflow="fold")
     for m in listing.models:
         cached = Text(_size(m.size_bytes), style="green") if m.cached else Text("no", style="dim")
-        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), cached, safe(m.handle))
+        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), safe(m.licence or "-"),
+                  "-" if m.cpu_ms is None else f"{m.cpu_ms:.1f}", cached)
     return t
 
 
