@@ -361,7 +361,7 @@ def choice_table(choice: dict) -> Table:
                                         *(safe(n, "dim") for n in choice.get("notes", []))]),
               caption_justify="left")
     t.add_column("backbone", overflow="fold")
-    for header in ("CV accuracy", "CV loss", "ms/image", "features"):
+    for header in ("CV acc", "CV loss", "ms/img", "features"):
         t.add_column(header, justify="right")
     for i, c in enumerate(choice["candidates"]):
         ms = "-" if c.get("ms_per_image") is None else f"{c['ms_per_image']:.3g}"

@@ -80,7 +80,14 @@ def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = sil
     names, candidates, notes = _names(specs), {}, []
     for i, (name, spec) in enumerate(zip(names, specs)):
         progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
-        candidates[name] = _candidate(cfg, spec, name, samples, progress)
+        found = _candidate(cfg, spec, name, samples, progress)
+        if found is None:
+            notes.append(f"{name} left out: it runs through a signature, which --fine-tune cannot train")
+        else:
+            candidates[name] = found
+    if not candidates:
+        raise UsageError(f"--backbone {cfg.backbone}: with --fine-tune, no candidate can be trained (each runs "
+                         "through a signature); train without --fine-tune")
     options = dict(class_weight=data.class_weights(y.tolist(), k) if cfg.class_weights else None, epochs=cfg.epochs,
                    learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing, patience=cfg.patience,
                    seed=cfg.seed, l2=cfg.l2)
@@ -116,13 +123,16 @@ def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
 
 def _candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress: Callback):
     """(selection.Candidate, spec, engine) of one backbone: its plain features of ``samples``
-    (cached by the feature store under the run's own keys) and its measured ms/image."""
+    (cached by the feature store under the run's own keys) and its measured ms/image; None
+    with --fine-tune for a backbone run through a signature (it cannot be trained)."""
     from tlcli import features
     from tlcli.model import backbone
     from tlcli.model import classifier as model
     from tlcli.model import litert as litert_backbone
 
     loaded = backbone.load(spec, path=backbone.fetch(spec))
+    if cfg.fine_tune and loaded.signature is not None:
+        return None
     extractor = model.build_extractor(loaded.layer, loaded.image_size)
     runner = None
     if litert_backbone.engine_for(cfg.extractor) == "litert":
