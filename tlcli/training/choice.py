@@ -80,7 +80,7 @@ def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = sil
     names, candidates, notes = _names(specs), {}, []
     for i, (name, spec) in enumerate(zip(names, specs)):
         progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
-        found = _candidate(cfg, spec, name, samples, progress)
+        found = candidate(cfg, spec, name, samples, progress)
         if found is None:
             notes.append(f"{name} left out: it runs through a signature, which --fine-tune cannot train")
         else:
@@ -121,7 +121,7 @@ def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
     return standing, spec
 
 
-def _candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress: Callback):
+def candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress: Callback = silent):
     """(selection.Candidate, spec, engine) of one backbone: its plain features of ``samples``
     (cached by the feature store under the run's own keys) and its measured ms/image; None
     with --fine-tune for a backbone run through a signature (it cannot be trained)."""
