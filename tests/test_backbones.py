@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tlcli
-from tests.helpers import make_keras3_backbone, run_cli
+from tests.helpers import make_keras3_backbone, make_tiny_backbone, run_cli
 from tlcli.errors import BackboneError, UsageError
 from tlcli.model import selection
 
@@ -43,6 +43,13 @@ def test_explicit_signature_and_output_are_used_and_bad_ones_are_one_line(tmp_pa
             backbone.load(backbone.resolve_spec(two, 32, **flags))
         assert str(err.value).startswith(option) and "\n" not in str(err.value)
         assert "serving_default" in str(err.value) or "output_0, output_1" in str(err.value)
+    # A hub model's __call__ with a dict of outputs: --backbone-output picks one, and names them.
+    hub_dict = str(make_tiny_backbone(tmp_path / "dict", dict_output=True))
+    with pytest.raises(BackboneError, match="or its output with --backbone-output$"):
+        backbone.load(backbone.resolve_spec(hub_dict, 32))
+    assert backbone.load(backbone.resolve_spec(hub_dict, 32, output_key="pooled")).feature_dim == 11
+    with pytest.raises(BackboneError, match="^--backbone-output nope: .* has no such output .it has default, pooled"):
+        backbone.load(backbone.resolve_spec(hub_dict, 32, output_key="nope"))
     # The features' cache key follows the signature and output.
     keys = {backbone.cache_key(backbone.resolve_spec(two, 32, **f), 32)
             for f in [{}, dict(signature="serve"), dict(output_key="output_1")]}

@@ -331,6 +331,9 @@ def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None
         shapes = [_first_input_shape(cf) for cf in _concrete_calls(obj)]
         layer = hub().KerasLayer(obj, trainable=trainable, output_key=spec.output_key, name=name)
         shape, output_key = _declared_output_shape(obj, spec.output_key), spec.output_key
+        if output_key and isinstance(_declared_output_shape(obj), dict) and isinstance(shape, dict):
+            raise BackboneError(f"--backbone-output {output_key}: {spec.handle} has no such output (it has "
+                                f"{_listed(shape)})")
     rank = _declared_input_rank(shapes)
     if rank is not None and rank != 4:
         raise BackboneError(f"--backbone {spec.handle}: takes rank-{rank} input, not images "
