@@ -37,7 +37,6 @@ class Standing:
     feature_dim: int
     image_size: int
     ms_per_image: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def is_concat(self) -> bool:
