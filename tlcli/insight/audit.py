@@ -149,7 +149,7 @@ def _remove_report(out_dir: Path) -> None:
 def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditResult:
     from tlcli.model.backbone import fetch, resolve_spec
 
-    spec = resolve_spec(cfg.backbone, cfg.image_size)
+    spec = resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature, output_key=cfg.backbone_output)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     result = analyse(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
@@ -173,6 +173,9 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
     if data_dir is None and not trained.train_dir:
         raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
                          "give that folder as DIR too")
+    if b.meta.backbone.parts:
+        raise UsageError(f"--model {model_dir}: its backbone concatenates {' and '.join(b.meta.backbone.parts)}, "
+                         "which audit does not run; audit DIR with one of them as --backbone")
     root = str(Path(trained.train_dir).parent) if trained.test_dir else None  # split folders
     return cfg.replace(data_dir=str(data_dir) if data_dir is not None else root or trained.train_dir,
                        val_dir=None if root and data_dir is None else trained.val_dir if data_dir is None
