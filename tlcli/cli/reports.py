@@ -109,7 +109,10 @@ def audit(r) -> list:
             d.add_row(str(i), g.kind, f"{g.similarity:.3f}", files, _AUDIT_ACTIONS[g.kind])
         shown.append(d)
     if r.likely_mislabeled:
-        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
+        from tlcli.insight.label_noise import note
+
+        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)}; "
+                        f"{note(r.mislabel_estimate)}), strongest evidence first", title_justify="left")
         for name in ("file", "label", "suggested", "score", "action"):
             m.add_column(name, overflow="fold")
         for x in r.likely_mislabeled:
