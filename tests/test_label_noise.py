@@ -130,3 +130,31 @@ def test_the_note_on_the_figures():
     assert label_noise.note({}) == "not looked for"
     text = label_noise.note({"flagged": 7, "expected_false_alarms": 1.234, "estimated_errors": 9.4})
     assert text == "about 1.2 of the 7 expected to be false alarms; about 9 wrong label(s) estimated in all"
+
+
+def test_the_audit_table_shows_the_false_alarms_beside_the_count_and_says_review(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tlcli.cli import reports
+    from tlcli.insight.findings import AuditResult, Mislabel
+
+    flagged = [Mislabel(str(tmp_path / "dress" / "skirt.jpg"), "dress", "shorts", 0.993, 0.12),
+               Mislabel(str(tmp_path / "shorts" / "a.jpg"), "shorts", "dress", 0.981, 0.31)]
+    r = AuditResult(data_dir=str(tmp_path), val_dir=None, labels=["dress", "shorts"], near_duplicates=[],
+                    likely_mislabeled=flagged, outliers=[], skipped=[], thresholds={},
+                    class_counts={"train": {"dress": 1, "shorts": 1}, "val": {}},
+                    mislabel_estimate={"flagged": 2, "expected_false_alarms": 0.43, "estimated_errors": 3.2})
+    def shown(width):
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, color_system=None)
+        for part in reports.audit(r):
+            console.print(part)
+        return buf.getvalue()
+
+    assert max(len(line) for line in shown(80).splitlines()) <= 80
+    text = " ".join(shown(200).split())
+    assert "Likely mislabels (2; about 0.4 of the 2 expected to be false alarms;" in text
+    assert "12%" in text and "31%" in text and "review: is it shorts?" in text and "move" not in text
+    assert text.index("skirt.jpg") < text.index("a.jpg")

@@ -244,7 +244,8 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         Section("Likely mislabels", f"Out-of-fold, the head found the label more likely wrong than right, "
                 f"beyond what its own errors explain; {label_noise.note(result.mislabel_estimate)}. Review each "
                 "one: change a label only when the image itself shows it is wrong.",
-                [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
+                [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}"
+                                + ("" if m.false_alarm is None else f", false alarm {m.false_alarm:.0%}"), rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
                 [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])

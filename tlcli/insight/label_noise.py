@@ -138,7 +138,7 @@ def _best_noise(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(eps, log-likelihood) maximising sum log(a + eps (b - a)) over eps in [0, MAX_NOISE]
     (concave in eps: bisection on the derivative)."""
     d = b - a
-    if (d / a).sum() <= 0:  # the slope at 0: no noise explains the labels better than some
+    if (d / a).sum() <= 0:  # the slope at eps = 0 is not positive: no noise fits best
         return 0.0, float(np.log(a).sum())
     lo, hi = 0.0, MAX_NOISE
     for _ in range(50):
