@@ -240,7 +240,9 @@ def test_train_warns_in_one_line_and_records_the_counts(defects, histogram_backb
     meta = bundle.load(tmp_path / "model").meta
     assert meta.audit == {"train_val_duplicates": 2, "likely_mislabeled": meta.audit["likely_mislabeled"],
                           "cross_validated": 32, "mislabels_strong": False,
-                          "mislabels_expected_false_alarms": meta.audit["mislabels_expected_false_alarms"]}
+                          "mislabels_expected_false_alarms": meta.audit["mislabels_expected_false_alarms"],
+                          "mislabels_p_value": meta.audit["mislabels_p_value"]}
+    assert meta.audit["mislabels_p_value"] > 0.01  # what keeps the mislabels out of the warning
     assert meta.audit["likely_mislabeled"] <= 1
     # An audit after training extracts nothing: the same scan, split and feature cache.
     a = tlcli.audit(defects["train"], val_dir=defects["val"], backbone=str(histogram_backbone),

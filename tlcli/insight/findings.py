@@ -382,8 +382,9 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     flagged by ``label_noise.find`` on the head fit's own out-of-fold probabilities (the rows
     it cross-validated: ``fit.oof_rows``; a mirror view's row counts for its image),
     "cross_validated": how many images those were, "mislabels_expected_false_alarms" and
-    "mislabels_strong": the false alarms expected among them, and whether the finding is strong
-    (the mislabels are part of the warning only then)}. ``cfg``: the run's TrainConfig;
+    "mislabels_strong", "mislabels_p_value": the false alarms expected among them, whether the
+    finding is strong (the mislabels are part of the warning only then) and the p-value that
+    decides it}. ``cfg``: the run's TrainConfig;
     ``cache_key``: its frozen features' (the calibration copies are cached beside them), or None
     (with fine-tuning: the copies are made afresh). ``extractors``: (the Keras extractor, the
     LiteRT runner or None); the copies go through the engine that made ``views``. None, with
@@ -417,6 +418,7 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     flagged = len(found.flagged) if found else 0
     return {"train_val_duplicates": leaks, "likely_mislabeled": flagged, "cross_validated": checked,
             "mislabels_expected_false_alarms": round(found.expected_false_alarms, 2) if found else 0.0,
-            "mislabels_strong": bool(found and found.strong)}
+            "mislabels_strong": bool(found and found.strong),
+            "mislabels_p_value": float(f"{found.p_value:.3g}") if found else 1.0}
 
 
