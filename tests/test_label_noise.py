@@ -60,7 +60,9 @@ def test_flags_are_more_precise_than_cleanlab_and_rank_flips_as_high(k, separati
         precision = len(set(flagged) & flips) / len(flagged)
         assert precision >= 0.5
         assert precision >= len(theirs & flips) / len(theirs)
-        # Ranked by evidence: as many flips among the first len(flips) as cleanlab's ranking.
+        # Ranked by evidence: as many flips among the first len(flips) as cleanlab's ranking, but
+        # one (confident learning runs here on the calibrated probabilities, cleanlab on the raw
+        # ones, so one rounded cell of the joint may differ).
         top = len(set(found.candidates[:len(flips)]) & flips)
         assert top >= len(set(cleanlab_issues(probs, y, ranked=True)[:len(flips)]) & flips) - 1
         assert top >= len(flips) / 2  # most flips rank at the top
