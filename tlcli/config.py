@@ -125,7 +125,13 @@ class TrainConfig:
     """One training run. Saved in the bundle's ``tlcli.json`` so nothing is asked twice."""
 
     data_dir: str = ""
+    # One backbone, or candidates "A,B,..." / "auto" (the presets in the TF Hub cache): the head is
+    # cross-validated on each one's features of the training images and the best is kept.
     backbone: str = DEFAULT_PRESET
+    # A SavedModel without __call__ (a Keras 3 export) runs through a signature, taking one of its
+    # outputs; None = found from the model (its only one, or serving_default).
+    backbone_signature: str | None = None
+    backbone_output: str | None = None
     image_size: int | None = None
     out: str = DEFAULT_MODEL_DIR
     val_split: float = 0.2
@@ -263,3 +269,22 @@ def validate(cfg: TrainConfig) -> None:
     for option, value, ok, why in checks:
         if not ok:
             raise UsageError(f"{option} {value}: {why}")
+    _check_backbone_flags(cfg)
+
+
+def is_backbone_choice(backbone: str) -> bool:
+    """Whether ``--backbone`` names candidates to choose from ("auto", or "A,B,...") rather than
+    one backbone (a local folder whose name has a comma is one backbone)."""
+    return backbone == "auto" or ("," in backbone and not Path(backbone).expanduser().is_dir())
+
+
+def _check_backbone_flags(cfg: TrainConfig) -> None:
+    for option, value in (("--backbone-signature", cfg.backbone_signature), ("--backbone-output", cfg.backbone_output)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise UsageError(f"{option} {value!r}: give a signature or output name")
+        if value is not None and is_backbone_choice(cfg.backbone):
+            raise UsageError(f"{option} {value}: give it with one --backbone, not with candidates "
+                             f"({cfg.backbone}); each candidate's signature is found from the model")
+    if cfg.backbone_signature is not None and cfg.fine_tune:
+        raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
+                         "cannot be fine-tuned; train without --fine-tune")

@@ -87,11 +87,19 @@ class _Section:
 @dataclass(kw_only=True)
 class BackboneMeta(_Section):
     """The frozen feature extractor: its TF Hub handle or local path, the preset name it was
-    chosen by (None for a handle) and the size of its feature vector."""
+    chosen by (None for a handle) and the size of its feature vector. ``signature`` and
+    ``output_key``: what a SavedModel without __call__ (a Keras 3 export) ran; ``parts``: the
+    handles of the backbones whose features were concatenated (``handle`` names them joined
+    by " + "). Each None, and not written, otherwise."""
 
     handle: str | None = None
     preset: str | None = None
     feature_dim: int | None = None
+    signature: str | None = None
+    output_key: str | None = None
+    parts: list[str] | None = None
+
+    _optional: ClassVar[tuple] = ("signature", "output_key", "parts")
 
 
 @dataclass(kw_only=True)
@@ -197,6 +205,8 @@ class BundleMeta(_Section):
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
     labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
+    backbone_choice: dict | None = None
     # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
     # and not written back, in a bundle made before it (single-label): see ``multi_label``.
     task: str | None = None
@@ -208,7 +218,7 @@ class BundleMeta(_Section):
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "labels_override", "task", "thresholds")
+    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice", "task", "thresholds")
 
     @property
     def multi_label(self) -> bool:

@@ -359,6 +359,23 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     return t
 
 
+def choice_table(choice: dict) -> Table:
+    """The leaderboard of ``--backbone A,B`` / ``auto`` (``choice.BackboneChoice.to_dict``), best
+    first, with why the winner won and the notes below."""
+    t = Table(title="Backbone choice (head cross-validated on the training images)", title_justify="left",
+              caption=Text("\n").join([safe(f"kept {choice['reason']}"),
+                                        *(safe(n, "dim") for n in choice.get("notes", []))]),
+              caption_justify="left")
+    t.add_column("backbone", overflow="fold")
+    for header in ("CV acc", "CV loss", "ms/img", "features"):
+        t.add_column(header, justify="right")
+    for i, c in enumerate(choice["candidates"]):
+        ms = "-" if c.get("ms_per_image") is None else f"{c['ms_per_image']:.3g}"
+        t.add_row(safe(c["name"], "bold" if i == 0 else ""), pct(c["cv_accuracy"]), f"{c['cv_loss']:.3f}", ms,
+                  str(c["feature_dim"]))
+    return t
+
+
 def _ranked(p) -> list[str]:
     if p.labels is not None:  # a multi-label model: the labels at or above their thresholds
         shown = [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions if q["label"] in p.labels]
@@ -415,17 +432,22 @@ def export_summary(r) -> Table:
 
 
 def models_table(listing) -> Table:
-    """A ``models.ModelList``: each preset, its sizes, and whether (and how big) it is cached."""
+    """A ``models.ModelList``: each preset, its sizes, licence, measured CPU time, and whether
+    (and how big) it is cached; the handles are in ``--json``."""
     t = Table(title="Backbone presets", title_justify="left",
-              caption=Text.assemble("TF Hub cache: ", safe(listing.cache_dir)), caption_justify="left")
+              caption=Text.assemble("ms: CPU time per image through LiteRT on the 2-core development machine "
+                                    "(-: not measured there). Handles: --json. TF Hub cache: ",
+                                    safe(listing.cache_dir)), caption_justify="left")
     t.add_column("name", overflow="fold")
     t.add_column("input", justify="right")
     t.add_column("features", justify="right")
+    t.add_column("licence")
+    t.add_column("ms", justify="right")
     t.add_column("cached", justify="right")
-    t.add_column("handle", overflow="fold")
     for m in listing.models:
         cached = Text(_size(m.size_bytes), style="green") if m.cached else Text("no", style="dim")
-        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), cached, safe(m.handle))
+        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), safe(m.licence or "-"),
+                  "-" if m.cpu_ms is None else f"{m.cpu_ms:.1f}", cached)
     return t
 
 

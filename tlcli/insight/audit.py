@@ -19,7 +19,7 @@ from PIL import Image
 from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import UsageError
-from tlcli.insight import html_report, review
+from tlcli.insight import html_report, label_noise, review
 from tlcli.insight.findings import COPY_QUANTILE, FLOOR_QUANTILE, AuditResult, analyse, engine_of
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, Info, silent
@@ -151,7 +151,7 @@ def _remove_report(out_dir: Path) -> None:
 def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditResult:
     from tlcli.model.backbone import fetch, resolve_spec
 
-    spec = resolve_spec(cfg.backbone, cfg.image_size)
+    spec = resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature, output_key=cfg.backbone_output)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     multi = cfg.multi_label or any(s.labels for s in splits.train)
@@ -182,6 +182,9 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
     if data_dir is None and not trained.train_dir:
         raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
                          "give that folder as DIR too")
+    if b.meta.backbone.parts:
+        raise UsageError(f"--model {model_dir}: its backbone concatenates {' and '.join(b.meta.backbone.parts)}, "
+                         "which audit does not run; audit DIR with one of them as --backbone")
     root = str(Path(trained.train_dir).parent) if trained.test_dir else None  # split folders
     return cfg.replace(data_dir=str(data_dir) if data_dir is not None else root or trained.train_dir,
                        val_dir=None if root and data_dir is None else trained.val_dir if data_dir is None
@@ -238,8 +241,9 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         [(g, d.kind, f"{d.similarity:.6f}", p, label, split) for g, d in enumerate(result.near_duplicates, 1)
          for p, label, split in zip(d.paths, d.labels, d.splits)])
     written[CSV_FILES["likely_mislabeled"]] = html_report.write_csv(
-        out_dir / CSV_FILES["likely_mislabeled"], ("path", "label", "suggested_label", "score"),
-        [(m.path, m.label, m.suggested_label, f"{m.score:.6f}") for m in result.likely_mislabeled])
+        out_dir / CSV_FILES["likely_mislabeled"], ("path", "label", "suggested_label", "score", "false_alarm"),
+        [(m.path, m.label, m.suggested_label, f"{m.score:.6f}", "" if m.false_alarm is None else f"{m.false_alarm:.6f}")
+         for m in result.likely_mislabeled])
     written[CSV_FILES["outliers"]] = html_report.write_csv(
         out_dir / CSV_FILES["outliers"], ("path", "label", "score"),
         [(o.path, o.label, f"{o.score:.6f}") for o in result.outliers])
@@ -258,10 +262,11 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
                 [[card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
                   for p, label, split in zip(d.paths, d.labels, d.splits)]
                  for d in result.near_duplicates[:HTML_FINDINGS]]),
-        Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
-                "label. Review each one: a model that is sometimes wrong also doubts correct labels, so "
-                "change a label only when the image itself shows it is wrong.",
-                [[card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
+        Section("Likely mislabels", f"Out-of-fold, the head found the label more likely wrong than right, "
+                f"beyond what its own errors explain; {label_noise.note(result.mislabel_estimate)}. Review each "
+                "one: change a label only when the image itself shows it is wrong.",
+                [[card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}"
+                                + ("" if m.false_alarm is None else f", false alarm {m.false_alarm:.0%}"), rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
                 [[card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
