@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_audit_writes_a_review_with_the_flips_suggested_and_no_action_chosen(pla
     rows = {r["path"]: r for r in read_rows(report / "review.csv")}
     for path, true in planted["flips"].items():
         assert rows[path]["label"] != true and rows[path]["suggested_label"] == true
-        assert rows[path]["evidence"].startswith("likely mislabel, score 0.")
+        assert re.match(r"likely mislabel, score [01]\.\d{3}, false alarm \d+%", rows[path]["evidence"])
     assert all(r["action"] == r["new_label"] == "" for r in rows.values())
     assert all(os.path.isabs(p) for p in rows)
     findings = planted["result"]

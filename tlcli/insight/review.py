@@ -53,7 +53,8 @@ def review_rows(result) -> list[ReviewRow]:
         row.evidence.append(evidence)
 
     for m in result.likely_mislabeled:
-        add(m.path, m.label, f"likely mislabel, score {m.score:.3f}", m.suggested_label)
+        alarm = "" if m.false_alarm is None else f", false alarm {m.false_alarm:.0%}"
+        add(m.path, m.label, f"likely mislabel, score {m.score:.3f}{alarm}", m.suggested_label)
     for o in result.outliers:
         add(o.path, o.label, f"outlier, score {o.score:.3f}")
     for g, d in enumerate(result.near_duplicates, 1):
