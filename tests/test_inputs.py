@@ -62,7 +62,8 @@ def rejection(path, **kw) -> ImageError:
 
 
 def fake_bundle(labels=("blue", "red")):
-    return SimpleNamespace(image_size=SIZE, labels=list(labels), max_pixels=images.DEFAULT_MAX_PIXELS)
+    return SimpleNamespace(image_size=SIZE, labels=list(labels), max_pixels=images.DEFAULT_MAX_PIXELS,
+                           meta=SimpleNamespace(multi_label=False))
 
 
 def uniform_engine(batch):
