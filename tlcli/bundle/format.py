@@ -43,6 +43,7 @@ def input_spec(image_size: int) -> dict:
 
 SIGNATURES = {"serving_default": "images -> probabilities",
               "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"}
+UNKNOWN_SIGNATURE = {"tlcli": "images -> probabilities, unknown_score (what tlcli's engines run)"}
 
 
 @dataclass(kw_only=True)
@@ -190,12 +191,15 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    # The unknown detector (``model.unknown``): {"method", "threshold", "target_rate", "oof_rate",
+    # ...}; the SavedModel then has the ``tlcli`` signature. None, and not written, without one.
+    unknown: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit",)
+    _optional: ClassVar[tuple] = ("audit", "unknown")
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":
