@@ -98,3 +98,7 @@ def path_str(p: Path | None) -> str | None:
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle directory.")]
+UnknownThreshold = Annotated[Optional[str], typer.Option(
+    metavar="FLOAT|off", show_default=False,
+    help="Call a photo unknown when its unknown score (how unlike the training photos it is) is above FLOAT; "
+         "default: the threshold training chose; off: call none unknown.")]

@@ -38,7 +38,10 @@ def predict(
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
+    unknown_threshold: common.UnknownThreshold = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error; "
+                                                          "unknown and unknown_score when the model has a "
+                                                          "detector.")] = False,
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
@@ -46,16 +49,18 @@ def predict(
     from tlcli.deploy import inference
 
     try:
-        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
-                                          max_pixels=max_pixels)
+        b, eng, files, threshold = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
+                                                     max_pixels=max_pixels, unknown_threshold=unknown_threshold)
     except TlcliError as exc:
         common.fail(exc, json_out=json_out)
     start = time.perf_counter()
-    failed = 0
+    failed = unknown = 0
     shown = []
     try:
-        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
+        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
+                                           unknown_threshold=threshold):
             failed += p.error is not None
+            unknown += bool(p.unknown)
             if json_out:
                 render.print_json(p.to_dict(), indent=None)  # JSON Lines
             else:
@@ -69,7 +74,8 @@ def predict(
     if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
         done = len(files) - failed
         common.err.print(render.note(f"{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
-                              f"images/s, engine {eng.name})"), highlight=False)
+                              f"images/s, engine {eng.name})" + (f"; {unknown} called unknown" if unknown else "")),
+                         highlight=False)
     if failed:
         common.err.print(render.note(f"{failed} of {len(files)} input(s) failed", style="yellow"), highlight=False)
         raise typer.Exit(1)
@@ -126,6 +132,7 @@ def evaluate(
                                                                        "(thumbnails) into.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
                                                         "not empty.")] = False,
+    unknown_threshold: common.UnknownThreshold = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -134,7 +141,8 @@ def evaluate(
     from tlcli import insight
 
     r = common.with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
-                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force)
+                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force,
+                       unknown_threshold=unknown_threshold)
     if json_out:
         render.print_json(r.to_dict())
     else:
@@ -161,6 +169,7 @@ def serve(
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
+    unknown_threshold: common.UnknownThreshold = None,
 ):
     """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
     Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
@@ -168,7 +177,8 @@ def serve(
 
     try:
         r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
-                      max_pixels=max_pixels, progress=render.line_events(common.err))
+                      max_pixels=max_pixels, unknown_threshold=unknown_threshold,
+                      progress=render.line_events(common.err))
     except TlcliError as exc:
         common.fail(exc)
     common.err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)

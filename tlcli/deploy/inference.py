@@ -283,17 +283,31 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x, errors = images.decode_batch(chunk, lambda p: images.load_for_model(p, size, max_pixels=max_pixels))
-        found = {} if x is None else engine_outputs(engine, x)
-        rows = images.paired(errors, found.get("probabilities"))
-        scores = images.paired(errors, found.get("unknown_score") if unknown_threshold is not None else None)
+        rows, scores = paired_outputs({} if x is None else engine_outputs(engine, x), errors, unknown_threshold)
         for p, err, row, score in zip(chunk, errors, rows, scores):
             if err is not None:
                 yield Prediction(p, [], _file_error(p, err)), None
-            elif score is None:
-                yield Prediction(p, ranked(row, bundle.labels, k)), row
             else:
-                yield Prediction(p, ranked(row, bundle.labels, k), None, bool(score > unknown_threshold),
-                                 float(score)), row
+                yield scored(p, row, score, bundle.labels, k, unknown_threshold), row
+
+
+def paired_outputs(found: dict, errors: list, threshold: float | None) -> tuple[list, list]:
+    """(each item's probabilities, each item's unknown score) of the engine's outputs ``found``
+    for a batch of ``decode_batch`` (``images.paired``: None for an item that did not decode);
+    the scores all None without a threshold or without scores in ``found``."""
+    rows = images.paired(errors, found.get("probabilities"))
+    if threshold is None or "unknown_score" not in found:
+        return rows, [None] * len(errors)
+    return rows, images.paired(errors, found["unknown_score"])
+
+
+def scored(name: str, row: np.ndarray, score: float | None, labels: list[str], k: int,
+           threshold: float | None) -> Prediction:
+    """The Prediction of one image: its ``k`` best classes, and with a ``score``, whether it is
+    above ``threshold`` (``unknown``)."""
+    if score is None:
+        return Prediction(name, ranked(row, labels, k))
+    return Prediction(name, ranked(row, labels, k), None, bool(score > threshold), float(score))
 
 
 def engine_outputs(engine, batch: np.ndarray) -> dict[str, np.ndarray]:

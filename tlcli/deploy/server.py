@@ -6,7 +6,8 @@ Endpoints (``NAME`` defaults to the bundle folder's name; the one version served
   script, nothing fetched from elsewhere, so it works offline.
 * ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
   raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
-  --json`` prints (``path`` is the upload's file name). When a file cannot be used: 400 with
+  --json`` prints (``path`` is the upload's file name; ``unknown`` and ``unknown_score`` with the
+  bundle's unknown detector). When a file cannot be used: 400 with
   ``{"error": <its decoder message>, "results": [...]}``. The ``Server-Timing`` header has the
   time spent decoding and classifying.
 * TF Serving's REST API, so a client written for one works against the other:
@@ -92,7 +93,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServedModel:
     """One bundle being served: ``name``, ``engine`` ("tf" or "tflite"), ``workers`` (how many
     requests run the model at once), ``max_pixels`` (the decoder's limit), ``max_images`` (the
-    most images one request may hold).
+    most images one request may hold), ``unknown_threshold`` (``predict``'s: for /predict only).
 
     LiteRT interpreters are not thread-safe, so each request borrows one from a pool that grows
     on demand up to ``workers`` (only the first is loaded before the server is ready), each with
@@ -100,17 +101,17 @@ class ServedModel:
     engine is shared."""
 
     def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
-                 max_images: int = SERVE_MAX_IMAGES):
+                 max_images: int = SERVE_MAX_IMAGES, unknown_threshold: float | str | None = None):
         self.bundle, self.name, self.workers, self.max_images = b, name, workers, max_images
         self.engine = inference.resolve_engine(b, engine)
         self.max_pixels = max_pixels or b.max_pixels
         self.signatures = signature_defs(b)
         self._threads = max(1, (os.cpu_count() or 1) // workers)
         self._pool: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._made = 1
+        self._lock, self._made = threading.Lock(), 1
         self._shared = self._open()
         self._pool.put(self._shared)
+        self.unknown_threshold = inference.unknown_threshold_for(b, unknown_threshold, self._shared)
 
     def _open(self):
         return inference.open_engine(self.bundle, self.engine, num_threads=self._threads)
@@ -128,14 +129,18 @@ class ServedModel:
         return self._open() if grow else self._pool.get()
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [n, S, S, 3] in [0, 1] -> float32 [n, labels] probabilities. Raises
-        ``BundleError`` when the model fails."""
+        """float32 [n, S, S, 3] in [0, 1] -> float32 [n, labels] probabilities; ``BundleError``."""
+        return self.outputs(batch)["probabilities"]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The engine's outputs (``inference.engine_outputs``) of float32 [n, S, S, 3] in [0, 1]."""
         engine = self._borrow()
         try:
-            return np.concatenate([engine(batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)])
+            parts = [inference.engine_outputs(engine, batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)]
         finally:
             if self.engine == "tflite":
                 self._pool.put(engine)
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def decode(self, data: bytes, path: str) -> np.ndarray:
         """The model input for one encoded file; raises ``ImageError`` (named ``path``)."""
@@ -156,10 +161,11 @@ class ServedModel:
         for start in range(0, len(uploads), BATCH):
             part = uploads[start:start + BATCH]
             x, errors = images.decode_batch(part, lambda upload: self.decode(upload[1], upload[0]))
-            rows = images.paired(errors, None if x is None else self.classify(x))
+            rows, scores = inference.paired_outputs({} if x is None else self.outputs(x), errors,
+                                                    self.unknown_threshold)
             results += [inference.Prediction(name, [], str(err)) if err else
-                        inference.Prediction(name, inference.ranked(row, self.bundle.labels, k))
-                        for (name, _), err, row in zip(part, errors, rows)]
+                        inference.scored(name, row, score, self.bundle.labels, k, self.unknown_threshold)
+                        for (name, _), err, row, score in zip(part, errors, rows, scores)]
         return results
 
 
@@ -326,18 +332,20 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
              engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
              max_body_bytes: int = SERVE_MAX_BODY_BYTES, max_images: int = SERVE_MAX_IMAGES,
-             body_seconds: float = SERVE_BODY_SECONDS):
+             body_seconds: float = SERVE_BODY_SECONDS, unknown_threshold: float | str | None = None):
     """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
-    defaults to the bundle folder's name, ``workers`` to the number of CPUs. Raises
-    ``BundleError`` / ``UsageError``."""
+    defaults to the bundle folder's name, ``workers`` to the number of CPUs; ``unknown_threshold``
+    as ``predict``'s. Raises ``BundleError`` / ``UsageError``."""
     workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
     if max_images < 1 or not body_seconds > 0:
         raise UsageError(f"max_images {max_images}, body_seconds {body_seconds}: both must be positive")
     b = bundles.load(model_dir)
+    inference.unknown_threshold_for(b, unknown_threshold)  # a bad option fails before the engine loads
     name = name if name is not None else Path(os.path.abspath(model_dir)).name
     if not re.fullmatch(r"[^/:\s]+", name):
         raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
-    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images)
+    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images,
+                        unknown_threshold=unknown_threshold)
     return build_app(model, max_body_bytes=max_body_bytes, body_seconds=body_seconds)
 
 
@@ -388,7 +396,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE_HOST, port: int = SERVE_PORT,
           name: str | None = None, engine: str = PREDICT_ENGINE, workers: int | None = None,
           max_pixels: int | None = None, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
-          progress: Callback = silent) -> ServeResult:
+          unknown_threshold: float | str | None = None, progress: Callback = silent) -> ServeResult:
     """Serve the bundle over HTTP (see the module docstring) until SIGINT or SIGTERM, then finish
     the requests in flight (up to ``GRACE_SECONDS``) and return. Emits ``Info`` with the URL once
     it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
@@ -397,7 +405,7 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     from tlcli.deploy.receipt import uvicorn_server
 
     app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
-                   max_body_bytes=max_body_bytes)
+                   max_body_bytes=max_body_bytes, unknown_threshold=unknown_threshold)
     if host not in LOOPBACK:
         progress(Warn(f"--host {host}: the server is unauthenticated and reachable from the network; anyone who "
                       "can connect can use the model"))

@@ -46,6 +46,9 @@ class EvaluateResult:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # With the bundle's unknown detector (and its threshold not off): {"threshold", "images" called
+    # unknown, "rate", "rest" (the other images), "accuracy_on_rest" (None when none is left)}.
+    unknown: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,11 +122,20 @@ def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[
                        for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
 
 
+def _check_options(top_k: int, max_mistakes: int, batch_size: int, engine: str) -> None:
+    inference.check_top_k(top_k)
+    if max_mistakes < 0:
+        raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    inference.check_engine(engine)
+
+
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
              batch_size: int = 32, max_pixels: int | None = None, force: bool = False,
-             progress: Callback = silent) -> EvaluateResult:
+             unknown_threshold: float | str | None = None, progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
@@ -136,17 +148,15 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
     named in ``warnings``: its support is 0, so it counts as 0 in the macro averages. Unusable
-    files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
+    files are skipped and listed in ``skipped``, as in training. With the bundle's unknown
+    detector, ``unknown`` counts the images it calls unknown and the accuracy on the rest (the
+    metrics themselves cover every image); ``unknown_threshold`` as ``predict``'s. Raises ``BundleError`` for a
     missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
     """
-    inference.check_top_k(top_k)
-    if max_mistakes < 0:
-        raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    inference.check_engine(engine)
+    _check_options(top_k, max_mistakes, batch_size, engine)
     start = time.perf_counter()
     b = bundles.load(model_dir)
+    inference.unknown_threshold_for(b, unknown_threshold)  # a bad option fails before the scan
     max_pixels = max_pixels or b.max_pixels
     out_dir = None
     if report_dir is not None:
@@ -166,18 +176,20 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         progress(Warn(w))
     if eng is None:
         eng = inference.open_engine(b, kind)
+    threshold = inference.unknown_threshold_for(b, unknown_threshold, eng)
 
     samples = folder.samples
-    paths, ys = [], []
+    paths, ys, unknown = [], [], []
     probs = np.empty((len(samples), len(b.labels)), np.float32)  # one float32 row an image, filled in place
     progress(Start("evaluate", total=len(samples)))
     for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
                                                            top_k=1, batch_size=batch_size,
-                                                           max_pixels=max_pixels)):
+                                                           max_pixels=max_pixels, unknown_threshold=threshold)):
         if row is None:  # the file changed after the scan
             skipped.append({"path": pred.path, "reason": "unreadable at prediction", "detail": pred.error})
         else:
             probs[len(ys)] = row
+            unknown.append(bool(pred.unknown))
             paths.append(pred.path)
             ys.append(samples[i].label)
         progress(Advance("evaluate", completed=i + 1, total=len(samples)))
@@ -197,4 +209,17 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
                                                      model_dir=b.path)
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start,
+                          unknown=unknown_summary(probs, ys, unknown, threshold))
+
+
+def unknown_summary(probs: np.ndarray, ys: list[int], unknown: list[bool], threshold: float | None) -> dict | None:
+    """How many images the detector calls unknown and the accuracy on the others (None with no
+    threshold, or with it off)."""
+    if threshold is None or threshold == float("inf"):
+        return None
+    called = np.asarray(unknown, bool)
+    rest = ~called
+    right = probs.argmax(axis=1) == np.asarray(ys)
+    return {"threshold": threshold, "images": int(called.sum()), "rate": float(called.mean()),
+            "rest": int(rest.sum()), "accuracy_on_rest": float(right[rest].mean()) if rest.any() else None}
