@@ -171,7 +171,7 @@ class TFLiteEngine:
             ((self.input_name, self.inp),) = self.runner.get_input_details().items()
             self.outs = self.runner.get_output_details()
             self.scores_unknown = "unknown_score" in self.outs
-            probs = self.outs["probabilities"]
+            self.out = probs = self.outs["probabilities"]
         except Exception as exc:
             raise BundleError(f"{path}: cannot load the TFLite model ({' '.join(str(exc).split())[:200]}); "
                               "re-export it") from None

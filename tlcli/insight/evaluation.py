@@ -51,7 +51,10 @@ class EvaluateResult:
     unknown: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["unknown"] is None:
+            del out["unknown"]  # as before the detector, for a bundle without one
+        return out
 
 
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:

@@ -137,7 +137,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
-        export = _saved_model(models, loaded, splits, staging, mirror=mirror)
+        export = _saved_model(models, loaded, splits, staging, mirror=mirror, chosen=chosen)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val + splits.test,
@@ -273,18 +273,19 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
-def _saved_model(models, loaded, splits, staging, *, mirror: bool):
+def _saved_model(models, loaded, splits, staging, *, mirror: bool, chosen):
     """The run's SavedModel writer: with the ``tlcli`` signature of an unknown detector
     (``model.unknown``) when the training images allow one. Built here, on this thread, before
-    the graph is traced on another."""
+    the graph is traced on another; its model in the scope of the ``chosen`` strategy, as the others."""
     from tlcli.bundle import savedmodel as serving
     from tlcli.model import classifier as model
     from tlcli.model import unknown
 
     detector = None
     if unknown.possible([s.label for s in splits.train], len(splits.labels)):
-        with_features = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror,
-                                               with_features=True)
+        with chosen.strategy.scope():
+            with_features = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror,
+                                                   with_features=True)
         detector = (with_features, unknown.graph_rank(loaded.feature_dim, len(splits.train)))
     return serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging, unknown=detector)
 
