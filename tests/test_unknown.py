@@ -35,24 +35,27 @@ def test_the_shrinkage_is_ledoit_and_wolfs():
 
 def test_the_score_is_the_mahalanobis_distance_to_the_nearest_mean_per_feature():
     rng = np.random.default_rng(1)
-    x, y, *_ = _gaussian_classes(rng, 60, d=80)
+    raw, y, *_ = _gaussian_classes(rng, 60, d=80)
+    x = unknown.gaussianized(raw)  # the signed square root: every score is computed on it
+    np.testing.assert_allclose(x ** 2 * np.sign(raw), raw)
     means = np.stack([x[y == c].mean(axis=0) for c in range(3)])
     residuals = x - means[y]
     rho, mu, s, vecs = unknown.ledoit_wolf(residuals)
     sample = residuals.T @ residuals / len(x)
-    new = rng.normal(size=(7, 80)) * 3
+    raw_new = rng.normal(size=(7, 80)) * 3
+    new = unknown.gaussianized(raw_new)
 
     def brute(cov):
         precision = np.linalg.inv(cov)
         return np.array([min((f - m) @ precision @ (f - m) for m in means) for f in new]) / 80
 
     shrunk = rho * mu * np.eye(80) + (1 - rho) * sample
-    np.testing.assert_allclose(unknown.fit(x, y, 3).score(new), brute(shrunk), rtol=1e-8)
+    np.testing.assert_allclose(unknown.fit(raw, y, 3).score(raw_new), brute(shrunk), rtol=1e-8)
     # Keeping 10 directions: the others share the mean of their variances (probabilistic PCA).
     eig = np.r_[s, np.zeros(80 - len(s))] * (1 - rho) + rho * mu
     full = np.c_[vecs, np.linalg.svd(vecs.T)[2][len(s):].T]  # completed to an orthonormal basis
     eig[10:] = eig[10:].mean()
-    np.testing.assert_allclose(unknown.fit(x, y, 3, rank=10).score(new), brute(full @ np.diag(eig) @ full.T),
+    np.testing.assert_allclose(unknown.fit(raw, y, 3, rank=10).score(raw_new), brute(full @ np.diag(eig) @ full.T),
                                rtol=1e-8)
 
 

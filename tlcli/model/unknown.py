@@ -5,7 +5,11 @@ The score is the squared Mahalanobis distance of the features the head sees (mir
 averaged, as the saved classifier averages them) to the nearest class mean, with one covariance
 shared by the classes (the pooled within-class scatter: a Gaussian per class with a tied
 covariance, as in Lee et al., NeurIPS 2018), divided by the feature size, so that a photo like
-the training photos scores about 1. A few hundred photos in 1,280 dimensions give a singular
+the training photos scores about 1. The features are first taken to their signed square root
+(Tukey's ladder of powers at 1/2, ``gaussianized``): a backbone's pooled ReLU activations are
+non-negative and right-skewed, and a Gaussian model fits their square roots far better (the
+transform few-shot learning uses before fitting Gaussians to a handful of images per class,
+Yang et al., ICLR 2021). A few hundred photos in 1,280 dimensions give a singular
 covariance: it is shrunk towards a multiple of the identity by Ledoit and Wolf's rule (J.
 Multivariate Anal. 88, 2004), the shrinkage that minimises the expected squared error, estimated
 from the data alone: no setting. Its ``MAX_RANK`` largest eigen-directions are kept; the other
@@ -44,11 +48,18 @@ MAX_RANK = 256       # eigen-directions kept apart; the rest share one variance
 MAX_IMAGES = 20_000  # a detector is fit on a random sample of at most this many training images
 
 
+def gaussianized(features):
+    """The signed square root of ``features`` (numpy, float64), the form every score is computed in."""
+    x = np.asarray(features, np.float64)
+    return np.sign(x) * np.sqrt(np.abs(x))
+
+
 @dataclass
 class Detector:
     """The fitted score, in the form the graph computes (``graph_score``), for ``k`` classes,
     ``d`` features and ``r`` kept directions: score(f) = min_c [alpha |e|^2 + sum_i w_i (e.u_i)^2
-    + e.a_c + (w * (e U)).b_c + const_c] with e = f - center, all divided by d already."""
+    + e.a_c + (w * (e U)).b_c + const_c] with e = gaussianized(f) - center, all divided by d
+    already."""
 
     center: np.ndarray   # [d]
     linear: np.ndarray   # [d, k]: -2 alpha (mean_c - center)
@@ -75,7 +86,7 @@ class Detector:
 
     def score(self, features) -> np.ndarray:
         """The score [n] of features [n, d], in float64 (the graph's formula)."""
-        e = np.asarray(features, np.float64) - self.center
+        e = gaussianized(features) - self.center
         proj = e @ self.basis
         wp = proj * self.weights
         quad = self.alpha * np.einsum("ij,ij->i", e, e) + np.einsum("ij,ij->i", wp, proj)
@@ -84,10 +95,11 @@ class Detector:
 
 
 def graph_score(t, features, v):
-    """The score of ``features`` [batch, d] in TensorFlow ops that every converter keeps (Sub,
-    MatMul, Mul, Square, Sum, Add, Maximum, Min): float32 [batch]. ``v`` holds the variables
+    """The score of ``features`` [batch, d] in TensorFlow ops that every converter keeps (Maximum,
+    Sqrt, Sub, MatMul, Mul, Square, Sum, Add, Min): float32 [batch]. ``v`` holds the variables
     named as ``Detector.arrays``."""
-    e = t.cast(features, t.float32) - v.center
+    f = t.cast(features, t.float32)
+    e = t.sqrt(t.maximum(f, 0.0)) - t.sqrt(t.maximum(-f, 0.0)) - v.center  # gaussianized
     proj = t.matmul(e, v.basis)
     wp = proj * v.weights
     quad = v.alpha * t.reduce_sum(t.square(e), axis=1) + t.reduce_sum(wp * proj, axis=1)
@@ -128,7 +140,7 @@ def ledoit_wolf(residuals: np.ndarray) -> tuple[float, float, np.ndarray, np.nda
 def fit(features: np.ndarray, y: np.ndarray, num_classes: int, *, rank: int = MAX_RANK) -> Detector:
     """The detector of features [n, d] with labels ``y`` [n] in [0, num_classes), keeping at most
     ``rank`` directions. A class with no rows is never the nearest."""
-    x = np.asarray(features, np.float64)
+    x = gaussianized(features)
     y = np.asarray(y, np.int64)
     n, d = x.shape
     counts = np.bincount(y, minlength=num_classes)
