@@ -203,3 +203,35 @@ def test_a_bundle_without_a_detector_behaves_as_before(tmp_path, colour_data, tr
     with pytest.raises(BundleError, match="no \"tlcli\" signature"):
         tlcli.predict([colour_data / "red"], model_dir=old, engine="tf")
     assert bundle.load(old).meta.unknown["threshold"] == 1.0
+
+
+def test_fine_tuning_refits_the_detector_on_the_features_the_fine_tuned_head_sees(tmp_path, colour_data,
+                                                                                  train_args, tiny_backbone):
+    import tensorflow as tf
+
+    import tlcli
+    from tlcli.data import images
+
+    out = tmp_path / "ft"
+    r = tlcli.train(colour_data, out=str(out), fine_tune=True, fine_tune_epochs=1, holdout=0.0,
+                    fine_tune_learning_rate=0.05, cache_dir=str(tmp_path / "c"), **train_args)
+    assert r.mirror and r.unknown is not None
+
+    def conv_weights(path, attribute):  # the bundle tracks the classifier's as .weights, the backbone as .variables
+        found = {tuple(v.shape): v.numpy() for v in getattr(tf.saved_model.load(str(path)), attribute)}
+        return found[(3, 3, 3, 8)], found[(8,)]
+
+    def seen(x, weights):  # the tiny backbone (tests/helpers.py), mirror views averaged as the head sees them
+        def one(x):
+            conv = tf.nn.relu(tf.nn.conv2d(x * 2.0 - 1.0, weights[0], 1, "SAME") + weights[1]).numpy()
+            return np.concatenate([x.mean(axis=(1, 2)), conv.mean(axis=(1, 2))], axis=1)
+        return (one(x) + one(x[:, :, ::-1].copy())) / 2
+
+    train = json.loads((out / "splits.json").read_text())["train"]
+    x = np.stack([images.load_for_model(p, 32) for p, _ in train])
+    y = [label for _, label in train]
+    recorded = json.loads((out / "tlcli.json").read_text())["unknown"]["threshold"]
+    rank = unknown.graph_rank(11, len(train))
+    after, before = (unknown.fit_with_threshold(seen(x, weights), y, 3, rank=rank)[1]["threshold"]
+                     for weights in (conv_weights(out, "weights"), conv_weights(tiny_backbone, "variables")))
+    assert after == pytest.approx(recorded, rel=1e-3) and before != pytest.approx(recorded, rel=1e-2)
