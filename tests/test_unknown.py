@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_cli
-from tlcli.model import unknown
+from tlcli.features import unknown
 
 
 def _gaussian_classes(rng, n, d=30, k=3, mixing=None, means=None):

@@ -170,7 +170,7 @@ def serving_module(classifier, image_size: int, labels: list[str], *, unknown=No
 
     With ``unknown`` = (the classifier built ``with_features``, the detector's rank), a third,
     ``tlcli`` (``ENGINE_SIGNATURE``): ``images`` -> ``probabilities`` and ``unknown_score`` float32
-    [batch] (``model.unknown.graph_score``), its variables zero until ``set_unknown``.
+    [batch] (``features.unknown.graph_score``), its variables zero until ``set_unknown``.
     """
     t = tf()
     module = t.Module()
@@ -204,7 +204,7 @@ def serving_module(classifier, image_size: int, labels: list[str], *, unknown=No
 
 def _engine_signature(t, module, with_features, rank: int, *, image_size: int, classes: int):
     """The ``tlcli`` signature's function, its detector's variables tracked as ``module.unknown``."""
-    from tlcli.model.unknown import graph_score
+    from tlcli.features.unknown import graph_score
 
     dim = int(with_features.outputs[1].shape[-1])
     detector = t.Module()
@@ -252,7 +252,7 @@ class SavedModelExport:
         self._unknown: dict = {}
 
     def set_unknown(self, arrays: dict) -> None:
-        """The fitted detector (``model.unknown.Detector.arrays()``) for the ``tlcli`` signature's
+        """The fitted detector (``features.unknown.Detector.arrays()``) for the ``tlcli`` signature's
         variables: ``write_variables`` puts it in (after the graph is written, whenever this is called)."""
         self._unknown = dict(arrays)
 

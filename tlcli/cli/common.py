@@ -102,3 +102,7 @@ UnknownThreshold = Annotated[Optional[str], typer.Option(
     metavar="FLOAT|off", show_default=False,
     help="Call a photo unknown when its unknown score (how unlike the training photos it is) is above FLOAT; "
          "default: the threshold training chose; off: call none unknown.")]
+ThresholdOption = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, show_default=False,
+    help="Multi-label models: one threshold for every label; default: each label's own, chosen by "
+         "cross-validation when training.")]

@@ -34,19 +34,28 @@ from tlcli.quiet import native_stderr_silenced
 @dataclass
 class Prediction:
     """``predictions`` is a list of {"label", "probability"}, best first; ``error`` is None or a
-    message (the file could not be used). With a bundle's unknown detector (``model.unknown``),
-    ``unknown_score`` (larger: less like the training photos) and ``unknown`` (it is above the
-    threshold); both None, and left out of ``to_dict``, without one."""
+    message (the file could not be used); ``overlay`` the saliency overlay written for it
+    (``predict --explain``), else None and left out of ``to_dict``. ``labels``: of a multi-label
+    model, the names of every label at or above its threshold, most probable first (each also in
+    ``predictions``); None, and not in ``to_dict``, for a single-label model. With a bundle's
+    unknown detector (``features.unknown``), ``unknown_score`` (larger: less like the training
+    photos) and ``unknown`` (it is above the threshold); both None, and left out of ``to_dict``,
+    without one."""
 
     path: str
     predictions: list[dict] = field(default_factory=list)
     error: str | None = None
+    labels: list[str] | None = None
+    overlay: str | None = None
     unknown: bool | None = None
     unknown_score: float | None = None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        return {k: v for k, v in out.items() if v is not None or k not in ("unknown", "unknown_score")}
+        d = asdict(self)
+        for key in ("labels", "overlay", "unknown", "unknown_score"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def _file_error(p: str, exc: ImageError) -> str:
@@ -272,23 +281,26 @@ def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_
 
 def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = PREDICT_TOP_K,
                  batch_size: int = 32, max_pixels: int | None = None,
+                 threshold: float | None = None,
                  unknown_threshold: float | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
     """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``.
-    ``max_pixels`` defaults to the limit the model was trained with. ``unknown_threshold``
-    (``unknown_threshold_for``): with an engine that gives the unknown score, each Prediction
-    gets it and ``unknown`` (score above the threshold); None leaves both out."""
+    ``max_pixels`` defaults to the limit the model was trained with. Of a multi-label bundle,
+    ``predictions`` holds at least every label at or above its threshold (``thresholds``).
+    ``unknown_threshold`` (``unknown_threshold_for``): with an engine that gives the unknown score,
+    each Prediction gets it and ``unknown`` (score above the threshold); None leaves both out."""
     size = bundle.image_size
     max_pixels = max_pixels or bundle.max_pixels
     k = max(1, min(top_k, len(bundle.labels)))
+    cuts = thresholds(bundle, threshold)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x, errors = images.decode_batch(chunk, lambda p: images.load_for_model(p, size, max_pixels=max_pixels))
         rows, scores = paired_outputs({} if x is None else engine_outputs(engine, x), errors, unknown_threshold)
         for p, err, row, score in zip(chunk, errors, rows, scores):
             if err is not None:
-                yield Prediction(p, [], _file_error(p, err)), None
+                yield Prediction(p, [], _file_error(p, err), [] if cuts is not None else None), None
             else:
-                yield scored(p, row, score, bundle.labels, k, unknown_threshold), row
+                yield prediction(p, row, bundle.labels, k, cuts, score, unknown_threshold), row
 
 
 def paired_outputs(found: dict, errors: list, threshold: float | None) -> tuple[list, list]:
@@ -301,13 +313,33 @@ def paired_outputs(found: dict, errors: list, threshold: float | None) -> tuple[
     return rows, images.paired(errors, found["unknown_score"])
 
 
-def scored(name: str, row: np.ndarray, score: float | None, labels: list[str], k: int,
-           threshold: float | None) -> Prediction:
-    """The Prediction of one image: its ``k`` best classes, and with a ``score``, whether it is
-    above ``threshold`` (``unknown``)."""
-    if score is None:
-        return Prediction(name, ranked(row, labels, k))
-    return Prediction(name, ranked(row, labels, k), None, bool(score > threshold), float(score))
+def prediction(path: str, row: np.ndarray, labels: list[str], k: int, cuts: np.ndarray | None,
+               score: float | None = None, unknown_threshold: float | None = None) -> Prediction:
+    """The Prediction of one image's probabilities ``row``: its ``k`` best labels; with ``cuts``
+    (a multi-label model's thresholds, ``thresholds``) also the labels at or above them, every
+    one of them among the ranked ones; with an unknown ``score``, it and whether it is above
+    ``unknown_threshold``."""
+    unknown = {} if score is None else {"unknown": bool(score > unknown_threshold), "unknown_score": float(score)}
+    if cuts is None:
+        return Prediction(path, ranked(row, labels, k), **unknown)
+    names = [labels[i] for i in np.argsort(-row, kind="stable") if row[i] >= cuts[i]]
+    return Prediction(path, ranked(row, labels, max(k, len(names))), labels=names, **unknown)
+
+
+def thresholds(bundle: bundles.Bundle, threshold: float | None = None) -> np.ndarray | None:
+    """A multi-label bundle's threshold per label (float32 [L]): ``threshold`` for every label when
+    given, else the bundle's own; None for a single-label bundle. Raises ``UsageError`` for a
+    ``threshold`` outside [0, 1], or given for a single-label bundle."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold}: must be in [0, 1]")
+    if not bundle.meta.multi_label:
+        if threshold is not None:
+            raise UsageError(f"--threshold {threshold}: --model {bundle.path} is a single-label model (it picks "
+                             "the most probable label); drop --threshold")
+        return None
+    if threshold is not None:
+        return np.full(len(bundle.labels), threshold, np.float32)
+    return np.asarray(bundle.meta.thresholds, np.float32)
 
 
 def engine_outputs(engine, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -347,26 +379,30 @@ def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
             top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE,
-            max_pixels: int | None = None, unknown_threshold: float | str | None = None) -> list[Prediction]:
-    """Top-k predictions for files and/or folders, each with ``unknown`` and ``unknown_score``
-    when the bundle has an unknown detector (``unknown_threshold``: None for the bundle's own
-    threshold, a number >= 0, or "off"). Never raises for a bad image (see ``error``); raises
-    ``BundleError`` / ``UsageError`` for a bad model or option."""
-    b, eng, files, threshold = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine,
-                                       max_pixels=max_pixels, unknown_threshold=unknown_threshold)
+            max_pixels: int | None = None, threshold: float | None = None,
+            unknown_threshold: float | str | None = None) -> list[Prediction]:
+    """Top-k predictions for files and/or folders (of a multi-label model, also the labels at or
+    above their thresholds: ``threshold`` for all of them when given), each with ``unknown`` and
+    ``unknown_score`` when the bundle has an unknown detector (``unknown_threshold``: None for
+    the bundle's own threshold, a number >= 0, or "off"). Never raises for a bad image (see
+    ``error``); raises ``BundleError`` / ``UsageError`` for a bad model or option."""
+    b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels,
+                            threshold=threshold, unknown_threshold=unknown_threshold)
     return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
-                                       unknown_threshold=threshold)]
+                                       threshold=threshold,
+                                       unknown_threshold=unknown_threshold_for(b, unknown_threshold, eng))]
 
 
 def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike, top_k: int, engine: str,
-            max_pixels: int | None, unknown_threshold: float | str | None = None):
+            max_pixels: int | None, threshold: float | None = None,
+            unknown_threshold: float | str | None = None) -> tuple[bundles.Bundle, object, list[str]]:
     """Check the options, load the bundle and its engine, and expand folders: everything that can
-    fail as a whole before the first image is classified. Returns (bundle, engine, files, the
-    unknown threshold: ``unknown_threshold_for``)."""
+    fail as a whole before the first image is classified. Returns (bundle, engine, files); the
+    unknown threshold is then ``unknown_threshold_for(bundle, unknown_threshold, engine)``."""
     check_top_k(top_k)
     check_max_pixels(max_pixels)
     check_unknown_threshold(unknown_threshold)
     b = bundles.load(model_dir)
+    thresholds(b, threshold)
     unknown_threshold_for(b, unknown_threshold)  # an option the bundle cannot take fails before the engine loads
-    eng = open_engine(b, engine)
-    return b, eng, walk.expand(paths), unknown_threshold_for(b, unknown_threshold, eng)
+    return b, open_engine(b, engine), walk.expand(paths)

@@ -8,6 +8,7 @@ head phase, sub-second on cached features, is simply redone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tlcli import bundle, data, files
-from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.data import label_csv, labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -50,20 +52,27 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
     calibration: dict | None = None  # the temperature folded into the head (model.calibration)
-    unknown: dict | None = None  # the unknown detector and its threshold (model.unknown); None without one
+    unknown: dict | None = None  # the unknown detector and its threshold (features.unknown); None without one
     # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
     worker: int | None = None
     extracted_by_worker: list[int] | None = None
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
+    # With --labels-override: its file, SHA-256 and counts (``data.labels_override.apply``).
+    labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``choice.BackboneChoice.to_dict``).
+    backbone_choice: dict | None = None
+    # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
+    task: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _check_inputs(cfg: TrainConfig):
-    """The cheap checks of the options and the image folders; returns the backbone spec."""
+    """The cheap checks of the options and the image folders; returns the backbone spec, or the
+    list of candidates' specs for ``--backbone A,B`` / ``auto`` (``choice.candidate_specs``)."""
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
@@ -71,7 +80,14 @@ def _check_inputs(cfg: TrainConfig):
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
-    return resolve_spec(cfg.backbone, cfg.image_size)
+    if cfg.labels_override:  # its form now; its paths and labels once the scan has found them
+        labels_override.read(cfg.labels_override)
+    if is_backbone_choice(cfg.backbone):
+        from tlcli.training import choice
+
+        return choice.candidate_specs(cfg)
+    return resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature,
+                        output_key=cfg.backbone_output)
 
 
 def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
@@ -89,6 +105,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
     cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
+    if not cfg.multi_label and cfg.data_dir and label_csv.is_label_csv(cfg.data_dir) \
+            and label_csv.is_multi_label(cfg.data_dir):
+        cfg = dataclasses.replace(cfg, multi_label=True)  # a labels column: several labels a photo
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
@@ -109,17 +128,32 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
         try:
-            with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
+            splits, choice, spec = _chosen(cfg, spec, node, progress)
+            with prelude.started(cfg, spec, ahead=node is None, progress=progress, splits=splits) as early:
                 path = fetch(spec)
                 bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
                 with distributed.session(node) as finish:
-                    return finish(_run(cfg, spec, path, state, early, progress))
+                    return finish(_run(cfg, spec, path, state, early, progress, choice=choice))
         except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
 
+def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
+    """(splits or None, the BackboneChoice or None, the backbone's spec): ``spec`` itself, or the
+    winner among candidates (a list, see ``_check_inputs``), chosen on the training images
+    (``choice.choose``, whose scan the run then reuses)."""
+    if not isinstance(spec, list):
+        return None, None, spec
+    if node is not None:
+        raise UsageError(f"--backbone {cfg.backbone}: the backbone is chosen on one machine, not a cluster; "
+                         "choose it there, then train the cluster with the winner as --backbone")
+    from tlcli.training import choice
+
+    return choice.choose(cfg, spec, progress)
+
+
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
-         progress: Callback) -> TrainResult:
+         progress: Callback, *, choice=None) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
@@ -137,7 +171,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
-        export = _saved_model(models, loaded, splits, staging, mirror=mirror, chosen=chosen)
+        export = _saved_model(cfg, models, loaded, splits, staging, mirror=mirror, chosen=chosen)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val + splits.test,
@@ -170,8 +204,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         progress(Start("save", total=1))
         state.unknown = _fit_unknown(export, views, splits, seed=cfg.seed)  # on the final features
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                        seconds=time.perf_counter() - start, extractor=engine)
+                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
+                        seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -197,7 +231,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
     return _result(cfg, out, splits, reports, state, chosen, batch=batch, seconds=time.perf_counter() - start,
-                   mirror=mirror, counts=(extracted, cached), engine=engine)
+                   mirror=mirror, counts=(extracted, cached), engine=engine, choice=meta.backbone_choice)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
@@ -210,7 +244,8 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
     improved = finetuning.fine_tune(
         models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
         accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
+        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
+        multi_label=cfg.multi_label)
     views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
     progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
                   + ("" if improved else " (the backbone kept its starting weights)")))
@@ -218,7 +253,7 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
 
 
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
-            engine: str) -> TrainResult:
+            engine: str, choice: dict | None = None) -> TrainResult:
     """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
     train_report, val_report, test_report = reports
     return TrainResult(
@@ -232,7 +267,8 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
-        unknown=state.unknown)
+        unknown=state.unknown, labels_override=splits.override, backbone_choice=choice,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -264,7 +300,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         if chosen.hint:
             progress(Warn(chosen.hint))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
+                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror,
+                                    activation="sigmoid" if cfg.multi_label else "softmax")
         # In the scope, as compute_views would measure it (which then reuses the verdict).
         if litert is not None and litert is early.runner and not features.agrees(
                 litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
@@ -273,16 +310,17 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
-def _saved_model(models, loaded, splits, staging, *, mirror: bool, chosen):
+def _saved_model(cfg: TrainConfig, models, loaded, splits, staging, *, mirror: bool, chosen):
     """The run's SavedModel writer: with the ``tlcli`` signature of an unknown detector
-    (``model.unknown``) when the training images allow one. Built here, on this thread, before
+    (``features.unknown``) when the training images allow one (single-label models only: its class
+    means need one label a photo). Built here, on this thread, before
     the graph is traced on another; its model in the scope of the ``chosen`` strategy, as the others."""
     from tlcli.bundle import savedmodel as serving
+    from tlcli.features import unknown
     from tlcli.model import classifier as model
-    from tlcli.model import unknown
 
     detector = None
-    if unknown.possible([s.label for s in splits.train], len(splits.labels)):
+    if not cfg.multi_label and unknown.possible([s.label for s in splits.train], len(splits.labels)):
         with chosen.strategy.scope():
             with_features = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror,
                                                    with_features=True)
@@ -294,7 +332,7 @@ def _fit_unknown(export, views, splits, *, seed: int) -> dict | None:
     """Fit the unknown detector and its threshold on the training images' final features (after
     fine-tuning, their features have changed) and hand it to ``export``; returns what tlcli.json
     records of it, or None when ``export`` has no ``tlcli`` signature."""
-    from tlcli.model import unknown
+    from tlcli.features import unknown
 
     if export.unknown_rank is None:
         return None
@@ -304,6 +342,8 @@ def _fit_unknown(export, views, splits, *, seed: int) -> dict | None:
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
+    if cfg.multi_label:
+        return None  # each label's present and absent photos are balanced in its own fit (model.multilabel)
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
@@ -326,10 +366,20 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
                 progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
-    fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
-                         epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
-    if phase == "head refit" or not cfg.fine_tune:  # the model's final head (fine-tuning starts uncalibrated)
+    final = phase == "head refit" or not cfg.fine_tune  # the model's final head (fine-tuning starts uncalibrated)
+    options = dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                   patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
+    if cfg.multi_label:
+        from tlcli.model import multilabel
+
+        fit, truth = multilabel.fit_views(views, samples, len(labels), class_weights=cfg.class_weights, **options)
+        fit, info = multilabel.finish(fit, truth, calibrate=final)
+        if final:
+            state.calibration = info
+    else:
+        fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
+                             **options)
+    if final and not cfg.multi_label:
         y = [s.label for s in samples]
         fit, state.calibration = calibration.calibrate(fit, [y[i % len(y)] for i in fit.oof_rows.tolist()])
     state.history[phase] = fit.history
@@ -345,12 +395,15 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
+             global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
+             choice=None, fit=None) -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
     None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
     ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
-    the bundle is written."""
+    the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
+    ``choice.BackboneChoice`` of ``--backbone A,B`` or None; ``fit`` the final head fit (of which a
+    multi-label run records the thresholds)."""
     from tlcli._tf import tf
 
     train_report, val, test = reports
@@ -358,7 +411,10 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
     return bundle.BundleMeta(
         tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
-        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
+        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim,
+                                     signature=getattr(loaded, "signature", None),
+                                     output_key=getattr(loaded, "output_key", None),
+                                     parts=[p.handle for p in spec.parts] or None),
         mirror_average=mirror, config=cfg.to_dict(),
         data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
                              val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
@@ -372,7 +428,10 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped], unknown=state.unknown,
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
+        backbone_choice=choice.to_dict() if choice else None,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
         signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})))
 
 
@@ -380,13 +439,17 @@ def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
     """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
     None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
     and test reports list their paths). The test images were neither trained nor validated on."""
-    from tlcli import metrics
-    from tlcli.model import head
+    from tlcli import metrics, multilabel_metrics
+    from tlcli.model import head, multilabel
 
     def report(samples, *, paths: bool = True):
         if not samples:
             return None
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels,
-                               **({"paths": [s.path for s in samples]} if paths else {}))
+        where = {"paths": [s.path for s in samples]} if paths else {}
+        if isinstance(fit, multilabel.MultiLabelFit):
+            return multilabel_metrics.compute(multilabel.targets(samples, len(labels)),
+                                              multilabel.predict_views(views, samples, fit), labels, fit.thresholds,
+                                              **where)
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **where)
 
     return report(train, paths=False), report(val), report(test)
