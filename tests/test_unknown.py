@@ -150,6 +150,8 @@ def test_predict_marks_unknown_photos_in_json_and_table(trained_bundle, colour_d
     off = run_cli("predict", red, noise, "--model", trained_bundle, "--engine", "tf", "--json",
                   "--unknown-threshold", "off")
     assert [json.loads(line)["unknown"] for line in off.stdout.splitlines()] == [False, False]
+    explained = run_cli("predict", red, noise, "--model", trained_bundle, "--json", "--explain", tmp_path / "why")
+    assert [json.loads(line)["unknown"] for line in explained.stdout.splitlines()] == [False, True]
     bad = run_cli("predict", red, "--model", trained_bundle, "--unknown-threshold", "maybe")
     assert bad.exit_code == 2 and "--unknown-threshold maybe" in bad.output
 

@@ -72,7 +72,9 @@ def predict(
             b, eng = explainer.bundle, explainer.engine
             inference.thresholds(b, threshold)  # a bad --threshold fails before any image
             results = saliency.iter_explained(files, explainer=explainer, plan=plan, top_k=top_k,
-                                              max_pixels=max_pixels, threshold=threshold)
+                                              max_pixels=max_pixels, threshold=threshold,
+                                              unknown_threshold=inference.unknown_threshold_for(b, unknown_threshold,
+                                                                                                eng))
     except TlcliError as exc:
         common.fail(exc, json_out=json_out)
     start = time.perf_counter()
