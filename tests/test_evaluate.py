@@ -163,7 +163,8 @@ def test_json_output_round_trips_to_the_library_report(twin_bundle, twin_eval, t
     result = run("evaluate", twin_eval, "--model", twin_bundle, "--json", "--top-k", 2, "--mistakes", 3)
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
-    assert set(d) == {"model_dir", "data_dir", "engine", "report", "skipped", "warnings", "files", "seconds"}
+    assert set(d) == {"model_dir", "data_dir", "engine", "report", "skipped", "warnings", "files", "seconds",
+                      "unknown"}
     rep = Report.from_dict(d["report"])
     assert rep.to_dict() == d["report"]
     lib = tlcli.evaluate(twin_eval, model_dir=twin_bundle, top_k=2, max_mistakes=3).report

@@ -50,19 +50,25 @@ def test_a_fifo_fingerprint_does_not_hang_the_tensorflow_engine(bundle_copy, col
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
 
 
-def _crafted_model(path, output):
-    """A SavedModel with only allowed ops whose serving_default has the declared signature
-    (images [b, 32, 32, 3] -> probabilities [b, 3]) but ``output(images)`` gives other values."""
+def _crafted_model(path, output, score=lambda tf, x: tf.zeros([tf.shape(x)[0]])):
+    """A SavedModel with only allowed ops whose serving_default and tlcli signatures have the
+    declared shapes (images [b, 32, 32, 3] -> probabilities [b, 3], and unknown_score [b]) but
+    ``output(images)`` and ``score(images)`` give other values."""
     import tensorflow as tf
 
     module = tf.Module()
+    spec = [tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")])
+    @tf.function(input_signature=spec)
     def serve(images):
         return {"probabilities": tf.ensure_shape(output(tf, images), [None, 3])}
 
-    module.serve = serve
-    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    @tf.function(input_signature=spec)
+    def serve_tlcli(images):
+        return {**serve(images), "unknown_score": tf.ensure_shape(score(tf, images), [None])}
+
+    module.serve, module.serve_tlcli = serve, serve_tlcli
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve, "tlcli": serve_tlcli})
     return path
 
 
@@ -81,6 +87,17 @@ def test_a_crafted_model_whose_output_is_not_probabilities_is_refused(bundle_cop
     install_saved_model(_crafted_model(tmp_path / "sm", CRAFTED_OUTPUTS[case]), bundle_copy)
     with pytest.raises(BundleError, match="saved_model.pb: the model"):
         evaluation.evaluate(colour_data, model_dir=bundle_copy, engine="tf")
+
+
+def test_a_crafted_unknown_score_that_is_not_one_finite_number_an_image_is_refused(bundle_copy, colour_data,
+                                                                                   tmp_path):
+    uniform = CRAFTED_OUTPUTS["negative"]
+    for name, score in {"nan": lambda tf, x: tf.fill([tf.shape(x)[0]], float("nan")),
+                        "one": lambda tf, x: tf.zeros([1])}.items():
+        install_saved_model(_crafted_model(tmp_path / name, lambda tf, x: uniform(tf, x) * 0 + 1 / 3, score),
+                            bundle_copy)
+        with pytest.raises(BundleError, match="saved_model.pb: the model gave an unknown_score"):
+            tlcli.predict([colour_data / "red"], model_dir=bundle_copy, engine="tf")
 
 
 def test_a_crafted_model_failing_at_run_time_is_one_line_on_the_command_line(bundle_copy, colour_data, tmp_path):

@@ -194,7 +194,9 @@ def test_single_label_bundles_old_and_new_answer_as_before(bundle_copy, colour_d
     old = tlcli.load_bundle(bundle_copy)
     assert not old.meta.multi_label and "task" not in old.meta.to_dict()
     [p] = tlcli.predict([photo], model_dir=bundle_copy, engine="tf")
-    assert p == new and p.labels is None and set(p.to_dict()) == {"path", "predictions", "error"}
+    # (no "labels"; the bundle's unknown detector adds its two fields)
+    assert p == new and p.labels is None and set(p.to_dict()) == {"path", "predictions", "error", "unknown",
+                                                                  "unknown_score"}
     refused = run_cli("predict", photo, "--model", bundle_copy, "--threshold", "0.5")
     assert refused.exit_code != 0 and "single-label" in refused.output
 

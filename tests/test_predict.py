@@ -60,10 +60,11 @@ def test_cli_json_lines_carry_per_file_errors_and_exit_1(mixed, trained_bundle):
     rows = json_rows(result)
     assert [r["path"] for r in rows] == [path for path, _ in expected]
     for r, (path, want) in zip(rows, expected):
-        assert set(r) == {"path", "predictions", "error"}
-        if want in ("red", "green", "blue"):
+        if want in ("red", "green", "blue"):  # the bundle's unknown detector adds its two fields
+            assert set(r) == {"path", "predictions", "error", "unknown", "unknown_score"}
             assert r["error"] is None and r["predictions"][0]["label"] == want
         else:
+            assert set(r) == {"path", "predictions", "error"}
             assert r["predictions"] == [] and r["error"].startswith(f"{path}: {want}")
     assert "5 of 8 input(s) failed" in result.stderr
 

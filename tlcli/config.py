@@ -224,6 +224,26 @@ def check_max_pixels(max_pixels: int | None) -> None:
         raise UsageError(f"--max-pixels {max_pixels}: must be >= 1")
 
 
+UNKNOWN_OFF = "off"  # --unknown-threshold off: no photo is called unknown
+
+
+def check_unknown_threshold(value) -> float | str | None:
+    """``--unknown-threshold FLOAT|off`` checked: None (the bundle's own threshold), ``"off"``, or
+    a finite number >= 0 (a string is parsed). Raises ``UsageError``."""
+    if value is None or value == UNKNOWN_OFF:
+        return value
+    given = value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if not (_number(value) and value >= 0):
+        raise UsageError(f"--unknown-threshold {given}: give a number >= 0 (a photo scoring above it is called "
+                         f"unknown), or {UNKNOWN_OFF} to call none unknown")
+    return float(value)
+
+
 def _number(x) -> bool:
     """A finite int or float (not a bool): NaN and infinity pass no range check."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)

@@ -44,6 +44,7 @@ def input_spec(image_size: int) -> dict:
 
 SIGNATURES = {"serving_default": "images -> probabilities",
               "serving_bytes": "image_bytes (encoded JPEG/PNG) -> probabilities, labels"}
+UNKNOWN_SIGNATURE = {"tlcli": "images -> probabilities, unknown_score (what tlcli's engines run)"}
 
 
 @dataclass(kw_only=True)
@@ -204,6 +205,9 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    # The unknown detector (``features.unknown``): {"method", "threshold", "target_rate", "oof_rate",
+    # ...}; the SavedModel then has the ``tlcli`` signature. None, and not written, without one.
+    unknown: dict | None = None
     labels_override: dict | None = None
     # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
     backbone_choice: dict | None = None
@@ -218,7 +222,7 @@ class BundleMeta(_Section):
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice", "task", "thresholds")
+    _optional: ClassVar[tuple] = ("audit", "unknown", "labels_override", "backbone_choice", "task", "thresholds")
 
     @property
     def multi_label(self) -> bool:

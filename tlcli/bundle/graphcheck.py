@@ -213,8 +213,9 @@ def _dims(info) -> list[int] | None:
 
 def check_signature(proto, bundle) -> None:
     """Refuse a SavedModel whose ``serving_default`` is not images [batch, S, S, 3] ->
-    probabilities [batch, N] with the S and N of ``bundle`` (its tlcli.json). Raises
-    ``BundleError``."""
+    probabilities [batch, N] with the S and N of ``bundle`` (its tlcli.json), or whose ``tlcli``
+    signature (images -> probabilities, unknown_score [batch]) is not, or is missing while
+    tlcli.json records an ``unknown`` detector. Raises ``BundleError``."""
     path = Path(bundle.path) / SAVED_MODEL_FILE
     sig = next((mg.signature_def["serving_default"] for mg in proto.meta_graphs
                 if "serving_default" in mg.signature_def), None)
@@ -229,12 +230,38 @@ def check_signature(proto, bundle) -> None:
         raise BundleError(f"{path}: serving_default takes images {images} and gives probabilities {probs}, "
                           f"but {bundle.path / 'tlcli.json'} says {size}x{size} images and {len(bundle.labels)} "
                           "labels; the bundle is inconsistent; retrain it or restore the files")
+    _check_engine_signature(proto, bundle, path)
     embedded = _string_constants(proto)
     if embedded and list(bundle.labels) not in embedded:
         raise BundleError(f"{path}: the labels stored in the SavedModel (for serving_bytes) differ from the "
                           f"{len(bundle.labels)} labels in {bundle.path / 'tlcli.json'} (other names or another "
                           "order), so predictions would be named wrongly; the bundle is inconsistent; retrain it "
                           "or restore the files")
+
+
+def _check_engine_signature(proto, bundle, path: Path) -> None:
+    """A ``tlcli`` signature (a bundle with an unknown detector) must take the images
+    ``serving_default`` takes and give ``probabilities`` [batch, N] and ``unknown_score``
+    [batch]; tlcli.json's ``unknown`` needs one. Raises ``BundleError``."""
+    sig = next((mg.signature_def["tlcli"] for mg in proto.meta_graphs if "tlcli" in mg.signature_def), None)
+    fix = "the bundle is inconsistent; retrain it or restore the files"
+    if sig is None:
+        if getattr(bundle.meta, "unknown", None) is not None:
+            raise BundleError(f"{path}: has no \"tlcli\" signature, but {bundle.path / 'tlcli.json'} records an "
+                              f"\"unknown\" detector; {fix}")
+        return
+    if set(sig.inputs) != {"images"} or set(sig.outputs) != {"probabilities", "unknown_score"}:
+        raise BundleError(f"{path}: its \"tlcli\" signature does not take \"images\" and give \"probabilities\" "
+                          f"and \"unknown_score\"; {fix}")
+    images, probs, score = (_dims(x) for x in (sig.inputs["images"], sig.outputs["probabilities"],
+                                               sig.outputs["unknown_score"]))
+    size, n = bundle.image_size, len(bundle.labels)
+    fits = (images is None or (len(images) == 4 and images[1] in (-1, size) and images[2] in (-1, size))) and \
+        (probs is None or (len(probs) == 2 and probs[1] in (-1, n))) and (score is None or len(score) == 1)
+    if not fits:
+        raise BundleError(f"{path}: its \"tlcli\" signature takes images {images} and gives probabilities {probs} "
+                          f"and unknown_score {score}, but {bundle.path / 'tlcli.json'} says {size}x{size} images "
+                          f"and {n} labels (and one score an image); {fix}")
 
 
 def _string_constants(proto) -> list[list[str]]:

@@ -1,8 +1,9 @@
 """Serving: the bundle's SavedModel and its signatures, and the in-graph decoder of posted files.
 
-``serving_module`` wraps a classifier in the two signatures; ``SavedModelExport`` writes the graph
-(which does not depend on the weights, so it can be written while training runs) and then the
-final variables under the same object graph.
+``serving_module`` wraps a classifier in the two signatures (three with an unknown detector);
+``SavedModelExport`` writes the graph (which does not depend on the weights, so it can be written
+while training runs) and then the final variables under the same object graph.
+``engine_signature`` says which signature tlcli's engines run and every export converts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from tlcli._tf import tf
 from tlcli.data.images import CENTRAL_FRACTION, decode_size
+
+ENGINE_SIGNATURE = "tlcli"  # images -> probabilities and unknown_score, in a bundle with a detector
 
 # ---- the bytes signature's decoder --------------------------------------------------------------
 # TF Serving clients post encoded files, so the SavedModel decodes them itself. This mirrors
@@ -156,7 +159,7 @@ def _crop_and_resize(t, img, image_size: int):
     return out[0]
 
 
-def serving_module(classifier, image_size: int, labels: list[str]):
+def serving_module(classifier, image_size: int, labels: list[str], *, unknown=None):
     """A tf.Module with two signatures:
 
     * ``serving_default``: ``images`` float32 [batch, size, size, 3] in [0, 1] -> ``probabilities``
@@ -164,13 +167,21 @@ def serving_module(classifier, image_size: int, labels: list[str]):
       any size) -> ``probabilities`` and ``labels``: string [batch, num_labels], the label names in
       output-unit order (the same row for every image), so clients need no labels.txt. Decoding
       and resizing happen in the graph (``decode_image_bytes``).
+
+    With ``unknown`` = (the classifier built ``with_features``, the detector's rank), a third,
+    ``tlcli`` (``ENGINE_SIGNATURE``): ``images`` -> ``probabilities`` and ``unknown_score`` float32
+    [batch] (``features.unknown.graph_score``), its variables zero until ``set_unknown``.
     """
     t = tf()
     module = t.Module()
     # Track the variables, not the Keras model: saving a tracked Keras model re-traces every
-    # layer's call functions (about 5 s for MobileNetV2); the two signatures are all we serve.
+    # layer's call functions (about 5 s for MobileNetV2); the signatures are all we serve.
     module.weights = list(classifier.variables)
     module.labels = t.constant(labels)
+    signatures = {}
+    if unknown is not None:
+        signatures[ENGINE_SIGNATURE] = _engine_signature(t, module, *unknown, image_size=image_size,
+                                                         classes=len(labels))
 
     # autograph=False: the graphs use explicit tf.cond / tf.case, nothing to convert.
     @t.function(input_signature=[t.TensorSpec([None, image_size, image_size, 3], t.float32, name="images")],
@@ -188,17 +199,62 @@ def serving_module(classifier, image_size: int, labels: list[str]):
 
     module.serve_images = serve_images
     module.serve_bytes = serve_bytes
-    return module, {"serving_default": serve_images, "serving_bytes": serve_bytes}
+    return module, {"serving_default": serve_images, "serving_bytes": serve_bytes, **signatures}
+
+
+def _engine_signature(t, module, with_features, rank: int, *, image_size: int, classes: int):
+    """The ``tlcli`` signature's function, its detector's variables tracked as ``module.unknown``."""
+    from tlcli.features.unknown import graph_score
+
+    dim = int(with_features.outputs[1].shape[-1])
+    detector = t.Module()
+    shapes = {"center": [dim], "linear": [dim, classes], "basis": [dim, rank], "weights": [rank],
+              "cross": [rank, classes], "alpha": [], "const": [classes]}
+    for name, shape in shapes.items():
+        setattr(detector, name, t.Variable(t.zeros(shape, t.float32), trainable=False, name=f"unknown_{name}"))
+    module.unknown = detector
+
+    @t.function(input_signature=[t.TensorSpec([None, image_size, image_size, 3], t.float32, name="images")],
+                autograph=False)
+    def serve_tlcli(images):
+        probs, features = with_features(images, training=False)
+        return {"probabilities": probs, "unknown_score": graph_score(t, features, detector)}
+
+    module.serve_tlcli = serve_tlcli
+    return serve_tlcli
+
+
+def engine_signature(path) -> str:
+    """The signature tlcli's engines run, and every export format converts, of the SavedModel in
+    the folder ``path``: ``tlcli`` when it has one, else ``serving_default``. Reads the proto
+    (``graphcheck.parse``), without loading the model. Raises ``BundleError``."""
+    from tlcli.bundle import graphcheck
+
+    return signature_of(graphcheck.parse(path))
+
+
+def signature_of(proto) -> str:
+    """``engine_signature`` of a parsed SavedModel proto."""
+    return ENGINE_SIGNATURE if any(ENGINE_SIGNATURE in mg.signature_def for mg in proto.meta_graphs) \
+        else "serving_default"
 
 
 class SavedModelExport:
     """The classifier's SavedModel at ``path``: ``write_graph`` writes the graph and signatures
     (safe on another thread while features are extracted, not while the weights train), then
-    ``write_variables`` stores the final weights under the same object graph and the fingerprint."""
+    ``write_variables`` stores the final weights under the same object graph and the fingerprint.
+    ``unknown``: see ``serving_module``."""
 
-    def __init__(self, classifier, image_size: int, labels: list[str], path: Path):
+    def __init__(self, classifier, image_size: int, labels: list[str], path: Path, *, unknown=None):
         self.path = Path(path)
-        self.module, self.signatures = serving_module(classifier, image_size, labels)
+        self.module, self.signatures = serving_module(classifier, image_size, labels, unknown=unknown)
+        self.unknown_rank = None if unknown is None else unknown[1]
+        self._unknown: dict = {}
+
+    def set_unknown(self, arrays: dict) -> None:
+        """The fitted detector (``features.unknown.Detector.arrays()``) for the ``tlcli`` signature's
+        variables: ``write_variables`` puts it in (after the graph is written, whenever this is called)."""
+        self._unknown = dict(arrays)
 
     def write_graph(self) -> None:
         tf().saved_model.save(self.module, str(self.path), signatures=self.signatures)
@@ -210,5 +266,7 @@ class SavedModelExport:
     def write_variables(self) -> None:
         from tensorflow.python.saved_model import fingerprinting_utils
 
+        for name, value in self._unknown.items():
+            getattr(self.module.unknown, name).assign(value)
         tf().train.Checkpoint(root=self.module).write(str(self.path / "variables" / "variables"))
         fingerprinting_utils.write_fingerprint(str(self.path))  # it hashes the variables too

@@ -98,6 +98,10 @@ def path_str(p: Path | None) -> str | None:
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle directory.")]
+UnknownThreshold = Annotated[Optional[str], typer.Option(
+    metavar="FLOAT|off", show_default=False,
+    help="Call a photo unknown when its unknown score (how unlike the training photos it is) is above FLOAT; "
+         "default: the threshold training chose; off: call none unknown.")]
 ThresholdOption = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, show_default=False,
     help="Multi-label models: one threshold for every label; default: each label's own, chosen by "

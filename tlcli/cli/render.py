@@ -330,6 +330,10 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     if cal and cal.get("oof_ece_before") is not None:
         t.add_row("calibration", f"temperature {cal['temperature']:.2f} folded into the head (held-out "
                                  f"calibration error {cal['oof_ece_before']:.3f} -> {cal['oof_ece_after']:.3f})")
+    if result.unknown:
+        u = result.unknown
+        t.add_row("unknown", f"score threshold {u['threshold']:.4g}: {pct(u['oof_rate'])} of the held-out training "
+                             f"photos above it (target {pct(u['target_rate'])})")
     epochs = f"head {result.head_epochs}"
     if result.fine_tune_epochs:
         epochs += f", fine-tune {result.fine_tune_epochs}"
@@ -385,7 +389,8 @@ def _ranked(p) -> list[str]:
 
 def predictions_table(engine: str, columns: int, predictions, width: int = 80) -> Table:
     """The table of ``predictions`` (``inference.Prediction``): each file with its ``columns``
-    ranked classes, or its error in red. When the ranks do not fit ``width`` side by side beside
+    ranked classes, or its error in red; ``unknown`` above them, dimmed, for a photo the model's
+    unknown detector calls so. When the ranks do not fit ``width`` side by side beside
     the file (24 cells), they are stacked in one column, one per line, so that no label or number
     is ever cut."""
     cells = max((len(cell) for p in predictions for cell in _ranked(p)), default=0)
@@ -401,7 +406,9 @@ def predictions_table(engine: str, columns: int, predictions, width: int = 80) -
         if p.error:
             table.add_row(path_cell(p.path), safe(p.error.removeprefix(f"{p.path}: "), style="red"))
         else:
-            ranked = [safe(cell) for cell in _ranked(p)]
+            ranked = [safe(cell, style="dim" if p.unknown else "") for cell in _ranked(p)]
+            if p.unknown:  # what it most resembles stays below, dimmed
+                ranked[0] = Text("\n").join([Text("unknown", style="bold yellow"), ranked[0]])
             table.add_row(path_cell(p.path), *([Text("\n").join(ranked)] if stacked else ranked))
     return table
 

@@ -96,6 +96,12 @@ def evaluation(r) -> list:
     t.add_row("loss", f"{rep.loss:.4f} (cross-entropy: the negative log-likelihood)")
     t.add_row("calibration", f"ECE {rep.ece:.3f} (expected calibration error, {len(rep.reliability)} bins used), "
                              f"Brier {rep.brier:.3f}")
+    if r.unknown is not None:
+        u = r.unknown
+        rest = "none left" if u["accuracy_on_rest"] is None else \
+            f"{pct(u['accuracy_on_rest'])} on the other {u['rest']}"
+        t.add_row("unknown", f"{u['images']} of {rep.count} ({pct(u['rate'])}) scored above {u['threshold']:.4g}; "
+                             f"accuracy {rest}")
     shown = [t, _per_class_table(rep), _confusion_table(rep),
              _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
     return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]

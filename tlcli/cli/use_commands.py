@@ -45,8 +45,10 @@ def predict(
     force: Annotated[bool, typer.Option("--force", help="With --explain: replace overlays already in "
                                                         "OUTDIR.")] = False,
     threshold: common.ThresholdOption = None,
+    unknown_threshold: common.UnknownThreshold = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error "
-                                                          "(and overlay; labels, of a multi-label model).")] = False,
+                                                          "(and overlay; labels, of a multi-label model; unknown "
+                                                          "and unknown_score, with a detector).")] = False,
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
@@ -56,9 +58,12 @@ def predict(
     try:
         if explain is None:
             b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
-                                              max_pixels=max_pixels, threshold=threshold)
+                                              max_pixels=max_pixels, threshold=threshold,
+                                              unknown_threshold=unknown_threshold)
             results = inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
-                                             threshold=threshold)
+                                             threshold=threshold,
+                                             unknown_threshold=inference.unknown_threshold_for(b, unknown_threshold,
+                                                                                               eng))
         else:
             explainer, files, plan, note = saliency.prepare(paths, out_dir=explain, model_dir=model, top_k=top_k,
                                                             engine=engine.value, max_pixels=max_pixels, force=force)
@@ -67,15 +72,18 @@ def predict(
             b, eng = explainer.bundle, explainer.engine
             inference.thresholds(b, threshold)  # a bad --threshold fails before any image
             results = saliency.iter_explained(files, explainer=explainer, plan=plan, top_k=top_k,
-                                              max_pixels=max_pixels, threshold=threshold)
+                                              max_pixels=max_pixels, threshold=threshold,
+                                              unknown_threshold=inference.unknown_threshold_for(b, unknown_threshold,
+                                                                                                eng))
     except TlcliError as exc:
         common.fail(exc, json_out=json_out)
     start = time.perf_counter()
-    failed = 0
+    failed = unknown = 0
     shown = []
     try:
         for p, _ in results:
             failed += p.error is not None
+            unknown += bool(p.unknown)
             if json_out:
                 render.print_json(p.to_dict(), indent=None)  # JSON Lines
             else:
@@ -90,7 +98,8 @@ def predict(
         done = len(files) - failed
         verb = "classified" if explain is None else "classified and explained"
         common.err.print(render.note(f"{done} images {verb} in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
-                              f"images/s, engine {eng.name})"), highlight=False)
+                              f"images/s, engine {eng.name})" + (f"; {unknown} called unknown" if unknown else "")),
+                         highlight=False)
     if explain is not None:
         common.err.print(render.note(f"{len(files) - failed} saliency overlay(s) in {explain}"), highlight=False)
     if failed:
@@ -152,6 +161,7 @@ def evaluate(
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
                                                         "not empty.")] = False,
     threshold: common.ThresholdOption = None,
+    unknown_threshold: common.UnknownThreshold = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
@@ -163,7 +173,7 @@ def evaluate(
 
     r = common.with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
                        engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force,
-                             overlays=overlays, threshold=threshold)
+                             overlays=overlays, threshold=threshold, unknown_threshold=unknown_threshold)
     if json_out:
         render.print_json(r.to_dict())
     else:
@@ -191,6 +201,7 @@ def serve(
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
     threshold: common.ThresholdOption = None,
+    unknown_threshold: common.UnknownThreshold = None,
 ):
     """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
     Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
@@ -198,7 +209,8 @@ def serve(
 
     try:
         r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
-                      max_pixels=max_pixels, threshold=threshold, progress=render.line_events(common.err))
+                      max_pixels=max_pixels, threshold=threshold, unknown_threshold=unknown_threshold,
+                      progress=render.line_events(common.err))
     except TlcliError as exc:
         common.fail(exc)
     common.err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)

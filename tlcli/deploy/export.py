@@ -216,18 +216,21 @@ def _is_tflite(path: Path) -> bool:
 
 
 def _convert(t, b: bundles.Bundle, quantize: str, io_type: str, calibration: np.ndarray | None) -> bytes:
-    from tlcli.bundle import graphcheck
+    from tlcli.bundle import graphcheck, savedmodel
 
     # The converter loads the SavedModel and may constant-fold its ops: check it first.
-    graphcheck.check_signature(graphcheck.check_saved_model(b.path), b)
+    proto = graphcheck.check_saved_model(b.path)
+    graphcheck.check_signature(proto, b)
     with bundles.tf_readable(b.path) as source:
-        return _convert_from(t, source, b, quantize, io_type, calibration)
+        return _convert_from(t, source, b, quantize, io_type, calibration, savedmodel.signature_of(proto))
 
 
 def _convert_from(t, source: Path, b: bundles.Bundle, quantize: str, io_type: str,
-                  calibration: np.ndarray | None) -> bytes:
+                  calibration: np.ndarray | None, signature: str = "serving_default") -> bytes:
+    """The .tflite of the SavedModel's ``signature`` (``savedmodel.engine_signature``: with the
+    unknown score when the bundle has a detector)."""
     try:
-        converter = t.lite.TFLiteConverter.from_saved_model(str(source), signature_keys=["serving_default"])
+        converter = t.lite.TFLiteConverter.from_saved_model(str(source), signature_keys=[signature])
     except Exception as exc:
         raise TlcliError(f"--model {b.path}: the SavedModel cannot be converted ({type(exc).__name__}); "
                          "the bundle may be corrupt; retrain it") from None

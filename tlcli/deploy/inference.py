@@ -15,7 +15,15 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli.bundle.schema import read_regular
-from tlcli.config import DEFAULT_MODEL_DIR, ENGINES, PREDICT_ENGINE, PREDICT_TOP_K, check_max_pixels
+from tlcli.config import (
+    DEFAULT_MODEL_DIR,
+    ENGINES,
+    PREDICT_ENGINE,
+    PREDICT_TOP_K,
+    UNKNOWN_OFF,
+    check_max_pixels,
+    check_unknown_threshold,
+)
 from tlcli.data import image_files, images, walk
 from tlcli.deploy import tflite_meta
 from tlcli.errors import BundleError, ImageError, UsageError
@@ -29,17 +37,22 @@ class Prediction:
     message (the file could not be used); ``overlay`` the saliency overlay written for it
     (``predict --explain``), else None and left out of ``to_dict``. ``labels``: of a multi-label
     model, the names of every label at or above its threshold, most probable first (each also in
-    ``predictions``); None, and not in ``to_dict``, for a single-label model."""
+    ``predictions``); None, and not in ``to_dict``, for a single-label model. With a bundle's
+    unknown detector (``features.unknown``), ``unknown_score`` (larger: less like the training
+    photos) and ``unknown`` (it is above the threshold); both None, and left out of ``to_dict``,
+    without one."""
 
     path: str
     predictions: list[dict] = field(default_factory=list)
     error: str | None = None
     labels: list[str] | None = None
     overlay: str | None = None
+    unknown: bool | None = None
+    unknown_score: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("labels", "overlay"):
+        for key in ("labels", "overlay", "unknown", "unknown_score"):
             if d[key] is None:
                 del d[key]
         return d
@@ -60,24 +73,27 @@ def _file_error(p: str, exc: ImageError) -> str:
 
 
 class TFEngine:
-    """The bundle's SavedModel (``serving_default``) through TensorFlow. Before TensorFlow loads
-    it, ``graphcheck`` refuses a SavedModel that could run anything but image classification
-    (file, system or Python ops) or whose signature disagrees with tlcli.json. Raises
-    ``BundleError``."""
+    """The bundle's SavedModel through TensorFlow: its ``tlcli`` signature (probabilities and
+    the unknown score) when it has one, else ``serving_default`` (``savedmodel.engine_signature``).
+    Before TensorFlow loads it, ``graphcheck`` refuses a SavedModel that could run anything but
+    image classification (file, system or Python ops) or whose signatures disagree with
+    tlcli.json. Raises ``BundleError``."""
 
     name = "tf"
 
     def __init__(self, bundle: bundles.Bundle):
         from tlcli._tf import tf
-        from tlcli.bundle import graphcheck
+        from tlcli.bundle import graphcheck, savedmodel
 
         t = tf()  # first, so that TensorFlow's import noise is silenced (graphcheck's proto needs TF)
         proto = graphcheck.check_saved_model(bundle.path)
         graphcheck.check_signature(proto, bundle)
+        self.signature = savedmodel.signature_of(proto)
         try:
             with bundles.tf_readable(bundle.path) as path:
                 loaded = t.saved_model.load(str(path))
-            self.fn = loaded.signatures["serving_default"]
+            self.fn = loaded.signatures[self.signature]
+            self.scores_unknown = self.signature == savedmodel.ENGINE_SIGNATURE
         except Exception as exc:
             raise BundleError(f"--model {bundle.path}: the SavedModel cannot be loaded ({type(exc).__name__}); "
                               "the bundle is corrupt; retrain it") from None
@@ -85,17 +101,36 @@ class TFEngine:
         self.t = t
         self.where, self.classes = bundle.path / graphcheck.SAVED_MODEL_FILE, len(bundle.labels)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """{"probabilities": float32 [n, classes], and "unknown_score": float32 [n] with a detector}."""
         try:
-            probs = self.fn(images=self.t.constant(batch))["probabilities"].numpy()
+            found = {name: value.numpy() for name, value in self.fn(images=self.t.constant(batch)).items()}
         except Exception as exc:  # a crafted graph that fails at run time (Assert, Reshape ...)
             raise _run_error(self.where, exc) from None
-        return checked_probabilities(probs, len(batch), self.classes, self.where)
+        return checked_outputs(found, len(batch), self.classes, self.where)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)["probabilities"]
 
 
 def _run_error(where: Path, exc: Exception) -> BundleError:
     return BundleError(f"{where}: the model failed on a batch of images ({type(exc).__name__}); the bundle "
                        "is damaged or crafted; retrain it")
+
+
+def checked_outputs(found: dict, rows: int, classes: int, where: Path) -> dict[str, np.ndarray]:
+    """The engine outputs of ``found`` (by name): "probabilities" (``checked_probabilities``) and,
+    when there, "unknown_score", which must be ``rows`` finite numbers (float32). Raises ``BundleError``."""
+    out = {"probabilities": checked_probabilities(found.get("probabilities"), rows, classes, where)}
+    if "unknown_score" in found:
+        score = np.asarray(found["unknown_score"])
+        if score.shape != (rows,) or not np.issubdtype(score.dtype, np.number) or \
+                not np.all(np.isfinite(score.astype(np.float64))):
+            raise BundleError(f"{where}: the model gave an unknown_score of {'x'.join(map(str, score.shape))} values "
+                              f"for {rows} image(s), or values that are not finite; the bundle is damaged or "
+                              "crafted; retrain it")
+        out["unknown_score"] = score.astype(np.float32)
+    return out
 
 
 def checked_probabilities(probs, rows: int, classes: int, where: Path) -> np.ndarray:
@@ -115,13 +150,15 @@ def checked_probabilities(probs, rows: int, classes: int, where: Path) -> np.nda
 
 class TFLiteEngine:
     """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
-    TFEngine does (float32 images in [0, 1] -> float32 probabilities); integer-I/O models (int8 /
-    uint8) get their inputs quantized and their outputs dequantized with the file's own scale and
-    zero point. The file is read once, only if it is a regular file, and checked before LiteRT
-    opens it (``model.tflite_check``). Raises ``BundleError`` for a missing, unreadable, crafted
-    or mismatched file: another input size or class count, other embedded
-    labels, or another bundle's fingerprint. ``num_threads``: LiteRT's threads for this
-    interpreter (default: one per CPU; a server running several interpreters splits them)."""
+    TFEngine does (float32 images in [0, 1] -> float32 probabilities, and the unknown score when
+    the file has it); integer-I/O models (int8 / uint8) get their inputs quantized and their
+    outputs dequantized with the file's own scale and zero point. It runs the file's ``tlcli``
+    signature when it has one, else ``serving_default`` (or its only graph), its outputs found by
+    name. The file is read once, only if it is a regular file, and checked before LiteRT opens it
+    (``model.tflite_check``). Raises ``BundleError`` for a missing, unreadable, crafted or
+    mismatched file: another input size or class count, other embedded labels, or another
+    bundle's fingerprint. ``num_threads``: LiteRT's threads for this interpreter (default: one
+    per CPU; a server running several interpreters splits them)."""
 
     name = "tflite"
 
@@ -139,13 +176,15 @@ class TFLiteEngine:
             with native_stderr_silenced():
                 self.interp.allocate_tensors()
             metadata = tflite_meta.read_entries(buf)
+            self.runner = _runner(self.interp)
+            ((self.input_name, self.inp),) = self.runner.get_input_details().items()
+            self.outs = self.runner.get_output_details()
+            self.scores_unknown = "unknown_score" in self.outs
+            self.out = probs = self.outs["probabilities"]
         except Exception as exc:
             raise BundleError(f"{path}: cannot load the TFLite model ({' '.join(str(exc).split())[:200]}); "
                               "re-export it") from None
-        self.inp = self.interp.get_input_details()[0]
-        self.out = self.interp.get_output_details()[0]
-        tflite_meta.check_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(self.out["shape"][-1]), metadata)
-        self.batch = int(self.inp["shape"][0])
+        tflite_meta.check_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(probs["shape"][-1]), metadata)
         self.path, self.classes = path, len(bundle.labels)
 
     @staticmethod
@@ -163,18 +202,54 @@ class TFLiteEngine:
             return (y.astype(np.float32) - zero) * np.float32(scale)
         return y.astype(np.float32)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """{"probabilities": float32 [n, classes], and "unknown_score": float32 [n] when the file has it}."""
         try:
-            if self.batch != len(batch):
-                self.interp.resize_tensor_input(self.inp["index"], [len(batch), *batch.shape[1:]])
-                self.interp.allocate_tensors()
-                self.batch = len(batch)
-            self.interp.set_tensor(self.inp["index"], self._quantize(batch, self.inp))
-            self.interp.invoke()
-            probs = self._dequantize(self.interp.get_tensor(self.out["index"]), self.out)
+            found = self.runner(**{self.input_name: self._quantize(batch, self.inp)})
+            found = {name: self._dequantize(value, self.outs[name]) for name, value in found.items()}
         except Exception as exc:  # LiteRT's RuntimeError / ValueError for a graph that fails on this batch
             raise _run_error(self.path, exc) from None
-        return checked_probabilities(probs, len(batch), self.classes, self.path)
+        return checked_outputs(found, len(batch), self.classes, self.path)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)["probabilities"]
+
+
+def _runner(interp):
+    """What runs ``interp``'s model, by input and output name: LiteRT's runner of its ``tlcli``
+    signature, else of ``serving_default``, else of its only signature; a file without signatures
+    (not one tlcli writes) runs its graph, its first output taken as the probabilities."""
+    signatures = interp.get_signature_list()
+    name = next((s for s in ("tlcli", "serving_default") if s in signatures), None)
+    if name is None and len(signatures) == 1:
+        (name,) = signatures
+    if name is not None:
+        return interp.get_signature_runner(name)
+    return _GraphRunner(interp)
+
+
+class _GraphRunner:
+    """A LiteRT signature runner's interface over a model without signatures: its first input
+    ("images") and first output ("probabilities")."""
+
+    def __init__(self, interp):
+        self.interp = interp
+        self.inp = interp.get_input_details()[0]
+        self.out = interp.get_output_details()[0]
+
+    def get_input_details(self) -> dict:
+        return {"images": self.inp}
+
+    def get_output_details(self) -> dict:
+        return {"probabilities": self.out}
+
+    def __call__(self, images: np.ndarray) -> dict:
+        if tuple(self.interp.get_input_details()[0]["shape"]) != images.shape:
+            self.interp.resize_tensor_input(self.inp["index"], list(images.shape))
+            self.interp.allocate_tensors()
+        self.interp.set_tensor(self.inp["index"], images)
+        self.interp.invoke()
+        return {"probabilities": self.interp.get_tensor(self.out["index"])}
 
 
 def check_engine(engine: str) -> None:
@@ -206,10 +281,13 @@ def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_
 
 def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = PREDICT_TOP_K,
                  batch_size: int = 32, max_pixels: int | None = None,
-                 threshold: float | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+                 threshold: float | None = None,
+                 unknown_threshold: float | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
     """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``.
     ``max_pixels`` defaults to the limit the model was trained with. Of a multi-label bundle,
-    ``predictions`` holds at least every label at or above its threshold (``thresholds``)."""
+    ``predictions`` holds at least every label at or above its threshold (``thresholds``).
+    ``unknown_threshold`` (``unknown_threshold_for``): with an engine that gives the unknown score,
+    each Prediction gets it and ``unknown`` (score above the threshold); None leaves both out."""
     size = bundle.image_size
     max_pixels = max_pixels or bundle.max_pixels
     k = max(1, min(top_k, len(bundle.labels)))
@@ -217,21 +295,35 @@ def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x, errors = images.decode_batch(chunk, lambda p: images.load_for_model(p, size, max_pixels=max_pixels))
-        for p, err, row in zip(chunk, errors, images.paired(errors, None if x is None else engine(x))):
+        rows, scores = paired_outputs({} if x is None else engine_outputs(engine, x), errors, unknown_threshold)
+        for p, err, row, score in zip(chunk, errors, rows, scores):
             if err is not None:
                 yield Prediction(p, [], _file_error(p, err), [] if cuts is not None else None), None
             else:
-                yield prediction(p, row, bundle.labels, k, cuts), row
+                yield prediction(p, row, bundle.labels, k, cuts, score, unknown_threshold), row
 
 
-def prediction(path: str, row: np.ndarray, labels: list[str], k: int, cuts: np.ndarray | None) -> Prediction:
+def paired_outputs(found: dict, errors: list, threshold: float | None) -> tuple[list, list]:
+    """(each item's probabilities, each item's unknown score) of the engine's outputs ``found``
+    for a batch of ``decode_batch`` (``images.paired``: None for an item that did not decode);
+    the scores all None without a threshold or without scores in ``found``."""
+    rows = images.paired(errors, found.get("probabilities"))
+    if threshold is None or "unknown_score" not in found:
+        return rows, [None] * len(errors)
+    return rows, images.paired(errors, found["unknown_score"])
+
+
+def prediction(path: str, row: np.ndarray, labels: list[str], k: int, cuts: np.ndarray | None,
+               score: float | None = None, unknown_threshold: float | None = None) -> Prediction:
     """The Prediction of one image's probabilities ``row``: its ``k`` best labels; with ``cuts``
     (a multi-label model's thresholds, ``thresholds``) also the labels at or above them, every
-    one of them among the ranked ones."""
+    one of them among the ranked ones; with an unknown ``score``, it and whether it is above
+    ``unknown_threshold``."""
+    unknown = {} if score is None else {"unknown": bool(score > unknown_threshold), "unknown_score": float(score)}
     if cuts is None:
-        return Prediction(path, ranked(row, labels, k))
+        return Prediction(path, ranked(row, labels, k), **unknown)
     names = [labels[i] for i in np.argsort(-row, kind="stable") if row[i] >= cuts[i]]
-    return Prediction(path, ranked(row, labels, max(k, len(names))), labels=names)
+    return Prediction(path, ranked(row, labels, max(k, len(names))), labels=names, **unknown)
 
 
 def thresholds(bundle: bundles.Bundle, threshold: float | None = None) -> np.ndarray | None:
@@ -250,6 +342,34 @@ def thresholds(bundle: bundles.Bundle, threshold: float | None = None) -> np.nda
     return np.asarray(bundle.meta.thresholds, np.float32)
 
 
+def engine_outputs(engine, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """``engine.outputs(batch)``; for a plain function of a batch (no ``outputs``), its
+    probabilities alone."""
+    outputs = getattr(engine, "outputs", None)
+    return outputs(batch) if outputs is not None else {"probabilities": engine(batch)}
+
+
+def unknown_threshold_for(b: bundles.Bundle, option=None, engine=None) -> float | None:
+    """The score above which a photo is called unknown: the bundle's (tlcli.json ``unknown``),
+    ``option`` (``--unknown-threshold``: a number, or ``"off"``: infinity, so none is, the score
+    still given), or None for a bundle without a detector. Raises ``UsageError`` for a number
+    given to a bundle without one, ``BundleError`` when ``engine`` (opened) cannot score it."""
+    option = check_unknown_threshold(option)
+    recorded = b.meta.unknown
+    if recorded is None:
+        if option not in (None, UNKNOWN_OFF):
+            raise UsageError(f"--unknown-threshold {option:g}: the model {b.path} has no unknown detector (trained "
+                             "by an older tlcli, or on too few images); leave the option out, or retrain it")
+        return None
+    if option == UNKNOWN_OFF:
+        return float("inf")
+    if engine is not None and not getattr(engine, "scores_unknown", True):
+        raise BundleError(f"{getattr(engine, 'path', b.path)}: gives no unknown score (exported before it was "
+                          f"added); re-export it with 'tlcli export --tflite --force --model {b.path}', or pass "
+                          "--engine tf, or --unknown-threshold off")
+    return float(recorded["threshold"]) if option is None else option
+
+
 def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
     """The ``k`` best of one image's probabilities as {"label", "probability"}, best first (ties in
     label order)."""
@@ -259,22 +379,30 @@ def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
             top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE,
-            max_pixels: int | None = None, threshold: float | None = None) -> list[Prediction]:
+            max_pixels: int | None = None, threshold: float | None = None,
+            unknown_threshold: float | str | None = None) -> list[Prediction]:
     """Top-k predictions for files and/or folders (of a multi-label model, also the labels at or
-    above their thresholds: ``threshold`` for all of them when given). Never raises for a bad
-    image (see ``error``); raises ``BundleError`` / ``UsageError`` for a bad model or option."""
+    above their thresholds: ``threshold`` for all of them when given), each with ``unknown`` and
+    ``unknown_score`` when the bundle has an unknown detector (``unknown_threshold``: None for
+    the bundle's own threshold, a number >= 0, or "off"). Never raises for a bad image (see
+    ``error``); raises ``BundleError`` / ``UsageError`` for a bad model or option."""
     b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels,
-                            threshold=threshold)
+                            threshold=threshold, unknown_threshold=unknown_threshold)
     return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
-                                       threshold=threshold)]
+                                       threshold=threshold,
+                                       unknown_threshold=unknown_threshold_for(b, unknown_threshold, eng))]
 
 
 def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike, top_k: int, engine: str,
-            max_pixels: int | None, threshold: float | None = None) -> tuple[bundles.Bundle, object, list[str]]:
+            max_pixels: int | None, threshold: float | None = None,
+            unknown_threshold: float | str | None = None) -> tuple[bundles.Bundle, object, list[str]]:
     """Check the options, load the bundle and its engine, and expand folders: everything that can
-    fail as a whole before the first image is classified. Returns (bundle, engine, files)."""
+    fail as a whole before the first image is classified. Returns (bundle, engine, files); the
+    unknown threshold is then ``unknown_threshold_for(bundle, unknown_threshold, engine)``."""
     check_top_k(top_k)
     check_max_pixels(max_pixels)
+    check_unknown_threshold(unknown_threshold)
     b = bundles.load(model_dir)
     thresholds(b, threshold)
+    unknown_threshold_for(b, unknown_threshold)  # an option the bundle cannot take fails before the engine loads
     return b, open_engine(b, engine), walk.expand(paths)

@@ -10,7 +10,8 @@ Endpoints (``NAME`` defaults to the bundle folder's name; the one version served
 * ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
   raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
   --json`` prints (``path`` is the upload's file name; of a multi-label model, ``labels``: those
-  at or above their thresholds). When a file cannot be used: 400 with
+  at or above their thresholds; ``unknown`` and ``unknown_score`` with the bundle's unknown
+  detector). When a file cannot be used: 400 with
   ``{"error": <its decoder message>, "results": [...]}``. The ``Server-Timing`` header has the
   time spent decoding and classifying.
 * TF Serving's REST API, so a client written for one works against the other:
@@ -97,7 +98,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServedModel:
     """One bundle being served: ``name``, ``engine`` ("tf" or "tflite"), ``workers`` (how many
     requests run the model at once), ``max_pixels`` (the decoder's limit), ``max_images`` (the
-    most images one request may hold).
+    most images one request may hold), ``unknown_threshold`` (``predict``'s: for /predict only).
 
     LiteRT interpreters are not thread-safe, so each request borrows one from a pool that grows
     on demand up to ``workers`` (only the first is loaded before the server is ready), each with
@@ -105,18 +106,18 @@ class ServedModel:
     engine is shared."""
 
     def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
-                 max_images: int = SERVE_MAX_IMAGES, threshold: float | None = None):
+                 max_images: int = SERVE_MAX_IMAGES, threshold: float | None = None,
+                 unknown_threshold: float | str | None = None):
         self.bundle, self.name, self.workers, self.max_images = b, name, workers, max_images
         self.cuts = inference.thresholds(b, threshold)  # a multi-label model's; None for one label
         self.engine = inference.resolve_engine(b, engine)
         self.max_pixels = max_pixels or b.max_pixels
         self.signatures = signature_defs(b)
         self._threads = max(1, (os.cpu_count() or 1) // workers)
-        self._pool: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._made = 1
+        self._pool, self._lock, self._made = queue.Queue(), threading.Lock(), 1
         self._shared = self._open()
         self._pool.put(self._shared)
+        self.unknown_threshold = inference.unknown_threshold_for(b, unknown_threshold, self._shared)
         self.explanations = saliency.Explanations(b, engine=self._shared if self.engine == "tf" else None,
                                                   max_pixels=self.max_pixels)
 
@@ -136,14 +137,18 @@ class ServedModel:
         return self._open() if grow else self._pool.get()
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [n, S, S, 3] in [0, 1] -> float32 [n, labels] probabilities. Raises
-        ``BundleError`` when the model fails."""
+        """float32 [n, S, S, 3] in [0, 1] -> float32 [n, labels] probabilities; ``BundleError``."""
+        return self.outputs(batch)["probabilities"]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The engine's outputs (``inference.engine_outputs``) of float32 [n, S, S, 3] in [0, 1]."""
         engine = self._borrow()
         try:
-            return np.concatenate([engine(batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)])
+            parts = [inference.engine_outputs(engine, batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)]
         finally:
             if self.engine == "tflite":
                 self._pool.put(engine)
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def decode(self, data: bytes, path: str) -> np.ndarray:
         """The model input for one encoded file; raises ``ImageError`` (named ``path``)."""
@@ -164,11 +169,11 @@ class ServedModel:
         for start in range(0, len(uploads), BATCH):
             part = uploads[start:start + BATCH]
             x, errors = images.decode_batch(part, lambda upload: self.decode(upload[1], upload[0]))
-            rows = images.paired(errors, None if x is None else self.classify(x))
-            none = None if self.cuts is None else []
-            results += [inference.Prediction(name, [], str(err), none) if err else
-                        inference.prediction(name, row, self.bundle.labels, k, self.cuts)
-                        for (name, _), err, row in zip(part, errors, rows)]
+            rows, scores = inference.paired_outputs({} if x is None else self.outputs(x), errors,
+                                                    self.unknown_threshold)
+            results += [inference.Prediction(name, [], str(err), None if self.cuts is None else []) if err else
+                        inference.prediction(name, row, self.bundle.labels, k, self.cuts, score, self.unknown_threshold)
+                        for (name, _), err, row, score in zip(part, errors, rows, scores)]
         return results
 
 
@@ -359,20 +364,22 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
              engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
              max_body_bytes: int = SERVE_MAX_BODY_BYTES, max_images: int = SERVE_MAX_IMAGES,
-             body_seconds: float = SERVE_BODY_SECONDS, threshold: float | None = None):
+             body_seconds: float = SERVE_BODY_SECONDS, threshold: float | None = None,
+             unknown_threshold: float | str | None = None):
     """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
     defaults to the bundle folder's name, ``workers`` to the number of CPUs; ``threshold``: a
-    multi-label model's, for every label (default: each label's own). Raises ``BundleError`` /
-    ``UsageError``."""
+    multi-label model's, for every label (default: each label's own); ``unknown_threshold`` as
+    ``predict``'s. Raises ``BundleError`` / ``UsageError``."""
     workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
     if max_images < 1 or not body_seconds > 0:
         raise UsageError(f"max_images {max_images}, body_seconds {body_seconds}: both must be positive")
     b = bundles.load(model_dir)
+    inference.unknown_threshold_for(b, unknown_threshold)  # a bad option fails before the engine loads
     name = name if name is not None else Path(os.path.abspath(model_dir)).name
     if not re.fullmatch(r"[^/:\s]+", name):
         raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
     model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images,
-                        threshold=threshold)
+                        threshold=threshold, unknown_threshold=unknown_threshold)
     return build_app(model, max_body_bytes=max_body_bytes, body_seconds=body_seconds)
 
 
@@ -423,7 +430,8 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE_HOST, port: int = SERVE_PORT,
           name: str | None = None, engine: str = PREDICT_ENGINE, workers: int | None = None,
           max_pixels: int | None = None, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
-          threshold: float | None = None, progress: Callback = silent) -> ServeResult:
+          threshold: float | None = None, unknown_threshold: float | str | None = None,
+          progress: Callback = silent) -> ServeResult:
     """Serve the bundle over HTTP (see the module docstring) until SIGINT or SIGTERM, then finish
     the requests in flight (up to ``GRACE_SECONDS``) and return. Emits ``Info`` with the URL once
     it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
@@ -432,7 +440,7 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     from tlcli.deploy.receipt import uvicorn_server
 
     app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
-                   max_body_bytes=max_body_bytes, threshold=threshold)
+                   max_body_bytes=max_body_bytes, threshold=threshold, unknown_threshold=unknown_threshold)
     if host not in LOOPBACK:
         progress(Warn(f"--host {host}: the server is unauthenticated and reachable from the network; anyone who "
                       "can connect can use the model"))

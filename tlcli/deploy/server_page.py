@@ -27,7 +27,7 @@ box-shadow:0 1px 3px rgba(0,0,0,.15)}
 .bar{flex:1;height:14px;background:#e4e4e7;border-radius:7px;overflow:hidden}
 .bar span{display:block;height:100%;background:#2a6fdb}
 .pct{width:4rem;text-align:right;font-variant-numeric:tabular-nums}
-.error{color:#b3261e}
+.error{color:#b3261e}.unknown{color:#8a5a00;font-weight:600}
 #why{display:block;margin:-.4rem 0 1rem;font-size:14px}#why[hidden]{display:none}
 </style></head><body>
 <h1 id="title">tlcli</h1>
@@ -82,6 +82,10 @@ async function classify(file) {
   if (!ok || !res || res.error) {
     bars.append(el("div", "error", (res && res.error) || (body && body.error) || "request failed"));
   } else {
+    if (res.unknown) {
+      bars.append(el("div", "unknown", "unknown: unlike the training photos (score " +
+                     res.unknown_score.toPrecision(3) + "); it looks most like:"));
+    }
     res.predictions.forEach((p, i) => {
       const row = el("div", "row"), bar = el("div", "bar"), fill = el("span");
       fill.style.width = (100 * p.probability).toFixed(1) + "%"; bar.append(fill);

@@ -1,6 +1,7 @@
 """The feature stage: the frozen backbone's vectors of each image, computed once (TensorFlow or
 LiteRT) and kept in the feature store by content digest, and the feature views the head is fit
-on. It owns the store's format and keys, so users' caches stay warm across releases."""
+on. It owns the store's format and keys, so users' caches stay warm across releases. ``unknown``
+is the score of how unlike the training photos' features a photo's are, and its threshold."""
 
 from tlcli.features.extraction import extract, extract_litert
 from tlcli.features.store import (

@@ -49,9 +49,15 @@ class EvaluateResult:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # With the bundle's unknown detector (and its threshold not off): {"threshold", "images" called
+    # unknown, "rate", "rest" (the other images), "accuracy_on_rest" (None when none is left)}.
+    unknown: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["unknown"] is None:
+            del out["unknown"]  # as before the detector, for a bundle without one
+        return out
 
 
 def write_mistakes(mistakes: list[metrics.Mistake], path: str | os.PathLike) -> Path:
@@ -174,7 +180,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
              batch_size: int = 32, max_pixels: int | None = None, force: bool = False,
              overlays: int = EVALUATE_OVERLAYS, threshold: float | None = None,
-             progress: Callback = silent) -> EvaluateResult:
+             unknown_threshold: float | str | None = None, progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
@@ -189,7 +195,9 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
     named in ``warnings``: its support is 0, so it counts as 0 in the macro averages. Unusable
-    files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
+    files are skipped and listed in ``skipped``, as in training. With the bundle's unknown
+    detector, ``unknown`` counts the images it calls unknown and the accuracy on the rest (the
+    metrics themselves cover every image); ``unknown_threshold`` as ``predict``'s. Raises ``BundleError`` for a
     missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
     A multi-label bundle: see ``_multi_label_result`` (``threshold``: for every label).
     """
@@ -197,6 +205,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     start = time.perf_counter()
     b = bundles.load(model_dir)
     cuts = inference.thresholds(b, threshold)
+    inference.unknown_threshold_for(b, unknown_threshold)  # a bad option fails before the scan
     max_pixels = max_pixels or b.max_pixels
     out_dir = _report_folder(report_dir, data_dir, force=force)
     kind = inference.resolve_engine(b, engine)
@@ -212,28 +221,14 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         progress(Warn(w))
     if eng is None:
         eng = inference.open_engine(b, kind)
-
-    samples = folder.samples
-    paths, ys = [], []
-    probs = np.empty((len(samples), len(b.labels)), np.float32)  # one float32 row an image, filled in place
-    progress(Start("evaluate", total=len(samples)))
-    for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
-                                                           top_k=1, batch_size=batch_size,
-                                                           max_pixels=max_pixels)):
-        if row is None:  # the file changed after the scan
-            skipped.append({"path": pred.path, "reason": "unreadable at prediction", "detail": pred.error})
-        else:
-            probs[len(ys)] = row
-            paths.append(pred.path)
-            ys.append(samples[i].label if cuts is None else samples[i].label_set())
-        progress(Advance("evaluate", completed=i + 1, total=len(samples)))
-    progress(End("evaluate", completed=len(samples), total=len(samples)))
+    unknown_cut = inference.unknown_threshold_for(b, unknown_threshold, eng)
+    probs, paths, ys, unknown = _predict_all(folder.samples, b, eng, batch_size=batch_size, max_pixels=max_pixels,
+                                             multi_label=cuts is not None, unknown_cut=unknown_cut,
+                                             skipped=skipped, progress=progress)
     if not ys:
         raise DatasetError(f"DIR {data_dir}: no usable image to evaluate")
     if skipped:
         progress(Skipped(skipped))
-
-    probs = probs[:len(ys)]
     if cuts is not None:
         return _multi_label_result(b, data_dir, eng.name, ys, probs, paths, cuts, out_dir, skipped=skipped,
                                    warnings=warnings, max_mistakes=max_mistakes, start=start)
@@ -247,7 +242,43 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
                                                      progress=progress)
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start,
+                          unknown=unknown_summary(probs, ys, unknown, unknown_cut))
+
+
+def _predict_all(samples, b, eng, *, batch_size: int, max_pixels: int, multi_label: bool, unknown_cut,
+                 skipped: list, progress: Callback) -> tuple[np.ndarray, list, list, list[bool]]:
+    """(probabilities [n, labels], paths, labels (label sets of a multi-label bundle), called
+    unknown) of the ``samples`` the engine could read; a file that changed after the scan is added
+    to ``skipped``."""
+    paths, ys, unknown = [], [], []
+    probs = np.empty((len(samples), len(b.labels)), np.float32)  # one float32 row an image, filled in place
+    progress(Start("evaluate", total=len(samples)))
+    for i, (pred, row) in enumerate(inference.iter_predict([s.path for s in samples], bundle=b, engine=eng,
+                                                           top_k=1, batch_size=batch_size, max_pixels=max_pixels,
+                                                           unknown_threshold=unknown_cut)):
+        if row is None:  # the file changed after the scan
+            skipped.append({"path": pred.path, "reason": "unreadable at prediction", "detail": pred.error})
+        else:
+            probs[len(ys)] = row
+            unknown.append(bool(pred.unknown))
+            paths.append(pred.path)
+            ys.append(samples[i].label_set() if multi_label else samples[i].label)
+        progress(Advance("evaluate", completed=i + 1, total=len(samples)))
+    progress(End("evaluate", completed=len(samples), total=len(samples)))
+    return probs[:len(ys)], paths, ys, unknown
+
+
+def unknown_summary(probs: np.ndarray, ys: list[int], unknown: list[bool], threshold: float | None) -> dict | None:
+    """How many images the detector calls unknown and the accuracy on the others (None with no
+    threshold, or with it off)."""
+    if threshold is None or threshold == float("inf"):
+        return None
+    called = np.asarray(unknown, bool)
+    rest = ~called
+    right = probs.argmax(axis=1) == np.asarray(ys)
+    return {"threshold": threshold, "images": int(called.sum()), "rate": float(called.mean()),
+            "rest": int(rest.sum()), "accuracy_on_rest": float(right[rest].mean()) if rest.any() else None}
 
 
 def _multi_label_result(b, data_dir, engine: str, label_sets, probs, paths, cuts, out_dir, *, skipped, warnings,

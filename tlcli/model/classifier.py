@@ -49,14 +49,17 @@ def load_head_weights(head, kernel: np.ndarray, bias: np.ndarray, l2: float) -> 
         dense.kernel_regularizer.l2 = np.float32(l2)
 
 
-def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False):
+def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False, with_features: bool = False):
     """float32 [batch, size, size, 3] in [0, 1] -> probabilities. The backbone always runs in
     inference mode (BatchNorm uses its moving statistics), even while fine-tuning. With
     ``mirror`` the head sees the mean of the features of each image and of its left-right
-    mirror image (the backbone runs twice)."""
+    mirror image (the backbone runs twice). ``with_features``: -> [probabilities, the features
+    the head sees] (what the unknown score is computed from)."""
     k = keras()
     images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
     features = _features(backbone_layer, images, mirror=mirror)
+    if with_features:
+        return k.Model(images, [head(features), features], name="classifier_and_features")
     return k.Model(images, head(features), name="classifier")
 
 

@@ -52,6 +52,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
     calibration: dict | None = None  # the temperature folded into the head (model.calibration)
+    unknown: dict | None = None  # the unknown detector and its threshold (features.unknown); None without one
     # With --strategy multi_worker: this worker's number (0: the chief), and each worker's ``extracted``.
     worker: int | None = None
     extracted_by_worker: list[int] | None = None
@@ -156,7 +157,6 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli.bundle import savedmodel as serving
     from tlcli.insight import findings, plots
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
@@ -171,7 +171,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         # The SavedModel's graph does not depend on the weights: trace and write it in the
         # background while the backbone extracts features; only the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
-        export = serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging)
+        export = _saved_model(cfg, models, loaded, splits, staging, mirror=mirror, chosen=chosen)
         graph = pool.submit(export.write_graph)
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val + splits.test,
@@ -202,6 +202,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             cfg, splits, views, fit, extractors=(models.extractor, litert), image_size=loaded.image_size,
             progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
+        state.unknown = _fit_unknown(export, views, splits, seed=cfg.seed)  # on the final features
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                         mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
                         seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
@@ -266,7 +267,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
-        labels_override=splits.override, backbone_choice=choice,
+        unknown=state.unknown, labels_override=splits.override, backbone_choice=choice,
         task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
@@ -307,6 +308,37 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
                 image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
             early.cancel()
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
+
+
+def _saved_model(cfg: TrainConfig, models, loaded, splits, staging, *, mirror: bool, chosen):
+    """The run's SavedModel writer: with the ``tlcli`` signature of an unknown detector
+    (``features.unknown``) when the training images allow one (single-label models only: its class
+    means need one label a photo). Built here, on this thread, before
+    the graph is traced on another; its model in the scope of the ``chosen`` strategy, as the others."""
+    from tlcli.bundle import savedmodel as serving
+    from tlcli.features import unknown
+    from tlcli.model import classifier as model
+
+    detector = None
+    if not cfg.multi_label and unknown.possible([s.label for s in splits.train], len(splits.labels)):
+        with chosen.strategy.scope():
+            with_features = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror,
+                                                   with_features=True)
+        detector = (with_features, unknown.graph_rank(loaded.feature_dim, len(splits.train)))
+    return serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging, unknown=detector)
+
+
+def _fit_unknown(export, views, splits, *, seed: int) -> dict | None:
+    """Fit the unknown detector and its threshold on the training images' final features (after
+    fine-tuning, their features have changed) and hand it to ``export``; returns what tlcli.json
+    records of it, or None when ``export`` has no ``tlcli`` signature."""
+    from tlcli.features import unknown
+
+    if export.unknown_rank is None:
+        return None
+    detector, info = unknown.fit_views(views, splits.train, len(splits.labels), rank=export.unknown_rank, seed=seed)
+    export.set_unknown(detector.arrays())
+    return info
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
@@ -399,7 +431,8 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
         skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
         backbone_choice=choice.to_dict() if choice else None,
         task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
-        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None)
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
+        signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})))
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:

@@ -93,6 +93,7 @@ class RunState:
     head: HeadState = field(default_factory=HeadState)
     fine_tune: FineTuneState = field(default_factory=FineTuneState)
     calibration: dict | None = None  # the last head fit's (model.calibration); not saved: every run refits
+    unknown: dict | None = None  # the unknown detector's record (features.unknown); not saved: every run refits
 
     def to_json(self) -> dict:
         return {"config": self.config.to_dict(), "history": self.history, "head_epochs": self.head.epochs,
