@@ -1,0 +1,102 @@
+"""Fine-tuning's optimizer: Adam with discriminative learning rates (lower for a backbone's early
+layers) on a warm-up + cosine schedule.
+
+The early layers of a pretrained backbone hold generic features (edges, textures) that a small
+set should barely move; the last ones are the most specific to the pretraining task. The
+backbone's trainable variables, in the order the model lists them (its depth order: a TF Hub
+layer lists them as they were created), are cut into ``GROUPS`` groups of equal count; group g
+of G gets the rate ``LAYER_DECAY ** (G - 1 - g)`` times the head's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from tlcli._tf import keras, tf
+
+GROUPS = 4
+LAYER_DECAY = 0.5  # the earliest quarter learns at 1/8 of the head's rate
+# The warm-up: this share of all steps (at least one), from 0 to the peak rate.
+WARMUP_SHARE = 0.1
+
+
+def layer_scales(variables: list, *, groups: int = GROUPS, decay: float = LAYER_DECAY) -> list[float]:
+    """The learning-rate multiplier of each of ``variables`` (in depth order): ``decay ** (groups
+    - 1 - g)`` for the g-th of ``groups`` contiguous groups of equal count (the last group gets
+    1.0). Fewer variables than groups: each is its own group, from the last."""
+    n = len(variables)
+    if n == 0:
+        return []
+    groups = max(1, min(groups, n))
+    return [float(decay ** (groups - 1 - min(groups - 1, i * groups // n))) for i in range(n)]
+
+
+def warmup_cosine(peak: float, total_steps: int, *, warmup_share: float = WARMUP_SHARE):
+    """The schedule (a Keras ``LearningRateSchedule``): linear from 0 to ``peak`` over the first
+    ``warmup_share`` of ``total_steps`` (at least one step), then a half cosine down to 0 at
+    ``total_steps``, and 0 after. Its ``set_total(steps)`` changes the length after the training
+    step is traced (the steps are variables): the time budget plans the epochs only once a few
+    steps have been timed."""
+    return _warmup_cosine_class()(peak, total_steps, warmup_share=warmup_share)
+
+
+@functools.cache
+def _warmup_cosine_class():
+    k, t = keras(), tf()
+
+    class WarmupCosine(k.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak: float, total_steps: int, *, warmup_share: float):
+            super().__init__()
+            self.peak, self.warmup_share = float(peak), float(warmup_share)
+            self.total = t.Variable(1.0, trainable=False, dtype=t.float32, name="schedule_total")
+            self.warmup = t.Variable(1.0, trainable=False, dtype=t.float32, name="schedule_warmup")
+            self.set_total(total_steps)
+
+        def set_total(self, total_steps: int) -> None:
+            total = max(1, int(total_steps))
+            self.total.assign(float(total))
+            self.warmup.assign(float(max(1, math.ceil(self.warmup_share * total))))
+
+        def __call__(self, step):
+            step = t.cast(step, t.float32)
+            warm = self.peak * t.minimum(1.0, (step + 1.0) / self.warmup)
+            done = t.clip_by_value((step + 1.0 - self.warmup) / (self.total - self.warmup + 1.0), 0.0, 1.0)
+            cosine = 0.5 * self.peak * (1.0 + t.cos(math.pi * done))
+            return t.where(step + 1.0 <= self.warmup, warm, cosine)
+
+        def get_config(self):
+            return {"peak": self.peak, "total_steps": int(self.total.numpy()), "warmup_share": self.warmup_share}
+
+    return WarmupCosine
+
+
+def build_optimizer(learning_rate, backbone_variables: list):
+    """Adam at ``learning_rate`` (a number or schedule) whose updates of ``backbone_variables``
+    are scaled by ``layer_scales``; every other variable (the head) gets the full rate."""
+    scales = {v.ref(): s for v, s in zip(backbone_variables, layer_scales(backbone_variables)) if s != 1.0}
+    return _layerwise_adam_class()(learning_rate=learning_rate, scales=scales)
+
+
+@functools.cache
+def _layerwise_adam_class():
+    k, t = keras(), tf()
+
+    class LayerwiseAdam(k.optimizers.Adam):
+        """Adam whose step for a variable in ``scales`` (``variable.ref()`` -> multiplier) is that
+        multiple of Adam's own: the same as a per-variable learning rate, through the public
+        ``update_step`` of Keras' optimizer."""
+
+        def __init__(self, *args, scales: dict | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._lr_scales = dict(scales or {})
+
+        def update_step(self, gradient, variable):
+            scale = self._lr_scales.get(variable.ref(), 1.0)
+            if scale == 1.0:
+                return super().update_step(gradient, variable)
+            before = t.identity(variable)
+            super().update_step(gradient, variable)
+            variable.assign(before + scale * (variable - before))
+
+    return LayerwiseAdam
