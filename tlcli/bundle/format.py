@@ -165,7 +165,8 @@ class BundleMeta(_Section):
     (inside the bundle) or absolute path to its ``ExportResult`` fields. ``mirror_average``:
     the head sees the mean features of each image and its left-right mirror image. ``audit``:
     what training's own data check found (``findings.train_check``: counts of train/val duplicate
-    groups and likely mislabels; None, and not written, in bundles made before it).
+    groups and likely mislabels; None, and not written, in bundles made before it). ``time_budget``
+    (seconds) and ``plan``: a ``--time-budget`` run's budget and plan (None, and not written, otherwise).
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -190,12 +191,15 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    # A --time-budget run: the budget in seconds and the plan it followed (training.budget.Plan).
+    time_budget: float | None = None
+    plan: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit",)
+    _optional: ClassVar[tuple] = ("audit", "time_budget", "plan")
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":
