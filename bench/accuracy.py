@@ -14,9 +14,10 @@ Sets:
   their data at run time, and nothing but the package registries is reachable here), so without
   --ten-class this set is skipped and says so.
 
-The backbone is a preset from the TF Hub cache ($TFHUB_CACHE_DIR, ../shared/tfhub_cache when
-unset). The whole benchmark runs at nice 10. Prints one line per run (accuracy, wall seconds,
-difference and ratio to head-only) and each target as MET / NOT MET.
+The backbone is ../shared's MobileNetV2 (1.0, 224) SavedModel, the preset
+mobilenet_v2_100_224's weights (../shared/tfhub_cache holds only a stand-in note pointing there);
+--backbone takes a preset or a path. The whole benchmark runs at nice 10. Prints one line per
+run (accuracy, wall seconds, difference and ratio to head-only) and each target as MET / NOT MET.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import HYMENOPTERA, REPO, SHARED, require  # noqa: E402
+from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, SHARED, require  # noqa: E402
 
 HYMENOPTERA_HEAD_ONLY = 0.9608  # the accuracy head-only training must keep (issue #26)
 IMAGE_TYPES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--runs", default="fine-tune,budget", help="after head-only: fine-tune and/or budget")
     ap.add_argument("--ten-class", type=Path, help="a labelled photo set in class folders (10 or more classes)")
     ap.add_argument("--per-class", type=int, default=40)
-    ap.add_argument("--backbone", default="mobilenet_v2_100_224")
+    ap.add_argument("--backbone", default=str(MOBILENET_V2), help="default: MobileNetV2 1.0 224 from ../shared")
     args = ap.parse_args()
     os.environ.setdefault("TFHUB_CACHE_DIR", str(SHARED / "tfhub_cache"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -130,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tlcli-accuracy-") as tmp:
         work = Path(tmp)
         if "hymenoptera" in sets:
-            require(HYMENOPTERA, Path(os.environ["TFHUB_CACHE_DIR"]))
+            require(HYMENOPTERA)
             targets += run_set("hymenoptera", HYMENOPTERA / "train", HYMENOPTERA / "val", work, budget=args.budget,
                                backbone=args.backbone, runs=runs)
         if "ten" in sets:

@@ -150,7 +150,9 @@ def _measure_training(train_model, ds, *, class_weight) -> float:
     targets)): one step to trace, then ``TIMED_STEPS`` timed; the weights and the optimizer's
     state are put back as they were, so training starts as if none had run."""
     t = tf()
-    weights = train_model.get_weights()
+    weights, optimizer = train_model.get_weights(), train_model.optimizer
+    # Adam's moments appear at the first step (back to zeros then); a loss scale keeps its value.
+    before = {v.ref(): v.numpy() for v in optimizer.variables}
     images, seconds = 0, 0.0
     for i, (x, y) in enumerate(ds.take(1 + TIMED_STEPS)):
         began = time.perf_counter()
@@ -158,8 +160,8 @@ def _measure_training(train_model, ds, *, class_weight) -> float:
         if i:
             images, seconds = images + int(x.shape[0]), seconds + time.perf_counter() - began
     train_model.set_weights(weights)
-    for v in train_model.optimizer.variables:
-        v.assign(t.zeros_like(v))
+    for v in optimizer.variables:
+        v.assign(before[v.ref()] if v.ref() in before else t.zeros_like(v))
     train_model.reset_metrics()
     return images / seconds if seconds > 0 else 0.0
 

@@ -91,6 +91,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     started = time.monotonic()  # a --time-budget counts from here
     cfg, given = run_state.requested(data_dir, config, options, given)
     cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
+    if node is not None and cfg.time_budget is not None:  # every worker raises it: they run one command
+        raise UsageError(f"--time-budget {cfg.time_budget}: not on a cluster (TF_CONFIG), whose workers would "
+                         "each plan on their own clock; leave it out")
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
