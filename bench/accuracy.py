@@ -14,7 +14,7 @@ Sets:
   their data at run time, and nothing but the package registries is reachable here), so without
   --ten-class this set is skipped and says so.
 
-The backbone is ../shared's MobileNetV2 (1.0, 224) SavedModel, the preset
+The backbone is ../shared's MobileNetV2 (1.0, 224) SavedModel at 224 px, the preset
 mobilenet_v2_100_224's weights (../shared/tfhub_cache holds only a stand-in note pointing there);
 --backbone takes a preset or a path. The whole benchmark runs at nice 10. Prints one line per
 run (accuracy, wall seconds, difference and ratio to head-only) and each target as MET / NOT MET.
@@ -46,8 +46,8 @@ def train(train_dir: Path, val_dir: Path, out: Path, *extra: str, backbone: str)
     cache = out.parent / f"{out.name}-cache"
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "tlcli.cli", "train", str(train_dir), "--val-dir", str(val_dir), "--backbone",
-           backbone, "--cache-dir", str(cache), "--out", str(out), "--force", "--tensorboard", "none", "--json",
-           *extra]
+           backbone, "--image-size", "224", "--cache-dir", str(cache), "--out", str(out), "--force",
+           "--tensorboard", "none", "--json", *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
