@@ -122,7 +122,7 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
                 rates=rates)
     if first.train_rate is None or first.train_rate <= 0:
         return Plan(**plan, fine_tune=False, epochs=0, estimated_s=budget_s - left + head_only_s,
-                    reason="fine-tuning's rate was not measured")
+                    reason="no rate of fine-tuning measured")
     rates[first.name]["train"] = round(first.train_rate, 2)
     forward = FORWARD_PER_TRAIN * first.train_rate
     per_epoch = epoch_seconds(n_fit=n_fit, n_holdout=n_holdout, train_rate=first.train_rate)
@@ -134,13 +134,12 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
             break
     if epochs < MIN_EPOCHS:
         return Plan(**plan, fine_tune=False, epochs=0, estimated_s=budget_s - left + head_only_s,
-                    reason=f"an epoch of fine-tuning takes about {format_duration(per_epoch)}; "
-                           f"{MIN_EPOCHS} do not fit")
+                    reason=f"{MIN_EPOCHS} epochs of {format_duration(per_epoch)} do not fit")
     used = epochs * per_epoch + finish_seconds(n_all=n_all, n_holdout=n_holdout, views=views, forward_rate=forward,
                                                epochs=epochs)
-    why = "the cap" if epochs == max_epochs else "the budget"
+    capped = f", at most {max_epochs} epochs" if epochs == max_epochs else ""
     return Plan(**plan, fine_tune=True, epochs=epochs, estimated_s=budget_s - left + used,
-                reason=f"{first.train_rate:.1f} images/s measured in training; epochs set by {why}")
+                reason=f"training at {first.train_rate:.1f} images/s{capped}")
 
 
 class Deadline:
@@ -181,7 +180,7 @@ class Planner:
         head_only = n_all * views / (self.extract_rate or 1.0) * (1 + MARGIN) + FIXED_RESERVE_S
         if self.deadline.left() >= 2 * head_only:
             return True
-        self(0.0, why="too little time left to time fine-tuning")
+        self(0.0, why="no time left to time fine-tuning")
         return False
 
     def __call__(self, train_rate: float, *, why: str | None = None) -> tuple[int, float]:
