@@ -126,11 +126,11 @@ def test_fine_tuning_stops_at_the_deadline_with_its_best_weights(tmp_path):
     from tlcli.training.run_state import RunState
 
     k.utils.set_random_seed(0)
-    model = k.Sequential([k.layers.InputLayer(input_shape=(4,)), k.layers.Dense(2, activation="softmax")])
-    model.compile(optimizer=k.optimizers.SGD(0.05), loss="categorical_crossentropy", metrics=["accuracy"])
-    x = np.eye(4, dtype=np.float32)
-    y = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)
-    val = tf().data.Dataset.from_tensor_slices((x, y)).batch(4)
+    model = k.Sequential([k.layers.InputLayer(input_shape=(16,)), k.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=k.optimizers.SGD(0.5), loss="categorical_crossentropy", metrics=["accuracy"])
+    x = np.eye(16, dtype=np.float32)
+    y = np.eye(2, dtype=np.float32)[np.arange(16) % 2]
+    val = tf().data.Dataset.from_tensor_slices((x, y)).batch(8)
     state = RunState(TrainConfig())
     deadline = budget.Deadline(4.0)
     cb = finetuning.EpochCallback(model, state, phase="fine-tune", epochs=100_000, checkpoint_dir=tmp_path / "ckpt",
@@ -262,3 +262,15 @@ def test_the_soup_is_never_worse_than_its_best_ingredient_and_keeps_what_helps()
     assert members == [0] and np.array_equal(weights[0], target)
     tuning.keep_best(ingredients, float("nan"), start)
     assert len(ingredients) == 4 and all(np.isfinite(i[0]) for i in ingredients)
+
+
+def test_fine_tuning_is_kept_only_when_the_holdout_improves_beyond_chance():
+    rng = np.random.default_rng(1)
+    before = rng.uniform(0.2, 0.8, 40)
+    assert tuning.significantly_better(before, before - 0.05)  # every image better
+    assert not tuning.significantly_better(before, before)
+    assert not tuning.significantly_better(before, before + 0.01)
+    # A better mean made of noise: half the images much better, half much worse.
+    noisy = before + np.where(np.arange(40) % 2, 0.3, -0.32)
+    assert noisy.mean() < before.mean() and not tuning.significantly_better(before, noisy)
+    assert not tuning.significantly_better([0.5], [0.1]), "one image proves nothing"

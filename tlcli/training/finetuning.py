@@ -356,44 +356,61 @@ def _averaging_class():
 
     class Averaging(k.callbacks.Callback):
         """Keeps the best weights by holdout loss (``tuning.keep_best``): the starting ones
-        of a fresh run (scored by ``EpochCallback.restore``) and each epoch's; ``finish()``,
+        of a fresh run (scored by ``EpochCallback.restore``) and each epoch's. ``finish()``,
         after ``EpochCallback.finish``, puts their greedy soup, scored on ``validation``, into
-        the model where it is no worse (trying more while ``keep_going()``) and records it in
-        ``state.fine_tune``."""
+        the model where it is no worse (trying more while ``keep_going()``), then puts the
+        starting weights back unless the result's per-image holdout losses are lower beyond
+        chance (``tuning.significantly_better``); both are recorded in ``state.fine_tune``."""
 
         def __init__(self, state: RunState, validation, *, keep_going: Callable[[], bool], progress: Callback):
             super().__init__()
             self.state, self.validation, self.keep_going, self.progress = state, validation, keep_going, progress
-            self.ingredients = []
+            self.ingredients, self.start, self.start_losses = [], None, None
 
         def on_train_begin(self, logs=None):
             st = self.state.fine_tune
             if st.best is not None and st.best_epoch == -1 and not st.epochs_run:
-                tuning.keep_best(self.ingredients, st.best, self.model.get_weights())
+                self.start, self.start_losses = self.model.get_weights(), _holdout_losses(self.model, self.validation)
+                tuning.keep_best(self.ingredients, st.best, self.start)
 
         def on_epoch_end(self, epoch, logs=None):
             tuning.keep_best(self.ingredients, float((logs or {}).get("val_loss", math.nan)),
-                                self.model.get_weights())
+                             self.model.get_weights())
 
         def finish(self) -> None:
-            if len(self.ingredients) < 2:
-                return
-
-            def evaluate(weights):
-                self.model.set_weights(weights)
-                return float(self.model.evaluate(self.validation, verbose=0)[0])
-
-            best = self.model.get_weights()
-            weights, loss, members = tuning.greedy_soup(self.ingredients, evaluate, keep_going=self.keep_going)
             st = self.state.fine_tune
-            st.soup = len(members)
-            self.model.set_weights(weights if len(members) > 1 else best)
-            if len(members) > 1:
-                st.best = loss
-                self.progress(Info(f"fine-tuning: the average of the {len(members)} best checkpoints has a "
-                                   f"holdout loss of {loss:.4f}, no worse than the best single one"))
+            if len(self.ingredients) > 1:
+                def evaluate(weights):
+                    self.model.set_weights(weights)
+                    return float(self.model.evaluate(self.validation, verbose=0)[0])
+
+                best = self.model.get_weights()
+                weights, loss, members = tuning.greedy_soup(self.ingredients, evaluate, keep_going=self.keep_going)
+                st.soup = len(members)
+                self.model.set_weights(weights if len(members) > 1 else best)
+                if len(members) > 1:
+                    st.best = loss
+                    self.progress(Info(f"fine-tuning: the average of the {len(members)} best checkpoints has a "
+                                       f"holdout loss of {loss:.4f}, no worse than the best single one"))
+            if self.start is not None:
+                after = _holdout_losses(self.model, self.validation)
+                if not tuning.significantly_better(self.start_losses, after):
+                    self.model.set_weights(self.start)
+                    self.progress(Info(f"fine-tuning undone: its holdout loss ({after.mean():.4f} against "
+                                       f"{self.start_losses.mean():.4f}) is not lower beyond chance"))
 
     return Averaging
+
+
+def _holdout_losses(model, validation) -> np.ndarray:
+    """Each holdout image's cross-entropy under ``model`` (float64 [n]), in the holdout's order;
+    padding (a batch weight of 0) is left out."""
+    losses = []
+    for batch in validation:
+        probs = np.asarray(model(batch[0], training=False), np.float64)
+        rows = -np.log(np.clip((probs * np.asarray(batch[1], np.float64)).sum(-1), 1e-12, 1.0))
+        losses.append(rows[np.asarray(batch[2]) > 0] if len(batch) > 2 else rows)
+    return np.concatenate(losses) if losses else np.zeros(0)
 
 
 @functools.cache
