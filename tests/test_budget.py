@@ -13,8 +13,8 @@ import tlcli
 from tests.helpers import run_cli
 from tlcli.config import TrainConfig, parse_duration, validate
 from tlcli.errors import UsageError
-from tlcli.model import tuning
-from tlcli.training import budget
+from tlcli.model import classifier as tuning
+from tlcli.training import choice as budget
 
 # ---- durations -------------------------------------------------------------------------------
 

@@ -107,6 +107,8 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
+# Saliency overlays in evaluate's report: the most confident mistakes of mistakes.html (about a second each).
+EVALUATE_OVERLAYS = 24
 # A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
 FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
@@ -123,12 +125,21 @@ class TrainConfig:
     """One training run. Saved in the bundle's ``tlcli.json`` so nothing is asked twice."""
 
     data_dir: str = ""
+    # One backbone, or candidates "A,B,..." / "auto" (the presets in the TF Hub cache): the head is
+    # cross-validated on each one's features of the training images and the best is kept.
     backbone: str = DEFAULT_PRESET
+    # A SavedModel without __call__ (a Keras 3 export) runs through a signature, taking one of its
+    # outputs; None = found from the model (its only one, or serving_default).
+    backbone_signature: str | None = None
+    backbone_output: str | None = None
     image_size: int | None = None
     out: str = DEFAULT_MODEL_DIR
     val_split: float = 0.2
     val_dir: str | None = None
     seed: int = 0
+    # A review file (``tlcli audit``'s review.csv, its actions filled in): relabels and drops applied
+    # to the scanned images, never to the files (tlcli/data/labels_override.py).
+    labels_override: str | None = None
     # Head phase, on cached features (tlcli/model/head.py): an epoch is one full-batch step, so the cap
     # is cheap. Early stopping on held-out folds of the training images picks the epoch count,
     # cross-validation picks the L2 strength (None = auto), then the head is refit on all of them.
@@ -139,27 +150,23 @@ class TrainConfig:
     l2: float | None = None
     label_smoothing: float = 0.1
     class_weights: bool = True
+    # Several labels a photo: one sigmoid per label, each with its own cross-validated threshold
+    # (tlcli/model/multilabel.py). Implied by a labels CSV with a ``labels`` column.
+    multi_label: bool = False
     # Optional fine-tuning phase: the head is first fit on all but a stratified holdout, which
     # then drives early stopping of the fine-tuning.
     holdout: float = 0.15
     dropout: float = 0.2              # in front of the head while fine-tuning
     fine_tune: bool = False
     fine_tune_epochs: int = 5
-    # The peak of fine-tuning's warm-up + cosine schedule, for the head and the last layers; earlier
-    # layers get less (training/optimizers.py). Adam moves a weight by about this much a step, and a
-    # small set gives fine-tuning only tens of steps: 1e-5 left it unable to move (#26).
-    fine_tune_learning_rate: float = 1e-4
+    fine_tune_learning_rate: float = 1e-4  # peak of the warm-up + cosine schedule (model/classifier.py)
     fine_tune_patience: int = 2
-    # Gradients of each fine-tuning batch are taken in slices of this many images and summed:
-    # the same update, a quarter of the activation memory at the default batch. None = 8 on the
-    # CPU (where memory is the limit), the whole batch on a GPU or TPU; 0 = the whole batch.
+    # Each fine-tuning batch's gradient in slices of this many images, summed: the same update, a
+    # quarter of the memory. None = 8 on the CPU, the whole batch on a GPU or TPU; 0 = whole batches.
     fine_tune_micro_batch: int | None = None
     precision: str = "auto"           # of fine-tuning; the saved model is float32 whatever it is
     augment: bool = True
-    # --time-budget: the whole run's wall time, in seconds or as text ("90s", "10m", "1h"); the
-    # run plans whether and how long to fine-tune from measured rates (training/budget.py).
-    # None: no plan, the run is exactly what its other options say.
-    time_budget: float | str | None = None
+    time_budget: float | str | None = None  # --time-budget: seconds or "10m"; plan in training/choice.py
     # Mirror averaging: the head learns from each training image and its left-right mirror
     # image, and the model averages the features of both (the backbone runs twice per image).
     # None = on with --fine-tune (the run that trades time for accuracy), off otherwise.
@@ -300,4 +307,23 @@ def validate(cfg: TrainConfig) -> None:
     for option, value, ok, why in checks:
         if not ok:
             raise UsageError(f"{option} {value}: {why}")
+    _check_backbone_flags(cfg)
     time_budget_seconds(cfg)
+
+
+def is_backbone_choice(backbone: str) -> bool:
+    """Whether ``--backbone`` names candidates to choose from ("auto", or "A,B,...") rather than
+    one backbone (a local folder whose name has a comma is one backbone)."""
+    return backbone == "auto" or ("," in backbone and not Path(backbone).expanduser().is_dir())
+
+
+def _check_backbone_flags(cfg: TrainConfig) -> None:
+    for option, value in (("--backbone-signature", cfg.backbone_signature), ("--backbone-output", cfg.backbone_output)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise UsageError(f"{option} {value!r}: give a signature or output name")
+        if value is not None and is_backbone_choice(cfg.backbone):
+            raise UsageError(f"{option} {value}: give it with one --backbone, not with candidates "
+                             f"({cfg.backbone}); each candidate's signature is found from the model")
+    if cfg.backbone_signature is not None and cfg.fine_tune:
+        raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
+                         "cannot be fine-tuned; train without --fine-tune")

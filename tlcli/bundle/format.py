@@ -33,6 +33,7 @@ LABELS_FILE = "labels.txt"
 SPLITS_FILE = "splits.json"
 TFLITE_FILE = "model.tflite"
 FINGERPRINT_FILE = "fingerprint.pb"  # written with the SavedModel
+TASK_SINGLE_LABEL, TASK_MULTI_LABEL = "single_label", "multi_label"
 
 
 def input_spec(image_size: int) -> dict:
@@ -86,11 +87,19 @@ class _Section:
 @dataclass(kw_only=True)
 class BackboneMeta(_Section):
     """The frozen feature extractor: its TF Hub handle or local path, the preset name it was
-    chosen by (None for a handle) and the size of its feature vector."""
+    chosen by (None for a handle) and the size of its feature vector. ``signature`` and
+    ``output_key``: what a SavedModel without __call__ (a Keras 3 export) ran; ``parts``: the
+    handles of the backbones whose features were concatenated (``handle`` names them joined
+    by " + "). Each None, and not written, otherwise."""
 
     handle: str | None = None
     preset: str | None = None
     feature_dim: int | None = None
+    signature: str | None = None
+    output_key: str | None = None
+    parts: list[str] | None = None
+
+    _optional: ClassVar[tuple] = ("signature", "output_key", "parts")
 
 
 @dataclass(kw_only=True)
@@ -158,6 +167,9 @@ class BundleMeta(_Section):
     """The schema of tlcli.json, version ``FORMAT_VERSION``: everything predict, export and
     evaluate need to know about a trained model, and the record of how it was trained.
 
+    ``task``: "multi_label" for a model of one sigmoid per label, with ``thresholds`` (one per
+    label, in [0, 1]); "single_label" (softmax), or absent in an older bundle, for one label a photo.
+
     ``labels`` (>= 2 distinct one-line names, index = output unit) and ``image_size`` (in
     ``config.MIN_IMAGE_SIZE`` .. ``MAX_IMAGE_SIZE``) are required. ``config`` is
     ``TrainConfig.to_dict()``; ``skipped`` the files
@@ -165,8 +177,11 @@ class BundleMeta(_Section):
     (inside the bundle) or absolute path to its ``ExportResult`` fields. ``mirror_average``:
     the head sees the mean features of each image and its left-right mirror image. ``audit``:
     what training's own data check found (``findings.train_check``: counts of train/val duplicate
-    groups and likely mislabels; None, and not written, in bundles made before it). ``time_budget``
-    (seconds) and ``plan``: a ``--time-budget`` run's budget and plan (None, and not written, otherwise).
+    groups and likely mislabels; None, and not written, in bundles made before it).
+    ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
+    relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
+    ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan (None, and
+    not written, otherwise).
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -191,6 +206,15 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
+    backbone_choice: dict | None = None
+    # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
+    # and not written back, in a bundle made before it (single-label): see ``multi_label``.
+    task: str | None = None
+    # A multi-label bundle's threshold per label (in label order): a label is predicted when its
+    # probability is at least its threshold. None, and not written, for a single-label bundle.
+    thresholds: list[float] | None = None
     # A --time-budget run: the budget in seconds and the plan it followed (training.budget.Plan).
     time_budget: float | None = None
     plan: dict | None = None
@@ -199,7 +223,13 @@ class BundleMeta(_Section):
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "time_budget", "plan")
+    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice", "task", "thresholds",
+                                  "time_budget", "plan")
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model gives one independent probability per label (rows need not sum to 1)."""
+        return self.task == TASK_MULTI_LABEL
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":

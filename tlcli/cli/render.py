@@ -320,8 +320,9 @@ def skipped_table(skipped: list[dict]) -> Table:
 
 def train_summary(result, *, tensorboard: str | None) -> Table:
     t = kv_table("Training summary")
-    t.add_row("train accuracy", pct(result.train_accuracy))
-    t.add_row("val accuracy", pct(result.val_accuracy))
+    kind = " subset" if getattr(result, "task", None) == "multi_label" else ""  # every label of a photo right
+    t.add_row(f"train{kind} accuracy", pct(result.train_accuracy))
+    t.add_row(f"val{kind} accuracy", pct(result.val_accuracy))
     if result.test_accuracy is not None:
         t.add_row("test accuracy", f"{pct(result.test_accuracy)} on {sum(result.test_counts.values())} test images "
                   "(the final report)")
@@ -342,6 +343,11 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
+    o = result.labels_override
+    if o:
+        t.add_row("labels override", f"{o['relabelled']} relabelled, {o['dropped']} dropped, {o['kept']} kept "
+                  f"(no file changed); sha256 {o['sha256'][:16]}")
+        t.add_row("review file", path_cell(o["file"]))
     t.add_row("strategy", safe(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
     if result.extracted_by_worker:
@@ -357,7 +363,27 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     return t
 
 
+def choice_table(choice: dict) -> Table:
+    """The leaderboard of ``--backbone A,B`` / ``auto`` (``choice.BackboneChoice.to_dict``), best
+    first, with why the winner won and the notes below."""
+    t = Table(title="Backbone choice (head cross-validated on the training images)", title_justify="left",
+              caption=Text("\n").join([safe(f"kept {choice['reason']}"),
+                                        *(safe(n, "dim") for n in choice.get("notes", []))]),
+              caption_justify="left")
+    t.add_column("backbone", overflow="fold")
+    for header in ("CV acc", "CV loss", "ms/img", "features"):
+        t.add_column(header, justify="right")
+    for i, c in enumerate(choice["candidates"]):
+        ms = "-" if c.get("ms_per_image") is None else f"{c['ms_per_image']:.3g}"
+        t.add_row(safe(c["name"], "bold" if i == 0 else ""), pct(c["cv_accuracy"]), f"{c['cv_loss']:.3f}", ms,
+                  str(c["feature_dim"]))
+    return t
+
+
 def _ranked(p) -> list[str]:
+    if p.labels is not None:  # a multi-label model: the labels at or above their thresholds
+        shown = [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions if q["label"] in p.labels]
+        return shown or ["no label above its threshold"]
     return [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions]
 
 
@@ -367,11 +393,13 @@ def predictions_table(engine: str, columns: int, predictions, width: int = 80) -
     the file (24 cells), they are stacked in one column, one per line, so that no label or number
     is ever cut."""
     cells = max((len(cell) for p in predictions for cell in _ranked(p)), default=0)
-    stacked = columns > 1 and 24 + (cells + 3) * columns > width
+    multi = any(p.labels is not None for p in predictions)
+    stacked = multi or (columns > 1 and 24 + (cells + 3) * columns > width)
     table = Table(title=f"Predictions ({engine})", title_justify="left")
     # The file keeps some width whatever the other cells hold; an error message folds in "#1".
     table.add_column("file", overflow="fold", min_width=20)
-    for header in [f"top {columns}"] if stacked else [f"#{i + 1}" for i in range(columns)]:
+    headers = ["labels"] if multi else [f"top {columns}"] if stacked else [f"#{i + 1}" for i in range(columns)]
+    for header in headers:
         table.add_column(header, overflow="fold")
     for p in predictions:
         if p.error:
@@ -390,8 +418,11 @@ def export_summary(r) -> Table:
     t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
     t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
     if r.agreement is not None:
-        t.add_row("top-1 agreement", safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
-        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, TFLite {pct(r.tflite_accuracy)}")
+        multi = getattr(r, "task", None) == "multi_label"
+        t.add_row("label-set agreement" if multi else "top-1 agreement",
+                  safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
+        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, TFLite {pct(r.tflite_accuracy)}"
+                  + (" (decisions at the thresholds, against the SavedModel's)" if multi else ""))
         for c in r.per_class:
             shown = (f"SavedModel {pct(c['saved_model_accuracy'])}, TFLite {pct(c['tflite_accuracy'])}"
                      if c["images"] else "no parity images")
@@ -405,17 +436,22 @@ def export_summary(r) -> Table:
 
 
 def models_table(listing) -> Table:
-    """A ``models.ModelList``: each preset, its sizes, and whether (and how big) it is cached."""
+    """A ``models.ModelList``: each preset, its sizes, licence, measured CPU time, and whether
+    (and how big) it is cached; the handles are in ``--json``."""
     t = Table(title="Backbone presets", title_justify="left",
-              caption=Text.assemble("TF Hub cache: ", safe(listing.cache_dir)), caption_justify="left")
+              caption=Text.assemble("ms: CPU time per image through LiteRT on the 2-core development machine "
+                                    "(-: not measured there). Handles: --json. TF Hub cache: ",
+                                    safe(listing.cache_dir)), caption_justify="left")
     t.add_column("name", overflow="fold")
     t.add_column("input", justify="right")
     t.add_column("features", justify="right")
+    t.add_column("licence")
+    t.add_column("ms", justify="right")
     t.add_column("cached", justify="right")
-    t.add_column("handle", overflow="fold")
     for m in listing.models:
         cached = Text(_size(m.size_bytes), style="green") if m.cached else Text("no", style="dim")
-        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), cached, safe(m.handle))
+        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), safe(m.licence or "-"),
+                  "-" if m.cpu_ms is None else f"{m.cpu_ms:.1f}", cached)
     return t
 
 

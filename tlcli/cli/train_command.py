@@ -35,8 +35,19 @@ ValDirOption = Annotated[Optional[Path], opt(DATA, "Explicit validation folder (
 SeedOption = Annotated[int, opt(DATA, "Seed for the split, shuffling and initialisation.")]
 StrictOption = Annotated[bool, opt(DATA, "Fail on any unusable file instead of skipping it.", "--strict")]
 MaxPixelsOption = Annotated[int, opt(DATA, "Largest image (decoded pixels) accepted.", min=1)]
+LabelsOverrideOption = Annotated[Optional[Path], opt(
+        DATA, "A review.csv of 'tlcli audit --report' with its actions filled in: relabel and drop photos for "
+              "this run only (the files are never changed).", metavar="FILE", show_default=False)]
 BackboneOption = Annotated[str, opt(MODEL, f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https handle, or "
-                                         "local SavedModel directory.")]
+                                         "local SavedModel directory (a Keras 3 export too); or candidates "
+                                         "A,B,... or 'auto' (the cached presets): the head is cross-validated "
+                                         "on each one's features of the training images, the best is kept.")]
+BackboneSignatureOption = Annotated[Optional[str], opt(MODEL, "The signature of a SavedModel without __call__ to run "
+                                                              "(default: its only one, or serving_default).",
+                                                       metavar="NAME", show_default=False)]
+BackboneOutputOption = Annotated[Optional[str], opt(MODEL, "The output holding the feature vector, when the "
+                                                           "backbone has several.", metavar="KEY",
+                                                    show_default=False)]
 ImageSizeOption = Annotated[Optional[int], opt(MODEL, "Input size; default: the preset's or the backbone's "
                                                      "declared size.", min=MIN_IMAGE_SIZE,
                                               max=MAX_IMAGE_SIZE)]
@@ -53,6 +64,9 @@ L2Option = Annotated[Optional[float], opt(HEAD, "Head L2 strength; default: chos
                                               "training images.")]
 LabelSmoothingOption = Annotated[float, opt(HEAD, "Label smoothing of the head's loss, in [0, 1).")]
 ClassWeightsOption = Annotated[bool, opt(HEAD, "Weight classes by inverse frequency.")]
+MultiLabelOption = Annotated[bool, opt(HEAD, "Several labels a photo: one sigmoid per label, each with a threshold "
+                                             "chosen by cross-validation; implied by a CSV with a labels column.",
+                                       "--multi-label")]
 FineTuneOption = Annotated[bool, opt(FINE_TUNING, "After the head, fine-tune the whole backbone.",
                                     "--fine-tune")]
 FineTuneEpochsOption = Annotated[int, opt(FINE_TUNING, "Cap on fine-tune epochs.")]
@@ -102,7 +116,10 @@ def train(
     seed: SeedOption = DEFAULTS.seed,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = DEFAULTS.max_pixels,
+    labels_override: LabelsOverrideOption = None,
     backbone: BackboneOption = DEFAULT_PRESET,
+    backbone_signature: BackboneSignatureOption = None,
+    backbone_output: BackboneOutputOption = None,
     image_size: ImageSizeOption = None,
     mirror: MirrorOption = DEFAULTS.mirror,
     epochs: EpochsOption = DEFAULTS.epochs,
@@ -112,6 +129,7 @@ def train(
     label_smoothing: LabelSmoothingOption = (
         DEFAULTS.label_smoothing),
     class_weights: ClassWeightsOption = DEFAULTS.class_weights,
+    multi_label: MultiLabelOption = False,
     fine_tune: FineTuneOption = False,
     fine_tune_epochs: FineTuneEpochsOption = DEFAULTS.fine_tune_epochs,
     fine_tune_learning_rate: FineTuneLearningRateOption = (
@@ -148,4 +166,6 @@ def train(
     if json_out:
         render.print_json(result.to_dict())
     else:
+        if result.backbone_choice:
+            common.out.print(render.choice_table(result.backbone_choice))
         common.out.print(render.train_summary(result, tensorboard=cfg.tensorboard))

@@ -1,4 +1,5 @@
-"""Deployment: running a bundle (the inference engines, TensorFlow and LiteRT, and ``predict``),
+"""Deployment: running a bundle (the inference engines, TensorFlow and LiteRT, and ``predict``;
+``saliency``: what drove a guess, as an overlay on the photo),
 exporting it (``export_tflite``, with the parity check and the ``.tflite`` metadata) and serving
 it over HTTP (``serve``, its page and TF Serving's REST protocol). Starlette and uvicorn are
 imported only when a server starts."""

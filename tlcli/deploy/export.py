@@ -69,6 +69,9 @@ class ExportResult:
     per_class: list[dict] = field(default_factory=list)
     max_accuracy_drop: float | None = None  # the gate asked for, in accuracy points
     accuracy_drop: float | None = None      # SavedModel accuracy - TFLite accuracy, in points
+    # "multi_label": agreement is of label sets and the accuracies of thresholded decisions
+    # against the SavedModel's (``_label_parity``); None for a single-label model.
+    task: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -266,6 +269,8 @@ def _parity(b: bundles.Bundle, path: Path, x: np.ndarray, y: np.ndarray) -> dict
     ref, lite = open_engine(b, "tf"), open_engine(b, "tflite", tflite_path=path)
     p_ref = np.concatenate([ref(x[i:i + 32]) for i in range(0, len(x), 32)])
     p_lite = np.concatenate([lite(x[i:i + 32]) for i in range(0, len(x), 32)])
+    if b.meta.multi_label:
+        return _label_parity(b, p_ref, p_lite)
     right_ref, right_lite = p_ref.argmax(1) == y, p_lite.argmax(1) == y
     per_class = []
     for i, label in enumerate(b.labels):
@@ -277,6 +282,22 @@ def _parity(b: bundles.Bundle, path: Path, x: np.ndarray, y: np.ndarray) -> dict
     return {"agreement": float(np.mean(p_ref.argmax(1) == p_lite.argmax(1))),
             "saved_model_accuracy": float(right_ref.mean()), "tflite_accuracy": float(right_lite.mean()),
             "max_abs_diff": float(np.max(np.abs(p_ref - p_lite))), "per_class": per_class}
+
+
+def _label_parity(b: bundles.Bundle, p_ref: np.ndarray, p_lite: np.ndarray) -> dict:
+    """``_parity`` of a multi-label bundle, whose rows need not sum to 1 and whose splits.json
+    records one label a photo: each label is decided at its threshold, and the SavedModel's
+    decisions are the reference. ``agreement``: the share of images given the same label set;
+    the accuracies: the share of (image, label) decisions equal to the SavedModel's (its own:
+    1), overall and per label, so the accuracy gate bounds the decisions the export changes."""
+    cuts = np.asarray(b.meta.thresholds, np.float32)[None, :]
+    ref, lite = p_ref >= cuts, p_lite >= cuts
+    same = ref == lite
+    per_class = [{"label": label, "images": len(ref), "saved_model_accuracy": 1.0,
+                  "tflite_accuracy": float(same[:, j].mean())} for j, label in enumerate(b.labels)]
+    return {"agreement": float(same.all(axis=1).mean()), "saved_model_accuracy": 1.0,
+            "tflite_accuracy": float(same.mean()), "max_abs_diff": float(np.max(np.abs(p_ref - p_lite))),
+            "per_class": per_class}
 
 
 def _check_drop(result: ExportResult, out: Path) -> None:
@@ -360,7 +381,8 @@ def _export(b: bundles.Bundle, output, quantize: str, io_type: str, data_dir: st
 
     labels_path = labels_path_for(out, b, embedded=with_labels is not None)
     result = ExportResult(str(out), labels_path and str(labels_path), with_labels is not None, quantize, io_type,
-                          len(payload), None, 0, None, None, None, None, max_accuracy_drop=max_accuracy_drop)
+                          len(payload), None, 0, None, None, None, None, max_accuracy_drop=max_accuracy_drop,
+                          task=b.meta.task if b.meta.multi_label else None)
     if len(x):
         progress(Start("parity", total=len(items)))
         with tempfile.TemporaryDirectory(prefix="tlcli-export-") as tmp:

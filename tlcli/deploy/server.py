@@ -4,9 +4,13 @@ Endpoints (``NAME`` defaults to the bundle folder's name; the one version served
 
 * ``GET /``: a page to pick or drop images and see the top-k labels; inline HTML, CSS and
   script, nothing fetched from elsewhere, so it works offline.
+* ``POST /explain``: one image (a multipart upload of one file, or the raw bytes as the body);
+  answers the PNG of its saliency overlay (``saliency``; header ``X-Explained-Class``: the index
+  of the label explained), or a 404 when the bundle has no SavedModel (the page then hides it).
 * ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
   raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
-  --json`` prints (``path`` is the upload's file name). When a file cannot be used: 400 with
+  --json`` prints (``path`` is the upload's file name; of a multi-label model, ``labels``: those
+  at or above their thresholds). When a file cannot be used: 400 with
   ``{"error": <its decoder message>, "results": [...]}``. The ``Server-Timing`` header has the
   time spent decoding and classifying.
 * TF Serving's REST API, so a client written for one works against the other:
@@ -56,6 +60,7 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import strict_json
+from tlcli.bundle.graphcheck import SAVED_MODEL_FILE
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
     PREDICT_ENGINE,
@@ -69,7 +74,7 @@ from tlcli.config import (
     check_max_pixels,
 )
 from tlcli.data import images
-from tlcli.deploy import inference
+from tlcli.deploy import inference, saliency
 from tlcli.deploy.tf_serving import (
     BATCH,
     VERSION,
@@ -79,7 +84,7 @@ from tlcli.deploy.tf_serving import (
     rest_predict,
     signature_defs,
 )
-from tlcli.errors import TlcliError, UsageError
+from tlcli.errors import ImageError, TlcliError, UsageError
 from tlcli.progress import Callback, Info, Warn, silent
 
 GRACE_SECONDS = 4.0  # in-flight requests get this long after SIGINT/SIGTERM (exit within 5 s)
@@ -100,8 +105,9 @@ class ServedModel:
     engine is shared."""
 
     def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
-                 max_images: int = SERVE_MAX_IMAGES):
+                 max_images: int = SERVE_MAX_IMAGES, threshold: float | None = None):
         self.bundle, self.name, self.workers, self.max_images = b, name, workers, max_images
+        self.cuts = inference.thresholds(b, threshold)  # a multi-label model's; None for one label
         self.engine = inference.resolve_engine(b, engine)
         self.max_pixels = max_pixels or b.max_pixels
         self.signatures = signature_defs(b)
@@ -111,6 +117,8 @@ class ServedModel:
         self._made = 1
         self._shared = self._open()
         self._pool.put(self._shared)
+        self.explanations = saliency.Explanations(b, engine=self._shared if self.engine == "tf" else None,
+                                                  max_pixels=self.max_pixels)
 
     def _open(self):
         return inference.open_engine(self.bundle, self.engine, num_threads=self._threads)
@@ -157,8 +165,9 @@ class ServedModel:
             part = uploads[start:start + BATCH]
             x, errors = images.decode_batch(part, lambda upload: self.decode(upload[1], upload[0]))
             rows = images.paired(errors, None if x is None else self.classify(x))
-            results += [inference.Prediction(name, [], str(err)) if err else
-                        inference.Prediction(name, inference.ranked(row, self.bundle.labels, k))
+            none = None if self.cuts is None else []
+            results += [inference.Prediction(name, [], str(err), none) if err else
+                        inference.prediction(name, row, self.bundle.labels, k, self.cuts)
                         for (name, _), err, row in zip(part, errors, rows)]
         return results
 
@@ -250,6 +259,27 @@ def _top_k(request) -> int:
     return int(raw) if len(raw) <= 9 else 10 ** 9
 
 
+def _explain_endpoint(model: ServedModel, max_body_bytes: int, body_seconds: float):
+    """The handler of ``POST /explain`` (see the module docstring)."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    async def explain(request):
+        if not model.explanations.available:
+            raise ClientError(404, f"POST /explain: the bundle has no {SAVED_MODEL_FILE}, whose gradients "
+                                   "a saliency map needs")
+        (name, data), = await _uploads(request, max_body_bytes, body_seconds, 1)
+        start = time.perf_counter()
+        try:
+            png, c = await run_in_threadpool(model.explanations.overlay_png, data, name)
+        except ImageError as exc:
+            raise ClientError(400, str(exc)) from None
+        return Response(png, media_type="image/png", headers={
+            "X-Explained-Class": str(c), "Server-Timing": f"explain;dur={1000 * (time.perf_counter() - start):.1f}"})
+
+    return explain
+
+
 def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K,
               body_seconds: float = SERVE_BODY_SECONDS):
     """The Starlette app serving ``model`` (see the module docstring for the endpoints and bounds)."""
@@ -261,7 +291,8 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     from tlcli.deploy.server_page import page
 
-    html = page(name=model.name, labels=model.bundle.labels, engine=model.engine, top_k=top_k)
+    html = page(name=model.name, labels=model.bundle.labels, engine=model.engine, top_k=top_k,
+                explain=model.explanations.available)
 
     async def home(request):
         return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'none'; img-src blob:; "
@@ -316,6 +347,8 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     app = Starlette(routes=[Route("/", home, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
+                            Route("/explain", _explain_endpoint(model, max_body_bytes, body_seconds),
+                                  methods=["POST"]),
                              Route("/v1/{rest:path}", tf_serving, methods=every)],
                      exception_handlers={ClientError: client_error, HTTPException: http_error,
                                          Exception: server_error})
@@ -326,10 +359,11 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
              engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
              max_body_bytes: int = SERVE_MAX_BODY_BYTES, max_images: int = SERVE_MAX_IMAGES,
-             body_seconds: float = SERVE_BODY_SECONDS):
+             body_seconds: float = SERVE_BODY_SECONDS, threshold: float | None = None):
     """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
-    defaults to the bundle folder's name, ``workers`` to the number of CPUs. Raises
-    ``BundleError`` / ``UsageError``."""
+    defaults to the bundle folder's name, ``workers`` to the number of CPUs; ``threshold``: a
+    multi-label model's, for every label (default: each label's own). Raises ``BundleError`` /
+    ``UsageError``."""
     workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
     if max_images < 1 or not body_seconds > 0:
         raise UsageError(f"max_images {max_images}, body_seconds {body_seconds}: both must be positive")
@@ -337,7 +371,8 @@ def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | No
     name = name if name is not None else Path(os.path.abspath(model_dir)).name
     if not re.fullmatch(r"[^/:\s]+", name):
         raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
-    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images)
+    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images,
+                        threshold=threshold)
     return build_app(model, max_body_bytes=max_body_bytes, body_seconds=body_seconds)
 
 
@@ -388,7 +423,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE_HOST, port: int = SERVE_PORT,
           name: str | None = None, engine: str = PREDICT_ENGINE, workers: int | None = None,
           max_pixels: int | None = None, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
-          progress: Callback = silent) -> ServeResult:
+          threshold: float | None = None, progress: Callback = silent) -> ServeResult:
     """Serve the bundle over HTTP (see the module docstring) until SIGINT or SIGTERM, then finish
     the requests in flight (up to ``GRACE_SECONDS``) and return. Emits ``Info`` with the URL once
     it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
@@ -397,7 +432,7 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     from tlcli.deploy.receipt import uvicorn_server
 
     app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
-                   max_body_bytes=max_body_bytes)
+                   max_body_bytes=max_body_bytes, threshold=threshold)
     if host not in LOOPBACK:
         progress(Warn(f"--host {host}: the server is unauthenticated and reachable from the network; anyone who "
                       "can connect can use the model"))

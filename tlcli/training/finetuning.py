@@ -26,9 +26,9 @@ from tlcli import data
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig, tunes
 from tlcli.errors import UsageError
-from tlcli.model import tuning
+from tlcli.model import classifier
 from tlcli.progress import Callback, End, Epoch, Info, Start
-from tlcli.training import budget, precision
+from tlcli.training import choice, precision
 from tlcli.training.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -47,17 +47,20 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
-              scalars, static: bool = False, mirror_ok: bool = True, planner=None,
-              deadline: budget.Deadline | None = None) -> bool:
+              scalars, static: bool = False, multi_label: bool = False, mirror_ok: bool = True, planner=None,
+              deadline: choice.Deadline | None = None) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
     ``backbone``) on the augmented ``fit`` images (``data.augmenter``; flips only with
     ``mirror_ok``), monitored on ``holdout`` (none: every epoch counts), in micro batches on the
     CPU (``micro_batch_size``). Adam with lower rates for early layers on a warm-up + cosine
-    schedule peaking at ``cfg.fine_tune_learning_rate`` (``model.tuning``); at the end the best
-    epochs are averaged where the holdout agrees (``tuning.greedy_soup``). Each epoch is
+    schedule peaking at ``cfg.fine_tune_learning_rate`` (``model.classifier``); at the end the best
+    epochs are averaged where the holdout agrees (``classifier.greedy_soup``), and the result is kept
+    only where it beats the starting weights on the holdout beyond chance. Each epoch is
     checkpointed under ``partial/fine-tune/`` and recorded in ``state`` (``state.fine_tune``,
     ``state.history[PHASE]``), saved to ``partial``; a resumed ``state`` continues from its
     checkpoint. With ``static`` (a TPU) every batch has the same shape (``static_batches``).
+    ``multi_label``: the head is one sigmoid per label, trained on each image's labels
+    (``Sample.label_set``) with binary cross-entropy.
 
     ``planner(train_rate) -> (epochs, reserve_s)`` (a time budget): given the images/s of a few
     timed training steps, the epochs to run (0: none) and the seconds to leave before
@@ -68,15 +71,20 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
     num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
     t = tf()
-    onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+    if multi_label:
+        onehot = lambda img, y: (img, t.cast(y, t.float32))  # noqa: E731  (already multi-hot)
+        targets = lambda samples: [np.isin(np.arange(num_classes), s.label_set()) for s in samples]  # noqa: E731
+    else:
+        onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+        targets = lambda samples: [s.label for s in samples]  # noqa: E731
     # Built before the policy is set: the augmentation computes in float32.
-    ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
+    ds = data.image_dataset([s.path for s in fit], image_size, labels=targets(fit),
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
                             augment=data.augmenter(mirror=mirror_ok) if cfg.augment else None,
                             augment_seed=cfg.seed).map(onehot)
     val = None
     if holdout:
-        val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
+        val = data.image_dataset([s.path for s in holdout], image_size, labels=targets(holdout),
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
     if static:
         if len(fit) < batch_size:
@@ -91,7 +99,8 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     with precision.policy(policy, kind=kind):
         _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
                class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
-               masked=static, steps_per_epoch=math.ceil(len(fit) / batch_size), planner=planner, deadline=deadline)
+               masked=static, multi_label=multi_label, steps_per_epoch=math.ceil(len(fit) / batch_size),
+               planner=planner, deadline=deadline)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
@@ -100,7 +109,8 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
 
 def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
            cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
-           masked: bool = False, steps_per_epoch: int = 1, planner=None, deadline=None) -> None:
+           masked: bool = False, multi_label: bool = False, steps_per_epoch: int = 1, planner=None,
+           deadline=None) -> None:
     """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
     ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
     (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
@@ -114,11 +124,13 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
         backbone_layer, model.head_under_policy(head, policy), image_size)
     train_model = trained if not micro_batch else _micro_batch_model_class()(
         trained.input, trained.output, name="classifier", micro_batch=micro_batch)
+    loss, accuracy = (k.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+                      k.metrics.BinaryAccuracy(name="accuracy")) \
+        if multi_label else (k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), "accuracy")
     epochs, reserve = cfg.fine_tune_epochs, 0.0
-    schedule = tuning.warmup_cosine(cfg.fine_tune_learning_rate, epochs * steps_per_epoch)
-    train_model.compile(optimizer=tuning.build_optimizer(schedule, backbone_layer.trainable_variables),
-                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                        metrics=None if masked else ["accuracy"], weighted_metrics=["accuracy"] if masked else None)
+    schedule = classifier.warmup_cosine(cfg.fine_tune_learning_rate, epochs * steps_per_epoch)
+    train_model.compile(optimizer=classifier.build_optimizer(schedule, backbone_layer.trainable_variables), loss=loss,
+                        metrics=None if masked else [accuracy], weighted_metrics=[accuracy] if masked else None)
     if planner is not None:
         epochs, reserve = planner(_measure_training(train_model, ds, class_weight=class_weight)) \
             if planner.worth_measuring() else (0, 0.0)
@@ -132,7 +144,7 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
         save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
     more = [_deadline_stop_class()(deadline, reserve)] if deadline is not None else []
     if val is not None:  # the starting weights and the best epochs, averaged at the end where the holdout agrees
-        more.append(_averaging_class()(state, val, progress=progress,
+        more.append(_averaging_class()(state, val, progress=progress, multi_label=multi_label,
                                        keep_going=lambda: deadline is None or deadline.left() > reserve / 2))
     _fit(train_model, ds, callback, validation=val, class_weight=class_weight, more=more)
     if val is not None:
@@ -355,26 +367,28 @@ def _averaging_class():
     k = keras()
 
     class Averaging(k.callbacks.Callback):
-        """Keeps the best weights by holdout loss (``tuning.keep_best``): the starting ones
+        """Keeps the best weights by holdout loss (``classifier.keep_best``): the starting ones
         of a fresh run (scored by ``EpochCallback.restore``) and each epoch's. ``finish()``,
         after ``EpochCallback.finish``, puts their greedy soup, scored on ``validation``, into
         the model where it is no worse (trying more while ``keep_going()``), then puts the
         starting weights back unless the result's per-image holdout losses are lower beyond
-        chance (``tuning.significantly_better``); both are recorded in ``state.fine_tune``."""
+        chance (``classifier.significantly_better``); both are recorded in ``state.fine_tune``."""
 
-        def __init__(self, state: RunState, validation, *, keep_going: Callable[[], bool], progress: Callback):
+        def __init__(self, state: RunState, validation, *, keep_going: Callable[[], bool], progress: Callback,
+                     multi_label: bool = False):
             super().__init__()
             self.state, self.validation, self.keep_going, self.progress = state, validation, keep_going, progress
-            self.ingredients, self.start, self.start_losses = [], None, None
+            self.ingredients, self.start, self.start_losses, self.multi_label = [], None, None, multi_label
 
         def on_train_begin(self, logs=None):
             st = self.state.fine_tune
             if st.best is not None and st.best_epoch == -1 and not st.epochs_run:
-                self.start, self.start_losses = self.model.get_weights(), _holdout_losses(self.model, self.validation)
-                tuning.keep_best(self.ingredients, st.best, self.start)
+                self.start = self.model.get_weights()
+                self.start_losses = _holdout_losses(self.model, self.validation, multi_label=self.multi_label)
+                classifier.keep_best(self.ingredients, st.best, self.start)
 
         def on_epoch_end(self, epoch, logs=None):
-            tuning.keep_best(self.ingredients, float((logs or {}).get("val_loss", math.nan)),
+            classifier.keep_best(self.ingredients, float((logs or {}).get("val_loss", math.nan)),
                              self.model.get_weights())
 
         def finish(self) -> None:
@@ -385,7 +399,7 @@ def _averaging_class():
                     return float(self.model.evaluate(self.validation, verbose=0)[0])
 
                 best = self.model.get_weights()
-                weights, loss, members = tuning.greedy_soup(self.ingredients, evaluate, keep_going=self.keep_going)
+                weights, loss, members = classifier.greedy_soup(self.ingredients, evaluate, keep_going=self.keep_going)
                 st.soup = len(members)
                 self.model.set_weights(weights if len(members) > 1 else best)
                 if len(members) > 1:
@@ -393,8 +407,8 @@ def _averaging_class():
                     self.progress(Info(f"fine-tuning: the average of the {len(members)} best checkpoints has a "
                                        f"holdout loss of {loss:.4f}, no worse than the best single one"))
             if self.start is not None:
-                after = _holdout_losses(self.model, self.validation)
-                if not tuning.significantly_better(self.start_losses, after):
+                after = _holdout_losses(self.model, self.validation, multi_label=self.multi_label)
+                if not classifier.significantly_better(self.start_losses, after):
                     self.model.set_weights(self.start)
                     self.progress(Info(f"fine-tuning undone: its holdout loss ({after.mean():.4f} against "
                                        f"{self.start_losses.mean():.4f}) is not lower beyond chance"))
@@ -402,13 +416,16 @@ def _averaging_class():
     return Averaging
 
 
-def _holdout_losses(model, validation) -> np.ndarray:
-    """Each holdout image's cross-entropy under ``model`` (float64 [n]), in the holdout's order;
-    padding (a batch weight of 0) is left out."""
+def _holdout_losses(model, validation, *, multi_label: bool = False) -> np.ndarray:
+    """Each holdout image's cross-entropy under ``model`` (float64 [n]; ``multi_label``: the mean
+    binary cross-entropy of its labels), in the holdout's order; padding (a batch weight of 0) is
+    left out."""
     losses = []
     for batch in validation:
-        probs = np.asarray(model(batch[0], training=False), np.float64)
-        rows = -np.log(np.clip((probs * np.asarray(batch[1], np.float64)).sum(-1), 1e-12, 1.0))
+        probs = np.clip(np.asarray(model(batch[0], training=False), np.float64), 1e-12, 1 - 1e-12)
+        y = np.asarray(batch[1], np.float64)
+        rows = -(y * np.log(probs) + (1 - y) * np.log(1 - probs)).mean(-1) if multi_label \
+            else -np.log((probs * y).sum(-1))
         losses.append(rows[np.asarray(batch[2]) > 0] if len(batch) > 2 else rows)
     return np.concatenate(losses) if losses else np.zeros(0)
 
@@ -419,10 +436,10 @@ def _deadline_stop_class():
 
     class DeadlineStop(k.callbacks.Callback):
         """Stops training when less than ``reserve_s`` would be left before ``deadline``
-        (``budget.Deadline``) after the next batch (the longest so far), or after the next
+        (``choice.Deadline``) after the next batch (the longest so far), or after the next
         epoch (as long as the last one): Keras then ends the epoch, checks the holdout, stops."""
 
-        def __init__(self, deadline: budget.Deadline, reserve_s: float):
+        def __init__(self, deadline: choice.Deadline, reserve_s: float):
             super().__init__()
             self.deadline, self.reserve_s, self.longest = deadline, reserve_s, 0.0
             self.epoch_began = self.batch_began = time.monotonic()

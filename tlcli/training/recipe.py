@@ -8,6 +8,7 @@ head phase, sub-second on cached features, is simply redone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -17,12 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tlcli import bundle, data, files
-from tlcli.config import MAX_SEED, TrainConfig, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.data import label_csv, labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, Warn, silent
-from tlcli.training import budget, distributed, prelude, run_state, summaries
+from tlcli.training import choice as plans
+from tlcli.training import distributed, prelude, run_state, summaries
 
 
 @dataclass
@@ -56,7 +59,13 @@ class TrainResult:
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
-    # With --time-budget: the plan the run followed (``budget.Plan.to_dict``).
+    # With --labels-override: its file, SHA-256 and counts (``data.labels_override.apply``).
+    labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``choice.BackboneChoice.to_dict``).
+    backbone_choice: dict | None = None
+    # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
+    task: str | None = None
+    # With --time-budget: the plan the run followed (``plans.Plan.to_dict``).
     plan: dict | None = None
 
     def to_dict(self) -> dict:
@@ -64,7 +73,8 @@ class TrainResult:
 
 
 def _check_inputs(cfg: TrainConfig):
-    """The cheap checks of the options and the image folders; returns the backbone spec."""
+    """The cheap checks of the options and the image folders; returns the backbone spec, or the
+    list of candidates' specs for ``--backbone A,B`` / ``auto`` (``choice.candidate_specs``)."""
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
@@ -72,7 +82,14 @@ def _check_inputs(cfg: TrainConfig):
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
-    return resolve_spec(cfg.backbone, cfg.image_size)
+    if cfg.labels_override:  # its form now; its paths and labels once the scan has found them
+        labels_override.read(cfg.labels_override)
+    if is_backbone_choice(cfg.backbone):
+        from tlcli.training import choice
+
+        return choice.candidate_specs(cfg)
+    return resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature,
+                        output_key=cfg.backbone_output)
 
 
 def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
@@ -94,6 +111,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     if node is not None and cfg.time_budget is not None:  # every worker raises it: they run one command
         raise UsageError(f"--time-budget {cfg.time_budget}: not on a cluster (TF_CONFIG), whose workers would "
                          "each plan on their own clock; leave it out")
+    if not cfg.multi_label and cfg.data_dir and label_csv.is_label_csv(cfg.data_dir) \
+            and label_csv.is_multi_label(cfg.data_dir):
+        cfg = dataclasses.replace(cfg, multi_label=True)  # a labels column: several labels a photo
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
@@ -114,18 +134,33 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
         try:
-            with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
+            splits, choice, spec = _chosen(cfg, spec, node, progress)
+            with prelude.started(cfg, spec, ahead=node is None, progress=progress, splits=splits) as early:
                 path = fetch(spec)
                 bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=tunes(cfg)))
                 with distributed.session(node) as finish:
-                    deadline = budget.Deadline(time_budget_seconds(cfg), started=started)
-                    return finish(_run(cfg, spec, path, state, early, progress, deadline))
+                    deadline = plans.Deadline(time_budget_seconds(cfg), started=started)
+                    return finish(_run(cfg, spec, path, state, early, progress, deadline, choice=choice))
         except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
 
+def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
+    """(splits or None, the BackboneChoice or None, the backbone's spec): ``spec`` itself, or the
+    winner among candidates (a list, see ``_check_inputs``), chosen on the training images
+    (``choice.choose``, whose scan the run then reuses)."""
+    if not isinstance(spec, list):
+        return None, None, spec
+    if node is not None:
+        raise UsageError(f"--backbone {cfg.backbone}: the backbone is chosen on one machine, not a cluster; "
+                         "choose it there, then train the cluster with the winner as --backbone")
+    from tlcli.training import choice
+
+    return choice.choose(cfg, spec, progress)
+
+
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
-         progress: Callback, deadline: budget.Deadline) -> TrainResult:
+         progress: Callback, deadline: plans.Deadline, *, choice=None) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
@@ -176,8 +211,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         checks = _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress)
         progress(Start("save", total=1))
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                        seconds=time.perf_counter() - start, extractor=engine)
+                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
+                        seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -203,7 +238,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
     return _result(cfg, out, splits, reports, state, chosen, batch=batch, seconds=time.perf_counter() - start,
-                   mirror=mirror, counts=(extracted, cached), engine=engine)
+                   mirror=mirror, counts=(extracted, cached), engine=engine, choice=meta.backbone_choice)
 
 
 def _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress: Callback) -> dict:
@@ -216,13 +251,13 @@ def _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress:
                                 cache_key=None if tunes(cfg) else views_of.keywords["cache_key"])
 
 
-def _planner(cfg, spec, loaded, splits, deadline: budget.Deadline, *, mirror: bool, rate: float,
-             progress: Callback) -> budget.Planner | None:
+def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: bool, rate: float,
+             progress: Callback) -> plans.Planner | None:
     """The plan maker of a --time-budget run (None without one); ``rate``: the images/s of the
     frozen features just measured (0: all came from the cache)."""
     if deadline.budget_s is None:
         return None
-    return budget.Planner(cfg, splits, deadline, name=spec.preset or spec.handle, image_size=loaded.image_size,
+    return plans.Planner(cfg, splits, deadline, name=spec.preset or spec.handle, image_size=loaded.image_size,
                           views=2 if mirror else 1, extract_rate=rate or None, progress=progress)
 
 
@@ -237,7 +272,8 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
         models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
         accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
         state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
-        mirror_ok=cfg.mirror is not False, planner=planner, deadline=planner and planner.deadline)
+        multi_label=cfg.multi_label, mirror_ok=cfg.mirror is not False, planner=planner,
+        deadline=planner and planner.deadline)
     state.plan = planner and planner.plan and planner.plan.to_dict()
     views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
     progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
@@ -246,7 +282,7 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
 
 
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
-            engine: str) -> TrainResult:
+            engine: str, choice: dict | None = None) -> TrainResult:
     """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
     train_report, val_report, test_report = reports
     return TrainResult(
@@ -259,7 +295,9 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         fine_tune_improved=state.fine_tune.improved if tunes(cfg) else None, plan=state.plan,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
-        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration)
+        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
+        labels_override=splits.override, backbone_choice=choice,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -291,7 +329,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         if chosen.hint:
             progress(Warn(chosen.hint))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                    seed=cfg.seed, mirror=tunes(cfg) if cfg.mirror is None else cfg.mirror)
+                                    seed=cfg.seed, mirror=tunes(cfg) if cfg.mirror is None else cfg.mirror,
+                                    activation="sigmoid" if cfg.multi_label else "softmax")
         # In the scope, as compute_views would measure it (which then reuses the verdict).
         if litert is not None and litert is early.runner and not features.agrees(
                 litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
@@ -301,6 +340,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
+    if cfg.multi_label:
+        return None  # each label's present and absent photos are balanced in its own fit (model.multilabel)
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
@@ -323,10 +364,20 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
                 progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
-    fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
-                         epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
-    if phase == "head refit" or not tunes(cfg):  # the model's final head (fine-tuning starts uncalibrated)
+    final = phase == "head refit" or not tunes(cfg)  # the model's final head (fine-tuning starts uncalibrated)
+    options = dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                   patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
+    if cfg.multi_label:
+        from tlcli.model import multilabel
+
+        fit, truth = multilabel.fit_views(views, samples, len(labels), class_weights=cfg.class_weights, **options)
+        fit, info = multilabel.finish(fit, truth, calibrate=final)
+        if final:
+            state.calibration = info
+    else:
+        fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
+                             **options)
+    if final and not cfg.multi_label:
         y = [s.label for s in samples]
         fit, state.calibration = calibration.calibrate(fit, [y[i % len(y)] for i in fit.oof_rows.tolist()])
     state.history[phase] = fit.history
@@ -342,12 +393,15 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
+             global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
+             choice=None, fit=None) -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
     None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
     ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
-    the bundle is written."""
+    the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
+    ``choice.BackboneChoice`` of ``--backbone A,B`` or None; ``fit`` the final head fit (of which a
+    multi-label run records the thresholds)."""
     from tlcli._tf import tf
 
     train_report, val, test = reports
@@ -355,7 +409,10 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
     return bundle.BundleMeta(
         tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
-        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
+        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim,
+                                     signature=getattr(loaded, "signature", None),
+                                     output_key=getattr(loaded, "output_key", None),
+                                     parts=[p.handle for p in spec.parts] or None),
         mirror_average=mirror, config=cfg.to_dict(),
         data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
                              val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
@@ -369,20 +426,28 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped], time_budget=time_budget_seconds(cfg), plan=state.plan)
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
+        backbone_choice=choice.to_dict() if choice else None,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None,
+        time_budget=time_budget_seconds(cfg), plan=state.plan)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
     """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
     None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
     and test reports list their paths). The test images were neither trained nor validated on."""
-    from tlcli import metrics
-    from tlcli.model import head
+    from tlcli import metrics, multilabel_metrics
+    from tlcli.model import head, multilabel
 
     def report(samples, *, paths: bool = True):
         if not samples:
             return None
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels,
-                               **({"paths": [s.path for s in samples]} if paths else {}))
+        where = {"paths": [s.path for s in samples]} if paths else {}
+        if isinstance(fit, multilabel.MultiLabelFit):
+            return multilabel_metrics.compute(multilabel.targets(samples, len(labels)),
+                                              multilabel.predict_views(views, samples, fit), labels, fit.thresholds,
+                                              **where)
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **where)
 
     return report(train, paths=False), report(val), report(test)
