@@ -159,6 +159,16 @@ def test_a_budget_too_short_to_fine_tune_gives_the_head_only_model(tmp_path, col
     assert result.val_accuracy == 1.0 and (tmp_path / "m" / "tlcli.json").exists()
 
 
+def test_a_budget_with_a_backbone_that_cannot_be_trained_plans_head_only(tmp_path, colour_data):
+    from tests.helpers import make_keras3_backbone
+
+    exported = make_keras3_backbone(tmp_path / "keras3")
+    result = tlcli.train(colour_data, out=str(tmp_path / "m"), backbone=str(exported), image_size=32, epochs=60,
+                         batch_size=8, tensorboard=None, time_budget="10m")
+    assert not result.plan["fine_tune"] and "signature" in result.plan["reason"]
+    assert result.fine_tune_epochs == 0 and result.val_accuracy == 1.0
+
+
 # ---- augmentation ------------------------------------------------------------------------------
 
 

@@ -327,3 +327,6 @@ def _check_backbone_flags(cfg: TrainConfig) -> None:
     if cfg.backbone_signature is not None and cfg.fine_tune:
         raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
                          "cannot be fine-tuned; train without --fine-tune")
+    if cfg.backbone_signature is not None and cfg.time_budget is not None:
+        raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
+                         "cannot be fine-tuned, so there is nothing to plan; train without --time-budget")

@@ -20,7 +20,7 @@ from pathlib import Path
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.data import label_csv, labels_override
-from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.errors import BackboneError, Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, Warn, silent
@@ -268,12 +268,16 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
     holdout never improved), since the plain features still hold then."""
     from tlcli.training import finetuning
 
-    improved = finetuning.fine_tune(
-        models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
-        accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
-        multi_label=cfg.multi_label, mirror_ok=cfg.mirror is not False, planner=planner,
-        deadline=planner and planner.deadline)
+    if planner is not None and loaded.signature is not None:
+        planner(0.0, why="a backbone run through its signature cannot be fine-tuned")
+        improved = state.fine_tune.improved = False
+    else:
+        improved = finetuning.fine_tune(
+            models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
+            accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
+            state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
+            multi_label=cfg.multi_label, mirror_ok=cfg.mirror is not False, planner=planner,
+            deadline=planner and planner.deadline)
     state.plan = planner and planner.plan and planner.plan.to_dict()
     views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
     progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
@@ -315,7 +319,12 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     keras().utils.set_random_seed(cfg.seed)
     chosen, litert = strategy.choose(cfg.strategy), None
     with chosen.strategy.scope():
-        loaded = backbone.load(spec, trainable=tunes(cfg), path=backbone_path, io_device=chosen.io_device)
+        try:
+            loaded = backbone.load(spec, trainable=tunes(cfg), path=backbone_path, io_device=chosen.io_device)
+        except BackboneError:  # one that cannot be trained (a Keras 3 signature): a budget plans head-only
+            if cfg.fine_tune or cfg.time_budget is None:
+                raise
+            loaded = backbone.load(spec, path=backbone_path, io_device=chosen.io_device)
     # Converted out of the strategy's scope: traced in a mirrored one, the function captures the
     # distributed variables, which the converter cannot lift (UnliftableError: TensorFlow's features).
     if litert_backbone.engine_for(cfg.extractor) == "litert" \
