@@ -159,14 +159,14 @@ class TrainConfig:
     dropout: float = 0.2              # in front of the head while fine-tuning
     fine_tune: bool = False
     fine_tune_epochs: int = 5
-    fine_tune_learning_rate: float = 1e-5
+    fine_tune_learning_rate: float = 1e-4  # peak of the warm-up + cosine schedule (model/classifier.py)
     fine_tune_patience: int = 2
-    # Gradients of each fine-tuning batch are taken in slices of this many images and summed:
-    # the same update, a quarter of the activation memory at the default batch. None = 8 on the
-    # CPU (where memory is the limit), the whole batch on a GPU or TPU; 0 = the whole batch.
+    # Each fine-tuning batch's gradient in slices of this many images, summed: the same update, a
+    # quarter of the memory. None = 8 on the CPU, the whole batch on a GPU or TPU; 0 = whole batches.
     fine_tune_micro_batch: int | None = None
     precision: str = "auto"           # of fine-tuning; the saved model is float32 whatever it is
     augment: bool = True
+    time_budget: float | str | None = None  # --time-budget: seconds or "10m"; plan in training/choice.py
     # Mirror averaging: the head learns from each training image and its left-right mirror
     # image, and the model averages the features of both (the backbone runs twice per image).
     # None = on with --fine-tune (the run that trades time for accuracy), off otherwise.
@@ -253,6 +253,44 @@ def _integer(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+MIN_TIME_BUDGET, MAX_TIME_BUDGET = 1.0, 7 * 24 * 3600.0
+
+
+def parse_duration(value, option: str = "--time-budget") -> float:
+    """Seconds from a duration: a number of seconds, or text such as ``90``, ``90s``, ``2.5m``, ``1h``.
+    Raises ``UsageError`` (one line naming ``option``) for anything else, and outside
+    [``MIN_TIME_BUDGET``, ``MAX_TIME_BUDGET``]."""
+    seconds = None
+    if _number(value):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1) if number and number[0] not in "+-" else None
+        except ValueError:
+            seconds = None
+        if seconds is not None and not math.isfinite(seconds):
+            seconds = None
+    if seconds is None:
+        raise UsageError(f"{option} {value}: give a duration such as 90s, 10m or 1h")
+    if not MIN_TIME_BUDGET <= seconds <= MAX_TIME_BUDGET:
+        raise UsageError(f"{option} {value}: must be between {MIN_TIME_BUDGET:g}s and {MAX_TIME_BUDGET / 3600:g}h")
+    return seconds
+
+
+def time_budget_seconds(cfg: TrainConfig) -> float | None:
+    """``cfg.time_budget`` in seconds, or None without one (``parse_duration``)."""
+    return None if cfg.time_budget is None else parse_duration(cfg.time_budget)
+
+
+def tunes(cfg: TrainConfig) -> bool:
+    """Whether the run may fine-tune: ``--fine-tune``, or a ``--time-budget`` whose plan decides."""
+    return bool(cfg.fine_tune or cfg.time_budget is not None)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ``UsageError`` for an option value that cannot work, naming the option: each
     ``TrainConfig`` field ``x_y`` is the flag ``--x-y`` of ``tlcli train``. Every float must be finite."""
@@ -290,6 +328,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise UsageError(f"{option} {value}: {why}")
     _check_backbone_flags(cfg)
+    time_budget_seconds(cfg)
 
 
 def is_backbone_choice(backbone: str) -> bool:
@@ -308,3 +347,6 @@ def _check_backbone_flags(cfg: TrainConfig) -> None:
     if cfg.backbone_signature is not None and cfg.fine_tune:
         raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
                          "cannot be fine-tuned; train without --fine-tune")
+    if cfg.backbone_signature is not None and cfg.time_budget is not None:
+        raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
+                         "cannot be fine-tuned, so there is nothing to plan; train without --time-budget")

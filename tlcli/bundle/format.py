@@ -181,6 +181,8 @@ class BundleMeta(_Section):
     groups and likely mislabels; None, and not written, in bundles made before it).
     ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
     relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
+    ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan (None, and
+    not written, otherwise).
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -217,12 +219,16 @@ class BundleMeta(_Section):
     # A multi-label bundle's threshold per label (in label order): a label is predicted when its
     # probability is at least its threshold. None, and not written, for a single-label bundle.
     thresholds: list[float] | None = None
+    # A --time-budget run: the budget in seconds and the plan it followed (training.budget.Plan).
+    time_budget: float | None = None
+    plan: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "unknown", "labels_override", "backbone_choice", "task", "thresholds")
+    _optional: ClassVar[tuple] = ("audit", "unknown", "labels_override", "backbone_choice", "task", "thresholds",
+                                  "time_budget", "plan")
 
     @property
     def multi_label(self) -> bool:

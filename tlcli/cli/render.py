@@ -340,6 +340,10 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
         if result.fine_tune_improved is False:
             epochs += " (undone: the holdout loss never improved, the starting backbone was kept)"
     t.add_row("epochs", epochs)
+    plan = result.plan
+    if plan:
+        planned = f"fine-tune {plan['epochs']} epochs" if plan["fine_tune"] else "head only"
+        t.add_row("time budget", f"{plan['budget_s']:g} s, planned: {planned} (estimated {plan['estimated_s']:.0f} s)")
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))

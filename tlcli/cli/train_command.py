@@ -73,6 +73,10 @@ FineTuneEpochsOption = Annotated[int, opt(FINE_TUNING, "Cap on fine-tune epochs.
 FineTuneLearningRateOption = Annotated[float, opt(FINE_TUNING, "Fine-tune learning rate.")]
 FineTunePatienceOption = Annotated[int, opt(FINE_TUNING, "Fine-tune epochs without a better holdout loss before "
                                                          "stopping.")]
+TimeBudgetOption = Annotated[Optional[str], opt(
+        FINE_TUNING, "End the run within this wall time (e.g. 90s, 10m, 1h): whether to fine-tune, and for how "
+                     "many epochs, is planned from rates measured on this machine.", metavar="DURATION",
+        show_default=False)]
 HoldoutOption = Annotated[float, opt(FINE_TUNING, "Fraction of the training images held out to stop fine-tuning "
                                                 "early.")]
 DropoutOption = Annotated[float, opt(FINE_TUNING, "Dropout in front of the head while fine-tuning.")]
@@ -131,6 +135,7 @@ def train(
     fine_tune_learning_rate: FineTuneLearningRateOption = (
         DEFAULTS.fine_tune_learning_rate),
     fine_tune_patience: FineTunePatienceOption = DEFAULTS.fine_tune_patience,
+    time_budget: TimeBudgetOption = None,
     holdout: HoldoutOption = DEFAULTS.holdout,
     dropout: DropoutOption = DEFAULTS.dropout,
     fine_tune_micro_batch: FineTuneMicroBatchOption = DEFAULTS.fine_tune_micro_batch,

@@ -2,8 +2,9 @@
 the tf.data pipelines. It owns what counts as a usable image, how folders are walked, which dataset
 layouts DIR may have, and which file lands in which split; it knows nothing of models."""
 
+from tlcli.data.augment import augmenter
 from tlcli.data.layouts import SplitFolders, split_folders
-from tlcli.data.pipeline import PREFETCH_BATCHES, augmenter, image_dataset, padded_batches
+from tlcli.data.pipeline import PREFETCH_BATCHES, image_dataset, padded_batches
 from tlcli.data.scanning import (
     FEW_IMAGES,
     NOT_IN_CLASS_FOLDER,

@@ -1,5 +1,5 @@
 """tf.data input pipelines of decoded images: bounded parallel decoding, fixed-size batches for
-static shapes, and the augmenter."""
+static shapes; augmentation (``data.augment``) is applied per image inside them."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from tlcli.data import images
 
 def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = None,
                   batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  shuffle_seed: int | None = None, augment_seed: int | None = None,
+                  shuffle_seed: int | None = None, augment=None, augment_seed: int = 0,
                   unreadable_fill: float = 0.5, digests: bool = False):
     """tf.data of float32 [batch, size, size, 3] in [0, 1] (and int labels), decoded by the project
     decoder in parallel (within its memory budget) and prefetched. A file that became unreadable
     after the scan yields an image filled with ``unreadable_fill`` (grey) rather than crashing the
     epoch; feature extraction passes NaN so that such a file is noticed instead of cached. With
     ``digests`` each element is (images, string [batch]: ``image_files.digest`` of the bytes each
-    image was decoded from, empty for an unreadable file) instead of the images."""
+    image was decoded from, empty for an unreadable file) instead of the images. ``augment``
+    (``data.augmenter``: (image, seed [2]) -> image) transforms each image before batching,
+    with seeds drawn from ``augment_seed`` and new ones every epoch."""
     import numpy as np
 
     from tlcli._tf import tf
@@ -50,12 +52,13 @@ def image_dataset(paths: list[str], size: int, *, labels: list[int] | None = Non
         return (img, *rest) if rest else img
 
     ds = ds.map(decode, num_parallel_calls=_decode_threads(), deterministic=True)
+    if augment is not None:
+        # Stateless ops on a seed pair per image: the same images whatever the parallelism.
+        seeds = t.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
+        ds = t.data.Dataset.zip((ds, seeds)).map(
+            lambda item, seed: (augment(item[0], seed), *item[1:]) if isinstance(item, tuple) else augment(item, seed),
+            num_parallel_calls=_decode_threads(), deterministic=True)
     ds = ds.batch(batch_size)
-    if augment_seed is not None:
-        aug = augmenter(augment_seed)
-        # Sequential on purpose: the augmentation layers draw from stateful generators, and
-        # parallel calls would hand the random numbers to batches in a varying order.
-        ds = ds.map(lambda x, *rest: (aug(x, training=True), *rest) if rest else aug(x, training=True))
     # Fixed parallelism instead of tf.data's autotuner: the decoder is one Pillow call per image
     # (nothing to tune), and with autotuning on, deleting a finished iterator could block for
     # seconds (measured: about 5 s after a feature extraction, in half the runs).
@@ -84,24 +87,3 @@ def _decode_threads() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, min(16, cores))
-
-
-def augmenter(seed: int):
-    """Random flip, zoom/crop, small rotation, brightness and contrast; output stays in [0, 1]."""
-    from tlcli._tf import keras, tf
-
-    L = keras().layers
-    t = tf()
-    layers = [
-        L.RandomFlip("horizontal", seed=seed),
-        L.RandomRotation(0.04, fill_mode="reflect", seed=seed + 1),
-        L.RandomZoom((-0.2, 0.0), fill_mode="reflect", seed=seed + 2),
-        L.RandomBrightness(0.15, value_range=(0.0, 1.0), seed=seed + 3),
-        L.RandomContrast(0.15, seed=seed + 4),
-    ]
-    model = keras().Sequential(layers, name="augment")
-
-    def apply(x, training=True):
-        return t.clip_by_value(model(x, training=training), 0.0, 1.0)
-
-    return apply

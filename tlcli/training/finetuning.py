@@ -3,17 +3,20 @@
 Every epoch writes a checkpoint (weights and Adam's moments) and the run state, so ``--resume``
 continues after the last finished epoch. Early stopping on the holdout keeps its count across a
 restart, and the weights of the best holdout epoch are restored at the end; the starting weights
-count as a candidate, so fine-tuning never ends worse than it began. With a micro batch each
-batch's gradient is taken in slices (``MicroBatchModel``).
+count as a candidate, so fine-tuning never ends worse than it began; then the best checkpoints
+are averaged where the holdout agrees (``Averaging``). With a micro batch each batch's gradient
+is taken in slices (``MicroBatchModel``). With a time budget a few steps are timed first for the
+plan, and ``DeadlineStop`` ends training in time.
 
-``MicroBatchModel`` and ``EpochCallback`` are Keras classes, defined when first used (TensorFlow
-is imported lazily).
+``MicroBatchModel``, ``EpochCallback``, ``DeadlineStop`` and ``Averaging`` are Keras classes,
+defined when first used (TensorFlow is imported lazily).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +24,11 @@ import numpy as np
 
 from tlcli import data
 from tlcli._tf import keras, tf
-from tlcli.config import TrainConfig
+from tlcli.config import TrainConfig, tunes
 from tlcli.errors import UsageError
+from tlcli.model import classifier
 from tlcli.progress import Callback, End, Epoch, Info, Start
-from tlcli.training import precision
+from tlcli.training import choice, precision
 from tlcli.training.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -33,7 +37,7 @@ PHASE = "fine-tune"
 def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
     """Slice size for fine-tuning's gradients (``cfg.fine_tune_micro_batch``; None: 8 on the CPU,
     whole batches on a GPU or TPU), or None for whole batches (also without fine-tuning)."""
-    if not cfg.fine_tune:
+    if not tunes(cfg):
         return None
     micro = cfg.fine_tune_micro_batch
     if micro is None:
@@ -43,17 +47,27 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
-              scalars, static: bool = False, multi_label: bool = False) -> bool:
+              scalars, static: bool = False, multi_label: bool = False, mirror_ok: bool = True, planner=None,
+              deadline: choice.Deadline | None = None) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
-    ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
-    monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
-    (``micro_batch_size``). Each epoch is checkpointed under ``partial/fine-tune/`` and recorded
-    in ``state`` (``state.fine_tune``, ``state.history[PHASE]``), saved to ``partial``; a resumed
-    ``state`` continues from its checkpoint. With ``static`` (a TPU) every batch has the same
-    shape (``static_batches``). Returns whether the backbone's weights changed
-    (False: the holdout never improved and the starting weights were restored). Raises
-    ``UsageError`` for a damaged checkpoint on resume. ``multi_label``: the head is one sigmoid per
-    label, trained on each image's labels (``Sample.label_set``) with binary cross-entropy."""
+    ``backbone``) on the augmented ``fit`` images (``data.augmenter``; flips only with
+    ``mirror_ok``), monitored on ``holdout`` (none: every epoch counts), in micro batches on the
+    CPU (``micro_batch_size``). Adam with lower rates for early layers on a warm-up + cosine
+    schedule peaking at ``cfg.fine_tune_learning_rate`` (``model.classifier``); at the end the best
+    epochs are averaged where the holdout agrees (``classifier.greedy_soup``), and the result is kept
+    only where it beats the starting weights on the holdout beyond chance. Each epoch is
+    checkpointed under ``partial/fine-tune/`` and recorded in ``state`` (``state.fine_tune``,
+    ``state.history[PHASE]``), saved to ``partial``; a resumed ``state`` continues from its
+    checkpoint. With ``static`` (a TPU) every batch has the same shape (``static_batches``).
+    ``multi_label``: the head is one sigmoid per label, trained on each image's labels
+    (``Sample.label_set``) with binary cross-entropy.
+
+    ``planner(train_rate) -> (epochs, reserve_s)`` (a time budget): given the images/s of a few
+    timed training steps, the epochs to run (0: none) and the seconds to leave before
+    ``deadline`` for what follows; the loop stops when the next batch or epoch would eat into
+    them. Returns whether the backbone's weights changed (False: the holdout never improved
+    and the starting weights were restored, or the plan had no time). Raises ``UsageError``
+    for a damaged checkpoint on resume."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
     num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
     t = tf()
@@ -63,10 +77,11 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     else:
         onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
         targets = lambda samples: [s.label for s in samples]  # noqa: E731
-    # Built before the policy is set: the augmentation layers compute in float32.
+    # Built before the policy is set: the augmentation computes in float32.
     ds = data.image_dataset([s.path for s in fit], image_size, labels=targets(fit),
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
-                            augment_seed=cfg.seed if cfg.augment else None).map(onehot)
+                            augment=data.augmenter(mirror=mirror_ok) if cfg.augment else None,
+                            augment_seed=cfg.seed).map(onehot)
     val = None
     if holdout:
         val = data.image_dataset([s.path for s in holdout], image_size, labels=targets(holdout),
@@ -84,7 +99,8 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     with precision.policy(policy, kind=kind):
         _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
                class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
-               masked=static, multi_label=multi_label)
+               masked=static, multi_label=multi_label, steps_per_epoch=math.ceil(len(fit) / batch_size),
+               planner=planner, deadline=deadline)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
@@ -93,12 +109,13 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
 
 def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
            cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
-           masked: bool = False, multi_label: bool = False) -> None:
+           masked: bool = False, multi_label: bool = False, steps_per_epoch: int = 1, planner=None,
+           deadline=None) -> None:
     """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
     ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
     (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
     ``one_view``'s head at the end. ``masked``: the holdout's batches carry weights (padding: 0),
-    so accuracy is a weighted metric."""
+    so accuracy is a weighted metric. With a ``planner`` a few steps are timed first (and undone)."""
     from tlcli.model import classifier as model
 
     k = keras()
@@ -110,15 +127,55 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
     loss, accuracy = (k.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
                       k.metrics.BinaryAccuracy(name="accuracy")) \
         if multi_label else (k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), "accuracy")
-    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate), loss=loss,
+    epochs, reserve = cfg.fine_tune_epochs, 0.0
+    schedule = classifier.warmup_cosine(cfg.fine_tune_learning_rate, epochs * steps_per_epoch)
+    train_model.compile(optimizer=classifier.build_optimizer(schedule, backbone_layer.trainable_variables), loss=loss,
                         metrics=None if masked else [accuracy], weighted_metrics=[accuracy] if masked else None)
+    if planner is not None:
+        epochs, reserve = planner(_measure_training(train_model, ds, class_weight=class_weight)) \
+            if planner.worth_measuring() else (0, 0.0)
+        if epochs < 1:
+            state.fine_tune = FineTuneState(improved=False)
+            return
+        schedule.set_total(epochs * steps_per_epoch)
     callback = _epoch_callback_class()(
-        train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
+        train_model, state, phase=PHASE, epochs=epochs, checkpoint_dir=partial / PHASE,
         patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,
         save_state=lambda: state.save(partial), progress=progress, scalars=scalars)
-    _fit(train_model, ds, callback, validation=val, class_weight=class_weight)
+    more = [_deadline_stop_class()(deadline, reserve)] if deadline is not None else []
+    if val is not None:  # the starting weights and the best epochs, averaged at the end where the holdout agrees
+        more.append(_averaging_class()(state, val, progress=progress, multi_label=multi_label,
+                                       keep_going=lambda: deadline is None or deadline.left() > reserve / 2))
+    _fit(train_model, ds, callback, validation=val, class_weight=class_weight, more=more)
+    if val is not None:
+        more[-1].finish()
     if trained is not one_view:
         head.layers[-1].set_weights(trained.get_layer("head").layers[1].get_weights())
+
+
+# Steps timed for the plan of a time budget, after one untimed step (which traces the function).
+TIMED_STEPS = 2
+
+
+def _measure_training(train_model, ds, *, class_weight) -> float:
+    """Images per second of ``train_model``'s training steps on ``ds`` (batches of (images,
+    targets)): one step to trace, then ``TIMED_STEPS`` timed; the weights and the optimizer's
+    state are put back as they were, so training starts as if none had run."""
+    t = tf()
+    weights, optimizer = train_model.get_weights(), train_model.optimizer
+    # Adam's moments appear at the first step (back to zeros then); a loss scale keeps its value.
+    before = {v.ref(): v.numpy() for v in optimizer.variables}
+    images, seconds = 0, 0.0
+    for i, (x, y) in enumerate(ds.take(1 + TIMED_STEPS)):
+        began = time.perf_counter()
+        train_model.train_on_batch(x, y, class_weight=class_weight)
+        if i:
+            images, seconds = images + int(x.shape[0]), seconds + time.perf_counter() - began
+    train_model.set_weights(weights)
+    for v in optimizer.variables:
+        v.assign(before[v.ref()] if v.ref() in before else t.zeros_like(v))
+    train_model.reset_metrics()
+    return images / seconds if seconds > 0 else 0.0
 
 
 def static_batches(ds, batch_size: int, *, pad: bool = False):
@@ -137,8 +194,9 @@ def static_batches(ds, batch_size: int, *, pad: bool = False):
     return data.padded_batches(flat, batch_size, filler)
 
 
-def _fit(m, train, callback, *, validation, class_weight) -> None:
-    """Keras fit from where ``callback.restore`` says, with its progress events."""
+def _fit(m, train, callback, *, validation, class_weight, more=()) -> None:
+    """Keras fit from where ``callback.restore`` says, with its progress events (and the
+    callbacks ``more``, after it)."""
     initial = callback.restore(validation)
     st, phase, epochs = callback.state.fine_tune, callback.phase, callback.epochs
     if initial:  # a resumed run: say where it picks up (on a cluster, every worker from the chief's epoch)
@@ -146,7 +204,7 @@ def _fit(m, train, callback, *, validation, class_weight) -> None:
                                + (" (it had already stopped early)" if st.stopped else "")))
     if initial < epochs and not st.stopped:
         callback.progress(Start(phase, total=epochs, completed=initial))
-        m.fit(x=train, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[callback],
+        m.fit(x=train, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[callback, *more],
               class_weight=class_weight, validation_data=validation)
         callback.progress(End(phase, total=epochs, completed=st.epochs_run or epochs))
     callback.finish()
@@ -157,6 +215,10 @@ def __getattr__(name: str):
         return _micro_batch_model_class()
     if name == "EpochCallback":
         return _epoch_callback_class()
+    if name == "DeadlineStop":
+        return _deadline_stop_class()
+    if name == "Averaging":
+        return _averaging_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -298,3 +360,103 @@ def _epoch_callback_class():
                 st.best_epoch = (st.epochs_run or 1) - 1
 
     return EpochCallback
+
+
+@functools.cache
+def _averaging_class():
+    k = keras()
+
+    class Averaging(k.callbacks.Callback):
+        """Keeps the best weights by holdout loss (``classifier.keep_best``): the starting ones
+        of a fresh run (scored by ``EpochCallback.restore``) and each epoch's. ``finish()``,
+        after ``EpochCallback.finish``, puts their greedy soup, scored on ``validation``, into
+        the model where it is no worse (trying more while ``keep_going()``), then puts the
+        starting weights back unless the result's per-image holdout losses are lower beyond
+        chance (``classifier.significantly_better``); both are recorded in ``state.fine_tune``."""
+
+        def __init__(self, state: RunState, validation, *, keep_going: Callable[[], bool], progress: Callback,
+                     multi_label: bool = False):
+            super().__init__()
+            self.state, self.validation, self.keep_going, self.progress = state, validation, keep_going, progress
+            self.ingredients, self.start, self.start_losses, self.multi_label = [], None, None, multi_label
+
+        def on_train_begin(self, logs=None):
+            st = self.state.fine_tune
+            if st.best is not None and st.best_epoch == -1 and not st.epochs_run:
+                self.start = self.model.get_weights()
+                self.start_losses = _holdout_losses(self.model, self.validation, multi_label=self.multi_label)
+                classifier.keep_best(self.ingredients, st.best, self.start)
+
+        def on_epoch_end(self, epoch, logs=None):
+            classifier.keep_best(self.ingredients, float((logs or {}).get("val_loss", math.nan)),
+                             self.model.get_weights())
+
+        def finish(self) -> None:
+            st = self.state.fine_tune
+            if len(self.ingredients) > 1:
+                def evaluate(weights):
+                    self.model.set_weights(weights)
+                    return float(self.model.evaluate(self.validation, verbose=0)[0])
+
+                best = self.model.get_weights()
+                weights, loss, members = classifier.greedy_soup(self.ingredients, evaluate, keep_going=self.keep_going)
+                st.soup = len(members)
+                self.model.set_weights(weights if len(members) > 1 else best)
+                if len(members) > 1:
+                    st.best = loss
+                    self.progress(Info(f"fine-tuning: the average of the {len(members)} best checkpoints has a "
+                                       f"holdout loss of {loss:.4f}, no worse than the best single one"))
+            if self.start is not None:
+                after = _holdout_losses(self.model, self.validation, multi_label=self.multi_label)
+                if not classifier.significantly_better(self.start_losses, after):
+                    self.model.set_weights(self.start)
+                    self.progress(Info(f"fine-tuning undone: its holdout loss ({after.mean():.4f} against "
+                                       f"{self.start_losses.mean():.4f}) is not lower beyond chance"))
+
+    return Averaging
+
+
+def _holdout_losses(model, validation, *, multi_label: bool = False) -> np.ndarray:
+    """Each holdout image's cross-entropy under ``model`` (float64 [n]; ``multi_label``: the mean
+    binary cross-entropy of its labels), in the holdout's order; padding (a batch weight of 0) is
+    left out."""
+    losses = []
+    for batch in validation:
+        probs = np.clip(np.asarray(model(batch[0], training=False), np.float64), 1e-12, 1 - 1e-12)
+        y = np.asarray(batch[1], np.float64)
+        rows = -(y * np.log(probs) + (1 - y) * np.log(1 - probs)).mean(-1) if multi_label \
+            else -np.log((probs * y).sum(-1))
+        losses.append(rows[np.asarray(batch[2]) > 0] if len(batch) > 2 else rows)
+    return np.concatenate(losses) if losses else np.zeros(0)
+
+
+@functools.cache
+def _deadline_stop_class():
+    k = keras()
+
+    class DeadlineStop(k.callbacks.Callback):
+        """Stops training when less than ``reserve_s`` would be left before ``deadline``
+        (``choice.Deadline``) after the next batch (the longest so far), or after the next
+        epoch (as long as the last one): Keras then ends the epoch, checks the holdout, stops."""
+
+        def __init__(self, deadline: choice.Deadline, reserve_s: float):
+            super().__init__()
+            self.deadline, self.reserve_s, self.longest = deadline, reserve_s, 0.0
+            self.epoch_began = self.batch_began = time.monotonic()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_began = time.monotonic()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.batch_began = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.longest = max(self.longest, time.monotonic() - self.batch_began)
+            if self.deadline.left() < self.reserve_s + self.longest:
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.deadline.left() < self.reserve_s + (time.monotonic() - self.epoch_began):
+                self.model.stop_training = True
+
+    return DeadlineStop

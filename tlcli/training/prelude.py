@@ -27,7 +27,7 @@ from concurrent import futures
 import numpy as np
 
 from tlcli import data, features
-from tlcli.config import TrainConfig
+from tlcli.config import TrainConfig, tunes
 from tlcli.data import images
 from tlcli.features.store import model_store
 from tlcli.model import litert as litert_backbone
@@ -148,7 +148,7 @@ def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, progress: Callback)
         key = cache_key(spec, size)
         views.append((False, model_store(cfg.cache_dir, features.view_key(key, "litert"),
                                                    dim=runner.feature_dim)))
-        if cfg.mirror and not cfg.fine_tune:  # a fine-tuned backbone's mirror view is extracted after it
+        if cfg.mirror and not tunes(cfg):  # a fine-tuned backbone's mirror view is extracted after it
             views.append((True, model_store(cfg.cache_dir, features.view_key(key, "litert", mirror=True),
                                                       dim=runner.feature_dim)))
         buffer = np.empty((AHEAD_BATCH, size, size, 3), np.float32)  # reused: no fresh pages per batch

@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tlcli import bundle, data, files
-from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.data import label_csv, labels_override
-from tlcli.errors import Interrupted, TlcliError, UsageError
+from tlcli.errors import BackboneError, Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, Warn, silent
+from tlcli.training import choice as plans
 from tlcli.training import distributed, prelude, run_state, summaries
 
 
@@ -65,6 +66,8 @@ class TrainResult:
     backbone_choice: dict | None = None
     # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
     task: str | None = None
+    # With --time-budget: the plan the run followed (``plans.Plan.to_dict``).
+    plan: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,8 +106,12 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     user error, and ``Interrupted`` on Ctrl-C or SIGTERM (the previous bundle is left intact and
     progress is kept for ``resume=True``).
     """
+    started = time.monotonic()  # a --time-budget counts from here
     cfg, given = run_state.requested(data_dir, config, options, given)
     cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
+    if node is not None and cfg.time_budget is not None:  # every worker raises it: they run one command
+        raise UsageError(f"--time-budget {cfg.time_budget}: not on a cluster (TF_CONFIG), whose workers would "
+                         "each plan on their own clock; leave it out")
     if not cfg.multi_label and cfg.data_dir and label_csv.is_label_csv(cfg.data_dir) \
             and label_csv.is_multi_label(cfg.data_dir):
         cfg = dataclasses.replace(cfg, multi_label=True)  # a labels column: several labels a photo
@@ -131,9 +138,10 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
             splits, choice, spec = _chosen(cfg, spec, node, progress)
             with prelude.started(cfg, spec, ahead=node is None, progress=progress, splits=splits) as early:
                 path = fetch(spec)
-                bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
+                bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=tunes(cfg)))
                 with distributed.session(node) as finish:
-                    return finish(_run(cfg, spec, path, state, early, progress, choice=choice))
+                    deadline = plans.Deadline(time_budget_seconds(cfg), started=started)
+                    return finish(_run(cfg, spec, path, state, early, progress, deadline, choice=choice))
         except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
@@ -153,11 +161,11 @@ def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
-         progress: Callback, *, choice=None) -> TrainResult:
+         progress: Callback, deadline: plans.Deadline, *, choice=None) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
-    from tlcli.insight import findings, plots
+    from tlcli.insight import plots
 
     start, partial = time.perf_counter(), run_state.partial_dir(cfg.out)
     if not cfg.resume and partial.exists():
@@ -185,22 +193,22 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             early.cancel()  # its work would not be used: do not wait for it
         early.finish()  # what it extracted is in the store now, and its runner is free
         with chosen.strategy.scope():
-            # (fine-tuning changes the mirror views: they wait for it)
-            views = early.credit(views_of(mirror=mirror and not cfg.fine_tune, pixels=pixels), loaded.image_size)
+            began = time.monotonic()  # (and the mirror views wait for fine-tuning, which changes them)
+            views = early.credit(views_of(mirror=mirror and not tunes(cfg), pixels=pixels), loaded.image_size)
             extracted, cached, engine = views.extracted, views.cached, views.engine
+            planner = functools.partial(_planner, cfg, spec, loaded, splits, deadline, mirror=mirror,
+                                      rate=extracted / max(1e-3, time.monotonic() - began), progress=progress)
             progress(Info(f"features: {extracted} extracted, {cached} from cache"))
-            fit = fit_head(views, splits.fit if cfg.fine_tune and splits.holdout else splits.train, "head")
+            fit = fit_head(views, splits.fit if tunes(cfg) and splits.holdout else splits.train, "head")
             state.save(partial)
-            if cfg.fine_tune:
+            if tunes(cfg):
                 graph.result()  # fine-tuning must not run while the graph is being traced
                 views = _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, batch=batch, mirror=mirror,
-                                    state=state, partial=partial, progress=progress, scalars=scalars)
+                                    state=state, partial=partial, progress=progress, scalars=scalars, planner=planner())
                 extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
                 fit = fit_head(views, splits.train, "head refit")
         reports = view_reports(views, fit, splits.labels, splits.train, splits.val, splits.test)
-        checks = findings.train_check(  # out of the strategy's scope: 128 calibration copies, on this worker only
-            cfg, splits, views, fit, extractors=(models.extractor, litert), image_size=loaded.image_size,
-            progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
+        checks = _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress)
         progress(Start("save", total=1))
         state.unknown = _fit_unknown(export, views, splits, seed=cfg.seed)  # on the final features
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
@@ -234,18 +242,44 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                    mirror=mirror, counts=(extracted, cached), engine=engine, choice=meta.backbone_choice)
 
 
+def _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress: Callback) -> dict:
+    """Training's own data check (``findings.train_check``): out of the strategy's scope (128
+    calibration copies), on this worker only."""
+    from tlcli.insight import findings
+
+    return findings.train_check(cfg, splits, views, fit, extractors=(models.extractor, litert),
+                                image_size=loaded.image_size, progress=progress,
+                                cache_key=None if tunes(cfg) else views_of.keywords["cache_key"])
+
+
+def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: bool, rate: float,
+             progress: Callback) -> plans.Planner | None:
+    """The plan maker of a --time-budget run (None without one); ``rate``: the images/s of the
+    frozen features just measured (0: all came from the cache)."""
+    if deadline.budget_s is None:
+        return None
+    return plans.Planner(cfg, splits, deadline, name=spec.preset or spec.handle, image_size=loaded.image_size,
+                          views=2 if mirror else 1, extract_rate=rate or None, progress=progress)
+
+
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
-                progress: Callback, scalars):
+                progress: Callback, scalars, planner=None):
     """Fine-tune the backbone (``finetuning.fine_tune``), then the feature views the head is
     refit on: re-extracted, or ``views`` kept when the backbone kept its starting weights (the
     holdout never improved), since the plain features still hold then."""
     from tlcli.training import finetuning
 
-    improved = finetuning.fine_tune(
-        models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
-        accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
-        multi_label=cfg.multi_label)
+    if planner is not None and loaded.signature is not None:
+        planner(0.0, why="a backbone run through its signature cannot be fine-tuned")
+        improved = state.fine_tune.improved = False
+    else:
+        improved = finetuning.fine_tune(
+            models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
+            accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
+            state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
+            multi_label=cfg.multi_label, mirror_ok=cfg.mirror is not False, planner=planner,
+            deadline=planner and planner.deadline)
+    state.plan = planner and planner.plan and planner.plan.to_dict()
     views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
     progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
                   + ("" if improved else " (the backbone kept its starting weights)")))
@@ -263,7 +297,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         head_epochs=state.head.epochs, fine_tune_epochs=state.fine_tune.epochs_run, extracted=counts[0],
         cached=counts[1], strategy=chosen.description, replicas=chosen.replicas, global_batch_size=batch,
         seconds=seconds, mirror=mirror, extractor=engine,
-        fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
+        fine_tune_improved=state.fine_tune.improved if tunes(cfg) else None, plan=state.plan,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
@@ -286,7 +320,12 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     keras().utils.set_random_seed(cfg.seed)
     chosen, litert = strategy.choose(cfg.strategy), None
     with chosen.strategy.scope():
-        loaded = backbone.load(spec, trainable=cfg.fine_tune, path=backbone_path, io_device=chosen.io_device)
+        try:
+            loaded = backbone.load(spec, trainable=tunes(cfg), path=backbone_path, io_device=chosen.io_device)
+        except BackboneError:  # one that cannot be trained (a Keras 3 signature): a budget plans head-only
+            if cfg.fine_tune or cfg.time_budget is None:
+                raise
+            loaded = backbone.load(spec, path=backbone_path, io_device=chosen.io_device)
     # Converted out of the strategy's scope: traced in a mirrored one, the function captures the
     # distributed variables, which the converter cannot lift (UnliftableError: TensorFlow's features).
     if litert_backbone.engine_for(cfg.extractor) == "litert" \
@@ -300,7 +339,7 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         if chosen.hint:
             progress(Warn(chosen.hint))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror,
+                                    seed=cfg.seed, mirror=tunes(cfg) if cfg.mirror is None else cfg.mirror,
                                     activation="sigmoid" if cfg.multi_label else "softmax")
         # In the scope, as compute_views would measure it (which then reuses the verdict).
         if litert is not None and litert is early.runner and not features.agrees(
@@ -366,7 +405,7 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
                 progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
-    final = phase == "head refit" or not cfg.fine_tune  # the model's final head (fine-tuning starts uncalibrated)
+    final = phase == "head refit" or not tunes(cfg)  # the model's final head (fine-tuning starts uncalibrated)
     options = dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
                    patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
     if cfg.multi_label:
@@ -432,7 +471,8 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
         backbone_choice=choice.to_dict() if choice else None,
         task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
         thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
-        signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})))
+        signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})),
+        time_budget=time_budget_seconds(cfg), plan=state.plan)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:

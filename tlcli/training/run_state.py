@@ -49,7 +49,8 @@ class HeadState:
 class FineTuneState:
     """Where fine-tuning stands after its last finished epoch: epochs run, the best holdout loss
     and its epoch (-1: the starting weights), epochs since it improved, whether early stopping
-    ended it, its last and best checkpoints (path prefixes), and whether the backbone changed."""
+    ended it, its last and best checkpoints (path prefixes), whether the backbone changed, and how
+    many checkpoints the final weights average."""
 
     epochs_run: int = 0
     best: float | None = None
@@ -59,13 +60,14 @@ class FineTuneState:
     last_checkpoint: str | None = None
     best_checkpoint: str | None = None
     improved: bool | None = None
+    soup: int = 0  # epoch checkpoints averaged into the final weights (0 or 1: none)
 
 
 # JSON types of each field: bool is kept apart from int (JSON's true is not an epoch count).
 _INT, _FLOAT, _STR, _BOOL, _NONE = ("int",), ("int", "float"), ("str",), ("bool",), ("null",)
 _FINE_TUNE_TYPES = {"epochs_run": _INT, "best": _FLOAT + _NONE, "best_epoch": _INT + _NONE, "wait": _INT,
                     "stopped": _BOOL, "last_checkpoint": _STR + _NONE, "best_checkpoint": _STR + _NONE,
-                    "improved": _BOOL + _NONE}
+                    "improved": _BOOL + _NONE, "soup": _INT}
 _HEAD_KEYS = {"head_epochs": ("epochs", _INT), "head_l2": ("l2", _FLOAT + _NONE), "head_cv_loss": ("cv_loss", None)}
 
 
@@ -94,6 +96,7 @@ class RunState:
     fine_tune: FineTuneState = field(default_factory=FineTuneState)
     calibration: dict | None = None  # the last head fit's (model.calibration); not saved: every run refits
     unknown: dict | None = None  # the unknown detector's record (features.unknown); not saved: every run refits
+    plan: dict | None = None  # a --time-budget's (training.budget.Plan); not saved: every run plans anew
 
     def to_json(self) -> dict:
         return {"config": self.config.to_dict(), "history": self.history, "head_epochs": self.head.epochs,
