@@ -181,8 +181,11 @@ class BundleMeta(_Section):
     groups and likely mislabels; None, and not written, in bundles made before it).
     ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
     relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
-    ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan (None, and
-    not written, otherwise).
+    ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan
+    (``training.choice.Plan``). ``unknown``: the unknown detector (``features.unknown``: method,
+    threshold, target_rate, oof_rate, ...), with the SavedModel's ``tlcli`` signature.
+    ``backbone_choice``: the leaderboard of ``--backbone A,B|auto``, its winner and why. Each of
+    these is None, and not written, when it does not apply.
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -207,19 +210,11 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
-    # The unknown detector (``features.unknown``): {"method", "threshold", "target_rate", "oof_rate",
-    # ...}; the SavedModel then has the ``tlcli`` signature. None, and not written, without one.
     unknown: dict | None = None
     labels_override: dict | None = None
-    # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
     backbone_choice: dict | None = None
-    # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
-    # and not written back, in a bundle made before it (single-label): see ``multi_label``.
     task: str | None = None
-    # A multi-label bundle's threshold per label (in label order): a label is predicted when its
-    # probability is at least its threshold. None, and not written, for a single-label bundle.
     thresholds: list[float] | None = None
-    # A --time-budget run: the budget in seconds and the plan it followed (training.budget.Plan).
     time_budget: float | None = None
     plan: dict | None = None
 
