@@ -212,3 +212,14 @@ class SavedModelExport:
 
         tf().train.Checkpoint(root=self.module).write(str(self.path / "variables" / "variables"))
         fingerprinting_utils.write_fingerprint(str(self.path))  # it hashes the variables too
+
+
+def engine_signature(path) -> str:
+    """The SavedModel signature tlcli's engines run and every export format converts: "tlcli"
+    when the SavedModel at ``path`` has one (a bundle with more outputs than "probabilities"),
+    else "serving_default". Reads saved_model.pb's proto (``graphcheck.parse``; raises
+    ``BundleError``)."""
+    from tlcli.bundle import graphcheck
+
+    proto = graphcheck.parse(path)
+    return "tlcli" if any("tlcli" in mg.signature_def for mg in proto.meta_graphs) else "serving_default"
