@@ -216,3 +216,14 @@ def test_a_crafted_onnx_or_openvino_file_is_refused_in_one_line(exported, tmp_pa
         assert result.exit_code == 1, (fmt, result.output)
         assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0, (fmt, result.output)
         assert CRAFTED[kind] in result.output, (fmt, result.output)
+
+
+def test_the_exported_files_belong_to_the_bundle_and_travel_with_share(exported, tmp_path):
+    import tlcli
+    from tlcli import bundle as bundles
+
+    path, _ = exported
+    assert bundles.foreign_entries(path) == []  # so train --force may replace the bundle
+    shared = tlcli.share_bundle(path, out=str(tmp_path / "shared"))
+    for name in ("model.onnx", "openvino/model.xml", "openvino/model.bin"):
+        assert (tmp_path / "shared" / name).read_bytes() == (path / name).read_bytes(), shared

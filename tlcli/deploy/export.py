@@ -141,7 +141,9 @@ def _check_output(out: Path, b: bundles.Bundle, fmt: Format, *, force: bool, giv
     own = real == Path(os.path.realpath(own_path))
     if not own and not out.absolute().parent.is_dir():
         raise UsageError(f"--output {out}: directory {out.absolute().parent} does not exist; create it first")
-    if home in real.parents and not own and (real.parent != home or real.suffix.lower() != fmt.suffix):
+    # Inside the bundle, only files the bundle knows (bundle.place): one-file formats at its top.
+    if home in real.parents and not own and (real.parent != home or real.suffix.lower() != fmt.suffix
+                                             or fmt.module.companions(out)):
         raise UsageError(f"--output {out}: is a file of the model {b.path}; give {own_path} (the default) "
                          f"or a {fmt.suffix} file name")
     companions = fmt.module.companions(out)
