@@ -25,7 +25,7 @@ from tlcli.config import (
 from tlcli.errors import TlcliError, UsageError
 
 ENGINE_HELP = ("tf: the SavedModel; tflite, onnx, openvino: the bundle's exported file; auto: the fastest exported "
-               "file the bundle holds, else tf.")
+               "file the bundle holds (tflite, openvino, onnx), else tf.")
 
 
 @common.app.command(cls=shell.Command, short_help="Classify images with a trained bundle.")

@@ -77,8 +77,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 )}
 
 # What ``--engine auto`` tries, fastest first, among the formats a bundle holds (and whose runtime
-# is installed); TensorFlow when it holds none. Measured with bench/export.py (docs/formats.md):
-AUTO_ORDER = ("openvino", "onnx", "tflite")
+# is installed); TensorFlow when it holds none. Measured with bench/export.py on the MobileNetV2
+# hymenoptera bundle (float exports, 64 images, fresh process each, 2 shared CPU cores under load;
+# images/s at batch 1 / batch 32, and the SavedModel's for scale):
+#   tflite 89 / 93, openvino 44 / 60, onnx 37 / 37 (tf 25 / 92).
+# LiteRT's CompiledModel API ran batch 1 at 118 and batch 32 at 92, but took 1.0 s to open
+# against the Interpreter's 0.07 s, so tlcli keeps the Interpreter (a predict is mostly opening).
+AUTO_ORDER = ("tflite", "openvino", "onnx")
 
 
 def get(name: str) -> Format:
