@@ -228,3 +228,24 @@ def test_the_exported_files_belong_to_the_bundle_and_travel_with_share(exported,
     shared = tlcli.share_bundle(path, out=str(tmp_path / "shared"))
     for name in ("model.onnx", "openvino/model.xml", "openvino/model.bin"):
         assert (tmp_path / "shared" / name).read_bytes() == (path / name).read_bytes(), shared
+
+
+def test_an_onnx_file_whose_weights_point_at_another_file_is_refused(exported, tmp_path, colour_data):
+    from onnx import TensorProto, helper
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 12)
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [3], [0.0, 0.0, 0.0])
+    weights.ClearField("float_data")
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", str(secret)), ("offset", "0"), ("length", "12")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    model = _graph([helper.make_node("ReduceMean", ["images"], ["m"], axes=[1, 2], keepdims=0),
+                    helper.make_node("Add", ["m", "w"], ["probabilities"])], ["N", 3])
+    model.graph.initializer.append(weights)
+    bundle = _only(exported[0], tmp_path, "onnx")
+    (bundle / "model.onnx").write_bytes(model.SerializeToString())
+    result = run("predict", "--engine", "onnx", "--model", bundle, colour_data / "red")
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "cannot load the ONNX model" in result.output and "External data path" in result.output
