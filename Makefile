@@ -46,9 +46,12 @@ demo: install hub-cache
 	$(BIN)/tlcli export --tflite --model demo-model
 	$(BIN)/tlcli predict sample_data/images/green_stripes/green_stripes_00.jpg --model demo-model
 
+# Test processes (pytest-xdist): one per core, at most 4; 0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install-dev
 	$(BIN)/ruff check tlcli tests bench sample_data
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # The CLI, serve and image tests again at the lowest versions pyproject.toml allows (a second venv).
 LOWEST = .venv-lowest

@@ -1,12 +1,14 @@
 """Confidence you can trust, measured: the expected calibration error (ECE, 10 bins), Brier score
 and negative log-likelihood of a head-only model on its validation images, before and after the
-temperature that training folds into the head (model.calibration), in one run.
+temperature that training folds into the head (model.calibration), in one run; then the
+likely-mislabel finder on a clean set and with 5% of the labels flipped, old rule, new rule and
+cleanlab on the same out-of-fold probabilities (bench/mislabels.py, whose docstring says how).
 
 The temperature is chosen from the training images alone (the head's out-of-fold predictions);
 the validation images only measure it. "Before" is computed exactly from the same bundle: its
 probabilities are softmax(z / T), so softmax(log p * T) gives the head's own, uncalibrated ones.
 
-    python bench/confidence.py [--data hymenoptera] [--backbone PATH]
+    python bench/confidence.py [--data hymenoptera] [--backbone PATH] [--mislabel-seeds 5]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import mislabels  # noqa: E402
 from bench._common import HYMENOPTERA, MOBILENET_V2, require  # noqa: E402
 
 
@@ -38,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HYMENOPTERA, help="a folder with train/ and val/ class folders")
     ap.add_argument("--backbone", type=Path, default=MOBILENET_V2)
+    ap.add_argument("--mislabel-seeds", type=int, default=5, help="flipped draws for the mislabel finder (0: none)")
     args = ap.parse_args()
     require(args.data / "train", args.data / "val", args.backbone)
     import tlcli
@@ -66,6 +70,9 @@ def main() -> None:
         ratio = a_scores[name] / b_scores[name] if b_scores[name] else float("nan")
         print(f"{name:24s} {b_scores[name]:9.4f} {a_scores[name]:9.4f} {ratio:13.2f}")
     print("physical limit: ECE 0 (a perfectly calibrated model); accuracy is unchanged by construction")
+    if args.mislabel_seeds:
+        print()
+        mislabels.measure(args.data, args.backbone, seeds=args.mislabel_seeds)
 
 
 if __name__ == "__main__":

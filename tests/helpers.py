@@ -50,6 +50,28 @@ def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4,
     return path
 
 
+def make_keras3_backbone(path: Path, kernel=((1, 0, 0), (0, 1, 0), (0, 0, 1)), *, size: int | None = None,
+                         two_outputs: bool = False) -> Path:
+    """A SavedModel exported by Keras 3 (``model.export(format="tf_saved_model")``: signatures
+    only, no ``__call__``): float32 [b, size, size, 3] -> [b, d], the channel means times
+    ``kernel`` [3, d] (by default the means themselves: solid colours are separable; with
+    ``((1,), (1,), (1,))`` their sum, alike for the blue and red of ``COLOURS``). ``two_outputs``:
+    the channel means are a second output, so the signature has two."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras  # Keras 3, only to build this test input
+
+    kernel = np.array(kernel, np.float32)
+    images = keras.Input((size, size, 3))
+    means = keras.layers.GlobalAveragePooling2D()(images)
+    out = keras.layers.Dense(kernel.shape[1], use_bias=False, name="features")(means)
+    model = keras.Model(images, [out, means] if two_outputs else out)
+    model.get_layer("features").set_weights([kernel])
+    model.export(str(path), format="tf_saved_model", verbose=False)
+    return path
+
+
 def solid_image(colour, size=(24, 24), seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = np.clip(np.array(colour, np.float32) + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255)

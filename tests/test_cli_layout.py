@@ -320,7 +320,8 @@ def test_models_list_shows_a_cached_model_with_its_size(tmp_path, monkeypatch):
     assert [m["name"] for m in listing["models"]] == list(PRESETS)
     entry = next(m for m in listing["models"] if m["name"] == preset.name)
     assert entry == {"name": preset.name, "handle": preset.handle, "image_size": preset.image_size,
-                     "features": preset.features, "cached": True, "path": str(folder), "size_bytes": 5000}
+                     "features": preset.features, "cached": True, "path": str(folder), "size_bytes": 5000,
+                     "licence": preset.licence, "cpu_ms": preset.cpu_ms}
     other = next(m for m in listing["models"] if m["name"] == "resnet_v2_50")
     assert other["cached"] is False and other["size_bytes"] is None
 

@@ -112,6 +112,7 @@ def test_report_dir_holds_every_mistake_most_confident_first(twin_bundle, twin_e
     assert r.files == {"confusion_matrix.png": str(tmp_path / "report" / "confusion_matrix.png"),
                        "reliability.png": str(tmp_path / "report" / "reliability.png"),
                        "mistakes.csv": str(tmp_path / "report" / "mistakes.csv"),
+                       "saliency": str(tmp_path / "report" / "saliency"),  # overlays of the mistakes shown
                        "mistakes.html": str(tmp_path / "report" / "mistakes.html")}
 
 
@@ -150,7 +151,7 @@ def test_a_report_folder_that_is_not_empty_is_refused_without_force(twin_bundle,
     forced = run("evaluate", twin_eval, "--model", twin_bundle, "--report", report, "--force")
     assert forced.exit_code == 0, forced.output
     assert sorted(p.name for p in report.iterdir()) == ["confusion_matrix.png", "mistakes.csv", "mistakes.html",
-                                                        "notes.txt", "reliability.png"]
+                                                        "notes.txt", "reliability.png", "saliency"]
     assert (report / "notes.txt").read_text() == "my notes"
     again = run("evaluate", twin_eval, "--model", twin_bundle, "--report", report)  # over an old report
     assert again.exit_code == 1 and "--force" in again.stderr

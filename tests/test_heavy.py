@@ -52,3 +52,13 @@ def test_hymenoptera_head_only_reaches_95_percent(tmp_path):
                          image_size=224, out=str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"),
                          tensorboard=None)
     assert result.val_accuracy >= 0.95
+
+
+def test_backbone_auto_on_hymenoptera_keeps_mobilenet_v2_over_the_tiny_one(tmp_path, hub_cache):
+    need(HYMENOPTERA)
+    result = tlcli.train(HYMENOPTERA, backbone="auto", out=str(tmp_path / "model"),
+                         cache_dir=str(tmp_path / "cache"), tensorboard=None)
+    choice = result.backbone_choice
+    assert {c["name"] for c in choice["candidates"]} == {
+        "mobilenet_v2_100_224", "mobilenet_v1_025_224", "mobilenet_v2_100_224 + mobilenet_v1_025_224"}
+    assert choice["winner"] == "mobilenet_v2_100_224" and result.val_accuracy >= 0.95

@@ -5,6 +5,7 @@ The library functions are imported lazily so that ``import tlcli`` stays cheap::
     import tlcli
     result = tlcli.train("images/", out="my-model")
     tlcli.predict(["cat.jpg"], model_dir="my-model")
+    tlcli.explain(["cat.jpg"], out_dir="why", model_dir="my-model")  # predict + saliency overlays
     tlcli.export_tflite("my-model", quantize="int8")
     tlcli.export_model("my-model", format="onnx")    # or "openvino"; export_all for every format
     tlcli.evaluate("test-images/", model_dir="my-model")
@@ -22,6 +23,7 @@ _LAZY = {
     "TrainResult": ("tlcli.training.recipe", "TrainResult"),
     "predict": ("tlcli.deploy.inference", "predict"),
     "Prediction": ("tlcli.deploy.inference", "Prediction"),
+    "explain": ("tlcli.deploy.saliency", "explain"),
     "export_tflite": ("tlcli.deploy.export", "export_tflite"),
     "export_model": ("tlcli.deploy.export", "export_model"),
     "export_all": ("tlcli.deploy.export", "export_all"),

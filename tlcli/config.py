@@ -120,6 +120,8 @@ PREDICT_ENGINE = "auto"
 EVALUATE_TOP_K = 5
 EVALUATE_ENGINE = "auto"
 EVALUATE_MISTAKES = 10
+# Saliency overlays in evaluate's report: the most confident mistakes of mistakes.html (about a second each).
+EVALUATE_OVERLAYS = 24
 # A backbone download (train, audit, models fetch) ends when the server sends nothing for this long.
 FETCH_TIMEOUT_SECONDS = 60.0
 # Defaults of serve (tlcli/deploy/server.py): loopback only unless asked; TF Serving's REST port.
@@ -136,12 +138,21 @@ class TrainConfig:
     """One training run. Saved in the bundle's ``tlcli.json`` so nothing is asked twice."""
 
     data_dir: str = ""
+    # One backbone, or candidates "A,B,..." / "auto" (the presets in the TF Hub cache): the head is
+    # cross-validated on each one's features of the training images and the best is kept.
     backbone: str = DEFAULT_PRESET
+    # A SavedModel without __call__ (a Keras 3 export) runs through a signature, taking one of its
+    # outputs; None = found from the model (its only one, or serving_default).
+    backbone_signature: str | None = None
+    backbone_output: str | None = None
     image_size: int | None = None
     out: str = DEFAULT_MODEL_DIR
     val_split: float = 0.2
     val_dir: str | None = None
     seed: int = 0
+    # A review file (``tlcli audit``'s review.csv, its actions filled in): relabels and drops applied
+    # to the scanned images, never to the files (tlcli/data/labels_override.py).
+    labels_override: str | None = None
     # Head phase, on cached features (tlcli/model/head.py): an epoch is one full-batch step, so the cap
     # is cheap. Early stopping on held-out folds of the training images picks the epoch count,
     # cross-validation picks the L2 strength (None = auto), then the head is refit on all of them.
@@ -268,3 +279,22 @@ def validate(cfg: TrainConfig) -> None:
     for option, value, ok, why in checks:
         if not ok:
             raise UsageError(f"{option} {value}: {why}")
+    _check_backbone_flags(cfg)
+
+
+def is_backbone_choice(backbone: str) -> bool:
+    """Whether ``--backbone`` names candidates to choose from ("auto", or "A,B,...") rather than
+    one backbone (a local folder whose name has a comma is one backbone)."""
+    return backbone == "auto" or ("," in backbone and not Path(backbone).expanduser().is_dir())
+
+
+def _check_backbone_flags(cfg: TrainConfig) -> None:
+    for option, value in (("--backbone-signature", cfg.backbone_signature), ("--backbone-output", cfg.backbone_output)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise UsageError(f"{option} {value!r}: give a signature or output name")
+        if value is not None and is_backbone_choice(cfg.backbone):
+            raise UsageError(f"{option} {value}: give it with one --backbone, not with candidates "
+                             f"({cfg.backbone}); each candidate's signature is found from the model")
+    if cfg.backbone_signature is not None and cfg.fine_tune:
+        raise UsageError(f"--backbone-signature {cfg.backbone_signature}: a backbone run through a signature "
+                         "cannot be fine-tuned; train without --fine-tune")

@@ -88,11 +88,19 @@ class _Section:
 @dataclass(kw_only=True)
 class BackboneMeta(_Section):
     """The frozen feature extractor: its TF Hub handle or local path, the preset name it was
-    chosen by (None for a handle) and the size of its feature vector."""
+    chosen by (None for a handle) and the size of its feature vector. ``signature`` and
+    ``output_key``: what a SavedModel without __call__ (a Keras 3 export) ran; ``parts``: the
+    handles of the backbones whose features were concatenated (``handle`` names them joined
+    by " + "). Each None, and not written, otherwise."""
 
     handle: str | None = None
     preset: str | None = None
     feature_dim: int | None = None
+    signature: str | None = None
+    output_key: str | None = None
+    parts: list[str] | None = None
+
+    _optional: ClassVar[tuple] = ("signature", "output_key", "parts")
 
 
 @dataclass(kw_only=True)
@@ -168,6 +176,8 @@ class BundleMeta(_Section):
     the head sees the mean features of each image and its left-right mirror image. ``audit``:
     what training's own data check found (``findings.train_check``: counts of train/val duplicate
     groups and likely mislabels; None, and not written, in bundles made before it).
+    ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
+    relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -192,12 +202,15 @@ class BundleMeta(_Section):
     skipped: list[dict] = field(default_factory=list)
     exports: dict[str, dict] = field(default_factory=dict)
     audit: dict | None = None
+    labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
+    backbone_choice: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit",)
+    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice")
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":

@@ -10,9 +10,10 @@ copy keeps the model and everything ``predict``, ``evaluate``, ``serve`` and ``e
   images to ``--val-dir`` when there was one): ``tlcli export --data DIR`` on a machine with the
   same images measures parity and calibrates on the recorded splits, under ``DIR``;
 - ``tlcli.json`` has no absolute path: the folders are null (or empty), a local backbone is its folder's
-  name, exports are named by file, and any other mention of those folders (or of the home
-  folder) is replaced by ``DIR``, ``VAL_DIR``, ``OUT``, ``CACHE_DIR``, ``MODEL`` or ``~``. It stays
-  format ``FORMAT_VERSION`` with the same keys and types: this and the previous tlcli read it;
+  name, exports and a ``--labels-override`` review are named by file, and any other mention of those
+  folders (or of the home folder) is replaced by ``DIR``, ``VAL_DIR``, ``OUT``, ``CACHE_DIR``, ``MODEL``
+  or ``~``. It stays format ``FORMAT_VERSION`` with the same keys and types: this and the previous
+  tlcli read it;
 - TensorBoard logs and files tlcli did not write are left out (``ShareResult.left_out``).
 """
 
@@ -40,7 +41,7 @@ from tlcli.bundle.place import (
 from tlcli.errors import UsageError
 from tlcli.files import real_path, write_file, write_json
 
-_PRIVATE_CONFIG = ("data_dir", "val_dir", "out", "cache_dir")  # TrainConfig's folders
+_PRIVATE_CONFIG = ("data_dir", "val_dir", "out", "cache_dir", "labels_override")  # TrainConfig's paths
 
 
 @dataclass
@@ -167,6 +168,9 @@ def shareable_meta(meta: dict, bundle_path: Path) -> dict:
     for key in ("train_dir", "val_dir"):
         if key in data:
             data[key] = None
+    override = meta.get("labels_override")
+    if isinstance(override, dict) and isinstance(override.get("file"), str):
+        override["file"] = Path(override["file"]).name  # the digest still says which review it was
     training = meta.get("training") or {}
     if isinstance(training.get("tensorboard"), str):
         training["tensorboard"] = None  # absolute: elsewhere; relative: the log, left out of the copy

@@ -38,8 +38,9 @@ def audit(
                                                        "accepted.")] = DEFAULTS.max_pixels,
     extractor: Annotated[Extractor, typer.Option(help="What runs the backbone, as given to train.")] = Extractor(
         DEFAULTS.extractor),
-    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write audit.html (thumbnails) "
-                                                                       "and one CSV per kind into.")] = None,
+    report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write audit.html (thumbnails), "
+                                                                       "one CSV per kind and review.csv (for "
+                                                                       "train --labels-override) into.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
                                                         "not empty.")] = False,
     json_out: common.JsonFlag = False,

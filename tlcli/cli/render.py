@@ -338,6 +338,11 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))
+    o = result.labels_override
+    if o:
+        t.add_row("labels override", f"{o['relabelled']} relabelled, {o['dropped']} dropped, {o['kept']} kept "
+                  f"(no file changed); sha256 {o['sha256'][:16]}")
+        t.add_row("review file", path_cell(o["file"]))
     t.add_row("strategy", safe(result.strategy))
     t.add_row("time", f"{result.seconds:.1f} s")
     if result.extracted_by_worker:
@@ -350,6 +355,23 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("curves", path_cell(Path(result.model_dir) / "training_curves.png"))
     if tensorboard:
         t.add_row("tensorboard", safe(f"tensorboard --logdir {Path(result.model_dir) / tensorboard}"))
+    return t
+
+
+def choice_table(choice: dict) -> Table:
+    """The leaderboard of ``--backbone A,B`` / ``auto`` (``choice.BackboneChoice.to_dict``), best
+    first, with why the winner won and the notes below."""
+    t = Table(title="Backbone choice (head cross-validated on the training images)", title_justify="left",
+              caption=Text("\n").join([safe(f"kept {choice['reason']}"),
+                                        *(safe(n, "dim") for n in choice.get("notes", []))]),
+              caption_justify="left")
+    t.add_column("backbone", overflow="fold")
+    for header in ("CV acc", "CV loss", "ms/img", "features"):
+        t.add_column(header, justify="right")
+    for i, c in enumerate(choice["candidates"]):
+        ms = "-" if c.get("ms_per_image") is None else f"{c['ms_per_image']:.3g}"
+        t.add_row(safe(c["name"], "bold" if i == 0 else ""), pct(c["cv_accuracy"]), f"{c['cv_loss']:.3f}", ms,
+                  str(c["feature_dim"]))
     return t
 
 
@@ -437,17 +459,22 @@ def exports_table(r) -> Table:
 
 
 def models_table(listing) -> Table:
-    """A ``models.ModelList``: each preset, its sizes, and whether (and how big) it is cached."""
+    """A ``models.ModelList``: each preset, its sizes, licence, measured CPU time, and whether
+    (and how big) it is cached; the handles are in ``--json``."""
     t = Table(title="Backbone presets", title_justify="left",
-              caption=Text.assemble("TF Hub cache: ", safe(listing.cache_dir)), caption_justify="left")
+              caption=Text.assemble("ms: CPU time per image through LiteRT on the 2-core development machine "
+                                    "(-: not measured there). Handles: --json. TF Hub cache: ",
+                                    safe(listing.cache_dir)), caption_justify="left")
     t.add_column("name", overflow="fold")
     t.add_column("input", justify="right")
     t.add_column("features", justify="right")
+    t.add_column("licence")
+    t.add_column("ms", justify="right")
     t.add_column("cached", justify="right")
-    t.add_column("handle", overflow="fold")
     for m in listing.models:
         cached = Text(_size(m.size_bytes), style="green") if m.cached else Text("no", style="dim")
-        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), cached, safe(m.handle))
+        t.add_row(safe(m.name or "-"), str(m.image_size or "-"), str(m.features or "-"), safe(m.licence or "-"),
+                  "-" if m.cpu_ms is None else f"{m.cpu_ms:.1f}", cached)
     return t
 
 

@@ -109,11 +109,15 @@ def audit(r) -> list:
             d.add_row(str(i), g.kind, f"{g.similarity:.3f}", files, _AUDIT_ACTIONS[g.kind])
         shown.append(d)
     if r.likely_mislabeled:
-        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)})", title_justify="left")
-        for name in ("file", "label", "suggested", "score", "action"):
+        from tlcli.insight.label_noise import note
+
+        m = Table(title=f"Likely mislabels ({len(r.likely_mislabeled)}; "
+                        f"{note(r.mislabel_estimate)}), strongest evidence first", title_justify="left")
+        for name in ("file", "label", "suggested", "score", "false alarm", "action"):
             m.add_column(name, overflow="fold")
         for x in r.likely_mislabeled:
             m.add_row(path_cell(_under(x.path, roots)), safe(x.label), safe(x.suggested_label), f"{x.score:.3f}",
+                      "-" if x.false_alarm is None else f"{x.false_alarm:.0%}",
                       safe(f"review: is it {x.suggested_label}? (keep it if not)"))
         shown.append(m)
     if r.outliers:

@@ -35,8 +35,19 @@ ValDirOption = Annotated[Optional[Path], opt(DATA, "Explicit validation folder (
 SeedOption = Annotated[int, opt(DATA, "Seed for the split, shuffling and initialisation.")]
 StrictOption = Annotated[bool, opt(DATA, "Fail on any unusable file instead of skipping it.", "--strict")]
 MaxPixelsOption = Annotated[int, opt(DATA, "Largest image (decoded pixels) accepted.", min=1)]
+LabelsOverrideOption = Annotated[Optional[Path], opt(
+        DATA, "A review.csv of 'tlcli audit --report' with its actions filled in: relabel and drop photos for "
+              "this run only (the files are never changed).", metavar="FILE", show_default=False)]
 BackboneOption = Annotated[str, opt(MODEL, f"Preset ({', '.join(PRESETS)}), TF Hub / Kaggle https handle, or "
-                                         "local SavedModel directory.")]
+                                         "local SavedModel directory (a Keras 3 export too); or candidates "
+                                         "A,B,... or 'auto' (the cached presets): the head is cross-validated "
+                                         "on each one's features of the training images, the best is kept.")]
+BackboneSignatureOption = Annotated[Optional[str], opt(MODEL, "The signature of a SavedModel without __call__ to run "
+                                                              "(default: its only one, or serving_default).",
+                                                       metavar="NAME", show_default=False)]
+BackboneOutputOption = Annotated[Optional[str], opt(MODEL, "The output holding the feature vector, when the "
+                                                           "backbone has several.", metavar="KEY",
+                                                    show_default=False)]
 ImageSizeOption = Annotated[Optional[int], opt(MODEL, "Input size; default: the preset's or the backbone's "
                                                      "declared size.", min=MIN_IMAGE_SIZE,
                                               max=MAX_IMAGE_SIZE)]
@@ -98,7 +109,10 @@ def train(
     seed: SeedOption = DEFAULTS.seed,
     strict: StrictOption = False,
     max_pixels: MaxPixelsOption = DEFAULTS.max_pixels,
+    labels_override: LabelsOverrideOption = None,
     backbone: BackboneOption = DEFAULT_PRESET,
+    backbone_signature: BackboneSignatureOption = None,
+    backbone_output: BackboneOutputOption = None,
     image_size: ImageSizeOption = None,
     mirror: MirrorOption = DEFAULTS.mirror,
     epochs: EpochsOption = DEFAULTS.epochs,
@@ -143,4 +157,6 @@ def train(
     if json_out:
         render.print_json(result.to_dict())
     else:
+        if result.backbone_choice:
+            common.out.print(render.choice_table(result.backbone_choice))
         common.out.print(render.train_summary(result, tensorboard=cfg.tensorboard))

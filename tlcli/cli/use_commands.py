@@ -12,6 +12,7 @@ from tlcli.config import (
     DEFAULT_MODEL_DIR,
     EVALUATE_ENGINE,
     EVALUATE_MISTAKES,
+    EVALUATE_OVERLAYS,
     EVALUATE_TOP_K,
     PREDICT_ENGINE,
     PREDICT_TOP_K,
@@ -41,23 +42,39 @@ def predict(
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error.")] = False,
+    explain: Annotated[Optional[Path], typer.Option(metavar="OUTDIR", help="Also write a saliency overlay of "
+                                                         "each image (PNG: what drove the guess) into OUTDIR; "
+                                                         "runs the SavedModel.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --explain: replace overlays already in "
+                                                        "OUTDIR.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error "
+                                                          "(and overlay).")] = False,
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
 
-    from tlcli.deploy import inference
+    from tlcli.deploy import inference, saliency
 
     try:
-        b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
-                                          max_pixels=max_pixels)
+        if explain is None:
+            b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
+                                              max_pixels=max_pixels)
+            results = inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)
+        else:
+            explainer, files, plan, note = saliency.prepare(paths, out_dir=explain, model_dir=model, top_k=top_k,
+                                                            engine=engine.value, max_pixels=max_pixels, force=force)
+            if note:
+                common.err.print(render.note(note), highlight=False)
+            b, eng = explainer.bundle, explainer.engine
+            results = saliency.iter_explained(files, explainer=explainer, plan=plan, top_k=top_k,
+                                              max_pixels=max_pixels)
     except TlcliError as exc:
         common.fail(exc, json_out=json_out)
     start = time.perf_counter()
     failed = 0
     shown = []
     try:
-        for p, _ in inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels):
+        for p, _ in results:
             failed += p.error is not None
             if json_out:
                 render.print_json(p.to_dict(), indent=None)  # JSON Lines
@@ -71,8 +88,11 @@ def predict(
                                                           common.out.width))
     if len(files) > 1:  # throughput after the model is loaded; on stderr, so --json stdout stays JSON Lines
         done = len(files) - failed
-        common.err.print(render.note(f"{done} images classified in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
+        verb = "classified" if explain is None else "classified and explained"
+        common.err.print(render.note(f"{done} images {verb} in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} "
                               f"images/s, engine {eng.name})"), highlight=False)
+    if explain is not None:
+        common.err.print(render.note(f"{len(files) - failed} saliency overlay(s) in {explain}"), highlight=False)
     if failed:
         common.err.print(render.note(f"{failed} of {len(files)} input(s) failed", style="yellow"), highlight=False)
         raise typer.Exit(1)
@@ -144,6 +164,8 @@ def evaluate(
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
                                                                        "mistakes.csv (every mistake) and mistakes.html "
                                                                        "(thumbnails) into.")] = None,
+    overlays: Annotated[int, typer.Option(help="With --report: saliency overlays (what drove the guess) of the "
+                                               "N most confident mistakes; 0: none.")] = EVALUATE_OVERLAYS,
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
                                                         "not empty.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
@@ -154,7 +176,8 @@ def evaluate(
     from tlcli import insight
 
     r = common.with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
-                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force)
+                       engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force,
+                             overlays=overlays)
     if json_out:
         render.print_json(r.to_dict())
     else:

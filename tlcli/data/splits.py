@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlcli.data import images, label_csv, layouts
+from tlcli.data import images, label_csv, labels_override, layouts
 from tlcli.data.scanning import Sample, Skipped, count_by_label, scan
 from tlcli.errors import Interrupted, UsageError
 from tlcli.progress import Callback, Counts, Info, Warn, counter, silent
@@ -60,7 +60,8 @@ class Splits:
     again (``holdout``), for fine-tuning, whose early stopping the holdout drives; ``test``: the
     images of DIR's test/ folder (empty without one), for a final report, never trained or
     validated on. ``skipped``: files left out, ``warnings``: what the user should know;
-    ``layout``: DIR's split folders, or None."""
+    ``layout``: DIR's split folders, or None; ``override``: what ``--labels-override`` changed
+    (``labels_override.apply``'s record), or None without one."""
 
     labels: list[str]
     train: list[Sample]
@@ -71,6 +72,7 @@ class Splits:
     warnings: list[str] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
     layout: layouts.SplitFolders | None = None
+    override: dict | None = None
 
     def counts(self, samples) -> dict[str, int]:
         return count_by_label(samples, self.labels)
@@ -155,8 +157,13 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
     else:
         train_samples, val_samples = split(train.samples, cfg.val_split, cfg.seed)
     test = held_out(layout.test, "scan test", "DIR") if layout is not None and layout.test else []
+    override = None
+    if cfg.labels_override:  # after the split: the validation images stay those of a run without it
+        (train_samples, val_samples, test), override = _overridden(cfg, train.labels, train_samples, val_samples,
+                                                                   test, progress)
     fit, holdout = split(train_samples, cfg.holdout, cfg.seed + 1)
-    splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings, test, layout)
+    splits = Splits(train.labels, train_samples, val_samples, fit, holdout, skipped, warnings, test, layout,
+                    override)
     splits.warnings += _leak_warnings(splits, cfg)
     for w in warnings:
         progress(Warn(w))
@@ -166,6 +173,17 @@ def scan_splits(cfg: TrainConfig, *, image_size: int, progress: Callback = silen
                     test=splits.counts(test) if layout is not None and layout.test else None))
     return splits
 
+
+
+def _overridden(cfg: TrainConfig, labels: list[str], train, val, test, progress: Callback):
+    """((train, val, test) with ``cfg.labels_override``'s relabels and drops, its record), said in one
+    Info line. A relative path of the review is relative to DIR (a labels CSV's folder)."""
+    root = Path(cfg.data_dir).parent if label_csv.is_label_csv(cfg.data_dir) else cfg.data_dir
+    parts, override = labels_override.apply(labels_override.read(cfg.labels_override),
+                                            {"train": train, "val": val, "test": test}, labels, root=root)
+    progress(Info(f"{labels_override.OPTION}: {override['relabelled']} relabelled, {override['dropped']} dropped, "
+                  f"{override['kept']} kept; the files are unchanged"))
+    return (parts["train"], parts["val"], parts["test"]), override
 
 
 def _leak_warnings(splits: Splits, cfg: TrainConfig) -> list[str]:

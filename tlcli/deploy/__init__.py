@@ -1,10 +1,10 @@
 """Deployment: running a bundle (the inference engines, TensorFlow and the export formats, and
-``predict``), exporting it (``export_model``, ``export_all``, ``export_tflite``: the registry of
-formats in ``formats`` (TFLite, ONNX, OpenVINO), each through the same parity pass) and serving
-it over HTTP (``serve``, its page and TF Serving's REST protocol). The names below are imported
-on first use, so that predict on an exported file loads neither the exporter nor the server;
-Starlette and uvicorn are imported only when a server starts, and each format's runtime only
-when it is used."""
+``predict``; ``saliency``: what drove a guess, as an overlay on the photo), exporting it
+(``export_model``, ``export_all``, ``export_tflite``: the registry of formats in ``formats``
+(TFLite, ONNX, OpenVINO), each through the same parity pass) and serving it over HTTP (``serve``,
+its page and TF Serving's REST protocol). The names below are imported on first use, so that
+predict on an exported file loads neither the exporter nor the server; Starlette and uvicorn are
+imported only when a server starts, and each format's runtime only when it is used."""
 
 # name -> module: the public names, imported on first use.
 _LAZY = {

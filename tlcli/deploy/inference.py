@@ -26,14 +26,19 @@ from tlcli.errors import BundleError, ImageError, UsageError
 @dataclass
 class Prediction:
     """``predictions`` is a list of {"label", "probability"}, best first; ``error`` is None or a
-    message (the file could not be used)."""
+    message (the file could not be used); ``overlay`` the saliency overlay written for it
+    (``predict --explain``), else None and left out of ``to_dict``."""
 
     path: str
     predictions: list[dict] = field(default_factory=list)
     error: str | None = None
+    overlay: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["overlay"] is None:
+            del d["overlay"]
+        return d
 
 
 def _file_error(p: str, exc: ImageError) -> str:

@@ -4,6 +4,9 @@ Endpoints (``NAME`` defaults to the bundle folder's name; the one version served
 
 * ``GET /``: a page to pick or drop images and see the top-k labels; inline HTML, CSS and
   script, nothing fetched from elsewhere, so it works offline.
+* ``POST /explain``: one image (a multipart upload of one file, or the raw bytes as the body);
+  answers the PNG of its saliency overlay (``saliency``; header ``X-Explained-Class``: the index
+  of the label explained), or a 404 when the bundle has no SavedModel (the page then hides it).
 * ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
   raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
   --json`` prints (``path`` is the upload's file name). When a file cannot be used: 400 with
@@ -56,6 +59,7 @@ import numpy as np
 
 from tlcli import bundle as bundles
 from tlcli import strict_json
+from tlcli.bundle.graphcheck import SAVED_MODEL_FILE
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
     PREDICT_ENGINE,
@@ -69,7 +73,7 @@ from tlcli.config import (
     check_max_pixels,
 )
 from tlcli.data import images
-from tlcli.deploy import inference
+from tlcli.deploy import inference, saliency
 from tlcli.deploy.tf_serving import (
     BATCH,
     VERSION,
@@ -79,7 +83,7 @@ from tlcli.deploy.tf_serving import (
     rest_predict,
     signature_defs,
 )
-from tlcli.errors import TlcliError, UsageError
+from tlcli.errors import ImageError, TlcliError, UsageError
 from tlcli.progress import Callback, Info, Warn, silent
 
 GRACE_SECONDS = 4.0  # in-flight requests get this long after SIGINT/SIGTERM (exit within 5 s)
@@ -112,6 +116,8 @@ class ServedModel:
         self._made = 1
         self._shared = self._open()
         self._pool.put(self._shared)
+        self.explanations = saliency.Explanations(b, engine=self._shared if self.engine == "tf" else None,
+                                                  max_pixels=self.max_pixels)
 
     def _open(self):
         return inference.open_engine(self.bundle, self.engine, num_threads=self._threads)
@@ -251,6 +257,27 @@ def _top_k(request) -> int:
     return int(raw) if len(raw) <= 9 else 10 ** 9
 
 
+def _explain_endpoint(model: ServedModel, max_body_bytes: int, body_seconds: float):
+    """The handler of ``POST /explain`` (see the module docstring)."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    async def explain(request):
+        if not model.explanations.available:
+            raise ClientError(404, f"POST /explain: the bundle has no {SAVED_MODEL_FILE}, whose gradients "
+                                   "a saliency map needs")
+        (name, data), = await _uploads(request, max_body_bytes, body_seconds, 1)
+        start = time.perf_counter()
+        try:
+            png, c = await run_in_threadpool(model.explanations.overlay_png, data, name)
+        except ImageError as exc:
+            raise ClientError(400, str(exc)) from None
+        return Response(png, media_type="image/png", headers={
+            "X-Explained-Class": str(c), "Server-Timing": f"explain;dur={1000 * (time.perf_counter() - start):.1f}"})
+
+    return explain
+
+
 def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES, top_k: int = PREDICT_TOP_K,
               body_seconds: float = SERVE_BODY_SECONDS):
     """The Starlette app serving ``model`` (see the module docstring for the endpoints and bounds)."""
@@ -262,7 +289,8 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     from tlcli.deploy.server_page import page
 
-    html = page(name=model.name, labels=model.bundle.labels, engine=model.engine, top_k=top_k)
+    html = page(name=model.name, labels=model.bundle.labels, engine=model.engine, top_k=top_k,
+                explain=model.explanations.available)
 
     async def home(request):
         return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'none'; img-src blob:; "
@@ -317,6 +345,8 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     app = Starlette(routes=[Route("/", home, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
+                            Route("/explain", _explain_endpoint(model, max_body_bytes, body_seconds),
+                                  methods=["POST"]),
                              Route("/v1/{rest:path}", tf_serving, methods=every)],
                      exception_handlers={ClientError: client_error, HTTPException: http_error,
                                          Exception: server_error})

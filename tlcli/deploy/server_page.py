@@ -28,11 +28,14 @@ box-shadow:0 1px 3px rgba(0,0,0,.15)}
 .bar span{display:block;height:100%;background:#2a6fdb}
 .pct{width:4rem;text-align:right;font-variant-numeric:tabular-nums}
 .error{color:#b3261e}
+#why{display:block;margin:-.4rem 0 1rem;font-size:14px}#why[hidden]{display:none}
 </style></head><body>
 <h1 id="title">tlcli</h1>
 <div class="meta" id="about"></div>
 <label id="drop">Drop images here, or click to choose files
 <input id="files" type="file" accept="image/*" multiple hidden></label>
+<label id="why" hidden><input id="explain" type="checkbox"> Show what drove each guess
+(a saliency map over the photo; slower)</label>
 <div id="results"></div>
 <script type="application/json" id="config">__CONFIG__</script>
 <script>
@@ -48,6 +51,7 @@ const el = (tag, cls, text) => {
 $("title").textContent = "tlcli \\u00b7 " + cfg.name;
 $("about").textContent = cfg.labels.length + " labels \\u00b7 engine " + cfg.engine +
   " \\u00b7 top " + cfg.top_k + " shown";
+$("why").hidden = !cfg.explain;
 const drop = $("drop"), input = $("files");
 input.addEventListener("change", () => { classifyAll(input.files); input.value = ""; });
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -87,13 +91,27 @@ async function classify(file) {
     });
   }
   bars.append(el("div", "meta time", ms.toFixed(0) + " ms" + server));
+  if (ok && res && !res.error && cfg.explain && $("explain").checked) await explain(file, card, bars);
+}
+async function explain(file, card, bars) {
+  const form = new FormData(); form.append("file", file, file.name);
+  try {
+    const r = await fetch("explain", {method: "POST", body: form});
+    if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || "request failed");
+    const img = el("img", "overlay");
+    img.alt = "what drove the guess: " + file.name;
+    img.src = URL.createObjectURL(await r.blob());
+    card.insertBefore(img, bars);
+  } catch (err) { bars.append(el("div", "error", "saliency: " + err.message)); }
 }
 </script></body></html>
 """
 
 
-def page(*, name: str, labels: list[str], engine: str, top_k: int) -> str:
-    """The page for a model ``name`` with ``labels``, served by ``engine``, showing ``top_k``."""
-    config = strict_json.dumps({"name": name, "labels": labels, "engine": engine, "top_k": top_k})
+def page(*, name: str, labels: list[str], engine: str, top_k: int, explain: bool = False) -> str:
+    """The page for a model ``name`` with ``labels``, served by ``engine``, showing ``top_k``;
+    with ``explain``, a toggle that also shows each image's saliency overlay (``/explain``)."""
+    config = strict_json.dumps({"name": name, "labels": labels, "engine": engine, "top_k": top_k,
+                                "explain": explain})
     # Inside <script>, "</" could end the element early: write "<" as a JSON escape.
     return _PAGE.replace("__CONFIG__", config.replace("<", "\\u003c"))

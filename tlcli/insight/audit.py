@@ -1,7 +1,8 @@
 """``tlcli audit``: the duplicates, train/val leaks, likely mislabels and outliers of a dataset
 (``findings``), from the backbone features training computes (same scan, split and feature
-cache, so an audit after ``train`` extracts nothing), with its report: ``audit.html`` and one CSV
-per kind. The audit only reads the images; it never changes them.
+cache, so an audit after ``train`` extracts nothing), with its report: ``audit.html``, one CSV per
+kind and ``review.csv`` (``review``: the actions to take, chosen on the page or in the file, for
+``tlcli train --labels-override``). The audit only reads the images; it never changes them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 from tlcli import data
 from tlcli.config import DEFAULTS, TrainConfig, validate
 from tlcli.errors import UsageError
-from tlcli.insight import html_report
+from tlcli.insight import html_report, label_noise, review
 from tlcli.insight.findings import COPY_QUANTILE, FLOOR_QUANTILE, AuditResult, analyse, engine_of
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.progress import Callback, Info, silent
@@ -138,7 +139,7 @@ def audit(data_dir: str | os.PathLike | None = None, *, model_dir: str | os.Path
 def _remove_report(out_dir: Path) -> None:
     """Remove the report folder an audit that failed had created, with the report files in it; a
     file someone else put there meanwhile keeps it."""
-    for name in (*CSV_FILES.values(), REPORT_HTML):
+    for name in (*CSV_FILES.values(), review.REVIEW_CSV, REPORT_HTML):
         with contextlib.suppress(OSError):
             (out_dir / name).unlink()
     with contextlib.suppress(OSError):
@@ -148,7 +149,7 @@ def _remove_report(out_dir: Path) -> None:
 def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditResult:
     from tlcli.model.backbone import fetch, resolve_spec
 
-    spec = resolve_spec(cfg.backbone, cfg.image_size)
+    spec = resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature, output_key=cfg.backbone_output)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
     result = analyse(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
@@ -172,6 +173,9 @@ def _trained_config(model_dir, data_dir) -> TrainConfig:
     if data_dir is None and not trained.train_dir:
         raise UsageError(f"--model {model_dir}: the bundle does not record the folder it was trained on; "
                          "give that folder as DIR too")
+    if b.meta.backbone.parts:
+        raise UsageError(f"--model {model_dir}: its backbone concatenates {' and '.join(b.meta.backbone.parts)}, "
+                         "which audit does not run; audit DIR with one of them as --backbone")
     root = str(Path(trained.train_dir).parent) if trained.test_dir else None  # split folders
     return cfg.replace(data_dir=str(data_dir) if data_dir is not None else root or trained.train_dir,
                        val_dir=None if root and data_dir is None else trained.val_dir if data_dir is None
@@ -212,8 +216,9 @@ def _sizes_note(stats: dict) -> str:
 
 
 def write_report(result: AuditResult, out_dir) -> dict[str, str]:
-    """``REPORT_HTML`` and the ``CSV_FILES`` of ``result`` in ``out_dir``; returns {name: path}.
-    Paths in the page are shown relative to DIR (or --val-dir) when under it. Raises ``TlcliError``."""
+    """``REPORT_HTML``, the ``CSV_FILES`` of ``result`` and ``review.REVIEW_CSV`` in ``out_dir``;
+    returns {name: path}. Paths in the page are shown relative to DIR (or --val-dir) when under
+    it; each image on it has the review's action picker. Raises ``TlcliError``."""
     out_dir = Path(out_dir)
     roots = [r for r in (result.val_dir, result.data_dir) if r]
 
@@ -227,26 +232,35 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
         [(g, d.kind, f"{d.similarity:.6f}", p, label, split) for g, d in enumerate(result.near_duplicates, 1)
          for p, label, split in zip(d.paths, d.labels, d.splits)])
     written[CSV_FILES["likely_mislabeled"]] = html_report.write_csv(
-        out_dir / CSV_FILES["likely_mislabeled"], ("path", "label", "suggested_label", "score"),
-        [(m.path, m.label, m.suggested_label, f"{m.score:.6f}") for m in result.likely_mislabeled])
+        out_dir / CSV_FILES["likely_mislabeled"], ("path", "label", "suggested_label", "score", "false_alarm"),
+        [(m.path, m.label, m.suggested_label, f"{m.score:.6f}", "" if m.false_alarm is None else f"{m.false_alarm:.6f}")
+         for m in result.likely_mislabeled])
     written[CSV_FILES["outliers"]] = html_report.write_csv(
         out_dir / CSV_FILES["outliers"], ("path", "label", "score"),
         [(o.path, o.label, f"{o.score:.6f}") for o in result.outliers])
-    Card, Section = html_report.Card, html_report.Section
+    rows = review.review_rows(result)
+    written[review.REVIEW_CSV] = review.write_csv(rows, out_dir / review.REVIEW_CSV)
+    controls = review.Controls(rows, result.labels)
+
+    def card(path, lines):  # an image with the review's action picker under it
+        return html_report.Card(path, lines, control=controls.control(path))
+
+    Section = html_report.Section
     sections = [
         Section("Near-duplicates", "Each row is one group: identical files, or the same photo resized, "
                 "recompressed, cropped or mirrored. train_val_leak inflates the validation accuracy; "
                 "across_classes means conflicting labels; within_class is redundant.",
-                [[Card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
+                [[card(p, [f"{d.kind} ({d.similarity:.3f})", f"{label} / {split}", rel(p)])
                   for p, label, split in zip(d.paths, d.labels, d.splits)]
                  for d in result.near_duplicates[:HTML_FINDINGS]]),
-        Section("Likely mislabels", "Out-of-fold, the head found another class far more likely than the "
-                "label. Review each one: a model that is sometimes wrong also doubts correct labels, so "
-                "change a label only when the image itself shows it is wrong.",
-                [[Card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}", rel(m.path)])
+        Section("Likely mislabels", f"Out-of-fold, the head found the label more likely wrong than right, "
+                f"beyond what its own errors explain; {label_noise.note(result.mislabel_estimate)}. Review each "
+                "one: change a label only when the image itself shows it is wrong.",
+                [[card(m.path, [f"{m.label} -> {m.suggested_label}", f"score {m.score:.3f}"
+                                + ("" if m.false_alarm is None else f", false alarm {m.false_alarm:.0%}"), rel(m.path)])
                   for m in result.likely_mislabeled[:HTML_FINDINGS]]]),
         Section("Outliers", "Far from every class: junk, placeholders, or a class the dataset lacks.",
-                [[Card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
+                [[card(o.path, [o.label, f"score {o.score:.3f}", rel(o.path)])
                   for o in result.outliers[:HTML_FINDINGS]]]),
         Section("Images per class", "", header=["class", *result.class_counts],
                 rows=[[label, *(counts.get(label, 0) for counts in result.class_counts.values())]
@@ -263,5 +277,7 @@ def write_report(result: AuditResult, out_dir) -> dict[str, str]:
                ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()),
                f"At most {HTML_FINDINGS} findings of each kind are shown, most suspicious first; the CSV files "
                "beside this page list every one."]
-    written[REPORT_HTML] = html_report.write_page(out_dir / REPORT_HTML, "tlcli audit", summary, sections)
+    review_page = {"toolbar": controls.toolbar, "script": controls.script} if rows else {}
+    written[REPORT_HTML] = html_report.write_page(out_dir / REPORT_HTML, "tlcli audit", summary, sections,
+                                                  **review_page)
     return {name: str(p) for name, p in written.items()}

@@ -18,6 +18,7 @@ from tlcli.config import (
     DEFAULT_MODEL_DIR,
     EVALUATE_ENGINE,
     EVALUATE_MISTAKES,
+    EVALUATE_OVERLAYS,
     EVALUATE_TOP_K,
 )
 from tlcli.deploy import inference
@@ -28,6 +29,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 RELIABILITY_PNG = "reliability.png"
 MISTAKES_CSV = "mistakes.csv"
 MISTAKES_HTML = "mistakes.html"
+SALIENCY_DIR = "saliency"  # the overlays of the mistakes shown in MISTAKES_HTML
 HTML_MISTAKES = 200  # the most confident mistakes shown in MISTAKES_HTML (mistakes.csv has every one)
 MISTAKES_COLUMNS = ("path", "true_label", "predicted_label", "probability")
 
@@ -75,36 +77,64 @@ def class_rows(report: metrics.Report) -> list[list[str]]:
 
 
 def write_mistakes_page(mistakes: list[metrics.Mistake], path: str | os.PathLike, *, data_dir, model_dir,
-                        report: metrics.Report) -> Path:
+                        report: metrics.Report, overlays: dict[str, tuple[Path, str]] | None = None) -> Path:
     """``html_report``'s page of an evaluation: the per-class table of ``report`` (``class_rows``),
     then the most confident ``mistakes`` (at most ``HTML_MISTAKES``), each image with its true and
-    predicted label and a link to the full image, paths shown relative to ``data_dir``. Raises
-    ``TlcliError``."""
+    predicted label and a link to the full image, paths shown relative to ``data_dir``; beside
+    it its saliency overlay when ``overlays`` ({path: (overlay file, label explained)}) has one.
+    Raises ``TlcliError``."""
     from tlcli.insight import html_report
 
     shown = mistakes[:HTML_MISTAKES]
+    overlays = overlays or {}
     cards = [html_report.Card(m.path, [f"true {m.true_label}, predicted {m.predicted_label}",
                                        f"probability {100 * m.probability:.1f}%",
-                                       html_report.shown_path(m.path, data_dir)]) for m in shown]
+                                       html_report.shown_path(m.path, data_dir)]
+                              + ([f"right: what drove '{overlays[m.path][1]}'"] if m.path in overlays else []),
+                              overlay=str(overlays[m.path][0]) if m.path in overlays else None) for m in shown]
     sections = [html_report.Section("Per class", "Precision: of the images predicted as the class, the share that "
                                     "are; recall: of the images of the class, the share found; F1: their harmonic "
                                     "mean; support: the images of the class.",
                                     header=["class", "precision", "recall", "F1", "support"], rows=class_rows(report)),
                 html_report.Section(f"Most confident mistakes ({len(shown)} of {len(mistakes)})",
-                                    "A confident mistake is often a wrong label rather than a wrong model.", [cards])]
+                                    "A confident mistake is often a wrong label rather than a wrong model. "
+                                    + (f"Beside the {len(overlays)} most confident, the saliency map of the guess: the "
+                                       "brighter, the more those pixels raised it." if overlays else ""), [cards])]
     return html_report.write_page(path, "tlcli evaluate", [f"model {model_dir} on {data_dir}",
                                                            f"accuracy {100 * report.accuracy:.1f}%"], sections)
 
 
-def _write_report(out_dir: Path, report: metrics.Report, every_mistake, *, data_dir, model_dir) -> dict[str, str]:
+def _write_report(out_dir: Path, report: metrics.Report, every_mistake, *, data_dir, b: bundles.Bundle,
+                  overlays: int, max_pixels: int, engine, progress: Callback) -> dict[str, str]:
     """The report files in ``out_dir`` (see ``evaluate``), by name. Raises ``TlcliError``, ``OSError``."""
     from tlcli.insight import plots
 
-    return {CONFUSION_PNG: str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG)),
-            RELIABILITY_PNG: str(plots.reliability_diagram(report, out_dir / RELIABILITY_PNG)),
-            MISTAKES_CSV: str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV)),
-            MISTAKES_HTML: str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
-                                                   model_dir=model_dir, report=report))}
+    written = {CONFUSION_PNG: str(plots.confusion_matrix(report, out_dir / CONFUSION_PNG)),
+               RELIABILITY_PNG: str(plots.reliability_diagram(report, out_dir / RELIABILITY_PNG)),
+               MISTAKES_CSV: str(write_mistakes(every_mistake, out_dir / MISTAKES_CSV))}
+    explained = _overlays([m.path for m in every_mistake[:min(overlays, HTML_MISTAKES)]], out_dir / SALIENCY_DIR,
+                          b=b, max_pixels=max_pixels, engine=engine, progress=progress)
+    if explained:
+        written[SALIENCY_DIR] = str(out_dir / SALIENCY_DIR)
+    written[MISTAKES_HTML] = str(write_mistakes_page(every_mistake, out_dir / MISTAKES_HTML, data_dir=data_dir,
+                                                     model_dir=b.path, report=report, overlays=explained))
+    return written
+
+
+def _overlays(paths: list[str], out_dir: Path, *, b: bundles.Bundle, max_pixels: int, engine,
+              progress: Callback) -> dict[str, tuple[Path, str]]:
+    """``saliency.write_overlays`` of ``paths`` (through ``engine`` when it is the SavedModel's),
+    or nothing (with a ``Warn``) for a bundle without its SavedModel, whose gradients the maps
+    need."""
+    from tlcli.deploy import saliency
+
+    if not paths:
+        return {}
+    if not saliency.can_explain(b):
+        progress(Warn(f"--model {b.path}: no {saliency.SAVED_MODEL_FILE}, so no saliency overlays in the report"))
+        return {}
+    return saliency.write_overlays(paths, out_dir, bundle=b, max_pixels=max_pixels, progress=progress,
+                                   engine=engine if isinstance(engine, inference.TFEngine) else None)
 
 
 def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[str]:
@@ -119,20 +149,32 @@ def _coverage_warnings(counts: dict[str, int], data_dir, n_labels: int) -> list[
                        for label, n in counts.items() if 0 < n < data.FEW_IMAGES]
 
 
+def _check_options(*, top_k: int, max_mistakes: int, overlays: int, batch_size: int, engine: str) -> None:
+    """Raise ``UsageError`` for an option of ``evaluate`` that cannot work."""
+    inference.check_top_k(top_k)
+    for option, value, least in (("--mistakes", max_mistakes, 0), ("--overlays", overlays, 0),
+                                 ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise UsageError(f"{option} {value}: must be >= {least}")
+    inference.check_engine(engine)
+
+
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
              batch_size: int = 32, max_pixels: int | None = None, force: bool = False,
-             progress: Callback = silent) -> EvaluateResult:
+             overlays: int = EVALUATE_OVERLAYS, progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
     ``engine``: tf (the SavedModel), tflite, onnx or openvino (the bundle's exported file, e.g. to
     check a quantized export) or auto (``inference.resolve_engine``). ``report_dir``: also write
     ``confusion_matrix.png``, ``mistakes.csv`` (all mistakes, most confident first) and
-    ``mistakes.html`` (the most confident, with thumbnails) there; as ``audit``'s, a folder that
-    is not empty (an old report, the user's files) is refused (``OutputExistsError``) unless
-    ``force``, and then only the report's files are replaced.
+    ``mistakes.html`` (the most confident, with thumbnails) there, and beside the ``overlays``
+    most confident of those a saliency overlay (``deploy.saliency``, from the SavedModel, whatever
+    ``engine``), written into its ``saliency`` folder; as ``audit``'s, a folder that is not empty
+    (an old report, the user's files) is refused (``OutputExistsError``) unless ``force``, and then
+    only the report's files are replaced.
 
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
@@ -141,12 +183,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     missing or corrupt bundle (or a missing exported file) and ``UsageError`` for a bad option
     (or an engine whose extra is not installed).
     """
-    inference.check_top_k(top_k)
-    if max_mistakes < 0:
-        raise UsageError(f"--mistakes {max_mistakes}: must be >= 0")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    inference.check_engine(engine)
+    _check_options(top_k=top_k, max_mistakes=max_mistakes, overlays=overlays, batch_size=batch_size, engine=engine)
     start = time.perf_counter()
     b = bundles.load(model_dir)
     max_pixels = max_pixels or b.max_pixels
@@ -195,8 +232,9 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))
     every_mistake = report.mistakes
     report = dataclasses.replace(report, mistakes=every_mistake[:max_mistakes])
-    files = {} if out_dir is None else _write_report(out_dir, report, every_mistake, data_dir=data_dir,
-                                                     model_dir=b.path)
+    files = {} if out_dir is None else _write_report(out_dir, report, every_mistake, data_dir=data_dir, b=b,
+                                                     overlays=overlays, max_pixels=max_pixels, engine=eng,
+                                                     progress=progress)
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)

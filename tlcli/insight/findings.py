@@ -14,11 +14,11 @@ Every threshold comes from the training images themselves (printed under ``thres
   *other* training image (exact copies left out), a level that distinct images do reach. The
   floor holds while fewer than 1 - ``FLOOR_QUANTILE`` of the training images have a near copy
   in the training split; beyond that it rises and the audit errs towards reporting fewer groups.
-- **Likely mislabels**: confident learning on out-of-fold probabilities (``FOLDS``-fold, the
-  head's own solver and its cross-validated L2 and epoch count): per-class thresholds (the mean
-  probability of class j over the images labelled j) count the images confidently of another
-  class than their label, and that count, calibrated, says how many of each label to flag,
-  those most probably of the other class (``confident_learning``); score = 1 - p(own label).
+- **Likely mislabels**: out-of-fold probabilities (``FOLDS``-fold, the head's own solver and its
+  cross-validated L2 and epoch count) through ``label_noise``: confident learning's candidates,
+  flagged only where a fit of the labels (a temperature for the classifier's own errors, a noise
+  rate for wrong labels) makes the label more likely wrong than right; ranked by the calibrated
+  probability of the label, with the number of false alarms to expect.
 - **Outliers**: each image's cosine similarity (raw features: centring on the mean of two
   classes leaves little to tell junk from the classes) to the nearest class centre (the mean
   unit vector of a training class, without the image itself); flagged below
@@ -38,7 +38,7 @@ from PIL import Image
 from tlcli import data
 from tlcli.config import TrainConfig
 from tlcli.data import images
-from tlcli.insight import neighbours
+from tlcli.insight import label_noise, neighbours
 from tlcli.model import head
 from tlcli.progress import Callback, End, Info, Start, Warn, silent
 
@@ -89,7 +89,8 @@ class Mislabel:
     path: str
     label: str
     suggested_label: str
-    score: float  # 1 - out-of-fold probability of ``label``, in [0, 1]
+    score: float  # 1 - out-of-fold probability of ``label`` (calibrated), in [0, 1]
+    false_alarm: float | None = None  # the probability that ``label`` is right after all
 
 
 @dataclass
@@ -117,6 +118,7 @@ class AuditResult:
     imbalance: float | None = None
     image_stats: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    mislabel_estimate: dict = field(default_factory=dict)  # label_noise.LabelNoise.summary()
     extracted: int = 0
     cached: int = 0
     files: dict[str, str] = field(default_factory=dict)
@@ -268,38 +270,6 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0
     return probs
 
 
-def confident_learning(probs: np.ndarray, y: np.ndarray) -> tuple[list[tuple[int, int, float]], np.ndarray]:
-    """([(row, suggested class, score)], per-class thresholds [k]) from out-of-fold ``probs``
-    [n, k] and labels ``y`` [n], most suspicious (lowest probability of its label) first.
-
-    Confident learning (Northcutt et al., 2021; cleanlab's prune-by-noise-rate): the threshold
-    t_j of class j is the mean probability of j over the images labelled j (inf without any).
-    An image is *confidently* of class j when p_j >= t_j (the most probable such class); the
-    counts of (label i, confident class j), scaled so that each label's row sums to the images
-    with that label, estimate how many images labelled i are really j. That many images labelled
-    i, those with the largest p_j - p_i, are the suspects of (i, j); a suspect whose most
-    probable class is its own label is dropped. Score: 1 - p(own label), in [0, 1]."""
-    probs, y = np.asarray(probs, np.float64), np.asarray(y, int)
-    n, k = probs.shape
-    t = np.array([probs[y == j, j].mean() if (y == j).any() else np.inf for j in range(k)])
-    above = probs >= t[None, :]
-    counted = above.any(axis=1)
-    confident = np.where(above, probs, -1.0).argmax(axis=1)
-    joint = np.zeros((k, k))
-    np.add.at(joint, (y[counted], confident[counted]), 1.0)
-    scale = np.bincount(y, minlength=k) / np.maximum(joint.sum(axis=1), 1.0)
-    suggested: dict[int, int] = {}
-    for i, j in zip(*np.nonzero(joint * scale[:, None] * (1 - np.eye(k)) >= 0.5)):
-        rows = np.nonzero(y == i)[0]
-        margin = probs[rows, j] - probs[rows, i]
-        for r in rows[np.argsort(-margin, kind="stable")[:int(round(joint[i, j] * scale[i]))]].tolist():
-            if r not in suggested or probs[r, j] > probs[r, suggested[r]]:
-                suggested[r] = int(j)
-    own = probs[np.arange(n), y]
-    ranked = sorted((r for r in suggested if probs[r].argmax() != y[r]), key=lambda r: (own[r], r))
-    return [(r, suggested[r], float(1.0 - own[r])) for r in ranked], t
-
-
 # ---- outliers --------------------------------------------------------------------------------
 
 def centre_similarity(features: np.ndarray, y: np.ndarray, train: np.ndarray, num_classes: int) -> np.ndarray:
@@ -358,12 +328,15 @@ def analyse(splits, features: np.ndarray, *, extractor, image_size: int, max_pix
     thresholds = duplicate_threshold(centred[:n_train], [s.digest for s in splits.train], copies, seed=seed)
     dups = find_duplicates(samples, where, centred, labels, thresholds["near_duplicate"])
     flagged: list[Mislabel] = []
+    estimate: dict = {}
     if mislabels:
         probs = out_of_fold(features[:n_train], y[:n_train], len(labels), seed=seed)
         if probs is not None:
-            ranked, t = confident_learning(probs, y[:n_train])
-            thresholds["mislabel"] = {label: float(v) for label, v in zip(labels, t)}
-            flagged = [Mislabel(samples[i].path, labels[y[i]], labels[c], round(score, 6)) for i, c, score in ranked]
+            found = label_noise.find(probs, y[:n_train])
+            thresholds["mislabel"] = {label: float(v) for label, v in zip(labels, found.thresholds)}
+            estimate = found.summary()
+            flagged = [Mislabel(samples[i].path, labels[y[i]], labels[c], round(score, 6), round(alarm, 6))
+                       for i, c, score, alarm in found.flagged]
         else:
             progress(Warn("likely mislabels: not looked for, a class has fewer than 2 training images"))
     sims = centre_similarity(features, y, np.arange(len(samples)) < n_train, len(labels))
@@ -379,7 +352,7 @@ def analyse(splits, features: np.ndarray, *, extractor, image_size: int, max_pix
     return AuditResult(
         data_dir="", val_dir=None, labels=labels, near_duplicates=dups, likely_mislabeled=flagged,
         outliers=outliers, class_counts=class_counts,
-        skipped=[s.to_dict() for s in splits.skipped], thresholds=thresholds,
+        skipped=[s.to_dict() for s in splits.skipped], thresholds=thresholds, mislabel_estimate=estimate,
         imbalance=round(max(present) / min(present), 4) if present else None, warnings=list(splits.warnings))
 
 
@@ -390,15 +363,28 @@ def analyse(splits, features: np.ndarray, *, extractor, image_size: int, max_pix
 TRAIN_CHECK_MAX_IMAGES = 100_000
 
 
+def check_warning(leaks: int, found: label_noise.LabelNoise | None, across: str, command: str) -> str | None:
+    """``train``'s one warning line, or None: the ``leaks`` groups of duplicates across the
+    splits (``across``), and the likely mislabels only when ``found`` is strong, with the false
+    alarms expected among them; ``command`` (the audit, with the same backbone, size, split and
+    cache) shows them."""
+    parts = [f"{leaks} group(s) of identical or near-identical images across {across}"] if leaks else []
+    parts += [label_noise.warning(found)] if found is not None and found.strong else []
+    return f"{' and '.join(parts)}; run '{command}' to see them" if parts else None
+
+
 def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size: int, cache_key: str | None,
                 progress: Callback = silent) -> dict | None:
     """``train``'s cheap part of the audit. When it finds something, one warning line (through
     ``progress`` and in ``splits.warnings``) points to ``tlcli audit``. Returns what ``train``
     records in tlcli.json under ``audit``: {"train_val_duplicates": groups of
     kind train_val_leak (identical or near, as ``audit`` finds them), "likely_mislabeled": images
-    flagged by ``confident_learning`` on the head fit's own out-of-fold probabilities (the rows
+    flagged by ``label_noise.find`` on the head fit's own out-of-fold probabilities (the rows
     it cross-validated: ``fit.oof_rows``; a mirror view's row counts for its image),
-    "cross_validated": how many images those were}. ``cfg``: the run's TrainConfig;
+    "cross_validated": how many images those were, "mislabels_expected_false_alarms" and
+    "mislabels_strong", "mislabels_p_value": the false alarms expected among them, whether the
+    finding is strong (the mislabels are part of the warning only then) and the p-value that
+    decides it}. ``cfg``: the run's TrainConfig;
     ``cache_key``: its frozen features' (the calibration copies are cached beside them), or None
     (with fine-tuning: the copies are made afresh). ``extractors``: (the Keras extractor, the
     LiteRT runner or None); the copies go through the engine that made ``views``. None, with
@@ -414,23 +400,25 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
                       seed=cfg.seed, cache=(cfg.cache_dir, key) if key else None, mislabels=False)
     leaks = sum(g.kind == "train_val_leak" for g in result.near_duplicates)
     n = len(splits.train)
-    mislabeled = checked = 0
+    found = None
+    checked = 0
     if len(fit.oof_rows):
         image = np.asarray(fit.oof_rows) % n  # fit_views stacks the mirror rows after the plain ones
         sums = np.zeros((n, fit.oof_probs.shape[1]))
         np.add.at(sums, image, fit.oof_probs)
         seen = np.unique(image)
         probs = sums[seen] / np.bincount(image, minlength=n)[seen][:, None]
-        ranked, _ = confident_learning(probs, np.array([splits.train[i].label for i in seen]))
-        mislabeled, checked = len(ranked), len(seen)
+        found = label_noise.find(probs, np.array([splits.train[i].label for i in seen]))
+        checked = len(seen)
     across = "train and val" + (" or test" if splits.test else "")
-    found = [f"{leaks} group(s) of identical or near-identical images across {across}"] if leaks else []
-    found += [f"{mislabeled} likely mislabeled training image(s)"] if mislabeled else []
-    command = f"tlcli audit --model {shlex.quote(str(cfg.out))}"  # the same backbone, size, split and cache
-    if found:
-        warning = f"{' and '.join(found)}; run '{command}' to see them"
+    warning = check_warning(leaks, found, across, f"tlcli audit --model {shlex.quote(str(cfg.out))}")
+    if warning:
         progress(Warn(warning))
         splits.warnings.append(warning)
-    return {"train_val_duplicates": leaks, "likely_mislabeled": mislabeled, "cross_validated": checked}
+    flagged = len(found.flagged) if found else 0
+    return {"train_val_duplicates": leaks, "likely_mislabeled": flagged, "cross_validated": checked,
+            "mislabels_expected_false_alarms": round(found.expected_false_alarms, 2) if found else 0.0,
+            "mislabels_strong": bool(found and found.strong),
+            "mislabels_p_value": float(f"{found.p_value:.3g}") if found else 1.0}
 
 

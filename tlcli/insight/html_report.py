@@ -31,6 +31,9 @@ class Card:
 
     path: str
     lines: list[str] = field(default_factory=list)
+    # An image about this one (a saliency overlay), shown beside it and linked to its file.
+    overlay: str | None = None
+    control: str = ""  # HTML under the caption (audit's review picker), made escaped by its maker
 
 
 @dataclass
@@ -75,10 +78,13 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #cc
 border:1px solid #ddd;border-radius:6px;background:#fafafa}
 .card{width:170px;font-size:12px;overflow-wrap:anywhere}
 .card img{display:block;max-width:160px;max-height:160px;border:1px solid #bbb}
+.card.pair{width:340px}.pics{display:flex;gap:8px;align-items:flex-start}
 .missing{width:160px;height:100px;display:flex;align-items:center;justify-content:center;
 background:#eee;color:#888}.card a{color:#2a5db0}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+.review{margin-top:4px}.review select{font-size:12px;max-width:160px}
+.toolbar{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:1px solid #ddd}
 """
 
 
@@ -97,14 +103,37 @@ def _cell(value) -> str:
     return f'<td class="num">{html.escape(text)}</td>' if numeric else f"<td>{html.escape(text)}</td>"
 
 
-def page(title: str, summary: list[str], sections: list[Section]) -> str:
+def _picture(path: str, cache: dict[str, str | None], title: str) -> str:
+    """A thumbnail of ``path`` linked to the file (each path thumbnailed once per page)."""
+    esc = html.escape
+    if path not in cache:
+        cache[path] = thumbnail(path)
+    uri = cache[path]
+    img = f'<img src="{uri}" alt="{esc(path)}">' if uri else '<div class="missing">no preview</div>'
+    return f'<a href="{esc(file_url(path))}" title="{esc(title)}">{img}</a>'
+
+
+def _card(card: Card, cache: dict[str, str | None]) -> str:
+    esc = html.escape
+    pictures = _picture(card.path, cache, "open the full image")
+    if card.overlay:
+        pictures = f'<div class="pics">{pictures}{_picture(card.overlay, cache, "open the overlay")}</div>'
+    caption = "".join(f"<div>{'<b>' if i == 0 else ''}{esc(line)}{'</b>' if i == 0 else ''}</div>"
+                      for i, line in enumerate(card.lines))
+    return (f'<div class="card{" pair" if card.overlay else ""}">{pictures}{caption}'
+            f'<div><a href="{esc(file_url(card.path))}">full image</a></div>{card.control}</div>')
+
+
+def page(title: str, summary: list[str], sections: list[Section], *, toolbar: str = "", script: str = "") -> str:
     """The HTML text of a page (see the module docstring). Each distinct image path is
-    thumbnailed once."""
+    thumbnailed once. ``toolbar`` (HTML below the summary) and ``script`` (an inline ``<script>``
+    at the end) are inserted as given: their maker escapes them, and they fetch nothing."""
     esc = html.escape
     cache: dict[str, str | None] = {}
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     out += [f'<p class="note">{esc(line)}</p>' for line in summary]
+    out += [toolbar] if toolbar else []
     for s in sections:
         out.append(f"<h2>{esc(s.title)}</h2>")
         if s.note:
@@ -115,27 +144,21 @@ def page(title: str, summary: list[str], sections: list[Section]) -> str:
         for group in groups:
             out.append('<div class="group">')
             for card in group:
-                if card.path not in cache:
-                    cache[card.path] = thumbnail(card.path)
-                uri, url = cache[card.path], esc(file_url(card.path))
-                img = (f'<img src="{uri}" alt="{esc(card.path)}">' if uri
-                       else '<div class="missing">no preview</div>')
-                caption = "".join(f"<div>{'<b>' if i == 0 else ''}{esc(line)}{'</b>' if i == 0 else ''}</div>"
-                                  for i, line in enumerate(card.lines))
-                out.append(f'<div class="card"><a href="{url}" title="open the full image">{img}</a>{caption}'
-                           f'<div><a href="{url}">full image</a></div></div>')
+                out.append(_card(card, cache))
             out.append("</div>")
         if s.header and s.rows:
             out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.header) + "</tr>")
             out += ["<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in s.rows]
             out.append("</table>")
+    out += [script] if script else []
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
-def write_page(path: str | os.PathLike, title: str, summary: list[str], sections: list[Section]) -> Path:
-    """Write ``page(...)`` to ``path`` atomically (``files.write_file``; raises ``TlcliError``)."""
-    files.write_file(path, page(title, summary, sections).encode("utf-8"))
+def write_page(path: str | os.PathLike, title: str, summary: list[str], sections: list[Section], **extra) -> Path:
+    """Write ``page(...)`` (``extra``: its toolbar and script) to ``path`` atomically
+    (``files.write_file``; raises ``TlcliError``)."""
+    files.write_file(path, page(title, summary, sections, **extra).encode("utf-8"))
     return Path(path)
 
 

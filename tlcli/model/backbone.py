@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcli import files
-from tlcli._tf import hub, tf
+from tlcli._tf import hub, keras, tf
 from tlcli.config import FETCH_TIMEOUT_SECONDS, hub_cache_dir
 from tlcli.errors import BackboneError
 from tlcli.model.presets import PRESETS
@@ -33,14 +34,27 @@ class BackboneSpec:
     handle: str
     image_size: int | None
     preset: str | None = None
+    # A SavedModel without ``__call__`` (a Keras 3 export) runs one of its signatures and takes
+    # one of its outputs: None finds them (``load``), a name is ``--backbone-signature`` /
+    # ``--backbone-output``.
+    signature: str | None = None
+    output_key: str | None = None
+    # Backbones whose features are concatenated (``concatenation``); empty for one backbone.
+    parts: tuple["BackboneSpec", ...] = ()
 
     @property
     def is_local(self) -> bool:
         return not self.handle.startswith(REMOTE_PREFIXES)
 
     def cache_key(self) -> str:
-        """Identifies the weights: the handle, or for a local model its path and file times."""
+        """Identifies the weights: the handle, or for a local model its path and file times;
+        a concatenation's, its parts' keys in order."""
+        if self.parts:
+            return hashlib.blake2b("|".join(["concat", *(p.cache_key() for p in self.parts)]).encode(),
+                                   digest_size=10).hexdigest()
         parts = [self.handle]
+        # Only when given: the keys of every callable backbone stay what they were.
+        parts += [f"{k}={v}" for k, v in (("signature", self.signature), ("output", self.output_key)) if v]
         if self.is_local:
             root = Path(self.handle)
             for f in sorted([root / "saved_model.pb", *root.glob("variables/*")]):
@@ -50,9 +64,16 @@ class BackboneSpec:
         return hashlib.blake2b("|".join(parts).encode(), digest_size=10).hexdigest()
 
 
-def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
-    """Turn ``--backbone`` into a spec. Raises ``BackboneError`` for a value that is none of
-    a preset name, an http(s) handle or an existing SavedModel directory."""
+def resolve_spec(backbone: str, image_size: int | None = None, *, signature: str | None = None,
+                 output_key: str | None = None) -> BackboneSpec:
+    """Turn ``--backbone`` into a spec (``signature``, ``output_key``: ``--backbone-signature``,
+    ``--backbone-output``). Raises ``BackboneError`` for a value that is none of a preset name,
+    an http(s) handle or an existing SavedModel directory."""
+    spec = _resolved(backbone, image_size)
+    return dataclasses.replace(spec, signature=signature or None, output_key=output_key or None)
+
+
+def _resolved(backbone: str, image_size: int | None) -> BackboneSpec:
     if backbone in PRESETS:
         p = PRESETS[backbone]
         return BackboneSpec(p.handle, image_size or p.image_size, p.name)
@@ -68,6 +89,13 @@ def resolve_spec(backbone: str, image_size: int | None = None) -> BackboneSpec:
         return BackboneSpec(str(path.absolute()), image_size)
     raise BackboneError(f"--backbone {backbone}: not a preset ({', '.join(PRESETS)}), an https:// "
                         "TF Hub or Kaggle handle, or an existing SavedModel directory")
+
+
+def concatenation(parts: list[BackboneSpec], image_size: int) -> BackboneSpec:
+    """The spec of a backbone that runs every one of ``parts`` on the same ``image_size`` input
+    and concatenates their features, in that order (frozen only)."""
+    return BackboneSpec(" + ".join(p.preset or p.handle for p in parts), image_size,
+                        parts=tuple(dataclasses.replace(p, image_size=image_size) for p in parts))
 
 
 def cache_path(handle: str) -> Path:
@@ -140,6 +168,8 @@ def fetch(spec: BackboneSpec, *, option: str = "--backbone", timeout: float = FE
     The download ends (``BackboneError``) when the server sends nothing for ``timeout`` seconds;
     tensorflow_hub then removes its lock and temporary folder, and ``clear_stale_download``
     removes those a killed download left."""
+    if spec.parts:  # every part is fetched; the first one's path stands for them
+        return [fetch(p, option=option, timeout=timeout) for p in spec.parts][0]
     if spec.is_local:
         return spec.handle
     clear_stale_download(spec.handle)
@@ -162,6 +192,9 @@ class LoadedBackbone:
     image_size: int
     feature_dim: int
     path: str
+    # The signature and output it runs (a SavedModel without __call__, or one given them), else None.
+    signature: str | None = None
+    output_key: str | None = None
 
 
 def _concrete_calls(obj):
@@ -175,62 +208,139 @@ def _first_input_shape(cf):
     return args[0].shape if args and hasattr(args[0], "shape") else None
 
 
-def _declared_size(obj) -> int | None:
-    for cf in _concrete_calls(obj):
-        shape = _first_input_shape(cf)
+def _declared_size(shapes) -> int | None:
+    for shape in shapes:
         if shape is not None and shape.rank == 4 and shape[1] and shape[1] == shape[2]:
             return int(shape[1])
     return None
 
 
-def _declared_input_rank(obj) -> int | None:
-    for cf in _concrete_calls(obj):
-        shape = _first_input_shape(cf)
+def _declared_input_rank(shapes) -> int | None:
+    for shape in shapes:
         if shape is not None and shape.rank is not None:
             return shape.rank
     return None
 
 
-def _declared_output_shape(obj):
-    """The output shape the SavedModel declares for __call__ (a list, or a dict of them), or None."""
-    for cf in _concrete_calls(obj):
-        outs = cf.structured_outputs
-        if isinstance(outs, dict):
-            return {k: v.shape.as_list() if v.shape.rank is not None else None for k, v in outs.items()}
-        if hasattr(outs, "shape") and outs.shape.rank is not None:
-            return outs.shape.as_list()
+def _output_shape(outs, output_key: str | None):
+    """A declared output (a tensor spec, or a dict of them) as a list, a dict of lists, or None;
+    ``output_key`` picks one of a dict's."""
+    if isinstance(outs, dict) and output_key in outs:
+        outs = outs[output_key]
+    if isinstance(outs, dict):
+        return {k: v.shape.as_list() if v.shape.rank is not None else None for k, v in outs.items()}
+    if hasattr(outs, "shape") and outs.shape.rank is not None:
+        return outs.shape.as_list()
     return None
 
 
-def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None,
-         io_device: str | None = None) -> LoadedBackbone:
-    """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
-    output [batch, features]. ``path`` is what ``fetch(spec)`` returned, when already known.
-    ``io_device``: the device that reads the files (a TPU's: ``/job:localhost``, the host
-    that holds them, since the TPU workers cannot read local paths). Raises ``BackboneError``
-    otherwise."""
-    path = path or fetch(spec)
-    t = tf()
+def _declared_output_shape(obj, output_key: str | None = None):
+    """The output shape the SavedModel declares for __call__ (a list, or a dict of them), or None."""
+    for cf in _concrete_calls(obj):
+        shape = _output_shape(cf.structured_outputs, output_key)
+        if shape is not None:
+            return shape
+    return None
+
+
+def _listed(names) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+def pick_signature(obj, spec: BackboneSpec) -> tuple[str, str, object]:
+    """(signature name, output key, its concrete function) of a SavedModel run through a
+    signature: ``spec``'s when given, else its only signature or ``serving_default``, and the
+    signature's only output. Raises ``BackboneError``, one line naming ``--backbone-signature``
+    or ``--backbone-output``, when it cannot tell or what was given is not there."""
+    signatures = dict(getattr(obj, "signatures", None) or {})
+    h = spec.handle
+    if not signatures:
+        raise BackboneError(f"--backbone {h}: the SavedModel has neither __call__ nor a signature; an image "
+                            "feature vector model is needed")
+    if spec.signature:
+        if spec.signature not in signatures:
+            raise BackboneError(f"--backbone-signature {spec.signature}: {h} has no such signature (it has "
+                                f"{_listed(signatures)})")
+        name = spec.signature
+    elif len(signatures) == 1 or "serving_default" in signatures:
+        name = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    else:
+        raise BackboneError(f"--backbone {h}: has signatures {_listed(signatures)} and none is serving_default; "
+                            "choose one with --backbone-signature")
+    fn = signatures[name]
+    args, kwargs = fn.structured_input_signature
+    if len(args) + len(kwargs) != 1:
+        raise BackboneError(f"--backbone-signature {name}: takes {len(args) + len(kwargs)} inputs "
+                            f"({_listed(kwargs)}), not one image batch; choose another signature")
+    outputs = fn.structured_outputs if isinstance(fn.structured_outputs, dict) else {}
+    if spec.output_key:
+        if spec.output_key not in outputs:
+            raise BackboneError(f"--backbone-output {spec.output_key}: signature {name} of {h} has no such output "
+                                f"(it has {_listed(outputs)})")
+        return name, spec.output_key, fn
+    if len(outputs) != 1:
+        raise BackboneError(f"--backbone {h}: signature {name} has outputs {_listed(outputs)}; choose the feature "
+                            "vector with --backbone-output")
+    return name, next(iter(outputs)), fn
+
+
+def _load_object(spec: BackboneSpec, path: str, options):
     try:
-        options = t.saved_model.LoadOptions(experimental_io_device=io_device) if io_device else None
-        obj = hub().load(path, options=options)
+        return hub().load(path, options=options)
     except Exception as exc:
         if "KeyboardInterrupt" in str(exc):  # Ctrl-C inside the native loader comes back wrapped (pybind11)
             raise KeyboardInterrupt from None
         raise BackboneError(f"--backbone {spec.handle}: cannot load the SavedModel at {path} "
                             f"({type(exc).__name__}: {str(exc)[:160]})") from None
-    if not callable(obj):
-        raise BackboneError(f"--backbone {spec.handle}: the SavedModel has no __call__; an image feature "
-                            "vector in TF2 hub format is needed")
-    rank = _declared_input_rank(obj)
+
+
+def _signature_layer(obj, spec: BackboneSpec, path: str, options, *, trainable: bool, layer_name: str):
+    """(layer, input shapes, declared output shape, signature, output key) of a backbone run
+    through a signature. Raises ``BackboneError`` with ``trainable``: a signature's weights
+    cannot be trained (tensorflow_hub refuses it)."""
+    name, key, fn = pick_signature(obj, spec)
+    if trainable:
+        raise BackboneError(f"--fine-tune: --backbone {spec.handle} runs through its signature {name} (a "
+                            "SavedModel without __call__, e.g. a Keras 3 export), whose weights cannot be "
+                            "trained; train without --fine-tune")
+    args, kwargs = fn.structured_input_signature
+    shapes = [s.shape for s in [*args, *kwargs.values()] if hasattr(s, "shape")]
+    layer = hub().KerasLayer(path, signature=name, output_key=key, load_options=options, name=layer_name)
+    return layer, shapes, _output_shape(fn.structured_outputs, key), name, key
+
+
+def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None,
+         io_device: str | None = None, name: str = "backbone") -> LoadedBackbone:
+    """Load and validate an image feature vector: input [batch, H, W, 3] float in [0, 1],
+    output [batch, features]. ``path`` is what ``fetch(spec)`` returned, when already known.
+    ``io_device``: the device that reads the files (a TPU's: ``/job:localhost``, the host
+    that holds them, since the TPU workers cannot read local paths). A SavedModel without
+    ``__call__`` (a Keras 3 export), or one given ``spec.signature``, runs through a signature
+    (``pick_signature``), frozen only. Raises ``BackboneError`` otherwise."""
+    if spec.parts:
+        return _load_concatenation(spec, trainable=trainable, io_device=io_device)
+    path = path or fetch(spec)
+    t = tf()
+    options = t.saved_model.LoadOptions(experimental_io_device=io_device) if io_device else None
+    obj = _load_object(spec, path, options)
+    signature = output_key = None
+    if spec.signature or not callable(obj):
+        layer, shapes, shape, signature, output_key = _signature_layer(obj, spec, path, options, trainable=trainable,
+                                                                              layer_name=name)
+    else:
+        shapes = [_first_input_shape(cf) for cf in _concrete_calls(obj)]
+        layer = hub().KerasLayer(obj, trainable=trainable, output_key=spec.output_key, name=name)
+        shape, output_key = _declared_output_shape(obj, spec.output_key), spec.output_key
+        if output_key and isinstance(_declared_output_shape(obj), dict) and isinstance(shape, dict):
+            raise BackboneError(f"--backbone-output {output_key}: {spec.handle} has no such output (it has "
+                                f"{_listed(shape)})")
+    rank = _declared_input_rank(shapes)
     if rank is not None and rank != 4:
         raise BackboneError(f"--backbone {spec.handle}: takes rank-{rank} input, not images "
                             "[batch, height, width, 3]; choose an image feature vector model")
-    size = spec.image_size or _declared_size(obj)
+    size = spec.image_size or _declared_size(shapes)
     if size is None:
         raise BackboneError(f"--backbone {spec.handle}: declares no input size; set --image-size")
-    layer = hub().KerasLayer(obj, trainable=trainable, name="backbone")
-    shape = _declared_output_shape(obj)
     if shape is None or (not isinstance(shape, dict) and shape[-1] is None):
         # Nothing declared: run one image through it. (Only valid outside a distribution
         # strategy's scope: restored functions cannot be called eagerly in a cross-replica context.)
@@ -241,7 +351,22 @@ def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None
                                 f"batch ({type(exc).__name__}); choose an image feature vector model") from None
         shape = {k: v.shape for k, v in out.items()} if isinstance(out, dict) else out.shape.as_list()
     if isinstance(shape, dict) or len(shape) != 2:
-        raise BackboneError(f"--backbone {spec.handle}: returns {shape}, not a feature vector "
-                            "[batch, features]; choose an image feature vector model")
-    out_dim = shape[-1]
-    return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(out_dim), path=path)
+        raise BackboneError(f"--backbone {spec.handle}: returns {shape}, not a feature vector [batch, features]; "
+                            "choose an image feature vector model" + ("" if output_key else
+                                                                      ", or its output with --backbone-output"))
+    return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(shape[-1]), path=path,
+                          signature=signature, output_key=output_key)
+
+
+def _load_concatenation(spec: BackboneSpec, *, trainable: bool, io_device: str | None) -> LoadedBackbone:
+    """A concatenation's parts loaded and joined in one Keras model named "backbone": images ->
+    [batch, sum of the parts' features]. Raises ``BackboneError`` with ``trainable``."""
+    if trainable:
+        raise BackboneError(f"--fine-tune: the backbone {spec.handle} concatenates several backbones, which "
+                            "is frozen only; train without --fine-tune, or give one --backbone")
+    k = keras()
+    loaded = [load(p, io_device=io_device, name=f"backbone_{i}") for i, p in enumerate(spec.parts)]
+    images = k.Input(shape=(spec.image_size, spec.image_size, 3), dtype="float32", name="images")
+    joined = k.layers.Concatenate(name="features")([b.layer(images, training=False) for b in loaded])
+    return LoadedBackbone(layer=k.Model(images, joined, name="backbone"), image_size=spec.image_size,
+                          feature_dim=sum(b.feature_dim for b in loaded), path=loaded[0].path)

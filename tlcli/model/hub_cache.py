@@ -23,7 +23,9 @@ from tlcli.progress import Callback, End, Start, silent
 @dataclass(frozen=True)
 class ModelStatus:
     """One backbone and its place in the cache: ``path`` is where tensorflow_hub keeps (or would
-    keep) it; ``size_bytes`` is its size on disk when ``cached``, else None."""
+    keep) it; ``size_bytes`` is its size on disk when ``cached``, else None. ``licence`` and
+    ``cpu_ms`` (ms per image through LiteRT on the 2-core development machine, None where not
+    measured there): a preset's (``presets.Preset``), else None."""
 
     name: str | None
     handle: str
@@ -32,6 +34,8 @@ class ModelStatus:
     cached: bool
     path: str
     size_bytes: int | None
+    licence: str | None = None
+    cpu_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +86,8 @@ def status(handle: str, name: str | None = None) -> ModelStatus:
     return ModelStatus(name=preset.name if preset else name, handle=handle,
                        image_size=preset.image_size if preset else None,
                        features=preset.features if preset else None, cached=cached, path=str(path),
-                       size_bytes=_disk_size(path) if cached else None)
+                       size_bytes=_disk_size(path) if cached else None,
+                       licence=preset.licence if preset else None, cpu_ms=preset.cpu_ms if preset else None)
 
 
 def list_models() -> ModelList:

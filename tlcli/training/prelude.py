@@ -98,12 +98,18 @@ class Prelude:
 
 
 @contextlib.contextmanager
-def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback):
+def started(cfg: TrainConfig, spec, *, ahead: bool = True, progress: Callback, splits: data.Splits | None = None):
     """The ``Prelude`` of a run of ``cfg`` with backbone ``spec``, stopped (the check given up,
     the extraction ahead ended and its store entries flushed) when the block is left, whatever
     the reason. ``ahead``: whether features may be extracted ahead (not on a cluster, whose
-    workers each extract their own share)."""
+    workers each extract their own share). ``splits``: the check already done (the backbone
+    choice's): nothing is checked or extracted ahead."""
     size = spec.image_size or 224
+    if splits is not None:
+        done = futures.Future()
+        done.set_result(splits)
+        yield Prelude(done, None, None, threading.Event(), size)
+        return
     likely = likely_litert(cfg.extractor)
     runner = litert_backbone.cached_runner(cfg.cache_dir, cache_key(spec, size), size) \
         if likely and ahead else None

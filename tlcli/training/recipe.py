@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tlcli import bundle, data, files
-from tlcli.config import MAX_SEED, TrainConfig, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.data import labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -56,13 +57,18 @@ class TrainResult:
     # With DIR/test/ (``data.split_folders``): the test images per class and the final accuracy on them.
     test_counts: dict[str, int] | None = None
     test_accuracy: float | None = None
+    # With --labels-override: its file, SHA-256 and counts (``data.labels_override.apply``).
+    labels_override: dict | None = None
+    # --backbone A,B / auto: the leaderboard, winner and why (``choice.BackboneChoice.to_dict``).
+    backbone_choice: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _check_inputs(cfg: TrainConfig):
-    """The cheap checks of the options and the image folders; returns the backbone spec."""
+    """The cheap checks of the options and the image folders; returns the backbone spec, or the
+    list of candidates' specs for ``--backbone A,B`` / ``auto`` (``choice.candidate_specs``)."""
     if not cfg.data_dir:
         raise UsageError("DIR: give the image folder to train on")
     validate(cfg)
@@ -70,7 +76,14 @@ def _check_inputs(cfg: TrainConfig):
     if cfg.val_dir:
         data.check_folder(cfg.val_dir, "--val-dir")
     data.split_folders(cfg.data_dir, val_dir=cfg.val_dir)  # a --val-dir beside DIR's own val/: refused now
-    return resolve_spec(cfg.backbone, cfg.image_size)
+    if cfg.labels_override:  # its form now; its paths and labels once the scan has found them
+        labels_override.read(cfg.labels_override)
+    if is_backbone_choice(cfg.backbone):
+        from tlcli.training import choice
+
+        return choice.candidate_specs(cfg)
+    return resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature,
+                        output_key=cfg.backbone_output)
 
 
 def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | None = None,
@@ -108,17 +121,32 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
         try:
-            with prelude.started(cfg, spec, ahead=node is None, progress=progress) as early:
+            splits, choice, spec = _chosen(cfg, spec, node, progress)
+            with prelude.started(cfg, spec, ahead=node is None, progress=progress, splits=splits) as early:
                 path = fetch(spec)
                 bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=cfg.fine_tune))
                 with distributed.session(node) as finish:
-                    return finish(_run(cfg, spec, path, state, early, progress))
+                    return finish(_run(cfg, spec, path, state, early, progress, choice=choice))
         except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
 
+def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
+    """(splits or None, the BackboneChoice or None, the backbone's spec): ``spec`` itself, or the
+    winner among candidates (a list, see ``_check_inputs``), chosen on the training images
+    (``choice.choose``, whose scan the run then reuses)."""
+    if not isinstance(spec, list):
+        return None, None, spec
+    if node is not None:
+        raise UsageError(f"--backbone {cfg.backbone}: the backbone is chosen on one machine, not a cluster; "
+                         "choose it there, then train the cluster with the winner as --backbone")
+    from tlcli.training import choice
+
+    return choice.choose(cfg, spec, progress)
+
+
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
-         progress: Callback) -> TrainResult:
+         progress: Callback, *, choice=None) -> TrainResult:
     """The recipe. The SavedModel graph is written on a worker thread while features are
     extracted; however the run ends the worker is waited for and the staging folder goes unless
     the bundle is in. Ctrl-C raises ``Interrupted``, a file error ``TlcliError``, both one line."""
@@ -170,7 +198,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         progress(Start("save", total=1))
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
                         mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
-                        seconds=time.perf_counter() - start, extractor=engine)
+                        seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -196,7 +224,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     except KeyboardInterrupt:
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
     return _result(cfg, out, splits, reports, state, chosen, batch=batch, seconds=time.perf_counter() - start,
-                   mirror=mirror, counts=(extracted, cached), engine=engine)
+                   mirror=mirror, counts=(extracted, cached), engine=engine, choice=meta.backbone_choice)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
@@ -217,7 +245,7 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
 
 
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
-            engine: str) -> TrainResult:
+            engine: str, choice: dict | None = None) -> TrainResult:
     """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
     train_report, val_report, test_report = reports
     return TrainResult(
@@ -230,7 +258,8 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         fine_tune_improved=state.fine_tune.improved if cfg.fine_tune else None,
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
-        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration)
+        test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
+        labels_override=splits.override, backbone_choice=choice)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -313,12 +342,14 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float, extractor: str = "tf") -> bundle.BundleMeta:
+             global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
+             choice=None) -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
     None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
     ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
-    the bundle is written."""
+    the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
+    ``choice.BackboneChoice`` of ``--backbone A,B`` or None."""
     from tlcli._tf import tf
 
     train_report, val, test = reports
@@ -326,7 +357,10 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
     return bundle.BundleMeta(
         tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
-        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim),
+        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim,
+                                     signature=getattr(loaded, "signature", None),
+                                     output_key=getattr(loaded, "output_key", None),
+                                     parts=[p.handle for p in spec.parts] or None),
         mirror_average=mirror, config=cfg.to_dict(),
         data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
                              val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
@@ -340,7 +374,8 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      global_batch_size=global_batch, head_epochs=state.head.epochs,
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped])
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
+        backbone_choice=choice.to_dict() if choice else None)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:

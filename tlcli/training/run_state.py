@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcli import files
-from tlcli.config import DEFAULTS, TrainConfig, validate
+from tlcli.config import DEFAULTS, TrainConfig, is_backbone_choice, validate
 from tlcli.errors import TlcliError, UsageError
 from tlcli.model.backbone import REMOTE_PREFIXES
 from tlcli.model.presets import PRESETS
@@ -30,7 +30,7 @@ from tlcli.progress import Callback, Info
 
 STATE_FILE = "state.json"
 # Paths of a run, stored absolute so that --resume from another folder trains the same images.
-_PATHS = ("data_dir", "val_dir", "out", "cache_dir")
+_PATHS = ("data_dir", "val_dir", "out", "cache_dir", "labels_override")
 # What a command may still change on --resume: where the bundle goes (it names the run being
 # resumed), whether it may replace one, and where features are cached (the results are the same).
 _RESUME_MAY_CHANGE = {"out", "force", "resume", "cache_dir"}
@@ -138,13 +138,22 @@ def partial_dir(out: str | os.PathLike) -> Path:
 
 
 def absolute(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its folders, and a local backbone's, as absolute paths."""
+    """``cfg`` with its folders, and a local backbone's (each local candidate's), as absolute paths."""
     changes = {name: os.path.abspath(getattr(cfg, name)) for name in _PATHS if getattr(cfg, name)}
-    if cfg.backbone not in PRESETS and not cfg.backbone.startswith(REMOTE_PREFIXES):
-        changes["backbone"] = os.path.abspath(os.path.expanduser(cfg.backbone))
+    if is_backbone_choice(cfg.backbone):
+        if cfg.backbone != "auto":
+            changes["backbone"] = ",".join(_absolute_backbone(b.strip()) for b in cfg.backbone.split(",") if b.strip())
+    else:
+        changes["backbone"] = _absolute_backbone(cfg.backbone)
     if cfg.tensorboard and os.path.isabs(cfg.tensorboard):
         changes["tensorboard"] = os.path.abspath(cfg.tensorboard)
     return cfg.replace(**changes)
+
+
+def _absolute_backbone(backbone: str) -> str:
+    if backbone in PRESETS or backbone.startswith(REMOTE_PREFIXES):
+        return backbone
+    return os.path.abspath(os.path.expanduser(backbone))
 
 
 def requested(data_dir, config: TrainConfig | None, options: dict, given) -> tuple[TrainConfig, set[str]]:

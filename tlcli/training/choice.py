@@ -1,0 +1,177 @@
+"""``--backbone A,B,...`` and ``--backbone auto``: the backbone chosen on the user's training photos.
+
+``choose`` scans the images once, extracts each candidate's features of the training images
+(through the feature store and the run's engine, so the chosen one's are already cached for the
+run), measures each one's extraction time on one batch, and cross-validates the head on each
+(``model.selection``). The best two, concatenated, are one more candidate, frozen only: kept
+only when their CV accuracy is strictly higher than the best single backbone's, since they cost
+both extractions. The validation and test images (--val-dir, DIR/val, DIR/test) are never
+looked at. The recipe then trains with the winner as if it had been given alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tlcli import data
+from tlcli.config import TrainConfig, hub_cache_dir
+from tlcli.errors import UsageError
+from tlcli.model import selection
+from tlcli.model.backbone import BackboneSpec, cache_key, concatenation, resolve_spec
+from tlcli.progress import Callback, Info, silent
+
+TIMING_IMAGES = 16  # the batch each candidate's extraction is timed on (after a warm-up call)
+
+
+@dataclass
+class BackboneChoice:
+    """The leaderboard (``standings``, best first), the winner's name and why it won, and the
+    seconds the choice took. What tlcli.json records as ``backbone_choice``."""
+
+    standings: list[selection.Standing]
+    winner: str
+    reason: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"winner": self.winner, "reason": self.reason, "seconds": round(self.seconds, 2),
+                "notes": list(self.notes), "candidates": [s.to_dict() for s in self.standings]}
+
+
+def candidate_specs(cfg: TrainConfig) -> list[BackboneSpec]:
+    """The specs of ``cfg.backbone``'s candidates: "A,B,..." (each as ``--backbone`` takes it), or
+    "auto": every preset already in the TF Hub cache. Raises ``UsageError`` / ``BackboneError``."""
+    from tlcli.model import hub_cache
+    from tlcli.model.presets import PRESETS
+
+    if cfg.backbone == "auto":
+        names = [p.name for p in PRESETS.values() if hub_cache.status(p.handle, p.name).cached]
+        if not names:
+            raise UsageError(f"--backbone auto: no preset is in the TF Hub cache ({hub_cache_dir()}); "
+                             "fetch some with 'tlcli models fetch NAME', or list the backbones as A,B")
+    else:
+        names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
+    specs = [resolve_spec(n, cfg.image_size) for n in names]
+    if len({s.cache_key() for s in specs}) != len(specs):
+        raise UsageError(f"--backbone {cfg.backbone}: a candidate is named twice; name each backbone once")
+    return specs
+
+
+def _names(specs: list[BackboneSpec]) -> list[str]:
+    """Short names of the candidates: the preset, else a local folder's name or the handle past
+    its scheme, else (when two would share one) the handle itself."""
+    short = [s.preset or (Path(s.handle).name if s.is_local else s.handle.split("://", 1)[-1]) for s in specs]
+    return [n if short.count(n) == 1 else s.handle for n, s in zip(short, specs)]
+
+
+def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = silent):
+    """(data.Splits, BackboneChoice, the winner's spec): see the module docstring. Raises what
+    the scan, ``backbone.load`` and the extraction raise, and ``UsageError`` when a class has too
+    few training images to cross-validate."""
+    start = time.perf_counter()
+    splits = data.scan_splits(cfg, image_size=specs[0].image_size or 224, progress=progress)
+    samples, k = splits.train, len(splits.labels)
+    y = np.array([s.label for s in samples], int)
+    names, candidates, notes = _names(specs), {}, []
+    for i, (name, spec) in enumerate(zip(names, specs)):
+        progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
+        found = candidate(cfg, spec, name, samples, progress)
+        if found is None:
+            notes.append(f"{name} left out: it runs through a signature, which --fine-tune cannot train")
+        else:
+            candidates[name] = found
+    if not candidates:
+        raise UsageError(f"--backbone {cfg.backbone}: with --fine-tune, no candidate can be trained (each runs "
+                         "through a signature); train without --fine-tune")
+    options = dict(class_weight=data.class_weights(y.tolist(), k) if cfg.class_weights else None, epochs=cfg.epochs,
+                   learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing, patience=cfg.patience,
+                   seed=cfg.seed, l2=cfg.l2)
+    standings = selection.leaderboard([c for c, _, _ in candidates.values()], y, k, **options)
+    winner_spec = candidates[standings[0].name][1]
+    if len(standings) >= 2:
+        pair = _concatenation(cfg, standings[:2], candidates, y, k, samples, options, notes)
+        if pair is not None:
+            standings = selection.ranked([*standings, pair[0]])
+            if standings[0] is pair[0]:
+                winner_spec = pair[1]
+    reason = selection.verdict(standings)
+    progress(Info(f"backbone: {reason}"))
+    return splits, BackboneChoice(standings, standings[0].name, reason, time.perf_counter() - start, notes), winner_spec
+
+
+def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
+    """(Standing, spec) of the best two candidates' features concatenated, or None (with a note)
+    when they cannot be: --fine-tune, or input sizes that differ. When it wins, its features of
+    ``samples`` go into the store under its own key, so the run does not extract them again."""
+    a, b = (candidates[s.name] for s in best_two)
+    pair = selection.concatenated(a[0], b[0])
+    if cfg.fine_tune or pair is None:
+        why = "--fine-tune trains one backbone" if cfg.fine_tune else "their input sizes differ"
+        notes.append(f"{a[0].name} + {b[0].name} not tried: {why}")
+        return None
+    standing = selection.leaderboard([pair], y, k, **options)[0]
+    spec = concatenation([a[1], b[1]], pair.image_size)
+    if selection.ranked([best_two[0], standing])[0] is standing:
+        _store_concatenated(cfg, spec, pair, samples, engine=a[2] if a[2] == b[2] else None)
+    return standing, spec
+
+
+def candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress: Callback = silent):
+    """(selection.Candidate, spec, engine) of one backbone: its plain features of ``samples``
+    (cached by the feature store under the run's own keys) and its measured ms/image; None
+    with --fine-tune for a backbone run through a signature (it cannot be trained)."""
+    from tlcli import features
+    from tlcli.model import backbone
+    from tlcli.model import classifier as model
+    from tlcli.model import litert as litert_backbone
+
+    loaded = backbone.load(spec, path=backbone.fetch(spec))
+    if cfg.fine_tune and loaded.signature is not None:
+        return None
+    extractor = model.build_extractor(loaded.layer, loaded.image_size)
+    runner = None
+    if litert_backbone.engine_for(cfg.extractor) == "litert":
+        runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
+    views = features.compute_views(samples, extractors=(extractor, None), cache_key=cache_key(spec, loaded.image_size),
+                                   cache_dir=cfg.cache_dir, image_size=loaded.image_size, batch_size=cfg.batch_size,
+                                   max_pixels=cfg.max_pixels, progress=progress, litert=runner)
+    engine = runner if views.engine == "litert" else extractor
+    ms = _ms_per_image(engine, samples, loaded.image_size, cfg.max_pixels)
+    c = selection.Candidate(name, np.asarray(views.plain, np.float32), loaded.image_size, ms, [name])
+    return c, spec, views.engine
+
+
+def _ms_per_image(engine, samples, size: int, max_pixels: int) -> float | None:
+    """Milliseconds per image of ``engine`` (a LiteRT runner, or a Keras extractor) on up to
+    ``TIMING_IMAGES`` of ``samples``, decoded beforehand, after one warm-up call; None without
+    a readable image."""
+    from tlcli.features.extraction import model_input, tf_features
+
+    batch = [x for x, _ in (model_input(s, size, max_pixels, None) for s in samples[:TIMING_IMAGES]) if x is not None]
+    if not batch:
+        return None
+    x = np.stack(batch)
+    run = engine if callable(engine) and not hasattr(engine, "predict") else (lambda b: tf_features(engine, b))
+    run(x[:8])
+    t = time.perf_counter()
+    run(x)
+    return (time.perf_counter() - t) * 1000 / len(x)
+
+
+def _store_concatenated(cfg: TrainConfig, spec: BackboneSpec, pair: selection.Candidate, samples,
+                        engine: str | None) -> None:
+    """Put ``pair``'s features of ``samples`` into the store of ``spec`` (the concatenation) for
+    ``engine``'s views, the ones the run will read; nothing when the parts' engines differ."""
+    from tlcli.features import model_store, view_key
+
+    if engine is None:
+        return
+    store = model_store(cfg.cache_dir, view_key(cache_key(spec, pair.image_size), engine), dim=pair.features.shape[1])
+    for s, vec in zip(samples, pair.features):
+        store.put(s.digest, vec)
+    store.flush()
