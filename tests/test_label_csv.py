@@ -51,7 +51,8 @@ def test_a_row_whose_file_is_unusable_is_skipped_naming_its_line(tmp_path):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (["file,label", "a/x.png,a"], r"line 1: the header must be path,label \(and optionally split\), not file,label"),
+    (["file,label", "a/x.png,a"], r"line 1: the header must be path,label or path,labels \(and optionally split\), not "
+                                   r"file,label"),
     (["path,label", 'a/x.png,"a'], r"line 2: not valid CSV"),
     (["path,label", "a/x.png,"], r"line 2: the label .* is empty"),
     (["path,label", "a/x.png,a", "b/y.png,b", "a/x.png,b"], r"line 4: .*x.png is also on line 2 with another label"),

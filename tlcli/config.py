@@ -163,6 +163,9 @@ class TrainConfig:
     l2: float | None = None
     label_smoothing: float = 0.1
     class_weights: bool = True
+    # Several labels a photo: one sigmoid per label, each with its own cross-validated threshold
+    # (tlcli/model/multilabel.py). Implied by a labels CSV with a ``labels`` column.
+    multi_label: bool = False
     # Optional fine-tuning phase: the head is first fit on all but a stratified holdout, which
     # then drives early stopping of the fine-tuning.
     holdout: float = 0.15

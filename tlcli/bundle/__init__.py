@@ -10,6 +10,8 @@ from tlcli.bundle.format import (
     META_FILE,
     SIGNATURES,
     SPLITS_FILE,
+    TASK_MULTI_LABEL,
+    TASK_SINGLE_LABEL,
     TFLITE_FILE,
     BackboneMeta,
     Bundle,
@@ -41,7 +43,8 @@ from tlcli.bundle.place import (
 from tlcli.bundle.schema import read_regular
 
 __all__ = ["FINGERPRINT_FILE", "FORMAT_VERSION", "LABELS_FILE", "META_FILE", "SIGNATURES", "SPLITS_FILE",
-           "TFLITE_FILE", "BackboneMeta", "Bundle", "BundleMeta", "DataMeta", "MetricsMeta", "TrainingMeta",
+           "TASK_MULTI_LABEL", "TASK_SINGLE_LABEL", "TFLITE_FILE", "BackboneMeta", "Bundle", "BundleMeta", "DataMeta",
+           "MetricsMeta", "TrainingMeta",
            "check_free_space", "check_output", "check_place", "check_replaceable", "check_version", "clean_stale",
            "commit", "foreign_entries", "input_spec", "load", "lock", "parents_made", "read_regular", "record_export",
            "save", "space_needed", "splits_text", "staging_dir", "tf_readable"]

@@ -35,6 +35,7 @@ LABELS_FILE = "labels.txt"
 SPLITS_FILE = "splits.json"
 TFLITE_FILE = "model.tflite"
 FINGERPRINT_FILE = "fingerprint.pb"  # written with the SavedModel
+TASK_SINGLE_LABEL, TASK_MULTI_LABEL = "single_label", "multi_label"
 
 
 def input_spec(image_size: int) -> dict:
@@ -168,6 +169,9 @@ class BundleMeta(_Section):
     """The schema of tlcli.json, version ``FORMAT_VERSION``: everything predict, export and
     evaluate need to know about a trained model, and the record of how it was trained.
 
+    ``task``: "multi_label" for a model of one sigmoid per label, with ``thresholds`` (one per
+    label, in [0, 1]); "single_label" (softmax), or absent in an older bundle, for one label a photo.
+
     ``labels`` (>= 2 distinct one-line names, index = output unit) and ``image_size`` (in
     ``config.MIN_IMAGE_SIZE`` .. ``MAX_IMAGE_SIZE``) are required. ``config`` is
     ``TrainConfig.to_dict()``; ``skipped`` the files
@@ -205,12 +209,23 @@ class BundleMeta(_Section):
     labels_override: dict | None = None
     # --backbone A,B / auto: the leaderboard, winner and why (``training.choice.BackboneChoice``).
     backbone_choice: dict | None = None
+    # "single_label" (softmax: one label a photo) or "multi_label" (one sigmoid per label); None,
+    # and not written back, in a bundle made before it (single-label): see ``multi_label``.
+    task: str | None = None
+    # A multi-label bundle's threshold per label (in label order): a label is predicted when its
+    # probability is at least its threshold. None, and not written, for a single-label bundle.
+    thresholds: list[float] | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
-    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice")
+    _optional: ClassVar[tuple] = ("audit", "labels_override", "backbone_choice", "task", "thresholds")
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model gives one independent probability per label (rows need not sum to 1)."""
+        return self.task == TASK_MULTI_LABEL
 
     @classmethod
     def from_dict(cls, data, *, path: str | os.PathLike = META_FILE) -> "BundleMeta":

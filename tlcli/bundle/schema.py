@@ -171,7 +171,25 @@ def check_meta(meta, path: Path, meta_cls=None) -> tuple[list[str], int]:
         raise BundleError(f"{where}: \"exports\" must be an object of objects, not {show(exports)}; {fix}")
     if meta_cls is not None:
         check_fields(meta, meta_cls, where)
+    _check_task(meta, len(labels), where)
     return labels, size
+
+
+def _check_task(meta: dict, num_labels: int, where: str) -> None:
+    """``task`` is absent, "single_label" or "multi_label"; a multi-label bundle has one
+    threshold in [0, 1] per label, and a single-label one none."""
+    fix = "retrain or restore the file"
+    task, thresholds = meta.get("task"), meta.get("thresholds")
+    if task not in (None, "single_label", "multi_label"):
+        raise BundleError(f"{where}: \"task\" must be \"single_label\" or \"multi_label\", not {show(task)}; {fix}")
+    if task != "multi_label":
+        if thresholds is not None:
+            raise BundleError(f"{where}: \"thresholds\" is set but \"task\" is not \"multi_label\"; {fix}")
+        return
+    if not (isinstance(thresholds, list) and len(thresholds) == num_labels
+            and all(_type_ok(t, "float") and 0.0 <= t <= 1.0 for t in thresholds)):
+        raise BundleError(f"{where}: \"thresholds\" must be {num_labels} numbers in [0, 1] (one per label), not "
+                          f"{show(thresholds)}; {fix}")
 
 
 def check_splits(splits, num_labels: int, path: Path) -> dict:

@@ -98,3 +98,7 @@ def path_str(p: Path | None) -> str | None:
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ModelDir = Annotated[Path, typer.Option(metavar="DIR", help="Model bundle directory.")]
+ThresholdOption = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, show_default=False,
+    help="Multi-label models: one threshold for every label; default: each label's own, chosen by "
+         "cross-validation when training.")]

@@ -320,8 +320,9 @@ def skipped_table(skipped: list[dict]) -> Table:
 
 def train_summary(result, *, tensorboard: str | None) -> Table:
     t = kv_table("Training summary")
-    t.add_row("train accuracy", pct(result.train_accuracy))
-    t.add_row("val accuracy", pct(result.val_accuracy))
+    kind = " subset" if getattr(result, "task", None) == "multi_label" else ""  # every label of a photo right
+    t.add_row(f"train{kind} accuracy", pct(result.train_accuracy))
+    t.add_row(f"val{kind} accuracy", pct(result.val_accuracy))
     if result.test_accuracy is not None:
         t.add_row("test accuracy", f"{pct(result.test_accuracy)} on {sum(result.test_counts.values())} test images "
                   "(the final report)")
@@ -376,6 +377,9 @@ def choice_table(choice: dict) -> Table:
 
 
 def _ranked(p) -> list[str]:
+    if p.labels is not None:  # a multi-label model: the labels at or above their thresholds
+        shown = [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions if q["label"] in p.labels]
+        return shown or ["no label above its threshold"]
     return [f"{q['label']} {100 * q['probability']:.1f}%" for q in p.predictions]
 
 
@@ -385,11 +389,13 @@ def predictions_table(engine: str, columns: int, predictions, width: int = 80) -
     the file (24 cells), they are stacked in one column, one per line, so that no label or number
     is ever cut."""
     cells = max((len(cell) for p in predictions for cell in _ranked(p)), default=0)
-    stacked = columns > 1 and 24 + (cells + 3) * columns > width
+    multi = any(p.labels is not None for p in predictions)
+    stacked = multi or (columns > 1 and 24 + (cells + 3) * columns > width)
     table = Table(title=f"Predictions ({engine})", title_justify="left")
     # The file keeps some width whatever the other cells hold; an error message folds in "#1".
     table.add_column("file", overflow="fold", min_width=20)
-    for header in [f"top {columns}"] if stacked else [f"#{i + 1}" for i in range(columns)]:
+    headers = ["labels"] if multi else [f"top {columns}"] if stacked else [f"#{i + 1}" for i in range(columns)]
+    for header in headers:
         table.add_column(header, overflow="fold")
     for p in predictions:
         if p.error:
@@ -420,9 +426,12 @@ def export_summary(r) -> Table:
     if r.ms_per_image is not None:
         t.add_row("speed", f"{r.ms_per_image:.2f} ms per image (one at a time, this machine)")
     if r.agreement is not None:
-        t.add_row("top-1 agreement", safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
+        multi = getattr(r, "task", None) == "multi_label"
+        t.add_row("label-set agreement" if multi else "top-1 agreement",
+                  safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
         t.add_row("largest diff", f"{r.max_abs_diff:.2g} in probability")
-        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, {name} {pct(r.export_accuracy)}")
+        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, {name} {pct(r.export_accuracy)}"
+                  + (" (decisions at the thresholds, against the SavedModel's)" if multi else ""))
         for c in r.per_class:
             shown = (f"SavedModel {pct(c['saved_model_accuracy'])}, {name} {pct(c['export_accuracy'])}"
                      if c["images"] else "no parity images")

@@ -52,10 +52,42 @@ def _mistakes_table(rep, root=None) -> Table:
 
 
 
+def _multi_label_evaluation(r) -> list:
+    """``evaluation`` of a multi-label model: the summary, then per label its threshold,
+    precision, recall, F1, average precision and photos."""
+    rep = r.report
+    t = kv_table("Evaluation (multi-label)")
+    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
+    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
+    t.add_row("subset accuracy", f"{pct(rep.accuracy)} (every label of a photo right)")
+    t.add_row("F1", f"micro {num(rep.micro_f1)}, macro {num(rep.macro_f1)}")
+    t.add_row("mAP", "no label has a positive photo" if rep.mean_average_precision is None
+              else f"{num(rep.mean_average_precision)} (mean average precision over labels)")
+    pl = Table(title="Per label", title_justify="left")
+    pl.add_column("label", overflow="fold")
+    for name in ("thresh.", "precision", "recall", "F1", "AP", "photos"):
+        pl.add_column(name, justify="right")
+    for m in rep.per_label:
+        pl.add_row(safe(m.label), f"{m.threshold:.3f}", num(m.precision), num(m.recall), num(m.f1),
+                   "-" if m.average_precision is None else num(m.average_precision), str(m.positives),
+                   style="dim" if m.positives == 0 else None)
+    mt = Table(title=f"Most confident mistakes ({len(rep.mistakes)} shown)", title_justify="left")
+    mt.add_column("file", overflow="fold", min_width=20)
+    mt.add_column("labels", overflow="fold")
+    mt.add_column("predicted", overflow="fold")
+    for m in rep.mistakes:
+        mt.add_row(path_cell(_under(m["path"], (r.data_dir,))), safe(", ".join(m["labels"]) or "-"),
+                   safe(", ".join(m["predicted"]) or "-"))
+    shown = [t, pl, mt if rep.mistakes else Text("No mistakes.")]
+    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+
+
 def evaluation(r) -> list:
     """The renderables of an ``EvaluateResult``, in order: summary, per class, confusion matrix,
     mistakes, and a 'wrote' line per report file."""
     rep = r.report
+    if getattr(rep, "task", None) == "multi_label":
+        return _multi_label_evaluation(r)
     t = kv_table("Evaluation")
     t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
     t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))

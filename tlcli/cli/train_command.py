@@ -64,6 +64,9 @@ L2Option = Annotated[Optional[float], opt(HEAD, "Head L2 strength; default: chos
                                               "training images.")]
 LabelSmoothingOption = Annotated[float, opt(HEAD, "Label smoothing of the head's loss, in [0, 1).")]
 ClassWeightsOption = Annotated[bool, opt(HEAD, "Weight classes by inverse frequency.")]
+MultiLabelOption = Annotated[bool, opt(HEAD, "Several labels a photo: one sigmoid per label, each with a threshold "
+                                             "chosen by cross-validation; implied by a CSV with a labels column.",
+                                       "--multi-label")]
 FineTuneOption = Annotated[bool, opt(FINE_TUNING, "After the head, fine-tune the whole backbone.",
                                     "--fine-tune")]
 FineTuneEpochsOption = Annotated[int, opt(FINE_TUNING, "Cap on fine-tune epochs.")]
@@ -122,6 +125,7 @@ def train(
     label_smoothing: LabelSmoothingOption = (
         DEFAULTS.label_smoothing),
     class_weights: ClassWeightsOption = DEFAULTS.class_weights,
+    multi_label: MultiLabelOption = False,
     fine_tune: FineTuneOption = False,
     fine_tune_epochs: FineTuneEpochsOption = DEFAULTS.fine_tune_epochs,
     fine_tune_learning_rate: FineTuneLearningRateOption = (

@@ -47,8 +47,9 @@ def predict(
                                                          "runs the SavedModel.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="With --explain: replace overlays already in "
                                                         "OUTDIR.")] = False,
+    threshold: common.ThresholdOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: path, predictions, error "
-                                                          "(and overlay).")] = False,
+                                                          "(and overlay; labels, of a multi-label model).")] = False,
 ):
     """Classify images with a trained bundle. Exit code 0 only if every input succeeded."""
     import time
@@ -58,16 +59,18 @@ def predict(
     try:
         if explain is None:
             b, eng, files = inference.prepare(paths, model_dir=model, top_k=top_k, engine=engine.value,
-                                              max_pixels=max_pixels)
-            results = inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)
+                                              max_pixels=max_pixels, threshold=threshold)
+            results = inference.iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
+                                             threshold=threshold)
         else:
             explainer, files, plan, note = saliency.prepare(paths, out_dir=explain, model_dir=model, top_k=top_k,
                                                             engine=engine.value, max_pixels=max_pixels, force=force)
             if note:
                 common.err.print(render.note(note), highlight=False)
             b, eng = explainer.bundle, explainer.engine
+            inference.thresholds(b, threshold)  # a bad --threshold fails before any image
             results = saliency.iter_explained(files, explainer=explainer, plan=plan, top_k=top_k,
-                                              max_pixels=max_pixels)
+                                              max_pixels=max_pixels, threshold=threshold)
     except TlcliError as exc:
         common.fail(exc, json_out=json_out)
     start = time.perf_counter()
@@ -168,16 +171,19 @@ def evaluate(
                                                "N most confident mistakes; 0: none.")] = EVALUATE_OVERLAYS,
     force: Annotated[bool, typer.Option("--force", help="Replace the report files in a --report folder that is "
                                                         "not empty.")] = False,
+    threshold: common.ThresholdOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on "
                                                           "stdout.")] = False,
 ):
     """Evaluate a trained bundle on a labelled folder: accuracy, per-class metrics, confusion matrix
-    and the most confident mistakes. Exit code 1 if any file had to be skipped."""
+    and the most confident mistakes (multi-label: per-label precision, recall, F1 and average
+    precision, micro and macro F1, mAP, subset accuracy, and pr_curves.png with --report). Exit
+    code 1 if any file had to be skipped."""
     from tlcli import insight
 
     r = common.with_progress(insight.evaluate, data_dir, quiet=json_out, json_out=json_out, model_dir=model,
                        engine=engine.value, top_k=top_k, report_dir=report, max_mistakes=mistakes, force=force,
-                             overlays=overlays)
+                             overlays=overlays, threshold=threshold)
     if json_out:
         render.print_json(r.to_dict())
     else:
@@ -203,6 +209,7 @@ def serve(
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
+    threshold: common.ThresholdOption = None,
 ):
     """Serve the bundle over HTTP: TF Serving's REST API, POST /predict, and a page at / to try it.
     Ctrl-C (or SIGTERM) finishes the requests in flight and exits 0."""
@@ -210,7 +217,7 @@ def serve(
 
     try:
         r = run_serve(model, host=host, port=port, name=name, engine=engine.value, workers=workers,
-                      max_pixels=max_pixels, progress=render.line_events(common.err))
+                      max_pixels=max_pixels, threshold=threshold, progress=render.line_events(common.err))
     except TlcliError as exc:
         common.fail(exc)
     common.err.print(render.note(f"stopped serving {r.name} after {r.seconds:.0f} s"), highlight=False)

@@ -1,7 +1,8 @@
 """Labels from a CSV file instead of class folders: ``tlcli train labels.csv``.
 
-The file has a header: ``path,label`` (one label a photo), and optionally a ``split`` column
-(``train``, ``val`` or ``test``, as split folders give them). A path is relative to the CSV's
+The file has a header: ``path,label`` (one label a photo) or ``path,labels`` (several labels a
+photo, joined by ";": a multi-label set), and optionally a ``split`` column (``train``, ``val``
+or ``test``, as split folders give them). A path is relative to the CSV's
 folder, or absolute. The labels are the sorted set of label names, as with folders, and the
 photos are listed in the order a folder scan lists them (by label, then path), so the same
 photos as folders or as a CSV train the same model. A malformed file (a wrong header, bad
@@ -21,6 +22,7 @@ from tlcli.errors import DatasetError
 from tlcli.labels import label_problem, ordered
 
 SPLITS = ("train", "val", "test")
+SEPARATOR = ";"  # between the labels of a path,labels row
 MAX_CSV_BYTES = 1 << 30
 
 
@@ -28,8 +30,20 @@ MAX_CSV_BYTES = 1 << 30
 class Row:
     line: int
     path: Path
-    label: str
+    label: str  # the label; of a multi-label row, its sorted labels joined by ";"
     split: str | None
+    labels: tuple[str, ...] = ()  # a multi-label row's labels, sorted (empty for path,label)
+
+
+def is_multi_label(path: str | os.PathLike) -> bool:
+    """Whether the labels CSV at ``path`` has a ``labels`` column (several labels a photo):
+    its header only is read; anything unreadable is left to ``read`` to report."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader([f.readline()]), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return "labels" in [h.strip().lower() for h in header]
 
 
 def is_label_csv(path: str | os.PathLike) -> bool:
@@ -67,9 +81,11 @@ def read(path: str | os.PathLike, option: str = "DIR") -> list[Row]:
 
 
 def _columns(header: list[str], path: Path, option: str) -> dict[str, int]:
-    if "path" not in header or "label" not in header or not set(header) <= {"path", "label", "split"}:
-        raise DatasetError(f"{option} {path}: line 1: the header must be path,label (and optionally split), not "
-                           f"{','.join(header) or 'empty'}")
+    kind = "labels" if "labels" in header else "label"
+    if "path" not in header or not set(header) <= {"path", kind, "split"} or len(set(header)) != len(header) \
+            or kind not in header:
+        raise DatasetError(f"{option} {path}: line 1: the header must be path,label or path,labels (and "
+                           f"optionally split), not {','.join(header) or 'empty'}")
     return {name: header.index(name) for name in header}
 
 
@@ -77,17 +93,22 @@ def _row(values: list[str], line: int, columns: dict[str, int], base: Path, path
     if len(values) != len(columns):
         raise DatasetError(f"{option} {path}: line {line}: {len(values)} field(s) where the header has "
                            f"{len(columns)}; quote a value that holds a comma")
-    file, label = values[columns["path"]].strip(), values[columns["label"]].strip()
+    multi = "labels" in columns
+    file, label = values[columns["path"]].strip(), values[columns["labels" if multi else "label"]].strip()
     split = values[columns["split"]].strip().lower() if "split" in columns else None
     where = f"{option} {path}: line {line}"
     if not file:
         raise DatasetError(f"{where}: the path is empty; give the photo's path")
-    problem = label_problem(label)
-    if problem:
-        raise DatasetError(f"{where}: the label {problem}; give a one-line label name")
+    names = tuple(sorted({part.strip() for part in label.split(SEPARATOR)})) if multi else (label,)
+    for name in names:
+        problem = label_problem(name)
+        if problem:
+            fix = f"give one-line label names joined by {SEPARATOR!r}" if multi else "give a one-line label name"
+            raise DatasetError(f"{where}: the label {problem}; {fix}")
     if split is not None and split not in SPLITS:
         raise DatasetError(f"{where}: split {split!r} is none of {', '.join(SPLITS)}")
-    return Row(line, Path(file) if os.path.isabs(file) else base / file, label, split)
+    file_path = Path(file) if os.path.isabs(file) else base / file
+    return Row(line, file_path, SEPARATOR.join(names), split, names if multi else ())
 
 
 def _deduplicated(rows: list[Row], path: Path, option: str) -> list[Row]:
@@ -103,18 +124,27 @@ def _deduplicated(rows: list[Row], path: Path, option: str) -> list[Row]:
 
 
 def candidates(rows: list[Row], labels: list[str] | None, split: str | None, path: Path,
-               option: str) -> tuple[list[tuple[Path, int]], list[str], dict[str, int]]:
+               option: str) -> tuple[list[tuple[Path, int]], list[str], dict[str, int], dict[str, tuple[int, ...]]]:
     """(the (photo, label index) of the rows of ``split`` (all rows when None), in a folder scan's
-    order; the labels: ``labels`` when given, else the sorted label names of every row; each
-    photo's line, by path). Raises ``DatasetError`` for a label that is not one of ``labels``."""
-    names = labels if labels is not None else ordered(r.label for r in rows)
+    order (a multi-label row under its first label); the labels: ``labels`` when given, else the
+    sorted label names of every row; each photo's line, by path; each multi-label photo's label
+    indices, by path (empty for path,label rows)). Raises ``DatasetError`` for a label that is
+    not one of ``labels``."""
+    names = labels if labels is not None else ordered({name for r in rows for name in _names(r)})
     if labels is None and len(names) < 2:
         raise DatasetError(f"{option} {path}: only one label ({names[0]}); a classifier needs at least two")
     index = {label: i for i, label in enumerate(names)}
     chosen = [r for r in rows if split is None or (r.split or "train") == split]
-    unknown = next((r for r in chosen if r.label not in index), None)
+    unknown = next(((r, name) for r in chosen for name in _names(r) if name not in index), None)
     if unknown is not None:
-        raise DatasetError(f"{option} {path}: line {unknown.line}: label {unknown.label!r} is not a label of the "
+        raise DatasetError(f"{option} {path}: line {unknown[0].line}: label {unknown[1]!r} is not a label of the "
                            f"model ({', '.join(names)}); fix the label or remove the line")
-    found = sorted(chosen, key=lambda r: (index[r.label], str(r.path)))
-    return [(r.path, index[r.label]) for r in found], list(names), {str(r.path): r.line for r in found}
+    first = {str(r.path): min(index[n] for n in _names(r)) for r in chosen}
+    found = sorted(chosen, key=lambda r: (first[str(r.path)], str(r.path)))
+    multi = {str(r.path): tuple(sorted(index[n] for n in r.labels)) for r in found if r.labels}
+    return ([(r.path, first[str(r.path)]) for r in found], list(names), {str(r.path): r.line for r in found},
+            multi)
+
+
+def _names(row: Row) -> tuple[str, ...]:
+    return row.labels or (row.label,)

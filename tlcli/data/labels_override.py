@@ -128,7 +128,7 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
     where = f"{option} {review.file}"
     index = {label: i for i, label in enumerate(labels)}
     by_path = {os.path.abspath(s.path): s for samples in parts.values() for s in samples}
-    changes: dict[str, int | None] = {}  # photo -> its new label index, or None to drop it
+    changes: dict[str, int | tuple | None] = {}  # photo -> its new label index (set), or None to drop it
     lines: dict[str, Row] = {}  # photo -> the row that named it (a path may be written two ways)
     relabelled = dropped = 0
     for row in review.rows:
@@ -152,14 +152,11 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
         if row.action == "drop":
             changes[os.path.abspath(sample.path)], dropped = None, dropped + 1
         elif row.action == "relabel":
-            target = _text(row.label, index)
-            if target not in index:
-                raise DatasetError(f"{where}: line {row.line}: label {target!r} is not a label of the data "
-                                   f"({', '.join(labels)}); fix the label or the action")
-            if index[target] != sample.label:
-                changes[os.path.abspath(sample.path)], relabelled = index[target], relabelled + 1
+            target = _target(row, sample, index, where)
+            if target != (sample.labels or sample.label):
+                changes[os.path.abspath(sample.path)], relabelled = target, relabelled + 1
     out = {name: _changed(samples, changes) for name, samples in parts.items()}
-    left = {s.label for s in out.get("train", [])}
+    left = {i for s in out.get("train", []) for i in s.label_set()}
     empty = [label for i, label in enumerate(labels) if i not in left]
     if empty:
         raise DatasetError(f"{where}: leaves no training image labelled {empty[0]!r}; keep some of them, or "
@@ -168,16 +165,31 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
                  "dropped": dropped, "kept": len(lines) - relabelled - dropped}
 
 
+def _target(row: Row, sample, index: dict[str, int], where: str) -> int | tuple[int, ...]:
+    """The label index a relabel gives ``sample``; of a multi-label photo (``Sample.labels``), the
+    sorted indices of the labels the target names, joined by ";". Raises ``DatasetError`` for a
+    label that is not one of ``index``."""
+    names = [part.strip() for part in row.label.split(";")] if sample.labels else [row.label]
+    for name in names:
+        if _text(name, index) not in index:
+            raise DatasetError(f"{where}: line {row.line}: label {_text(name, index)!r} is not a label of the data "
+                               f"({', '.join(index)}); fix the label or the action")
+    found = [index[_text(name, index)] for name in names]
+    return tuple(sorted(set(found))) if sample.labels else found[0]
+
+
 def _resolved(path: str, root) -> str:
     return os.path.abspath(path if os.path.isabs(path) else os.path.join(root, path))
 
 
-def _changed(samples: list, changes: dict[str, int | None]) -> list:
+def _changed(samples: list, changes: dict[str, int | tuple | None]) -> list:
     out = []
     for s in samples:
         key = os.path.abspath(s.path)
         if key not in changes:
             out.append(s)
+        elif isinstance(changes[key], tuple):  # a multi-label photo's new label set
+            out.append(dataclasses.replace(s, label=changes[key][0], labels=changes[key]))
         elif changes[key] is not None:
             out.append(dataclasses.replace(s, label=changes[key]))
     return out

@@ -23,6 +23,12 @@ class Sample:
     path: str
     label: int
     digest: str  # content hash of the file, keys the feature cache
+    # A multi-label photo's label indices (sorted; ``label`` is the first); empty for one label.
+    labels: tuple[int, ...] = ()
+
+    def label_set(self) -> tuple[int, ...]:
+        """The photo's label indices: its labels, or its one label."""
+        return self.labels or (self.label,)
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,15 @@ class ImageFolder:
 
 
 def count_by_label(samples, labels: list[str]) -> dict[str, int]:
-    """Images per label name (every label present, 0 when it has none), in label order."""
+    """Images per label name (every label present, 0 when it has none), in label order; a
+    multi-label photo counts under each of its labels."""
     n = {label: 0 for label in labels}
     for s in samples:
-        n[labels[s.label]] += 1
+        if s.labels:
+            for i in s.labels:
+                n[labels[i]] += 1
+        else:
+            n[labels[s.label]] += 1
     return n
 
 
@@ -134,13 +145,13 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
     """
     if label_csv.is_label_csv(root):  # labels from a CSV: its rows of ``split`` (all when None)
         rows = label_csv.read(root, option)
-        candidates, labels, lines = label_csv.candidates(rows, labels, split, Path(root), option)
+        candidates, labels, lines, multi = label_csv.candidates(rows, labels, split, Path(root), option)
         root_p, skipped = Path(root).parent, []
-        found = sorted({labels[label] for _, label in candidates})
+        found = sorted({labels[i] for path, label in candidates for i in multi.get(str(path), (label,))})
     else:
         root_p = check_folder(root, option)
         class_dirs, loose, labels = _class_folders(root, root_p, labels, option)
-        found, lines = [d.name for d in class_dirs], {}
+        found, lines, multi = [d.name for d in class_dirs], {}, {}
         candidates, skipped = _listed(root_p, class_dirs, {name: i for i, name in enumerate(labels)}, loose, check)
 
     def check(item):
@@ -172,7 +183,7 @@ def scan(root: str | os.PathLike, *, image_size: int, labels: list[str] | None =
                     skipped.append(Skipped(str(path), err.reason, detail))
                     bad_in[label] = bad_in.get(label, 0) + 1
                 else:
-                    samples.append(Sample(str(path), label, digest))
+                    samples.append(Sample(str(path), label, digest, multi.get(str(path), ())))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # don't check the rest first
             raise

@@ -73,6 +73,9 @@ class ExportResult:
     format: str = "tflite"
     files: list[str] = field(default_factory=list)  # every file written (the model file first)
     ms_per_image: float | None = None       # one image at a time on this machine, after warm-up
+    # "multi_label": agreement is of label sets and the accuracies of thresholded decisions
+    # against the SavedModel's (``parity.label_compare``); None for a single-label model.
+    task: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -313,7 +316,8 @@ def _export(b: bundles.Bundle, fmt: Format, out: Path, ref: _Reference, quantize
     labels_path = labels_path_for(out, b, embedded=embedded, fmt=fmt)
     result = ExportResult(str(out), labels_path and str(labels_path), embedded, quantize, io_type,
                           sum(map(len, payloads)), None, 0, None, None, None, None,
-                          max_accuracy_drop=ref.max_accuracy_drop, format=fmt.name, files=[str(p) for p in targets])
+                          max_accuracy_drop=ref.max_accuracy_drop, format=fmt.name, files=[str(p) for p in targets],
+                          task=b.meta.task if b.meta.multi_label else None)
     progress(Start("parity", total=len(ref.x)))
     p_ref = ref.probabilities() if len(ref.x) else None
     for name in fmt.run:  # before the temporary folder: Ctrl-C inside a native import is an ImportError
@@ -326,8 +330,7 @@ def _export(b: bundles.Bundle, fmt: Format, out: Path, ref: _Reference, quantize
 
         engine = open_engine(b, fmt.name, path=measured)
         if len(ref.x):
-            result = dataclasses.replace(result, **parity.compare(p_ref, parity.run(engine, ref.x),
-                                                                  ref.y, b.labels),
+            result = dataclasses.replace(result, **parity.compare(p_ref, parity.run(engine, ref.x), ref.y, b),
                                          parity_data=ref.source, parity_images=len(ref.x))
         one = ref.x[:1] if len(ref.x) else np.zeros((1, b.image_size, b.image_size, 3), np.float32)
         result.ms_per_image = parity.ms_per_image(engine, one)

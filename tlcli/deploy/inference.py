@@ -27,17 +27,21 @@ from tlcli.errors import BundleError, ImageError, UsageError
 class Prediction:
     """``predictions`` is a list of {"label", "probability"}, best first; ``error`` is None or a
     message (the file could not be used); ``overlay`` the saliency overlay written for it
-    (``predict --explain``), else None and left out of ``to_dict``."""
+    (``predict --explain``), else None and left out of ``to_dict``. ``labels``: of a multi-label
+    model, the names of every label at or above its threshold, most probable first (each also in
+    ``predictions``); None, and not in ``to_dict``, for a single-label model."""
 
     path: str
     predictions: list[dict] = field(default_factory=list)
     error: str | None = None
+    labels: list[str] | None = None
     overlay: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["overlay"] is None:
-            del d["overlay"]
+        for key in ("labels", "overlay"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -135,20 +139,49 @@ def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, path: P
 
 
 def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = PREDICT_TOP_K,
-                 batch_size: int = 32, max_pixels: int | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+                 batch_size: int = 32, max_pixels: int | None = None,
+                 threshold: float | None = None) -> Iterator[tuple[Prediction, np.ndarray | None]]:
     """Yield (Prediction, probabilities or None) per path, in order. Bad files get ``error``.
-    ``max_pixels`` defaults to the limit the model was trained with."""
+    ``max_pixels`` defaults to the limit the model was trained with. Of a multi-label bundle,
+    ``predictions`` holds at least every label at or above its threshold (``thresholds``)."""
     size = bundle.image_size
     max_pixels = max_pixels or bundle.max_pixels
     k = max(1, min(top_k, len(bundle.labels)))
+    cuts = thresholds(bundle, threshold)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x, errors = images.decode_batch(chunk, lambda p: images.load_for_model(p, size, max_pixels=max_pixels))
         for p, err, row in zip(chunk, errors, images.paired(errors, None if x is None else engine(x))):
             if err is not None:
-                yield Prediction(p, [], _file_error(p, err)), None
+                yield Prediction(p, [], _file_error(p, err), [] if cuts is not None else None), None
             else:
-                yield Prediction(p, ranked(row, bundle.labels, k)), row
+                yield prediction(p, row, bundle.labels, k, cuts), row
+
+
+def prediction(path: str, row: np.ndarray, labels: list[str], k: int, cuts: np.ndarray | None) -> Prediction:
+    """The Prediction of one image's probabilities ``row``: its ``k`` best labels; with ``cuts``
+    (a multi-label model's thresholds, ``thresholds``) also the labels at or above them, every
+    one of them among the ranked ones."""
+    if cuts is None:
+        return Prediction(path, ranked(row, labels, k))
+    names = [labels[i] for i in np.argsort(-row, kind="stable") if row[i] >= cuts[i]]
+    return Prediction(path, ranked(row, labels, max(k, len(names))), labels=names)
+
+
+def thresholds(bundle: bundles.Bundle, threshold: float | None = None) -> np.ndarray | None:
+    """A multi-label bundle's threshold per label (float32 [L]): ``threshold`` for every label when
+    given, else the bundle's own; None for a single-label bundle. Raises ``UsageError`` for a
+    ``threshold`` outside [0, 1], or given for a single-label bundle."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold}: must be in [0, 1]")
+    if not bundle.meta.multi_label:
+        if threshold is not None:
+            raise UsageError(f"--threshold {threshold}: --model {bundle.path} is a single-label model (it picks "
+                             "the most probable label); drop --threshold")
+        return None
+    if threshold is not None:
+        return np.full(len(bundle.labels), threshold, np.float32)
+    return np.asarray(bundle.meta.thresholds, np.float32)
 
 
 def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
@@ -160,18 +193,22 @@ def ranked(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
 
 def predict(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
             top_k: int = PREDICT_TOP_K, engine: str = PREDICT_ENGINE,
-            max_pixels: int | None = None) -> list[Prediction]:
-    """Top-k predictions for files and/or folders. Never raises for a bad image (see ``error``);
-    raises ``BundleError`` / ``UsageError`` for a bad model or option."""
-    b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels)
-    return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels)]
+            max_pixels: int | None = None, threshold: float | None = None) -> list[Prediction]:
+    """Top-k predictions for files and/or folders (of a multi-label model, also the labels at or
+    above their thresholds: ``threshold`` for all of them when given). Never raises for a bad
+    image (see ``error``); raises ``BundleError`` / ``UsageError`` for a bad model or option."""
+    b, eng, files = prepare(paths, model_dir=model_dir, top_k=top_k, engine=engine, max_pixels=max_pixels,
+                            threshold=threshold)
+    return [p for p, _ in iter_predict(files, bundle=b, engine=eng, top_k=top_k, max_pixels=max_pixels,
+                                       threshold=threshold)]
 
 
 def prepare(paths: Iterable[str | os.PathLike], *, model_dir: str | os.PathLike, top_k: int, engine: str,
-            max_pixels: int | None) -> tuple[bundles.Bundle, object, list[str]]:
+            max_pixels: int | None, threshold: float | None = None) -> tuple[bundles.Bundle, object, list[str]]:
     """Check the options, load the bundle and its engine, and expand folders: everything that can
     fail as a whole before the first image is classified. Returns (bundle, engine, files)."""
     check_top_k(top_k)
     check_max_pixels(max_pixels)
     b = bundles.load(model_dir)
+    thresholds(b, threshold)
     return b, open_engine(b, engine), walk.expand(paths)

@@ -85,13 +85,15 @@ def run(engine, x: np.ndarray) -> np.ndarray:
     return np.concatenate([engine(x[i:i + 32]) for i in range(0, len(x), 32)])
 
 
-def compare(p_ref: np.ndarray, p_out: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
+def compare(p_ref: np.ndarray, p_out: np.ndarray, y: np.ndarray, b: bundles.Bundle) -> dict:
     """Top-1 agreement, both accuracies (overall and per label) and the largest probability
     difference of an export's probabilities ``p_out`` against the SavedModel's ``p_ref`` on
-    images labelled ``y``."""
+    images labelled ``y``; of a multi-label bundle, ``label_compare``."""
+    if b.meta.multi_label:
+        return label_compare(p_ref, p_out, b)
     right_ref, right_out = p_ref.argmax(1) == y, p_out.argmax(1) == y
     per_class = []
-    for i, label in enumerate(labels):
+    for i, label in enumerate(b.labels):
         mine = y == i
         n = int(mine.sum())
         per_class.append({"label": label, "images": n,
@@ -100,6 +102,21 @@ def compare(p_ref: np.ndarray, p_out: np.ndarray, y: np.ndarray, labels: list[st
     return {"agreement": float(np.mean(p_ref.argmax(1) == p_out.argmax(1))),
             "saved_model_accuracy": float(right_ref.mean()), "export_accuracy": float(right_out.mean()),
             "max_abs_diff": float(np.max(np.abs(p_ref - p_out))), "per_class": per_class}
+
+
+def label_compare(p_ref: np.ndarray, p_out: np.ndarray, b: bundles.Bundle) -> dict:
+    """``compare`` of a multi-label bundle, whose rows need not sum to 1 and whose splits.json
+    records one label a photo: each label is decided at its threshold, and the SavedModel's
+    decisions are the reference. ``agreement``: the share of images given the same label set;
+    the accuracies: the share of (image, label) decisions equal to the SavedModel's (its own:
+    1), overall and per label, so the accuracy gate bounds the decisions the export changes."""
+    cuts = np.asarray(b.meta.thresholds, np.float32)[None, :]
+    same = (p_ref >= cuts) == (p_out >= cuts)
+    per_class = [{"label": label, "images": len(same), "saved_model_accuracy": 1.0,
+                  "export_accuracy": float(same[:, j].mean())} for j, label in enumerate(b.labels)]
+    return {"agreement": float(same.all(axis=1).mean()), "saved_model_accuracy": 1.0,
+            "export_accuracy": float(same.mean()), "max_abs_diff": float(np.max(np.abs(p_ref - p_out))),
+            "per_class": per_class}
 
 
 def ms_per_image(engine, image: np.ndarray) -> float:

@@ -235,12 +235,13 @@ def prepare(paths, *, out_dir: str | os.PathLike, model_dir: str | os.PathLike =
 
 
 def iter_explained(paths: list[str], *, explainer: Explainer, plan: dict[str, Path], top_k: int = PREDICT_TOP_K,
-                   max_pixels: int | None = None) -> Iterator[tuple[inference.Prediction, np.ndarray | None]]:
+                   max_pixels: int | None = None,
+                   threshold: float | None = None) -> Iterator[tuple[inference.Prediction, np.ndarray | None]]:
     """``inference.iter_predict`` through the explainer's engine, each usable image's overlay
     written to ``plan[path]`` and named in its Prediction's ``overlay``. Raises ``BundleError``,
     ``TlcliError`` (an overlay cannot be written)."""
     for p, row in inference.iter_predict(paths, bundle=explainer.bundle, engine=explainer.engine, top_k=top_k,
-                                         max_pixels=max_pixels):
+                                         max_pixels=max_pixels, threshold=threshold):
         if p.error is None:
             try:
                 p.overlay = str(explainer.write_overlay(p.path, plan[p.path], max_pixels=max_pixels)[0])

@@ -9,7 +9,8 @@ Endpoints (``NAME`` defaults to the bundle folder's name; the one version served
   of the label explained), or a 404 when the bundle has no SavedModel (the page then hides it).
 * ``POST /predict[?top_k=K]``: a multipart upload of one or more files (any field names), or the
   raw bytes of one image as the body. Answers a JSON array of the objects ``tlcli predict
-  --json`` prints (``path`` is the upload's file name). When a file cannot be used: 400 with
+  --json`` prints (``path`` is the upload's file name; of a multi-label model, ``labels``: those
+  at or above their thresholds). When a file cannot be used: 400 with
   ``{"error": <its decoder message>, "results": [...]}``. The ``Server-Timing`` header has the
   time spent decoding and classifying.
 * TF Serving's REST API, so a client written for one works against the other:
@@ -105,8 +106,9 @@ class ServedModel:
     engine is shared."""
 
     def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
-                 max_images: int = SERVE_MAX_IMAGES):
+                 max_images: int = SERVE_MAX_IMAGES, threshold: float | None = None):
         self.bundle, self.name, self.workers, self.max_images = b, name, workers, max_images
+        self.cuts = inference.thresholds(b, threshold)  # a multi-label model's; None for one label
         self.engine = inference.resolve_engine(b, engine)
         self.max_pixels = max_pixels or b.max_pixels
         self.signatures = signature_defs(b)
@@ -164,8 +166,9 @@ class ServedModel:
             part = uploads[start:start + BATCH]
             x, errors = images.decode_batch(part, lambda upload: self.decode(upload[1], upload[0]))
             rows = images.paired(errors, None if x is None else self.classify(x))
-            results += [inference.Prediction(name, [], str(err)) if err else
-                        inference.Prediction(name, inference.ranked(row, self.bundle.labels, k))
+            none = None if self.cuts is None else []
+            results += [inference.Prediction(name, [], str(err), none) if err else
+                        inference.prediction(name, row, self.bundle.labels, k, self.cuts)
                         for (name, _), err, row in zip(part, errors, rows)]
         return results
 
@@ -357,10 +360,11 @@ def build_app(model: ServedModel, *, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
 def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | None = None,
              engine: str = PREDICT_ENGINE, workers: int | None = None, max_pixels: int | None = None,
              max_body_bytes: int = SERVE_MAX_BODY_BYTES, max_images: int = SERVE_MAX_IMAGES,
-             body_seconds: float = SERVE_BODY_SECONDS):
+             body_seconds: float = SERVE_BODY_SECONDS, threshold: float | None = None):
     """Load the bundle and its engine and return the ASGI app (for uvicorn, or tests). ``name``
-    defaults to the bundle folder's name, ``workers`` to the number of CPUs. Raises
-    ``BundleError`` / ``UsageError``."""
+    defaults to the bundle folder's name, ``workers`` to the number of CPUs; ``threshold``: a
+    multi-label model's, for every label (default: each label's own). Raises ``BundleError`` /
+    ``UsageError``."""
     workers = check_options(workers=workers, max_pixels=max_pixels, max_body_bytes=max_body_bytes)
     if max_images < 1 or not body_seconds > 0:
         raise UsageError(f"max_images {max_images}, body_seconds {body_seconds}: both must be positive")
@@ -368,7 +372,8 @@ def make_app(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, name: str | No
     name = name if name is not None else Path(os.path.abspath(model_dir)).name
     if not re.fullmatch(r"[^/:\s]+", name):
         raise UsageError(f"--name {name!r}: a model name cannot be empty or hold '/', ':' or spaces")
-    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images)
+    model = ServedModel(b, name=name, engine=engine, workers=workers, max_pixels=max_pixels, max_images=max_images,
+                        threshold=threshold)
     return build_app(model, max_body_bytes=max_body_bytes, body_seconds=body_seconds)
 
 
@@ -419,7 +424,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE_HOST, port: int = SERVE_PORT,
           name: str | None = None, engine: str = PREDICT_ENGINE, workers: int | None = None,
           max_pixels: int | None = None, max_body_bytes: int = SERVE_MAX_BODY_BYTES,
-          progress: Callback = silent) -> ServeResult:
+          threshold: float | None = None, progress: Callback = silent) -> ServeResult:
     """Serve the bundle over HTTP (see the module docstring) until SIGINT or SIGTERM, then finish
     the requests in flight (up to ``GRACE_SECONDS``) and return. Emits ``Info`` with the URL once
     it accepts connections, and ``Warn`` first when ``host`` is not a loopback address (anyone on
@@ -428,7 +433,7 @@ def serve(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, *, host: str = SERVE
     from tlcli.deploy.receipt import uvicorn_server
 
     app = make_app(model_dir, name=name, engine=engine, workers=workers, max_pixels=max_pixels,
-                   max_body_bytes=max_body_bytes)
+                   max_body_bytes=max_body_bytes, threshold=threshold)
     if host not in LOOPBACK:
         progress(Warn(f"--host {host}: the server is unauthenticated and reachable from the network; anyone who "
                       "can connect can use the model"))

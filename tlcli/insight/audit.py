@@ -81,7 +81,9 @@ def threshold_rows(thresholds: dict) -> list[list[str]]:
     rows = []
     for name, value in thresholds.items():
         if isinstance(value, dict):
-            rows += [[f"{name}: {label}", shown(v), f"mean probability of {label} over the images labelled {label}"]
+            rows += [[f"{name}: {label}", shown(v),
+                      f"{label} is predicted at or above this out-of-fold probability (its largest F1)"
+                      if name == "label_threshold" else f"mean probability of {label} over the images labelled {label}"]
                      for label, v in value.items()]
         else:
             rows.append([name, shown(value), _THRESHOLD_MEANINGS.get(name, "")])
@@ -152,8 +154,15 @@ def _audit(cfg: TrainConfig, out_dir: Path | None, progress: Callback) -> AuditR
     spec = resolve_spec(cfg.backbone, cfg.image_size, signature=cfg.backbone_signature, output_key=cfg.backbone_output)
     path = fetch(spec)
     views, splits, extractor, size, key = dataset_features(cfg, spec, path, progress)
+    multi = cfg.multi_label or any(s.labels for s in splits.train)
     result = analyse(splits, views.plain, extractor=extractor, image_size=size, max_pixels=cfg.max_pixels,
-                      seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress)
+                      seed=cfg.seed, cache=(cfg.cache_dir, key), progress=progress, mislabels=not multi)
+    if multi:  # several labels a photo: a likely missing or extra label, not another class
+        from tlcli.insight import label_sets
+
+        result.likely_mislabeled, found = label_sets.label_findings(views, splits.train, splits.labels,
+                                                                    seed=cfg.seed)
+        result.thresholds |= found
     result.data_dir, result.val_dir = cfg.data_dir, cfg.val_dir
     result.extracted, result.cached = views.extracted, views.cached
     result.image_stats = image_stats(splits.train + splits.val + splits.test, size)

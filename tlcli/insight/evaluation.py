@@ -30,6 +30,7 @@ RELIABILITY_PNG = "reliability.png"
 MISTAKES_CSV = "mistakes.csv"
 MISTAKES_HTML = "mistakes.html"
 SALIENCY_DIR = "saliency"  # the overlays of the mistakes shown in MISTAKES_HTML
+PR_CURVES_PNG = "pr_curves.png"  # a multi-label model's report: one precision-recall curve per label
 HTML_MISTAKES = 200  # the most confident mistakes shown in MISTAKES_HTML (mistakes.csv has every one)
 MISTAKES_COLUMNS = ("path", "true_label", "predicted_label", "probability")
 
@@ -43,7 +44,7 @@ class EvaluateResult:
     model_dir: str
     data_dir: str
     engine: str
-    report: metrics.Report
+    report: metrics.Report  # of a multi-label model: a multilabel_metrics.MultiLabelReport
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -159,11 +160,21 @@ def _check_options(*, top_k: int, max_mistakes: int, overlays: int, batch_size: 
     inference.check_engine(engine)
 
 
+def _report_folder(report_dir, data_dir, *, force: bool) -> Path | None:
+    """``evaluate``'s report folder, checked and made (``html_report.prepare_dir``); None without one."""
+    if report_dir is None:
+        return None
+    from tlcli.insight import html_report
+
+    return html_report.prepare_dir(report_dir, data=[("DIR", data_dir)], force=force)
+
+
 def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR,
              engine: str = EVALUATE_ENGINE, top_k: int = EVALUATE_TOP_K,
              report_dir: str | os.PathLike | None = None, max_mistakes: int = EVALUATE_MISTAKES,
              batch_size: int = 32, max_pixels: int | None = None, force: bool = False,
-             overlays: int = EVALUATE_OVERLAYS, progress: Callback = silent) -> EvaluateResult:
+             overlays: int = EVALUATE_OVERLAYS, threshold: float | None = None,
+             progress: Callback = silent) -> EvaluateResult:
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
@@ -182,16 +193,14 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
     missing or corrupt bundle (or a missing exported file) and ``UsageError`` for a bad option
     (or an engine whose extra is not installed).
+    A multi-label bundle: see ``_multi_label_result`` (``threshold``: for every label).
     """
     _check_options(top_k=top_k, max_mistakes=max_mistakes, overlays=overlays, batch_size=batch_size, engine=engine)
     start = time.perf_counter()
     b = bundles.load(model_dir)
+    cuts = inference.thresholds(b, threshold)
     max_pixels = max_pixels or b.max_pixels
-    out_dir = None
-    if report_dir is not None:
-        from tlcli.insight import html_report
-
-        out_dir = html_report.prepare_dir(report_dir, data=[("DIR", data_dir)], force=force)
+    out_dir = _report_folder(report_dir, data_dir, force=force)
     kind = inference.resolve_engine(b, engine)
     eng = None
     if kind != "tf":  # cheap to open, and a missing exported file should fail before the scan
@@ -218,7 +227,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         else:
             probs[len(ys)] = row
             paths.append(pred.path)
-            ys.append(samples[i].label)
+            ys.append(samples[i].label if cuts is None else samples[i].label_set())
         progress(Advance("evaluate", completed=i + 1, total=len(samples)))
     progress(End("evaluate", completed=len(samples), total=len(samples)))
     if not ys:
@@ -227,6 +236,9 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
         progress(Skipped(skipped))
 
     probs = probs[:len(ys)]
+    if cuts is not None:
+        return _multi_label_result(b, data_dir, eng.name, ys, probs, paths, cuts, out_dir, skipped=skipped,
+                                   warnings=warnings, max_mistakes=max_mistakes, start=start)
     # All mistakes for mistakes.csv; the report keeps the most confident max_mistakes, which is
     # what compute(max_mistakes=...) returns, since the order is the same.
     report = metrics.compute(ys, probs, b.labels, paths=paths, top_k=top_k, max_mistakes=len(ys))
@@ -238,3 +250,22 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=eng.name, report=report,
                           skipped=skipped, warnings=warnings, files=files,
                           seconds=time.perf_counter() - start)
+
+
+def _multi_label_result(b, data_dir, engine: str, label_sets, probs, paths, cuts, out_dir, *, skipped, warnings,
+                        max_mistakes: int, start: float) -> EvaluateResult:
+    """``evaluate``'s result for a multi-label bundle, scored on a labels CSV with a ``labels``
+    column (or class folders: one label a photo): ``multilabel_metrics.compute`` at ``cuts`` (its
+    thresholds, or evaluate's ``threshold`` for every label), and ``pr_curves.png`` in ``out_dir``
+    (when given)."""
+    from tlcli import multilabel_metrics
+
+    truth = multilabel_metrics.multi_hot(label_sets, len(b.labels))
+    report = multilabel_metrics.compute(truth, probs, b.labels, cuts, paths=paths, mistakes=max_mistakes)
+    written = {}
+    if out_dir is not None:
+        from tlcli.insight import plots
+
+        written[PR_CURVES_PNG] = str(plots.pr_curves(truth, probs, b.labels, cuts, out_dir / PR_CURVES_PNG))
+    return EvaluateResult(model_dir=str(b.path), data_dir=str(data_dir), engine=engine, report=report,
+                          skipped=skipped, warnings=warnings, files=written, seconds=time.perf_counter() - start)

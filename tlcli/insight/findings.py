@@ -402,7 +402,7 @@ def train_check(cfg: TrainConfig, splits, views, fit, *, extractors, image_size:
     n = len(splits.train)
     found = None
     checked = 0
-    if len(fit.oof_rows):
+    if len(fit.oof_rows) and not cfg.multi_label:  # a multi-label fit's missing or extra labels: audit's
         image = np.asarray(fit.oof_rows) % n  # fit_views stacks the mirror rows after the plain ones
         sums = np.zeros((n, fit.oof_probs.shape[1]))
         np.add.at(sums, image, fit.oof_probs)

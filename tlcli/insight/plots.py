@@ -152,3 +152,39 @@ def reliability_diagram(report: Report, path: str | os.PathLike, *, dpi: int = 1
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+def pr_curves(truth, probs, labels: list[str], thresholds, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write one precision-recall curve per label of a multi-label evaluation (``truth`` [n, L]
+    0/1, ``probs`` [n, L]), each with its average precision in the legend and a dot where its
+    threshold puts it; a label with no positive photo has no curve (named in the legend)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from tlcli import multilabel_metrics as mm
+
+    truth, probs = np.asarray(truth) > 0.5, np.asarray(probs, np.float64)
+    fig = Figure(figsize=(7.5, 6), dpi=dpi, layout="constrained")
+    ax = fig.add_subplot()
+    for j, label in enumerate(labels):
+        curve = mm.pr_curve(probs[:, j], truth[:, j])
+        if curve is None:
+            ax.plot([], [], label=f"{_short(label)} (no positive photo)")
+            continue
+        precision, recall = curve
+        ap = mm.average_precision(probs[:, j], truth[:, j])
+        line, = ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="post",
+                        label=f"{_short(label)} (AP {ap:.3f})")
+        predicted = probs[:, j] >= thresholds[j]
+        if predicted.any():
+            hit = (predicted & truth[:, j]).sum()
+            ax.plot([hit / truth[:, j].sum()], [hit / predicted.sum()], "o", color=line.get_color())
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall per label (dot: the label's threshold)")
+    if len(labels) <= 20:
+        ax.legend(loc="lower left", fontsize=8)
+    fig.savefig(path, format="png")
+    return Path(path)

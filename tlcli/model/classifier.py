@@ -9,13 +9,16 @@ import numpy as np
 from tlcli._tf import keras, tf
 
 
-def build_head(feature_dim: int, num_classes: int, *, dropout: float, l2: float, seed: int):
-    """Dropout + softmax Dense on [batch, feature_dim] features -> [batch, num_classes] probabilities."""
+def build_head(feature_dim: int, num_classes: int, *, dropout: float, l2: float, seed: int,
+               activation: str = "softmax"):
+    """Dropout + Dense on [batch, feature_dim] features -> [batch, num_classes] probabilities:
+    a softmax over the classes, or with ``activation="sigmoid"`` one independent probability per
+    label (a multi-label model, ``model.multilabel``)."""
     k = keras()
     return k.Sequential([
         k.layers.InputLayer(input_shape=(feature_dim,)),
         k.layers.Dropout(dropout, seed=seed),
-        k.layers.Dense(num_classes, activation="softmax",
+        k.layers.Dense(num_classes, activation=activation,
                        kernel_initializer=k.initializers.GlorotUniform(seed=seed),
                        kernel_regularizer=k.regularizers.l2(l2) if l2 else None),
     ], name="head")
@@ -23,7 +26,7 @@ def build_head(feature_dim: int, num_classes: int, *, dropout: float, l2: float,
 
 def head_under_policy(head, policy: str):
     """A copy of ``head`` (``build_head``) whose Dropout and Dense compute in ``policy``'s dtype
-    (their variables stay float32) and whose softmax runs in float32, with ``head``'s weights
+    (their variables stay float32) and whose softmax (or sigmoid) runs in float32, with ``head``'s weights
     and L2 penalty: what fine-tuning trains under a mixed-precision policy."""
     k = keras()
     dropout, dense = head.layers[0], head.layers[-1]
@@ -31,7 +34,7 @@ def head_under_policy(head, policy: str):
         k.layers.InputLayer(input_shape=(int(dense.kernel.shape[0]),)),
         k.layers.Dropout(dropout.rate, seed=dropout.seed, dtype=policy),
         k.layers.Dense(dense.units, kernel_regularizer=dense.kernel_regularizer, dtype=policy),
-        k.layers.Activation("softmax", dtype="float32"),
+        k.layers.Activation(dense.get_config()["activation"], dtype="float32"),
     ], name="head")
     mixed.layers[1].set_weights(dense.get_weights())
     return mixed
@@ -78,11 +81,13 @@ class Models:
     flip_extractor: object | None
 
 
-def build_models(backbone, num_classes: int, *, dropout: float, l2: float, seed: int, mirror: bool) -> Models:
+def build_models(backbone, num_classes: int, *, dropout: float, l2: float, seed: int, mirror: bool,
+                 activation: str = "softmax") -> Models:
     """The models of a run on a loaded backbone (``backbone.load``). Build them before any other
-    thread traces the backbone layer (the SavedModel export does)."""
+    thread traces the backbone layer (the SavedModel export does). ``activation``: the head's
+    (``build_head``)."""
     size, layer = backbone.image_size, backbone.layer
-    head = build_head(backbone.feature_dim, num_classes, dropout=dropout, l2=l2, seed=seed)
+    head = build_head(backbone.feature_dim, num_classes, dropout=dropout, l2=l2, seed=seed, activation=activation)
     one_view = build_classifier(layer, head, size)
     return Models(head=head, one_view=one_view,
                   classifier=build_classifier(layer, head, size, mirror=True) if mirror else one_view,

@@ -43,7 +43,7 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
-              scalars, static: bool = False) -> bool:
+              scalars, static: bool = False, multi_label: bool = False) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
     ``backbone``) on the augmented ``fit`` images with Adam at ``cfg.fine_tune_learning_rate``,
     monitored on ``holdout`` (none: every epoch counts), in micro batches on the CPU
@@ -52,18 +52,24 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     ``state`` continues from its checkpoint. With ``static`` (a TPU) every batch has the same
     shape (``static_batches``). Returns whether the backbone's weights changed
     (False: the holdout never improved and the starting weights were restored). Raises
-    ``UsageError`` for a damaged checkpoint on resume."""
+    ``UsageError`` for a damaged checkpoint on resume. ``multi_label``: the head is one sigmoid per
+    label, trained on each image's labels (``Sample.label_set``) with binary cross-entropy."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
     num_classes, image_size = int(one_view.output_shape[-1]), backbone.image_size
     t = tf()
-    onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+    if multi_label:
+        onehot = lambda img, y: (img, t.cast(y, t.float32))  # noqa: E731  (already multi-hot)
+        targets = lambda samples: [np.isin(np.arange(num_classes), s.label_set()) for s in samples]  # noqa: E731
+    else:
+        onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
+        targets = lambda samples: [s.label for s in samples]  # noqa: E731
     # Built before the policy is set: the augmentation layers compute in float32.
-    ds = data.image_dataset([s.path for s in fit], image_size, labels=[s.label for s in fit],
+    ds = data.image_dataset([s.path for s in fit], image_size, labels=targets(fit),
                             batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
                             augment_seed=cfg.seed if cfg.augment else None).map(onehot)
     val = None
     if holdout:
-        val = data.image_dataset([s.path for s in holdout], image_size, labels=[s.label for s in holdout],
+        val = data.image_dataset([s.path for s in holdout], image_size, labels=targets(holdout),
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
     if static:
         if len(fit) < batch_size:
@@ -78,7 +84,7 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     with precision.policy(policy, kind=kind):
         _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
                class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
-               masked=static)
+               masked=static, multi_label=multi_label)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
@@ -87,7 +93,7 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
 
 def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
            cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
-           masked: bool = False) -> None:
+           masked: bool = False, multi_label: bool = False) -> None:
     """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
     ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
     (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
@@ -101,9 +107,11 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
         backbone_layer, model.head_under_policy(head, policy), image_size)
     train_model = trained if not micro_batch else _micro_batch_model_class()(
         trained.input, trained.output, name="classifier", micro_batch=micro_batch)
-    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate),
-                        loss=k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                        metrics=None if masked else ["accuracy"], weighted_metrics=["accuracy"] if masked else None)
+    loss, accuracy = (k.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+                      k.metrics.BinaryAccuracy(name="accuracy")) \
+        if multi_label else (k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), "accuracy")
+    train_model.compile(optimizer=k.optimizers.Adam(cfg.fine_tune_learning_rate), loss=loss,
+                        metrics=None if masked else [accuracy], weighted_metrics=[accuracy] if masked else None)
     callback = _epoch_callback_class()(
         train_model, state, phase=PHASE, epochs=cfg.fine_tune_epochs, checkpoint_dir=partial / PHASE,
         patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,

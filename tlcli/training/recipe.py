@@ -8,6 +8,7 @@ head phase, sub-second on cached features, is simply redone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
-from tlcli.data import labels_override
+from tlcli.data import label_csv, labels_override
 from tlcli.errors import Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
@@ -61,6 +62,8 @@ class TrainResult:
     labels_override: dict | None = None
     # --backbone A,B / auto: the leaderboard, winner and why (``choice.BackboneChoice.to_dict``).
     backbone_choice: dict | None = None
+    # "multi_label" (the accuracies are subset accuracies: every label of a photo right); else None.
+    task: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +104,9 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
     """
     cfg, given = run_state.requested(data_dir, config, options, given)
     cfg, node = distributed.join(cfg, progress)  # first: a cluster's strategy is created before TensorFlow starts
+    if not cfg.multi_label and cfg.data_dir and label_csv.is_label_csv(cfg.data_dir) \
+            and label_csv.is_multi_label(cfg.data_dir):
+        cfg = dataclasses.replace(cfg, multi_label=True)  # a labels column: several labels a photo
     spec = None if cfg.resume else _check_inputs(cfg)
     bundle.check_place(cfg.out)
     if not cfg.resume:  # before any folder of --out is made
@@ -197,7 +203,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             progress=progress, cache_key=None if cfg.fine_tune else views_of.keywords["cache_key"])
         progress(Start("save", total=1))
         meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state,
+                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
                         seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
@@ -237,7 +243,8 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
     improved = finetuning.fine_tune(
         models.one_view, loaded, splits.fit, splits.holdout, cfg=cfg, batch_size=batch,
         accelerator=chosen.accelerator, class_weight=_class_weight(cfg, splits.fit, splits.labels),
-        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes)
+        state=state, partial=partial, progress=progress, scalars=scalars, static=chosen.static_shapes,
+        multi_label=cfg.multi_label)
     views = views_of(mirror=mirror, frozen=not improved, keep=None if improved else views, task="re-extract")
     progress(Info(f"features after fine-tuning: {views.extracted} extracted, {views.cached} from cache or kept"
                   + ("" if improved else " (the backbone kept its starting weights)")))
@@ -259,7 +266,8 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         skipped=[s.to_dict() for s in splits.skipped], warnings=splits.warnings, history=state.history,
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
-        labels_override=splits.override, backbone_choice=choice)
+        labels_override=splits.override, backbone_choice=choice,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -291,7 +299,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         if chosen.hint:
             progress(Warn(chosen.hint))
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
-                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror)
+                                    seed=cfg.seed, mirror=cfg.fine_tune if cfg.mirror is None else cfg.mirror,
+                                    activation="sigmoid" if cfg.multi_label else "softmax")
         # In the scope, as compute_views would measure it (which then reuses the verdict).
         if litert is not None and litert is early.runner and not features.agrees(
                 litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
@@ -301,6 +310,8 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
 
 
 def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
+    if cfg.multi_label:
+        return None  # each label's present and absent photos are balanced in its own fit (model.multilabel)
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
@@ -323,10 +334,20 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
                 progress(End(cv, completed=done[0], total=done[0]))
             progress(Start(phase, total=epochs))
 
-    fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
-                         epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                         patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
-    if phase == "head refit" or not cfg.fine_tune:  # the model's final head (fine-tuning starts uncalibrated)
+    final = phase == "head refit" or not cfg.fine_tune  # the model's final head (fine-tuning starts uncalibrated)
+    options = dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                   patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
+    if cfg.multi_label:
+        from tlcli.model import multilabel
+
+        fit, truth = multilabel.fit_views(views, samples, len(labels), class_weights=cfg.class_weights, **options)
+        fit, info = multilabel.finish(fit, truth, calibrate=final)
+        if final:
+            state.calibration = info
+    else:
+        fit = head.fit_views(views, samples, len(labels), class_weight=_class_weight(cfg, samples, labels),
+                             **options)
+    if final and not cfg.multi_label:
         y = [s.label for s in samples]
         fit, state.calibration = calibration.calibrate(fit, [y[i % len(y)] for i in fit.oof_rows.tolist()])
     state.history[phase] = fit.history
@@ -343,13 +364,14 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
 
 def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
              global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
-             choice=None) -> bundle.BundleMeta:
+             choice=None, fit=None) -> bundle.BundleMeta:
     """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
     ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
     None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
     ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
     the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
-    ``choice.BackboneChoice`` of ``--backbone A,B`` or None."""
+    ``choice.BackboneChoice`` of ``--backbone A,B`` or None; ``fit`` the final head fit (of which a
+    multi-label run records the thresholds)."""
     from tlcli._tf import tf
 
     train_report, val, test = reports
@@ -375,20 +397,26 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
                                      fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
                                      history=state.history, extractor=extractor, calibration=state.calibration),
         skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
-        backbone_choice=choice.to_dict() if choice else None)
+        backbone_choice=choice.to_dict() if choice else None,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
     """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
     None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
     and test reports list their paths). The test images were neither trained nor validated on."""
-    from tlcli import metrics
-    from tlcli.model import head
+    from tlcli import metrics, multilabel_metrics
+    from tlcli.model import head, multilabel
 
     def report(samples, *, paths: bool = True):
         if not samples:
             return None
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels,
-                               **({"paths": [s.path for s in samples]} if paths else {}))
+        where = {"paths": [s.path for s in samples]} if paths else {}
+        if isinstance(fit, multilabel.MultiLabelFit):
+            return multilabel_metrics.compute(multilabel.targets(samples, len(labels)),
+                                              multilabel.predict_views(views, samples, fit), labels, fit.thresholds,
+                                              **where)
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **where)
 
     return report(train, paths=False), report(val), report(test)
