@@ -249,3 +249,21 @@ def test_an_onnx_file_whose_weights_point_at_another_file_is_refused(exported, t
     result = run("predict", "--engine", "onnx", "--model", bundle, colour_data / "red")
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0
     assert "cannot load the ONNX model" in result.output and "External data path" in result.output
+
+
+def test_the_export_all_table_fits_80_columns_with_every_figure(exported):
+    from rich.console import Console
+
+    from tlcli.cli import reports
+    from tlcli.deploy.export import ExportAllResult, ExportResult
+
+    r = exported[1]
+    table = ExportAllResult([ExportResult(**x) for x in r["results"]], r["skipped"])
+    console = Console(width=80, record=True, color_system=None)
+    console.print(reports.exports_table(table))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("ONNX", "OpenVINO")}
+    for fmt, x in zip(("ONNX", "OpenVINO"), r["results"]):
+        assert f"{x['ms_per_image']:.2f}" in rows[fmt] and "100.0%" in rows[fmt]
+    assert "TFLite skipped: ai_edge_litert is not installed" in " ".join(lines)

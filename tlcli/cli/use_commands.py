@@ -149,9 +149,9 @@ def export(
     if json_out:
         render.print_json(r.to_dict())
     elif chosen == "all":
-        common.out.print(render.exports_table(r))
+        common.out.print(reports.exports_table(r))
     else:
-        common.out.print(render.export_summary(r))
+        common.out.print(reports.export_summary(r))
 
 
 @common.app.command(cls=shell.Command, short_help="Score a bundle on a labelled folder.")
