@@ -191,8 +191,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
     named in ``warnings``: its support is 0, so it counts as 0 in the macro averages. Unusable
     files are skipped and listed in ``skipped``, as in training. Raises ``BundleError`` for a
-    missing or corrupt bundle (or a missing exported file) and ``UsageError`` for a bad option
-    (or an engine whose extra is not installed).
+    missing or corrupt bundle (or exported file) and ``UsageError`` for a bad option (or extra).
     A multi-label bundle: see ``_multi_label_result`` (``threshold``: for every label).
     """
     _check_options(top_k=top_k, max_mistakes=max_mistakes, overlays=overlays, batch_size=batch_size, engine=engine)
