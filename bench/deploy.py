@@ -90,7 +90,7 @@ def throughput(bundle: Path, engine: str, files: list[str], tflite: Path | None 
     from tlcli.deploy import inference
 
     b = bundles.load(bundle)
-    eng = inference.open_engine(b, engine, tflite_path=tflite)
+    eng = inference.open_engine(b, engine, path=tflite)
     list(inference.iter_predict(files[:8], bundle=b, engine=eng))  # warm up (first allocation)
     start = time.perf_counter()
     done = sum(p.error is None for p, _ in inference.iter_predict(files, bundle=b, engine=eng))
@@ -136,7 +136,7 @@ def main() -> None:
         for (q, io), r in results.items():
             ok = r.agreement is not None
             print(f"{mode_name(q, io):<16}{r.size_bytes / 1e6:>9.2f}{r.size_bytes / base.size_bytes:>11.3f}"
-                  + (f"{r.agreement:>11.3f}{r.tflite_accuracy:>10.3f}{r.tflite_accuracy / base.tflite_accuracy:>10.3f}"
+                  + (f"{r.agreement:>11.3f}{r.export_accuracy:>10.3f}{r.export_accuracy / base.export_accuracy:>10.3f}"
                      f"{r.max_abs_diff:>10.4f}" if ok else "   (no labelled images to measure parity)"))
         if base.saved_model_accuracy is not None:
             print(f"SavedModel accuracy on the same images: {base.saved_model_accuracy:.3f}")

@@ -120,7 +120,7 @@ def test_corrupt_savedmodel_is_reported(bundle_copy, colour_data):
 def test_tflite_engine_without_tflite_file_is_reported(bundle_copy, colour_data):
     import tlcli
 
-    with pytest.raises(BundleError, match="tlcli export --tflite"):
+    with pytest.raises(BundleError, match="tlcli export --format tflite"):
         tlcli.predict([colour_data / "red" / "red_0.jpg"], model_dir=bundle_copy, engine="tflite")
 
 

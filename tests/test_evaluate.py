@@ -227,7 +227,7 @@ def test_tflite_engine_agrees_with_tf_engine(bundle_copy, colour_data):
 def test_tflite_engine_without_an_export_says_how_to_make_one(trained_bundle, colour_data):
     result = run("evaluate", colour_data, "--model", trained_bundle, "--engine", "tflite")
     assert result.exit_code == 1
-    assert "model.tflite" in result.output and "tlcli export --tflite" in result.output
+    assert "model.tflite" in result.output and "tlcli export --format tflite" in result.output
 
 
 def test_auto_engine_without_an_export_loads_tensorflow_only_after_the_scan(trained_bundle, tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def test_each_quantization_mode_agrees_with_the_saved_model(exported, reference,
     r = results[(quantize, io_type)]
     # The parity the export measured and reported, on the bundle's validation images.
     assert r.parity_data == "validation images" and r.parity_images == 6
-    assert r.agreement == 1.0 and r.saved_model_accuracy == 1.0 and r.tflite_accuracy == 1.0
+    assert r.agreement == 1.0 and r.saved_model_accuracy == 1.0 and r.export_accuracy == 1.0
     # Checked independently on all 24 images, through the same engine predict uses.
     x, y, p_ref = reference
     engine = TFLiteEngine(bundles.load(bundle), r.path)
@@ -147,11 +147,11 @@ def test_output_inside_the_bundle_under_another_name_holds_its_labels_inside(bun
 
 def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle_copy, colour_data,
                                                                         monkeypatch):
-    from tlcli.deploy import export
+    from tlcli.deploy import parity
 
     scans = []
-    real_scan = export.data.scan
-    monkeypatch.setattr(export.data, "scan", lambda *a, **kw: scans.append(a) or real_scan(*a, **kw))
+    real_scan = parity.data.scan
+    monkeypatch.setattr(parity.data, "scan", lambda *a, **kw: scans.append(a) or real_scan(*a, **kw))
     (bundle_copy / "splits.json").unlink()
     result = run("export", "--tflite", "--model", bundle_copy, "--quantize", "int8")
     assert result.exit_code == 2
@@ -162,7 +162,7 @@ def test_int8_without_recorded_images_asks_for_data_then_calibrates_on_it(bundle
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
     assert r["parity_images"] == 24 and r["parity_data"] == f"images in {colour_data}"
-    assert r["agreement"] == 1.0 and r["tflite_accuracy"] == 1.0
+    assert r["agreement"] == 1.0 and r["export_accuracy"] == 1.0
     assert len(scans) == 1, "calibration and parity share one scan of --data"
 
 

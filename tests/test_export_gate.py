@@ -75,7 +75,7 @@ def ungated(gated):
 def test_gate_refuses_a_larger_drop_and_keeps_the_previous_model(gated, ungated):
     bundle, folder = gated
     assert ungated["saved_model_accuracy"] == 1.0
-    drop = 100 * (1.0 - ungated["tflite_accuracy"])
+    drop = 100 * (1.0 - ungated["export_accuracy"])
     assert drop > 0, "int8 flips no image at the boundary: the test data cannot show the gate"
     previous = (bundle / "model.tflite").read_bytes()
     before = sorted(p.name for p in bundle.iterdir())
@@ -107,9 +107,9 @@ def test_parity_report_has_per_class_accuracy_in_json(ungated):
     assert list(per_class) == ["blue", "green", "red"]
     assert sum(c["images"] for c in r["per_class"]) == r["parity_images"] == 201
     assert all(c["saved_model_accuracy"] == 1.0 for c in r["per_class"])
-    lite = sum(c["tflite_accuracy"] * c["images"] for c in r["per_class"]) / r["parity_images"]
-    assert lite == pytest.approx(r["tflite_accuracy"])
-    assert per_class["blue"]["tflite_accuracy"] == 1.0
+    lite = sum(c["export_accuracy"] * c["images"] for c in r["per_class"]) / r["parity_images"]
+    assert lite == pytest.approx(r["export_accuracy"])
+    assert per_class["blue"]["export_accuracy"] == 1.0
     assert r["max_accuracy_drop"] is None and r["accuracy_drop"] is None  # no gate asked
 
 

@@ -153,7 +153,7 @@ def test_the_tflite_export_agrees_and_serve_answers_with_labels(multi_bundle, mu
     bundle = tmp_path / "model"
     shutil.copytree(multi_bundle, bundle)
     exported = tlcli.export_tflite(bundle)
-    assert exported.task == "multi_label" and exported.agreement == 1.0 and exported.tflite_accuracy == 1.0
+    assert exported.task == "multi_label" and exported.agreement == 1.0 and exported.export_accuracy == 1.0
     photos = [multi_csv.parent / name for name in ("green_red_1.png", "blue_2.png", "blue_red_3.png")]
     lite = tlcli.predict(photos, model_dir=bundle, engine="tflite")
     assert [p.labels for p in lite] == [p.labels for p in tlcli.predict(photos, model_dir=bundle, engine="tf")]

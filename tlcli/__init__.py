@@ -7,6 +7,7 @@ The library functions are imported lazily so that ``import tlcli`` stays cheap::
     tlcli.predict(["cat.jpg"], model_dir="my-model")
     tlcli.explain(["cat.jpg"], out_dir="why", model_dir="my-model")  # predict + saliency overlays
     tlcli.export_tflite("my-model", quantize="int8")
+    tlcli.export_model("my-model", format="onnx")    # or "openvino"; export_all for every format
     tlcli.evaluate("test-images/", model_dir="my-model")
     tlcli.audit("images/")
     tlcli.load_bundle("my-model").meta.metrics.val_accuracy
@@ -24,7 +25,10 @@ _LAZY = {
     "Prediction": ("tlcli.deploy.inference", "Prediction"),
     "explain": ("tlcli.deploy.saliency", "explain"),
     "export_tflite": ("tlcli.deploy.export", "export_tflite"),
+    "export_model": ("tlcli.deploy.export", "export_model"),
+    "export_all": ("tlcli.deploy.export", "export_all"),
     "ExportResult": ("tlcli.deploy.export", "ExportResult"),
+    "ExportAllResult": ("tlcli.deploy.export", "ExportAllResult"),
     "evaluate": ("tlcli.insight.evaluation", "evaluate"),
     "EvaluateResult": ("tlcli.insight.evaluation", "EvaluateResult"),
     "audit": ("tlcli.insight.audit", "audit"),

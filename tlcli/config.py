@@ -62,11 +62,23 @@ class Precision(StrEnum):
 
 
 class Engine(StrEnum):
-    """``--engine`` of predict and evaluate: ``auto`` is LiteRT when the bundle has a model.tflite."""
+    """``--engine`` of predict, evaluate and serve: ``tf`` is the SavedModel, the others an exported
+    format (tlcli/deploy/formats); ``auto`` is the fastest format the bundle holds, else ``tf``."""
 
     AUTO = "auto"
     TF = "tf"
     TFLITE = "tflite"
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+
+
+class ExportFormat(StrEnum):
+    """``--format`` of export: one format of tlcli/deploy/formats, or ``all`` whose extra is installed."""
+
+    TFLITE = "tflite"
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+    ALL = "all"
 
 
 class Extractor(StrEnum):
@@ -98,6 +110,7 @@ class IOType(StrEnum):
 STRATEGIES = tuple(s.value for s in Strategy)
 PRECISIONS = tuple(p.value for p in Precision)
 ENGINES = tuple(e.value for e in Engine)
+EXPORT_FORMATS = tuple(f.value for f in ExportFormat)
 EXTRACTORS = tuple(e.value for e in Extractor)
 QUANTIZE = tuple(q.value for q in Quantize)
 IO_TYPES = tuple(t.value for t in IOType)

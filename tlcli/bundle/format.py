@@ -8,7 +8,9 @@ Layout of ``<out>/``::
     tlcli.json                   ``BundleMeta``: labels, image size, backbone, config, metrics, versions,
                                  skipped files, exports (format ``FORMAT_VERSION``)
     splits.json                  the training and validation files (for export calibration / parity)
-    model.tflite                 after ``tlcli export --tflite``
+    model.tflite                 after ``tlcli export --format tflite`` (or ``--tflite``)
+    model.onnx                   after ``tlcli export --format onnx``
+    openvino/model.xml, .bin     after ``tlcli export --format openvino``
 """
 
 from __future__ import annotations

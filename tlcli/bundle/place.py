@@ -83,8 +83,11 @@ def _remove_empty(folders: list[Path]) -> None:
 # What a bundle holds, as 'tlcli train' and 'tlcli export' write it; '--force' replaces only a
 # folder holding tlcli.json and nothing else, so that it never deletes anything tlcli did not write.
 _BUNDLE_FILES = {"saved_model.pb", "fingerprint.pb", LABELS_FILE, META_FILE, SPLITS_FILE, TFLITE_FILE,
-                 "training_curves.png"}
-_EXPORT_SUFFIXES = (".tflite", ".labels.txt")  # export --output written inside the bundle
+                 "model.onnx", "training_curves.png"}
+_EXPORT_SUFFIXES = (".tflite", ".onnx", ".labels.txt")  # export --output written inside the bundle
+# The folder of `tlcli export --format openvino` (deploy/formats): IR files, and write_atomic's leftovers.
+OPENVINO_DIR = "openvino"
+_OPENVINO = re.compile(r"[^/]+\.(xml|bin)|\..+\.[0-9a-f]{8}\.tmp")
 _ATOMIC_TMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # left by files.write_atomic when a crash stopped it
 _VARIABLES = re.compile(r"variables\.(index|data-\d+-of-\d+)")
 _EVENTS = re.compile(r"events\.out\.tfevents\..+")
@@ -107,8 +110,9 @@ def _foreign_in(folder: Path, allowed, prefix: str) -> list[str]:
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """What the folder ``path`` holds besides a bundle's files (relative names, up to a few);
     [] for a bundle. A bundle's files: saved_model.pb, fingerprint.pb, variables/ (checkpoint
-    shards), assets/, labels.txt, tlcli.json, splits.json, training_curves.png, model.tflite and
-    other exported ``*.tflite`` / ``*.labels.txt``, TensorBoard folders (event files only) and
+    shards), assets/, labels.txt, tlcli.json, splits.json, training_curves.png, model.tflite,
+    model.onnx, openvino/ (IR files) and other exported ``*.tflite`` / ``*.onnx`` /
+    ``*.labels.txt``, TensorBoard folders (event files only) and
     ``files.write_atomic``'s leftover temp files. Symbolic links are always foreign."""
     foreign = []
     for entry in sorted(Path(path).iterdir()):
@@ -120,7 +124,7 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
                 foreign.append(name)
         elif entry.is_dir():
             allowed = (_VARIABLES.fullmatch if name == "variables" else (lambda n: True) if name == "assets"
-                       else _EVENTS.fullmatch)
+                       else _OPENVINO.fullmatch if name == OPENVINO_DIR else _EVENTS.fullmatch)
             foreign += _foreign_in(entry, allowed, name)
         else:
             foreign.append(name)  # a FIFO, socket or device

@@ -30,7 +30,9 @@ from tlcli.bundle.place import (
     _ATOMIC_TMP,
     _BUNDLE_FILES,
     _EXPORT_SUFFIXES,
+    _OPENVINO,
     _VARIABLES,
+    OPENVINO_DIR,
     check_output,
     commit,
     lock,
@@ -101,8 +103,8 @@ def _copy(src: Path, dst: Path, logs: str | None) -> tuple[int, list[str]]:
         elif entry.is_file() and (name in _BUNDLE_FILES or name.endswith(_EXPORT_SUFFIXES)):
             shutil.copyfile(entry, dst / name)
             copied += 1
-        elif entry.is_dir() and name in ("variables", "assets") and name != logs:
-            allowed = _VARIABLES.fullmatch if name == "variables" else (lambda n: True)
+        elif entry.is_dir() and name in ("variables", "assets", OPENVINO_DIR) and name != logs:
+            allowed = {"variables": _VARIABLES.fullmatch, OPENVINO_DIR: _OPENVINO.fullmatch}.get(name, lambda n: True)
             for root, _, names in os.walk(entry):
                 for n in names:
                     p = Path(root) / n

@@ -417,31 +417,6 @@ def predictions_table(engine: str, columns: int, predictions, width: int = 80) -
     return table
 
 
-def export_summary(r) -> Table:
-    t = kv_table("TFLite export")
-    t.add_row("file", path_cell(r.path))
-    t.add_row("labels", "inside the .tflite" if r.labels_path is None
-              else safe(r.labels_path + (" (also inside the .tflite)" if r.labels_embedded else "")))
-    t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
-    t.add_row("size", f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes >= 100_000 else f"{r.size_bytes / 1e3:.1f} kB")
-    if r.agreement is not None:
-        multi = getattr(r, "task", None) == "multi_label"
-        t.add_row("label-set agreement" if multi else "top-1 agreement",
-                  safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
-        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, TFLite {pct(r.tflite_accuracy)}"
-                  + (" (decisions at the thresholds, against the SavedModel's)" if multi else ""))
-        for c in r.per_class:
-            shown = (f"SavedModel {pct(c['saved_model_accuracy'])}, TFLite {pct(c['tflite_accuracy'])}"
-                     if c["images"] else "no parity images")
-            t.add_row(safe(f"  {c['label']}"), safe(f"{shown} ({c['images']} images)"))
-        if r.max_accuracy_drop is not None and r.accuracy_drop is not None:
-            t.add_row("accuracy gate", f"{r.accuracy_drop:.1f} points below the SavedModel (at most "
-                                       f"{r.max_accuracy_drop:g} allowed)")
-    else:
-        t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
-    return t
-
-
 def models_table(listing) -> Table:
     """A ``models.ModelList``: each preset, its sizes, licence, measured CPU time, and whether
     (and how big) it is cached; the handles are in ``--json``."""

@@ -1,6 +1,9 @@
-"""The report screens: what ``tlcli evaluate`` and ``tlcli audit`` show, as Rich renderables."""
+"""The report screens: what ``tlcli evaluate``, ``tlcli audit`` and ``tlcli export`` show, as Rich
+renderables."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -180,3 +183,66 @@ def audit(r) -> list:
     if r.skipped:
         shown.append(skipped_table([dict(s, path=_under(s["path"], roots)) for s in r.skipped]))
     return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+FORMAT_NAMES = {"tflite": "TFLite", "onnx": "ONNX", "openvino": "OpenVINO"}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def export_summary(r) -> Table:
+    name = FORMAT_NAMES.get(r.format, r.format)
+    t = kv_table(f"{name} export")
+    t.add_row("file", path_cell(r.path))
+    for extra in r.files[1:]:
+        t.add_row("", path_cell(extra))
+    t.add_row("labels", f"inside the {Path(r.path).suffix} file" if r.labels_path is None
+              else safe(r.labels_path + (f" (also inside the {Path(r.path).suffix})" if r.labels_embedded else "")))
+    t.add_row("quantize", safe(r.quantize + (f", {r.io_type} input/output" if r.quantize == "int8" else "")))
+    t.add_row("size", _size(r.size_bytes))
+    if r.ms_per_image is not None:
+        t.add_row("speed", f"{r.ms_per_image:.2f} ms per image (one at a time, this machine)")
+    if r.agreement is not None:
+        multi = getattr(r, "task", None) == "multi_label"
+        t.add_row("label-set agreement" if multi else "top-1 agreement",
+                  safe(f"{pct(r.agreement)} on {r.parity_images} {r.parity_data}"))
+        t.add_row("largest diff", f"{r.max_abs_diff:.2g} in probability")
+        t.add_row("accuracy", f"SavedModel {pct(r.saved_model_accuracy)}, {name} {pct(r.export_accuracy)}"
+                  + (" (decisions at the thresholds, against the SavedModel's)" if multi else ""))
+        for c in r.per_class:
+            shown = (f"SavedModel {pct(c['saved_model_accuracy'])}, {name} {pct(c['export_accuracy'])}"
+                     if c["images"] else "no parity images")
+            t.add_row(safe(f"  {c['label']}"), safe(f"{shown} ({c['images']} images)"))
+        if r.max_accuracy_drop is not None and r.accuracy_drop is not None:
+            t.add_row("accuracy gate", f"{r.accuracy_drop:.1f} points below the SavedModel (at most "
+                                       f"{r.max_accuracy_drop:g} allowed)")
+    else:
+        t.add_row("parity", "not measured: no labelled images recorded; pass --data DIR")
+    return t
+
+
+def exports_table(r) -> Table:
+    """``export --format all``: one row a format (size, ms per image, agreement, accuracy, largest
+    difference), then the formats left out; fits 80 columns."""
+    t = Table(title="Exports", title_justify="left", show_edge=False)
+    for name, justify in (("format", "left"), ("quantize", "left"), ("size", "right"), ("ms/image", "right"),
+                          ("agreement", "right"), ("accuracy", "right"), ("max diff", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)
+    measured = next((x for x in r.results if x.agreement is not None), None)
+    if measured is not None:
+        t.add_row("SavedModel", "", "", "", "", pct(measured.saved_model_accuracy), "")
+    for x in r.results:
+        t.add_row(FORMAT_NAMES.get(x.format, x.format), x.quantize, _size(x.size_bytes),
+                  "" if x.ms_per_image is None else f"{x.ms_per_image:.2f}",
+                  "n/a" if x.agreement is None else pct(x.agreement),
+                  "n/a" if x.export_accuracy is None else pct(x.export_accuracy),
+                  "n/a" if x.max_abs_diff is None else f"{x.max_abs_diff:.1g}")
+    notes = [f"measured on {measured.parity_images} {measured.parity_data}"] if measured is not None else []
+    notes += [f"{FORMAT_NAMES.get(s['format'], s['format'])} skipped: {s['reason']}" for s in r.skipped]
+    if notes:
+        t.caption, t.caption_justify = Text("\n").join(safe(n) for n in notes), "left"
+    return t

@@ -19,10 +19,14 @@ from tlcli.config import (
     SERVE_HOST,
     SERVE_PORT,
     Engine,
+    ExportFormat,
     IOType,
     Quantize,
 )
 from tlcli.errors import TlcliError, UsageError
+
+ENGINE_HELP = ("tf: the SavedModel; tflite, onnx, openvino: the bundle's exported file; auto: the fastest exported "
+               "file the bundle holds (tflite, openvino, onnx), else tf.")
 
 
 @common.app.command(cls=shell.Command, short_help="Classify images with a trained bundle.")
@@ -34,8 +38,7 @@ def predict(
                                                 readable=False)],
     model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = PREDICT_TOP_K,
-    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
-                                                "tf.")] = Engine(PREDICT_ENGINE),
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine(PREDICT_ENGINE),
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "
                                                            "the limit the model was trained with.",
                                                       show_default=False)] = None,
@@ -107,39 +110,57 @@ def predict(
         raise typer.Exit(1)
 
 
-@common.app.command(cls=shell.Command, short_help="Export the bundle to TFLite, checked against the SavedModel.")
+@common.app.command(cls=shell.Command, short_help="Export the bundle (TFLite, ONNX, OpenVINO), checked against "
+                                                   "the SavedModel.")
 @common.interruptible
 def export(
-    tflite: Annotated[bool, typer.Option("--tflite", help="Write a TFLite model.")] = False,
+    format: Annotated[Optional[ExportFormat], typer.Option(help="The format to write; all: every format whose extra "
+                                                                "is installed, into the bundle, with a table.",
+                                                           show_default=False)] = None,
+    tflite: Annotated[bool, typer.Option("--tflite", help="Same as --format tflite.")] = False,
     model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
-    output: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output .tflite file (default: "
-                                                                        "model.tflite in the bundle).")] = None,
-    quantize: Annotated[Quantize, typer.Option(help="float16: half size; dynamic: int8 weights; int8: full "
-                                                    "integer, calibrated on training images.")] = Quantize.NONE,
+    output: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output file (default: in the bundle: "
+                                                                        "model.tflite, model.onnx, "
+                                                                        "openvino/model.xml).")] = None,
+    quantize: Annotated[Quantize, typer.Option(help="float16: half size (TFLite, OpenVINO); dynamic: int8 weights "
+                                                    "(TFLite, ONNX); int8: full integer, calibrated on training "
+                                                    "images (TFLite).")] = Quantize.NONE,
     io_type: Annotated[IOType, typer.Option(help="With --quantize int8: the type of the input and output "
                                                  "tensors.")] = IOType.FLOAT32,
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Labelled folder for calibration and "
                                                                      "parity (default: the bundle's recorded "
                                                                      "images).")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(
-        metavar="POINTS", help="Fail (exit 1, nothing written) when the TFLite model's accuracy on the parity "
+        metavar="POINTS", help="Fail (exit 1, nothing written) when the exported model's accuracy on the parity "
                                "images is more than POINTS below the SavedModel's.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing .tflite file (the bundle's "
-                                                        "model.tflite, or --output).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing exported file (the bundle's, or "
+                                                        "--output).")] = False,
     json_out: common.JsonFlag = False,
 ):
-    """Export the bundle to TFLite and check it agrees with the SavedModel."""
-    from tlcli.deploy.export import export_tflite
+    """Export the bundle to TFLite, ONNX or OpenVINO and check it agrees with the SavedModel."""
+    from tlcli.deploy import export as exports
 
-    if not tflite:
-        common.fail(UsageError("export: choose a format; --tflite is the one available"), json_out=json_out)
-    r = common.with_progress(export_tflite, model, quiet=json_out, json_out=json_out, output=output,
-                       quantize=quantize.value, io_type=io_type.value, data_dir=common.path_str(data),
-                       max_accuracy_drop=max_accuracy_drop, force=force)
+    chosen = format.value if format else ("tflite" if tflite else None)
+    if chosen is None or (tflite and chosen != "tflite"):
+        common.fail(UsageError("export: choose one format with --format (tflite, onnx, openvino, all); --tflite "
+                               "is --format tflite"), json_out=json_out)
+    if chosen == "all":
+        if output is not None or io_type != IOType.FLOAT32:
+            common.fail(UsageError("--format all: writes each format into the bundle; give --output or --io-type "
+                                   "with one format"), json_out=json_out)
+        r = common.with_progress(exports.export_all, model, quiet=json_out, json_out=json_out,
+                                 quantize=quantize.value, data_dir=common.path_str(data),
+                                 max_accuracy_drop=max_accuracy_drop, force=force)
+    else:
+        r = common.with_progress(exports.export_model, model, quiet=json_out, json_out=json_out, format=chosen,
+                                 output=output, quantize=quantize.value, io_type=io_type.value,
+                                 data_dir=common.path_str(data), max_accuracy_drop=max_accuracy_drop, force=force)
     if json_out:
         render.print_json(r.to_dict())
+    elif chosen == "all":
+        common.out.print(reports.exports_table(r))
     else:
-        common.out.print(render.export_summary(r))
+        common.out.print(reports.export_summary(r))
 
 
 @common.app.command(cls=shell.Command, short_help="Score a bundle on a labelled folder.")
@@ -149,8 +170,7 @@ def evaluate(
                                              help="Labelled folder: one subfolder per class, named like the "
                                                   "model's labels.")],
     model: common.ModelDir = Path(DEFAULT_MODEL_DIR),
-    engine: Annotated[Engine, typer.Option(help="tf: the SavedModel; tflite: the bundle's model.tflite; "
-                                                "auto: tflite if there is one.")] = Engine(EVALUATE_ENGINE),
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine(EVALUATE_ENGINE),
     top_k: Annotated[int, typer.Option(help="k for the top-k accuracy.")] = EVALUATE_TOP_K,
     mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = EVALUATE_MISTAKES,
     report: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder to write confusion_matrix.png, "
@@ -193,8 +213,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = SERVE_PORT,
     name: Annotated[Optional[str], typer.Option(help="Model name in the /v1/models/NAME URLs; default: the "
                                                      "bundle folder's name.", show_default=False)] = None,
-    engine: Annotated[Engine, typer.Option(help="auto: tflite if the bundle has model.tflite, else "
-                                                "tf.")] = Engine(PREDICT_ENGINE),
+    engine: Annotated[Engine, typer.Option(help=ENGINE_HELP)] = Engine(PREDICT_ENGINE),
     workers: Annotated[Optional[int], typer.Option(help="Requests classified at once (LiteRT interpreters); "
                                                         "default: the number of CPUs.", show_default=False)] = None,
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image (decoded pixels) accepted; default: "

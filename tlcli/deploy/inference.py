@@ -1,6 +1,7 @@
-"""Prediction from a bundle, with TensorFlow (SavedModel) or LiteRT (model.tflite).
+"""Prediction from a bundle, with TensorFlow (the SavedModel) or an exported format (``formats``:
+LiteRT, onnxruntime, OpenVINO), and the one engine opener.
 
-The LiteRT path never imports TensorFlow: decoding is the project's Pillow decoder and the
+Only the TensorFlow engine imports TensorFlow: decoding is the project's Pillow decoder and the
 preprocessing is the same numpy code the training pipeline uses.
 """
 
@@ -14,7 +15,6 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tlcli import bundle as bundles
-from tlcli.bundle.schema import read_regular
 from tlcli.config import (
     DEFAULT_MODEL_DIR,
     ENGINES,
@@ -25,10 +25,10 @@ from tlcli.config import (
     check_unknown_threshold,
 )
 from tlcli.data import image_files, images, walk
-from tlcli.deploy import tflite_meta
+from tlcli.deploy import formats
+from tlcli.deploy.formats.outputs import checked_outputs, checked_probabilities, run_error  # noqa: F401
+from tlcli.deploy.formats.tflite_format import TFLiteEngine  # noqa: F401 (its home before the registry)
 from tlcli.errors import BundleError, ImageError, UsageError
-from tlcli.model import tflite_check
-from tlcli.quiet import native_stderr_silenced
 
 
 @dataclass
@@ -106,150 +106,11 @@ class TFEngine:
         try:
             found = {name: value.numpy() for name, value in self.fn(images=self.t.constant(batch)).items()}
         except Exception as exc:  # a crafted graph that fails at run time (Assert, Reshape ...)
-            raise _run_error(self.where, exc) from None
+            raise run_error(self.where, exc) from None
         return checked_outputs(found, len(batch), self.classes, self.where)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.outputs(batch)["probabilities"]
-
-
-def _run_error(where: Path, exc: Exception) -> BundleError:
-    return BundleError(f"{where}: the model failed on a batch of images ({type(exc).__name__}); the bundle "
-                       "is damaged or crafted; retrain it")
-
-
-def checked_outputs(found: dict, rows: int, classes: int, where: Path) -> dict[str, np.ndarray]:
-    """The engine outputs of ``found`` (by name): "probabilities" (``checked_probabilities``) and,
-    when there, "unknown_score", which must be ``rows`` finite numbers (float32). Raises ``BundleError``."""
-    out = {"probabilities": checked_probabilities(found.get("probabilities"), rows, classes, where)}
-    if "unknown_score" in found:
-        score = np.asarray(found["unknown_score"])
-        if score.shape != (rows,) or not np.issubdtype(score.dtype, np.number) or \
-                not np.all(np.isfinite(score.astype(np.float64))):
-            raise BundleError(f"{where}: the model gave an unknown_score of {'x'.join(map(str, score.shape))} values "
-                              f"for {rows} image(s), or values that are not finite; the bundle is damaged or "
-                              "crafted; retrain it")
-        out["unknown_score"] = score.astype(np.float32)
-    return out
-
-
-def checked_probabilities(probs, rows: int, classes: int, where: Path) -> np.ndarray:
-    """``probs`` if it is ``rows`` x ``classes`` finite probabilities (in [0, 1], with a margin
-    for quantization), as float32. A crafted model could give fewer rows than images (results
-    paired with the wrong files), other shapes, NaN or negative values. Raises ``BundleError``."""
-    probs = np.asarray(probs)
-    fix = "the bundle is damaged or crafted; retrain it"
-    if probs.shape != (rows, classes) or not np.issubdtype(probs.dtype, np.number):
-        raise BundleError(f"{where}: the model gave {'x'.join(map(str, probs.shape))} values of type {probs.dtype} "
-                          f"for {rows} image(s) and {classes} labels, not {rows}x{classes} probabilities; {fix}")
-    probs = probs.astype(np.float32)
-    if not (np.all(np.isfinite(probs)) and np.all(probs >= -0.01) and np.all(probs <= 1.01)):
-        raise BundleError(f"{where}: the model gave probabilities that are NaN, infinite or outside [0, 1]; {fix}")
-    return probs
-
-
-class TFLiteEngine:
-    """``model.tflite`` (or ``path``) through LiteRT, without TensorFlow. Takes and returns what
-    TFEngine does (float32 images in [0, 1] -> float32 probabilities, and the unknown score when
-    the file has it); integer-I/O models (int8 / uint8) get their inputs quantized and their
-    outputs dequantized with the file's own scale and zero point. It runs the file's ``tlcli``
-    signature when it has one, else ``serving_default`` (or its only graph), its outputs found by
-    name. The file is read once, only if it is a regular file, and checked before LiteRT opens it
-    (``model.tflite_check``). Raises ``BundleError`` for a missing, unreadable, crafted or
-    mismatched file: another input size or class count, other embedded labels, or another
-    bundle's fingerprint. ``num_threads``: LiteRT's threads for this interpreter (default: one
-    per CPU; a server running several interpreters splits them)."""
-
-    name = "tflite"
-
-    def __init__(self, bundle: bundles.Bundle, path: Path | None = None, *, num_threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        path = Path(path) if path else bundle.tflite_path
-        if not path.exists() and not path.is_symlink():
-            raise BundleError(f"--model {bundle.path}: no {path.name}; run 'tlcli export --tflite --model "
-                              f"{bundle.path}' first, or use --engine tf")
-        buf = read_regular(path, tflite_meta.MAX_TFLITE_BYTES)
-        try:
-            tflite_check.check(buf)  # before LiteRT: an index out of place crashes it (SIGSEGV)
-            self.interp = Interpreter(model_content=buf, num_threads=num_threads or os.cpu_count())
-            with native_stderr_silenced():
-                self.interp.allocate_tensors()
-            metadata = tflite_meta.read_entries(buf)
-            self.runner = _runner(self.interp)
-            ((self.input_name, self.inp),) = self.runner.get_input_details().items()
-            self.outs = self.runner.get_output_details()
-            self.scores_unknown = "unknown_score" in self.outs
-            self.out = probs = self.outs["probabilities"]
-        except Exception as exc:
-            raise BundleError(f"{path}: cannot load the TFLite model ({' '.join(str(exc).split())[:200]}); "
-                              "re-export it") from None
-        tflite_meta.check_matches(path, bundle, tuple(self.inp["shape"][1:3]), int(probs["shape"][-1]), metadata)
-        self.path, self.classes = path, len(bundle.labels)
-
-    @staticmethod
-    def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-        scale, zero = detail["quantization"]
-        if detail["dtype"] in (np.int8, np.uint8) and scale:
-            info = np.iinfo(detail["dtype"])
-            return np.clip(np.rint(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-        return x.astype(detail["dtype"])
-
-    @staticmethod
-    def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
-        scale, zero = detail["quantization"]
-        if detail["dtype"] in (np.int8, np.uint8) and scale:
-            return (y.astype(np.float32) - zero) * np.float32(scale)
-        return y.astype(np.float32)
-
-    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """{"probabilities": float32 [n, classes], and "unknown_score": float32 [n] when the file has it}."""
-        try:
-            found = self.runner(**{self.input_name: self._quantize(batch, self.inp)})
-            found = {name: self._dequantize(value, self.outs[name]) for name, value in found.items()}
-        except Exception as exc:  # LiteRT's RuntimeError / ValueError for a graph that fails on this batch
-            raise _run_error(self.path, exc) from None
-        return checked_outputs(found, len(batch), self.classes, self.path)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.outputs(batch)["probabilities"]
-
-
-def _runner(interp):
-    """What runs ``interp``'s model, by input and output name: LiteRT's runner of its ``tlcli``
-    signature, else of ``serving_default``, else of its only signature; a file without signatures
-    (not one tlcli writes) runs its graph, its first output taken as the probabilities."""
-    signatures = interp.get_signature_list()
-    name = next((s for s in ("tlcli", "serving_default") if s in signatures), None)
-    if name is None and len(signatures) == 1:
-        (name,) = signatures
-    if name is not None:
-        return interp.get_signature_runner(name)
-    return _GraphRunner(interp)
-
-
-class _GraphRunner:
-    """A LiteRT signature runner's interface over a model without signatures: its first input
-    ("images") and first output ("probabilities")."""
-
-    def __init__(self, interp):
-        self.interp = interp
-        self.inp = interp.get_input_details()[0]
-        self.out = interp.get_output_details()[0]
-
-    def get_input_details(self) -> dict:
-        return {"images": self.inp}
-
-    def get_output_details(self) -> dict:
-        return {"probabilities": self.out}
-
-    def __call__(self, images: np.ndarray) -> dict:
-        if tuple(self.interp.get_input_details()[0]["shape"]) != images.shape:
-            self.interp.resize_tensor_input(self.inp["index"], list(images.shape))
-            self.interp.allocate_tensors()
-        self.interp.set_tensor(self.inp["index"], images)
-        self.interp.invoke()
-        return {"probabilities": self.interp.get_tensor(self.out["index"])}
 
 
 def check_engine(engine: str) -> None:
@@ -262,21 +123,35 @@ def check_top_k(top_k: int) -> None:
         raise UsageError(f"--top-k {top_k}: must be >= 1")
 
 
-def resolve_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None) -> str:
-    """"tf" or "tflite": ``auto`` picks LiteRT when the bundle has a model.tflite, else TensorFlow."""
+def resolve_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, path: Path | None = None) -> str:
+    """The engine to run: "tf" or a format of ``formats.FORMATS``. ``auto`` picks the first of
+    ``formats.AUTO_ORDER`` (fastest first, as measured) whose file the bundle holds (``path`` for
+    that format when given) and whose runtime is installed, else TensorFlow. A named engine is
+    taken as given; its runtime is required (``UsageError`` naming the extra to install)."""
     check_engine(engine)
-    if engine == "tflite" or (engine == "auto" and (tflite_path or bundle.tflite_path).exists()):
-        return "tflite"
-    return "tf"
+    if engine == "auto":
+        return next((name for name in formats.AUTO_ORDER if _held(bundle, formats.get(name), path)), "tf")
+    if engine != "tf":
+        formats.get(engine).require("--engine")
+    return engine
 
 
-def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, tflite_path: Path | None = None,
+def _held(bundle: bundles.Bundle, fmt: formats.Format, path: Path | None) -> bool:
+    where = path if path is not None and Path(path).suffix == fmt.suffix else fmt.path_in(bundle.path)
+    return (where.exists() or where.is_symlink()) and fmt.missing() is None
+
+
+def open_engine(bundle: bundles.Bundle, engine: str = PREDICT_ENGINE, *, path: Path | None = None,
                 num_threads: int | None = None):
     """The engine ``resolve_engine`` picks, loaded: every command that runs a bundle opens its
-    engine here. ``num_threads``: LiteRT's threads (default one per CPU)."""
-    if resolve_engine(bundle, engine, tflite_path=tflite_path) == "tflite":
-        return TFLiteEngine(bundle, tflite_path, num_threads=num_threads)
-    return TFEngine(bundle)
+    engine here. ``path``: the exported file to run instead of the bundle's own; ``num_threads``:
+    the runtime's threads (default: its own choice, about one per CPU)."""
+    name = resolve_engine(bundle, engine, path=path)
+    if name == "tf":
+        return TFEngine(bundle)
+    fmt = formats.get(name)
+    return fmt.module.Engine(bundle, path if path is not None and Path(path).suffix == fmt.suffix else None,
+                             num_threads=num_threads)
 
 
 def iter_predict(paths: list[str], *, bundle: bundles.Bundle, engine, top_k: int = PREDICT_TOP_K,

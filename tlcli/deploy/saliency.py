@@ -212,22 +212,25 @@ def prepare(paths, *, out_dir: str | os.PathLike, model_dir: str | os.PathLike =
     """``inference.prepare`` for ``predict --explain``: (explainer, files, their overlays' paths,
     a note or None). Everything that can fail as a whole fails here, before TensorFlow loads:
     the options, the bundle, ``plan_overlays``. Saliency needs the SavedModel's gradients, so
-    ``engine`` tflite is a ``UsageError``, and auto runs the SavedModel (the note says so when
-    it would have picked LiteRT)."""
+    an exported ``engine`` (tflite, onnx, openvino) is a ``UsageError``, and auto runs the
+    SavedModel (the note says so when it would have picked an exported file)."""
     inference.check_top_k(top_k)
     check_max_pixels(max_pixels)
     inference.check_engine(engine)
     b = bundles.load(model_dir)
-    if engine == "tflite":
-        raise UsageError("--explain: saliency needs the SavedModel's gradients, which LiteRT lacks; "
+    if engine not in ("tf", "auto"):
+        runtime = {"tflite": "LiteRT", "onnx": "onnxruntime", "openvino": "OpenVINO"}.get(engine, engine)
+        raise UsageError(f"--explain: saliency needs the SavedModel's gradients, which {runtime} lacks; "
                          "use --engine tf (or auto)")
     if not can_explain(b):
         raise BundleError(f"--model {b.path}: no {SAVED_MODEL_FILE}; --explain needs the bundle's SavedModel")
     found = walk.expand(paths)
     plan = plan_overlays(found, out_dir, inputs=[str(p) for p in paths], force=force)
     note = None
-    if inference.resolve_engine(b, engine) == "tflite":
-        note = "--explain: engine tf (the SavedModel), whose gradients the overlays need, in place of model.tflite"
+    chosen = inference.resolve_engine(b, engine)
+    if chosen != "tf":
+        note = (f"--explain: engine tf (the SavedModel), whose gradients the overlays need, in place of "
+                f"{inference.formats.get(chosen).file}")
     return Explainer(b), found, plan, note
 
 

@@ -96,11 +96,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServedModel:
-    """One bundle being served: ``name``, ``engine`` ("tf" or "tflite"), ``workers`` (how many
+    """One bundle being served: ``name``, ``engine`` ("tf" or a format), ``workers`` (how many
     requests run the model at once), ``max_pixels`` (the decoder's limit), ``max_images`` (the
     most images one request may hold), ``unknown_threshold`` (``predict``'s: for /predict only).
 
-    LiteRT interpreters are not thread-safe, so each request borrows one from a pool that grows
+    LiteRT interpreters and OpenVINO infer requests are not thread-safe, so each request borrows
+    an engine (any but TensorFlow) from a pool that grows
     on demand up to ``workers`` (only the first is loaded before the server is ready), each with
     an equal share of the CPUs. TensorFlow runs concurrent calls of one SavedModel itself: one
     engine is shared."""
@@ -146,7 +147,7 @@ class ServedModel:
         try:
             parts = [inference.engine_outputs(engine, batch[i:i + BATCH]) for i in range(0, len(batch), BATCH)]
         finally:
-            if self.engine == "tflite":
+            if self.engine != "tf":  # every other engine is one per request at a time
                 self._pool.put(engine)
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 

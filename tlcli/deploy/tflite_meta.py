@@ -23,9 +23,11 @@ LABELS_METADATA = "labels"  # the .tflite metadata entry with the labels (labels
 BUNDLE_METADATA = "tlcli_bundle"  # the .tflite metadata entry with the bundle's fingerprint
 
 
-def check_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict) -> None:
-    """Refuse a .tflite made for another model than ``bundle`` (one line, saying to re-export)."""
-    fix = f"re-export it with 'tlcli export --tflite --force --model {bundle.path}'"
+def check_matches(path: Path, bundle: bundles.Bundle, size: tuple, classes: int, metadata: dict,
+                  fmt: str = "tflite") -> None:
+    """Refuse an exported file (a .tflite, or another ``fmt`` whose metadata holds the same named
+    entries) made for another model than ``bundle``: one line, saying to re-export."""
+    fix = f"re-export it with 'tlcli export --format {fmt} --force --model {bundle.path}'"
     if size != (bundle.image_size, bundle.image_size) or classes != len(bundle.labels):
         raise BundleError(f"{path}: made for another model ({size[0]}x{size[1]} input, {classes} classes; "
                           f"the bundle has {bundle.image_size}x{bundle.image_size}, {len(bundle.labels)}); {fix}")

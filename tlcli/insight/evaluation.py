@@ -184,21 +184,23 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     """Score every image of ``data_dir/<label>/...`` with the bundle and compute the metrics
     with ``metrics.compute``, exactly as training does for ``metrics.val`` in ``tlcli.json``.
 
-    ``engine``: tf (the SavedModel), tflite (the bundle's model.tflite, e.g. to check a quantized
-    export) or auto. ``report_dir``: also write ``confusion_matrix.png``, ``mistakes.csv`` (all
-    mistakes, most confident first) and ``mistakes.html`` (the most confident, with thumbnails) there,
-    and beside the ``overlays`` most confident of those a saliency overlay (``deploy.saliency``,
-    from the SavedModel, whatever ``engine``), written into its ``saliency`` folder;
-    as ``audit``'s, a folder that is not empty (an old report, the user's files) is refused
-    (``OutputExistsError``) unless ``force``, and then only the report's files are replaced.
+    ``engine``: tf (the SavedModel), tflite, onnx or openvino (the bundle's exported file, e.g. to
+    check a quantized export) or auto (``inference.resolve_engine``). ``report_dir``: also write
+    ``confusion_matrix.png``, ``mistakes.csv`` (all mistakes, most confident first) and
+    ``mistakes.html`` (the most confident, with thumbnails) there, and beside the ``overlays``
+    most confident of those a saliency overlay (``deploy.saliency``, from the SavedModel, whatever
+    ``engine``), written into its ``saliency`` folder; as ``audit``'s, a folder that is not empty
+    (an old report, the user's files) is refused (``OutputExistsError``) unless ``force``, and then
+    only the report's files are replaced.
 
     Folders are matched to the bundle's labels by name: a folder that is not a label raises
     ``DatasetError``; a label with no folder is allowed (evaluating on some classes only) and
     named in ``warnings``: its support is 0, so it counts as 0 in the macro averages. Unusable
     files are skipped and listed in ``skipped``, as in training. With the bundle's unknown
     detector, ``unknown`` counts the images it calls unknown and the accuracy on the rest (the
-    metrics themselves cover every image); ``unknown_threshold`` as ``predict``'s. Raises ``BundleError`` for a
-    missing or corrupt bundle (or a missing model.tflite) and ``UsageError`` for a bad option.
+    metrics themselves cover every image); ``unknown_threshold`` as ``predict``'s. Raises
+    ``BundleError`` for a missing or corrupt bundle (or exported file) and ``UsageError`` for a
+    bad option (or extra).
     A multi-label bundle: see ``_multi_label_result`` (``threshold``: for every label).
     """
     _check_options(top_k=top_k, max_mistakes=max_mistakes, overlays=overlays, batch_size=batch_size, engine=engine)
@@ -210,7 +212,7 @@ def evaluate(data_dir: str | os.PathLike, *, model_dir: str | os.PathLike = DEFA
     out_dir = _report_folder(report_dir, data_dir, force=force)
     kind = inference.resolve_engine(b, engine)
     eng = None
-    if kind == "tflite":  # cheap to open, and a missing model.tflite should fail before the scan
+    if kind != "tf":  # cheap to open, and a missing exported file should fail before the scan
         eng = inference.open_engine(b, kind)
 
     folder = data.scan(data_dir, image_size=b.image_size, labels=b.labels, max_pixels=max_pixels,
