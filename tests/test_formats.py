@@ -67,12 +67,18 @@ def test_every_engine_gives_the_savedmodels_probabilities(exported, colour_data)
     b = tlcli.load_bundle(path)
     files = sorted(str(p) for p in colour_data.rglob("*.*"))
     x = np.stack([images.load_for_model(f, b.image_size) for f in files])
-    ref = inference.open_engine(b, "tf")(x)
+    want = inference.open_engine(b, "tf").outputs(x)  # with the unknown score: the bundle has a detector
+    ref = want["probabilities"]
+    assert set(want) == {"probabilities", "unknown_score"}
     for fmt in NEW:
         engine = inference.open_engine(b, fmt)
         assert engine.name == fmt
         out = engine.outputs(x)
-        assert set(out) == {"probabilities"} and np.abs(out["probabilities"] - ref).max() <= 1e-4
+        assert set(out) == set(want) and np.abs(out["probabilities"] - ref).max() <= 1e-4
+        # The score is a difference of large float32 sums (|f|^2 - 2 f.mu + |mu|^2): compare it on
+        # the scale of the threshold that decides with it.
+        gap = np.abs(out["unknown_score"] - want["unknown_score"]).max()
+        assert gap <= 0.01 * b.meta.unknown["threshold"], (fmt, gap, b.meta.unknown["threshold"])
         answers = [p.predictions[0]["label"] for p in tlcli.predict(files, model_dir=path, engine=fmt)]
         assert answers == [b.labels[i] for i in ref.argmax(1)]
 

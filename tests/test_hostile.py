@@ -96,7 +96,7 @@ def test_a_crafted_unknown_score_that_is_not_one_finite_number_an_image_is_refus
                         "one": lambda tf, x: tf.zeros([1])}.items():
         install_saved_model(_crafted_model(tmp_path / name, lambda tf, x: uniform(tf, x) * 0 + 1 / 3, score),
                             bundle_copy)
-        with pytest.raises(BundleError, match="saved_model.pb: the model gave an unknown_score"):
+        with pytest.raises(BundleError, match="saved_model.pb: the model gave unknown scores"):
             tlcli.predict([colour_data / "red"], model_dir=bundle_copy, engine="tf")
 
 

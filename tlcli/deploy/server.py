@@ -101,10 +101,9 @@ class ServedModel:
     most images one request may hold), ``unknown_threshold`` (``predict``'s: for /predict only).
 
     LiteRT interpreters and OpenVINO infer requests are not thread-safe, so each request borrows
-    an engine (any but TensorFlow) from a pool that grows
-    on demand up to ``workers`` (only the first is loaded before the server is ready), each with
-    an equal share of the CPUs. TensorFlow runs concurrent calls of one SavedModel itself: one
-    engine is shared."""
+    an engine (any but TensorFlow) from a pool that grows on demand up to ``workers`` (only the
+    first is loaded before the server is ready), each with an equal share of the CPUs. TensorFlow
+    runs concurrent calls of one SavedModel itself: one engine is shared."""
 
     def __init__(self, b: bundles.Bundle, *, name: str, engine: str, workers: int, max_pixels: int | None,
                  max_images: int = SERVE_MAX_IMAGES, threshold: float | None = None,
