@@ -104,11 +104,15 @@ def _row(values: list[str], line: int, width: int, column: dict[str, int], where
 def _one_a_photo(rows: list[Row], where: str) -> list[Row]:
     seen: dict[str, Row] = {}
     for row in rows:
-        first = seen.setdefault(row.path, row)
-        if (first.action, first.label) != (row.action, row.label):
-            raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
-                               "action; keep one of the two lines")
+        _same_action(seen.setdefault(row.path, row), row, where)
     return list(seen.values())
+
+
+def _same_action(first: Row, row: Row, where: str) -> None:
+    """Refuse ``row`` when it names the photo of an earlier row, ``first``, with another action."""
+    if (first.action, first.label) != (row.action, row.label):
+        raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
+                           "action; keep one of the two lines")
 
 
 def _text(cell: str, known) -> str:
@@ -140,9 +144,7 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
                                "have been skipped as unusable, or the review is of other data); remove the line")
         first = lines.setdefault(os.path.abspath(sample.path), row)
         if first is not row:
-            if (first.action, first.label) != (row.action, row.label):
-                raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
-                                   "action; keep one of the two lines")
+            _same_action(first, row, where)
             continue
         given = _text(row.given, index)
         if given and ";" not in given and given != labels[sample.label]:
