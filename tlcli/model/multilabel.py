@@ -21,9 +21,6 @@ import numpy as np
 from tlcli import multilabel_metrics
 from tlcli.model import calibration, head
 
-TASK = "multi_label"
-SINGLE = "single_label"
-
 
 @dataclass
 class MultiLabelFit(head.HeadFit):
