@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlcli.data.label_csv import csv_problems
 from tlcli.errors import DatasetError
 
 OPTION = "--labels-override"
@@ -64,7 +65,7 @@ def read(path: str | os.PathLike) -> Review:
     except OSError as exc:
         raise DatasetError(f"{OPTION} {file}: cannot read it ({exc.strerror}); check its permissions") from None
     where = f"{OPTION} {file}"
-    try:
+    with csv_problems(where, lambda: reader.line_num):
         reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""), strict=True)
         header = [h.strip().lower() for h in next(reader, [])]
         if "path" not in header or "action" not in header:
@@ -73,10 +74,6 @@ def read(path: str | os.PathLike) -> Review:
         column = {name: header.index(name) for name in reversed(header)}  # the first of a repeated name
         rows = [_row(values, reader.line_num, len(header), column, where) for values in reader
                 if any(v.strip() for v in values)]
-    except csv.Error as exc:
-        raise DatasetError(f"{where}: line {reader.line_num}: not valid CSV ({exc}); fix the quoting there") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{where}: not UTF-8 text; save it as UTF-8 CSV") from None
     return Review(str(file.absolute()), hashlib.sha256(raw).hexdigest(), _one_a_photo(rows, where))
 
 
