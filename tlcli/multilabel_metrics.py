@@ -41,9 +41,12 @@ def average_precision(probs: np.ndarray, truth: np.ndarray) -> float | None:
     distinct probability, weighted by the recall it adds (photos with equal probabilities are
     ranked together). None when the label has no positive photo."""
     curve = pr_curve(probs, truth)
-    if curve is None:
-        return None
-    precision, recall = curve
+    return None if curve is None else curve_area(*curve)
+
+
+def curve_area(precision: np.ndarray, recall: np.ndarray) -> float:
+    """The area under a precision-recall curve (``pr_curve``'s): each point's precision weighted
+    by the recall it adds."""
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
