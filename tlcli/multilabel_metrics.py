@@ -28,11 +28,7 @@ def best_threshold(probs: np.ndarray, truth: np.ndarray, *, default: float = 0.5
     positives = int(truth.sum())
     if not positives or not len(probs):
         return default
-    order = np.argsort(-probs, kind="stable")
-    p, t = probs[order], truth[order]
-    last = np.r_[p[1:] != p[:-1], True]  # a cut may only fall between distinct probabilities
-    tp = np.cumsum(t)[last]
-    predicted = (np.arange(1, len(p) + 1))[last]
+    p, last, tp, predicted = _ranked_counts(probs, truth)
     f1 = 2 * tp / (predicted + positives)
     at = int(np.argmax(f1))
     cut = np.nonzero(last)[0][at]
@@ -45,9 +41,12 @@ def average_precision(probs: np.ndarray, truth: np.ndarray) -> float | None:
     distinct probability, weighted by the recall it adds (photos with equal probabilities are
     ranked together). None when the label has no positive photo."""
     curve = pr_curve(probs, truth)
-    if curve is None:
-        return None
-    precision, recall = curve
+    return None if curve is None else curve_area(*curve)
+
+
+def curve_area(precision: np.ndarray, recall: np.ndarray) -> float:
+    """The area under a precision-recall curve (``pr_curve``'s): each point's precision weighted
+    by the recall it adds."""
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
@@ -58,12 +57,18 @@ def pr_curve(probs: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarr
     positives = int(truth.sum())
     if not positives:
         return None
+    _, _, tp, predicted = _ranked_counts(probs, truth)
+    return tp / predicted, tp / positives
+
+
+def _ranked_counts(probs: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(``probs`` sorted highest first; where each run of equal probabilities ends (a cut may
+    only fall between distinct probabilities); the true positives and the photos predicted at
+    each such cut) of one label's float64 ``probs`` [n] against boolean ``truth`` [n]."""
     order = np.argsort(-probs, kind="stable")
     p, t = probs[order], truth[order]
     last = np.r_[p[1:] != p[:-1], True]
-    tp = np.cumsum(t)[last]
-    predicted = np.arange(1, len(p) + 1)[last]
-    return tp / predicted, tp / positives
+    return p, last, np.cumsum(t)[last], np.arange(1, len(p) + 1)[last]
 
 
 @dataclass

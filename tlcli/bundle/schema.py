@@ -182,12 +182,14 @@ def check_unknown(unknown, where: str) -> None:
     which a photo is called unknown) and whose ``target_rate``, when given, is in [0, 1]."""
     fix = "retrain or restore the file"
     threshold = unknown.get("threshold") if isinstance(unknown, dict) else None
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
+    if not _type_ok(threshold, "float"):  # a finite number, not a bool
         raise BundleError(f"{where}: \"unknown\" must be an object with a finite number \"threshold\", not "
                           f"{show(unknown)}; {fix}")
     rate = unknown.get("target_rate", 0.0)
     if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0.0 <= rate <= 1.0):
         raise BundleError(f"{where}: \"unknown\".\"target_rate\" must be a number in [0, 1], not {show(rate)}; {fix}")
+
+
 def _check_task(meta: dict, num_labels: int, where: str) -> None:
     """``task`` is absent, "single_label" or "multi_label"; a multi-label bundle has one
     threshold in [0, 1] per label, and a single-label one none."""

@@ -59,9 +59,7 @@ def _multi_label_evaluation(r) -> list:
     """``evaluation`` of a multi-label model: the summary, then per label its threshold,
     precision, recall, F1, average precision and photos."""
     rep = r.report
-    t = kv_table("Evaluation (multi-label)")
-    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
-    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
+    t = _evaluated("Evaluation (multi-label)", r)
     t.add_row("subset accuracy", f"{pct(rep.accuracy)} (every label of a photo right)")
     t.add_row("F1", f"micro {num(rep.micro_f1)}, macro {num(rep.macro_f1)}")
     t.add_row("mAP", "no label has a positive photo" if rep.mean_average_precision is None
@@ -81,8 +79,7 @@ def _multi_label_evaluation(r) -> list:
     for m in rep.mistakes:
         mt.add_row(path_cell(_under(m["path"], (r.data_dir,))), safe(", ".join(m["labels"]) or "-"),
                    safe(", ".join(m["predicted"]) or "-"))
-    shown = [t, pl, mt if rep.mistakes else Text("No mistakes.")]
-    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+    return [t, pl, mt if rep.mistakes else Text("No mistakes.")] + _wrote(r)
 
 
 def evaluation(r) -> list:
@@ -91,9 +88,7 @@ def evaluation(r) -> list:
     rep = r.report
     if getattr(rep, "task", None) == "multi_label":
         return _multi_label_evaluation(r)
-    t = kv_table("Evaluation")
-    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
-    t.add_row("images", safe(f"{rep.count} in {r.data_dir}"))
+    t = _evaluated("Evaluation", r)
     t.add_row("accuracy", pct(rep.accuracy))
     t.add_row(f"top-{rep.top_k} accuracy", pct(rep.top_k_accuracy))
     t.add_row("loss", f"{rep.loss:.4f} (cross-entropy: the negative log-likelihood)")
@@ -107,7 +102,20 @@ def evaluation(r) -> list:
                              f"accuracy {rest}")
     shown = [t, _per_class_table(rep), _confusion_table(rep),
              _mistakes_table(rep, r.data_dir) if rep.mistakes else Text("No mistakes.")]
-    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+    return shown + _wrote(r)
+
+
+def _evaluated(title: str, r) -> Table:
+    """The summary table of an ``EvaluateResult``, begun: the model (and engine) and the images."""
+    t = kv_table(title)
+    t.add_row("model", safe(f"{r.model_dir} (engine {r.engine})"))
+    t.add_row("images", safe(f"{r.report.count} in {r.data_dir}"))
+    return t
+
+
+def _wrote(r) -> list:
+    """A "wrote" line per file of ``r.files`` (an evaluation's or an audit's report)."""
+    return [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
 
 _AUDIT_ACTIONS = {"train_val_leak": "remove the copies from one split",
                   "across_classes": "keep one, with the right label", "exact": "delete the extra copies",
@@ -182,7 +190,7 @@ def audit(r) -> list:
         shown.append(s)
     if r.skipped:
         shown.append(skipped_table([dict(s, path=_under(s["path"], roots)) for s in r.skipped]))
-    return shown + [Text.assemble("wrote ", safe(path)) for path in r.files.values()]
+    return shown + _wrote(r)
 
 
 # ---- export ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ skip entry naming the line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -62,22 +63,31 @@ def read(path: str | os.PathLike, option: str = "DIR") -> list[Row]:
         raise DatasetError(f"{option} {path}: larger than {MAX_CSV_BYTES >> 20} MiB; split it or use class folders")
     base = path.parent
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f, \
+                csv_problems(f"{option} {path}", lambda: reader.line_num):
             reader = csv.reader(f, strict=True)
             header = [h.strip().lower() for h in next(reader, [])]
             columns = _columns(header, path, option)
             rows = [_row(values, reader.line_num, columns, base, path, option) for values in reader
                     if any(v.strip() for v in values)]
-    except csv.Error as exc:
-        raise DatasetError(f"{option} {path}: line {reader.line_num}: not valid CSV ({exc}); fix the quoting "
-                           "there") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{option} {path}: not UTF-8 text; save it as UTF-8 CSV") from None
     except OSError as exc:
         raise DatasetError(f"{option} {path}: cannot read it ({exc.strerror}); check its permissions") from None
     if not rows:
         raise DatasetError(f"{option} {path}: no rows below the header; list one photo a line as path,label")
     return _deduplicated(rows, path, option)
+
+
+@contextlib.contextmanager
+def csv_problems(where: str, line):
+    """Turn what the csv module and the UTF-8 decoder raise inside the block into one-line
+    ``DatasetError``s naming ``where`` (the option and the file) and, for bad CSV, the line
+    ``line()`` (the reader's ``line_num``)."""
+    try:
+        yield
+    except csv.Error as exc:
+        raise DatasetError(f"{where}: line {line()}: not valid CSV ({exc}); fix the quoting there") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{where}: not UTF-8 text; save it as UTF-8 CSV") from None
 
 
 def _columns(header: list[str], path: Path, option: str) -> dict[str, int]:

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlcli.data.label_csv import csv_problems
 from tlcli.errors import DatasetError
 
 OPTION = "--labels-override"
@@ -64,7 +65,7 @@ def read(path: str | os.PathLike) -> Review:
     except OSError as exc:
         raise DatasetError(f"{OPTION} {file}: cannot read it ({exc.strerror}); check its permissions") from None
     where = f"{OPTION} {file}"
-    try:
+    with csv_problems(where, lambda: reader.line_num):
         reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""), strict=True)
         header = [h.strip().lower() for h in next(reader, [])]
         if "path" not in header or "action" not in header:
@@ -73,10 +74,6 @@ def read(path: str | os.PathLike) -> Review:
         column = {name: header.index(name) for name in reversed(header)}  # the first of a repeated name
         rows = [_row(values, reader.line_num, len(header), column, where) for values in reader
                 if any(v.strip() for v in values)]
-    except csv.Error as exc:
-        raise DatasetError(f"{where}: line {reader.line_num}: not valid CSV ({exc}); fix the quoting there") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{where}: not UTF-8 text; save it as UTF-8 CSV") from None
     return Review(str(file.absolute()), hashlib.sha256(raw).hexdigest(), _one_a_photo(rows, where))
 
 
@@ -104,11 +101,15 @@ def _row(values: list[str], line: int, width: int, column: dict[str, int], where
 def _one_a_photo(rows: list[Row], where: str) -> list[Row]:
     seen: dict[str, Row] = {}
     for row in rows:
-        first = seen.setdefault(row.path, row)
-        if (first.action, first.label) != (row.action, row.label):
-            raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
-                               "action; keep one of the two lines")
+        _same_action(seen.setdefault(row.path, row), row, where)
     return list(seen.values())
+
+
+def _same_action(first: Row, row: Row, where: str) -> None:
+    """Refuse ``row`` when it names the photo of an earlier row, ``first``, with another action."""
+    if (first.action, first.label) != (row.action, row.label):
+        raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
+                           "action; keep one of the two lines")
 
 
 def _text(cell: str, known) -> str:
@@ -140,9 +141,7 @@ def apply(review: Review, parts: dict[str, list], labels: list[str], *, root: st
                                "have been skipped as unusable, or the review is of other data); remove the line")
         first = lines.setdefault(os.path.abspath(sample.path), row)
         if first is not row:
-            if (first.action, first.label) != (row.action, row.label):
-                raise DatasetError(f"{where}: line {row.line}: {row.path} is also on line {first.line} with another "
-                                   "action; keep one of the two lines")
+            _same_action(first, row, where)
             continue
         given = _text(row.given, index)
         if given and ";" not in given and given != labels[sample.label]:

@@ -60,11 +60,8 @@ def count_by_label(samples, labels: list[str]) -> dict[str, int]:
     multi-label photo counts under each of its labels."""
     n = {label: 0 for label in labels}
     for s in samples:
-        if s.labels:
-            for i in s.labels:
-                n[labels[i]] += 1
-        else:
-            n[labels[s.label]] += 1
+        for i in s.label_set():
+            n[labels[i]] += 1
     return n
 
 

@@ -118,6 +118,24 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
                         (1 + mirror) * len(samples) - extracted, engine)
 
 
+def frozen_views(loaded, spec, samples, *, cache_key: str, cfg, progress: Callback = silent):
+    """(the plain views of ``samples`` through the frozen backbone ``loaded`` (``spec``'s), its
+    Keras extractor, its LiteRT runner or None): ``compute_views`` with the engine
+    ``cfg.extractor`` picks and ``cfg``'s cache folder, batch size and pixel limit, stored under
+    ``cache_key``, so that the backbone choice and the audit find what training stored."""
+    from tlcli.model import classifier as model
+    from tlcli.model import litert as litert_backbone
+
+    extractor = model.build_extractor(loaded.layer, loaded.image_size)
+    runner = None
+    if litert_backbone.engine_for(cfg.extractor) == "litert":
+        runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
+    views = compute_views(samples, extractors=(extractor, None), cache_key=cache_key, cache_dir=cfg.cache_dir,
+                          image_size=loaded.image_size, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels,
+                          progress=progress, litert=runner)
+    return views, extractor, runner
+
+
 
 def agrees(runner, extractor, samples, *, image_size: int, max_pixels: int, pixels=None,
            progress: Callback = silent) -> bool:

@@ -199,19 +199,12 @@ def dataset_features(cfg: TrainConfig, spec, path: str, progress: Callback = sil
     its cached features are found."""
     from tlcli import features
     from tlcli.model import backbone
-    from tlcli.model import classifier as model
-    from tlcli.model import litert as litert_backbone
 
     loaded = backbone.load(spec, path=path)
     splits = data.scan_splits(cfg, image_size=loaded.image_size, progress=progress)
-    extractor = model.build_extractor(loaded.layer, loaded.image_size)
-    runner = None
-    if litert_backbone.engine_for(cfg.extractor) == "litert":
-        runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
     key = backbone.cache_key(spec, loaded.image_size)
-    views = features.compute_views(splits.train + splits.val + splits.test, extractors=(extractor, None), cache_key=key,
-                                   cache_dir=cfg.cache_dir, image_size=loaded.image_size, batch_size=cfg.batch_size,
-                                   max_pixels=cfg.max_pixels, progress=progress, litert=runner)
+    views, extractor, runner = features.frozen_views(loaded, spec, splits.train + splits.val + splits.test,
+                                                     cache_key=key, cfg=cfg, progress=progress)
     progress(Info(f"features: {views.extracted} extracted, {views.cached} from cache"))
     embed, key = engine_of(views.engine, (extractor, runner), key)
     return views, splits, embed, loaded.image_size, key

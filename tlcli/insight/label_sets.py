@@ -27,11 +27,11 @@ def label_thresholds(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.array([best_threshold(probs[seen[:, j], j], truth[seen[:, j], j]) for j in range(probs.shape[1])])
 
 
-def suspicious(probs: np.ndarray, truth: np.ndarray) -> list[tuple[int, int, str, float]]:
+def suspicious(probs: np.ndarray, truth: np.ndarray, cut: np.ndarray) -> list[tuple[int, int, str, float]]:
     """[(row, label, "missing" | "extra", score)], one per suspected photo (its most suspicious
-    label), most suspicious first; see the module docstring."""
+    label, decided at ``cut``: ``label_thresholds(probs, truth)``), most suspicious first; see the
+    module docstring."""
     truth = np.asarray(truth) > 0.5
-    cut = label_thresholds(probs, truth)
     with np.errstate(invalid="ignore"):
         missing = ~truth & (probs >= cut[None, :])
         extra = truth & (probs < cut[None, :])
@@ -50,11 +50,12 @@ def label_findings(views, samples, labels: list[str], *, seed: int = 0) -> tuple
     from tlcli.model import multilabel
 
     fit, truth = multilabel.fit_views(views, samples, len(labels), seed=seed)
+    probs = fit.oof_probs.astype(np.float64)
+    cut = label_thresholds(probs, truth)
     flagged = []
-    for row, j, kind, score in suspicious(fit.oof_probs.astype(np.float64), truth):
+    for row, j, kind, score in suspicious(probs, truth, cut):
         given = [labels[i] for i in np.nonzero(truth[row])[0]]
         suggested = sorted([*given, labels[j]] if kind == "missing" else [x for x in given if x != labels[j]])
         flagged.append(Mislabel(samples[row].path, SEPARATOR.join(given), SEPARATOR.join(suggested),
                                 round(score, 6)))
-    cut = label_thresholds(fit.oof_probs.astype(np.float64), truth)
     return flagged, {"label_threshold": {label: float(v) for label, v in zip(labels, cut)}}

@@ -172,7 +172,7 @@ def pr_curves(truth, probs, labels: list[str], thresholds, path: str | os.PathLi
             ax.plot([], [], label=f"{_short(label)} (no positive photo)")
             continue
         precision, recall = curve
-        ap = mm.average_precision(probs[:, j], truth[:, j])
+        ap = mm.curve_area(precision, recall)
         line, = ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="post",
                         label=f"{_short(label)} (AP {ap:.3f})")
         predicted = probs[:, j] >= thresholds[j]

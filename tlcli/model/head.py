@@ -447,30 +447,30 @@ def fit_views(views, samples, num_classes: int, **options) -> HeadFit:
     return fit_head(X, y, num_classes, groups=groups, **options)
 
 
-def predict_views(views, samples, fit: HeadFit) -> np.ndarray:
+def predict_views(views, samples, fit: HeadFit, *, activation=softmax) -> np.ndarray:
     """The head's probabilities [n, k] for ``samples`` from their feature views, mirror views
     averaged as the saved classifier averages them; read in blocks of ``CHUNK_ROWS`` images."""
     plain, mirror = views.of(samples, lazy=True)
     if len(plain) <= CHUNK_ROWS:
-        return predict_proba(np.asarray(plain), fit.kernel, fit.bias,
+        return predict_proba(np.asarray(plain), fit.kernel, fit.bias, activation=activation,
                              mirror_features=None if mirror is None else np.asarray(mirror))
-    blocks = [predict_proba(plain[i:i + CHUNK_ROWS], fit.kernel, fit.bias,
+    blocks = [predict_proba(plain[i:i + CHUNK_ROWS], fit.kernel, fit.bias, activation=activation,
                             mirror_features=None if mirror is None else mirror[i:i + CHUNK_ROWS])
               for i in range(0, len(plain), CHUNK_ROWS)]
     return np.concatenate(blocks)
 
 
 def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
-                  mirror_features: np.ndarray | None = None) -> np.ndarray:
-    """The head's forward pass in numpy: softmax(features @ kernel + bias), float32 [n, k].
-    With ``mirror_features`` (the features of the images' mirror views) the head sees the mean
-    of both views, as the saved classifier does (``model.build_classifier(mirror=True)``)."""
+                  mirror_features: np.ndarray | None = None, activation=softmax) -> np.ndarray:
+    """The head's forward pass in numpy: activation(features @ kernel + bias), float32 [n, k]
+    (the sigmoid head passes its own). With ``mirror_features`` (the mirror views' features) the
+    head sees the mean of both views, as the saved classifier does (``build_classifier(mirror=True)``)."""
     features = np.asarray(features, np.float32)
     if mirror_features is not None:
         features = (features + np.asarray(mirror_features, np.float32)) / 2
     if not len(features):
         return np.zeros((0, np.shape(kernel)[1]), np.float32)
-    return softmax(features @ kernel + bias).astype(np.float32)
+    return activation(features @ kernel + bias).astype(np.float32)
 
 
 def _check_finite(arrays, learning_rate, l2) -> None:

@@ -21,9 +21,6 @@ import numpy as np
 from tlcli import multilabel_metrics
 from tlcli.model import calibration, head
 
-TASK = "multi_label"
-SINGLE = "single_label"
-
 
 @dataclass
 class MultiLabelFit(head.HeadFit):
@@ -146,22 +143,14 @@ def fit_views(views, samples, num_labels: int, **options) -> tuple[MultiLabelFit
 def predict_proba(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
                   mirror_features: np.ndarray | None = None) -> np.ndarray:
     """The sigmoid head in numpy: float32 [n, L] per-label probabilities (the mean of both views
-    with ``mirror_features``, as the saved classifier does)."""
-    features = np.asarray(features, np.float32)
-    if mirror_features is not None:
-        features = (features + np.asarray(mirror_features, np.float32)) / 2
-    if not len(features):
-        return np.zeros((0, np.shape(kernel)[1]), np.float32)
-    return sigmoid(features @ kernel + bias).astype(np.float32)
+    with ``mirror_features``, as the saved classifier does): ``head.predict_proba`` with a sigmoid."""
+    return head.predict_proba(features, kernel, bias, mirror_features=mirror_features, activation=sigmoid)
 
 
 def predict_views(views, samples, fit) -> np.ndarray:
-    """The sigmoid head's probabilities [n, L] for ``samples`` from their feature views."""
-    plain, mirror = views.of(samples, lazy=True)
-    blocks = [predict_proba(np.asarray(plain[i:i + head.CHUNK_ROWS]), fit.kernel, fit.bias,
-                            mirror_features=None if mirror is None else np.asarray(mirror[i:i + head.CHUNK_ROWS]))
-              for i in range(0, len(plain), head.CHUNK_ROWS)]
-    return np.concatenate(blocks) if blocks else np.zeros((0, fit.kernel.shape[1]), np.float32)
+    """The sigmoid head's probabilities [n, L] for ``samples`` from their feature views
+    (``head.predict_views`` with a sigmoid)."""
+    return head.predict_views(views, samples, fit, activation=sigmoid)
 
 
 def above(probs: np.ndarray, labels: list[str], thresholds) -> list[dict]:

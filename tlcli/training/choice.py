@@ -140,19 +140,12 @@ def candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress
     with --fine-tune for a backbone run through a signature (it cannot be trained)."""
     from tlcli import features
     from tlcli.model import backbone
-    from tlcli.model import classifier as model
-    from tlcli.model import litert as litert_backbone
 
     loaded = backbone.load(spec, path=backbone.fetch(spec))
     if tunes(cfg) and loaded.signature is not None:
         return None
-    extractor = model.build_extractor(loaded.layer, loaded.image_size)
-    runner = None
-    if litert_backbone.engine_for(cfg.extractor) == "litert":
-        runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
-    views = features.compute_views(samples, extractors=(extractor, None), cache_key=cache_key(spec, loaded.image_size),
-                                   cache_dir=cfg.cache_dir, image_size=loaded.image_size, batch_size=cfg.batch_size,
-                                   max_pixels=cfg.max_pixels, progress=progress, litert=runner)
+    views, extractor, runner = features.frozen_views(loaded, spec, samples, cfg=cfg, progress=progress,
+                                                     cache_key=cache_key(spec, loaded.image_size))
     engine = runner if views.engine == "litert" else extractor
     ms = _ms_per_image(engine, samples, loaded.image_size, cfg.max_pixels)
     c = selection.Candidate(name, np.asarray(views.plain, np.float32), loaded.image_size, ms, [name])

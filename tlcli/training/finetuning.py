@@ -26,7 +26,7 @@ from tlcli import data
 from tlcli._tf import keras, tf
 from tlcli.config import TrainConfig, tunes
 from tlcli.errors import UsageError
-from tlcli.model import classifier
+from tlcli.model import classifier, multilabel
 from tlcli.progress import Callback, End, Epoch, Info, Start
 from tlcli.training import choice, precision
 from tlcli.training.run_state import FineTuneState, RunState
@@ -73,7 +73,7 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     t = tf()
     if multi_label:
         onehot = lambda img, y: (img, t.cast(y, t.float32))  # noqa: E731  (already multi-hot)
-        targets = lambda samples: [np.isin(np.arange(num_classes), s.label_set()) for s in samples]  # noqa: E731
+        targets = lambda samples: list(multilabel.targets(samples, num_classes))  # noqa: E731
     else:
         onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
         targets = lambda samples: [s.label for s in samples]  # noqa: E731
