@@ -73,7 +73,11 @@ def test_two_workers_both_succeed_and_share_the_extraction(cluster_run):
     images = 30
     # Each extracts its half of the images: before fine-tuning (plain view) and after it (plain + mirror).
     assert chief["extracted_by_worker"] == other["extracted_by_worker"] == [chief["extracted"], other["extracted"]]
-    assert chief["extracted"] == other["extracted"] == 3 * images // 2
+    # Each worker: its half of the plain features, then (after fine-tuning) its half of the plain
+    # and mirror features of the tuned backbone; when the holdout undoes fine-tuning, only the
+    # mirror features of the starting backbone are new.
+    views = 3 if chief["fine_tune_improved"] else 2
+    assert chief["extracted"] == other["extracted"] == views * images // 2
     assert cluster_run["seconds"] < 120
 
 
@@ -486,7 +490,7 @@ def test_fine_tuning_under_a_mixed_policy_saves_a_float32_model(tmp_path, train_
 
     interp = Interpreter(model_path=str(e.path))
     assert [d["dtype"] for d in interp.get_input_details()] == [np.float32]
-    assert [d["dtype"] for d in interp.get_output_details()] == [np.float32]
+    assert {d["dtype"] for d in interp.get_output_details()} == {np.float32}  # probabilities, unknown_score
 
 
 def test_auto_precision_follows_the_hardware():

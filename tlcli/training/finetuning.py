@@ -419,10 +419,15 @@ def _averaging_class():
 def _holdout_losses(model, validation, *, multi_label: bool = False) -> np.ndarray:
     """Each holdout image's cross-entropy under ``model`` (float64 [n]; ``multi_label``: the mean
     binary cross-entropy of its labels), in the holdout's order; padding (a batch weight of 0) is
-    left out."""
+    left out. The model runs in a replica context of its strategy (every replica the whole batch;
+    the first one's answer is taken): a model built under a distribution strategy cannot be
+    called from the cross-replica context a callback runs in."""
+    strategy = model.distribute_strategy
     losses = []
     for batch in validation:
-        probs = np.clip(np.asarray(model(batch[0], training=False), np.float64), 1e-12, 1 - 1e-12)
+        answers = strategy.run(lambda x: model(x, training=False), args=(batch[0],))
+        first = strategy.experimental_local_results(answers)[0]
+        probs = np.clip(np.asarray(first, np.float64), 1e-12, 1 - 1e-12)
         y = np.asarray(batch[1], np.float64)
         rows = -(y * np.log(probs) + (1 - y) * np.log(1 - probs)).mean(-1) if multi_label \
             else -np.log((probs * y).sum(-1))
