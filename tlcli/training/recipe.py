@@ -176,11 +176,12 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
     try:
         chosen, loaded, splits, models, litert, pixels = _backbone_and_splits(cfg, spec, backbone_path, early, progress)
         batch, mirror = cfg.batch_size * chosen.replicas, models.flip_extractor is not None
-        # The SavedModel's graph does not depend on the weights: trace and write it in the
-        # background while the backbone extracts features; only the variables wait till the end.
+        # The SavedModel's graph does not depend on the weights: traced and written in the background
+        # while LiteRT's parity is measured and the backbone extracts; the variables wait till the end.
         staging = bundle.staging_dir(cfg.out)
         export = _saved_model(cfg, models, loaded, splits, staging, mirror=mirror, chosen=chosen)
         graph = pool.submit(export.write_graph)
+        _check_parity(cfg, chosen, loaded, splits, models, litert, early, progress)
         views_of = functools.partial(
             distributed.views_step(chosen), splits.train + splits.val + splits.test,
             extractors=(models.extractor, models.flip_extractor),
@@ -189,8 +190,6 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             static=chosen.static_shapes)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
-        if litert is None or litert is not early.runner:
-            early.cancel()  # its work would not be used: do not wait for it
         early.finish()  # what it extracted is in the store now, and its runner is free
         with chosen.strategy.scope():
             began = time.monotonic()  # (and the mirror views wait for fine-tuning, which changes them)
@@ -307,10 +306,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
     """(strategy, loaded backbone, splits, models, LiteRT runner, pixels kept for it; None without LiteRT):
-    TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs, and
-    LiteRT's parity with TensorFlow is measured while its extraction ahead runs (a runner that
-    disagrees stops it)."""
-    from tlcli import features
+    TensorFlow loads the backbone (and LiteRT's) while the file check of ``early`` runs."""
     from tlcli._tf import keras
     from tlcli.model import backbone
     from tlcli.model import classifier as model
@@ -341,12 +337,21 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
         models = model.build_models(loaded, len(splits.labels), dropout=cfg.dropout, l2=cfg.l2 or 0.0,
                                     seed=cfg.seed, mirror=tunes(cfg) if cfg.mirror is None else cfg.mirror,
                                     activation="sigmoid" if cfg.multi_label else "softmax")
-        # In the scope, as compute_views would measure it (which then reuses the verdict).
-        if litert is not None and litert is early.runner and not features.agrees(
+    return chosen, loaded, splits, models, litert, early.pixels if litert else None
+
+
+def _check_parity(cfg, chosen, loaded, splits, models, litert, early: prelude.Prelude, progress: Callback) -> None:
+    """LiteRT's parity with TensorFlow (``features.agrees``, in the scope, as compute_views would
+    measure it and then reuse), while the extraction ahead runs: stopped when its runner disagrees
+    or is not the run's (its work would not be used: do not wait for it)."""
+    from tlcli import features
+    from tlcli.model import litert as litert_backbone
+
+    with chosen.strategy.scope():
+        if litert is None or litert is not early.runner or not features.agrees(
                 litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
                 image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
             early.cancel()
-    return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
 def _saved_model(cfg: TrainConfig, models, loaded, splits, staging, *, mirror: bool, chosen):
