@@ -74,13 +74,13 @@ import json, sys, time
 import numpy as np
 from tlcli.model import backbone
 from tlcli.model import classifier as model
-from tlcli.training import precision
+from tlcli.training import strategy as precision
 from tlcli._tf import keras
 policy, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 k = keras()
 loaded = backbone.load(backbone.resolve_spec(sys.argv[1], 224), trainable=True)
 head = model.build_head(loaded.feature_dim, 2, dropout=0.2, l2=0.0, seed=0)
-with precision.policy(policy, kind="CPU"):
+with precision.precision_policy(policy, kind="CPU"):
     trained = model.build_classifier(loaded.layer, head if policy == "float32"
                                      else model.head_under_policy(head, policy), 224)
     trained.compile(k.optimizers.Adam(1e-5), "categorical_crossentropy")
@@ -158,7 +158,7 @@ def main() -> None:
                     help="comma-separated: which of extract, fine-tune, comm, precision to run")
     a = ap.parse_args()
     require(HYMENOPTERA / "train", MOBILENET_V2)
-    from tlcli.training import precision
+    from tlcli.training import strategy as precision
 
     print(f"cores: {os.cpu_count()}; CPU bfloat16 flags (amx_bf16/avx512_bf16): {cpu_has_bf16()}")
     with tempfile.TemporaryDirectory(prefix="tlcli-bench-") as t:
@@ -187,7 +187,9 @@ def main() -> None:
         f32, bf16 = min(times["float32"]), min(times["mixed_bfloat16"])
         print(f"fine-tuning step (batch {a.batch_size}, 224 px): float32 {f32:.2f} s, mixed_bfloat16 {bf16:.2f} s: "
               f"bf16/f32 time x{bf16 / f32:.2f} -> --precision auto on this CPU: "
-              f"{'mixed_bfloat16' if bf16 < f32 else 'float32'} ({precision.resolve('auto', kind='CPU')} chosen)")
+              f"{'mixed_bfloat16' if bf16 < f32 else 'float32'} "
+              f""
+              f"({precision.resolve_precision('auto', kind='CPU')} chosen)")
 
 
 if __name__ == "__main__":

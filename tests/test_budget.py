@@ -14,7 +14,7 @@ from tests.helpers import run_cli
 from tlcli.config import TrainConfig, parse_duration, validate
 from tlcli.errors import UsageError
 from tlcli.model import classifier as tuning
-from tlcli.training import choice as budget
+from tlcli.training import plan as budget
 
 # ---- durations -------------------------------------------------------------------------------
 

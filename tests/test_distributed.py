@@ -494,13 +494,13 @@ def test_fine_tuning_under_a_mixed_policy_saves_a_float32_model(tmp_path, train_
 
 
 def test_auto_precision_follows_the_hardware():
-    from tlcli.training import precision
+    from tlcli.training import strategy as precision
 
-    assert precision.resolve("auto", kind="CPU") == "float32"
-    assert precision.resolve("auto", kind="TPU") == "mixed_bfloat16"
-    assert precision.resolve("auto", kind="GPU", capability=(8, 0)) == "mixed_float16"
-    assert precision.resolve("auto", kind="GPU", capability=(6, 1)) == "float32"
-    assert precision.resolve("mixed_bfloat16", kind="CPU") == "mixed_bfloat16"
+    assert precision.resolve_precision("auto", kind="CPU") == "float32"
+    assert precision.resolve_precision("auto", kind="TPU") == "mixed_bfloat16"
+    assert precision.resolve_precision("auto", kind="GPU", capability=(8, 0)) == "mixed_float16"
+    assert precision.resolve_precision("auto", kind="GPU", capability=(6, 1)) == "float32"
+    assert precision.resolve_precision("mixed_bfloat16", kind="CPU") == "mixed_bfloat16"
 
 
 def test_unknown_precision_is_a_usage_error(train_args, colour_data, tmp_path):

@@ -52,7 +52,7 @@ class Strategy(StrEnum):
 
 
 class Precision(StrEnum):
-    """``--precision`` of fine-tuning (see tlcli/training/precision.py): ``auto`` is mixed_float16 on a GPU of
+    """``--precision`` of fine-tuning (see tlcli/training/strategy.py): ``auto`` is mixed_float16 on a GPU of
     compute capability >= 7.0, mixed_bfloat16 on a TPU, float32 on a CPU."""
 
     AUTO = "auto"
@@ -179,7 +179,7 @@ class TrainConfig:
     fine_tune_micro_batch: int | None = None
     precision: str = "auto"           # of fine-tuning; the saved model is float32 whatever it is
     augment: bool = True
-    time_budget: float | str | None = None  # --time-budget: seconds or "10m"; plan in training/choice.py
+    time_budget: float | str | None = None  # --time-budget: seconds or "10m"; plan in training/plan.py
     # Mirror averaging: the head learns from each training image and its left-right mirror
     # image, and the model averages the features of both (the backbone runs twice per image).
     # None = on with --fine-tune (the run that trades time for accuracy), off otherwise.

@@ -184,7 +184,7 @@ class BundleMeta(_Section):
     ``labels_override``: the review file applied with ``--labels-override`` ({file, sha256, rows,
     relabelled, dropped, kept}; ``data.labels_override``), None and not written without one.
     ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan
-    (``training.choice.Plan``). ``unknown``: the unknown detector (``features.unknown``: method,
+    (``training.plan.Plan``). ``unknown``: the unknown detector (``features.unknown``: method,
     threshold, target_rate, oof_rate, ...), with the SavedModel's ``tlcli`` signature.
     ``backbone_choice``: the leaderboard of ``--backbone A,B|auto``, its winner and why. Each of
     these is None, and not written, when it does not apply.

@@ -28,7 +28,7 @@ from tlcli.config import TrainConfig, tunes
 from tlcli.errors import UsageError
 from tlcli.model import classifier, multilabel
 from tlcli.progress import Callback, End, Epoch, Info, Start
-from tlcli.training import choice, precision
+from tlcli.training import plan, strategy
 from tlcli.training.run_state import FineTuneState, RunState
 
 PHASE = "fine-tune"
@@ -48,7 +48,7 @@ def micro_batch_size(cfg: TrainConfig, *, accelerator: bool) -> int | None:
 def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig, batch_size: int,
               accelerator: bool, class_weight: dict | None, state: RunState, partial: Path, progress: Callback,
               scalars, static: bool = False, multi_label: bool = False, mirror_ok: bool = True, planner=None,
-              deadline: choice.Deadline | None = None) -> bool:
+              deadline: plan.Deadline | None = None) -> bool:
     """Train ``one_view`` (images -> probabilities, ``model.Models.one_view``, on the loaded
     ``backbone``) on the augmented ``fit`` images (``data.augmenter``; flips only with
     ``mirror_ok``), monitored on ``holdout`` (none: every epoch counts), in micro batches on the
@@ -91,12 +91,12 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
             raise UsageError(f"--batch-size {cfg.batch_size}: the global batch ({batch_size}) is larger than the "
                              f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
         ds, val = static_batches(ds, batch_size), val and static_batches(val, batch_size, pad=True)
-    kind = precision.device_kind()
-    policy = precision.resolve(cfg.precision, kind=kind)
+    kind = strategy.device_kind()
+    policy = strategy.resolve_precision(cfg.precision, kind=kind)
     progress(Info(f"fine-tuning precision: {policy}" + (" (auto)" if cfg.precision == "auto" else "")))
     # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
     start = backbone.layer.get_weights()
-    with precision.policy(policy, kind=kind):
+    with strategy.precision_policy(policy, kind=kind):
         _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
                class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
                masked=static, multi_label=multi_label, steps_per_epoch=math.ceil(len(fit) / batch_size),
@@ -441,10 +441,10 @@ def _deadline_stop_class():
 
     class DeadlineStop(k.callbacks.Callback):
         """Stops training when less than ``reserve_s`` would be left before ``deadline``
-        (``choice.Deadline``) after the next batch (the longest so far), or after the next
+        (``plan.Deadline``) after the next batch (the longest so far), or after the next
         epoch (as long as the last one): Keras then ends the epoch, checks the holdout, stops."""
 
-        def __init__(self, deadline: choice.Deadline, reserve_s: float):
+        def __init__(self, deadline: plan.Deadline, reserve_s: float):
             super().__init__()
             self.deadline, self.reserve_s, self.longest = deadline, reserve_s, 0.0
             self.epoch_began = self.batch_began = time.monotonic()

@@ -24,8 +24,8 @@ from tlcli.errors import BackboneError, Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
 from tlcli.model.backbone import cache_key, resolve_spec
 from tlcli.progress import Advance, Callback, End, Epoch, Info, Start, Warn, silent
-from tlcli.training import choice as plans
 from tlcli.training import distributed, prelude, run_state, summaries
+from tlcli.training import plan as plans
 
 
 @dataclass
