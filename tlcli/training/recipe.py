@@ -15,7 +15,6 @@ import shutil
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from tlcli import bundle, data, files
 from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
@@ -206,13 +205,14 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                                     state=state, partial=partial, progress=progress, scalars=scalars, planner=planner())
                 extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
                 fit = fit_head(views, splits.train, "head refit")
-        reports = view_reports(views, fit, splits.labels, splits.train, splits.val, splits.test)
+        reports = summaries.view_reports(views, fit, splits.labels, splits.train, splits.val, splits.test)
         checks = _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress)
         progress(Start("save", total=1))
         state.unknown = _fit_unknown(export, views, splits, seed=cfg.seed)  # on the final features
-        meta = run_meta(cfg, spec, splits=splits, image_size=loaded.image_size, feature_dim=loaded.feature_dim,
-                        mirror=mirror, reports=reports, chosen=chosen, global_batch=batch, state=state, fit=fit,
-                        seconds=time.perf_counter() - start, extractor=engine, loaded=loaded, choice=choice)
+        meta = summaries.run_meta(cfg, spec, splits=splits, image_size=loaded.image_size,
+                                  feature_dim=loaded.feature_dim, mirror=mirror, reports=reports, chosen=chosen,
+                                  global_batch=batch, state=state, fit=fit, seconds=time.perf_counter() - start,
+                                  extractor=engine, loaded=loaded, choice=choice)
         meta.audit = checks  # counts only: the findings themselves are 'tlcli audit''s
         graph.result()
         export.write_variables()
@@ -436,65 +436,3 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
     state.head = run_state.HeadState(fit.epochs, fit.l2, {str(k): v for k, v in fit.cv_loss.items()})
     model.load_head_weights(keras_head, fit.kernel, fit.bias, fit.l2)
     return fit
-
-
-def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
-             global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
-             choice=None, fit=None) -> bundle.BundleMeta:
-    """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
-    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
-    None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
-    ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
-    the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
-    ``choice.BackboneChoice`` of ``--backbone A,B`` or None; ``fit`` the final head fit (of which a
-    multi-label run records the thresholds)."""
-    from tlcli._tf import tf
-
-    train_report, val, test = reports
-    train_dir, val_dir, test_dir = (str(Path(d).absolute()) if d else None for d in splits.folders(cfg))
-    return bundle.BundleMeta(
-        tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
-        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim,
-                                     signature=getattr(loaded, "signature", None),
-                                     output_key=getattr(loaded, "output_key", None),
-                                     parts=[p.handle for p in spec.parts] or None),
-        mirror_average=mirror, config=cfg.to_dict(),
-        data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
-                             val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
-                             test_counts=splits.counts(splits.test) if test else None),
-        metrics=bundle.MetricsMeta(train_accuracy=train_report.accuracy,
-                                   val_accuracy=val.accuracy if val else None,
-                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None,
-                                   test_accuracy=test.accuracy if test else None,
-                                   test=test.to_dict() if test else None),
-        training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
-                                     global_batch_size=global_batch, head_epochs=state.head.epochs,
-                                     fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
-                                     history=state.history, extractor=extractor, calibration=state.calibration),
-        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
-        backbone_choice=choice.to_dict() if choice else None,
-        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
-        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
-        signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})),
-        time_budget=time_budget_seconds(cfg), plan=state.plan)
-
-
-def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
-    """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
-    None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
-    and test reports list their paths). The test images were neither trained nor validated on."""
-    from tlcli import metrics, multilabel_metrics
-    from tlcli.model import head, multilabel
-
-    def report(samples, *, paths: bool = True):
-        if not samples:
-            return None
-        where = {"paths": [s.path for s in samples]} if paths else {}
-        if isinstance(fit, multilabel.MultiLabelFit):
-            return multilabel_metrics.compute(multilabel.targets(samples, len(labels)),
-                                              multilabel.predict_views(views, samples, fit), labels, fit.thresholds,
-                                              **where)
-        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **where)
-
-    return report(train, paths=False), report(val), report(test)

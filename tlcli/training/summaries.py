@@ -1,4 +1,5 @@
-"""TensorBoard scalars of a training run: loss and accuracy, train and validation, per phase and epoch.
+"""What a training run records: its TensorBoard scalars (loss and accuracy, train and validation,
+per phase and epoch), its metrics reports (``view_reports``) and its tlcli.json (``run_meta``).
 
 Tags are ``<phase>/<metric>`` with the phase name slugged: ``head/loss``, ``head/val_accuracy``,
 ``fine-tune/val_loss``; the step is the epoch within the phase (from 1).
@@ -12,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tlcli import files
+from tlcli import bundle, files
+from tlcli.config import time_budget_seconds
 from tlcli.errors import UsageError
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -128,3 +130,65 @@ class ScalarLog:
         if self.dir is not None and self.dir.exists():
             shutil.copytree(self.dir, dest, dirs_exist_ok=True)
         return str(self.target)
+
+
+def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bool, reports, chosen,
+             global_batch: int, state, seconds: float, extractor: str = "tf", loaded=None,
+             choice=None, fit=None) -> bundle.BundleMeta:
+    """The tlcli.json of a finished training run (``training.train``): ``cfg`` its TrainConfig,
+    ``spec`` the backbone, ``splits`` the data.Splits, ``reports`` (train, val or None, test or
+    None) metrics reports, ``chosen`` the strategy, ``state`` the run_state.RunState,
+    ``extractor`` the engine of the frozen features. The TensorBoard folder is filled in when
+    the bundle is written. ``loaded``: the ``backbone.LoadedBackbone``, for the signature it ran; ``choice``: the
+    ``choice.BackboneChoice`` of ``--backbone A,B`` or None; ``fit`` the final head fit (of which a
+    multi-label run records the thresholds)."""
+    from tlcli._tf import tf
+
+    train_report, val, test = reports
+    train_dir, val_dir, test_dir = (str(Path(d).absolute()) if d else None for d in splits.folders(cfg))
+    return bundle.BundleMeta(
+        tensorflow_version=tf().__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        labels=splits.labels, image_size=image_size, input=bundle.input_spec(image_size),
+        backbone=bundle.BackboneMeta(handle=spec.handle, preset=spec.preset, feature_dim=feature_dim,
+                                     signature=getattr(loaded, "signature", None),
+                                     output_key=getattr(loaded, "output_key", None),
+                                     parts=[p.handle for p in spec.parts] or None),
+        mirror_average=mirror, config=cfg.to_dict(),
+        data=bundle.DataMeta(train_dir=train_dir, val_dir=val_dir, train_counts=splits.counts(splits.train),
+                             val_counts=splits.counts(splits.val), test_dir=test_dir if test else None,
+                             test_counts=splits.counts(splits.test) if test else None),
+        metrics=bundle.MetricsMeta(train_accuracy=train_report.accuracy,
+                                   val_accuracy=val.accuracy if val else None,
+                                   val_loss=val.loss if val else None, val=val.to_dict() if val else None,
+                                   test_accuracy=test.accuracy if test else None,
+                                   test=test.to_dict() if test else None),
+        training=bundle.TrainingMeta(strategy=chosen.description, replicas=chosen.replicas,
+                                     global_batch_size=global_batch, head_epochs=state.head.epochs,
+                                     fine_tune_epochs=state.fine_tune.epochs_run, seconds=round(seconds, 2),
+                                     history=state.history, extractor=extractor, calibration=state.calibration),
+        skipped=[s.to_dict() for s in splits.skipped], labels_override=splits.override,
+        backbone_choice=choice.to_dict() if choice else None,
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
+        thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
+        signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})),
+        time_budget=time_budget_seconds(cfg), plan=state.plan)
+
+
+def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
+    """(report of ``train``, report of ``val`` or None when it is empty, report of ``test`` or
+    None when it is empty): ``metrics.compute`` on ``predict_views`` of those samples (the val
+    and test reports list their paths). The test images were neither trained nor validated on."""
+    from tlcli import metrics, multilabel_metrics
+    from tlcli.model import head, multilabel
+
+    def report(samples, *, paths: bool = True):
+        if not samples:
+            return None
+        where = {"paths": [s.path for s in samples]} if paths else {}
+        if isinstance(fit, multilabel.MultiLabelFit):
+            return multilabel_metrics.compute(multilabel.targets(samples, len(labels)),
+                                              multilabel.predict_views(views, samples, fit), labels, fit.thresholds,
+                                              **where)
+        return metrics.compute([s.label for s in samples], head.predict_views(views, samples, fit), labels, **where)
+
+    return report(train, paths=False), report(val), report(test)
