@@ -316,7 +316,7 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
         crop_of = functools.partial(model.build_extractor, loaded.layer, loaded.image_size, crop=True)
         extractors = (crop_of(), crop_of(flip=True) if mirror else None)
     crop = views_of(mirror=mirror, frozen=not state.fine_tune.improved, extractors=extractors, litert=None,
-                    cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract (crop)")
+                    cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract crop")
     decision = tta.decide(views, crop, splits.train, len(splits.labels), mirror=mirror,
                           class_weight=_class_weight(cfg, splits.train, splits.labels), **_head_options(cfg))
     state.tta = decision.to_dict()
