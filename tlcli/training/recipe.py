@@ -330,13 +330,16 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
 
 def _no_test_time(cfg, vectors: int, state, deadline: plans.Deadline) -> str | None:
     """Why a run does not try the crop views (None: it does): a multi-label model, or a time
-    budget whose time left cannot hold ``vectors`` more features at the plan's extraction rate
-    (with its margin) and its fixed reserve for the head refit and the bundle."""
+    budget whose time left cannot hold ``vectors`` more features (through TensorFlow: the slower
+    of the plan's measured extraction rate and its forward rate of fine-tuning), with the plan's
+    margin, and its fixed reserve for the head refit and the bundle."""
     if cfg.multi_label:
         return "not for a multi-label model"
-    if deadline.budget_s is None or not state.plan:
+    if deadline.budget_s is None:
         return None
-    rate = state.plan["rates"].get(state.plan["backbones"][0], {}).get("extract")
+    rates = state.plan["rates"].get(state.plan["backbones"][0], {}) if state.plan else {}
+    measured = [r for r in (rates.get("extract"), plans.FORWARD_PER_TRAIN * rates.get("train", 0.0)) if r]
+    rate = min(measured, default=None)
     need = vectors * (1 + plans.MARGIN) / rate + plans.FIXED_RESERVE_S if rate else None
     if need is None or need > deadline.left():
         return (f"needs about {plans.format_duration(need)}, {plans.format_duration(deadline.left())} left"
