@@ -77,14 +77,14 @@ def gate(without, with_crop, *, z: float = GATE_Z) -> tuple[bool, float]:
     return significantly_better(without, with_crop, z=z), se
 
 
-def views_of(mirror: bool) -> list[str]:
+def view_names(mirror: bool) -> list[str]:
     """The views the saved model averages with the crop views kept."""
     return ["plain", "mirror", "crop", "crop mirror"] if mirror else ["plain", "crop"]
 
 
 def skipped(reason: str, *, mirror: bool) -> Decision:
     """The record of a run that did not try the crop views, and why."""
-    return Decision(views_of(mirror), kept=False, reason=reason)
+    return Decision(view_names(mirror), kept=False, reason=reason)
 
 
 def averaged(views: FeatureViews, crop: FeatureViews) -> FeatureViews:
@@ -134,7 +134,7 @@ def decide(views: FeatureViews, crop: FeatureViews, samples, num_classes: int, *
     after = oof_losses(averaged(views, crop), samples, num_classes, **options)
     common = sorted(set(before) & set(after))
     if len(common) < 2:
-        return Decision(views_of(mirror), kept=False, reason="too few images per class to cross-validate",
+        return Decision(view_names(mirror), kept=False, reason="too few images per class to cross-validate",
                         **counts)
     b, a = np.array([before[i] for i in common]), np.array([after[i] for i in common])
     kept, se = gate(b, a)
@@ -144,5 +144,5 @@ def decide(views: FeatureViews, crop: FeatureViews, samples, num_classes: int, *
         reason = f"CV loss lower by more than {GATE_Z:g} standard errors"
     else:
         reason = f"CV loss not lower by more than {GATE_Z:g} standard errors"
-    return Decision(views_of(mirror), kept=kept, reason=reason, without=float(b.mean()), with_crop=float(a.mean()),
+    return Decision(view_names(mirror), kept=kept, reason=reason, without=float(b.mean()), with_crop=float(a.mean()),
                     se=se, images=len(common), **counts)
