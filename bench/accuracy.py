@@ -101,7 +101,7 @@ def run_set(name: str, train_dir: Path, test_dir: Path, work: Path, *, budget: s
         print(f"{name:11} {run:10} accuracy {acc:.4f} ({acc - base:+.4f})  wall {seconds:6.1f} s "
               f"({seconds / base_s:.2f}x)", flush=True)
         for note in _notes(result):
-            print(f"{'':23}{note}", flush=True)
+            print(f"  {note}", flush=True)
     targets = []
     head = results["head-only"][1]["val_accuracy"]
     if name == "hymenoptera":
@@ -116,8 +116,8 @@ def run_set(name: str, train_dir: Path, test_dir: Path, work: Path, *, budget: s
                                    "process start included)", seconds <= limit))
     if name == "fashion":
         here = ", ".join(f"{run} {result['val_accuracy']:.4f}" for run, (_, result) in results.items())
-        targets.append(f"PROXY, not the target (28x28 grayscale, not photos): fashion {here}; the issue asks "
-                       f">= {CLOTHING_TARGET} of --time-budget 15m on its clothing photos (0.83 head-only there)")
+        targets.append(f"PROXY, not the target (28x28 grayscale thumbnails, not photos):\n  fashion {here}\n"
+                       f"  the issue: >= {CLOTHING_TARGET} with --time-budget 15m on its photos (0.83 head-only)")
     return targets
 
 
@@ -128,7 +128,7 @@ def _notes(result: dict) -> list[str]:
         choice = result["backbone_choice"]
         cv = {c["name"]: c["cv_accuracy"] for c in choice["candidates"]}
         others = ", ".join(f"{a:.4f}" for name, a in cv.items() if name != choice["winner"])
-        notes.append(f"kept {Path(choice['winner']).name} (CV {cv[choice['winner']]:.4f}; the others {others})")
+        notes.append(f"kept {Path(choice['winner']).name}, CV {cv[choice['winner']]:.4f} (others {others})")
     if result.get("plan"):
         plan = result["plan"]
         notes.append(f"plan: {'fine-tune ' + str(plan['epochs']) + ' epochs' if plan['fine_tune'] else 'head only'}"
