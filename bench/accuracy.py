@@ -177,8 +177,11 @@ def main() -> None:
                 targets += run_set("ten-class", train_dir, test_dir, work, budget=args.budget,
                                    backbone=args.backbone, runs=runs)
         if "fashion" in sets:
-            built = fashion_mnist.build(work / "fashion", per_class=args.per_class,
-                                        test_per_class=args.test_per_class, cache=args.cache_dir)
+            try:
+                built = fashion_mnist.build(work / "fashion", per_class=args.per_class,
+                                            test_per_class=args.test_per_class, cache=args.cache_dir)
+            except ValueError as e:  # a tarball that is not the pinned one, or too few images a class
+                sys.exit(f"fashion: {e}")
             if built:
                 print(f"fashion     set digest {built[2][:16]} ({args.per_class} train, "
                       f"{args.test_per_class} test a class)", flush=True)
