@@ -170,8 +170,7 @@ def main() -> None:
                                backbone=args.backbone, runs=runs)
         if "ten" in sets:
             if args.ten_class is None or not args.ten_class.is_dir():
-                print("ten-class   SKIP: give a labelled photo set in class folders with --ten-class DIR "
-                      "(the fashion set is the public stand-in)")
+                print("ten-class   SKIP: no --ten-class DIR (a labelled photo set in class folders)")
             else:
                 train_dir, test_dir = ten_class_subset(args.ten_class, work / "ten", args.per_class)
                 targets += run_set("ten-class", train_dir, test_dir, work, budget=args.budget,

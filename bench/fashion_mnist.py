@@ -170,7 +170,7 @@ def build(dest: Path, *, per_class: int = 40, test_per_class: int = 100, seed: i
     try:
         tarball = fetch(cache_dir(cache))
     except Unavailable as e:
-        print(f"fashion      SKIP: {e}")
+        print(f"fashion     SKIP: {e}")
         return None
     digest = write_set(read_classes(tarball), dest, per_class, test_per_class, seed)
     return dest / "train", dest / "test", digest
