@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import tlcli
 from tests.helpers import make_tiny_backbone, run_cli
 from tlcli.training import plan as budget
 
@@ -99,3 +100,16 @@ def test_a_budget_leaves_out_a_candidate_too_slow_to_extract_and_says_so(tmp_pat
     assert r.exit_code == 0, r.output
     picked = json.loads(r.stdout)["backbone_choice"]
     assert {"tiny", "slow"} <= {c["name"] for c in picked["candidates"]} and any(store.dir.iterdir())
+
+
+def test_a_budget_keeps_a_signature_candidate_whose_win_plans_head_only(tmp_path, colour_data, tiny_backbone):
+    from tests.helpers import make_keras3_backbone
+
+    exported = make_keras3_backbone(tmp_path / "export")  # frozen only: it runs through its signature
+    result = tlcli.train(colour_data, out=str(tmp_path / "m"), backbone=f"{exported},{tiny_backbone}", image_size=32,
+                         epochs=60, batch_size=8, tensorboard=None, time_budget="20s")
+    picked = result.backbone_choice
+    assert {c["name"] for c in picked["candidates"]} == {"export", "tiny"}
+    assert not any("signature" in n for n in picked["notes"])
+    assert result.plan["backbones"][0] == picked["winner"] and set(result.plan["backbones"]) == {"export", "tiny"}
+    assert result.plan["fine_tune"] is False and result.val_accuracy == 1.0
