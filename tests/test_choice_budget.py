@@ -4,6 +4,7 @@ measured extraction fits the choice's share of the budget (``plan.extraction_pla
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -113,3 +114,24 @@ def test_a_budget_keeps_a_signature_candidate_whose_win_plans_head_only(tmp_path
     assert not any("signature" in n for n in picked["notes"])
     assert result.plan["backbones"][0] == picked["winner"] and set(result.plan["backbones"]) == {"export", "tiny"}
     assert result.plan["fine_tune"] is False and result.val_accuracy == 1.0
+
+
+def test_once_timing_has_spent_the_choices_half_the_next_candidates_are_not_even_loaded(
+        monkeypatch, colour_data, tiny_backbone, slow_backbone):
+    from tlcli.config import TrainConfig
+    from tlcli.training import choice
+
+    cfg = TrainConfig(data_dir=str(colour_data), backbone=f"{tiny_backbone},{slow_backbone}", image_size=32,
+                      epochs=60, batch_size=8, extractor="tf", time_budget="10s")
+    measure, loaded = choice._measured, []
+
+    def counted(cfg, spec, *args):
+        loaded.append(spec.handle)
+        return measure(cfg, spec, *args)
+
+    monkeypatch.setattr(choice, "_measured", counted)
+    spent = budget.Deadline(10.0, started=time.monotonic() - 10.0)  # the budget is spent: the first still runs
+    _, picked, _ = choice.choose(cfg, choice.candidate_specs(cfg), deadline=spent)
+    assert len(loaded) == 1 and loaded[0].endswith("tiny")
+    assert picked.winner == "tiny" and [s.name for s in picked.standings] == ["tiny"]
+    assert picked.notes == ["slow left out: not timed, the choice's half of the budget went on timing the others"]

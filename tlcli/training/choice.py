@@ -28,8 +28,8 @@ from tlcli.errors import UsageError
 from tlcli.model import selection
 from tlcli.model.backbone import BackboneSpec, cache_key, concatenation, resolve_spec
 from tlcli.progress import Callback, Info, silent
+from tlcli.training.plan import CHOICE_SHARE, ExtractionPlan, extraction_plan
 from tlcli.training.plan import Candidate as Rated
-from tlcli.training.plan import ExtractionPlan, extraction_plan
 
 TIMING_IMAGES = 16  # the batch each candidate's extraction is timed on (after a warm-up call)
 _SIGNATURE_NOTE = "{name} left out: it runs through a signature, which --fine-tune cannot train"
@@ -132,11 +132,15 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
     """(the candidates extracted, as ``candidate`` gives them, by name; the ExtractionPlan or None
     when none can be trained): each candidate loaded, timed and its stored features counted
     (``_measured``), then only those ``plan.extraction_plan`` allows within the budget extracted,
-    the plan said first; a note for each one left out."""
+    the plan said first; a note for each one left out. Once loading and timing have spent the
+    choice's share of the budget, the candidates after them are not even loaded."""
     from tlcli import features
 
-    measured = {}
+    measured, share_ends = {}, deadline.elapsed() + CHOICE_SHARE * max(0.0, deadline.left())
     for i, (name, spec) in enumerate(zip(names, specs)):
+        if measured and deadline.elapsed() > share_ends:
+            notes.append(f"{name} left out: not timed, the choice's half of the budget went on timing the others")
+            continue
         progress(Info(f"timing candidate {i + 1}/{len(specs)}: {name}"))
         found = _measured(cfg, spec, splits.train, progress)
         if found is None:
