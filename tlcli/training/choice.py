@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -146,10 +147,10 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
         if found is None:
             notes.append(_SIGNATURE_NOTE.format(name=name))
         else:
-            measured[name] = (spec, *found)
+            measured[name] = found
     if not measured:
         return {}, None
-    rated = [Rated(name, m[1].image_size, extract_rate=1000 / m[3] if m[3] else math.inf, cached=m[4])
+    rated = [Rated(name, m.loaded.image_size, extract_rate=1000 / m.ms if m.ms else math.inf, cached=m.cached)
              for name, m in measured.items()]
     plan = extraction_plan(deadline.budget_s, deadline.elapsed(), rated, n_train=len(splits.train),
                            n_rest=len(splits.val) + len(splits.test))
@@ -157,19 +158,32 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
     notes.extend(plan.notes)
     measured = {name: measured[name] for name in plan.backbones}  # the others' models are let go now
     candidates = {}
-    for name in plan.backbones:
-        spec, loaded, engines, ms, _ = measured.pop(name)
-        views, _, _ = features.frozen_views(loaded, spec, splits.train, cfg=cfg, progress=progress, engines=engines,
-                                            cache_key=cache_key(spec, loaded.image_size))
-        found = selection.Candidate(name, np.asarray(views.plain, np.float32), loaded.image_size, ms, [name])
-        candidates[name] = found, spec, views.engine
+    for i, name in enumerate(plan.backbones):
+        progress(Info(f"candidate {i + 1}/{len(plan.backbones)}: {name}"))
+        m = measured.pop(name)
+        views, _, _ = features.frozen_views(m.loaded, m.spec, splits.train, cfg=cfg, progress=progress,
+                                            engines=m.engines, cache_key=cache_key(m.spec, m.loaded.image_size))
+        found = selection.Candidate(name, np.asarray(views.plain, np.float32), m.loaded.image_size, m.ms, [name])
+        candidates[name] = found, m.spec, views.engine
     return candidates, plan
 
 
-def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback):
-    """(the loaded backbone, its engines as ``features.frozen_engines`` gives them, its ms/image
-    on the engine that will extract, how many of ``samples``' features that engine has in the
-    store) of one candidate; None with --fine-tune for a backbone run through a signature."""
+class _Measured(NamedTuple):
+    """One candidate ready to extract: its ``spec``, ``loaded`` backbone, ``engines`` (as
+    ``features.frozen_engines`` gives them), ``ms`` per image on the engine that will extract
+    (None: no readable image timed) and how many training images' features that engine has
+    ``cached`` in the store."""
+
+    spec: BackboneSpec
+    loaded: object
+    engines: tuple
+    ms: float | None
+    cached: int
+
+
+def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback) -> _Measured | None:
+    """One candidate loaded, timed and its features of ``samples`` in the store counted; None
+    with --fine-tune for a backbone run through a signature."""
     from tlcli import features
     from tlcli.model import backbone
     from tlcli.model.litert import PARITY_IMAGES
@@ -180,11 +194,11 @@ def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback)
     extractor, runner = features.frozen_engines(loaded, spec, cfg=cfg, progress=progress)
     if runner is not None and not features.agrees(runner, extractor, samples[:PARITY_IMAGES], progress=progress,
                                                   image_size=loaded.image_size, max_pixels=cfg.max_pixels):
-        runner = None  # (its parity is kept on it: the extraction does not measure it again)
+        runner = None  # TensorFlow extracts then, as compute_views would decide (the warning is said)
     ms = _ms_per_image(runner or extractor, samples, loaded.image_size, cfg.max_pixels)
     key = features.view_key(cache_key(spec, loaded.image_size), "litert" if runner is not None else "tf")
     store = features.model_store(cfg.cache_dir, key, dim=loaded.feature_dim)
-    return loaded, (extractor, runner), ms, sum(store.get(s.digest) is not None for s in samples)
+    return _Measured(spec, loaded, (extractor, runner), ms, sum(store.get(s.digest) is not None for s in samples))
 
 
 def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
