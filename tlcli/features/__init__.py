@@ -13,7 +13,8 @@ from tlcli.features.store import (
     StoredRows,
     model_store,
 )
-from tlcli.features.views import FeatureViews, agrees, compute_views, frozen_views, view_key
+from tlcli.features.views import FeatureViews, agrees, compute_views, frozen_engines, frozen_views, view_key
 
 __all__ = ["DECODER_VERSION", "VIEWS_IN_MEMORY_BYTES", "FeatureStore", "FeatureViews", "NoStore", "StoredRows",
-           "agrees", "compute_views", "extract", "extract_litert", "frozen_views", "model_store", "view_key"]
+           "agrees", "compute_views", "extract", "extract_litert", "frozen_engines", "frozen_views", "model_store",
+           "view_key"]

@@ -118,11 +118,9 @@ def compute_views(samples, *, extractors, cache_key: str, cache_dir, image_size:
                         (1 + mirror) * len(samples) - extracted, engine)
 
 
-def frozen_views(loaded, spec, samples, *, cache_key: str, cfg, progress: Callback = silent):
-    """(the plain views of ``samples`` through the frozen backbone ``loaded`` (``spec``'s), its
-    Keras extractor, its LiteRT runner or None): ``compute_views`` with the engine
-    ``cfg.extractor`` picks and ``cfg``'s cache folder, batch size and pixel limit, stored under
-    ``cache_key``, so that the backbone choice and the audit find what training stored."""
+def frozen_engines(loaded, spec, *, cfg, progress: Callback = silent) -> tuple:
+    """(the Keras extractor of the frozen backbone ``loaded`` (``spec``'s), its LiteRT runner
+    when ``cfg.extractor`` picks LiteRT, else None)."""
     from tlcli.model import classifier as model
     from tlcli.model import litert as litert_backbone
 
@@ -130,6 +128,16 @@ def frozen_views(loaded, spec, samples, *, cache_key: str, cfg, progress: Callba
     runner = None
     if litert_backbone.engine_for(cfg.extractor) == "litert":
         runner = litert_backbone.prepare(loaded, spec, cache_dir=cfg.cache_dir, progress=progress)
+    return extractor, runner
+
+
+def frozen_views(loaded, spec, samples, *, cache_key: str, cfg, progress: Callback = silent, engines=None):
+    """(the plain views of ``samples`` through the frozen backbone ``loaded`` (``spec``'s), its
+    Keras extractor, its LiteRT runner or None): ``compute_views`` with the engine
+    ``cfg.extractor`` picks (``engines``: those ``frozen_engines`` gave, else made now) and
+    ``cfg``'s cache folder, batch size and pixel limit, stored under ``cache_key``, so that the
+    backbone choice and the audit find what training stored."""
+    extractor, runner = engines or frozen_engines(loaded, spec, cfg=cfg, progress=progress)
     views = compute_views(samples, extractors=(extractor, None), cache_key=cache_key, cache_dir=cfg.cache_dir,
                           image_size=loaded.image_size, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels,
                           progress=progress, litert=runner)

@@ -7,13 +7,19 @@ run), measures each one's extraction time on one batch, and cross-validates the 
 only when their CV accuracy is strictly higher than the best single backbone's, since they cost
 both extractions. The validation and test images (--val-dir, DIR/val, DIR/test) are never
 looked at. The recipe then trains with the winner as if it had been given alone.
+
+With --time-budget, each candidate is first loaded and timed, and its features already in the
+store counted; ``plan.extraction_plan`` then decides which to extract (the first always), the
+plan is said, and the others are left out with a note.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,8 +29,11 @@ from tlcli.errors import UsageError
 from tlcli.model import selection
 from tlcli.model.backbone import BackboneSpec, cache_key, concatenation, resolve_spec
 from tlcli.progress import Callback, Info, silent
+from tlcli.training.plan import CHOICE_SHARE, ExtractionPlan, extraction_plan
+from tlcli.training.plan import Candidate as Rated
 
 TIMING_IMAGES = 16  # the batch each candidate's extraction is timed on (after a warm-up call)
+_SIGNATURE_NOTE = "{name} left out: it runs through a signature, which --fine-tune cannot train"
 
 
 @dataclass
@@ -37,6 +46,9 @@ class BackboneChoice:
     reason: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # With --time-budget: which candidates were extracted, and their rates (``plan.ExtractionPlan``);
+    # the run's own plan lists them (tlcli.json ``plan``).
+    plan: ExtractionPlan | None = None
 
     def to_dict(self) -> dict:
         return {"winner": self.winner, "reason": self.reason, "seconds": round(self.seconds, 2),
@@ -69,22 +81,20 @@ def _names(specs: list[BackboneSpec]) -> list[str]:
     return [n if short.count(n) == 1 else s.handle for n, s in zip(short, specs)]
 
 
-def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = silent):
-    """(data.Splits, BackboneChoice, the winner's spec): see the module docstring. Raises what
-    the scan, ``backbone.load`` and the extraction raise, and ``UsageError`` when a class has too
-    few training images to cross-validate."""
+def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = silent, deadline=None):
+    """(data.Splits, BackboneChoice, the winner's spec): see the module docstring. ``deadline``:
+    the run's ``plan.Deadline``; with a budget, only the candidates ``plan.extraction_plan``
+    allows are extracted (``_budgeted``). Raises what the scan, ``backbone.load`` and the
+    extraction raise, and ``UsageError`` when a class has too few training images to cross-validate."""
     start = time.perf_counter()
     splits = data.scan_splits(cfg, image_size=specs[0].image_size or 224, progress=progress)
     samples, k = splits.train, len(splits.labels)
     y = np.array([s.label for s in samples], int)
-    names, candidates, notes = _names(specs), {}, []
-    for i, (name, spec) in enumerate(zip(names, specs)):
-        progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
-        found = candidate(cfg, spec, name, samples, progress)
-        if found is None:
-            notes.append(f"{name} left out: it runs through a signature, which --fine-tune cannot train")
-        else:
-            candidates[name] = found
+    names, notes, plan = _names(specs), [], None
+    if deadline is not None and deadline.budget_s is not None:
+        candidates, plan = _budgeted(cfg, specs, names, splits, deadline, notes, progress)
+    else:
+        candidates = _every(cfg, specs, names, samples, notes, progress)
     if not candidates:
         raise UsageError(f"--backbone {cfg.backbone}: with --fine-tune, no candidate can be trained (each runs "
                          "through a signature); train without --fine-tune")
@@ -101,7 +111,94 @@ def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = sil
                 winner_spec = pair[1]
     reason = selection.verdict(standings)
     progress(Info(f"backbone: {reason}"))
-    return splits, BackboneChoice(standings, standings[0].name, reason, time.perf_counter() - start, notes), winner_spec
+    seconds = time.perf_counter() - start
+    return splits, BackboneChoice(standings, standings[0].name, reason, seconds, notes, plan), winner_spec
+
+
+def _every(cfg: TrainConfig, specs, names, samples, notes: list[str], progress: Callback) -> dict:
+    """The candidates (as ``candidate`` gives them, by name), each one's features of ``samples``
+    extracted; a note for each one left out."""
+    candidates = {}
+    for i, (name, spec) in enumerate(zip(names, specs)):
+        progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
+        found = candidate(cfg, spec, name, samples, progress)
+        if found is None:
+            notes.append(_SIGNATURE_NOTE.format(name=name))
+        else:
+            candidates[name] = found
+    return candidates
+
+
+def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str], progress: Callback):
+    """(the candidates extracted, as ``candidate`` gives them, by name; the ExtractionPlan or None
+    when none can be trained): each candidate loaded, timed and its stored features counted
+    (``_measured``), then only those ``plan.extraction_plan`` allows within the budget extracted,
+    the plan said first; a note for each one left out. Once loading and timing have spent the
+    choice's share of the budget, the candidates after them are not even loaded."""
+    from tlcli import features
+
+    measured, share_ends = {}, deadline.elapsed() + CHOICE_SHARE * max(0.0, deadline.left())
+    for i, (name, spec) in enumerate(zip(names, specs)):
+        if measured and deadline.elapsed() > share_ends:
+            notes.append(f"{name} left out: not timed, the choice's half of the budget went on timing the others")
+            continue
+        progress(Info(f"timing candidate {i + 1}/{len(specs)}: {name}"))
+        found = _measured(cfg, spec, splits.train, progress)
+        if found is None:
+            notes.append(_SIGNATURE_NOTE.format(name=name))
+        else:
+            measured[name] = found
+    if not measured:
+        return {}, None
+    rated = [Rated(name, m.loaded.image_size, extract_rate=1000 / m.ms if m.ms else math.inf, cached=m.cached)
+             for name, m in measured.items()]
+    plan = extraction_plan(deadline.budget_s, deadline.elapsed(), rated, n_train=len(splits.train),
+                           n_rest=len(splits.val) + len(splits.test))
+    progress(Info(plan.describe()))
+    notes.extend(plan.notes)
+    measured = {name: measured[name] for name in plan.backbones}  # the others' models are let go now
+    candidates = {}
+    for i, name in enumerate(plan.backbones):
+        progress(Info(f"candidate {i + 1}/{len(plan.backbones)}: {name}"))
+        m = measured.pop(name)
+        views, _, _ = features.frozen_views(m.loaded, m.spec, splits.train, cfg=cfg, progress=progress,
+                                            engines=m.engines, cache_key=cache_key(m.spec, m.loaded.image_size))
+        found = selection.Candidate(name, np.asarray(views.plain, np.float32), m.loaded.image_size, m.ms, [name])
+        candidates[name] = found, m.spec, views.engine
+    return candidates, plan
+
+
+class _Measured(NamedTuple):
+    """One candidate ready to extract: its ``spec``, ``loaded`` backbone, ``engines`` (as
+    ``features.frozen_engines`` gives them), ``ms`` per image on the engine that will extract
+    (None: no readable image timed) and how many training images' features that engine has
+    ``cached`` in the store."""
+
+    spec: BackboneSpec
+    loaded: object
+    engines: tuple
+    ms: float | None
+    cached: int
+
+
+def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback) -> _Measured | None:
+    """One candidate loaded, timed and its features of ``samples`` in the store counted; None
+    with --fine-tune for a backbone run through a signature."""
+    from tlcli import features
+    from tlcli.model import backbone
+    from tlcli.model.litert import PARITY_IMAGES
+
+    loaded = backbone.load(spec, path=backbone.fetch(spec))
+    if cfg.fine_tune and loaded.signature is not None:  # (a budget alone plans such a winner head-only)
+        return None
+    extractor, runner = features.frozen_engines(loaded, spec, cfg=cfg, progress=progress)
+    if runner is not None and not features.agrees(runner, extractor, samples[:PARITY_IMAGES], progress=progress,
+                                                  image_size=loaded.image_size, max_pixels=cfg.max_pixels):
+        runner = None  # TensorFlow extracts then, as compute_views would decide (the warning is said)
+    ms = _ms_per_image(runner or extractor, samples, loaded.image_size, cfg.max_pixels)
+    key = features.view_key(cache_key(spec, loaded.image_size), "litert" if runner is not None else "tf")
+    store = features.model_store(cfg.cache_dir, key, dim=loaded.feature_dim)
+    return _Measured(spec, loaded, (extractor, runner), ms, sum(store.get(s.digest) is not None for s in samples))
 
 
 def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):

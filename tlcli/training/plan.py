@@ -35,6 +35,11 @@ MIN_EPOCHS = 2
 MAX_EPOCHS = 15
 # Weight averaging evaluates the holdout about once per epoch checkpoint after training.
 SOUP_EVALS_PER_EPOCH = 1.0
+# The share of the budget left that choosing among --backbone candidates may spend extracting
+# their features. A choice only pays through the model trained on its winner, so the choice and
+# that winner's fine-tuning get at most half each; what the choice does not spend is left on the
+# clock for the fine-tuning plan, made afterwards from the time then left.
+CHOICE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Candidate:
     extract_rate: float
     train_rate: float | None = None
     extracted: bool = False
+    cached: int = 0  # of its training images' features, how many are in the feature store already
 
 
 @dataclass
@@ -142,6 +148,64 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
                 reason=f"training at {first.train_rate:.1f} images/s{capped}")
 
 
+@dataclass
+class ExtractionPlan:
+    """Which ``--backbone`` candidates' training features the choice extracts (``backbones``, in
+    the candidates' order), planned at ``elapsed_s`` into ``budget_s``: at most ``share_s`` (the
+    choice's share) with the winner's other features; ``estimated_s`` of it is planned. ``notes``:
+    one line per candidate left out, saying why; ``rates``: each one's measured images/s."""
+
+    budget_s: float
+    elapsed_s: float
+    share_s: float
+    backbones: list[str]
+    estimated_s: float
+    notes: list[str]
+    rates: dict = field(default_factory=dict)
+
+    def describe(self, width: int = 80) -> str:
+        """One line for the progress output, within ``width`` columns: the candidates by name
+        when they fit, else counted."""
+        head = f"choice plan for {format_duration(self.budget_s)}: extract "
+        tail = f" (about {format_duration(self.estimated_s)} of {format_duration(self.share_s)})"
+        names = ", ".join(self.backbones)
+        if self.notes:
+            names += f"; leave out {len(self.notes)}"
+        if len(head + names + tail) > width:
+            names = f"{len(self.backbones)} of {len(self.backbones) + len(self.notes)} candidates"
+        return head + names + tail
+
+
+def extraction_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *, n_train: int,
+                    n_rest: int) -> ExtractionPlan:
+    """The candidates whose features of the ``n_train`` training images the choice extracts:
+    in order, the first always (the head-only model is the floor), then each other one while
+    the cost of all those taken (their images not yet ``cached``, over ``extract_rate``, with
+    the margin), plus the largest cost among them of the winner's ``n_rest`` other images
+    (validation and test, extracted after the choice), stays within ``CHOICE_SHARE`` of the
+    budget left. An infinite rate (none measured) costs nothing."""
+    share = CHOICE_SHARE * max(0.0, budget_s - elapsed_s)
+    taken, notes, spent, rest = [], [], 0.0, 0.0
+    for c in candidates:
+        todo = max(0, n_train - c.cached)
+        cost, after = todo / c.extract_rate * (1 + MARGIN), n_rest / c.extract_rate * (1 + MARGIN)
+        if c is candidates[0] or spent + cost + max(rest, after) <= share:
+            taken.append(c.name)
+            spent, rest = spent + cost, max(rest, after)
+        else:
+            others = f" and the winner's {n_rest} others up to {_seconds(max(rest, after))}" if n_rest else ""
+            notes.append(f"{c.name} left out: its {todo} images would take {_seconds(cost)}{others}, over the "
+                         f"{_seconds(max(0.0, share - spent))} left of the {_seconds(share)} the choice may spend "
+                         "(half the budget left)")
+    rates = {c.name: {"extract": round(c.extract_rate, 2)} for c in candidates if math.isfinite(c.extract_rate)}
+    return ExtractionPlan(float(budget_s), float(elapsed_s), share, taken, spent + rest, notes, rates)
+
+
+def _seconds(seconds: float) -> str:
+    """``format_duration``, with a tenth of a second below 10 s (``1.4s``)."""
+    return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
+
+
 class Deadline:
     """The wall-clock end of a budget that began at ``started`` (``time.monotonic()``), or none
     (``budget_s`` None: ``left()`` is infinite)."""
@@ -161,11 +225,13 @@ class Planner:
     """The plan of one run's fine-tuning, made when its rate is measured: ``planner(train_rate)
     -> (epochs, reserve_s)`` as ``finetuning.fine_tune`` asks, with the plan said (an ``Info``
     event) and kept in ``plan``. ``splits``: the run's ``data.Splits``; ``extract_rate``: the
-    measured images/s of the frozen features (None: all came from the cache)."""
+    measured images/s of the frozen features (None: all came from the cache); ``choice``: the
+    ``ExtractionPlan`` of the ``--backbone`` choice whose winner ``name`` is, which the plan
+    then lists (the backbones it extracted, and every candidate's rate)."""
 
     def __init__(self, cfg, splits, deadline: Deadline, *, name: str, image_size: int, views: int,
-                 extract_rate: float | None, progress):
-        self.deadline, self.progress, self.plan = deadline, progress, None
+                 extract_rate: float | None, progress, choice: ExtractionPlan | None = None):
+        self.deadline, self.progress, self.plan, self.choice = deadline, progress, None, choice
         self.name, self.image_size, self.views, self.extract_rate = name, image_size, views, extract_rate
         self.counts = dict(n_fit=len(splits.fit), n_holdout=len(splits.holdout),
                            n_all=len(splits.train) + len(splits.val) + len(splits.test))
@@ -191,6 +257,9 @@ class Planner:
                               max_epochs=self.max_epochs, **self.counts)
         if why:
             self.plan.reason = why
+        if self.choice is not None:
+            self.plan.backbones = [self.name, *(n for n in self.choice.backbones if n != self.name)]
+            self.plan.rates = {**self.choice.rates, **self.plan.rates}
         self.progress(Info(self.plan.describe()))
         if not self.plan.fine_tune:
             return 0, 0.0

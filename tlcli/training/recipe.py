@@ -136,21 +136,21 @@ def train(data_dir: str | os.PathLike | None = None, *, config: TrainConfig | No
         # The file check starts now, beside the TensorFlow import (and a download): the run
         # fails as fast as before on a bad handle, and the check is given up then.
         try:
-            splits, choice, spec = _chosen(cfg, spec, node, progress)
+            deadline = plans.Deadline(time_budget_seconds(cfg), started=started)
+            splits, choice, spec = _chosen(cfg, spec, node, progress, deadline)
             with prelude.started(cfg, spec, ahead=node is None, progress=progress, splits=splits) as early:
                 path = fetch(spec)
                 bundle.check_free_space(cfg.out, bundle.space_needed(path, fine_tune=tunes(cfg)))
                 with distributed.session(node) as finish:
-                    deadline = plans.Deadline(time_budget_seconds(cfg), started=started)
                     return finish(_run(cfg, spec, path, state, early, progress, deadline, choice=choice))
         except KeyboardInterrupt:  # before the recipe's own handling: while the backbone loads, say
             raise Interrupted(f"interrupted: {run_state.left_behind(cfg.out)}") from None
 
 
-def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
+def _chosen(cfg: TrainConfig, spec, node, progress: Callback, deadline: plans.Deadline):
     """(splits or None, the BackboneChoice or None, the backbone's spec): ``spec`` itself, or the
     winner among candidates (a list, see ``_check_inputs``), chosen on the training images
-    (``choice.choose``, whose scan the run then reuses)."""
+    (``choice.choose``, whose scan the run then reuses; within ``deadline``'s budget, if any)."""
     if not isinstance(spec, list):
         return None, None, spec
     if node is not None:
@@ -158,7 +158,7 @@ def _chosen(cfg: TrainConfig, spec, node, progress: Callback):
                          "choose it there, then train the cluster with the winner as --backbone")
     from tlcli.training import choice
 
-    return choice.choose(cfg, spec, progress)
+    return choice.choose(cfg, spec, progress, deadline)
 
 
 def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, early: prelude.Prelude,
@@ -191,7 +191,7 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
             began = time.monotonic()  # (and the mirror views wait for fine-tuning, which changes them)
             views = early.credit(views_of(mirror=mirror and not tunes(cfg), pixels=pixels), loaded.image_size)
             extracted, cached, engine = views.extracted, views.cached, views.engine
-            planner = functools.partial(_planner, cfg, spec, loaded, splits, deadline, mirror=mirror,
+            planner = functools.partial(_planner, cfg, spec, loaded, splits, deadline, mirror=mirror, choice=choice,
                                       rate=extracted / max(1e-3, time.monotonic() - began), progress=progress)
             progress(Info(f"features: {extracted} extracted, {cached} from cache"))
             fit = fit_head(views, splits.fit if tunes(cfg) and splits.holdout else splits.train, "head")
@@ -263,13 +263,15 @@ def _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress:
 
 
 def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: bool, rate: float,
-             progress: Callback) -> plans.Planner | None:
+             progress: Callback, choice=None) -> plans.Planner | None:
     """The plan maker of a --time-budget run (None without one); ``rate``: the images/s of the
-    frozen features just measured (0: all came from the cache)."""
+    frozen features just measured (0: all came from the cache); ``choice``: the BackboneChoice
+    of ``--backbone A,B`` / ``auto`` or None."""
     if deadline.budget_s is None:
         return None
-    return plans.Planner(cfg, splits, deadline, name=spec.preset or spec.handle, image_size=loaded.image_size,
-                          views=2 if mirror else 1, extract_rate=rate or None, progress=progress)
+    return plans.Planner(cfg, splits, deadline, name=choice.winner if choice else spec.preset or spec.handle,
+                         image_size=loaded.image_size, views=2 if mirror else 1, extract_rate=rate or None,
+                         progress=progress, choice=choice and choice.plan)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
