@@ -114,6 +114,9 @@ def test_a_budgeted_run_plans_fine_tuning_and_records_the_plan(tmp_path, colour_
     meta = json.loads((out / "tlcli.json").read_text())
     assert meta["time_budget"] == 600.0 and meta["plan"] == plan
     assert meta["config"]["time_budget"] == "10m"
+    # Time was left for test-time augmentation's crop views: tried, and recorded whatever it decided.
+    assert meta["test_time_augmentation"] == result.test_time_augmentation
+    assert result.test_time_augmentation["without"] is not None
     predictions = tlcli.predict([colour_data / "red" / "red_0.jpg"], model_dir=out, engine="tf")
     assert predictions[0].predictions[0]["label"] == "red"
 
@@ -157,6 +160,9 @@ def test_a_budget_too_short_to_fine_tune_gives_the_head_only_model(tmp_path, col
     assert result.plan and not result.plan["fine_tune"] and result.fine_tune_epochs == 0
     assert result.history.keys() == {"head", "head refit"}, "no fine-tuning step was even timed"
     assert result.val_accuracy == 1.0 and (tmp_path / "m" / "tlcli.json").exists()
+    tta = result.test_time_augmentation  # nor the crop views: no time left for them
+    assert not tta["kept"] and tta["extracted"] == tta["cached"] == 0
+    assert tta["summary"].startswith("crop not tried: needs about ") and tta["summary"].endswith(" left")
 
 
 def test_a_budget_with_a_backbone_that_cannot_be_trained_plans_head_only(tmp_path, colour_data):

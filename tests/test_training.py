@@ -149,11 +149,17 @@ def test_fine_tune_changes_the_backbone_and_head_only_does_not(tmp_path, dataset
 def test_fine_tune_that_only_hurts_the_holdout_is_undone(tmp_path, dataset, train_args, tiny_backbone,
                                                         monkeypatch):
     from tlcli.features.store import FeatureStore
+    from tlcli.features.tta import CROP_KEY
 
-    reads = []
+    reads = []  # of the plain views' store (the crop views' test reads its own: features.tta)
     real_get = FeatureStore.get
-    monkeypatch.setattr(FeatureStore, "get",
-                        lambda self, digest: reads.append(digest) or real_get(self, digest))
+
+    def get(self, digest):
+        if CROP_KEY not in self.dir.name:
+            reads.append(digest)
+        return real_get(self, digest)
+
+    monkeypatch.setattr(FeatureStore, "get", get)
     original = _backbone_kernel(tiny_backbone)
     result = tlcli.train(dataset, out=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2,
                          fine_tune_learning_rate=50.0, mirror=False, **train_args)  # a step size that wrecks the model

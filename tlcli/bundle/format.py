@@ -186,8 +186,9 @@ class BundleMeta(_Section):
     ``time_budget`` (seconds) and ``plan``: a ``--time-budget`` run's budget and plan
     (``training.plan.Plan``). ``unknown``: the unknown detector (``features.unknown``: method,
     threshold, target_rate, oof_rate, ...), with the SavedModel's ``tlcli`` signature.
-    ``backbone_choice``: the leaderboard of ``--backbone A,B|auto``, its winner and why. Each of
-    these is None, and not written, when it does not apply.
+    ``backbone_choice``: the leaderboard of ``--backbone A,B|auto``, its winner and why.
+    ``test_time_augmentation``: the crop views' test (``features.tta.Decision``). Each of these
+    is None, and not written, when it does not apply.
 
     A new instance is stamped with this tlcli's and Python's versions. ``from_dict`` reads a
     file of any format up to ``FORMAT_VERSION``: a key missing from an older file takes its
@@ -219,13 +220,14 @@ class BundleMeta(_Section):
     thresholds: list[float] | None = None
     time_budget: float | None = None
     plan: dict | None = None
+    test_time_augmentation: dict | None = None
 
     _nested: ClassVar[dict] = {"backbone": BackboneMeta, "data": DataMeta, "metrics": MetricsMeta,
                                "training": TrainingMeta}
     _absent: ClassVar[dict] = {"format_version": 0, "tlcli_version": None, "python_version": None,
                                "signatures": {}}
     _optional: ClassVar[tuple] = ("audit", "unknown", "labels_override", "backbone_choice", "task", "thresholds",
-                                  "time_budget", "plan")
+                                  "time_budget", "plan", "test_time_augmentation")
 
     @property
     def multi_label(self) -> bool:

@@ -344,6 +344,8 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     if plan:
         planned = f"fine-tune {plan['epochs']} epochs" if plan["fine_tune"] else "head only"
         t.add_row("time budget", f"{plan['budget_s']:g} s, planned: {planned} (estimated {plan['estimated_s']:.0f} s)")
+    if result.test_time_augmentation:
+        t.add_row("test-time views", safe(result.test_time_augmentation["summary"]))
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))

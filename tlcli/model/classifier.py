@@ -74,25 +74,30 @@ def load_head_weights(head, kernel: np.ndarray, bias: np.ndarray, l2: float) -> 
         dense.kernel_regularizer.l2 = np.float32(l2)
 
 
-def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False, with_features: bool = False):
+def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False, crop: bool = False,
+                     with_features: bool = False):
     """float32 [batch, size, size, 3] in [0, 1] -> probabilities. The backbone always runs in
     inference mode (BatchNorm uses its moving statistics), even while fine-tuning. With
     ``mirror`` the head sees the mean of the features of each image and of its left-right
-    mirror image (the backbone runs twice). ``with_features``: -> [probabilities, the features
+    mirror image (the backbone runs twice). With ``crop`` (test-time augmentation,
+    ``features.tta``) it also sees the central crop's (``crop_view``) and, with ``mirror``, the
+    crop's mirror image's: the mean of the (plain, crop) and (mirror, crop mirror) pairs' means,
+    as the head's feature views average them. ``with_features``: -> [probabilities, the features
     the head sees] (what the unknown score is computed from)."""
     k = keras()
     images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
-    features = _features(backbone_layer, images, mirror=mirror)
+    features = _features(backbone_layer, images, mirror=mirror, crop=crop)
     if with_features:
         return k.Model(images, [head(features), features], name="classifier_and_features")
     return k.Model(images, head(features), name="classifier")
 
 
-def build_extractor(backbone_layer, image_size: int, *, flip: bool = False):
-    """Images -> backbone features; of their left-right mirror images when ``flip``."""
+def build_extractor(backbone_layer, image_size: int, *, flip: bool = False, crop: bool = False):
+    """Images -> backbone features; of their left-right mirror images when ``flip``, of their
+    central crop (``crop_view``, then mirrored with ``flip``) when ``crop``."""
     k = keras()
     images = k.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
-    return k.Model(images, backbone_layer(_flip(images) if flip else images, training=False), name="extractor")
+    return k.Model(images, backbone_layer(_view(images, flip=flip, crop=crop), training=False), name="extractor")
 
 
 @dataclass
@@ -123,15 +128,43 @@ def build_models(backbone, num_classes: int, *, dropout: float, l2: float, seed:
                   flip_extractor=build_extractor(layer, size, flip=True) if mirror else None)
 
 
+# Test-time augmentation's crop: the central 87.5% of each side (224 of 256, the evaluation crop
+# of the ImageNet models most backbones come from), resized back to the input size.
+CROP_FRACTION = 0.875
+
+
+def crop_view(images):
+    """The central ``CROP_FRACTION`` of float32 [batch, S, S, 3] images, resized back to S x S:
+    a static slice and a bilinear resize without antialiasing (an enlargement: antialiasing would
+    not change it), ops that TFLite, tf2onnx and OpenVINO convert."""
+    size = int(images.shape[1])
+    side = max(1, round(size * CROP_FRACTION))
+    start = (size - side) // 2
+    box = images[:, start:start + side, start:start + side, :]
+    return tf().image.resize(box, [size, size], method="bilinear", antialias=False)
+
+
 def _flip(images):
     return tf().reverse(images, axis=[2])  # [batch, height, width, channels]: mirror the width
 
 
-def _features(backbone_layer, images, *, mirror: bool):
-    features = backbone_layer(images, training=False)
+def _view(images, *, flip: bool = False, crop: bool = False):
+    """One test-time view of ``images``: cropped (``crop_view``), then mirrored."""
+    images = crop_view(images) if crop else images
+    return _flip(images) if flip else images
+
+
+def _features(backbone_layer, images, *, mirror: bool, crop: bool = False):
+    def mean(pair, name):
+        return keras().layers.Average(name=name)([backbone_layer(_view(images, **v), training=False) for v in pair])
+
+    if not crop:
+        return mean([{}, {"flip": True}], "mirror_average") if mirror else backbone_layer(images, training=False)
+    plain = mean([{}, {"crop": True}], "crop_average")
     if not mirror:
-        return features
-    return keras().layers.Average(name="mirror_average")([features, backbone_layer(_flip(images), training=False)])
+        return plain
+    flipped = mean([{"flip": True}, {"flip": True, "crop": True}], "mirror_crop_average")
+    return keras().layers.Average(name="mirror_average")([plain, flipped])
 
 
 # ---- fine-tuning: the optimizer, its schedule and the weight averaging -------------------------

@@ -184,3 +184,14 @@ def _extract_ahead(prelude: Prelude, cfg: TrainConfig, spec, progress: Callback)
                 progress(End("extract", completed=prelude.extracted, total=prelude.extracted))
         except BaseException as exc:  # noqa: BLE001
             prelude._error = prelude._error or exc
+
+
+def check_parity(cfg, chosen, loaded, splits, models, litert, early: Prelude, progress: Callback) -> None:
+    """LiteRT's parity with TensorFlow (``features.agrees``, in the scope, as compute_views would
+    measure it and then reuse), while the extraction ahead runs: stopped when its runner disagrees
+    or is not the run's (its work would not be used: do not wait for it)."""
+    with chosen.strategy.scope():
+        if litert is None or litert is not early.runner or not features.agrees(
+                litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
+                image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
+            early.cancel()

@@ -67,6 +67,8 @@ class TrainResult:
     task: str | None = None
     # With --time-budget: the plan the run followed (``plans.Plan.to_dict``).
     plan: dict | None = None
+    # With --fine-tune or --time-budget: the crop views' test (``features.tta.Decision.to_dict``).
+    test_time_augmentation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,13 +182,8 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         staging = bundle.staging_dir(cfg.out)
         export = _saved_model(cfg, models, loaded, splits, staging, mirror=mirror, chosen=chosen)
         graph = pool.submit(export.write_graph)
-        _check_parity(cfg, chosen, loaded, splits, models, litert, early, progress)
-        views_of = functools.partial(
-            distributed.views_step(chosen), splits.train + splits.val + splits.test,
-            extractors=(models.extractor, models.flip_extractor),
-            cache_key=cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
-            image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert,
-            static=chosen.static_shapes)
+        prelude.check_parity(cfg, chosen, loaded, splits, models, litert, early, progress)
+        views_of = _views_step(cfg, spec, chosen, loaded, splits, models, litert, batch=batch, progress=progress)
         fit_head = functools.partial(_fit_head, cfg=cfg, labels=splits.labels, keras_head=models.head,
                                      state=state, progress=progress, scalars=scalars)
         early.finish()  # what it extracted is in the store now, and its runner is free
@@ -204,6 +201,9 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
                 views = _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, batch=batch, mirror=mirror,
                                     state=state, partial=partial, progress=progress, scalars=scalars, planner=planner())
                 extracted, cached, engine = extracted + views.extracted, cached + views.cached, views.engine
+                views, export, graph = _test_time(cfg, chosen, models, loaded, splits, views, views_of, (export, graph),
+                                                  pool, mirror=mirror, state=state, deadline=deadline,
+                                                  progress=progress)
                 fit = fit_head(views, splits.train, "head refit")
         reports = summaries.view_reports(views, fit, splits.labels, splits.train, splits.val, splits.test)
         checks = _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress)
@@ -239,6 +239,17 @@ def _run(cfg: TrainConfig, spec, backbone_path: str, state: run_state.RunState, 
         pass  # the run has succeeded; what is left of the partial folder goes at the next run
     return _result(cfg, out, splits, reports, state, chosen, batch=batch, seconds=time.perf_counter() - start,
                    mirror=mirror, counts=(extracted, cached), engine=engine, choice=meta.backbone_choice)
+
+
+def _views_step(cfg, spec, chosen, loaded, splits, models, litert, *, batch: int, progress: Callback):
+    """The run's feature step (``distributed.views_step``) over all its images, with every option
+    but the views' own (``mirror``, ``frozen``, ``keep``, ``task``, ...) given."""
+    return functools.partial(
+        distributed.views_step(chosen), splits.train + splits.val + splits.test,
+        extractors=(models.extractor, models.flip_extractor),
+        cache_key=cache_key(spec, loaded.image_size), cache_dir=cfg.cache_dir,
+        image_size=loaded.image_size, batch_size=batch, max_pixels=cfg.max_pixels, progress=progress, litert=litert,
+        static=chosen.static_shapes)
 
 
 def _checks(cfg, splits, views, fit, models, litert, loaded, views_of, progress: Callback) -> dict:
@@ -287,6 +298,57 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
     return views
 
 
+def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, pool, *, mirror: bool, state,
+               deadline: plans.Deadline, progress: Callback):
+    """Test-time augmentation (``features.tta``), after fine-tuning: (the views the head is refit
+    on, the SavedModel writer, the future of its graph's write). The crop views of every image
+    are extracted and kept when cross-validation on the training images says they help; then
+    ``written`` (the writer, its graph's future) is replaced: the graph is written again, once the
+    first write is done, with the classifier that averages the crop views too. The decision is
+    recorded in ``state.tta``."""
+    from tlcli.features import tta
+    from tlcli.model import classifier as model
+
+    why = _no_test_time(cfg, len(views.samples) * (1 + mirror), state, deadline)
+    if why:
+        state.tta = tta.skipped(why, mirror=mirror).to_dict()
+        progress(Info(f"test-time augmentation: {state.tta['summary']}"))
+        return views, *written
+    with chosen.strategy.scope():
+        crop_of = functools.partial(model.build_extractor, loaded.layer, loaded.image_size, crop=True)
+        extractors = (crop_of(), crop_of(flip=True) if mirror else None)
+    crop = views_of(mirror=mirror, frozen=not state.fine_tune.improved, extractors=extractors, litert=None,
+                    cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract crop")
+    decision = tta.decide(views, crop, splits.train, len(splits.labels), mirror=mirror,
+                          class_weight=_class_weight(cfg, splits.train, splits.labels), **_head_options(cfg))
+    state.tta = decision.to_dict()
+    progress(Info(f"test-time augmentation: {state.tta['summary']}"))
+    if not decision.kept:
+        return views, *written
+    written[1].result()  # one write at a time, into the same folder
+    export = _saved_model(cfg, models, loaded, splits, written[0].path, mirror=mirror, chosen=chosen, crop=True)
+    return tta.averaged(views, crop), export, pool.submit(export.write_graph)
+
+
+def _no_test_time(cfg, vectors: int, state, deadline: plans.Deadline) -> str | None:
+    """Why a run does not try the crop views (None: it does): a multi-label model, or a time
+    budget whose time left cannot hold ``vectors`` more features (through TensorFlow: the slower
+    of the plan's measured extraction rate and its forward rate of fine-tuning), with the plan's
+    margin, and its fixed reserve for the head refit and the bundle."""
+    if cfg.multi_label:
+        return "not for a multi-label model"
+    if deadline.budget_s is None:
+        return None
+    rates = state.plan["rates"].get(state.plan["backbones"][0], {}) if state.plan else {}
+    measured = [r for r in (rates.get("extract"), plans.FORWARD_PER_TRAIN * rates.get("train", 0.0)) if r]
+    rate = min(measured, default=None)
+    need = vectors * (1 + plans.MARGIN) / rate + plans.FIXED_RESERVE_S if rate else None
+    if need is None or need > deadline.left():
+        return (f"needs about {plans.format_duration(need)}, {plans.format_duration(deadline.left())} left"
+                if need else "no extraction rate measured")
+    return None
+
+
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,
             engine: str, choice: dict | None = None) -> TrainResult:
     """The TrainResult of a finished run; ``counts``: (features extracted, from the cache)."""
@@ -303,7 +365,7 @@ def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: fl
         test_counts=splits.counts(splits.test) if test_report else None,
         test_accuracy=test_report.accuracy if test_report else None, calibration=state.calibration,
         unknown=state.unknown, labels_override=splits.override, backbone_choice=choice,
-        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None)
+        task=bundle.TASK_MULTI_LABEL if cfg.multi_label else None, test_time_augmentation=state.tta)
 
 
 def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prelude.Prelude, progress: Callback):
@@ -342,36 +404,25 @@ def _backbone_and_splits(cfg: TrainConfig, spec, backbone_path: str, early: prel
     return chosen, loaded, splits, models, litert, early.pixels if litert else None
 
 
-def _check_parity(cfg, chosen, loaded, splits, models, litert, early: prelude.Prelude, progress: Callback) -> None:
-    """LiteRT's parity with TensorFlow (``features.agrees``, in the scope, as compute_views would
-    measure it and then reuse), while the extraction ahead runs: stopped when its runner disagrees
-    or is not the run's (its work would not be used: do not wait for it)."""
-    from tlcli import features
-    from tlcli.model import litert as litert_backbone
-
-    with chosen.strategy.scope():
-        if litert is None or litert is not early.runner or not features.agrees(
-                litert, models.extractor, (splits.train + splits.val)[:litert_backbone.PARITY_IMAGES],
-                image_size=loaded.image_size, max_pixels=cfg.max_pixels, pixels=early.pixels, progress=progress):
-            early.cancel()
-
-
-def _saved_model(cfg: TrainConfig, models, loaded, splits, staging, *, mirror: bool, chosen):
+def _saved_model(cfg: TrainConfig, models, loaded, splits, staging, *, mirror: bool, chosen, crop: bool = False):
     """The run's SavedModel writer: with the ``tlcli`` signature of an unknown detector
     (``features.unknown``) when the training images allow one (single-label models only: its class
     means need one label a photo). Built here, on this thread, before
-    the graph is traced on another; its model in the scope of the ``chosen`` strategy, as the others."""
+    the graph is traced on another; its model in the scope of the ``chosen`` strategy, as the others.
+    ``crop``: the classifiers average the crop views too (test-time augmentation, ``features.tta``)."""
     from tlcli.bundle import savedmodel as serving
     from tlcli.features import unknown
     from tlcli.model import classifier as model
 
-    detector = None
-    if not cfg.multi_label and unknown.possible([s.label for s in splits.train], len(splits.labels)):
-        with chosen.strategy.scope():
+    detector, classifier = None, models.classifier
+    with chosen.strategy.scope():
+        if crop:
+            classifier = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror, crop=True)
+        if not cfg.multi_label and unknown.possible([s.label for s in splits.train], len(splits.labels)):
             with_features = model.build_classifier(loaded.layer, models.head, loaded.image_size, mirror=mirror,
-                                                   with_features=True)
-        detector = (with_features, unknown.graph_rank(loaded.feature_dim, len(splits.train)))
-    return serving.SavedModelExport(models.classifier, loaded.image_size, splits.labels, staging, unknown=detector)
+                                                   crop=crop, with_features=True)
+            detector = (with_features, unknown.graph_rank(loaded.feature_dim, len(splits.train)))
+    return serving.SavedModelExport(classifier, loaded.image_size, splits.labels, staging, unknown=detector)
 
 
 def _fit_unknown(export, views, splits, *, seed: int) -> dict | None:
@@ -391,6 +442,12 @@ def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
     if cfg.multi_label:
         return None  # each label's present and absent photos are balanced in its own fit (model.multilabel)
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
+
+
+def _head_options(cfg: TrainConfig) -> dict:
+    """The head fit's options from ``cfg`` (``head.fit_head``'s keywords, but the class weights)."""
+    return dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
 
 
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
@@ -413,8 +470,7 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
             progress(Start(phase, total=epochs))
 
     final = phase == "head refit" or not tunes(cfg)  # the model's final head (fine-tuning starts uncalibrated)
-    options = dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                   patience=cfg.patience, seed=cfg.seed, l2=cfg.l2, on_epoch=on_epoch)
+    options = dict(_head_options(cfg), on_epoch=on_epoch)
     if cfg.multi_label:
         from tlcli.model import multilabel
 

@@ -97,6 +97,7 @@ class RunState:
     calibration: dict | None = None  # the last head fit's (model.calibration); not saved: every run refits
     unknown: dict | None = None  # the unknown detector's record (features.unknown); not saved: every run refits
     plan: dict | None = None  # a --time-budget's (training.budget.Plan); not saved: every run plans anew
+    tta: dict | None = None  # the crop views' test (features.tta.Decision); not saved: every run decides anew
 
     def to_json(self) -> dict:
         return {"config": self.config.to_dict(), "history": self.history, "head_epochs": self.head.epochs,

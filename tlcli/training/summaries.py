@@ -171,7 +171,7 @@ def run_meta(cfg, spec, *, splits, image_size: int, feature_dim: int, mirror: bo
         task=bundle.TASK_MULTI_LABEL if cfg.multi_label else bundle.TASK_SINGLE_LABEL,
         thresholds=[round(float(t), 6) for t in fit.thresholds] if cfg.multi_label else None, unknown=state.unknown,
         signatures=dict(bundle.SIGNATURES, **(bundle.UNKNOWN_SIGNATURE if state.unknown else {})),
-        time_budget=time_budget_seconds(cfg), plan=state.plan)
+        time_budget=time_budget_seconds(cfg), plan=state.plan, test_time_augmentation=state.tta)
 
 
 def view_reports(views, fit, labels: list[str], train, val, test=()) -> tuple:
