@@ -116,6 +116,18 @@ def test_a_fine_tuned_model_with_the_crop_views_kept_serves_them_and_exports(tmp
     assert any(record["summary"] in line for line in console.export_text().splitlines())
 
 
+def test_crop_views_not_kept_are_extracted_for_the_training_images_only(tmp_path, train_args, monkeypatch):
+    monkeypatch.setattr(tta, "_FORCED", False)
+    data = make_colour_dataset(tmp_path / "images", per_class=4)
+    val = make_colour_dataset(tmp_path / "val", per_class=2, start=10)
+    result = tlcli.train(data, val_dir=str(val), out=str(tmp_path / "m"), fine_tune=True, fine_tune_epochs=1,
+                         holdout=0.0, mirror=True, cache_dir=str(tmp_path / "cache"), **train_args)
+    record = result.test_time_augmentation
+    n_train, n_val = sum(result.train_counts.values()), sum(result.val_counts.values())
+    assert not record["kept"] and n_val > 0
+    assert record["extracted"] + record["cached"] == 2 * n_train  # (crop, crop mirror) of the training images
+
+
 def test_head_only_runs_never_extract_crop_views(tmp_path, train_args, monkeypatch, trained_bundle):
     from tlcli.model import classifier as model
 

@@ -98,6 +98,21 @@ def averaged(views: FeatureViews, crop: FeatureViews) -> FeatureViews:
                         views.extracted, views.cached, views.engine)
 
 
+def rows_of(views: FeatureViews, samples) -> FeatureViews:
+    """The views of ``samples`` (a subset of ``views.samples``) alone, as arrays in memory."""
+    plain, mirror = views.of(samples)
+    return FeatureViews(list(samples), plain, mirror, 0, len(samples), views.engine)
+
+
+def joined(first: FeatureViews, then: FeatureViews) -> FeatureViews:
+    """The views of ``first.samples`` followed by ``then.samples``'s, as arrays in memory."""
+    def stack(a, b):
+        return None if a is None else np.vstack([np.asarray(a, np.float32), np.asarray(b, np.float32)])
+
+    return FeatureViews(first.samples + then.samples, stack(first.plain, then.plain), stack(first.mirror, then.mirror),
+                        first.extracted + then.extracted, first.cached + then.cached, first.engine)
+
+
 def oof_losses(views: FeatureViews, samples, num_classes: int, **options) -> dict[int, float]:
     """Image index in ``samples`` -> its out-of-fold log loss: the head cross-validated on
     ``views`` (``head.fit_views`` with ``options``) scores each of its views with the fold fit
@@ -126,8 +141,8 @@ def oof_losses(views: FeatureViews, samples, num_classes: int, **options) -> dic
 
 def decide(views: FeatureViews, crop: FeatureViews, samples, num_classes: int, *, mirror: bool,
            **options) -> Decision:
-    """Whether to keep the crop views ``crop`` (computed over ``views.samples``), decided on the
-    training ``samples`` alone (see the module's docstring); ``options``: ``head.fit_head``'s, as
+    """Whether to keep the crop views ``crop`` (rows of the same samples as ``views``), decided on
+    the training ``samples`` alone (see the module's docstring); ``options``: ``head.fit_head``'s, as
     the run's head fit uses them."""
     counts = dict(extracted=crop.extracted, cached=crop.cached)
     before = oof_losses(views, samples, num_classes, **options)

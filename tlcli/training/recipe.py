@@ -301,11 +301,11 @@ def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: 
 def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, pool, *, mirror: bool, state,
                deadline: plans.Deadline, progress: Callback):
     """Test-time augmentation (``features.tta``), after fine-tuning: (the views the head is refit
-    on, the SavedModel writer, the future of its graph's write). The crop views of every image
-    are extracted and kept when cross-validation on the training images says they help; then
-    ``written`` (the writer, its graph's future) is replaced: the graph is written again, once the
-    first write is done, with the classifier that averages the crop views too. The decision is
-    recorded in ``state.tta``."""
+    on, the SavedModel writer, the future of its graph's write). The crop views of the training
+    images are extracted and kept when cross-validation on them says they help (then those of
+    the other images too); ``written`` (the writer, its graph's future) is then replaced: the
+    graph is written again, once the first write is done, with the classifier that averages the
+    crop views too. The decision is recorded in ``state.tta``."""
     from tlcli.features import tta
     from tlcli.model import classifier as model
 
@@ -317,10 +317,14 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
     with chosen.strategy.scope():
         crop_of = functools.partial(model.build_extractor, loaded.layer, loaded.image_size, crop=True)
         extractors = (crop_of(), crop_of(flip=True) if mirror else None)
-    crop = views_of(mirror=mirror, frozen=not state.fine_tune.improved, extractors=extractors, litert=None,
-                    cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract crop")
-    decision = tta.decide(views, crop, splits.train, len(splits.labels), mirror=mirror,
+    options = dict(views_of.keywords, mirror=mirror, frozen=not state.fine_tune.improved, extractors=extractors,
+                   litert=None, cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract crop")
+    crop = views_of.func(splits.train, **options)
+    decision = tta.decide(tta.rows_of(views, splits.train), crop, splits.train, len(splits.labels), mirror=mirror,
                           class_weight=_class_weight(cfg, splits.train, splits.labels), **_head_options(cfg))
+    if decision.kept and splits.val + splits.test:
+        crop = tta.joined(crop, views_of.func(splits.val + splits.test, **options))
+        decision.extracted, decision.cached = crop.extracted, crop.cached
     state.tta = decision.to_dict()
     progress(Info(f"test-time augmentation: {state.tta['summary']}"))
     if not decision.kept:
