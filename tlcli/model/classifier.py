@@ -75,7 +75,8 @@ def load_head_weights(head, kernel: np.ndarray, bias: np.ndarray, l2: float) -> 
 
 
 def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False, with_features: bool = False):
-    """float32 [batch, size, size, 3] in [0, 1] -> probabilities. The backbone always runs in
+    """float32 [batch, size, size, 3] in [0, 1] -> probabilities (``image_size`` None: any size, for
+    a backbone that takes any: fine-tuning below its size). The backbone always runs in
     inference mode (BatchNorm uses its moving statistics), even while fine-tuning. With
     ``mirror`` the head sees the mean of the features of each image and of its left-right
     mirror image (the backbone runs twice). ``with_features``: -> [probabilities, the features

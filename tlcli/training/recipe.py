@@ -258,7 +258,8 @@ def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: boo
     if deadline.budget_s is None:
         return None
     return plans.Planner(cfg, splits, deadline, name=spec.preset or spec.handle, image_size=loaded.image_size,
-                          views=2 if mirror else 1, extract_rate=rate or None, progress=progress)
+                          views=2 if mirror else 1, extract_rate=rate or None, progress=progress,
+                          resizable=loaded.any_size)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
