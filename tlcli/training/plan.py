@@ -102,14 +102,30 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
-def crop_zoom(area: tuple[float, float] | None = None) -> float:
-    """How much larger objects look in training than at test: E[1/sqrt(a)] for the share ``a`` of
-    the image's area that ``augment.random_resized_crop`` keeps, uniform in ``area`` (default
-    ``augment.CROP_AREA``), resized back to the full frame; 2 (sqrt(hi) - sqrt(lo)) / (hi - lo)."""
+def crop_zoom(area: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None, *,
+              steps: int = 1000) -> float:
+    """How much larger objects look in training than in the whole image: E[1/sqrt(a)] for the
+    share ``a`` of a square image's area that ``augment.random_resized_crop`` keeps (``area``,
+    ``ratio``: default ``augment.CROP_AREA``, ``CROP_RATIO``) and resizes back to the full frame.
+
+    TensorFlow's sampler (``augment.crop_box``) does not draw ``a`` uniformly: it draws the
+    aspect ratio r (width / height) uniformly in ``ratio``, then the height h (a share of the
+    image's) uniformly from sqrt(lo / r) up to the largest that keeps the area within hi and the
+    box inside the image, h1 = min(sqrt(hi / r), 1 / r, 1); so a = h^2 r and, for each r,
+    E[1/sqrt(a)] = ln(h1 / h0) / ((h1 - h0) sqrt(r)). That is averaged over r (midpoint rule,
+    ``steps`` points) where a box exists; none at all: the sampler keeps the whole image (1.0).
+    For the default crops it is 1.35 (a uniform area would give 1.27)."""
     lo, hi = augment.CROP_AREA if area is None else area
-    if hi - lo < 1e-9:
-        return 1 / math.sqrt(hi)
-    return 2 * (math.sqrt(hi) - math.sqrt(lo)) / (hi - lo)
+    r0, r1 = augment.CROP_RATIO if ratio is None else ratio
+    zooms = []
+    for i in range(steps):
+        r = r0 + (r1 - r0) * (i + 0.5) / steps
+        h0, h1 = math.sqrt(lo / r), min(math.sqrt(hi / r), 1 / r, 1.0)
+        if h1 - h0 > 1e-9:
+            zooms.append(math.log(h1 / h0) / ((h1 - h0) * math.sqrt(r)))
+        elif h1 - h0 > -1e-9:  # one height only
+            zooms.append(1 / (h0 * math.sqrt(r)))
+    return sum(zooms) / len(zooms) if zooms else 1.0
 
 
 def training_sizes(native: int, *, resizable: bool) -> list[int]:
