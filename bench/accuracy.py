@@ -93,8 +93,8 @@ def run_set(name: str, train_dir: Path, test_dir: Path, work: Path, *, budget: s
         extra = ""
         if result.get("plan"):
             plan = result["plan"]
-            extra = (f"  plan: {'fine-tune ' + str(plan['epochs']) + ' epochs' if plan['fine_tune'] else 'head only'}"
-                     f", ran {result['fine_tune_epochs']}")
+            tuned = f"fine-tune {plan['epochs']} epochs at {plan['image_size']} px"
+            extra = f"  plan: {tuned if plan['fine_tune'] else 'head only'}, ran {result['fine_tune_epochs']}"
         elif result.get("fine_tune_epochs"):
             extra = f"  fine-tune epochs {result['fine_tune_epochs']}, improved {result['fine_tune_improved']}"
         print(f"{name:12} {run:12} accuracy {acc:.4f} ({acc - base:+.4f})  wall {seconds:6.1f} s "

@@ -58,6 +58,13 @@ def test_without_crops_training_stays_at_the_features_size_and_never_goes_above(
     assert budget.training_sizes(32, resizable=True) == [32]  # too small to go lower
 
 
+def test_rates_at_other_sizes_err_on_the_slow_side():
+    # Smaller: faster by the side (fixed per-step costs stay), not by the pixels; larger: slower by the pixels.
+    assert budget.scaled_rate(10.0, 224, 112) == pytest.approx(20.0)
+    assert budget.scaled_rate(20.0, 112, 224) == pytest.approx(5.0)
+    assert budget.scaled_rate(10.0, 160, 160) == 10.0
+
+
 def test_the_plan_fine_tunes_at_the_matched_size_with_features_at_the_native_one():
     plan = budget.make_plan(600, 30, [candidate()], **COUNTS)
     matched = budget.training_sizes(224, resizable=True)[0]
@@ -84,10 +91,10 @@ def test_the_plan_steps_down_only_as_far_as_the_epochs_need():
     for p in tuned:
         assert p.estimated_s <= p.budget_s and p.epochs >= budget.MIN_EPOCHS
         higher = [s for s in sizes if s > p.image_size]
-        if higher:  # the next size up would not have fit MIN_EPOCHS (rates scaled by pixels)
+        if higher:  # the next size up would not have fit MIN_EPOCHS (at the rate the plan scales to it)
             assert f"at {sizes[0]} px do not fit" in p.reason
-            per_epoch = budget.epoch_seconds(n_fit=200, n_holdout=36, train_rate=4.0 * (sizes[0] / higher[-1]) ** 2,
-                                             forward_rate=forward)
+            rate = budget.scaled_rate(4.0, sizes[0], higher[-1])
+            per_epoch = budget.epoch_seconds(n_fit=200, n_holdout=36, train_rate=rate, forward_rate=forward)
             after = budget.finish_seconds(n_all=400, n_holdout=36, views=2, forward_rate=forward,
                                           epochs=budget.MIN_EPOCHS)
             assert 30 + budget.MIN_EPOCHS * per_epoch + after > p.budget_s
