@@ -343,7 +343,7 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     plan = result.plan
     if plan:
         planned = f"fine-tune {plan['epochs']} epochs at {plan['image_size']} px" if plan["fine_tune"] else "head only"
-        t.add_row("time budget", f"{plan['budget_s']:g} s, planned: {planned} (estimated {plan['estimated_s']:.0f} s)")
+        t.add_row("time budget", f"{plan['budget_s']:g} s; planned {planned}, about {plan['estimated_s']:.0f} s")
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"
               + (" (backbone passes, mirror views included)" if result.mirror else ""))
     t.add_row("skipped files", str(len(result.skipped)))

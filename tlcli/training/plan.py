@@ -153,8 +153,9 @@ def scaled_rate(rate: float, measured_size: int, size: int) -> float:
     pixels (a convolutional backbone's work grows with them, and fixed per-step costs only
     soften that); below it the rate rises with the side only, not the pixels, since the fixed
     costs (the optimizer's update, the micro batches' loop, the input pipeline) stay:
-    ``bench/resolution.py`` measured MobileNetV2's step 1.5 to 2.0 times as fast at 160 px as
-    at 224 px (1.96 times fewer pixels, 1.4 times the side)."""
+    ``bench/resolution.py`` measured MobileNetV2's step 1.5 to 2.1 times as fast at 160 px as
+    at 224 px, and 2.0 to 2.7 times at 128 px (1.96 and 3.06 times fewer pixels; 1.4 and 1.75
+    times the side), on a shared 2-core machine."""
     ratio = measured_size / size
     return rate * (ratio if ratio > 1 else ratio ** 2)
 
