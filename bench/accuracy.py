@@ -131,8 +131,8 @@ def _notes(result: dict) -> list[str]:
         notes.append(f"kept {Path(choice['winner']).name}, CV {cv[choice['winner']]:.4f} (others {others})")
     if result.get("plan"):
         plan = result["plan"]
-        notes.append(f"plan: {'fine-tune ' + str(plan['epochs']) + ' epochs' if plan['fine_tune'] else 'head only'}"
-                     f", ran {result['fine_tune_epochs']}")
+        tuned = f"fine-tune {plan['epochs']} epochs at {plan['image_size']} px"
+        notes.append(f"plan: {tuned if plan['fine_tune'] else 'head only'}, ran {result['fine_tune_epochs']}")
     elif result.get("fine_tune_epochs"):
         notes.append(f"fine-tune epochs {result['fine_tune_epochs']}, improved {result['fine_tune_improved']}")
     return notes

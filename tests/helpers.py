@@ -15,8 +15,9 @@ COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
 def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4, features: int = 8,
-                       dict_output: bool = False) -> Path:
-    """A TF2 hub-format SavedModel: float32 [b, h, w, 3] in [0, 1] -> [b, 3 + features].
+                       dict_output: bool = False, size: int | None = None) -> Path:
+    """A TF2 hub-format SavedModel: float32 [b, h, w, 3] in [0, 1] -> [b, 3 + features]; images of
+    any h and w, or with ``size`` only [b, size, size, 3] (a backbone of fixed input size).
 
     Features are each channel's mean plus relu(conv) means, so solid colours are separable; the
     conv kernel is trainable so fine-tuning has something to change.
@@ -31,7 +32,7 @@ def make_tiny_backbone(path: Path, *, output_rank: int = 2, input_rank: int = 4,
     root.trainable_variables = [kernel, bias]
 
     if input_rank == 4:
-        spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
 
         @tf.function(input_signature=[spec])
         def call(images):

@@ -342,8 +342,8 @@ def train_summary(result, *, tensorboard: str | None) -> Table:
     t.add_row("epochs", epochs)
     plan = result.plan
     if plan:
-        planned = f"fine-tune {plan['epochs']} epochs" if plan["fine_tune"] else "head only"
-        t.add_row("time budget", f"{plan['budget_s']:g} s, planned: {planned} (estimated {plan['estimated_s']:.0f} s)")
+        planned = f"fine-tune {plan['epochs']} epochs at {plan['image_size']} px" if plan["fine_tune"] else "head only"
+        t.add_row("time budget", f"{plan['budget_s']:g} s; planned {planned}, about {plan['estimated_s']:.0f} s")
     if result.test_time_augmentation:
         t.add_row("test-time views", safe(result.test_time_augmentation["summary"]))
     t.add_row("features", f"{result.extracted} extracted, {result.cached} cached"

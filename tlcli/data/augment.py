@@ -46,15 +46,26 @@ def augmenter(*, mirror: bool, trivial: bool = True):
     return apply
 
 
+def crop_box(shape, seed):
+    """(begin, size) of a random box in an image of ``shape`` [h, w, c]: ``CROP_AREA`` of its area
+    at a ``CROP_RATIO`` aspect ratio (TensorFlow's sampler: the ratio, then the height, each
+    uniform; ``training.plan.crop_zoom`` models what that does to objects' size)."""
+    from tlcli._tf import tf
+
+    t = tf()
+    begin, size, _ = t.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=t.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=CROP_RATIO, area_range=CROP_AREA, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
 def random_resized_crop(image, seed):
     """A random crop of ``CROP_AREA`` of the area at a ``CROP_RATIO`` aspect ratio, resized back."""
     from tlcli._tf import tf
 
     t = tf()
     shape = t.shape(image)
-    begin, size, _ = t.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=t.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=CROP_RATIO, area_range=CROP_AREA, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    begin, size = crop_box(shape, seed)
     crop = t.slice(image, begin, size)
     out = t.image.resize(crop[None], shape[:2], method="bilinear", antialias=True)[0]
     return t.ensure_shape(out, image.shape)

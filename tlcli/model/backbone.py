@@ -195,6 +195,9 @@ class LoadedBackbone:
     # The signature and output it runs (a SavedModel without __call__, or one given them), else None.
     signature: str | None = None
     output_key: str | None = None
+    # Whether it takes images of any height and width (every declared input [batch, None, None, 3]),
+    # so fine-tuning may train it below ``image_size`` (``training.plan.training_sizes``).
+    any_size: bool = False
 
 
 def _concrete_calls(obj):
@@ -213,6 +216,12 @@ def _declared_size(shapes) -> int | None:
         if shape is not None and shape.rank == 4 and shape[1] and shape[1] == shape[2]:
             return int(shape[1])
     return None
+
+
+def _any_size(shapes) -> bool:
+    """Whether every declared input shape leaves height and width open (none declared: not known)."""
+    known = [s for s in shapes if s is not None and s.rank is not None]
+    return bool(known) and all(s.rank == 4 and s[1] is None and s[2] is None for s in known)
 
 
 def _declared_input_rank(shapes) -> int | None:
@@ -355,7 +364,7 @@ def load(spec: BackboneSpec, *, trainable: bool = False, path: str | None = None
                             "choose an image feature vector model" + ("" if output_key else
                                                                       ", or its output with --backbone-output"))
     return LoadedBackbone(layer=layer, image_size=size, feature_dim=int(shape[-1]), path=path,
-                          signature=signature, output_key=output_key)
+                          signature=signature, output_key=output_key, any_size=_any_size(shapes))
 
 
 def _load_concatenation(spec: BackboneSpec, *, trainable: bool, io_device: str | None) -> LoadedBackbone:

@@ -74,9 +74,10 @@ def load_head_weights(head, kernel: np.ndarray, bias: np.ndarray, l2: float) -> 
         dense.kernel_regularizer.l2 = np.float32(l2)
 
 
-def build_classifier(backbone_layer, head, image_size: int, *, mirror: bool = False, crop: bool = False,
+def build_classifier(backbone_layer, head, image_size: int | None, *, mirror: bool = False, crop: bool = False,
                      with_features: bool = False):
-    """float32 [batch, size, size, 3] in [0, 1] -> probabilities. The backbone always runs in
+    """float32 [batch, size, size, 3] in [0, 1] -> probabilities (``image_size`` None: any size, for
+    a backbone that takes any: fine-tuning below its size; never with ``crop``). The backbone always runs in
     inference mode (BatchNorm uses its moving statistics), even while fine-tuning. With
     ``mirror`` the head sees the mean of the features of each image and of its left-right
     mirror image (the backbone runs twice). With ``crop`` (test-time augmentation,

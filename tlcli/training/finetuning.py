@@ -65,7 +65,9 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     ``planner(train_rate) -> (epochs, reserve_s)`` (a time budget): given the images/s of a few
     timed training steps, the epochs to run (0: none) and the seconds to leave before
     ``deadline`` for what follows; the loop stops when the next batch or epoch would eat into
-    them. Returns whether the backbone's weights changed (False: the holdout never improved
+    them. The steps are timed at ``planner.train_size`` px and training runs at its plan's
+    ``image_size``, both possibly below the backbone's (``plan.training_sizes``); the holdout is
+    checked at the backbone's size. Returns whether the backbone's weights changed (False: the holdout never improved
     and the starting weights were restored, or the plan had no time). Raises ``UsageError``
     for a damaged checkpoint on resume."""
     micro_batch = micro_batch_size(cfg, accelerator=accelerator)
@@ -77,45 +79,53 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
     else:
         onehot = lambda img, y: (img, t.one_hot(y, num_classes))  # noqa: E731
         targets = lambda samples: [s.label for s in samples]  # noqa: E731
-    # Built before the policy is set: the augmentation computes in float32.
-    ds = data.image_dataset([s.path for s in fit], image_size, labels=targets(fit),
-                            batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
-                            augment=data.augmenter(mirror=mirror_ok) if cfg.augment else None,
-                            augment_seed=cfg.seed).map(onehot)
-    val = None
+    if static and len(fit) < batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size}: the global batch ({batch_size}) is larger than the "
+                         f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
+
+    def train_data(size: int):  # the augmentation computes in float32 (tf.data: no Keras policy reaches it)
+        ds = data.image_dataset([s.path for s in fit], size, labels=targets(fit), batch_size=batch_size,
+                                max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed,
+                                augment=data.augmenter(mirror=mirror_ok) if cfg.augment else None).map(onehot)
+        return static_batches(ds, batch_size) if static else ds
+
+    # A budget's plan may train below the features' size (plan.training_sizes); the holdout stays at
+    # it, where the head-only model that fine-tuning must beat was fit: one model takes both sizes.
+    train_size = image_size if planner is None else planner.train_size
+    if train_size != image_size:
+        one_view = classifier.build_classifier(backbone.layer, one_view.get_layer("head"), None)
+    ds, val = train_data(train_size), None
     if holdout:
         val = data.image_dataset([s.path for s in holdout], image_size, labels=targets(holdout),
                                  batch_size=batch_size, max_pixels=cfg.max_pixels).map(onehot)
-    if static:
-        if len(fit) < batch_size:
-            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch ({batch_size}) is larger than the "
-                             f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
-        ds, val = static_batches(ds, batch_size), val and static_batches(val, batch_size, pad=True)
+        val = static_batches(val, batch_size, pad=True) if static else val
     kind = strategy.device_kind()
     policy = strategy.resolve_precision(cfg.precision, kind=kind)
     progress(Info(f"fine-tuning precision: {policy}" + (" (auto)" if cfg.precision == "auto" else "")))
     # The weights it starts from (on --resume too: the checkpoint is read inside _fit).
     start = backbone.layer.get_weights()
     with strategy.precision_policy(policy, kind=kind):
-        _train(one_view, backbone.layer, image_size, ds, val, policy=policy, micro_batch=micro_batch, cfg=cfg,
-               class_weight=class_weight, state=state, partial=partial, progress=progress, scalars=scalars,
-               masked=static, multi_label=multi_label, steps_per_epoch=math.ceil(len(fit) / batch_size),
-               planner=planner, deadline=deadline)
+        _train(one_view, backbone.layer, one_view.input_shape[1], ds, val, train_data=train_data, policy=policy,
+               micro_batch=micro_batch, cfg=cfg, class_weight=class_weight, state=state, partial=partial,
+               progress=progress, scalars=scalars, masked=static, multi_label=multi_label,
+               steps_per_epoch=math.ceil(len(fit) / batch_size), planner=planner, deadline=deadline)
     # Compared, not inferred from the bookkeeping, so adapted features never enter the cache.
     unchanged = all(np.array_equal(a, b) for a, b in zip(start, backbone.layer.get_weights()))
     state.fine_tune.improved = not unchanged
     return not unchanged
 
 
-def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, micro_batch: int | None,
-           cfg: TrainConfig, class_weight, state: RunState, partial: Path, progress: Callback, scalars,
-           masked: bool = False, multi_label: bool = False, steps_per_epoch: int = 1, planner=None,
-           deadline=None) -> None:
-    """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set). float32 trains
-    ``one_view`` itself; a mixed policy trains a copy whose head computes in the policy's dtype
-    (``model.head_under_policy``) on the same backbone layer, and its head's weights go back to
-    ``one_view``'s head at the end. ``masked``: the holdout's batches carry weights (padding: 0),
-    so accuracy is a weighted metric. With a ``planner`` a few steps are timed first (and undone)."""
+def _train(one_view, backbone_layer, image_size: int | None, ds, val, *, train_data, policy: str,
+           micro_batch: int | None, cfg: TrainConfig, class_weight, state: RunState, partial: Path,
+           progress: Callback, scalars, masked: bool = False, multi_label: bool = False, steps_per_epoch: int = 1,
+           planner=None, deadline=None) -> None:
+    """The Keras fit of ``fine_tune`` under the policy ``policy`` (already set), on ``ds``. With a
+    ``planner`` a few steps on ``ds`` (at its ``train_size``) are timed first (and undone), and
+    training runs on ``train_data(size)`` at the size its plan chose. float32 trains
+    ``one_view`` itself (its input ``image_size`` px, None: any); a mixed policy trains a copy whose
+    head computes in the policy's dtype (``model.head_under_policy``) on the same backbone layer,
+    and its head's weights go back to ``one_view``'s head at the end. ``masked``: the holdout's
+    batches carry weights (padding: 0), so accuracy is a weighted metric."""
     from tlcli.model import classifier as model
 
     k = keras()
@@ -138,6 +148,8 @@ def _train(one_view, backbone_layer, image_size: int, ds, val, *, policy: str, m
             state.fine_tune = FineTuneState(improved=False)
             return
         schedule.set_total(epochs * steps_per_epoch)
+        if planner.plan.image_size != planner.train_size:  # stepped down to fit: fewer pixels a step
+            ds = train_data(planner.plan.image_size)
     callback = _epoch_callback_class()(
         train_model, state, phase=PHASE, epochs=epochs, checkpoint_dir=partial / PHASE,
         patience=cfg.fine_tune_patience if val is not None else None, monitor=val is not None,

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tlcli.config import DEFAULTS
+from tlcli.data import augment
 from tlcli.progress import Info
 
 # A fine-tuning step runs the backbone forward and backward (about three forward passes), so the
@@ -40,14 +41,19 @@ SOUP_EVALS_PER_EPOCH = 1.0
 # that winner's fine-tuning get at most half each; what the choice does not spend is left on the
 # clock for the fine-tuning plan, made afterwards from the time then left.
 CHOICE_SHARE = 0.5
+# Training resolutions are multiples of the backbones' stride (32: a MobileNet's or an EfficientNet's
+# last feature map is 1/32 of the input), and never below half the features' size or this floor.
+RESOLUTION_STEP = 32
+MIN_RESOLUTION = 96
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A backbone the run may use, with its rates measured on this machine in images/s:
-    ``extract_rate`` of its frozen features (one view), ``train_rate`` of a fine-tuning step
-    (None: not measured, or it cannot be trained), at ``image_size``; ``extracted``: its
-    features are already in hand (from the cache or earlier in this run)."""
+    ``extract_rate`` of its frozen features (one view, at ``image_size``), ``train_rate`` of a
+    fine-tuning step (None: not measured, or it cannot be trained) at ``train_size`` (None:
+    ``image_size``); ``extracted``: its features are already in hand (from the cache or earlier
+    in this run); ``resizable``: it takes images of any size, so it may train below ``image_size``."""
 
     name: str
     image_size: int
@@ -55,15 +61,20 @@ class Candidate:
     train_rate: float | None = None
     extracted: bool = False
     cached: int = 0  # of its training images' features, how many are in the feature store already
+    train_size: int | None = None
+    resizable: bool = False
 
 
 @dataclass
 class Plan:
     """What the run will do inside ``budget_s`` (seconds), decided at ``elapsed_s`` into it:
     the ``backbones`` whose features it extracts (in order; the first is fine-tuned when
-    ``fine_tune``), ``epochs`` of fine-tuning at ``image_size``, and its ``estimated_s`` end
-    (seconds from the run's start). ``reason`` says why in one line; ``rates`` holds the
-    measured images/s each decision used."""
+    ``fine_tune``), ``epochs`` of fine-tuning at ``image_size`` px, and its ``estimated_s`` end
+    (seconds from the run's start). ``feature_size``: the backbone's own input size, at which the
+    features, the head, the holdout checks and the bundle stay (``image_size`` may be lower:
+    ``training_sizes``; None in plans made before it). ``reason`` says why in one line; ``rates``
+    holds the measured images/s each decision used (``train_size``: the px the training rate was
+    measured at, where that is not the features' size)."""
 
     budget_s: float
     elapsed_s: float
@@ -74,14 +85,18 @@ class Plan:
     estimated_s: float
     reason: str
     rates: dict = field(default_factory=dict)
+    feature_size: int | None = None
 
     def to_dict(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
     def describe(self) -> str:
         """One line for the progress output."""
-        what = (f"fine-tune {self.epochs} epoch{'s' * (self.epochs != 1)} at {self.image_size} px"
-                if self.fine_tune else "head only")
+        what = "head only"
+        if self.fine_tune:
+            what = f"fine-tune {self.epochs} epoch{'s' * (self.epochs != 1)} at {self.image_size} px"
+            if self.feature_size and self.feature_size != self.image_size:
+                what += f" (features at {self.feature_size} px)"
         return (f"plan for {format_duration(self.budget_s)}: {what}, about "
                 f"{format_duration(self.estimated_s)} in all ({self.reason})")
 
@@ -93,6 +108,64 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
+def crop_zoom(area: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None, *,
+              steps: int = 1000) -> float:
+    """How much larger objects look in training than in the whole image: E[1/sqrt(a)] for the
+    share ``a`` of a square image's area that ``augment.random_resized_crop`` keeps (``area``,
+    ``ratio``: default ``augment.CROP_AREA``, ``CROP_RATIO``) and resizes back to the full frame.
+
+    TensorFlow's sampler (``augment.crop_box``) does not draw ``a`` uniformly: it draws the
+    aspect ratio r (width / height) uniformly in ``ratio``, then the height h (a share of the
+    image's) uniformly from sqrt(lo / r) up to the largest that keeps the area within hi and the
+    box inside the image, h1 = min(sqrt(hi / r), 1 / r, 1); so a = h^2 r and, for each r,
+    E[1/sqrt(a)] = ln(h1 / h0) / ((h1 - h0) sqrt(r)). That is averaged over r (midpoint rule,
+    ``steps`` points) where a box exists; none at all: the sampler keeps the whole image (1.0).
+    For the default crops it is 1.35 (a uniform area would give 1.27)."""
+    lo, hi = augment.CROP_AREA if area is None else area
+    r0, r1 = augment.CROP_RATIO if ratio is None else ratio
+    zooms = []
+    for i in range(steps):
+        r = r0 + (r1 - r0) * (i + 0.5) / steps
+        h0, h1 = math.sqrt(lo / r), min(math.sqrt(hi / r), 1 / r, 1.0)
+        if h1 - h0 > 1e-9:
+            zooms.append(math.log(h1 / h0) / ((h1 - h0) * math.sqrt(r)))
+        elif h1 - h0 > -1e-9:  # one height only
+            zooms.append(1 / (h0 * math.sqrt(r)))
+    return sum(zooms) / len(zooms) if zooms else 1.0
+
+
+def training_sizes(native: int, *, resizable: bool) -> list[int]:
+    """The resolutions fine-tuning may train at, best first, for a backbone whose features are at
+    ``native`` px. FixRes (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"):
+    the random resized crops enlarge objects ``crop_zoom()`` times, so training at ``native /
+    crop_zoom()`` shows them at the size the features see them at ``native``, and costs fewer
+    pixels a step; the head is then refit on features at ``native`` (the recipe's head refit),
+    FixRes's own remedy for the shift of the pooled features' statistics. That size, rounded to
+    a multiple of ``RESOLUTION_STEP``, comes first (``native`` itself when it rounds to it or
+    above), then each lower multiple down to the floor (half of ``native``, at least
+    ``MIN_RESOLUTION``). ``[native]`` for a backbone that is not ``resizable`` or too small to
+    go lower."""
+    floor = math.ceil(max(MIN_RESOLUTION, native / 2) / RESOLUTION_STEP) * RESOLUTION_STEP
+    if not resizable or floor > native:
+        return [native]
+    matched = round(native / crop_zoom() / RESOLUTION_STEP) * RESOLUTION_STEP
+    top = native if matched >= native else max(matched, floor)
+    return [top, *range((top - 1) // RESOLUTION_STEP * RESOLUTION_STEP, floor - 1, -RESOLUTION_STEP)]
+
+
+def scaled_rate(rate: float, measured_size: int, size: int) -> float:
+    """Images/s at ``size`` px of a step measured at ``rate`` images/s at ``measured_size`` px:
+    a model, erring on the slow side both ways. Above the measured size the rate falls with the
+    pixels (a convolutional backbone's work grows with them, and fixed per-step costs only
+    soften that); below it the rate rises with the side only, not the pixels, since the fixed
+    costs (the optimizer's update, the micro batches' loop, the input pipeline) stay:
+    ``bench/resolution.py`` measured MobileNetV2's step 1.5 to 2.1 times as fast at 160 px as
+    at 224 px, and 2.0 to 2.7 times at 128 px (1.96 and 3.06 times fewer pixels; 1.4 and 1.75
+    times the side), on a shared 2-core machine."""
+    ratio = measured_size / size
+    return rate * (ratio if ratio > 1 else ratio ** 2)
+
+
 def finish_seconds(*, n_all: int, n_holdout: int, views: int, forward_rate: float, epochs: int) -> float:
     """Seconds that fine-tuning's ``epochs`` leave to follow them: the weight-averaging checks on
     the holdout, the ``views`` features of all ``n_all`` images through the fine-tuned backbone
@@ -101,9 +174,11 @@ def finish_seconds(*, n_all: int, n_holdout: int, views: int, forward_rate: floa
     return (n_all * views / forward_rate + soup) * (1 + MARGIN) + FIXED_RESERVE_S
 
 
-def epoch_seconds(*, n_fit: int, n_holdout: int, train_rate: float) -> float:
-    """Seconds of one fine-tuning epoch: ``n_fit`` images trained and ``n_holdout`` checked."""
-    return (n_fit / train_rate + n_holdout / (FORWARD_PER_TRAIN * train_rate)) * (1 + MARGIN)
+def epoch_seconds(*, n_fit: int, n_holdout: int, train_rate: float, forward_rate: float | None = None) -> float:
+    """Seconds of one fine-tuning epoch: ``n_fit`` images trained at ``train_rate`` and
+    ``n_holdout`` checked at ``forward_rate`` (default: ``FORWARD_PER_TRAIN`` times the first)."""
+    forward_rate = forward_rate or FORWARD_PER_TRAIN * train_rate
+    return (n_fit / train_rate + n_holdout / forward_rate) * (1 + MARGIN)
 
 
 def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *, n_fit: int, n_holdout: int,
@@ -125,27 +200,57 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
     # Head only: the remaining frozen views (the mirror views wait for fine-tuning's verdict).
     head_only_s = (n_all * (views - 1) / first.extract_rate) * (1 + MARGIN) + FIXED_RESERVE_S
     plan = dict(budget_s=float(budget_s), elapsed_s=float(elapsed_s), backbones=ordered, image_size=first.image_size,
-                rates=rates)
+                feature_size=first.image_size, rates=rates)
     if first.train_rate is None or first.train_rate <= 0:
         return Plan(**plan, fine_tune=False, epochs=0, estimated_s=budget_s - left + head_only_s,
                     reason="no rate of fine-tuning measured")
     rates[first.name]["train"] = round(first.train_rate, 2)
-    forward = FORWARD_PER_TRAIN * first.train_rate
-    per_epoch = epoch_seconds(n_fit=n_fit, n_holdout=n_holdout, train_rate=first.train_rate)
-    epochs = 0
-    for e in range(max_epochs, 0, -1):
-        if e * per_epoch + finish_seconds(n_all=n_all, n_holdout=n_holdout, views=views, forward_rate=forward,
-                                          epochs=e) <= left:
-            epochs = e
+    measured = first.train_size or first.image_size
+    if measured != first.image_size:
+        rates[first.name]["train_size"] = measured
+    counts = dict(n_all=n_all, n_holdout=n_holdout, views=views, max_epochs=max_epochs)
+    sizes = training_sizes(first.image_size, resizable=first.resizable)
+    # The holdout checks and the features afterwards run at the features' size.
+    forward = FORWARD_PER_TRAIN * scaled_rate(first.train_rate, measured, first.image_size)
+    for size in sizes:  # the highest resolution at which MIN_EPOCHS fit
+        rate = scaled_rate(first.train_rate, measured, size)
+        per_epoch = epoch_seconds(n_fit=n_fit, n_holdout=n_holdout, train_rate=rate, forward_rate=forward)
+        epochs, used = _epochs_that_fit(left, per_epoch, forward_rate=forward, **counts)
+        if epochs >= MIN_EPOCHS:
             break
-    if epochs < MIN_EPOCHS:
+    else:
         return Plan(**plan, fine_tune=False, epochs=0, estimated_s=budget_s - left + head_only_s,
                     reason=f"{MIN_EPOCHS} epochs of {format_duration(per_epoch)} do not fit")
-    used = epochs * per_epoch + finish_seconds(n_all=n_all, n_holdout=n_holdout, views=views, forward_rate=forward,
-                                               epochs=epochs)
-    capped = f", at most {max_epochs} epochs" if epochs == max_epochs else ""
+    plan["image_size"] = size
     return Plan(**plan, fine_tune=True, epochs=epochs, estimated_s=budget_s - left + used,
-                reason=f"training at {first.train_rate:.1f} images/s{capped}")
+                reason=_why(first, size, rate, sizes, cap=max_epochs if epochs == max_epochs else None))
+
+
+def _epochs_that_fit(left: float, per_epoch: float, *, forward_rate: float, n_all: int, n_holdout: int, views: int,
+                     max_epochs: int) -> tuple[int, float]:
+    """(the most epochs, at most ``max_epochs``, that fit in ``left`` seconds with what must
+    follow them (``finish_seconds``), and those seconds); (0, 0.0) when not even one fits."""
+    for e in range(max_epochs, 0, -1):
+        used = e * per_epoch + finish_seconds(n_all=n_all, n_holdout=n_holdout, views=views,
+                                              forward_rate=forward_rate, epochs=e)
+        if used <= left:
+            return e, used
+    return 0, 0.0
+
+
+def _why(first: Candidate, size: int, rate: float, sizes: list[int], *, cap: int | None) -> str:
+    """The reason of a plan that fine-tunes ``first`` at ``size`` px and ``rate`` images/s (the
+    first of ``sizes`` that fits; ``cap``: the epochs it was capped at, if it was)."""
+    measured = first.train_size or first.image_size
+    why = f"training at {rate:.1f} images/s" if size == measured else \
+        f"training at an estimated {rate:.1f} images/s from {first.train_rate:.1f} at {measured} px"
+    if size < sizes[0]:
+        why += f"; {MIN_EPOCHS} epochs at {sizes[0]} px do not fit"
+    elif size < first.image_size:
+        why += f", {size} px matching the crops' {crop_zoom():.2f}x zoom"
+    elif not first.resizable and training_sizes(first.image_size, resizable=True)[0] < first.image_size:
+        why += f"; the backbone takes only {first.image_size} px"
+    return why + (f", at most {cap} epochs" if cap else "")
 
 
 @dataclass
@@ -225,14 +330,17 @@ class Planner:
     """The plan of one run's fine-tuning, made when its rate is measured: ``planner(train_rate)
     -> (epochs, reserve_s)`` as ``finetuning.fine_tune`` asks, with the plan said (an ``Info``
     event) and kept in ``plan``. ``splits``: the run's ``data.Splits``; ``extract_rate``: the
-    measured images/s of the frozen features (None: all came from the cache); ``choice``: the
-    ``ExtractionPlan`` of the ``--backbone`` choice whose winner ``name`` is, which the plan
-    then lists (the backbones it extracted, and every candidate's rate)."""
+    measured images/s of the frozen features (None: all came from the cache); ``resizable``: the
+    backbone takes any image size (``LoadedBackbone.any_size``). The training rate is measured at
+    ``train_size``; the plan's ``image_size`` is where training then runs (it may be lower).
+    ``choice``: the ``ExtractionPlan`` of the ``--backbone`` choice whose winner ``name`` is,
+    which the plan then lists (the backbones it extracted, and every candidate's rate)."""
 
     def __init__(self, cfg, splits, deadline: Deadline, *, name: str, image_size: int, views: int,
-                 extract_rate: float | None, progress, choice: ExtractionPlan | None = None):
+                 extract_rate: float | None, progress, resizable: bool = False, choice: ExtractionPlan | None = None):
         self.deadline, self.progress, self.plan, self.choice = deadline, progress, None, choice
         self.name, self.image_size, self.views, self.extract_rate = name, image_size, views, extract_rate
+        self.resizable = resizable
         self.counts = dict(n_fit=len(splits.fit), n_holdout=len(splits.holdout),
                            n_all=len(splits.train) + len(splits.val) + len(splits.test))
         # --fine-tune-epochs caps the plan when it was given; its default is --fine-tune's own.
@@ -249,10 +357,17 @@ class Planner:
         self(0.0, why="no time left to time fine-tuning")
         return False
 
+    @property
+    def train_size(self) -> int:
+        """The resolution to measure training at: the best of ``training_sizes``."""
+        return training_sizes(self.image_size, resizable=self.resizable)[0]
+
     def __call__(self, train_rate: float, *, why: str | None = None) -> tuple[int, float]:
+        """The plan for ``train_rate`` images/s measured at ``train_size`` (0: none)."""
         rate = train_rate if train_rate > 0 else None
-        extract = self.extract_rate or (FORWARD_PER_TRAIN * rate if rate else 1.0)
-        first = Candidate(self.name, self.image_size, extract_rate=extract, train_rate=rate, extracted=True)
+        forward = FORWARD_PER_TRAIN * scaled_rate(rate, self.train_size, self.image_size) if rate else None
+        first = Candidate(self.name, self.image_size, extract_rate=self.extract_rate or forward or 1.0, train_rate=rate,
+                          extracted=True, train_size=self.train_size, resizable=self.resizable)
         self.plan = make_plan(self.deadline.budget_s, self.deadline.elapsed(), [first], views=self.views,
                               max_epochs=self.max_epochs, **self.counts)
         if why:
@@ -264,5 +379,5 @@ class Planner:
         if not self.plan.fine_tune:
             return 0, 0.0
         reserve = finish_seconds(n_all=self.counts["n_all"], n_holdout=self.counts["n_holdout"], views=self.views,
-                                 forward_rate=FORWARD_PER_TRAIN * rate, epochs=self.plan.epochs)
+                                 forward_rate=forward, epochs=self.plan.epochs)
         return self.plan.epochs, reserve

@@ -271,7 +271,7 @@ def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: boo
         return None
     return plans.Planner(cfg, splits, deadline, name=choice.winner if choice else spec.preset or spec.handle,
                          image_size=loaded.image_size, views=2 if mirror else 1, extract_rate=rate or None,
-                         progress=progress, choice=choice and choice.plan)
+                         progress=progress, choice=choice and choice.plan, resizable=loaded.any_size)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
