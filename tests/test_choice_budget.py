@@ -61,6 +61,9 @@ def test_order_is_kept_and_the_share_is_respected_with_the_winners_other_images(
     long = budget.extraction_plan(620, 20, [rated("x" * 40, 10.0), rated("y" * 40, 10.0), rated("z", 0.01)],
                                   n_train=N_TRAIN, n_rest=N_REST)
     assert long.describe() == "choice plan for 10m20s: extract 2 of 3 candidates (about 1m44s of 5m)"
+    # What timing the candidates spent of the share is gone: only what is left of it is planned.
+    spent = budget.extraction_plan(620, 120, candidates, n_train=N_TRAIN, n_rest=N_REST, share_s=80)
+    assert spent.share_s == 80 and spent.backbones == ["a"] and spent.estimated_s <= 80  # a, c: 103.5 s
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ backbone of fixed size kept at it; and a budgeted run that trains smaller than i
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +101,25 @@ def test_the_plan_steps_down_only_as_far_as_the_epochs_need():
                                           epochs=budget.MIN_EPOCHS)
             assert 30 + budget.MIN_EPOCHS * per_epoch + after > p.budget_s
     assert not plans[0].fine_tune and plans[0].image_size == 384
+
+
+def test_without_augmentation_the_plan_fine_tunes_at_the_features_size_and_says_why():
+    # No random crops, no zoom to cancel: a lower size would show objects smaller than the features do.
+    plan = budget.make_plan(600, 30, [dataclasses.replace(candidate(), augment=False)], **COUNTS)
+    assert plan.fine_tune and plan.image_size == plan.feature_size == 224
+    assert "no crops to match (--no-augment)" in plan.reason and "takes only" not in plan.reason
+
+
+def test_the_crop_views_time_check_scales_the_training_rate_to_the_features_size():
+    plan = budget.make_plan(600, 30, [candidate()], **COUNTS).to_dict()
+    matched = plan["image_size"]
+    deadline = budget.Deadline(600, started=time.monotonic() - 30)
+    forward = budget.FORWARD_PER_TRAIN * 4.0 * (matched / 224) ** 2  # slower at 224 px than at the training size
+    need = 800 * (1 + budget.MARGIN) / min(20.0, forward) + budget.FIXED_RESERVE_S
+    assert need < 570 and budget.no_time_for(800, plan, deadline) is None
+    assert budget.no_time_for(800, plan, budget.Deadline(600, started=time.monotonic() - 600 + need - 5)) \
+        .startswith("needs about")
+    assert budget.no_time_for(10**6, plan, budget.Deadline(None)) is None  # no budget: always
 
 
 def test_a_backbone_of_fixed_size_fine_tunes_at_it_and_says_why():

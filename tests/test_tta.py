@@ -59,6 +59,12 @@ def test_decide_keeps_crop_views_that_help_and_drops_ones_that_do_not():
     record = dropped.to_dict()
     assert record["views"] == ["plain", "mirror", "crop", "crop mirror"] and len(record["summary"]) <= 60
 
+    # After fine-tuning, the holdout decides: the head fit on the other images, scored on it.
+    holdout = samples[::5]
+    on_holdout = tta.decide(views, clean, samples, 3, mirror=True, holdout=holdout, **options)
+    assert on_holdout.kept and on_holdout.scored_on == "holdout" and on_holdout.images == len(holdout)
+    assert on_holdout.describe().startswith("crop kept: holdout loss") and kept.scored_on == "CV"
+
     # The averaged views are the pairwise means, rows in order.
     mean = tta.averaged(views, clean)
     np.testing.assert_allclose(mean.plain, (views.plain + clean.plain) / 2, rtol=1e-6)
@@ -96,7 +102,7 @@ def test_a_fine_tuned_model_with_the_crop_views_kept_serves_them_and_exports(tmp
 
     from tlcli.cli import render
 
-    monkeypatch.setattr(tta, "_FORCED", True)  # the tiny colours are as easy with or without the crop
+    monkeypatch.setattr(tta, "gate", lambda *a: (True, 0.01))  # the tiny colours are as easy either way
     data = make_colour_dataset(tmp_path / "images", per_class=6)
     result = tlcli.train(data, out=str(tmp_path / "m"), fine_tune=True, fine_tune_epochs=1, holdout=0.0,
                          fine_tune_learning_rate=0.05, cache_dir=str(tmp_path / "cache"), **train_args)
@@ -117,7 +123,7 @@ def test_a_fine_tuned_model_with_the_crop_views_kept_serves_them_and_exports(tmp
 
 
 def test_crop_views_not_kept_are_extracted_for_the_training_images_only(tmp_path, train_args, monkeypatch):
-    monkeypatch.setattr(tta, "_FORCED", False)
+    monkeypatch.setattr(tta, "gate", lambda *a: (False, 0.01))
     data = make_colour_dataset(tmp_path / "images", per_class=4)
     val = make_colour_dataset(tmp_path / "val", per_class=2, start=10)
     result = tlcli.train(data, val_dir=str(val), out=str(tmp_path / "m"), fine_tune=True, fine_tune_epochs=1,

@@ -8,15 +8,18 @@ the mean of two pairwise means, the views the head sees stay two: plain' = (plai
 and mirror' = (mirror + crop mirror) / 2 (``averaged``), as the saved classifier averages them
 (``classifier.build_classifier(crop=True)``).
 
-The decision (``decide``): the head is cross-validated on the training images' views with and
-without the crop views (the same options, hence the same folds), each image scored by the fold
-fit that did not see it, on its views' mean features as the saved model would score it; the
-crop views are kept when the paired per-image log losses are lower with them by more than
-``GATE_Z`` standard errors of the differences (``gate``), fine-tuning's holdout rule.
+The decision (``decide``): the head is scored on the training images' views with and without
+the crop views (the same options, hence the same folds), each image scored by a fit that did not
+see it, on its views' mean features as the saved model would score it: out of fold, or, after
+fine-tuning that kept its new weights, on the fine-tuning holdout with the head fit on the rest
+(the backbone trained on the rest, which would flatter their out-of-fold losses). The crop views
+are kept when the paired per-image log losses are lower with them by more than ``GATE_Z``
+standard errors of the differences (``gate``), fine-tuning's holdout rule.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,10 +28,6 @@ from tlcli.features.views import FeatureViews
 from tlcli.model.classifier import CROP_FRACTION, GATE_Z, significantly_better
 
 CROP_KEY = "-crop"  # the crop views' store keys: backbone.cache_key + this (+ "-mirror")
-# A private hook for tests of what follows the decision: True keeps the crop views, False drops
-# them, whatever cross-validation says (the losses are still measured and recorded, the reason
-# says "forced"). tlcli itself never sets it.
-_FORCED: bool | None = None
 
 
 def crop_key(cache_key: str) -> str:
@@ -54,6 +53,7 @@ class Decision:
     images: int = 0
     extracted: int = 0
     cached: int = 0
+    scored_on: str = "CV"  # "CV": out-of-fold on the training images; "holdout": the fine-tuning holdout
 
     def to_dict(self) -> dict:
         """The fields (floats rounded to 6 places) and ``summary``, ``describe``'s line."""
@@ -65,7 +65,7 @@ class Decision:
         if self.without is None:
             return f"crop not {'kept' if self.extracted + self.cached else 'tried'}: {self.reason}"
         verdict = "kept" if self.kept else "not kept"
-        return f"crop {verdict}: CV loss {self.without:.4f} -> {self.with_crop:.4f} (SE {self.se:.2g})"
+        return f"crop {verdict}: {self.scored_on} loss {self.without:.4f} -> {self.with_crop:.4f} (SE {self.se:.2g})"
 
 
 def gate(without, with_crop, *, z: float = GATE_Z) -> tuple[bool, float]:
@@ -139,25 +139,40 @@ def oof_losses(views: FeatureViews, samples, num_classes: int, **options) -> dic
     return dict(zip(seen.tolist(), (-log_q[np.arange(len(seen)), y]).tolist()))
 
 
+def holdout_losses(views: FeatureViews, fit_samples, holdout, num_classes: int, **options) -> dict[int, float]:
+    """Image index in ``holdout`` -> its log loss under the head fit on ``fit_samples``' views
+    (``head.fit_views`` with ``options``), on the mean of its own views."""
+    from tlcli.model import head
+
+    fit = head.fit_views(views, fit_samples, num_classes, **options)
+    probs = head.predict_views(views, holdout, fit).astype(np.float64)
+    y = np.array([s.label for s in holdout], int)
+    p = np.maximum(probs[np.arange(len(y)), y], np.finfo(np.float64).tiny)
+    return dict(enumerate((-np.log(p)).tolist()))
+
+
 def decide(views: FeatureViews, crop: FeatureViews, samples, num_classes: int, *, mirror: bool,
-           **options) -> Decision:
+           holdout=(), **options) -> Decision:
     """Whether to keep the crop views ``crop`` (rows of the same samples as ``views``), decided on
     the training ``samples`` alone (see the module's docstring); ``options``: ``head.fit_head``'s, as
-    the run's head fit uses them."""
+    the run's head fit uses them. ``holdout``: training images that a fine-tuned backbone did not
+    train on; when given, the head is fit on the others and scored on them (the backbone has seen
+    the others, so their out-of-fold losses would flatter every view alike), else out of fold."""
     counts = dict(extracted=crop.extracted, cached=crop.cached)
-    before = oof_losses(views, samples, num_classes, **options)
-    after = oof_losses(averaged(views, crop), samples, num_classes, **options)
+    if holdout:
+        paths = {s.path for s in holdout}
+        fit_samples = [s for s in samples if s.path not in paths]
+        score, what = functools.partial(holdout_losses, fit_samples=fit_samples, holdout=list(holdout)), "holdout"
+    else:
+        score, what = functools.partial(oof_losses, samples=samples), "CV"
+    before = score(views, num_classes=num_classes, **options)
+    after = score(averaged(views, crop), num_classes=num_classes, **options)
     common = sorted(set(before) & set(after))
     if len(common) < 2:
         return Decision(view_names(mirror), kept=False, reason="too few images per class to cross-validate",
                         **counts)
     b, a = np.array([before[i] for i in common]), np.array([after[i] for i in common])
     kept, se = gate(b, a)
-    if _FORCED is not None:
-        kept, reason = _FORCED, "forced by the tests' hook"
-    elif kept:
-        reason = f"CV loss lower by more than {GATE_Z:g} standard errors"
-    else:
-        reason = f"CV loss not lower by more than {GATE_Z:g} standard errors"
+    reason = f"{what} loss {'' if kept else 'not '}lower by more than {GATE_Z:g} standard errors"
     return Decision(view_names(mirror), kept=kept, reason=reason, without=float(b.mean()), with_crop=float(a.mean()),
-                    se=se, images=len(common), **counts)
+                    se=se, images=len(common), scored_on=what, **counts)

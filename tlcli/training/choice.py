@@ -152,8 +152,9 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
         return {}, None
     rated = [Rated(name, m.loaded.image_size, extract_rate=1000 / m.ms if m.ms else math.inf, cached=m.cached)
              for name, m in measured.items()]
+    # The share ends where it did before the timing: timing and extracting spend the same half.
     plan = extraction_plan(deadline.budget_s, deadline.elapsed(), rated, n_train=len(splits.train),
-                           n_rest=len(splits.val) + len(splits.test))
+                           n_rest=len(splits.val) + len(splits.test), share_s=max(0.0, share_ends - deadline.elapsed()))
     progress(Info(plan.describe()))
     notes.extend(plan.notes)
     measured = {name: measured[name] for name in plan.backbones}  # the others' models are let go now

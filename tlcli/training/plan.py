@@ -53,7 +53,8 @@ class Candidate:
     ``extract_rate`` of its frozen features (one view, at ``image_size``), ``train_rate`` of a
     fine-tuning step (None: not measured, or it cannot be trained) at ``train_size`` (None:
     ``image_size``); ``extracted``: its features are already in hand (from the cache or earlier
-    in this run); ``resizable``: it takes images of any size, so it may train below ``image_size``."""
+    in this run); ``resizable``: it takes images of any size, so it may train below ``image_size``;
+    ``augment``: it trains on random crops (a lower size only cancels their zoom)."""
 
     name: str
     image_size: int
@@ -63,6 +64,7 @@ class Candidate:
     cached: int = 0  # of its training images' features, how many are in the feature store already
     train_size: int | None = None
     resizable: bool = False
+    augment: bool = True
 
 
 @dataclass
@@ -209,7 +211,7 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
     if measured != first.image_size:
         rates[first.name]["train_size"] = measured
     counts = dict(n_all=n_all, n_holdout=n_holdout, views=views, max_epochs=max_epochs)
-    sizes = training_sizes(first.image_size, resizable=first.resizable)
+    sizes = training_sizes(first.image_size, resizable=first.resizable and first.augment)
     # The holdout checks and the features afterwards run at the features' size.
     forward = FORWARD_PER_TRAIN * scaled_rate(first.train_rate, measured, first.image_size)
     for size in sizes:  # the highest resolution at which MIN_EPOCHS fit
@@ -248,6 +250,8 @@ def _why(first: Candidate, size: int, rate: float, sizes: list[int], *, cap: int
         why += f"; {MIN_EPOCHS} epochs at {sizes[0]} px do not fit"
     elif size < first.image_size:
         why += f", {size} px matching the crops' {crop_zoom():.2f}x zoom"
+    elif not first.augment:
+        why += "; at the backbone's size: no crops to match (--no-augment)"
     elif not first.resizable and training_sizes(first.image_size, resizable=True)[0] < first.image_size:
         why += f"; the backbone takes only {first.image_size} px"
     return why + (f", at most {cap} epochs" if cap else "")
@@ -282,14 +286,15 @@ class ExtractionPlan:
 
 
 def extraction_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *, n_train: int,
-                    n_rest: int) -> ExtractionPlan:
+                    n_rest: int, share_s: float | None = None) -> ExtractionPlan:
     """The candidates whose features of the ``n_train`` training images the choice extracts:
     in order, the first always (the head-only model is the floor), then each other one while
     the cost of all those taken (their images not yet ``cached``, over ``extract_rate``, with
     the margin), plus the largest cost among them of the winner's ``n_rest`` other images
     (validation and test, extracted after the choice), stays within ``CHOICE_SHARE`` of the
-    budget left. An infinite rate (none measured) costs nothing."""
-    share = CHOICE_SHARE * max(0.0, budget_s - elapsed_s)
+    budget left (``share_s``: what is left of that share when timing the candidates spent some of
+    it). An infinite rate (none measured) costs nothing."""
+    share = CHOICE_SHARE * max(0.0, budget_s - elapsed_s) if share_s is None else share_s
     taken, notes, spent, rest = [], [], 0.0, 0.0
     for c in candidates:
         todo = max(0, n_train - c.cached)
@@ -301,7 +306,7 @@ def extraction_plan(budget_s: float, elapsed_s: float, candidates: list[Candidat
             others = f" and the winner's {n_rest} others up to {_seconds(max(rest, after))}" if n_rest else ""
             notes.append(f"{c.name} left out: its {todo} images would take {_seconds(cost)}{others}, over the "
                          f"{_seconds(max(0.0, share - spent))} left of the {_seconds(share)} the choice may spend "
-                         "(half the budget left)")
+                         "(half the budget left when it began)")
     rates = {c.name: {"extract": round(c.extract_rate, 2)} for c in candidates if math.isfinite(c.extract_rate)}
     return ExtractionPlan(float(budget_s), float(elapsed_s), share, taken, spent + rest, notes, rates)
 
@@ -326,21 +331,43 @@ class Deadline:
         return math.inf if self.budget_s is None else self.budget_s - self.elapsed()
 
 
+def no_time_for(vectors: int, plan: dict | None, deadline: Deadline) -> str | None:
+    """Why the time left cannot hold ``vectors`` more features through TensorFlow (test-time
+    augmentation's crop views), or None when it can or there is no budget: at the slower of the
+    ``plan``'s (``Plan.to_dict``) measured extraction rate and its forward rate of fine-tuning at
+    the features' size, with the margin and the fixed reserve for the head refit and the bundle."""
+    if deadline.budget_s is None:
+        return None
+    plan = plan or {"rates": {}, "backbones": [None]}
+    rates, size = plan["rates"].get(plan["backbones"][0], {}), plan.get("feature_size") or plan.get("image_size")
+    train = rates.get("train") and scaled_rate(rates["train"], rates.get("train_size", size), size)
+    rate = min([r for r in (rates.get("extract"), FORWARD_PER_TRAIN * (train or 0.0)) if r], default=None)
+    if rate is None:
+        return "no extraction rate measured"
+    need = vectors * (1 + MARGIN) / rate + FIXED_RESERVE_S
+    return f"needs about {format_duration(need)}, {format_duration(deadline.left())} left" \
+        if need > deadline.left() else None
+
+
 class Planner:
     """The plan of one run's fine-tuning, made when its rate is measured: ``planner(train_rate)
     -> (epochs, reserve_s)`` as ``finetuning.fine_tune`` asks, with the plan said (an ``Info``
     event) and kept in ``plan``. ``splits``: the run's ``data.Splits``; ``extract_rate``: the
     measured images/s of the frozen features (None: all came from the cache); ``resizable``: the
     backbone takes any image size (``LoadedBackbone.any_size``). The training rate is measured at
-    ``train_size``; the plan's ``image_size`` is where training then runs (it may be lower).
+    ``train_size``; the plan's ``image_size`` is where training then runs (it may be lower, only
+    with ``augment``: the random crops whose zoom it cancels).
     ``choice``: the ``ExtractionPlan`` of the ``--backbone`` choice whose winner ``name`` is,
     which the plan then lists (the backbones it extracted, and every candidate's rate)."""
 
     def __init__(self, cfg, splits, deadline: Deadline, *, name: str, image_size: int, views: int,
-                 extract_rate: float | None, progress, resizable: bool = False, choice: ExtractionPlan | None = None):
+                 extract_rate: float | None, progress, resizable: bool = False, choice: ExtractionPlan | None = None,
+                 augment: bool = True):
         self.deadline, self.progress, self.plan, self.choice = deadline, progress, None, choice
         self.name, self.image_size, self.views, self.extract_rate = name, image_size, views, extract_rate
-        self.resizable = resizable
+        # A lower training size only cancels the random crops' zoom: without crops it would show
+        # objects smaller than the features will see them.
+        self.resizable, self.augment = resizable, augment
         self.counts = dict(n_fit=len(splits.fit), n_holdout=len(splits.holdout),
                            n_all=len(splits.train) + len(splits.val) + len(splits.test))
         # --fine-tune-epochs caps the plan when it was given; its default is --fine-tune's own.
@@ -360,14 +387,15 @@ class Planner:
     @property
     def train_size(self) -> int:
         """The resolution to measure training at: the best of ``training_sizes``."""
-        return training_sizes(self.image_size, resizable=self.resizable)[0]
+        return training_sizes(self.image_size, resizable=self.resizable and self.augment)[0]
 
     def __call__(self, train_rate: float, *, why: str | None = None) -> tuple[int, float]:
         """The plan for ``train_rate`` images/s measured at ``train_size`` (0: none)."""
         rate = train_rate if train_rate > 0 else None
         forward = FORWARD_PER_TRAIN * scaled_rate(rate, self.train_size, self.image_size) if rate else None
         first = Candidate(self.name, self.image_size, extract_rate=self.extract_rate or forward or 1.0, train_rate=rate,
-                          extracted=True, train_size=self.train_size, resizable=self.resizable)
+                          extracted=True, train_size=self.train_size, resizable=self.resizable,
+                          augment=self.augment)
         self.plan = make_plan(self.deadline.budget_s, self.deadline.elapsed(), [first], views=self.views,
                               max_epochs=self.max_epochs, **self.counts)
         if why:

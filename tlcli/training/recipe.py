@@ -271,7 +271,8 @@ def _planner(cfg, spec, loaded, splits, deadline: plans.Deadline, *, mirror: boo
         return None
     return plans.Planner(cfg, splits, deadline, name=choice.winner if choice else spec.preset or spec.handle,
                          image_size=loaded.image_size, views=2 if mirror else 1, extract_rate=rate or None,
-                         progress=progress, choice=choice and choice.plan, resizable=loaded.any_size)
+                         progress=progress, choice=choice and choice.plan, resizable=loaded.any_size,
+                         augment=cfg.augment)
 
 
 def _fine_tuned(cfg, chosen, models, loaded, splits, views, views_of, *, batch: int, mirror: bool, state, partial,
@@ -309,7 +310,8 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
     from tlcli.features import tta
     from tlcli.model import classifier as model
 
-    why = _no_test_time(cfg, len(views.samples) * (1 + mirror), state, deadline)
+    why = "not for a multi-label model" if cfg.multi_label else \
+        plans.no_time_for(len(views.samples) * (1 + mirror), state.plan, deadline)
     if why:
         state.tta = tta.skipped(why, mirror=mirror).to_dict()
         progress(Info(f"test-time augmentation: {state.tta['summary']}"))
@@ -319,11 +321,13 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
         extractors = (crop_of(), crop_of(flip=True) if mirror else None)
     options = dict(views_of.keywords, mirror=mirror, frozen=not state.fine_tune.improved, extractors=extractors,
                    litert=None, cache_key=tta.crop_key(views_of.keywords["cache_key"]), task="extract crop")
-    crop = views_of.func(splits.train, **options)
+    step = distributed.views_step(chosen)  # (views_of is over every image: the crop views start with the train's)
+    crop = step(splits.train, **options)
     decision = tta.decide(tta.rows_of(views, splits.train), crop, splits.train, len(splits.labels), mirror=mirror,
+                          holdout=splits.holdout if state.fine_tune.improved else (),
                           class_weight=_class_weight(cfg, splits.train, splits.labels), **_head_options(cfg))
     if decision.kept and splits.val + splits.test:
-        crop = tta.joined(crop, views_of.func(splits.val + splits.test, **options))
+        crop = tta.joined(crop, step(splits.val + splits.test, **options))
         decision.extracted, decision.cached = crop.extracted, crop.cached
     state.tta = decision.to_dict()
     progress(Info(f"test-time augmentation: {state.tta['summary']}"))
@@ -332,25 +336,6 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
     written[1].result()  # one write at a time, into the same folder
     export = _saved_model(cfg, models, loaded, splits, written[0].path, mirror=mirror, chosen=chosen, crop=True)
     return tta.averaged(views, crop), export, pool.submit(export.write_graph)
-
-
-def _no_test_time(cfg, vectors: int, state, deadline: plans.Deadline) -> str | None:
-    """Why a run does not try the crop views (None: it does): a multi-label model, or a time
-    budget whose time left cannot hold ``vectors`` more features (through TensorFlow: the slower
-    of the plan's measured extraction rate and its forward rate of fine-tuning), with the plan's
-    margin, and its fixed reserve for the head refit and the bundle."""
-    if cfg.multi_label:
-        return "not for a multi-label model"
-    if deadline.budget_s is None:
-        return None
-    rates = state.plan["rates"].get(state.plan["backbones"][0], {}) if state.plan else {}
-    measured = [r for r in (rates.get("extract"), plans.FORWARD_PER_TRAIN * rates.get("train", 0.0)) if r]
-    rate = min(measured, default=None)
-    need = vectors * (1 + plans.MARGIN) / rate + plans.FIXED_RESERVE_S if rate else None
-    if need is None or need > deadline.left():
-        return (f"needs about {plans.format_duration(need)}, {plans.format_duration(deadline.left())} left"
-                if need else "no extraction rate measured")
-    return None
 
 
 def _result(cfg, out, splits, reports, state, chosen, *, batch: int, seconds: float, mirror: bool, counts,

@@ -96,7 +96,7 @@ class RunState:
     fine_tune: FineTuneState = field(default_factory=FineTuneState)
     calibration: dict | None = None  # the last head fit's (model.calibration); not saved: every run refits
     unknown: dict | None = None  # the unknown detector's record (features.unknown); not saved: every run refits
-    plan: dict | None = None  # a --time-budget's (training.budget.Plan); not saved: every run plans anew
+    plan: dict | None = None  # a --time-budget's (training.plan.Plan); not saved: every run plans anew
     tta: dict | None = None  # the crop views' test (features.tta.Decision); not saved: every run decides anew
 
     def to_json(self) -> dict:
