@@ -145,9 +145,11 @@ def test_a_budgeted_run_trains_below_the_features_size_and_predicts_at_it(tmp_pa
 
     made, dataset = [], data.image_dataset
 
-    def recording(paths, size, **kw):  # the real pipeline, its sizes noted
-        made.append((size, kw.get("augment") is not None, kw.get("labels") is not None))
-        return dataset(paths, size, **kw)
+    def recording(paths, size, **kw):  # the real pipeline, its batches' sizes noted (and what it decodes at)
+        ds = dataset(paths, size, **kw)
+        spec = ds.element_spec[0] if isinstance(ds.element_spec, tuple) else ds.element_spec
+        made.append((spec.shape[1], kw.get("augment") is not None, kw.get("labels") is not None, size))
+        return ds
 
     monkeypatch.setattr(data, "image_dataset", recording)
     out = tmp_path / "model"
@@ -158,8 +160,10 @@ def test_a_budgeted_run_trains_below_the_features_size_and_predicts_at_it(tmp_pa
     plan = json.loads(result.stdout)["plan"]
     assert plan["fine_tune"] and plan["image_size"] == 96 and plan["feature_size"] == 128
     assert plan["rates"][str(tiny_backbone)]["train_size"] == 96
-    assert {size for size, augmented, _ in made if augmented} == {96}, "trained (and timed) at 96 px"
-    assert {size for size, augmented, labelled in made if labelled and not augmented} == {128}, "holdout"
+    assert {size for size, augmented, _, _ in made if augmented} == {96}, "trained (and timed) at 96 px"
+    # ... cropped from images decoded at 128 px, which keeps their detail (FixRes)
+    assert {decoded for _, augmented, _, decoded in made if augmented} == {128}
+    assert {size for size, augmented, labelled, _ in made if labelled and not augmented} == {128}, "holdout"
     meta = json.loads((out / "tlcli.json").read_text())
     assert meta["plan"] == plan and meta["image_size"] == 128
     predictions = tlcli.predict([colour_data / c / f"{c}_0.jpg" for c in ("blue", "green", "red")], model_dir=out,

@@ -25,17 +25,19 @@ TRIVIAL_OPS = ("identity", "rotate", "shear_x", "shear_y", "brightness", "contra
                "solarize", "posterize", "autocontrast")
 
 
-def augmenter(*, mirror: bool, trivial: bool = True):
+def augmenter(*, mirror: bool, trivial: bool = True, size: int | None = None):
     """The per-image augmentation ``(image, seed) -> image``: ``seed`` an int64 [2] tensor.
     ``mirror``: flip left-right half the time (False where mirroring changes the class);
-    ``trivial``: add one TrivialAugment op."""
+    ``trivial``: add one TrivialAugment op; ``size``: the side of the images it returns (None: the
+    input's): the crop is taken from the image as decoded and resized to it, so training below the
+    features' size keeps the detail of the larger image (FixRes)."""
     from tlcli._tf import tf
 
     t = tf()
 
     def apply(image, seed):
         seeds = t.random.experimental.stateless_split(t.cast(seed, t.int64), num=6)
-        x = random_resized_crop(image, seeds[0])
+        x = random_resized_crop(image, seeds[0], size=size)
         if mirror:
             x = t.image.stateless_random_flip_left_right(x, seeds[1])
         x = colour_jitter(x, seeds[2])
@@ -59,16 +61,18 @@ def crop_box(shape, seed):
     return begin, size
 
 
-def random_resized_crop(image, seed):
-    """A random crop of ``CROP_AREA`` of the area at a ``CROP_RATIO`` aspect ratio, resized back."""
+def random_resized_crop(image, seed, *, size: int | None = None):
+    """A random crop of ``CROP_AREA`` of the area at a ``CROP_RATIO`` aspect ratio, resized back
+    to the image's size, or to ``size`` x ``size``."""
     from tlcli._tf import tf
 
     t = tf()
     shape = t.shape(image)
-    begin, size = crop_box(shape, seed)
-    crop = t.slice(image, begin, size)
-    out = t.image.resize(crop[None], shape[:2], method="bilinear", antialias=True)[0]
-    return t.ensure_shape(out, image.shape)
+    begin, extent = crop_box(shape, seed)
+    crop = t.slice(image, begin, extent)
+    out_shape = shape[:2] if size is None else (size, size)
+    out = t.image.resize(crop[None], out_shape, method="bilinear", antialias=True)[0]
+    return t.ensure_shape(out, image.shape if size is None else (size, size, image.shape[-1]))
 
 
 def colour_jitter(image, seed):

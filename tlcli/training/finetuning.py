@@ -84,9 +84,11 @@ def fine_tune(one_view, backbone, fit: list, holdout: list, *, cfg: TrainConfig,
                          f"{len(fit)} images fine-tuning trains on, and a TPU drops partial batches; lower it")
 
     def train_data(size: int):  # the augmentation computes in float32 (tf.data: no Keras policy reaches it)
-        ds = data.image_dataset([s.path for s in fit], size, labels=targets(fit), batch_size=batch_size,
-                                max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed, augment_seed=cfg.seed,
-                                augment=data.augmenter(mirror=mirror_ok) if cfg.augment else None).map(onehot)
+        # Decoded at the features' size and cropped down to ``size``: the detail of the larger image.
+        augment = data.augmenter(mirror=mirror_ok, size=size) if cfg.augment else None
+        ds = data.image_dataset([s.path for s in fit], image_size if cfg.augment else size, labels=targets(fit),
+                                batch_size=batch_size, max_pixels=cfg.max_pixels, shuffle_seed=cfg.seed,
+                                augment_seed=cfg.seed, augment=augment).map(onehot)
         return static_batches(ds, batch_size) if static else ds
 
     # A budget's plan may train below the features' size (plan.training_sizes); the holdout stays at
