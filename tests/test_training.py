@@ -315,8 +315,11 @@ def test_fine_tuning_in_micro_batches_ends_where_whole_batches_do(tmp_path, data
         tlcli.train(dataset, out=str(out), fine_tune=True, fine_tune_epochs=2, holdout=0.0, dropout=0.0,
                     fine_tune_learning_rate=0.05, fine_tune_micro_batch=micro, mirror=False, **train_args)
         kernels.append(_backbone_kernel(out))
-    assert np.abs(kernels[0] - _backbone_kernel(tiny_backbone)).max() > 1e-4  # fine-tuning moved it
-    np.testing.assert_allclose(kernels[0], kernels[1], rtol=1e-4, atol=1e-5)
+    moved = np.abs(kernels[0] - _backbone_kernel(tiny_backbone)).max()
+    assert moved > 1e-4  # fine-tuning moved it
+    # The same steps, up to float32 summation order (oneDNN's, which varies with the machine's
+    # load: 6e-5 seen once under a parallel suite): within 1% of how far fine-tuning moved it.
+    assert np.abs(kernels[0] - kernels[1]).max() <= 0.01 * moved
     assert sliced and set(sliced) == {3}, "the sliced run used the micro-batch model, the other did not"
 
 
