@@ -290,3 +290,22 @@ def test_fine_tuning_is_kept_only_when_the_holdout_improves_beyond_chance():
     noisy = before + np.where(np.arange(40) % 2, 0.3, -0.32)
     assert noisy.mean() < before.mean() and not tuning.significantly_better(before, noisy)
     assert not tuning.significantly_better([0.5], [0.1]), "one image proves nothing"
+
+
+def test_a_rerun_whose_features_all_come_from_the_cache_still_times_fine_tuning():
+    from types import SimpleNamespace
+
+    from tlcli.config import TrainConfig
+
+    splits = SimpleNamespace(fit=list(range(340)), holdout=list(range(60)), train=list(range(400)), val=[], test=[])
+    events = []
+    planner = budget.Planner(TrainConfig(), splits, budget.Deadline(120), name="m", image_size=224, views=2,
+                             extract_rate=None, progress=events.append)
+    assert planner.worth_measuring()  # nothing left to extract for the head-only model
+    slow = budget.Planner(TrainConfig(), splits, budget.Deadline(120), name="m", image_size=224, views=2,
+                          extract_rate=1.0, progress=events.append)
+    assert not slow.worth_measuring() and "no time left to time fine-tuning" in events[-1].message
+    assert slow.plan.rates["m"]["extract"] == 1.0  # a measured rate is recorded
+    planner(0.0, why="no rate")  # no rate measured at all: none recorded
+    assert "extract" not in planner.plan.rates["m"] and budget.no_time_for(100, planner.plan.to_dict(),
+                                                                          budget.Deadline(120)) is not None

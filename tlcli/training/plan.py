@@ -378,7 +378,8 @@ class Planner:
         as long as extracting the features took) and still finish head-only; if not, the plan is
         made now without fine-tuning."""
         n_all, views = self.counts["n_all"], self.views
-        head_only = n_all * views / (self.extract_rate or 1.0) * (1 + MARGIN) + FIXED_RESERVE_S
+        # No rate: every feature came from the store, and the head-only model needs none extracted.
+        head_only = (n_all * views / self.extract_rate * (1 + MARGIN) if self.extract_rate else 0.0) + FIXED_RESERVE_S
         if self.deadline.left() >= 2 * head_only:
             return True
         self(0.0, why="no time left to time fine-tuning")
@@ -400,6 +401,8 @@ class Planner:
                               max_epochs=self.max_epochs, **self.counts)
         if why:
             self.plan.reason = why
+        if self.extract_rate is None and rate is None:  # a stand-in rate, not a measured one: not recorded
+            self.plan.rates[self.name].pop("extract", None)
         if self.choice is not None:
             self.plan.backbones = [self.name, *(n for n in self.choice.backbones if n != self.name)]
             self.plan.rates = {**self.choice.rates, **self.plan.rates}
