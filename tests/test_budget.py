@@ -74,7 +74,7 @@ def test_more_time_or_a_faster_machine_never_plans_fewer_epochs():
 
 def test_no_fine_tuning_when_two_epochs_do_not_fit_or_the_rate_is_unknown():
     short = plan_for(150, train_rate=1.0)
-    assert not short.fine_tune and short.epochs == 0 and "do not fit" in short.reason
+    assert not short.fine_tune and short.epochs == 0 and "do not fit, even at" in short.reason
     unknown = plan_for(3600, train_rate=None)
     assert not unknown.fine_tune and "no rate" in unknown.reason
     assert plan_for(3600, max_epochs=3).epochs == 3  # --fine-tune-epochs caps the plan

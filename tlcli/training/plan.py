@@ -222,7 +222,7 @@ def make_plan(budget_s: float, elapsed_s: float, candidates: list[Candidate], *,
             break
     else:
         return Plan(**plan, fine_tune=False, epochs=0, estimated_s=budget_s - left + head_only_s,
-                    reason=f"{MIN_EPOCHS} epochs of {format_duration(per_epoch)} do not fit")
+                    reason=f"{MIN_EPOCHS} epochs of {format_duration(per_epoch)} do not fit, even at {size} px")
     plan["image_size"] = size
     return Plan(**plan, fine_tune=True, epochs=epochs, estimated_s=budget_s - left + used,
                 reason=_why(first, size, rate, sizes, cap=max_epochs if epochs == max_epochs else None))
