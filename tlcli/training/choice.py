@@ -116,26 +116,25 @@ def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = sil
 
 
 def _every(cfg: TrainConfig, specs, names, samples, notes: list[str], progress: Callback) -> dict:
-    """The candidates (as ``candidate`` gives them, by name), each one's features of ``samples``
-    extracted; a note for each one left out."""
+    """The candidates (as ``_extracted`` gives them, by name), each one timed (``_measured``) and
+    its features of ``samples`` extracted; a note for each one left out."""
     candidates = {}
     for i, (name, spec) in enumerate(zip(names, specs)):
         progress(Info(f"candidate {i + 1}/{len(specs)}: {name}"))
-        found = candidate(cfg, spec, name, samples, progress)
+        found = _measured(cfg, spec, samples, progress)
         if found is None:
             notes.append(_SIGNATURE_NOTE.format(name=name))
         else:
-            candidates[name] = found
+            candidates[name] = _extracted(cfg, name, found, samples, progress)
     return candidates
 
 
 def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str], progress: Callback):
-    """(the candidates extracted, as ``candidate`` gives them, by name; the ExtractionPlan or None
+    """(the candidates extracted, as ``_extracted`` gives them, by name; the ExtractionPlan or None
     when none can be trained): each candidate loaded, timed and its stored features counted
-    (``_measured``), then only those ``plan.extraction_plan`` allows within the budget extracted,
+    (``_measured``, ``_stored``), then only those ``plan.extraction_plan`` allows within the budget extracted,
     the plan said first; a note for each one left out. Once loading and timing have spent the
     choice's share of the budget, the candidates after them are not even loaded."""
-    from tlcli import features
 
     measured, share_ends = {}, deadline.elapsed() + CHOICE_SHARE * max(0.0, deadline.left())
     for i, (name, spec) in enumerate(zip(names, specs)):
@@ -150,8 +149,8 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
             measured[name] = found
     if not measured:
         return {}, None
-    rated = [Rated(name, m.loaded.image_size, extract_rate=1000 / m.ms if m.ms else math.inf, cached=m.cached)
-             for name, m in measured.items()]
+    rated = [Rated(name, m.loaded.image_size, extract_rate=1000 / m.ms if m.ms else math.inf,
+                   cached=_stored(cfg, m, splits.train)) for name, m in measured.items()]
     # The share ends where it did before the timing: timing and extracting spend the same half.
     plan = extraction_plan(deadline.budget_s, deadline.elapsed(), rated, n_train=len(splits.train),
                            n_rest=len(splits.val) + len(splits.test), share_s=max(0.0, share_ends - deadline.elapsed()))
@@ -161,30 +160,24 @@ def _budgeted(cfg: TrainConfig, specs, names, splits, deadline, notes: list[str]
     candidates = {}
     for i, name in enumerate(plan.backbones):
         progress(Info(f"candidate {i + 1}/{len(plan.backbones)}: {name}"))
-        m = measured.pop(name)
-        views, _, _ = features.frozen_views(m.loaded, m.spec, splits.train, cfg=cfg, progress=progress,
-                                            engines=m.engines, cache_key=cache_key(m.spec, m.loaded.image_size))
-        found = selection.Candidate(name, np.asarray(views.plain, np.float32), m.loaded.image_size, m.ms, [name])
-        candidates[name] = found, m.spec, views.engine
+        candidates[name] = _extracted(cfg, name, measured.pop(name), splits.train, progress)
     return candidates, plan
 
 
 class _Measured(NamedTuple):
     """One candidate ready to extract: its ``spec``, ``loaded`` backbone, ``engines`` (as
-    ``features.frozen_engines`` gives them), ``ms`` per image on the engine that will extract
-    (None: no readable image timed) and how many training images' features that engine has
-    ``cached`` in the store."""
+    ``features.frozen_engines`` gives them) and ``ms`` per image on the engine that will extract
+    (None: no readable image timed)."""
 
     spec: BackboneSpec
     loaded: object
     engines: tuple
     ms: float | None
-    cached: int
 
 
 def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback) -> _Measured | None:
-    """One candidate loaded, timed and its features of ``samples`` in the store counted; None
-    with --fine-tune for a backbone run through a signature."""
+    """One candidate loaded and timed on ``samples``' first images; None with --fine-tune for a
+    backbone run through a signature (it cannot be trained)."""
     from tlcli import features
     from tlcli.model import backbone
     from tlcli.model.litert import PARITY_IMAGES
@@ -197,9 +190,28 @@ def _measured(cfg: TrainConfig, spec: BackboneSpec, samples, progress: Callback)
                                                   image_size=loaded.image_size, max_pixels=cfg.max_pixels):
         runner = None  # TensorFlow extracts then, as compute_views would decide (the warning is said)
     ms = _ms_per_image(runner or extractor, samples, loaded.image_size, cfg.max_pixels)
-    key = features.view_key(cache_key(spec, loaded.image_size), "litert" if runner is not None else "tf")
-    store = features.model_store(cfg.cache_dir, key, dim=loaded.feature_dim)
-    return _Measured(spec, loaded, (extractor, runner), ms, sum(store.get(s.digest) is not None for s in samples))
+    return _Measured(spec, loaded, (extractor, runner), ms)
+
+
+def _stored(cfg: TrainConfig, m: _Measured, samples) -> int:
+    """How many of ``samples``' features the engine that will extract ``m`` has in the store."""
+    from tlcli import features
+
+    runner = m.engines[1]
+    key = features.view_key(cache_key(m.spec, m.loaded.image_size), "litert" if runner is not None else "tf")
+    store = features.model_store(cfg.cache_dir, key, dim=m.loaded.feature_dim)
+    return sum(store.get(s.digest) is not None for s in samples)
+
+
+def _extracted(cfg: TrainConfig, name: str, m: _Measured, samples, progress: Callback):
+    """(selection.Candidate, spec, engine) of the candidate ``m``: its plain features of
+    ``samples`` (cached by the feature store under the run's own keys) and its measured ms/image."""
+    from tlcli import features
+
+    views, _, _ = features.frozen_views(m.loaded, m.spec, samples, cfg=cfg, progress=progress, engines=m.engines,
+                                        cache_key=cache_key(m.spec, m.loaded.image_size))
+    c = selection.Candidate(name, np.asarray(views.plain, np.float32), m.loaded.image_size, m.ms, [name])
+    return c, m.spec, views.engine
 
 
 def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
@@ -217,24 +229,6 @@ def _concatenation(cfg, best_two, candidates, y, k, samples, options, notes):
     if selection.ranked([best_two[0], standing])[0] is standing:
         _store_concatenated(cfg, spec, pair, samples, engine=a[2] if a[2] == b[2] else None)
     return standing, spec
-
-
-def candidate(cfg: TrainConfig, spec: BackboneSpec, name: str, samples, progress: Callback = silent):
-    """(selection.Candidate, spec, engine) of one backbone: its plain features of ``samples``
-    (cached by the feature store under the run's own keys) and its measured ms/image; None
-    with --fine-tune for a backbone run through a signature (it cannot be trained)."""
-    from tlcli import features
-    from tlcli.model import backbone
-
-    loaded = backbone.load(spec, path=backbone.fetch(spec))
-    if tunes(cfg) and loaded.signature is not None:
-        return None
-    views, extractor, runner = features.frozen_views(loaded, spec, samples, cfg=cfg, progress=progress,
-                                                     cache_key=cache_key(spec, loaded.image_size))
-    engine = runner if views.engine == "litert" else extractor
-    ms = _ms_per_image(engine, samples, loaded.image_size, cfg.max_pixels)
-    c = selection.Candidate(name, np.asarray(views.plain, np.float32), loaded.image_size, ms, [name])
-    return c, spec, views.engine
 
 
 def _ms_per_image(engine, samples, size: int, max_pixels: int) -> float | None:
