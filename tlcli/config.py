@@ -299,6 +299,12 @@ def time_budget_seconds(cfg: TrainConfig) -> float | None:
     return None if cfg.time_budget is None else parse_duration(cfg.time_budget)
 
 
+def head_options(cfg: TrainConfig) -> dict:
+    """The head fit's options from ``cfg``: ``head.fit_head``'s keywords, but the class weights."""
+    return dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
+                patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
+
+
 def tunes(cfg: TrainConfig) -> bool:
     """Whether the run may fine-tune: ``--fine-tune``, or a ``--time-budget`` whose plan decides."""
     return bool(cfg.fine_tune or cfg.time_budget is not None)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tlcli import data
-from tlcli.config import TrainConfig, hub_cache_dir, tunes
+from tlcli.config import TrainConfig, head_options, hub_cache_dir, tunes
 from tlcli.errors import UsageError
 from tlcli.model import selection
 from tlcli.model.backbone import BackboneSpec, cache_key, concatenation, resolve_spec
@@ -98,9 +98,7 @@ def choose(cfg: TrainConfig, specs: list[BackboneSpec], progress: Callback = sil
     if not candidates:
         raise UsageError(f"--backbone {cfg.backbone}: with --fine-tune, no candidate can be trained (each runs "
                          "through a signature); train without --fine-tune")
-    options = dict(class_weight=data.class_weights(y.tolist(), k) if cfg.class_weights else None, epochs=cfg.epochs,
-                   learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing, patience=cfg.patience,
-                   seed=cfg.seed, l2=cfg.l2)
+    options = dict(head_options(cfg), class_weight=data.class_weights(y.tolist(), k) if cfg.class_weights else None)
     standings = selection.leaderboard([c for c, _, _ in candidates.values()], y, k, **options)
     winner_spec = candidates[standings[0].name][1]
     if len(standings) >= 2:

@@ -17,7 +17,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass, field
 
 from tlcli import bundle, data, files
-from tlcli.config import MAX_SEED, TrainConfig, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
+from tlcli.config import MAX_SEED, TrainConfig, head_options, is_backbone_choice, time_budget_seconds, tunes, validate  # noqa: F401  (validate, MAX_SEED: also here for callers)
 from tlcli.data import label_csv, labels_override
 from tlcli.errors import BackboneError, Interrupted, TlcliError, UsageError
 from tlcli.interrupts import sigterm_as_interrupt
@@ -325,7 +325,7 @@ def _test_time(cfg, chosen, models, loaded, splits, views, views_of, written, po
     crop = step(splits.train, **options)
     decision = tta.decide(tta.rows_of(views, splits.train), crop, splits.train, len(splits.labels), mirror=mirror,
                           holdout=splits.holdout if state.fine_tune.improved else (),
-                          class_weight=_class_weight(cfg, splits.train, splits.labels), **_head_options(cfg))
+                          class_weight=_class_weight(cfg, splits.train, splits.labels), **head_options(cfg))
     if decision.kept and splits.val + splits.test:
         crop = tta.joined(crop, step(splits.val + splits.test, **options))
         decision.extracted, decision.cached = crop.extracted, crop.cached
@@ -433,12 +433,6 @@ def _class_weight(cfg: TrainConfig, samples, labels) -> dict | None:
     return data.class_weights([s.label for s in samples], len(labels)) if cfg.class_weights else None
 
 
-def _head_options(cfg: TrainConfig) -> dict:
-    """The head fit's options from ``cfg`` (``head.fit_head``'s keywords, but the class weights)."""
-    return dict(epochs=cfg.epochs, learning_rate=cfg.learning_rate, label_smoothing=cfg.label_smoothing,
-                patience=cfg.patience, seed=cfg.seed, l2=cfg.l2)
-
-
 def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_head, state, progress, scalars):
     """The head step (``head.fit_views``), recorded in ``state`` and ``scalars`` and loaded into
     ``keras_head``; the final head of the model is calibrated (``model.calibration``)."""
@@ -459,7 +453,7 @@ def _fit_head(views, samples, phase: str, *, cfg: TrainConfig, labels, keras_hea
             progress(Start(phase, total=epochs))
 
     final = phase == "head refit" or not tunes(cfg)  # the model's final head (fine-tuning starts uncalibrated)
-    options = dict(_head_options(cfg), on_epoch=on_epoch)
+    options = dict(head_options(cfg), on_epoch=on_epoch)
     if cfg.multi_label:
         from tlcli.model import multilabel
 
