@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import HYMENOPTERA, MOBILENET_V2, require  # noqa: E402
+from bench._common import HYMENOPTERA, MOBILENET_V2, model_and_data  # noqa: E402
 
 MODES = [("none", "float32"), ("float16", "float32"), ("dynamic", "float32"), ("int8", "float32"),
          ("int8", "uint8")]
@@ -98,17 +98,9 @@ def throughput(bundle: Path, engine: str, files: list[str], tflite: Path | None 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="a trained bundle (default: train one on hymenoptera)")
-    parser.add_argument("--data", type=Path, help="images to predict over (default: hymenoptera val)")
-    parser.add_argument("--repeats", type=int, default=5, help="cold-start runs per engine (median)")
-    args = parser.parse_args()
-
-    if args.model is None:
-        require(HYMENOPTERA, MOBILENET_V2)
-    if args.data is None:
-        require(HYMENOPTERA)
-    data_dir = args.data or HYMENOPTERA / "val"
+    args = model_and_data(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+                          data_help="images to predict over", repeats=5)
+    data_dir = args.data
 
     import tlcli
     from tlcli import bundle as bundles

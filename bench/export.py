@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import HYMENOPTERA, MOBILENET_V2, REPO, require  # noqa: E402
+from bench._common import REPO, model_and_data  # noqa: E402
 from bench.deploy import machine_line, train_bundle  # noqa: E402
 
 ENGINES = ["tf", "tflite", "tflite-compiled", "onnx", "openvino"]
@@ -142,15 +142,8 @@ def parity_section(bundle: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="a trained bundle (default: train one on hymenoptera)")
-    parser.add_argument("--data", type=Path, help="images to run (default: hymenoptera val)")
-    parser.add_argument("--repeats", type=int, default=3, help="cold-start runs per engine (median)")
     parser.add_argument("--images", type=int, default=64, help="images for the throughput figures")
-    args = parser.parse_args()
-    if args.model is None:
-        require(HYMENOPTERA, MOBILENET_V2)
-    if args.data is None:
-        require(HYMENOPTERA)
+    args = model_and_data(parser, data_help="images to run", repeats=3)
 
     import numpy as np
 
@@ -165,11 +158,11 @@ def main() -> None:
         b = bundles.load(bundle)
         parity_section(bundle)
 
-        files = expand([args.data or HYMENOPTERA / "val"])[:args.images]
+        files = expand([args.data])[:args.images]
         x = np.stack([images.load_for_model(f, b.image_size) for f in files])
         images_file = Path(tmp) / "images.npy"
         np.save(images_file, x)
-        print(f"\nEngines: {len(x)} images of {args.data or HYMENOPTERA / 'val'}, one fresh process each; "
+        print(f"\nEngines: {len(x)} images of {args.data}, one fresh process each; "
               "images/s without decoding; ratios to tf")
         print(f"{'engine':<16}{'open s':>7}{'b1 img/s':>9}{'b1/tf':>7}{'b32 img/s':>10}{'b32/tf':>7}{'RSS MB':>8}"
               f"{'RSS/tf':>7}{'TF?':>5}")
